@@ -1,0 +1,5 @@
+//! lb-agent as a library: the config model and the datapath loader, shared by the `lb-agent` binary,
+//! the integration tests and xtask.
+
+pub mod config;
+pub mod datapath;

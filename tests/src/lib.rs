@@ -1,0 +1,14 @@
+//! Test harness shared by the integration tests (`tests/tests/*.rs`), the demo and benchmarks.
+//!
+//! - [`netns`]: network namespaces that delete themselves on drop (also when a test panics), and a
+//!   sweep for namespaces left by killed runs.
+//! - [`topology`]: "client — balancer node — N backends" built from namespaces and veth pairs.
+//! - [`servers`]: backend servers that count what they receive (bytes on the wire, not log lines).
+//! - [`agent`]: the `lb-agent` binary as a child process, stopped on drop.
+//! - [`frames`]: crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
+
+pub mod agent;
+pub mod frames;
+pub mod netns;
+pub mod servers;
+pub mod topology;

@@ -1,0 +1,136 @@
+//! Backend servers that count connections and bytes themselves, so tests check what reached each
+//! backend on the wire.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use crate::netns::Netns;
+
+/// A TCP server in a namespace: every connection gets `"<name>\n"` back, then the server reads until
+/// the client closes. Counts accepted connections and received bytes.
+pub struct TcpCountingServer {
+    pub name: String,
+    connections: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl TcpCountingServer {
+    pub fn start(ns: &Netns, addr: Ipv4Addr, port: u16, name: &str) -> Self {
+        let listener = ns
+            .run(move || TcpListener::bind(SocketAddr::from((addr, port))))
+            .unwrap_or_else(|e| panic!("bind {addr}:{port}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let connections = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (connections, bytes, stop, reply) = (
+                connections.clone(),
+                bytes.clone(),
+                stop.clone(),
+                format!("{name}\n"),
+            );
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            connections.fetch_add(1, Ordering::Relaxed);
+                            let (bytes, reply) = (bytes.clone(), reply.clone());
+                            thread::spawn(move || serve(stream, &reply, &bytes));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        Self {
+            name: name.to_string(),
+            connections,
+            bytes,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+fn serve(mut stream: TcpStream, reply: &str, bytes: &AtomicU64) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    if stream.write_all(reply.as_bytes()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 16384];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+impl Drop for TcpCountingServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects from inside `ns` to `target`, sends `payload`, and returns the server's greeting line
+/// (the backend's name).
+pub fn tcp_request(
+    ns: &Netns,
+    target: SocketAddr,
+    payload: &'static [u8],
+) -> std::io::Result<String> {
+    tcp_requests(ns, target, 1, payload)
+        .pop()
+        .expect("one result")
+}
+
+/// Opens `count` connections one after another from inside `ns` (one thread, one `setns`), each as
+/// [`tcp_request`] does, and returns each greeting or error.
+pub fn tcp_requests(
+    ns: &Netns,
+    target: SocketAddr,
+    count: usize,
+    payload: &'static [u8],
+) -> Vec<std::io::Result<String>> {
+    ns.run(move || {
+        (0..count)
+            .map(|_| {
+                let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+                stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut greeting = Vec::new();
+                let mut byte = [0u8; 1];
+                while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
+                    greeting.push(byte[0]);
+                }
+                stream.write_all(payload)?;
+                stream.shutdown(std::net::Shutdown::Write)?;
+                Ok(String::from_utf8_lossy(&greeting).into_owned())
+            })
+            .collect()
+    })
+}

@@ -1,0 +1,158 @@
+//! The test network: one client, one balancer node, N backends, each in its own namespace.
+//!
+//! ```text
+//!  client ns              balancer ns                         backend ns i (1..=N)
+//!  eth0 192.0.2.2/24 ──── to-client 192.0.2.1/24
+//!                         to-b<i> 203.0.113.<4i+1>/30 ─────── eth0 203.0.113.<4i+2>/30
+//! ```
+//! The client's default route and every backend's default route go through the balancer, which
+//! forwards between them. VIPs (198.51.100.0/24) are routed to the balancer by the client and answered
+//! by nobody but the datapath.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{ensure, Context, Result};
+
+use crate::netns::{self, Netns};
+
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+pub const BALANCER_CLIENT_SIDE_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The first VIP; tests may use any address in 198.51.100.0/24.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// Interface of the balancer that faces the client.
+pub const BALANCER_CLIENT_IFACE: &str = "to-client";
+/// Most backends a topology supports (their /30s must fit in 203.0.113.0/24).
+pub const MAX_BACKENDS: usize = 62;
+
+pub struct Backend {
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+    /// The balancer's interface towards this backend.
+    pub balancer_iface: String,
+}
+
+pub struct Topology {
+    pub client: Netns,
+    pub balancer: Netns,
+    pub backends: Vec<Backend>,
+}
+
+/// Address of backend `i` (1-based) and of the balancer on that link.
+pub fn backend_addrs(i: usize) -> (Ipv4Addr, Ipv4Addr) {
+    let base = (4 * i) as u8;
+    (
+        Ipv4Addr::new(203, 0, 113, base + 2),
+        Ipv4Addr::new(203, 0, 113, base + 1),
+    )
+}
+
+impl Topology {
+    /// Builds the network with `backends` backends. Namespaces use `prefix` (see [`netns`]) and are
+    /// removed when the topology is dropped.
+    pub fn new(prefix: &str, backends: usize) -> Result<Self> {
+        ensure!(
+            (1..=MAX_BACKENDS).contains(&backends),
+            "1..={MAX_BACKENDS} backends"
+        );
+        netns::remove_stale();
+        let client = Netns::new(prefix, "client")?;
+        let balancer = Netns::new(prefix, "lb")?;
+        balancer.sysctl("net.ipv4.ip_forward", "1")?;
+        balancer.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        balancer.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+
+        link(&client, "eth0", &balancer, BALANCER_CLIENT_IFACE)?;
+        client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
+        client.ip(&["link", "set", "eth0", "up"])?;
+        client.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &BALANCER_CLIENT_SIDE_ADDR.to_string(),
+        ])?;
+        balancer.ip(&[
+            "addr",
+            "add",
+            &format!("{BALANCER_CLIENT_SIDE_ADDR}/24"),
+            "dev",
+            BALANCER_CLIENT_IFACE,
+        ])?;
+        balancer.ip(&["link", "set", BALANCER_CLIENT_IFACE, "up"])?;
+        sender_checksums_in_software(&client)?;
+
+        let mut list = Vec::with_capacity(backends);
+        for i in 1..=backends {
+            let ns = Netns::new(prefix, &format!("b{i}"))?;
+            let (addr, gateway) = backend_addrs(i);
+            let balancer_iface = format!("to-b{i}");
+            link(&ns, "eth0", &balancer, &balancer_iface)?;
+            ns.ip(&["addr", "add", &format!("{addr}/30"), "dev", "eth0"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+            balancer.ip(&[
+                "addr",
+                "add",
+                &format!("{gateway}/30"),
+                "dev",
+                &balancer_iface,
+            ])?;
+            balancer.ip(&["link", "set", &balancer_iface, "up"])?;
+            sender_checksums_in_software(&ns)?;
+            list.push(Backend {
+                ns,
+                addr,
+                balancer_iface,
+            });
+        }
+        Ok(Self {
+            client,
+            balancer,
+            backends: list,
+        })
+    }
+
+    /// Every balancer interface the datapath must be attached to: the client side (VIP traffic)
+    /// and each backend side (replies to translate back).
+    pub fn balancer_interfaces(&self) -> Vec<String> {
+        std::iter::once(BALANCER_CLIENT_IFACE.to_string())
+            .chain(self.backends.iter().map(|b| b.balancer_iface.clone()))
+            .collect()
+    }
+}
+
+/// A veth pair with one end in each namespace.
+fn link(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
+    std::process::Command::new("ip")
+        .args([
+            "link",
+            "add",
+            a_name,
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_name,
+            "netns",
+            b.name(),
+        ])
+        .output()
+        .context("ip link add")
+        .and_then(|o| {
+            ensure!(
+                o.status.success(),
+                "veth {a_name}/{b_name}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            Ok(())
+        })
+}
+
+/// veth hands packets over with checksums left for "hardware" to finish (CHECKSUM_PARTIAL); XDP sees
+/// only the raw bytes and cannot tell. A real NIC delivers complete checksums, so the senders here
+/// compute them in software, as a NIC's peer would.
+fn sender_checksums_in_software(ns: &Netns) -> Result<()> {
+    ns.exec("ethtool", &["-K", "eth0", "tx", "off"]).map(|_| ())
+}

@@ -1,0 +1,138 @@
+//! `cargo xtask`: the project's entry points. Each command first makes sure the machine has what it
+//! needs (apt packages, nightly rust-src, bpf-linker 0.10, bpffs), idempotently, so a fresh machine
+//! needs nothing else.
+//!
+//! xtask itself depends only on small crates: it must compile before bpf-linker exists.
+
+mod prerequisites;
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, demo, test and benchmark the load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the eBPF datapath and the userspace crates.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Self-contained demo: namespaces, a client, the balancer, backends, traffic, a summary.
+    Demo {
+        /// Number of backends.
+        #[arg(long, default_value = "4")]
+        backends: usize,
+        /// Number of TCP connections the client opens to the VIP.
+        #[arg(long, default_value = "300")]
+        connections: usize,
+    },
+    /// The whole test suite: formatting, lints, unit tests, BPF_PROG_TEST_RUN and namespace tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks (not implemented yet: see the README's roadmap).
+    Bench,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Cmd::Build { release } => {
+            prerequisites::ensure(prerequisites::Need::Build)?;
+            let mut args = vec!["build", "--bins", "--lib"];
+            if release {
+                args.push("--release");
+            }
+            cargo(&args)
+        }
+        Cmd::Demo {
+            backends,
+            connections,
+        } => {
+            prerequisites::ensure(prerequisites::Need::Run)?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "lb-agent",
+                "--package",
+                "lb-tests",
+                "--bins",
+            ])?;
+            run(Command::new("target/release/lb-demo")
+                .env("LB_AGENT_BIN", root.join("target/release/lb-agent"))
+                .args([
+                    "--backends",
+                    &backends.to_string(),
+                    "--connections",
+                    &connections.to_string(),
+                ]))
+        }
+        Cmd::Test { args } => {
+            prerequisites::ensure(prerequisites::Need::Run)?;
+            cargo(&["fmt", "--all", "--check"])?;
+            // Host crates (the workspace's default members), then the datapath for its own target.
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&[
+                "+nightly",
+                "clippy",
+                "--package",
+                "lb-ebpf",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            // Integration tests start the real agent binary: build it first, then point them at it.
+            cargo(&["build", "--bins"])?;
+            let mut test = vec!["test"];
+            if !args.is_empty() {
+                test.push("--");
+                test.extend(args.iter().map(String::as_str));
+            }
+            run(Command::new("cargo")
+                .args(&test)
+                .env("LB_AGENT_BIN", root.join("target/debug/lb-agent")))
+        }
+        Cmd::Bench => {
+            println!("cargo xtask bench: no benchmarks yet. The per-packet, Maglev and end-to-end");
+            println!("benchmarks arrive with the production datapath (README, roadmap).");
+            Ok(())
+        }
+    }
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new("cargo").args(args))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Installs what the build and the tests need, only when it is missing.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Toolchain only: nightly rust-src and bpf-linker.
+    Build,
+    /// Also root, bpffs and the network tools that tests and the demo call.
+    Run,
+}
+
+/// Commands the tests and the demo call, and the Debian package that provides each.
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("sysctl", "procps"),
+    ("bpftool", "bpftool"),
+];
+
+const BPF_LINKER_SERIES: &str = "0.10.";
+
+pub fn ensure(need: Need) -> Result<()> {
+    if need == Need::Run {
+        if !is_root() {
+            bail!(
+                "the demo and the tests create network namespaces and load eBPF: run them as root"
+            );
+        }
+        ensure_apt_tools()?;
+        ensure_bpffs()?;
+    }
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn ensure_apt_tools() -> Result<()> {
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: mounting bpffs at /sys/fs/bpf");
+    if !Path::new("/sys/fs/bpf").exists() {
+        std::fs::create_dir_all("/sys/fs/bpf")?;
+    }
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("running rustup")?;
+    if installed.status.success()
+        && String::from_utf8_lossy(&installed.stdout)
+            .lines()
+            .any(|l| l.starts_with("rust-src"))
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let version = Command::new("bpf-linker").arg("--version").output();
+    if let Ok(out) = version {
+        // "bpf-linker 0.10.4"
+        if String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|v| v.starts_with(BPF_LINKER_SERIES))
+        {
+            return Ok(());
+        }
+    }
+    // 0.10.x links with rustc's own LLVM; 0.11+ wants a system LLVM this machine does not have.
+    eprintln!("xtask: installing bpf-linker {BPF_LINKER_SERIES}x (a few minutes, once)");
+    run(Command::new("cargo").args([
+        "+nightly",
+        "install",
+        "bpf-linker",
+        "--version",
+        "~0.10",
+        "--locked",
+        "--force",
+    ]))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
