@@ -1,16 +1,24 @@
-//! The agent's YAML configuration: services (VIP, port, protocol) and their backends.
+//! The agent's YAML configuration: services (VIP, port, protocol, forwarding mode, Maglev table size,
+//! health check) and their weighted backends. It is also the agent's desired-state model: the
+//! Kubernetes and gRPC sources produce the same types.
 //!
 //! Parsing is strict: unknown fields are rejected, and every error names the field path and the line,
 //! e.g. `services[0].backends[1].address at line 9 column 18: invalid IPv4 address syntax`.
 
-use std::{collections::HashMap, fmt, net::Ipv4Addr, path::Path};
+use std::{collections::HashMap, fmt, net::IpAddr, path::Path};
 
 use lb_common::{protocol, service::limits};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+use crate::maglev;
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Seed of the Maglev hashes. Every node of a cluster must use the same seed so that they all
+    /// pick the same backend for a flow.
+    #[serde(default)]
+    pub maglev_seed: u64,
     #[serde(default)]
     pub services: Vec<Service>,
 }
@@ -20,14 +28,29 @@ pub struct Config {
 pub struct Service {
     /// Human name, used in logs and metrics.
     pub name: String,
-    pub vip: Ipv4Addr,
+    /// Virtual IP, IPv4 or IPv6; backends must be of the same family.
+    pub vip: IpAddr,
+    /// Destination port; 0 = every port of the VIP (backends then keep the client's port).
     pub port: u16,
     pub protocol: Protocol,
+    #[serde(default)]
+    pub mode: ForwardingMode,
+    #[serde(default)]
+    pub hash: HashFields,
+    /// Maglev lookup table size: a prime between 251 and 131071.
+    #[serde(default = "default_table_size")]
+    pub maglev_table_size: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+fn default_table_size() -> u32 {
+    maglev::DEFAULT_TABLE_SIZE
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -52,11 +75,95 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// How packets reach the backend and how replies return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardingMode {
+    /// Destination rewritten to the backend, client address kept; replies translated back.
+    #[default]
+    Dnat,
+    /// Source rewritten to the node too (full NAT), so replies return through the node from any
+    /// network.
+    Snat,
+    /// Direct server return on a shared L2 segment: only the MAC is rewritten; the backends hold the
+    /// VIP on a loopback and reply to the client directly.
+    DsrL2,
+    /// Direct server return through IP-in-IP (IPv6-in-IPv6) encapsulation, decapsulated on the backend
+    /// by our own small program.
+    DsrIpip,
+}
+
+/// Which packet fields choose the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashFields {
+    /// Source and destination address and port, and protocol.
+    #[default]
+    FiveTuple,
+    /// Source address only: session affinity, all of a client's flows go to one backend.
+    SourceIp,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
+    /// Port on the backend; 0 = the client's destination port (required for port-0 services).
     pub port: u16,
+    /// Relative share of new flows; 0 = draining (no new flows, existing flows continue).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Active health check of a service's backends.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(rename = "type")]
+    pub kind: HealthCheckKind,
+    /// Port to probe; default: the backend's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// HTTP path (http checks only); a 2xx or 3xx status is healthy.
+    #[serde(default = "default_http_path")]
+    pub path: String,
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    Tcp,
+    Http,
+}
+
+fn default_http_path() -> String {
+    "/".into()
+}
+fn default_interval_ms() -> u64 {
+    2000
+}
+fn default_timeout_ms() -> u64 {
+    1000
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +227,7 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what the type system cannot: uniqueness and datapath capacity.
+    /// Checks what the type system cannot: families, uniqueness, ranges and datapath capacity.
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |path: String, message: String| Err(ConfigError::Invalid { path, message });
         if self.services.len() > limits::MAX_SERVICES as usize {
@@ -134,16 +241,10 @@ impl Config {
             );
         }
         let mut seen_services = HashMap::new();
-        // A backend address:port answers for one service only: its replies are translated back to
-        // exactly one VIP (the skeleton datapath's reverse NAT is keyed by the backend).
-        let mut seen_backends = HashMap::new();
         for (i, service) in self.services.iter().enumerate() {
             let path = format!("services[{i}]");
             if service.name.is_empty() {
                 return invalid(format!("{path}.name"), "must not be empty".into());
-            }
-            if service.port == 0 {
-                return invalid(format!("{path}.port"), "must be 1..65535".into());
             }
             let key = (service.vip, service.port, service.protocol);
             if let Some(first) = seen_services.insert(key, i) {
@@ -155,6 +256,9 @@ impl Config {
                     ),
                 );
             }
+            if let Err(err) = maglev::validate_table_size(service.maglev_table_size) {
+                return invalid(format!("{path}.maglev_table_size"), err.to_string());
+            }
             if service.backends.len() > limits::MAX_BACKENDS_PER_SERVICE as usize {
                 return invalid(
                     format!("{path}.backends"),
@@ -165,20 +269,51 @@ impl Config {
                     ),
                 );
             }
+            let dsr = matches!(
+                service.mode,
+                ForwardingMode::DsrL2 | ForwardingMode::DsrIpip
+            );
+            let mut seen_backends = HashMap::new();
             for (j, backend) in service.backends.iter().enumerate() {
                 let bpath = format!("{path}.backends[{j}]");
-                if backend.port == 0 {
-                    return invalid(format!("{bpath}.port"), "must be 1..65535".into());
-                }
-                let bkey = (backend.address, backend.port, service.protocol);
-                if let Some(owner) = seen_backends.insert(bkey, (i, j)) {
+                if backend.address.is_ipv4() != service.vip.is_ipv4() {
                     return invalid(
-                        bpath,
+                        format!("{bpath}.address"),
+                        format!("{} is not of the VIP's address family", backend.address),
+                    );
+                }
+                if service.port == 0 && backend.port != 0 {
+                    return invalid(
+                        format!("{bpath}.port"),
+                        "must be 0 (keep the client's port) for a service on all ports".into(),
+                    );
+                }
+                // Replies bypass the node in DSR, so nothing could translate a changed port back.
+                if dsr && backend.port != 0 && backend.port != service.port {
+                    return invalid(
+                        format!("{bpath}.port"),
                         format!(
-                            "{}:{}/{} is already a backend of services[{}].backends[{}]; \
-                             a backend address:port may serve one service",
-                            backend.address, backend.port, service.protocol, owner.0, owner.1
+                            "must be 0 or {} (the service port) in DSR mode",
+                            service.port
                         ),
+                    );
+                }
+                if let Some(first) = seen_backends.insert((backend.address, backend.port), j) {
+                    return invalid(bpath, format!("duplicate of {path}.backends[{first}]"));
+                }
+            }
+            if let Some(check) = &service.health_check {
+                let hpath = format!("{path}.health_check");
+                if check.interval_ms == 0 || check.timeout_ms == 0 {
+                    return invalid(hpath, "interval_ms and timeout_ms must be > 0".into());
+                }
+                if check.rise == 0 || check.fall == 0 {
+                    return invalid(hpath, "rise and fall must be > 0".into());
+                }
+                if service.port == 0 && check.port.is_none() {
+                    return invalid(
+                        format!("{hpath}.port"),
+                        "required for a service on all ports".into(),
                     );
                 }
             }
@@ -209,9 +344,12 @@ services:
         let config = Config::from_yaml(GOOD).unwrap();
         assert_eq!(config.services.len(), 1);
         let web = &config.services[0];
-        assert_eq!(web.vip, Ipv4Addr::new(198, 51, 100, 10));
+        assert_eq!(web.vip, "198.51.100.10".parse::<IpAddr>().unwrap());
         assert_eq!(web.protocol, Protocol::Tcp);
-        assert_eq!(web.backends[1].address, Ipv4Addr::new(203, 0, 113, 12));
+        assert_eq!(
+            web.backends[1].address,
+            "203.0.113.12".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -222,7 +360,7 @@ services:
             err.starts_with("services[0].backends[1].address at line 9"),
             "{err}"
         );
-        assert!(err.contains("invalid IPv4 address"), "{err}");
+        assert!(err.contains("invalid IP address"), "{err}");
     }
 
     #[test]
@@ -254,13 +392,73 @@ services:
     }
 
     #[test]
-    fn shared_backend_is_rejected() {
-        let two = format!(
-            "{GOOD}{}",
-            &GOOD["services:\n".len()..].replace("port: 80\n", "port: 81\n")
+    fn defaults_are_filled_in() {
+        let web = &Config::from_yaml(GOOD).unwrap().services[0];
+        assert_eq!(web.mode, ForwardingMode::Dnat);
+        assert_eq!(web.hash, HashFields::FiveTuple);
+        assert_eq!(web.maglev_table_size, 16381);
+        assert_eq!(web.backends[0].weight, 1);
+        assert!(web.health_check.is_none());
+    }
+
+    #[test]
+    fn ipv6_service_with_modes_weights_and_health_check() {
+        let yaml = "\
+maglev_seed: 7
+services:
+  - name: v6
+    vip: 2001:db8:100::10
+    port: 443
+    protocol: tcp
+    hash: source-ip
+    maglev_table_size: 65537
+    backends:
+      - { address: 2001:db8:203::11, port: 443, weight: 3 }
+      - { address: 2001:db8:203::12, port: 0, weight: 0 }
+    health_check: { type: http, path: /healthz, interval_ms: 500, rise: 1, fall: 2 }
+";
+        let config = Config::from_yaml(yaml).unwrap();
+        assert_eq!(config.maglev_seed, 7);
+        let v6 = &config.services[0];
+        assert_eq!(v6.hash, HashFields::SourceIp);
+        assert_eq!(v6.backends[1].weight, 0);
+        let check = v6.health_check.as_ref().unwrap();
+        assert_eq!(
+            (check.kind, check.timeout_ms, check.fall),
+            (HealthCheckKind::Http, 1000, 2)
         );
-        let err = Config::from_yaml(&two).unwrap_err().to_string();
-        assert!(err.contains("services[1].backends[0]"), "{err}");
+        // It survives a round trip through YAML.
+        assert_eq!(Config::from_yaml(&config.to_yaml()).unwrap(), config);
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let cases = [
+            (
+                GOOD.replace("203.0.113.12", "2001:db8::12"),
+                "services[0].backends[1].address",
+            ),
+            (
+                GOOD.replace("port: 80\n", "port: 80\n    maglev_table_size: 1000\n"),
+                "services[0].maglev_table_size",
+            ),
+            (
+                GOOD.replace("port: 80\n", "port: 0\n"),
+                "services[0].backends[0].port",
+            ),
+            (
+                GOOD.replace("port: 80\n", "port: 80\n    mode: dsr-l2\n"),
+                "services[0].backends[0].port",
+            ),
+            (
+                GOOD.replace("203.0.113.12", "203.0.113.11"),
+                "services[0].backends[1]: duplicate",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let err = Config::from_yaml(&yaml).unwrap_err().to_string();
+            assert!(err.starts_with(want), "want {want:?}, got {err}");
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@
 //! Cost: `O(N)` hashes plus `O(M log N)` turns and about `M ln M` slot probes in total; the
 //! permutations are computed on the fly, never materialised as an `M x N` table.
 
-use std::{cmp::Reverse, collections::BinaryHeap, net::Ipv4Addr};
+use std::{cmp::Reverse, collections::BinaryHeap, net::IpAddr};
 
 /// Default table size: prime, and large enough for ~160 backends at the recommended `M >= 100 N`.
 pub const DEFAULT_TABLE_SIZE: u32 = 16381;
@@ -68,9 +68,17 @@ pub struct MaglevBackend {
     pub weight: u32,
 }
 
-/// A stable backend id from its address and port: `address << 16 | port`.
-pub fn backend_id(address: Ipv4Addr, port: u16) -> u64 {
-    (u64::from(u32::from(address)) << 16) | u64::from(port)
+/// A stable backend id from its address and port: `address << 16 | port` for IPv4; for IPv6 a
+/// SipHash of the address (keyed by its two halves) and port, with the top bit set so that it can
+/// never equal an IPv4 id.
+pub fn backend_id(address: impl Into<IpAddr>, port: u16) -> u64 {
+    match address.into() {
+        IpAddr::V4(v4) => (u64::from(u32::from(v4)) << 16) | u64::from(port),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            siphash24((bits >> 64) as u64, bits as u64, u64::from(port)) | (1 << 63)
+        }
+    }
 }
 
 /// Checks that `m` is a prime in `MIN_TABLE_SIZE..=MAX_TABLE_SIZE`.
@@ -286,6 +294,8 @@ fn sip_round(v: &mut [u64; 4]) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     const SEED: u64 = 0x5eed;

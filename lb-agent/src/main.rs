@@ -1,7 +1,12 @@
 //! `lb-agent`: loads the XDP datapath, attaches it, programs services from a YAML file, and detaches
 //! on SIGINT/SIGTERM.
 
-use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -19,6 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the datapath, attach it and program the services of CONFIG until SIGINT/SIGTERM.
+    /// SIGHUP re-reads CONFIG.
     Run {
         /// Service configuration (YAML).
         #[arg(long, short)]
@@ -78,9 +84,11 @@ async fn run(config_path: PathBuf, interfaces: Vec<String>, stats_interval: u64)
         .with_context(|| format!("invalid config {}", config_path.display()))?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
 
     let mut datapath = Datapath::load()?;
-    datapath.apply(&config)?;
+    let report = datapath.apply(&config)?;
+    info!(?report, "maps programmed");
     for interface in &interfaces {
         datapath.attach(interface)?;
     }
@@ -93,6 +101,7 @@ async fn run(config_path: PathBuf, interfaces: Vec<String>, stats_interval: u64)
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT received"); break; }
             _ = sigterm.recv() => { info!("SIGTERM received"); break; }
+            _ = sighup.recv() => reload(&config_path, &mut datapath),
             _ = stats.tick(), if stats_interval > 0 => log_counters(&datapath),
         }
     }
@@ -100,6 +109,21 @@ async fn run(config_path: PathBuf, interfaces: Vec<String>, stats_interval: u64)
     log_counters(&datapath);
     info!("stopped");
     Ok(())
+}
+
+/// Re-reads the config (SIGHUP). An invalid file is rejected and the last good state stays in force.
+fn reload(config_path: &Path, datapath: &mut Datapath) {
+    let config = match Config::from_file(config_path) {
+        Ok(config) => config,
+        Err(err) => {
+            error!("config rejected, keeping the last good state: {err}");
+            return;
+        }
+    };
+    match datapath.apply(&config) {
+        Ok(report) => info!(?report, services = config.services.len(), "config reloaded"),
+        Err(err) => error!("applying the reloaded config failed: {err:#}"),
+    }
 }
 
 fn log_counters(datapath: &Datapath) {

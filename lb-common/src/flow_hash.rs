@@ -1,16 +1,28 @@
 //! The flow hash that picks a backend. Shared so that userspace and tests can predict the datapath's
 //! choice for a given 5-tuple.
 
-/// Mixes the 5-tuple into 32 bits (murmur3-style finaliser rounds). Inputs are the raw header words
-/// as loaded from the packet; the result only has to be stable and well spread, not portable
-/// across byte orders.
+/// Mixes the 5-tuple into 32 bits (murmur3-style rounds). Inputs are the raw header words as loaded
+/// from the packet (IPv4 addresses in word 0, the rest zero); the result only has to be stable and
+/// well spread, not portable across byte orders.
 #[inline(always)]
-pub fn flow_hash(src_addr: u32, dst_addr: u32, ports: u32, protocol: u8, seed: u32) -> u32 {
+pub fn flow_hash(src: &[u32; 4], dst: &[u32; 4], ports: u32, protocol: u8, seed: u32) -> u32 {
     let mut h = seed ^ (protocol as u32).wrapping_mul(0x9e37_79b9);
-    h = mix(h ^ src_addr);
-    h = mix(h ^ dst_addr);
+    h = mix(h ^ src[0]);
+    h = mix(h ^ src[1]);
+    h = mix(h ^ src[2]);
+    h = mix(h ^ src[3]);
+    h = mix(h ^ dst[0]);
+    h = mix(h ^ dst[1]);
+    h = mix(h ^ dst[2]);
+    h = mix(h ^ dst[3]);
     h = mix(h ^ ports);
     finalize(h)
+}
+
+/// Hash of the source address only (session affinity).
+#[inline(always)]
+pub fn source_hash(src: &[u32; 4], seed: u32) -> u32 {
+    flow_hash(src, &[0; 4], 0, 0, seed)
 }
 
 #[inline(always)]
@@ -38,7 +50,13 @@ mod tests {
         let backends = 4u32;
         let mut hits = [0u32; 4];
         for sport in 10_000u32..14_000 {
-            let h = flow_hash(0x0102_00c0, 0x0a64_33c6, (sport << 16) | 80, 6, 0);
+            let h = flow_hash(
+                &[0x0102_00c0, 0, 0, 0],
+                &[0x0a64_33c6, 0, 0, 0],
+                (sport << 16) | 80,
+                6,
+                0,
+            );
             hits[(h % backends) as usize] += 1;
         }
         for h in hits {
@@ -48,11 +66,13 @@ mod tests {
 
     #[test]
     fn hash_depends_on_every_field() {
-        let base = flow_hash(1, 2, 3, 6, 0);
-        assert_ne!(base, flow_hash(9, 2, 3, 6, 0));
-        assert_ne!(base, flow_hash(1, 9, 3, 6, 0));
-        assert_ne!(base, flow_hash(1, 2, 9, 6, 0));
-        assert_ne!(base, flow_hash(1, 2, 3, 17, 0));
-        assert_ne!(base, flow_hash(1, 2, 3, 6, 1));
+        let (a, b) = ([1, 0, 0, 0], [2, 0, 0, 0]);
+        let base = flow_hash(&a, &b, 3, 6, 0);
+        assert_ne!(base, flow_hash(&[9, 0, 0, 0], &b, 3, 6, 0));
+        assert_ne!(base, flow_hash(&[1, 0, 0, 9], &b, 3, 6, 0));
+        assert_ne!(base, flow_hash(&a, &[2, 0, 9, 0], 3, 6, 0));
+        assert_ne!(base, flow_hash(&a, &b, 9, 6, 0));
+        assert_ne!(base, flow_hash(&a, &b, 3, 17, 0));
+        assert_ne!(base, flow_hash(&a, &b, 3, 6, 1));
     }
 }

@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod checksum;
+pub mod conntrack;
 pub mod counters;
 pub mod flow_hash;
 pub mod service;

@@ -1,45 +1,129 @@
-//! Address and port rewrites with incremental IPv4 and TCP/UDP checksum updates.
+//! Address and port rewrites with incremental checksum updates (IPv4 header, TCP/UDP including the
+//! pseudo-header). IPv6 has no header checksum; its L4 checksum covers all 16 address bytes.
 
-use lb_common::{checksum, protocol};
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    checksum, protocol,
+    service::{family, Addr, Backend},
+};
 
 use crate::packet::Flow;
 
-/// Rewrites the destination (VIP:port) to a backend's address and port.
+const IPV4_CHECK: usize = 10;
+const IPV4_SRC: usize = 12;
+const IPV4_DST: usize = 16;
+const IPV6_SRC: usize = 8;
+const IPV6_DST: usize = 24;
+const TCP_CHECK: usize = 16;
+const UDP_CHECK: usize = 6;
+const IPV4_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+const TCP_HEADER: usize = 20;
+const UDP_HEADER: usize = 8;
+
+/// DNAT: destination becomes the backend (its port, or the original one when the backend's is 0).
 #[inline(always)]
-pub fn rewrite_destination(flow: &Flow, new_addr: u32, new_port: u16) {
-    // SAFETY: all pointers in `flow` were bounds-checked when it was parsed.
-    unsafe {
-        (*flow.ip).dst_addr = new_addr.to_ne_bytes();
-        *flow.dst_port_field = new_port.to_ne_bytes();
-    }
-    fix_checksums(flow, flow.dst_addr, new_addr, flow.dst_port, new_port);
+pub fn to_backend(ctx: &XdpContext, flow: &Flow, backend: &Backend) {
+    let port = if backend.port == 0 {
+        flow.key.dst_port
+    } else {
+        backend.port
+    };
+    rewrite(
+        ctx,
+        flow,
+        &flow.key.dst,
+        &backend.addr,
+        flow.key.dst_port,
+        port,
+        false,
+    );
 }
 
-/// Rewrites the source (backend address:port) of a reply to the VIP and its port.
+/// Reply of a DNAT flow: source becomes the VIP and its port.
 #[inline(always)]
-pub fn rewrite_source(flow: &Flow, new_addr: u32, new_port: u16) {
-    unsafe {
-        (*flow.ip).src_addr = new_addr.to_ne_bytes();
-        *flow.src_port_field = new_port.to_ne_bytes();
-    }
-    fix_checksums(flow, flow.src_addr, new_addr, flow.src_port, new_port);
+pub fn rewrite_source(ctx: &XdpContext, flow: &Flow, vip: &Addr, vip_port: u16) {
+    rewrite(
+        ctx,
+        flow,
+        &flow.key.src,
+        vip,
+        flow.key.src_port,
+        vip_port,
+        true,
+    );
 }
 
-/// The IP checksum covers the address; the L4 checksum covers the address (pseudo-header) and the port.
 #[inline(always)]
-fn fix_checksums(flow: &Flow, old_addr: u32, new_addr: u32, old_port: u16, new_port: u16) {
+fn rewrite(
+    ctx: &XdpContext,
+    flow: &Flow,
+    old: &Addr,
+    new: &Addr,
+    old_port: u16,
+    new_port: u16,
+    source: bool,
+) {
+    let v4 = flow.key.family == family::IPV4;
+    let tcp = flow.key.protocol == protocol::TCP;
+    // `parse` checked these bounds already, but the verifier cannot relate the family and protocol
+    // kept in `flow` to that check, so the extent written here is proven again (two compares).
+    let l3_end = flow.l3 + if v4 { IPV4_HEADER } else { IPV6_HEADER };
+    let l4_end = flow.l4 + if tcp { TCP_HEADER } else { UDP_HEADER };
+    if l3_end > ctx.data_end() || l4_end > ctx.data_end() {
+        return;
+    }
+    let l4_check = flow.l4 + if tcp { TCP_CHECK } else { UDP_CHECK };
+    // SAFETY: bounds checked just above.
     unsafe {
-        let ip_check = u16::from_ne_bytes((*flow.ip).check);
-        (*flow.ip).check = checksum::replace_u32(ip_check, old_addr, new_addr).to_ne_bytes();
-
-        let l4 = u16::from_ne_bytes(*flow.l4_check);
-        let l4 = if flow.protocol == protocol::UDP {
-            let c = checksum::replace_u32_udp(l4, old_addr, new_addr);
-            checksum::replace_u16_udp(c, old_port, new_port)
+        let mut l4 = read16(l4_check);
+        if v4 {
+            let field = flow.l3 + if source { IPV4_SRC } else { IPV4_DST };
+            write32(field, new.0[0]);
+            let ip_check = flow.l3 + IPV4_CHECK;
+            write16(
+                ip_check,
+                checksum::replace_u32(read16(ip_check), old.0[0], new.0[0]),
+            );
+            l4 = l4_replace32(flow, l4, old.0[0], new.0[0]);
         } else {
-            let c = checksum::replace_u32(l4, old_addr, new_addr);
-            checksum::replace_u16(c, old_port, new_port)
+            let field = flow.l3 + if source { IPV6_SRC } else { IPV6_DST };
+            for i in 0..4 {
+                write32(field + 4 * i, new.0[i]);
+                l4 = l4_replace32(flow, l4, old.0[i], new.0[i]);
+            }
+        }
+        let port_field = flow.l4 + if source { 0 } else { 2 };
+        write16(port_field, new_port);
+        l4 = if flow.key.protocol == protocol::UDP {
+            checksum::replace_u16_udp(l4, old_port, new_port)
+        } else {
+            checksum::replace_u16(l4, old_port, new_port)
         };
-        *flow.l4_check = l4.to_ne_bytes();
+        write16(l4_check, l4);
     }
+}
+
+#[inline(always)]
+fn l4_replace32(flow: &Flow, check: u16, old: u32, new: u32) -> u16 {
+    if flow.key.protocol == protocol::UDP {
+        checksum::replace_u32_udp(check, old, new)
+    } else {
+        checksum::replace_u32(check, old, new)
+    }
+}
+
+#[inline(always)]
+unsafe fn read16(addr: usize) -> u16 {
+    unsafe { core::ptr::read_unaligned(addr as *const u16) }
+}
+
+#[inline(always)]
+unsafe fn write16(addr: usize, value: u16) {
+    unsafe { core::ptr::write_unaligned(addr as *mut u16, value) }
+}
+
+#[inline(always)]
+unsafe fn write32(addr: usize, value: u32) {
+    unsafe { core::ptr::write_unaligned(addr as *mut u32, value) }
 }

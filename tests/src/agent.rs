@@ -95,6 +95,12 @@ impl AgentProcess {
         )
     }
 
+    /// Sends `signal` to the agent (e.g. SIGHUP to reload the config).
+    pub fn signal(&self, signal: Signal) {
+        // `ip netns exec` execs the agent, so the child's pid is the agent's.
+        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal the agent");
+    }
+
     /// Sends SIGTERM and waits for a clean exit; returns the exit code and the log lines printed
     /// since the last wait (the final counters among them).
     pub fn stop(mut self) -> Result<(i32, Vec<String>)> {

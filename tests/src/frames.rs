@@ -1,79 +1,143 @@
 //! Crafted Ethernet frames for `BPF_PROG_TEST_RUN`, and checks on what comes out.
+//!
+//! Expected output frames are built from scratch by the same builder (so their checksums are
+//! computed in full), and compared byte for byte with what the datapath produced incrementally.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
-/// An IPv4 TCP SYN frame.
-pub fn tcp_v4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .tcp(src.1, dst.1, 1000, 64240)
-        .syn();
-    let mut frame = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut frame, payload).expect("build frame");
-    frame
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    /// TCP with these flags.
+    Tcp(TcpFlags),
+    Udp,
 }
 
-/// An IPv4 UDP frame.
-pub fn udp_v4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .udp(src.1, dst.1);
-    let mut frame = Vec::with_capacity(builder.size(payload.len()));
-    builder.write(&mut frame, payload).expect("build frame");
-    frame
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpFlags {
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+}
+
+pub const SYN: L4 = L4::Tcp(TcpFlags {
+    syn: true,
+    ack: false,
+    fin: false,
+    rst: false,
+});
+pub const ACK: L4 = L4::Tcp(TcpFlags {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: false,
+});
+pub const FIN_ACK: L4 = L4::Tcp(TcpFlags {
+    syn: false,
+    ack: true,
+    fin: true,
+    rst: false,
+});
+
+/// An Ethernet / IPv4-or-IPv6 / TCP-or-UDP frame from `src` to `dst` (same family).
+pub fn frame(l4: L4, src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC);
+    let ip = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed families"),
+    };
+    let mut out = Vec::new();
+    match l4 {
+        L4::Tcp(f) => {
+            let mut b = ip.tcp(src.port(), dst.port(), 1000, 64240);
+            if f.syn {
+                b = b.syn();
+            }
+            if f.ack {
+                b = b.ack(1);
+            }
+            if f.fin {
+                b = b.fin();
+            }
+            if f.rst {
+                b = b.rst();
+            }
+            b.write(&mut out, payload).expect("build frame");
+        }
+        L4::Udp => ip
+            .udp(src.port(), dst.port())
+            .write(&mut out, payload)
+            .expect("build frame"),
+    }
+    out
 }
 
 /// What a frame carries, with every checksum verified from scratch.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Ipv4L4 {
-    pub src: (Ipv4Addr, u16),
-    pub dst: (Ipv4Addr, u16),
-    pub ip_checksum_ok: bool,
-    pub l4_checksum_ok: bool,
+pub struct Inspected {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub checksums_ok: bool,
 }
 
-/// Parses an Ethernet/IPv4/TCP-or-UDP frame and recomputes its checksums.
-pub fn inspect_ipv4(frame: &[u8]) -> Ipv4L4 {
+/// Parses an Ethernet / IP / TCP-or-UDP frame and recomputes its checksums.
+pub fn inspect(frame: &[u8]) -> Inspected {
     let packet = SlicedPacket::from_ethernet(frame).expect("parsable frame");
-    let Some(NetSlice::Ipv4(ip)) = packet.net else {
-        panic!("not IPv4")
+    let (src_ip, dst_ip, ip_ok): (IpAddr, IpAddr, bool) = match &packet.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header().to_header();
+            (
+                h.source.into(),
+                h.destination.into(),
+                h.calc_header_checksum() == h.header_checksum,
+            )
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let h = ip.header();
+            (h.source_addr().into(), h.destination_addr().into(), true)
+        }
+        _ => panic!("not IP"),
     };
-    let header = ip.header().to_header();
-    let ip_checksum_ok = header.calc_header_checksum() == header.header_checksum;
-    let (src_addr, dst_addr) = (
-        Ipv4Addr::from(header.source),
-        Ipv4Addr::from(header.destination),
-    );
-    match packet.transport.expect("transport") {
-        TransportSlice::Tcp(tcp) => {
-            let expected = tcp
+    let (sport, dport, l4_ok) = match (&packet.net, packet.transport.expect("transport")) {
+        (Some(NetSlice::Ipv4(ip)), TransportSlice::Tcp(t)) => {
+            let c = t
                 .to_header()
-                .calc_checksum_ipv4(&header, tcp.payload())
-                .expect("checksum");
-            Ipv4L4 {
-                src: (src_addr, tcp.source_port()),
-                dst: (dst_addr, tcp.destination_port()),
-                ip_checksum_ok,
-                l4_checksum_ok: expected == tcp.checksum(),
-            }
+                .calc_checksum_ipv4(&ip.header().to_header(), t.payload())
+                .unwrap();
+            (t.source_port(), t.destination_port(), c == t.checksum())
         }
-        TransportSlice::Udp(udp) => {
-            let expected = udp
+        (Some(NetSlice::Ipv6(ip)), TransportSlice::Tcp(t)) => {
+            let c = t
                 .to_header()
-                .calc_checksum_ipv4(&header, udp.payload())
-                .expect("checksum");
-            Ipv4L4 {
-                src: (src_addr, udp.source_port()),
-                dst: (dst_addr, udp.destination_port()),
-                ip_checksum_ok,
-                l4_checksum_ok: expected == udp.checksum(),
-            }
+                .calc_checksum_ipv6(&ip.header().to_header(), t.payload())
+                .unwrap();
+            (t.source_port(), t.destination_port(), c == t.checksum())
         }
-        other => panic!("unexpected transport {other:?}"),
+        (Some(NetSlice::Ipv4(ip)), TransportSlice::Udp(u)) => {
+            let c = u
+                .to_header()
+                .calc_checksum_ipv4(&ip.header().to_header(), u.payload())
+                .unwrap();
+            (u.source_port(), u.destination_port(), c == u.checksum())
+        }
+        (Some(NetSlice::Ipv6(ip)), TransportSlice::Udp(u)) => {
+            let c = u
+                .to_header()
+                .calc_checksum_ipv6(&ip.header().to_header(), u.payload())
+                .unwrap();
+            (u.source_port(), u.destination_port(), c == u.checksum())
+        }
+        (_, other) => panic!("unexpected transport {other:?}"),
+    };
+    Inspected {
+        src: SocketAddr::new(src_ip, sport),
+        dst: SocketAddr::new(dst_ip, dport),
+        checksums_ok: ip_ok && l4_ok,
     }
 }

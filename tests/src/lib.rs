@@ -11,4 +11,5 @@ pub mod agent;
 pub mod frames;
 pub mod netns;
 pub mod servers;
+pub mod test_run;
 pub mod topology;

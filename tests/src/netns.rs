@@ -44,6 +44,12 @@ impl Netns {
         run_ok(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
+    /// Like [`Netns::ip`] with the arguments as one whitespace-separated string:
+    /// `ns.ip_cmd(&format!("route add default via {gw}"))`.
+    pub fn ip_cmd(&self, args: &str) -> Result<()> {
+        self.ip(&args.split_whitespace().collect::<Vec<_>>())
+    }
+
     /// A command that will run inside this namespace (`ip netns exec`).
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");

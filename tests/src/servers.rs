@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -25,7 +25,8 @@ pub struct TcpCountingServer {
 }
 
 impl TcpCountingServer {
-    pub fn start(ns: &Netns, addr: Ipv4Addr, port: u16, name: &str) -> Self {
+    pub fn start(ns: &Netns, addr: impl Into<IpAddr>, port: u16, name: &str) -> Self {
+        let addr = addr.into();
         let listener = ns
             .run(move || TcpListener::bind(SocketAddr::from((addr, port))))
             .unwrap_or_else(|e| panic!("bind {addr}:{port}: {e}"));
@@ -130,6 +131,122 @@ pub fn tcp_requests(
                 stream.write_all(payload)?;
                 stream.shutdown(std::net::Shutdown::Write)?;
                 Ok(String::from_utf8_lossy(&greeting).into_owned())
+            })
+            .collect()
+    })
+}
+
+/// Opens one connection from inside `ns` and returns it with the server's greeting; the stream can be
+/// used from any thread and stays open until dropped.
+pub fn tcp_connect(ns: &Netns, target: SocketAddr) -> std::io::Result<(TcpStream, String)> {
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut greeting = Vec::new();
+        let mut byte = [0u8; 1];
+        while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
+            greeting.push(byte[0]);
+        }
+        Ok((stream, String::from_utf8_lossy(&greeting).into_owned()))
+    })
+}
+
+/// A UDP server in a namespace that answers every datagram with `"<name>"` and counts datagrams
+/// and bytes received.
+pub struct UdpCountingServer {
+    pub name: String,
+    datagrams: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl UdpCountingServer {
+    pub fn start(ns: &Netns, addr: impl Into<IpAddr>, port: u16, name: &str) -> Self {
+        let addr = addr.into();
+        let socket = ns
+            .run(move || UdpSocket::bind(SocketAddr::from((addr, port))))
+            .unwrap_or_else(|e| panic!("bind udp {addr}:{port}: {e}"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let datagrams = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (datagrams, bytes, stop, reply) = (
+                datagrams.clone(),
+                bytes.clone(),
+                stop.clone(),
+                name.to_string(),
+            );
+            thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                        datagrams.fetch_add(1, Ordering::Relaxed);
+                        bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        let _ = socket.send_to(reply.as_bytes(), peer);
+                    }
+                }
+            })
+        };
+        Self {
+            name: name.to_string(),
+            datagrams,
+            bytes,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn datagrams(&self) -> u64 {
+        self.datagrams.load(Ordering::Relaxed)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpCountingServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one datagram from each of `count` fresh sockets (so each is a new flow) inside `ns` and
+/// returns each answer (the server's name) or error.
+pub fn udp_requests(
+    ns: &Netns,
+    target: SocketAddr,
+    count: usize,
+    payload: &'static [u8],
+) -> Vec<std::io::Result<String>> {
+    ns.run(move || {
+        (0..count)
+            .map(|_| {
+                let bind: SocketAddr = if target.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                }
+                .parse()
+                .unwrap();
+                let socket = UdpSocket::bind(bind)?;
+                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+                socket.send_to(payload, target)?;
+                let mut buf = [0u8; 256];
+                let (n, from) = socket.recv_from(&mut buf)?;
+                if from != target {
+                    return Err(std::io::Error::other(format!(
+                        "answer from {from}, not {target}"
+                    )));
+                }
+                Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
             })
             .collect()
     })

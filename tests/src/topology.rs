@@ -3,13 +3,15 @@
 //! ```text
 //!  client ns              balancer ns                         backend ns i (1..=N)
 //!  eth0 192.0.2.2/24 ──── to-client 192.0.2.1/24
+//!       2001:db8:2::2/64            2001:db8:2::1/64
 //!                         to-b<i> 203.0.113.<4i+1>/30 ─────── eth0 203.0.113.<4i+2>/30
+//!                                 2001:db8:203:<i>::1/64              2001:db8:203:<i>::2/64
 //! ```
 //! The client's default route and every backend's default route go through the balancer, which
 //! forwards between them. VIPs (198.51.100.0/24) are routed to the balancer by the client and answered
 //! by nobody but the datapath.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{ensure, Context, Result};
 
@@ -19,6 +21,10 @@ pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 pub const BALANCER_CLIENT_SIDE_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 /// The first VIP; tests may use any address in 198.51.100.0/24.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
+pub const BALANCER_CLIENT_SIDE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+/// The first IPv6 VIP; tests may use any address in 2001:db8:100::/64.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
 /// Interface of the balancer that faces the client.
 pub const BALANCER_CLIENT_IFACE: &str = "to-client";
 /// Most backends a topology supports (their /30s must fit in 203.0.113.0/24).
@@ -27,6 +33,7 @@ pub const MAX_BACKENDS: usize = 62;
 pub struct Backend {
     pub ns: Netns,
     pub addr: Ipv4Addr,
+    pub addr6: Ipv6Addr,
     /// The balancer's interface towards this backend.
     pub balancer_iface: String,
 }
@@ -46,6 +53,12 @@ pub fn backend_addrs(i: usize) -> (Ipv4Addr, Ipv4Addr) {
     )
 }
 
+/// IPv6 address of backend `i` (1-based) and of the balancer on that link.
+pub fn backend_addrs6(i: usize) -> (Ipv6Addr, Ipv6Addr) {
+    let net = |host| Ipv6Addr::new(0x2001, 0xdb8, 0x203, i as u16, 0, 0, 0, host);
+    (net(2), net(1))
+}
+
 impl Topology {
     /// Builds the network with `backends` backends. Namespaces use `prefix` (see [`netns`]) and are
     /// removed when the topology is dropped.
@@ -60,48 +73,49 @@ impl Topology {
         balancer.sysctl("net.ipv4.ip_forward", "1")?;
         balancer.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         balancer.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        balancer.sysctl("net.ipv6.conf.all.forwarding", "1")?;
 
         link(&client, "eth0", &balancer, BALANCER_CLIENT_IFACE)?;
-        client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "eth0"])?;
-        client.ip(&["link", "set", "eth0", "up"])?;
-        client.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &BALANCER_CLIENT_SIDE_ADDR.to_string(),
-        ])?;
-        balancer.ip(&[
-            "addr",
-            "add",
-            &format!("{BALANCER_CLIENT_SIDE_ADDR}/24"),
-            "dev",
-            BALANCER_CLIENT_IFACE,
-        ])?;
-        balancer.ip(&["link", "set", BALANCER_CLIENT_IFACE, "up"])?;
+        client.ip_cmd(&format!("addr add {CLIENT_ADDR}/24 dev eth0"))?;
+        client.ip_cmd(&format!("addr add {CLIENT_ADDR6}/64 dev eth0 nodad"))?;
+        client.ip_cmd("link set eth0 up")?;
+        client.ip_cmd(&format!(
+            "route add default via {BALANCER_CLIENT_SIDE_ADDR}"
+        ))?;
+        client.ip_cmd(&format!(
+            "-6 route add default via {BALANCER_CLIENT_SIDE_ADDR6}"
+        ))?;
+        let iface = BALANCER_CLIENT_IFACE;
+        balancer.ip_cmd(&format!(
+            "addr add {BALANCER_CLIENT_SIDE_ADDR}/24 dev {iface}"
+        ))?;
+        balancer.ip_cmd(&format!(
+            "addr add {BALANCER_CLIENT_SIDE_ADDR6}/64 dev {iface} nodad"
+        ))?;
+        balancer.ip_cmd(&format!("link set {iface} up"))?;
         sender_checksums_in_software(&client)?;
 
         let mut list = Vec::with_capacity(backends);
         for i in 1..=backends {
             let ns = Netns::new(prefix, &format!("b{i}"))?;
-            let (addr, gateway) = backend_addrs(i);
+            let ((addr, gateway), (addr6, gateway6)) = (backend_addrs(i), backend_addrs6(i));
             let balancer_iface = format!("to-b{i}");
             link(&ns, "eth0", &balancer, &balancer_iface)?;
-            ns.ip(&["addr", "add", &format!("{addr}/30"), "dev", "eth0"])?;
-            ns.ip(&["link", "set", "eth0", "up"])?;
-            ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
-            balancer.ip(&[
-                "addr",
-                "add",
-                &format!("{gateway}/30"),
-                "dev",
-                &balancer_iface,
-            ])?;
-            balancer.ip(&["link", "set", &balancer_iface, "up"])?;
+            ns.ip_cmd(&format!("addr add {addr}/30 dev eth0"))?;
+            ns.ip_cmd(&format!("addr add {addr6}/64 dev eth0 nodad"))?;
+            ns.ip_cmd("link set eth0 up")?;
+            ns.ip_cmd(&format!("route add default via {gateway}"))?;
+            ns.ip_cmd(&format!("-6 route add default via {gateway6}"))?;
+            balancer.ip_cmd(&format!("addr add {gateway}/30 dev {balancer_iface}"))?;
+            balancer.ip_cmd(&format!(
+                "addr add {gateway6}/64 dev {balancer_iface} nodad"
+            ))?;
+            balancer.ip_cmd(&format!("link set {balancer_iface} up"))?;
             sender_checksums_in_software(&ns)?;
             list.push(Backend {
                 ns,
                 addr,
+                addr6,
                 balancer_iface,
             });
         }

@@ -1,44 +1,122 @@
-//! End to end: the real `lb-agent` process attaches the datapath in the balancer namespace; TCP
-//! connections from the client namespace to the VIP must succeed and be spread over the backends,
-//! counted by the backends themselves.
+//! End to end: the real `lb-agent` process attaches the datapath in the balancer namespace; real TCP
+//! and UDP traffic over IPv4 and IPv6 goes from the client namespace through the VIPs, and the
+//! backends count what reaches them.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use lb_tests::{
     agent::AgentProcess,
     netns::TEST_PREFIX,
-    servers::{tcp_requests, TcpCountingServer},
-    topology::{Topology, VIP},
+    servers::{tcp_connect, tcp_requests, udp_requests, TcpCountingServer, UdpCountingServer},
+    topology::{Topology, VIP, VIP6},
 };
+use nix::sys::signal::Signal;
 
-const BACKEND_PORT: u16 = 8080;
+const TCP_PORT: u16 = 8080;
+const UDP_PORT: u16 = 5353;
 
-fn config_for(topology: &Topology) -> String {
-    let mut yaml = format!(
-        "services:\n  - name: web\n    vip: {VIP}\n    port: 80\n    protocol: tcp\n    backends:\n"
-    );
-    for b in &topology.backends {
-        yaml += &format!("      - {{ address: {}, port: {BACKEND_PORT} }}\n", b.addr);
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("lb-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Services on both VIPs, TCP and UDP, over the given backends (1-based indexes into the topology).
+fn config_for(topology: &Topology, backends: &[usize]) -> String {
+    let mut yaml = String::from("services:\n");
+    for (name, vip, port, proto, family6, backend_port) in [
+        ("web", IpAddr::from(VIP), 80, "tcp", false, TCP_PORT),
+        ("dns", IpAddr::from(VIP), 53, "udp", false, UDP_PORT),
+        ("web6", IpAddr::from(VIP6), 80, "tcp", true, TCP_PORT),
+        ("dns6", IpAddr::from(VIP6), 53, "udp", true, UDP_PORT),
+    ] {
+        yaml += &format!(
+            "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    backends:\n"
+        );
+        for &i in backends {
+            let b = &topology.backends[i - 1];
+            let addr: IpAddr = if family6 {
+                b.addr6.into()
+            } else {
+                b.addr.into()
+            };
+            yaml += &format!("      - {{ address: \"{addr}\", port: {backend_port} }}\n");
+        }
     }
     yaml
 }
 
-#[test]
-fn tcp_connections_through_the_vip_reach_every_backend() {
-    let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
-    let servers: Vec<_> = topology
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            TcpCountingServer::start(&b.ns, b.addr, BACKEND_PORT, &format!("backend-{}", i + 1))
-        })
-        .collect();
+struct Servers {
+    tcp: Vec<TcpCountingServer>,
+    udp: Vec<UdpCountingServer>,
+}
 
-    let dir = std::env::temp_dir().join(format!("lb-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("config.yaml");
-    std::fs::write(&config, config_for(&topology)).unwrap();
+/// TCP and UDP servers on each backend's IPv4 and IPv6 address, named `backend-<i>`.
+fn start_servers(topology: &Topology) -> Servers {
+    let mut servers = Servers {
+        tcp: Vec::new(),
+        udp: Vec::new(),
+    };
+    for (i, b) in topology.backends.iter().enumerate() {
+        let name = format!("backend-{}", i + 1);
+        for addr in [IpAddr::from(b.addr), IpAddr::from(b.addr6)] {
+            servers
+                .tcp
+                .push(TcpCountingServer::start(&b.ns, addr, TCP_PORT, &name));
+            servers
+                .udp
+                .push(UdpCountingServer::start(&b.ns, addr, UDP_PORT, &name));
+        }
+    }
+    servers
+}
+
+fn tally(results: &[std::io::Result<String>], what: &str) -> BTreeMap<String, usize> {
+    let mut by_backend = BTreeMap::new();
+    for r in results {
+        let name = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{what}: a request through the VIP failed: {e}"));
+        *by_backend.entry(name.clone()).or_default() += 1;
+    }
+    by_backend
+}
+
+fn write_config(dir: &TempDir, yaml: &str) -> PathBuf {
+    let path = dir.0.join("config.yaml");
+    // Write and rename, as an editor would, so the agent never reads half a file.
+    let tmp = dir.0.join("config.yaml.tmp");
+    std::fs::File::create(&tmp)
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+#[test]
+fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_backend() {
+    let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
+    let servers = start_servers(&topology);
+    let dir = TempDir::new("e2e");
+    let config = write_config(&dir, &config_for(&topology, &[1, 2, 3]));
 
     // Before the agent runs, nothing answers on the VIP.
     let before = tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"");
@@ -50,43 +128,51 @@ fn tcp_connections_through_the_vip_reach_every_backend() {
     let agent = AgentProcess::start(&topology.balancer, &config, &topology.balancer_interfaces())
         .expect("agent starts");
 
-    const CONNECTIONS: usize = 60;
+    const N: usize = 45;
     let payload: &'static [u8] = b"0123456789abcdef";
-    let results = tcp_requests(
-        &topology.client,
-        SocketAddr::from((VIP, 80)),
-        CONNECTIONS,
-        payload,
-    );
-    let mut by_backend = BTreeMap::<String, usize>::new();
-    for r in &results {
-        let greeting = r
-            .as_ref()
-            .expect("every connection through the VIP succeeds");
-        *by_backend.entry(greeting.clone()).or_default() += 1;
+    let mut tcp_total = BTreeMap::<String, usize>::new();
+    for vip in [IpAddr::from(VIP), IpAddr::from(VIP6)] {
+        let tcp = tally(
+            &tcp_requests(&topology.client, SocketAddr::new(vip, 80), N, payload),
+            "tcp",
+        );
+        assert_eq!(
+            tcp.len(),
+            3,
+            "TCP to {vip} spreads over all backends: {tcp:?}"
+        );
+        for (k, v) in tcp {
+            *tcp_total.entry(k).or_default() += v;
+        }
+        let udp = tally(
+            &udp_requests(&topology.client, SocketAddr::new(vip, 53), N, payload),
+            "udp",
+        );
+        assert_eq!(
+            udp.len(),
+            3,
+            "UDP to {vip} spreads over all backends: {udp:?}"
+        );
     }
-    assert_eq!(
-        by_backend.len(),
-        3,
-        "connections spread over all backends: {by_backend:?}"
-    );
 
-    // The backends' own counts agree with what the client saw, and the bytes arrived.
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    for server in &servers {
-        assert_eq!(
-            server.connections() as usize,
-            by_backend[&server.name],
-            "{}",
-            server.name
-        );
-        assert_eq!(
-            server.bytes(),
-            (by_backend[&server.name] * payload.len()) as u64,
-            "{}",
-            server.name
-        );
+    // The backends' own counts agree with what the client saw, and every byte arrived.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut per_backend = BTreeMap::<String, (u64, u64)>::new();
+    for s in &servers.tcp {
+        let e = per_backend.entry(s.name.clone()).or_default();
+        e.0 += s.connections();
+        e.1 += s.bytes();
     }
+    for (name, (connections, bytes)) in per_backend {
+        assert_eq!(connections as usize, tcp_total[&name], "{name} connections");
+        assert_eq!(bytes, connections * payload.len() as u64, "{name} bytes");
+    }
+    let udp_datagrams: u64 = servers.udp.iter().map(|s| s.datagrams()).sum();
+    assert_eq!(
+        udp_datagrams,
+        2 * N as u64,
+        "every datagram reached exactly one backend"
+    );
 
     let (code, log) = agent.stop().expect("agent stops");
     assert_eq!(code, 0, "clean exit on SIGTERM");
@@ -94,26 +180,96 @@ fn tcp_connections_through_the_vip_reach_every_backend() {
         .iter()
         .find(|l| l.contains("datapath counters"))
         .expect("final counters logged");
-    assert!(counters.contains("forward_to_backend="), "{counters}");
+    assert!(counters.contains("forward_new_flow="), "{counters}");
+    assert!(counters.contains("reply_translated="), "{counters}");
     // Detached: the VIP no longer answers.
     let after = tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"");
     assert!(
         after[0].is_err(),
         "VIP must stop answering once the agent detached"
     );
-    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn removing_one_of_four_backends_keeps_existing_connections_and_spreads_new_ones() {
+    let topology = Topology::new(TEST_PREFIX, 4).expect("topology");
+    let servers = start_servers(&topology);
+    let dir = TempDir::new("e2e-remove");
+    let config = write_config(&dir, &config_for(&topology, &[1, 2, 3, 4]));
+    let mut agent =
+        AgentProcess::start(&topology.balancer, &config, &topology.balancer_interfaces())
+            .expect("agent starts");
+
+    // 40 long-lived connections, open across the change.
+    let vip = SocketAddr::from((VIP, 80));
+    let mut open: Vec<_> = (0..40)
+        .map(|_| tcp_connect(&topology.client, vip).expect("connect"))
+        .collect();
+    let mut before = BTreeMap::<String, usize>::new();
+    for (_, name) in &open {
+        *before.entry(name.clone()).or_default() += 1;
+    }
+    assert_eq!(before.len(), 4, "{before:?}");
+
+    // Remove backend 4 and reload.
+    write_config(&dir, &config_for(&topology, &[1, 2, 3]));
+    agent.signal(Signal::SIGHUP);
+    agent
+        .wait_for_log("config reloaded", Duration::from_secs(10))
+        .expect("reload");
+
+    // Existing connections to the remaining backends are untouched: each delivers its bytes.
+    let survivors: Vec<_> = open
+        .iter_mut()
+        .filter(|(_, name)| name != "backend-4")
+        .collect();
+    let bytes_before: u64 = servers.tcp.iter().map(|s| s.bytes()).sum();
+    let mut sent = 0u64;
+    for (stream, name) in survivors {
+        stream
+            .write_all(&[7u8; 1000])
+            .unwrap_or_else(|e| panic!("connection to {name} broken: {e}"));
+        sent += 1000;
+    }
+    for (stream, _) in &open {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let delivered: u64 = servers.tcp.iter().map(|s| s.bytes()).sum::<u64>() - bytes_before;
+    assert_eq!(
+        delivered, sent,
+        "every byte of every surviving connection arrived"
+    );
+
+    // New connections spread over the three remaining backends only.
+    let after = tally(
+        &tcp_requests(&topology.client, vip, 60, b""),
+        "after removal",
+    );
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert!(!after.contains_key("backend-4"), "{after:?}");
+
+    // An invalid edit is rejected and the last good state stays in force.
+    write_config(&dir, "services:\n  - name: broken\n    vip: not-an-ip\n");
+    agent.signal(Signal::SIGHUP);
+    let line = agent
+        .wait_for_log("config rejected", Duration::from_secs(10))
+        .expect("rejection logged");
+    assert!(line.contains("services[0].vip"), "{line}");
+    let still = tally(
+        &tcp_requests(&topology.client, vip, 12, b""),
+        "after a bad reload",
+    );
+    assert_eq!(still.len(), 3, "{still:?}");
 }
 
 #[test]
 fn agent_rejects_bad_yaml_naming_field_and_line() {
-    let dir = std::env::temp_dir().join(format!("lb-badcfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("bad.yaml");
-    std::fs::write(
-        &config,
+    let dir = TempDir::new("badcfg");
+    let config = write_config(
+        &dir,
         "services:\n  - name: web\n    vip: 198.51.100.10\n    port: 80\n    protocol: tcp\n    backends:\n      - { address: 203.0.113.300, port: 8080 }\n",
-    )
-    .unwrap();
+    );
     let output = std::process::Command::new(lb_tests::agent::agent_binary())
         .args(["run", "--iface", "lo", "--config"])
         .arg(&config)
@@ -125,5 +281,4 @@ fn agent_rejects_bad_yaml_naming_field_and_line() {
         stderr.contains("services[0].backends[0].address at line 7"),
         "{stderr}"
     );
-    std::fs::remove_dir_all(&dir).ok();
 }

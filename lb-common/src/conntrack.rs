@@ -1,0 +1,76 @@
+//! Connection tracking entries: which backend a flow uses, and how replies are translated back.
+
+use crate::service::Addr;
+
+/// A flow as the datapath sees it on the way in: client → VIP. Also the key of `NAT_REPLY`, there
+/// as backend → client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Connection states kept in [`ConntrackEntry::state`].
+pub mod state {
+    /// Seen a SYN (TCP) or a first packet (UDP).
+    pub const OPEN: u8 = 0;
+    /// A FIN or RST was seen: the entry expires after [`super::timeouts::CLOSING_NS`].
+    pub const CLOSING: u8 = 1;
+}
+
+/// Idle times after which an entry no longer pins its flow to a backend.
+pub mod timeouts {
+    pub const TCP_ESTABLISHED_NS: u64 = 3600 * 1_000_000_000;
+    pub const CLOSING_NS: u64 = 10 * 1_000_000_000;
+    pub const UDP_NS: u64 = 60 * 1_000_000_000;
+}
+
+/// Value of the `CONNTRACK` LRU map, keyed by the client → VIP [`FlowKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackEntry {
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns` of the last packet.
+    pub last_seen_ns: u64,
+    pub state: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Value of the `NAT_REPLY` LRU map, keyed by the backend → client [`FlowKey`] of a DNAT flow: the
+/// VIP and port that the reply's source is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReply {
+    pub vip: Addr,
+    pub vip_port: u16,
+    pub _pad: [u8; 2],
+    pub service_id: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: #[repr(C)], Copy, integers only, explicit padding.
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ConntrackEntry {}
+    unsafe impl aya::Pod for NatReply {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<ConntrackEntry>(), 24);
+        assert_eq!(core::mem::size_of::<NatReply>(), 24);
+    }
+}

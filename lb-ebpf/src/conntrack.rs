@@ -1,0 +1,106 @@
+//! Connection tracking: a flow keeps its backend while it lives, whatever happens to the Maglev table
+//! (backends added, removed, or draining with weight 0).
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    conntrack::{state, timeouts, ConntrackEntry, FlowKey, NatReply},
+    counters::Counter,
+    protocol,
+    service::{mode, Backend, ServiceInfo},
+};
+
+use crate::{
+    maglev,
+    maps::{add_traffic, count, BACKENDS, BACKEND_STATS, CONNTRACK, NAT_REPLY, SERVICE_STATS},
+    packet::{tcp_flags, Flow},
+};
+
+/// The backend for `flow`: the tracked one while the entry is live, else a new choice (tracked from
+/// now on). `Err` names the drop reason.
+#[inline(always)]
+pub fn backend_for(flow: &Flow, service: &ServiceInfo) -> Result<Backend, Counter> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let is_tcp = flow.key.protocol == protocol::TCP;
+    let syn_only = flow.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    let closing = is_tcp && flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0;
+
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&flow.key) {
+        // SAFETY: LRU value of plain integers; a torn read at worst re-balances one packet.
+        let entry = unsafe { &mut *entry };
+        // A SYN on a closing entry is a new connection reusing the port pair.
+        let reused = syn_only && entry.state == state::CLOSING;
+        if !reused && !expired(entry, now, is_tcp) {
+            if let Some(backend) = BACKENDS.get(entry.backend_id) {
+                if backend.is_active() {
+                    entry.last_seen_ns = now;
+                    if closing {
+                        entry.state = state::CLOSING;
+                    }
+                    add_traffic(&SERVICE_STATS, service.id, flow.len, false);
+                    add_traffic(&BACKEND_STATS, entry.backend_id, flow.len, false);
+                    count(Counter::ForwardConntrackHit);
+                    return Ok(*backend);
+                }
+            }
+            count(Counter::ConntrackBackendGone);
+        }
+    } else if is_tcp && !syn_only {
+        count(Counter::ConntrackMidflowMiss);
+    }
+
+    let Some((backend_id, backend)) = maglev::pick(flow, service) else {
+        return Err(if service.table_size == 0 {
+            Counter::DropNoBackend
+        } else {
+            Counter::DropTableMiss
+        });
+    };
+    let entry = ConntrackEntry {
+        backend_id,
+        service_id: service.id,
+        last_seen_ns: now,
+        state: if closing { state::CLOSING } else { state::OPEN },
+        _pad: [0; 7],
+    };
+    // An LRU insert evicts the least recently used entry when full, so it only fails on memory
+    // pressure; the flow is still forwarded (by the table) either way.
+    let _ = CONNTRACK.insert(&flow.key, &entry, 0);
+    if service.mode == mode::DNAT {
+        let reply_key = FlowKey {
+            src: backend.addr,
+            dst: flow.key.src,
+            src_port: if backend.port == 0 {
+                flow.key.dst_port
+            } else {
+                backend.port
+            },
+            dst_port: flow.key.src_port,
+            protocol: flow.key.protocol,
+            family: flow.key.family,
+            _pad: [0; 2],
+        };
+        let reply = NatReply {
+            vip: flow.key.dst,
+            vip_port: flow.key.dst_port,
+            _pad: [0; 2],
+            service_id: service.id,
+        };
+        let _ = NAT_REPLY.insert(&reply_key, &reply, 0);
+    }
+    add_traffic(&SERVICE_STATS, service.id, flow.len, true);
+    add_traffic(&BACKEND_STATS, backend_id, flow.len, true);
+    count(Counter::ForwardNewFlow);
+    Ok(backend)
+}
+
+#[inline(always)]
+fn expired(entry: &ConntrackEntry, now: u64, is_tcp: bool) -> bool {
+    let timeout = if entry.state == state::CLOSING {
+        timeouts::CLOSING_NS
+    } else if is_tcp {
+        timeouts::TCP_ESTABLISHED_NS
+    } else {
+        timeouts::UDP_NS
+    };
+    now.wrapping_sub(entry.last_seen_ns) > timeout
+}

@@ -1,0 +1,60 @@
+//! `BPF_PROG_TEST_RUN` helpers shared by the datapath tests and the benchmarks.
+
+use std::net::{IpAddr, SocketAddr};
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use lb_agent::datapath::Datapath;
+use lb_common::{
+    conntrack::FlowKey,
+    flow_hash::{flow_hash, source_hash},
+    service::{family_of, Addr, ServiceKey},
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+/// Runs `program` once on `frame`; returns the action and the output frame.
+pub fn run(program: &mut Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// The backend the datapath must choose for a new flow `src → dst` of service `key`, computed in
+/// userspace from the installed Maglev table and the shared packet hash.
+pub fn expected_backend(
+    datapath: &Datapath,
+    key: &ServiceKey,
+    protocol: u8,
+    src: SocketAddr,
+    dst: SocketAddr,
+    source_ip_only: bool,
+) -> SocketAddr {
+    let table = datapath.table_of(key).expect("service programmed");
+    let flow = flow_key(protocol, src, dst);
+    let hash = if source_ip_only {
+        source_hash(&flow.src.0, 0)
+    } else {
+        let ports = ((flow.src_port as u32) << 16) | flow.dst_port as u32;
+        flow_hash(&flow.src.0, &flow.dst.0, ports, protocol, 0)
+    };
+    let (ip, port): (IpAddr, u16) = table[(hash % table.len() as u32) as usize];
+    SocketAddr::new(ip, if port == 0 { dst.port() } else { port })
+}
+
+/// The datapath's flow key for `src → dst`.
+pub fn flow_key(protocol: u8, src: SocketAddr, dst: SocketAddr) -> FlowKey {
+    FlowKey {
+        src: Addr::from_ip(src.ip()),
+        dst: Addr::from_ip(dst.ip()),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+        protocol,
+        family: family_of(src.ip()),
+        _pad: [0; 2],
+    }
+}

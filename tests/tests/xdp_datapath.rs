@@ -1,0 +1,560 @@
+//! The XDP datapath on crafted frames through BPF_PROG_TEST_RUN. Single-packet cases are a table of
+//! fixtures (description, input frame, expected action, expected output frame); flow behaviour
+//! (conntrack, draining, backend removal, a full conntrack table) is tested as packet sequences.
+//! Every case also checks the counter that names the path the packet took.
+
+use std::net::SocketAddr;
+
+use lb_agent::{
+    config::Config,
+    datapath::{Datapath, LoadOptions},
+};
+use lb_common::{counters::Counter, protocol, service::ServiceKey};
+use lb_tests::{
+    frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
+    test_run::{expected_backend, run, XDP_DROP, XDP_PASS},
+};
+
+const CONFIG: &str = "
+services:
+  - name: web
+    vip: 198.51.100.10
+    port: 80
+    protocol: tcp
+    maglev_table_size: 251
+    backends:
+      - { address: 203.0.113.11, port: 8080 }
+      - { address: 203.0.113.12, port: 8080 }
+      - { address: 203.0.113.13, port: 8080 }
+  - name: dns
+    vip: 198.51.100.10
+    port: 53
+    protocol: udp
+    backends:
+      - { address: 203.0.113.11, port: 5353 }
+      - { address: 203.0.113.12, port: 5353 }
+  - name: web6
+    vip: 2001:db8:100::10
+    port: 443
+    protocol: tcp
+    backends:
+      - { address: 2001:db8:203::11, port: 8443 }
+      - { address: 2001:db8:203::12, port: 8443 }
+  - name: dns6
+    vip: 2001:db8:100::10
+    port: 53
+    protocol: udp
+    backends:
+      - { address: 2001:db8:203::11, port: 0 }
+  - name: all-ports
+    vip: 198.51.100.20
+    port: 0
+    protocol: tcp
+    backends:
+      - { address: 203.0.113.21, port: 0 }
+  - name: affinity
+    vip: 198.51.100.30
+    port: 80
+    protocol: tcp
+    hash: source-ip
+    backends:
+      - { address: 203.0.113.31, port: 80 }
+      - { address: 203.0.113.32, port: 80 }
+      - { address: 203.0.113.33, port: 80 }
+  - name: empty
+    vip: 198.51.100.11
+    port: 80
+    protocol: tcp
+";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn load(config: &str) -> Datapath {
+    let mut datapath = Datapath::load().expect("load datapath");
+    datapath
+        .apply(&Config::from_yaml(config).unwrap())
+        .expect("apply config");
+    datapath
+}
+
+fn counter(datapath: &Datapath, which: Counter) -> u64 {
+    datapath
+        .counters()
+        .unwrap()
+        .into_iter()
+        .find(|(c, _)| *c == which)
+        .unwrap()
+        .1
+}
+
+fn key(vip: SocketAddr, proto: u8) -> ServiceKey {
+    ServiceKey::new(vip.ip(), vip.port(), proto)
+}
+
+/// Sends `l4` from `src` to `vip` and returns the backend it was rewritten to, checking that the
+/// output is byte-identical to the same frame built from scratch for that backend.
+fn send_to_vip(datapath: &mut Datapath, l4: L4, src: SocketAddr, vip: SocketAddr) -> SocketAddr {
+    let input = frame(l4, src, vip, b"payload");
+    let (action, out) = run(datapath.xdp_program(), &input);
+    assert_eq!(action, XDP_PASS, "{src} -> {vip}");
+    let got = inspect(&out);
+    assert_eq!(got.src, src, "client address and port are kept");
+    assert_eq!(
+        out,
+        frame(l4, src, got.dst, b"payload"),
+        "byte-exact rewrite {src} -> {vip}"
+    );
+    got.dst
+}
+
+enum Expect {
+    /// Rewritten towards the backend the Maglev table and hash predict.
+    ToBackend {
+        source_ip_only: bool,
+    },
+    /// Rewritten to exactly this frame.
+    Frame(Vec<u8>),
+    /// Passed byte-identical.
+    Unchanged,
+    Dropped,
+}
+
+struct Fixture {
+    what: &'static str,
+    input: Vec<u8>,
+    expect: Expect,
+    counter: Counter,
+}
+
+fn truncate(mut f: Vec<u8>, len: usize) -> Vec<u8> {
+    f.truncate(len);
+    f
+}
+
+#[test]
+fn single_packet_fixtures() {
+    let mut datapath = load(CONFIG);
+    // A DNAT flow whose reply the table below expects to be translated.
+    let v4_backend = send_to_vip(
+        &mut datapath,
+        SYN,
+        sa("192.0.2.2:40000"),
+        sa("198.51.100.10:80"),
+    );
+    let v6_backend = send_to_vip(
+        &mut datapath,
+        SYN,
+        sa("[2001:db8:2::2]:40000"),
+        sa("[2001:db8:100::10]:443"),
+    );
+
+    let mut ipv4_options = frame(SYN, sa("192.0.2.2:40001"), sa("198.51.100.10:80"), b"");
+    ipv4_options[14] = 0x46;
+    let mut fragment = frame(SYN, sa("192.0.2.2:40001"), sa("198.51.100.10:80"), b"");
+    fragment[20] |= 0x20; // more fragments
+    let mut arp = frame(SYN, sa("192.0.2.2:1"), sa("198.51.100.10:80"), b"");
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    let mut hop_by_hop = frame(
+        SYN,
+        sa("[2001:db8:2::2]:40001"),
+        sa("[2001:db8:100::10]:443"),
+        b"",
+    );
+    hop_by_hop[14 + 6] = 0;
+    let mut icmp = frame(L4::Udp, sa("192.0.2.2:1"), sa("198.51.100.10:53"), b"");
+    icmp[14 + 9] = 1;
+
+    let fixtures = vec![
+        Fixture {
+            what: "IPv4 TCP SYN to VIP",
+            input: frame(SYN, sa("192.0.2.2:40002"), sa("198.51.100.10:80"), b"x"),
+            expect: Expect::ToBackend {
+                source_ip_only: false,
+            },
+            counter: Counter::ForwardNewFlow,
+        },
+        Fixture {
+            what: "IPv4 UDP to VIP",
+            input: frame(L4::Udp, sa("192.0.2.2:33333"), sa("198.51.100.10:53"), b"q"),
+            expect: Expect::ToBackend {
+                source_ip_only: false,
+            },
+            counter: Counter::ForwardNewFlow,
+        },
+        Fixture {
+            what: "IPv6 TCP SYN to VIP",
+            input: frame(
+                SYN,
+                sa("[2001:db8:2::2]:40002"),
+                sa("[2001:db8:100::10]:443"),
+                b"x",
+            ),
+            expect: Expect::ToBackend {
+                source_ip_only: false,
+            },
+            counter: Counter::ForwardNewFlow,
+        },
+        Fixture {
+            what: "IPv6 UDP to VIP, backend keeps the port",
+            input: frame(
+                L4::Udp,
+                sa("[2001:db8:2::2]:5000"),
+                sa("[2001:db8:100::10]:53"),
+                b"q",
+            ),
+            expect: Expect::ToBackend {
+                source_ip_only: false,
+            },
+            counter: Counter::ForwardNewFlow,
+        },
+        Fixture {
+            what: "all-ports service keeps the port",
+            input: frame(SYN, sa("192.0.2.2:40003"), sa("198.51.100.20:6379"), b""),
+            expect: Expect::Frame(frame(
+                SYN,
+                sa("192.0.2.2:40003"),
+                sa("203.0.113.21:6379"),
+                b"",
+            )),
+            counter: Counter::ForwardNewFlow,
+        },
+        Fixture {
+            what: "source-IP affinity",
+            input: frame(SYN, sa("192.0.2.7:1234"), sa("198.51.100.30:80"), b""),
+            expect: Expect::ToBackend {
+                source_ip_only: true,
+            },
+            counter: Counter::ForwardNewFlow,
+        },
+        Fixture {
+            what: "IPv4 reply from backend",
+            input: frame(ACK, v4_backend, sa("192.0.2.2:40000"), b"r"),
+            expect: Expect::Frame(frame(
+                ACK,
+                sa("198.51.100.10:80"),
+                sa("192.0.2.2:40000"),
+                b"r",
+            )),
+            counter: Counter::ReplyTranslated,
+        },
+        Fixture {
+            what: "IPv6 reply from backend",
+            input: frame(ACK, v6_backend, sa("[2001:db8:2::2]:40000"), b"r"),
+            expect: Expect::Frame(frame(
+                ACK,
+                sa("[2001:db8:100::10]:443"),
+                sa("[2001:db8:2::2]:40000"),
+                b"r",
+            )),
+            counter: Counter::ReplyTranslated,
+        },
+        Fixture {
+            what: "backend traffic to a client it has no flow with",
+            input: frame(ACK, v4_backend, sa("192.0.2.9:40000"), b"r"),
+            expect: Expect::Unchanged,
+            counter: Counter::PassNotService,
+        },
+        Fixture {
+            what: "IPv4 non-VIP",
+            input: frame(SYN, sa("192.0.2.2:40000"), sa("198.51.100.99:80"), b""),
+            expect: Expect::Unchanged,
+            counter: Counter::PassNotService,
+        },
+        Fixture {
+            what: "IPv6 non-VIP",
+            input: frame(
+                SYN,
+                sa("[2001:db8:2::2]:40000"),
+                sa("[2001:db8:100::99]:443"),
+                b"",
+            ),
+            expect: Expect::Unchanged,
+            counter: Counter::PassNotService,
+        },
+        Fixture {
+            what: "VIP, other port",
+            input: frame(SYN, sa("192.0.2.2:40000"), sa("198.51.100.10:81"), b""),
+            expect: Expect::Unchanged,
+            counter: Counter::PassNotService,
+        },
+        Fixture {
+            what: "VIP port, other protocol",
+            input: frame(L4::Udp, sa("192.0.2.2:40000"), sa("198.51.100.10:80"), b""),
+            expect: Expect::Unchanged,
+            counter: Counter::PassNotService,
+        },
+        Fixture {
+            what: "ARP",
+            input: arp,
+            expect: Expect::Unchanged,
+            counter: Counter::PassNotIp,
+        },
+        Fixture {
+            what: "IPv4 options",
+            input: ipv4_options,
+            expect: Expect::Unchanged,
+            counter: Counter::PassIpv4Options,
+        },
+        Fixture {
+            what: "IPv4 first fragment",
+            input: fragment,
+            expect: Expect::Unchanged,
+            counter: Counter::PassFragment,
+        },
+        Fixture {
+            what: "IPv6 hop-by-hop header",
+            input: hop_by_hop,
+            expect: Expect::Unchanged,
+            counter: Counter::PassIpv6ExtensionHeader,
+        },
+        Fixture {
+            what: "ICMP",
+            input: icmp,
+            expect: Expect::Unchanged,
+            counter: Counter::PassNotTcpUdp,
+        },
+        Fixture {
+            what: "truncated TCP header",
+            input: truncate(
+                frame(SYN, sa("192.0.2.2:1"), sa("198.51.100.10:80"), b""),
+                14 + 20 + 10,
+            ),
+            expect: Expect::Dropped,
+            counter: Counter::DropMalformed,
+        },
+        Fixture {
+            what: "truncated IPv6 header",
+            input: truncate(
+                frame(
+                    SYN,
+                    sa("[2001:db8:2::2]:1"),
+                    sa("[2001:db8:100::10]:443"),
+                    b"",
+                ),
+                14 + 30,
+            ),
+            expect: Expect::Dropped,
+            counter: Counter::DropMalformed,
+        },
+        Fixture {
+            what: "VIP without backends",
+            input: frame(SYN, sa("192.0.2.2:40000"), sa("198.51.100.11:80"), b""),
+            expect: Expect::Dropped,
+            counter: Counter::DropNoBackend,
+        },
+    ];
+
+    for fixture in fixtures {
+        let before = counter(&datapath, fixture.counter);
+        let (action, out) = run(datapath.xdp_program(), &fixture.input);
+        let what = fixture.what;
+        match fixture.expect {
+            Expect::ToBackend { source_ip_only } => {
+                assert_eq!(action, XDP_PASS, "{what}");
+                let input = inspect(&fixture.input);
+                let proto = fixture.input[if input.src.is_ipv4() { 14 + 9 } else { 14 + 6 }];
+                let vip = key(input.dst, proto);
+                let want =
+                    expected_backend(&datapath, &vip, proto, input.src, input.dst, source_ip_only);
+                let got = inspect(&out);
+                assert_eq!(got.dst, want, "{what}: backend chosen by the Maglev table");
+                assert_eq!(got.src, input.src, "{what}: client kept");
+                assert!(got.checksums_ok, "{what}: checksums");
+            }
+            Expect::Frame(want) => {
+                assert_eq!(action, XDP_PASS, "{what}");
+                assert_eq!(out, want, "{what}: byte-exact output");
+            }
+            Expect::Unchanged => {
+                assert_eq!(action, XDP_PASS, "{what}");
+                assert_eq!(out, fixture.input, "{what}: untouched");
+            }
+            Expect::Dropped => assert_eq!(action, XDP_DROP, "{what}"),
+        }
+        assert_eq!(
+            counter(&datapath, fixture.counter),
+            before + 1,
+            "{what}: counted as {}",
+            fixture.counter.name()
+        );
+    }
+}
+
+#[test]
+fn conntrack_keeps_a_flow_on_its_backend_through_table_changes() {
+    let mut datapath = load(CONFIG);
+    let vip = sa("198.51.100.10:80");
+    let client = sa("192.0.2.2:41000");
+    let first = send_to_vip(&mut datapath, SYN, client, vip);
+    let hits = counter(&datapath, Counter::ForwardConntrackHit);
+    assert_eq!(send_to_vip(&mut datapath, ACK, client, vip), first);
+    assert_eq!(
+        counter(&datapath, Counter::ForwardConntrackHit),
+        hits + 1,
+        "second packet is a conntrack hit"
+    );
+
+    // Add a backend and drain the flow's backend (weight 0): the flow stays, new flows avoid it.
+    let drained = CONFIG.replace(
+        &format!("      - {{ address: {}, port: 8080 }}\n", first.ip()),
+        &format!("      - {{ address: {}, port: 8080, weight: 0 }}\n      - {{ address: 203.0.113.14, port: 8080 }}\n", first.ip()),
+    );
+    let report = datapath
+        .apply(&Config::from_yaml(&drained).unwrap())
+        .unwrap();
+    assert_eq!(
+        report.tables_swapped, 1,
+        "only web's table changed: {report:?}"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            send_to_vip(&mut datapath, ACK, client, vip),
+            first,
+            "tracked flow keeps its draining backend"
+        );
+    }
+    let mut new_backends = std::collections::BTreeSet::new();
+    for port in 42000..42100u16 {
+        let b = send_to_vip(&mut datapath, SYN, SocketAddr::new(client.ip(), port), vip);
+        assert_ne!(b, first, "no new flow goes to a draining backend");
+        new_backends.insert(b);
+    }
+    assert_eq!(
+        new_backends.len(),
+        3,
+        "new flows use the 2 remaining and the added backend"
+    );
+
+    // Remove the backend: its flow is re-balanced, and counted.
+    let removed = CONFIG.replace(
+        &format!("      - {{ address: {}, port: 8080 }}\n", first.ip()),
+        "",
+    );
+    datapath
+        .apply(&Config::from_yaml(&removed).unwrap())
+        .unwrap();
+    let gone = counter(&datapath, Counter::ConntrackBackendGone);
+    let moved = send_to_vip(&mut datapath, ACK, client, vip);
+    assert_ne!(moved, first);
+    assert_eq!(counter(&datapath, Counter::ConntrackBackendGone), gone + 1);
+}
+
+#[test]
+fn fin_then_syn_on_the_same_ports_is_a_new_connection() {
+    let mut datapath = load(CONFIG);
+    let (vip, client) = (sa("198.51.100.10:80"), sa("192.0.2.2:43000"));
+    send_to_vip(&mut datapath, SYN, client, vip);
+    send_to_vip(&mut datapath, FIN_ACK, client, vip);
+    let new_flows = counter(&datapath, Counter::ForwardNewFlow);
+    send_to_vip(&mut datapath, SYN, client, vip);
+    assert_eq!(counter(&datapath, Counter::ForwardNewFlow), new_flows + 1);
+}
+
+#[test]
+fn midflow_packet_without_entry_is_balanced_by_the_table_and_counted() {
+    let mut datapath = load(CONFIG);
+    let (vip, client) = (sa("198.51.100.10:80"), sa("192.0.2.2:44000"));
+    let want = expected_backend(
+        &datapath,
+        &key(vip, protocol::TCP),
+        protocol::TCP,
+        client,
+        vip,
+        false,
+    );
+    assert_eq!(send_to_vip(&mut datapath, ACK, client, vip), want);
+    assert_eq!(counter(&datapath, Counter::ConntrackMidflowMiss), 1);
+}
+
+#[test]
+fn full_conntrack_still_forwards_consistently_and_counts_pressure() {
+    let mut datapath = Datapath::load_with(&LoadOptions {
+        conntrack_entries: 64,
+    })
+    .unwrap();
+    datapath.apply(&Config::from_yaml(CONFIG).unwrap()).unwrap();
+    let vip = sa("198.51.100.10:80");
+    let first_client = sa("192.0.2.2:45000");
+    let first = send_to_vip(&mut datapath, SYN, first_client, vip);
+    // 2000 more flows through a 64-entry table evict the first flow's entry.
+    for port in 45001..47001u16 {
+        send_to_vip(
+            &mut datapath,
+            SYN,
+            SocketAddr::new(first_client.ip(), port),
+            vip,
+        );
+    }
+    assert_eq!(
+        send_to_vip(&mut datapath, ACK, first_client, vip),
+        first,
+        "same backend from the table"
+    );
+    assert!(
+        counter(&datapath, Counter::ConntrackMidflowMiss) >= 1,
+        "the eviction shows as pressure"
+    );
+}
+
+#[test]
+fn weights_are_honoured_for_new_flows() {
+    let weighted = "
+services:
+  - name: web
+    vip: 198.51.100.10
+    port: 80
+    protocol: tcp
+    backends:
+      - { address: 203.0.113.11, port: 8080, weight: 1 }
+      - { address: 203.0.113.12, port: 8080, weight: 3 }
+";
+    let mut datapath = load(weighted);
+    let vip = sa("198.51.100.10:80");
+    let mut heavy = 0;
+    for port in 10000..14000u16 {
+        if send_to_vip(
+            &mut datapath,
+            SYN,
+            SocketAddr::new("192.0.2.2".parse().unwrap(), port),
+            vip,
+        )
+        .ip()
+            == "203.0.113.12".parse::<std::net::IpAddr>().unwrap()
+        {
+            heavy += 1;
+        }
+    }
+    assert!(
+        (2850..3150).contains(&heavy),
+        "weight 3 of 4 should take ~3000 of 4000 flows, took {heavy}"
+    );
+    let stats = datapath
+        .backend_stats("203.0.113.12".parse().unwrap(), 8080)
+        .unwrap()
+        .unwrap();
+    assert_eq!(stats.new_flows, heavy, "per-backend new-flow counter");
+}
+
+#[test]
+fn service_and_backend_traffic_is_counted() {
+    let mut datapath = load(CONFIG);
+    let vip = sa("198.51.100.10:53");
+    let backend = send_to_vip(&mut datapath, L4::Udp, sa("192.0.2.2:5000"), vip);
+    send_to_vip(&mut datapath, L4::Udp, sa("192.0.2.2:5000"), vip);
+    let s = datapath
+        .service_stats(&key(vip, protocol::UDP))
+        .unwrap()
+        .unwrap();
+    assert_eq!((s.packets, s.new_flows), (2, 1));
+    assert_eq!(
+        s.bytes,
+        2 * frame(L4::Udp, sa("192.0.2.2:5000"), vip, b"payload").len() as u64
+    );
+    let b = datapath
+        .backend_stats(backend.ip(), backend.port())
+        .unwrap()
+        .unwrap();
+    assert_eq!((b.packets, b.new_flows), (2, 1));
+}
