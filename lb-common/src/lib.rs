@@ -9,6 +9,7 @@ pub mod checksum;
 pub mod conntrack;
 pub mod counters;
 pub mod flow_hash;
+pub mod policy;
 pub mod service;
 
 /// IP protocol numbers the balancer understands.

@@ -40,7 +40,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (not implemented yet: see the README's roadmap).
+    /// Benchmarks: per-packet cost against XDP_PASS, Maglev build times (table + JSON).
     Bench,
 }
 
@@ -111,9 +111,9 @@ fn main() -> Result<()> {
                 .env("LB_AGENT_BIN", root.join("target/debug/lb-agent")))
         }
         Cmd::Bench => {
-            println!("cargo xtask bench: no benchmarks yet. The per-packet, Maglev and end-to-end");
-            println!("benchmarks arrive with the production datapath (README, roadmap).");
-            Ok(())
+            prerequisites::ensure(prerequisites::Need::Run)?;
+            cargo(&["build", "--release", "--package", "lb-tests", "--bins"])?;
+            run(&mut Command::new("target/release/lb-bench"))
         }
     }
 }
