@@ -13,6 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
+    conntrack::{ConntrackEntry, FlowKey, NatReply},
     counters::Counter,
     service::{limits, mode, service_flags, Backend, ServiceInfo, ServiceKey, TrafficStats},
 };
@@ -373,6 +374,18 @@ impl Datapath {
                 })
                 .collect(),
         )
+    }
+
+    /// Forgets one tracked flow (client → VIP) and its reply translation, if present; the flow's
+    /// next packet is balanced as new. Returns whether an entry existed.
+    pub fn forget_flow(&mut self, flow: &FlowKey, reply: &FlowKey) -> Result<bool> {
+        let mut conntrack: HashMap<&mut MapData, FlowKey, ConntrackEntry> =
+            HashMap::try_from(self.ebpf.map_mut("CONNTRACK").context("CONNTRACK map")?)?;
+        let existed = conntrack.remove(flow).is_ok();
+        let mut replies: HashMap<&mut MapData, FlowKey, NatReply> =
+            HashMap::try_from(self.ebpf.map_mut("NAT_REPLY").context("NAT_REPLY map")?)?;
+        let _ = replies.remove(reply);
+        Ok(existed)
     }
 
     /// Sum over CPUs of every datapath counter.

@@ -4,4 +4,8 @@
 pub mod config;
 pub mod datapath;
 pub mod health;
+pub mod http;
+pub mod k8s;
 pub mod maglev;
+pub mod metrics;
+pub mod policy;

@@ -33,23 +33,31 @@
 //!
 //! A packet is checked at most twice: **egress** of its source if the source is a local endpoint, then
 //! **ingress** of its destination if that is a local endpoint. For one direction, with `local` the
-//! enforced address (source for egress, destination for ingress) and `peer` the other:
+//! enforced address (source for egress, destination for ingress) and `peer` the other (replies of
+//! allowed connections are meant to be passed by connection tracking before step 1, as NetworkPolicy
+//! is connection-oriented):
 //!
 //! 1. `epoch = POLICY_STATE[0].epoch` (a missing entry counts as epoch 0).
 //! 2. `ep = ENDPOINTS_Vx[IpKeyVx::exact(epoch, local)]`. Miss: not a local endpoint, no policy here:
 //!    pass, [`Reason::NoLocalEndpoint`].
 //! 3. `peer_id = IPCACHE_Vx[IpKeyVx::lookup(epoch, peer)].identity` (longest prefix match). Miss:
 //!    [`identity::WORLD`]. (Userspace always installs `/0` entries, so a miss means a bug.)
-//! 4. `exact = POLICY[PolicyKey::lookup(epoch, dir, ep.identity, peer_id, proto, dport)]` and
-//!    `any = POLICY[PolicyKey::lookup(epoch, dir, ep.identity, identity::ANY, proto, dport)]`, both
-//!    longest prefix match, both always done (`dport` is 0 for protocols without ports).
-//! 5. `decide(exact, any, ep.flags)` ([`decide`]): an explicit deny in either wins; then an allow in
-//!    either; then a [`EntryKind::DefaultDeny`] (the endpoint is selected in this direction and nothing
-//!    allowed the packet); with neither, the endpoint is not selected in this direction: pass,
-//!    [`Reason::NotSelected`]. A would-be deny on an endpoint with [`endpoint_flags::AUDIT`] becomes
-//!    [`Verdict::Audit`]: passed, counted and reported with the same reason and rule.
+//! 4. Up to three `POLICY` lookups, each a longest prefix match with
+//!    `PolicyKey::lookup(epoch, dir, ep.identity, PEER, proto, dport)` (`dport` is 0 for protocols
+//!    without ports), all done whatever the first ones return:
+//!    - `exact`: `PEER = peer_id`;
+//!    - `world`: `PEER = identity::WORLD`, only if [`identity::world_class`]`(peer_id)` says the peer
+//!      is outside the cluster (a CIDR identity, world-ipv4/6, or a miss); otherwise `None`;
+//!    - `any`: `PEER = identity::ANY`.
+//! 5. `decide([exact, world, any], ep.flags)` ([`decide`]): an explicit deny in any of them wins;
+//!    then an allow (the first in that order is reported); then a [`EntryKind::DefaultDeny`] (the
+//!    endpoint is selected in this direction and nothing allowed the packet); with none of these, the
+//!    endpoint is not selected in this direction: pass, [`Reason::NotSelected`]. A would-be deny on an
+//!    endpoint with [`endpoint_flags::AUDIT`] becomes [`Verdict::Audit`]: passed, counted and
+//!    reported with the same reason and rule.
 //!
-//! That is one array, one hash and three LPM lookups, whatever the number of rules or identities.
+//! That is one array, one hash and at most four LPM lookups, whatever the number of rules or
+//! identities.
 //!
 //! # How userspace makes those lookups correct
 //!
@@ -65,15 +73,19 @@
 //! Longest-prefix match returns the most specific entry, but deny must beat allow whatever their
 //! specificity. Prefixes are nested or disjoint, so userspace enforces it by dropping every allow that
 //! has an explicit deny among its ancestors (for the same peer key): the lookup then falls through to
-//! that deny. Deny-over-allow across the exact and `ANY` peer lookups is step 5's job. Keys for the
-//! same entry from two rules merge: deny over allow, then the lowest rule id.
+//! that deny. Deny-over-allow across the three lookups is step 5's job. Keys for the same entry from
+//! two rules merge: deny over allow, then the lowest rule id.
 //!
 //! CIDR peers never reach `POLICY`: every CIDR a rule mentions (including `except` CIDRs) gets an
 //! ipcache entry with its own CIDR identity, so step 3 turns an address into the identity of the most
 //! specific policy CIDR that holds it. A CIDR rule `C except E…` selects the CIDR identities of the
 //! policy CIDRs inside `C` and not inside any `E`, plus the family's world identity if `C` is `/0`.
 //! Workload, host and node addresses are exact entries with their own identities, so CIDR rules never
-//! select them (as in Cilium).
+//! select them (as in Cilium). The `world` entity, which includes every CIDR, is one entry with peer
+//! [`identity::WORLD`], reached by the `world` lookup, rather than one entry per CIDR identity. A
+//! CIDR rule, `/0` included, costs one entry per CIDR identity inside it (per port block and endpoint
+//! identity): `0.0.0.0/0` therefore costs as many as the IPv4 policy CIDRs; prefer `entity: world`
+//! where both families and no `except` are meant.
 
 use core::net::{Ipv4Addr, Ipv6Addr};
 
@@ -105,7 +117,8 @@ pub mod identity {
     pub const ANY: u32 = 0;
     /// The node itself (its own addresses).
     pub const HOST: u32 = 1;
-    /// Outside the cluster; returned for an ipcache miss.
+    /// Outside the cluster: the ipcache-miss identity, and the peer of `world` entries, which the
+    /// datapath's `world` lookup reaches for every peer outside the cluster (see [`world_class`]).
     pub const WORLD: u32 = 2;
     /// Workloads the agent knows but does not manage.
     pub const UNMANAGED: u32 = 3;
@@ -130,6 +143,16 @@ pub mod identity {
 
     pub const fn is_cidr(id: u32) -> bool {
         id >= CIDR_MIN && id <= CIDR_MAX
+    }
+
+    /// The peer of the `world` lookup (step 4): [`WORLD`] for every address outside the cluster,
+    /// `None` for workloads, the host and the other reserved identities.
+    pub const fn world_class(peer: u32) -> Option<u32> {
+        if peer == WORLD || peer == WORLD_IPV4 || peer == WORLD_IPV6 || is_cidr(peer) {
+            Some(WORLD)
+        } else {
+            None
+        }
     }
 
     /// Name of a reserved identity, for logs and the CLI.
@@ -658,18 +681,20 @@ pub struct Decision {
     pub rule_id: u32,
 }
 
-/// Step 5 of the lookup order: combines the `POLICY` lookups for the exact peer and for `ANY` with
-/// the endpoint's flags. Deny beats allow beats default deny; the exact peer's entry is reported when
-/// both say the same.
-pub fn decide(
-    exact: Option<&PolicyEntry>,
-    any: Option<&PolicyEntry>,
-    endpoint_flags: u32,
-) -> Decision {
-    let pick = |kind: EntryKind| match (exact, any) {
-        (Some(e), _) if e.kind() == kind => Some(e.rule_id),
-        (_, Some(a)) if a.kind() == kind => Some(a.rule_id),
-        _ => None,
+/// Step 5 of the lookup order: combines the `POLICY` lookups `[exact, world, any]` with the
+/// endpoint's flags. Deny beats allow beats default deny; among equals the first lookup is reported.
+pub fn decide(lookups: [Option<&PolicyEntry>; 3], endpoint_flags: u32) -> Decision {
+    let pick = |kind: EntryKind| {
+        let mut i = 0;
+        while i < lookups.len() {
+            if let Some(e) = lookups[i] {
+                if e.kind() == kind {
+                    return Some(e.rule_id);
+                }
+            }
+            i += 1;
+        }
+        None
     };
     let (denied, reason, rule_id) = if let Some(rule) = pick(EntryKind::Deny) {
         (true, Reason::DeniedByRule, rule)
@@ -843,50 +868,45 @@ mod tests {
         let allow = PolicyEntry::new(EntryKind::Allow, 7);
         let deny = PolicyEntry::new(EntryKind::Deny, 9);
         let root = PolicyEntry::new(EntryKind::DefaultDeny, 1);
-        let d = |e, a, f| {
-            let d = decide(e, a, f);
+        let d = |lookups, f| {
+            let d = decide(lookups, f);
             (d.verdict, d.reason, d.rule_id)
         };
-        assert_eq!(d(None, None, 0), (Verdict::Allow, Reason::NotSelected, 0));
+        let allowed = |rule| (Verdict::Allow, Reason::AllowedByRule, rule);
+        let denied = |rule| (Verdict::Deny, Reason::DeniedByRule, rule);
         assert_eq!(
-            d(Some(&allow), Some(&deny), 0),
-            (Verdict::Deny, Reason::DeniedByRule, 9)
+            d([None, None, None], 0),
+            (Verdict::Allow, Reason::NotSelected, 0)
         );
+        // A deny in any lookup beats an allow in any other.
+        assert_eq!(d([Some(&allow), None, Some(&deny)], 0), denied(9));
+        assert_eq!(d([Some(&allow), Some(&deny), None], 0), denied(9));
+        assert_eq!(d([Some(&deny), None, Some(&allow)], 0), denied(9));
+        assert_eq!(d([Some(&root), Some(&allow), Some(&root)], 0), allowed(7));
         assert_eq!(
-            d(Some(&deny), Some(&allow), 0),
-            (Verdict::Deny, Reason::DeniedByRule, 9)
-        );
-        assert_eq!(
-            d(Some(&root), Some(&allow), 0),
-            (Verdict::Allow, Reason::AllowedByRule, 7)
-        );
-        assert_eq!(
-            d(Some(&root), Some(&root), 0),
+            d([Some(&root), None, Some(&root)], 0),
             (Verdict::Deny, Reason::DefaultDeny, 1)
         );
+        // The exact peer's entry is reported first.
+        let other = PolicyEntry::new(EntryKind::Allow, 8);
+        assert_eq!(d([Some(&other), Some(&allow), Some(&allow)], 0), allowed(8));
         let audit = endpoint_flags::AUDIT;
         assert_eq!(
-            d(Some(&root), None, audit),
+            d([Some(&root), None, None], audit),
             (Verdict::Audit, Reason::DefaultDeny, 1)
         );
         assert_eq!(
-            d(None, Some(&deny), audit),
+            d([None, None, Some(&deny)], audit),
             (Verdict::Audit, Reason::DeniedByRule, 9)
         );
-        assert_eq!(
-            d(Some(&allow), None, audit),
-            (Verdict::Allow, Reason::AllowedByRule, 7)
-        );
+        assert_eq!(d([Some(&allow), None, None], audit), allowed(7));
         // A corrupt kind fails closed.
         let corrupt = PolicyEntry {
             kind: 0,
             _pad: [0; 3],
             rule_id: 4,
         };
-        assert_eq!(
-            d(Some(&corrupt), Some(&allow), 0),
-            (Verdict::Deny, Reason::DeniedByRule, 4)
-        );
+        assert_eq!(d([Some(&corrupt), None, Some(&allow)], 0), denied(4));
     }
 
     #[test]
@@ -913,7 +933,13 @@ mod tests {
             assert!(is_reserved(id) && !is_cidr(id));
             assert!(reserved_name(id).is_some());
         }
-        assert!(RESERVED_MAX < WORKLOAD_MIN && WORKLOAD_MAX < CIDR_MIN);
+        const { assert!(RESERVED_MAX < WORKLOAD_MIN && WORKLOAD_MAX < CIDR_MIN) };
         assert!(!is_cidr(WORKLOAD_MAX) && is_cidr(CIDR_MIN) && is_cidr(CIDR_MAX));
+        for id in [WORLD, WORLD_IPV4, WORLD_IPV6, CIDR_MIN, CIDR_MAX] {
+            assert_eq!(world_class(id), Some(WORLD));
+        }
+        for id in [ANY, HOST, UNMANAGED, INIT, WORKLOAD_MIN, WORKLOAD_MAX] {
+            assert_eq!(world_class(id), None);
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Connection tracking: a flow keeps its backend while it lives, whatever happens to the Maglev table
 //! (backends added, removed, or draining with weight 0).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     conntrack::{state, timeouts, ConntrackEntry, FlowKey, NatReply},
     counters::Counter,
@@ -19,7 +19,8 @@ use crate::{
 /// now on). `Err` names the drop reason.
 #[inline(always)]
 pub fn backend_for(flow: &Flow, service: &ServiceInfo) -> Result<Backend, Counter> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (updated every tick) is plenty for idle timeouts of seconds, and much cheaper.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let is_tcp = flow.key.protocol == protocol::TCP;
     let syn_only = flow.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     let closing = is_tcp && flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0;

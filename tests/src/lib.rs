@@ -6,8 +6,10 @@
 //! - [`servers`]: backend servers that count what they receive (bytes on the wire, not log lines).
 //! - [`agent`]: the `lb-agent` binary as a child process, stopped on drop.
 //! - [`frames`]: crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
+//! - [`fake_apiserver`]: a fake Kubernetes API server (list/watch over HTTP) for the k8s source.
 
 pub mod agent;
+pub mod fake_apiserver;
 pub mod frames;
 pub mod netns;
 pub mod servers;

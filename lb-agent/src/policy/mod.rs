@@ -1,0 +1,27 @@
+//! Identity-based policy, userspace half: from the config's `policy:` section to the entries of the
+//! datapath's ipcache, endpoint and policy maps, and a reference evaluator of those maps.
+//!
+//! Read in this order:
+//! - [`model`]: the rule format (workloads, namespaces, rules, NetworkPolicy manifests), validation;
+//! - [`k8s`]: NetworkPolicy → rules;
+//! - [`identity`]: numeric identities for label sets and CIDRs, stable across restarts;
+//! - [`compile`]: model + identities → [`CompiledPolicy`], the exact map entries;
+//! - [`evaluate`]: the datapath's lookup sequence on those entries: the spec of the eBPF side and the
+//!   tests' oracle.
+//!
+//! The map layouts, the lookup order and how deny-over-allow and default deny are encoded are
+//! documented once, in `lb_common::policy`.
+
+pub mod compile;
+pub mod evaluate;
+pub mod identity;
+pub mod k8s;
+pub mod model;
+
+#[cfg(test)]
+mod tests;
+
+pub use compile::{compile, CompiledPolicy, RuleInfo};
+pub use evaluate::{Check, Maps, Packet};
+pub use identity::{IdentityAllocator, IdentityKey};
+pub use model::{PolicyConfig, PolicyError};

@@ -1,0 +1,920 @@
+//! `K8sSource` against a fake Kubernetes API server over real HTTP on loopback: the kube-rs
+//! watchers LIST and WATCH it, and the published desired services follow the Services and
+//! EndpointSlices the test writes — through endpoint conditions, deletions, bookmarks, a 410 Gone
+//! (re-list), a watch from a compacted resourceVersion, and dropped connections (reconnect and
+//! resume). The last test programs the real datapath from the published services and checks the
+//! Maglev tables.
+
+use std::{net::IpAddr, time::Duration};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_agent::{
+    config::{self, Config, Protocol},
+    datapath::Datapath,
+    k8s::{K8sOptions, K8sSource},
+};
+use lb_common::service::ServiceKey;
+use lb_tests::fake_apiserver::{FakeApiServer, Stats};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+/// Bound of every wait for the client to catch up.
+const WAIT: Duration = Duration::from_secs(5);
+
+fn options() -> K8sOptions {
+    K8sOptions {
+        debounce: Duration::from_millis(50),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+        ..Default::default()
+    }
+}
+
+/// Service `default/<name>` on cluster IP `vip` (and `vip6` if given), port `http` 80 → 8080.
+fn service(name: &str, vip: &str, vip6: Option<&str>) -> Service {
+    let mut ips = vec![vip];
+    ips.extend(vip6);
+    serde_json::from_value(json!({
+        "metadata": { "namespace": "default", "name": name },
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": vip,
+            "clusterIPs": ips,
+            "ipFamilies": if vip6.is_some() { json!(["IPv4", "IPv6"]) } else { json!(["IPv4"]) },
+            "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080 }],
+        },
+    }))
+    .unwrap()
+}
+
+#[derive(Clone, Copy)]
+enum State {
+    Ready,
+    Terminating,
+    Gone,
+}
+
+/// EndpointSlice `default/<name>` of Service `default/<service>`, port `http` 8080.
+fn slice(name: &str, service: &str, family: &str, endpoints: &[(&str, State)]) -> EndpointSlice {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(address, state)| {
+            let (ready, serving, terminating) = match state {
+                State::Ready => (true, true, false),
+                State::Terminating => (false, true, true),
+                State::Gone => (false, false, true),
+            };
+            json!({
+                "addresses": [address],
+                "conditions": { "ready": ready, "serving": serving, "terminating": terminating },
+            })
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {
+            "namespace": "default",
+            "name": name,
+            "labels": { "kubernetes.io/service-name": service },
+        },
+        "addressType": family,
+        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+/// `(name, vip:port, [address:port weight])`, the shape of the published state.
+type Summary = Vec<(String, String, Vec<String>)>;
+
+fn summary(services: &[config::Service]) -> Summary {
+    services
+        .iter()
+        .map(|s| {
+            let vip = match s.vip {
+                IpAddr::V4(ip) => format!("{ip}:{}", s.port),
+                IpAddr::V6(ip) => format!("[{ip}]:{}", s.port),
+            };
+            let backends = s
+                .backends
+                .iter()
+                .map(|b| format!("{} w{}", b.address, b.weight))
+                .collect();
+            (s.name.clone(), vip, backends)
+        })
+        .collect()
+}
+
+fn expect(entries: &[(&str, &str, &[&str])]) -> Summary {
+    entries
+        .iter()
+        .map(|(name, vip, backends)| {
+            (
+                name.to_string(),
+                vip.to_string(),
+                backends.iter().map(|b| b.to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the published state summarises to `want`.
+async fn wait_state(rx: &mut watch::Receiver<Vec<config::Service>>, want: &Summary) {
+    let reached = tokio::time::timeout(WAIT, rx.wait_for(|s| summary(s) == *want))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    if !reached {
+        panic!(
+            "published state did not become\n{want:#?}\nwithin {WAIT:?}; it is\n{:#?}",
+            summary(&rx.borrow())
+        );
+    }
+    rx.borrow_and_update();
+}
+
+/// Asserts that nothing is published for `quiet` (several debounce periods).
+async fn assert_no_update(rx: &mut watch::Receiver<Vec<config::Service>>, what: &str) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !rx.has_changed().unwrap(),
+        "{what}: unexpected update to {:#?}",
+        summary(&rx.borrow())
+    );
+}
+
+/// `RUST_LOG=lb_agent=debug,kube_runtime=debug` shows what the watchers did.
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+async fn start(server: &FakeApiServer) -> (K8sSource, watch::Receiver<Vec<config::Service>>) {
+    init_logs();
+    let client = K8sSource::client_from_url(&server.url()).unwrap();
+    let source = K8sSource::start(client, options());
+    assert!(source.wait_synced(WAIT).await, "not synced within {WAIT:?}");
+    let rx = source.subscribe();
+    (source, rx)
+}
+
+async fn wait_stats(server: &FakeApiServer, what: &str, condition: impl Fn(&Stats) -> bool) {
+    assert!(
+        server.wait_for(WAIT, condition).await,
+        "{what} within {WAIT:?}; stats: {:#?}",
+        server.stats()
+    );
+}
+
+#[tokio::test]
+async fn follows_services_and_endpoint_slices() {
+    let server = FakeApiServer::start().unwrap();
+    // Present before the client starts: the initial LIST.
+    server.apply(&service("api", "198.51.100.20", None));
+    server.apply(&slice(
+        "api-1",
+        "api",
+        "IPv4",
+        &[("203.0.113.21", State::Ready)],
+    ));
+
+    let (_source, mut rx) = start(&server).await;
+    let api = (
+        "default/api:http",
+        "198.51.100.20:80",
+        &["203.0.113.21 w1"][..],
+    );
+    wait_state(&mut rx, &expect(&[api])).await;
+    let stats = server.stats();
+    assert_eq!(
+        (stats.lists("services"), stats.lists("endpointslices")),
+        (1, 1)
+    );
+    wait_stats(&server, "both watches open", |s| {
+        s.open_watches("services") == 1 && s.open_watches("endpointslices") == 1
+    })
+    .await;
+
+    // A new Service, then its EndpointSlice.
+    server.apply(&service("web", "198.51.100.10", None));
+    wait_state(
+        &mut rx,
+        &expect(&[("default/web:http", "198.51.100.10:80", &[]), api]),
+    )
+    .await;
+    let ready3 = [
+        ("203.0.113.11", State::Ready),
+        ("203.0.113.12", State::Ready),
+        ("203.0.113.13", State::Ready),
+    ];
+    server.apply(&slice("web-1", "web", "IPv4", &ready3));
+    let all3: &[&str] = &["203.0.113.11 w1", "203.0.113.12 w1", "203.0.113.13 w1"];
+    wait_state(
+        &mut rx,
+        &expect(&[("default/web:http", "198.51.100.10:80", all3), api]),
+    )
+    .await;
+
+    // .12 terminating but serving: draining, weight 0.
+    server.apply(&slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[
+            ("203.0.113.11", State::Ready),
+            ("203.0.113.12", State::Terminating),
+            ("203.0.113.13", State::Ready),
+        ],
+    ));
+    let draining: &[&str] = &["203.0.113.11 w1", "203.0.113.12 w0", "203.0.113.13 w1"];
+    wait_state(
+        &mut rx,
+        &expect(&[("default/web:http", "198.51.100.10:80", draining), api]),
+    )
+    .await;
+
+    // .12 no longer serving, and .11 removed from the slice: only .13 is left.
+    server.apply(&slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[
+            ("203.0.113.12", State::Gone),
+            ("203.0.113.13", State::Ready),
+        ],
+    ));
+    wait_state(
+        &mut rx,
+        &expect(&[
+            ("default/web:http", "198.51.100.10:80", &["203.0.113.13 w1"]),
+            api,
+        ]),
+    )
+    .await;
+
+    // A second slice of the same Service adds to it.
+    server.apply(&slice(
+        "web-2",
+        "web",
+        "IPv4",
+        &[("203.0.113.14", State::Ready)],
+    ));
+    let two_slices: &[&str] = &["203.0.113.13 w1", "203.0.113.14 w1"];
+    wait_state(
+        &mut rx,
+        &expect(&[("default/web:http", "198.51.100.10:80", two_slices), api]),
+    )
+    .await;
+
+    // Deleting the Service removes it even while its slices remain (they go later).
+    assert!(server.delete::<Service>("default", "web"));
+    wait_state(&mut rx, &expect(&[api])).await;
+    assert!(server.delete::<EndpointSlice>("default", "web-1"));
+    assert!(server.delete::<EndpointSlice>("default", "web-2"));
+    assert_no_update(&mut rx, "deleting slices of a deleted Service").await;
+
+    // No re-list was needed for any of this.
+    let stats = server.stats();
+    assert_eq!(
+        (stats.lists("services"), stats.lists("endpointslices")),
+        (1, 1)
+    );
+    assert_eq!(
+        (stats.watches("services"), stats.watches("endpointslices")),
+        (1, 1)
+    );
+}
+
+#[tokio::test]
+async fn bookmarks_move_the_resume_point_without_updates() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply(&service("web", "198.51.100.10", None));
+    server.apply(&slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[("203.0.113.11", State::Ready)],
+    ));
+    let (_source, mut rx) = start(&server).await;
+    let web = expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.11 w1"])]);
+    wait_state(&mut rx, &web).await;
+    wait_stats(&server, "both watches open", |s| {
+        s.open_watches("services") == 1 && s.open_watches("endpointslices") == 1
+    })
+    .await;
+    // The watches asked for bookmarks.
+    assert!(server
+        .stats()
+        .requests
+        .iter()
+        .filter(|r| r.contains("watch=true"))
+        .all(|r| r.contains("allowWatchBookmarks=true")));
+
+    // Services change (unrelated to the published state: a port-less Service gives no frontend),
+    // so the resourceVersion moves past the EndpointSlice watch's last event.
+    let mut other = service("other", "198.51.100.99", None);
+    other.spec.as_mut().unwrap().ports = None;
+    server.apply(&other);
+    server.bookmark();
+    wait_stats(&server, "bookmarks sent on both watches", |s| {
+        s.bookmarks_sent >= 2
+    })
+    .await;
+    assert_no_update(&mut rx, "bookmarks and a translation-neutral change").await;
+    let bookmarked = server.resource_version().to_string();
+
+    // On reconnect, the EndpointSlice watch resumes from the bookmark, not its last event.
+    server.disconnect();
+    wait_stats(&server, "watches reopened", |s| {
+        s.watches("endpointslices") == 2
+            && s.open_watches("services") == 1
+            && s.open_watches("endpointslices") == 1
+    })
+    .await;
+    let stats = server.stats();
+    assert_eq!(
+        stats.last_watch_version("endpointslices"),
+        Some(bookmarked.as_str())
+    );
+    assert_eq!(
+        stats.last_watch_version("services"),
+        Some(bookmarked.as_str())
+    );
+    assert_eq!(
+        (stats.lists("services"), stats.lists("endpointslices")),
+        (1, 1)
+    );
+    assert_no_update(&mut rx, "a reconnect").await;
+}
+
+#[tokio::test]
+async fn gone_410_relists_and_catches_up_with_missed_changes() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply(&service("web", "198.51.100.10", None));
+    server.apply(&slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[("203.0.113.11", State::Ready)],
+    ));
+    let (_source, mut rx) = start(&server).await;
+    wait_state(
+        &mut rx,
+        &expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.11 w1"])]),
+    )
+    .await;
+    wait_stats(&server, "both watches open", |s| {
+        s.open_watches("services") == 1 && s.open_watches("endpointslices") == 1
+    })
+    .await;
+
+    // 1. An ERROR 410 Expired on the open watches. The changes before it are never delivered on
+    //    a watch (delivery is paused and the history compacted): only a re-list can find them.
+    server.pause_watches();
+    server.apply(&slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[
+            ("203.0.113.11", State::Terminating),
+            ("203.0.113.12", State::Ready),
+        ],
+    ));
+    server.apply(&service("api", "198.51.100.20", None));
+    server.apply(&slice(
+        "api-1",
+        "api",
+        "IPv4",
+        &[("203.0.113.21", State::Ready)],
+    ));
+    assert_no_update(&mut rx, "paused watches").await;
+    let before = server.stats();
+    server.expire();
+    let after_expire = expect(&[
+        (
+            "default/web:http",
+            "198.51.100.10:80",
+            &["203.0.113.11 w0", "203.0.113.12 w1"],
+        ),
+        ("default/api:http", "198.51.100.20:80", &["203.0.113.21 w1"]),
+    ]);
+    wait_state(&mut rx, &after_expire).await;
+    wait_stats(&server, "both re-listed and watching again", |s| {
+        s.lists("services") > before.lists("services")
+            && s.lists("endpointslices") > before.lists("endpointslices")
+            && s.open_watches("services") == 1
+            && s.open_watches("endpointslices") == 1
+    })
+    .await;
+    assert!(server.stats().gone_sent >= before.gone_sent + 2);
+    // Live events flow again after the re-list.
+    server.apply(&slice(
+        "api-1",
+        "api",
+        "IPv4",
+        &[("203.0.113.22", State::Ready)],
+    ));
+    let live = expect(&[
+        (
+            "default/web:http",
+            "198.51.100.10:80",
+            &["203.0.113.11 w0", "203.0.113.12 w1"],
+        ),
+        ("default/api:http", "198.51.100.20:80", &["203.0.113.22 w1"]),
+    ]);
+    wait_state(&mut rx, &live).await;
+
+    // 2. A watch resumed from a resourceVersion that was compacted meanwhile: the server answers
+    //    the new watch with 410, and the client re-lists.
+    server.pause_watches();
+    assert!(server.delete::<Service>("default", "api"));
+    server.apply(&slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[("203.0.113.12", State::Ready)],
+    ));
+    server.disconnect();
+    server.compact();
+    let before = server.stats();
+    server.resume_watches();
+    let after_compact = expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.12 w1"])]);
+    wait_state(&mut rx, &after_compact).await;
+    wait_stats(&server, "re-listed after a 410 on reconnect", |s| {
+        s.lists("services") > before.lists("services")
+            && s.lists("endpointslices") > before.lists("endpointslices")
+    })
+    .await;
+    assert!(server.stats().gone_sent > before.gone_sent);
+}
+
+#[tokio::test]
+async fn disconnects_reconnect_and_resume_without_relisting() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply(&service("web", "198.51.100.10", None));
+    server.apply(&slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[("203.0.113.11", State::Ready)],
+    ));
+    let (_source, mut rx) = start(&server).await;
+    wait_state(
+        &mut rx,
+        &expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.11 w1"])]),
+    )
+    .await;
+    wait_stats(&server, "both watches open", |s| {
+        s.open_watches("services") == 1 && s.open_watches("endpointslices") == 1
+    })
+    .await;
+    let seen = server.resource_version().to_string();
+
+    // Connections drop; changes happen while the client is between watches (not delivered until
+    // it has reconnected and the server resumes).
+    server.pause_watches();
+    server.disconnect();
+    server.apply(&slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[
+            ("203.0.113.11", State::Ready),
+            ("203.0.113.12", State::Ready),
+        ],
+    ));
+    server.apply(&service("api", "198.51.100.20", None));
+    wait_stats(&server, "reconnected", |s| {
+        s.watches("services") == 2
+            && s.watches("endpointslices") == 2
+            && s.open_watches("services") == 1
+            && s.open_watches("endpointslices") == 1
+    })
+    .await;
+    let stats = server.stats();
+    // Resumed from the last resourceVersion the client saw, with no new LIST.
+    assert_eq!(stats.last_watch_version("services"), Some(seen.as_str()));
+    assert_eq!(
+        (stats.lists("services"), stats.lists("endpointslices")),
+        (1, 1)
+    );
+    server.resume_watches();
+    wait_state(
+        &mut rx,
+        &expect(&[
+            (
+                "default/web:http",
+                "198.51.100.10:80",
+                &["203.0.113.11 w1", "203.0.113.12 w1"],
+            ),
+            ("default/api:http", "198.51.100.20:80", &[]),
+        ]),
+    )
+    .await;
+
+    // Twice more, to show it is not a one-off; live events keep flowing.
+    for round in 0..2 {
+        server.disconnect();
+        server.apply(&slice(
+            "api-1",
+            "api",
+            "IPv4",
+            &[("203.0.113.21", State::Ready)],
+        ));
+        wait_state(
+            &mut rx,
+            &expect(&[
+                (
+                    "default/web:http",
+                    "198.51.100.10:80",
+                    &["203.0.113.11 w1", "203.0.113.12 w1"],
+                ),
+                ("default/api:http", "198.51.100.20:80", &["203.0.113.21 w1"]),
+            ]),
+        )
+        .await;
+        assert!(server.delete::<EndpointSlice>("default", "api-1"));
+        wait_state(
+            &mut rx,
+            &expect(&[
+                (
+                    "default/web:http",
+                    "198.51.100.10:80",
+                    &["203.0.113.11 w1", "203.0.113.12 w1"],
+                ),
+                ("default/api:http", "198.51.100.20:80", &[]),
+            ]),
+        )
+        .await;
+        wait_stats(&server, "reconnected again", |s| {
+            s.watches("endpointslices") == 3 + round && s.open_watches("endpointslices") == 1
+        })
+        .await;
+    }
+    let stats = server.stats();
+    assert_eq!(
+        (stats.lists("services"), stats.lists("endpointslices")),
+        (1, 1)
+    );
+    assert_eq!(stats.gone_sent, 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_retried_until_it_answers() {
+    // A free loopback port with nothing listening on it (yet).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    init_logs();
+    let client = K8sSource::client_from_url(&format!("http://{addr}")).unwrap();
+    let source = K8sSource::start(client, options());
+    let mut rx = source.subscribe();
+    // Connection refused, retried with backoff: nothing is published meanwhile.
+    assert!(!source.wait_synced(Duration::from_millis(400)).await);
+    assert!(!rx.has_changed().unwrap());
+
+    let server = FakeApiServer::start_at(addr).unwrap();
+    server.apply(&service("web", "198.51.100.10", None));
+    server.apply(&slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[("203.0.113.11", State::Ready)],
+    ));
+    assert!(source.wait_synced(WAIT).await, "not synced within {WAIT:?}");
+    wait_state(
+        &mut rx,
+        &expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.11 w1"])]),
+    )
+    .await;
+
+    // The server goes down; a change happens meanwhile; it comes back with the same store
+    // (an API server restarted on the same etcd): the client reconnects and resumes its watches.
+    let mut server = server;
+    let before = server.stats();
+    server.stop();
+    server.apply(&slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[("203.0.113.12", State::Ready)],
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!rx.has_changed().unwrap());
+    server.restart().unwrap();
+    wait_state(
+        &mut rx,
+        &expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.12 w1"])]),
+    )
+    .await;
+    let stats = server.stats();
+    assert!(stats.watches("endpointslices") > before.watches("endpointslices"));
+    assert_eq!(
+        stats.lists("endpointslices"),
+        before.lists("endpointslices")
+    );
+}
+
+/// Waits until `condition` holds, polling every 10 ms, for at most [`WAIT`].
+async fn settle(condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not settled within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The fake server serves the kinds the policy work watches (Namespaces, Pods, NetworkPolicies)
+/// to plain kube-rs watchers and reflectors too, cluster-wide and namespaced.
+#[tokio::test]
+async fn fake_server_serves_namespaces_pods_and_network_policies() {
+    use futures::StreamExt;
+    use k8s_openapi::api::{
+        core::v1::{Namespace, Pod},
+        networking::v1::NetworkPolicy,
+    };
+    use kube::runtime::{reflector, watcher, WatchStreamExt};
+
+    init_logs();
+    let server = FakeApiServer::start().unwrap();
+    let namespace = |name: &str, team: &str| -> Namespace {
+        serde_json::from_value(json!({ "metadata": { "name": name, "labels": { "team": team } } }))
+            .unwrap()
+    };
+    let pod = |ns: &str, name: &str, app: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": { "namespace": ns, "name": name, "labels": { "app": app } },
+            "status": { "podIP": "10.1.0.1" },
+        }))
+        .unwrap()
+    };
+    server.apply(&namespace("shop", "a"));
+    server.apply(&namespace("bank", "b"));
+    server.apply(&pod("shop", "web-0", "web"));
+    server.apply(&pod("bank", "db-0", "db"));
+    let policy: NetworkPolicy = serde_json::from_value(json!({
+        "metadata": { "namespace": "shop", "name": "web-ingress" },
+        "spec": {
+            "podSelector": { "matchLabels": { "app": "web" } },
+            "policyTypes": ["Ingress"],
+            "ingress": [{ "from": [{ "namespaceSelector": { "matchLabels": { "team": "a" } } }],
+                          "ports": [{ "protocol": "TCP", "port": 8080 }] }],
+        },
+    }))
+    .unwrap();
+    server.apply(&policy);
+
+    let client = K8sSource::client_from_url(&server.url()).unwrap();
+    let (namespaces, writer) = reflector::store::<Namespace>();
+    let namespaces_task = watcher(kube::Api::all(client.clone()), Default::default())
+        .reflect(writer)
+        .for_each(|_| async {});
+    let (shop_pods, writer) = reflector::store::<Pod>();
+    let pods_task = watcher(
+        kube::Api::namespaced(client.clone(), "shop"),
+        Default::default(),
+    )
+    .reflect(writer)
+    .for_each(|_| async {});
+    let (policies, writer) = reflector::store::<NetworkPolicy>();
+    let policies_task = watcher(kube::Api::all(client), Default::default())
+        .reflect(writer)
+        .for_each(|_| async {});
+    let tasks = [
+        tokio::spawn(namespaces_task),
+        tokio::spawn(pods_task),
+        tokio::spawn(policies_task),
+    ];
+
+    let names = |pods: &reflector::Store<Pod>| {
+        let mut names: Vec<String> = pods
+            .state()
+            .iter()
+            .map(|p| p.metadata.name.clone().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    settle(|| namespaces.len() == 2 && names(&shop_pods) == ["web-0"] && policies.len() == 1).await;
+    let stored = policies.state()[0].clone();
+    assert_eq!(stored.spec, policy.spec);
+    // Only the namespaced collection was asked for pods.
+    assert!(server
+        .stats()
+        .requests
+        .iter()
+        .filter(|r| r.contains("/pods"))
+        .all(|r| r.starts_with("GET /api/v1/namespaces/shop/pods?")));
+
+    // Watch events: a pod added in the namespace (and one elsewhere), a label change, a
+    // policy deleted.
+    server.apply(&pod("shop", "web-1", "web"));
+    server.apply(&pod("bank", "db-1", "db"));
+    server.apply(&namespace("shop", "c"));
+    assert!(server.delete::<NetworkPolicy>("shop", "web-ingress"));
+    settle(|| {
+        let shop_team = namespaces
+            .state()
+            .iter()
+            .find(|ns| ns.metadata.name.as_deref() == Some("shop"))
+            .and_then(|ns| ns.metadata.labels.as_ref()?.get("team").cloned());
+        shop_team.as_deref() == Some("c")
+            && names(&shop_pods) == ["web-0", "web-1"]
+            && policies.is_empty()
+    })
+    .await;
+    for task in tasks {
+        task.abort();
+    }
+}
+
+/// Programs the datapath with `services`, as the agent does with each published update.
+fn program(services: &[config::Service], datapath: &mut Datapath) {
+    datapath
+        .apply(&Config {
+            services: services.to_vec(),
+            ..Default::default()
+        })
+        .expect("apply");
+}
+
+/// The distinct backends of a service's live Maglev table.
+fn table(datapath: &Datapath, key: &ServiceKey) -> Option<Vec<(IpAddr, u16)>> {
+    datapath.table_of(key).map(|mut backends| {
+        backends.sort();
+        backends.dedup();
+        backends
+    })
+}
+
+/// The published services, programmed into the real datapath: Maglev tables hold exactly the
+/// ready backends; a draining one stays a backend (existing flows) but leaves the table.
+#[tokio::test]
+async fn datapath_maps_follow_kubernetes_events() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply(&service("web", "198.51.100.10", Some("2001:db8:100::10")));
+    let ready3 = [
+        ("203.0.113.11", State::Ready),
+        ("203.0.113.12", State::Ready),
+        ("203.0.113.13", State::Ready),
+    ];
+    server.apply(&slice("web-v4", "web", "IPv4", &ready3));
+    server.apply(&slice(
+        "web-v6",
+        "web",
+        "IPv6",
+        &[("2001:db8:203::11", State::Ready)],
+    ));
+    let (_source, mut rx) = start(&server).await;
+    let mut datapath = Datapath::load().expect("load the datapath (needs root)");
+
+    let v4 = ServiceKey::new("198.51.100.10".parse().unwrap(), 80, Protocol::Tcp.number());
+    let v6 = ServiceKey::new(
+        "2001:db8:100::10".parse().unwrap(),
+        80,
+        Protocol::Tcp.number(),
+    );
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+
+    wait_state(
+        &mut rx,
+        &expect(&[
+            (
+                "default/web:http",
+                "198.51.100.10:80",
+                &["203.0.113.11 w1", "203.0.113.12 w1", "203.0.113.13 w1"],
+            ),
+            (
+                "default/web:http",
+                "[2001:db8:100::10]:80",
+                &["2001:db8:203::11 w1"],
+            ),
+        ]),
+    )
+    .await;
+    program(&rx.borrow(), &mut datapath);
+    assert_eq!(
+        table(&datapath, &v4),
+        Some(vec![
+            (ip("203.0.113.11"), 8080),
+            (ip("203.0.113.12"), 8080),
+            (ip("203.0.113.13"), 8080)
+        ])
+    );
+    assert_eq!(
+        table(&datapath, &v6),
+        Some(vec![(ip("2001:db8:203::11"), 8080)])
+    );
+
+    // .12 terminating: out of the table, still a backend for its existing flows.
+    server.apply(&slice(
+        "web-v4",
+        "web",
+        "IPv4",
+        &[
+            ("203.0.113.11", State::Ready),
+            ("203.0.113.12", State::Terminating),
+            ("203.0.113.13", State::Ready),
+        ],
+    ));
+    wait_state(
+        &mut rx,
+        &expect(&[
+            (
+                "default/web:http",
+                "198.51.100.10:80",
+                &["203.0.113.11 w1", "203.0.113.12 w0", "203.0.113.13 w1"],
+            ),
+            (
+                "default/web:http",
+                "[2001:db8:100::10]:80",
+                &["2001:db8:203::11 w1"],
+            ),
+        ]),
+    )
+    .await;
+    program(&rx.borrow(), &mut datapath);
+    assert_eq!(
+        table(&datapath, &v4),
+        Some(vec![(ip("203.0.113.11"), 8080), (ip("203.0.113.13"), 8080)])
+    );
+    assert!(datapath
+        .backend_stats(ip("203.0.113.12"), 8080)
+        .unwrap()
+        .is_some());
+
+    // .11 removed and .12 gone: .13 alone; the removed backends are freed.
+    server.apply(&slice(
+        "web-v4",
+        "web",
+        "IPv4",
+        &[("203.0.113.13", State::Ready)],
+    ));
+    wait_state(
+        &mut rx,
+        &expect(&[
+            ("default/web:http", "198.51.100.10:80", &["203.0.113.13 w1"]),
+            (
+                "default/web:http",
+                "[2001:db8:100::10]:80",
+                &["2001:db8:203::11 w1"],
+            ),
+        ]),
+    )
+    .await;
+    program(&rx.borrow(), &mut datapath);
+    assert_eq!(
+        table(&datapath, &v4),
+        Some(vec![(ip("203.0.113.13"), 8080)])
+    );
+    assert!(datapath
+        .backend_stats(ip("203.0.113.11"), 8080)
+        .unwrap()
+        .is_none());
+    assert!(datapath
+        .backend_stats(ip("203.0.113.12"), 8080)
+        .unwrap()
+        .is_none());
+
+    // After a 410 and re-list the maps still match.
+    server.pause_watches();
+    server.apply(&slice(
+        "web-v6",
+        "web",
+        "IPv6",
+        &[("2001:db8:203::12", State::Ready)],
+    ));
+    server.expire();
+    wait_state(
+        &mut rx,
+        &expect(&[
+            ("default/web:http", "198.51.100.10:80", &["203.0.113.13 w1"]),
+            (
+                "default/web:http",
+                "[2001:db8:100::10]:80",
+                &["2001:db8:203::12 w1"],
+            ),
+        ]),
+    )
+    .await;
+    program(&rx.borrow(), &mut datapath);
+    assert_eq!(
+        table(&datapath, &v6),
+        Some(vec![(ip("2001:db8:203::12"), 8080)])
+    );
+
+    // The Service deleted: no service left in the maps.
+    assert!(server.delete::<Service>("default", "web"));
+    wait_state(&mut rx, &Vec::new()).await;
+    program(&rx.borrow(), &mut datapath);
+    assert_eq!(table(&datapath, &v4), None);
+    assert_eq!(table(&datapath, &v6), None);
+    assert!(datapath
+        .backend_stats(ip("203.0.113.13"), 8080)
+        .unwrap()
+        .is_none());
+}
