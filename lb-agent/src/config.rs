@@ -10,7 +10,7 @@ use std::{collections::HashMap, fmt, net::IpAddr, path::Path};
 use lb_common::{protocol, service::limits};
 use serde::{Deserialize, Serialize};
 
-use crate::maglev;
+use crate::{maglev, policy::PolicyConfig};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +21,13 @@ pub struct Config {
     pub maglev_seed: u64,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Identity-based network policy (see `crate::policy`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub policy: PolicyConfig,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -228,8 +235,11 @@ impl Config {
     }
 
     /// Checks what the type system cannot: families, uniqueness, ranges and datapath capacity.
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |path: String, message: String| Err(ConfigError::Invalid { path, message });
+        if let Err(err) = self.policy.validate() {
+            return invalid(err.path, err.message);
+        }
         if self.services.len() > limits::MAX_SERVICES as usize {
             return invalid(
                 "services".into(),

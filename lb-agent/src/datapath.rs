@@ -388,6 +388,14 @@ impl Datapath {
         Ok(existed)
     }
 
+    /// Number of tracked flows (walks the `CONNTRACK` keys: about one syscall per entry, so call it
+    /// every few seconds, not per packet or per scrape).
+    pub fn conntrack_entries(&self) -> Result<u64> {
+        let conntrack: HashMap<&MapData, FlowKey, ConntrackEntry> =
+            HashMap::try_from(self.ebpf.map("CONNTRACK").context("CONNTRACK map")?)?;
+        Ok(conntrack.keys().filter(|k| k.is_ok()).count() as u64)
+    }
+
     /// Sum over CPUs of every datapath counter.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         let counters: PerCpuArray<_, u64> =

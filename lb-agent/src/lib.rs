@@ -1,6 +1,7 @@
 //! lb-agent as a library: the config model and the datapath loader, shared by the `lb-agent` binary,
 //! the integration tests and xtask.
 
+pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod health;

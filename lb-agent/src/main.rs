@@ -1,18 +1,22 @@
-//! `lb-agent`: loads the XDP datapath, attaches it, programs services from a YAML file, and detaches
-//! on SIGINT/SIGTERM.
+//! `lb-agent`: the node agent. `run` loads the XDP datapath, attaches it and keeps its maps in line
+//! with the config file (and Kubernetes, when enabled) until SIGINT/SIGTERM; `check` validates a
+//! config file.
 
 use std::{
     io::IsTerminal,
-    path::{Path, PathBuf},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
     process::ExitCode,
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use lb_agent::{config::Config, datapath::Datapath};
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info};
+use lb_agent::{
+    agent::{self, AgentOptions, KubeApi},
+    config::Config,
+};
+use lb_common::service::limits;
 
 #[derive(Parser)]
 #[command(version, about = "eBPF/XDP load balancer node agent")]
@@ -23,8 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the datapath, attach it and program the services of CONFIG until SIGINT/SIGTERM.
-    /// SIGHUP re-reads CONFIG.
+    /// Load the datapath, attach it and keep its maps in line with CONFIG (re-read when the file
+    /// changes or on SIGHUP) until SIGINT/SIGTERM.
     Run {
         /// Service configuration (YAML).
         #[arg(long, short)]
@@ -33,9 +37,30 @@ enum Command {
         /// backend replies.
         #[arg(long = "iface", short, required = true)]
         interfaces: Vec<String>,
-        /// How often to log the datapath counters (0 = never).
+        /// Serve /metrics, /healthz and /readyz on this address.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_addr: Option<SocketAddr>,
+        /// How often to refresh metrics and log the datapath counters (0 = do not log).
         #[arg(long, default_value = "10", value_name = "SECONDS")]
         stats_interval: u64,
+        /// Entries of the connection tracking tables.
+        #[arg(long, default_value_t = limits::DEFAULT_CONNTRACK_ENTRIES)]
+        conntrack_entries: u32,
+        /// Also take services from Kubernetes (in-cluster account or $KUBECONFIG).
+        #[arg(long)]
+        kubernetes: bool,
+        /// Kubernetes from this kubeconfig file (implies --kubernetes).
+        #[arg(long, value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
+        /// Kubernetes API at this plain URL, e.g. `kubectl proxy` (implies --kubernetes).
+        #[arg(long, value_name = "URL")]
+        kube_api_url: Option<String>,
+        /// This node's name, for externalTrafficPolicy/internalTrafficPolicy Local.
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Addresses NodePort services are served on; repeatable.
+        #[arg(long = "node-address")]
+        node_addresses: Vec<IpAddr>,
     },
     /// Validate CONFIG and exit (0 = valid).
     Check {
@@ -61,13 +86,39 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             interfaces,
+            metrics_addr,
             stats_interval,
-        } => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("starting tokio")
-            .and_then(|rt| rt.block_on(run(config, interfaces, stats_interval))),
+            conntrack_entries,
+            kubernetes,
+            kubeconfig,
+            kube_api_url,
+            node_name,
+            node_addresses,
+        } => {
+            let kubernetes = match (kube_api_url, kubeconfig, kubernetes) {
+                (Some(url), _, _) => Some(KubeApi::Url(url)),
+                (None, Some(path), _) => Some(KubeApi::Kubeconfig(path)),
+                (None, None, true) => Some(KubeApi::FromEnvironment),
+                (None, None, false) => None,
+            };
+            let options = AgentOptions {
+                config_path: config,
+                interfaces,
+                metrics_addr,
+                stats_interval: Duration::from_secs(stats_interval),
+                conntrack_entries,
+                kubernetes,
+                node_name,
+                node_addresses,
+                watch_interval: Duration::from_millis(500),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting tokio")
+                .and_then(|rt| rt.block_on(agent::run(options)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -75,67 +126,5 @@ fn main() -> ExitCode {
             eprintln!("lb-agent: {err:#}");
             ExitCode::from(2)
         }
-    }
-}
-
-async fn run(config_path: PathBuf, interfaces: Vec<String>, stats_interval: u64) -> Result<()> {
-    // Validate before touching the kernel: a bad file never half-programs the datapath.
-    let config = Config::from_file(&config_path)
-        .with_context(|| format!("invalid config {}", config_path.display()))?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-
-    let mut datapath = Datapath::load()?;
-    let report = datapath.apply(&config)?;
-    info!(?report, "maps programmed");
-    for interface in &interfaces {
-        datapath.attach(interface)?;
-    }
-    info!(services = config.services.len(), interfaces = ?interfaces, "ready");
-
-    let period = Duration::from_secs(stats_interval.max(1));
-    let mut stats = tokio::time::interval(period);
-    stats.tick().await;
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT received"); break; }
-            _ = sigterm.recv() => { info!("SIGTERM received"); break; }
-            _ = sighup.recv() => reload(&config_path, &mut datapath),
-            _ = stats.tick(), if stats_interval > 0 => log_counters(&datapath),
-        }
-    }
-    datapath.detach_all();
-    log_counters(&datapath);
-    info!("stopped");
-    Ok(())
-}
-
-/// Re-reads the config (SIGHUP). An invalid file is rejected and the last good state stays in force.
-fn reload(config_path: &Path, datapath: &mut Datapath) {
-    let config = match Config::from_file(config_path) {
-        Ok(config) => config,
-        Err(err) => {
-            error!("config rejected, keeping the last good state: {err}");
-            return;
-        }
-    };
-    match datapath.apply(&config) {
-        Ok(report) => info!(?report, services = config.services.len(), "config reloaded"),
-        Err(err) => error!("applying the reloaded config failed: {err:#}"),
-    }
-}
-
-fn log_counters(datapath: &Datapath) {
-    match datapath.counters() {
-        Ok(counters) => {
-            let summary: Vec<String> = counters
-                .iter()
-                .filter(|(_, n)| *n > 0)
-                .map(|(c, n)| format!("{}={n}", c.name()))
-                .collect();
-            info!(counters = %summary.join(" "), "datapath counters");
-        }
-        Err(err) => error!("reading counters: {err:#}"),
     }
 }

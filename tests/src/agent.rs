@@ -43,11 +43,22 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `lb-agent run` in `ns` and waits until it reports ready.
     pub fn start(ns: &Netns, config: &std::path::Path, interfaces: &[String]) -> Result<Self> {
+        Self::start_with(ns, config, interfaces, &[])
+    }
+
+    /// Like [`AgentProcess::start`] with extra `lb-agent run` arguments.
+    pub fn start_with(
+        ns: &Netns,
+        config: &std::path::Path,
+        interfaces: &[String],
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut cmd = ns.command(agent_binary().to_str().context("utf-8 path")?);
         cmd.args(["run", "--config"]).arg(config);
         for iface in interfaces {
             cmd.args(["--iface", iface]);
         }
+        cmd.args(extra);
         cmd.env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -48,6 +48,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
+    // Where cargo puts binaries: $CARGO_TARGET_DIR if set, else target/ in the workspace.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     match cli.command {
         Cmd::Build { release } => {
             prerequisites::ensure(prerequisites::Need::Build)?;
@@ -71,8 +75,8 @@ fn main() -> Result<()> {
                 "lb-tests",
                 "--bins",
             ])?;
-            run(Command::new("target/release/lb-demo")
-                .env("LB_AGENT_BIN", root.join("target/release/lb-agent"))
+            run(Command::new(target.join("release/lb-demo"))
+                .env("LB_AGENT_BIN", target.join("release/lb-agent"))
                 .args([
                     "--backends",
                     &backends.to_string(),
@@ -108,12 +112,12 @@ fn main() -> Result<()> {
             }
             run(Command::new("cargo")
                 .args(&test)
-                .env("LB_AGENT_BIN", root.join("target/debug/lb-agent")))
+                .env("LB_AGENT_BIN", target.join("debug/lb-agent")))
         }
         Cmd::Bench => {
             prerequisites::ensure(prerequisites::Need::Run)?;
             cargo(&["build", "--release", "--package", "lb-tests", "--bins"])?;
-            run(&mut Command::new("target/release/lb-bench"))
+            run(&mut Command::new(target.join("release/lb-bench")))
         }
     }
 }

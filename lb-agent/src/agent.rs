@@ -1,0 +1,289 @@
+//! The `lb-agent run` daemon: merges the sources of desired state (the YAML file, Kubernetes),
+//! keeps backends' health, reconciles the datapath, and serves metrics and readiness.
+//!
+//! It must never be the reason a packet is dropped: an invalid file or a failed apply leaves the last
+//! good state in the maps, and stopping the agent is the only thing that detaches the datapath.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{self, Config},
+    datapath::{Datapath, LoadOptions},
+    health::{self, HealthChecker, Target},
+    http::{HttpServer, Readiness},
+    k8s::{K8sOptions, K8sSource, NodeOptions},
+    metrics::{self, DatapathSnapshot, Metrics},
+};
+
+/// Where Kubernetes state comes from.
+#[derive(Debug, Clone)]
+pub enum KubeApi {
+    /// In-cluster service account, else `$KUBECONFIG` / `~/.kube/config`.
+    FromEnvironment,
+    Kubeconfig(PathBuf),
+    /// A plain URL, e.g. `kubectl proxy` or a test server.
+    Url(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub config_path: PathBuf,
+    pub interfaces: Vec<String>,
+    pub metrics_addr: Option<SocketAddr>,
+    /// How often to refresh metrics and log counters (0 = never log).
+    pub stats_interval: Duration,
+    pub conntrack_entries: u32,
+    pub kubernetes: Option<KubeApi>,
+    pub node_name: Option<String>,
+    pub node_addresses: Vec<IpAddr>,
+    /// How often the config file is checked for changes.
+    pub watch_interval: Duration,
+}
+
+/// The desired state from every source, and what was last applied.
+struct Desired {
+    file: Config,
+    kubernetes: Vec<config::Service>,
+}
+
+impl Desired {
+    /// The file's services, then Kubernetes services whose (VIP, port, protocol) the file does not
+    /// already define (the file wins: it is the operator's override).
+    fn merged(&self) -> Config {
+        let mut merged = self.file.clone();
+        let taken: HashSet<_> = self
+            .file
+            .services
+            .iter()
+            .map(|s| (s.vip, s.port, s.protocol))
+            .collect();
+        for service in &self.kubernetes {
+            if taken.contains(&(service.vip, service.port, service.protocol)) {
+                warn!(service = %service.name, vip = %service.vip, port = service.port,
+                      "Kubernetes service shadowed by the config file");
+                continue;
+            }
+            merged.services.push(service.clone());
+        }
+        merged
+    }
+}
+
+pub async fn run(options: AgentOptions) -> Result<()> {
+    // Validate before touching the kernel: a bad file never half-programs the datapath.
+    let file = Config::from_file(&options.config_path)
+        .with_context(|| format!("invalid config {}", options.config_path.display()))?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Readiness::new();
+    let http = match options.metrics_addr {
+        Some(addr) => Some(
+            HttpServer::bind(addr, metrics.clone(), readiness.clone())
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?,
+        ),
+        None => None,
+    };
+
+    let kubernetes = match &options.kubernetes {
+        Some(api) => {
+            let client = match api {
+                KubeApi::FromEnvironment => K8sSource::client_from_env().await?,
+                KubeApi::Kubeconfig(path) => K8sSource::client_from_kubeconfig(path).await?,
+                KubeApi::Url(url) => K8sSource::client_from_url(url)?,
+            };
+            let node = NodeOptions {
+                node_name: options.node_name.clone(),
+                addresses: options.node_addresses.clone(),
+            };
+            Some(K8sSource::start(
+                client,
+                K8sOptions {
+                    node,
+                    ..Default::default()
+                },
+            ))
+        }
+        None => None,
+    };
+    let mut kube_updates = kubernetes.as_ref().map(|k| k.subscribe());
+
+    let mut datapath = Datapath::load_with(&LoadOptions {
+        conntrack_entries: options.conntrack_entries,
+    })?;
+    let mut checker = HealthChecker::new();
+    let mut health_updates = checker.subscribe();
+    let mut desired = Desired {
+        file,
+        kubernetes: Vec::new(),
+    };
+    let mut applied = reconcile(&mut datapath, &desired, &mut checker, &metrics)
+        .context("programming the initial state")?;
+    for interface in &options.interfaces {
+        datapath.attach(interface)?;
+    }
+    readiness.set_ready();
+    info!(services = applied.services.len(), interfaces = ?options.interfaces, "ready");
+
+    let mut file_stamp = stamp(&options.config_path);
+    let mut watch_tick = tokio::time::interval(options.watch_interval);
+    let mut stats_tick = tokio::time::interval(options.stats_interval.max(Duration::from_secs(1)));
+    stats_tick.tick().await;
+    let mut last_conntrack_count = Instant::now() - Duration::from_secs(3600);
+    loop {
+        let file_changed = tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT received"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM received"); break; }
+            _ = sighup.recv() => true,
+            _ = watch_tick.tick() => {
+                let now = stamp(&options.config_path);
+                let changed = now != file_stamp;
+                file_stamp = now;
+                changed
+            }
+            Ok(()) = changed(&mut kube_updates) => {
+                desired.kubernetes = kube_updates.as_mut().expect("some").borrow_and_update().clone();
+                info!(services = desired.kubernetes.len(), "Kubernetes services changed");
+                false
+            }
+            Ok(()) = health_updates.changed() => {
+                health_updates.borrow_and_update();
+                false
+            }
+            _ = stats_tick.tick() => {
+                let count = last_conntrack_count.elapsed() >= Duration::from_secs(10);
+                if count {
+                    last_conntrack_count = Instant::now();
+                }
+                refresh_metrics(&datapath, &applied, &checker, &metrics, count, !options.stats_interval.is_zero());
+                continue;
+            }
+        };
+        if file_changed {
+            match Config::from_file(&options.config_path) {
+                Ok(file) => {
+                    info!(path = %options.config_path.display(), "config file changed");
+                    desired.file = file;
+                }
+                Err(err) => {
+                    error!("config rejected, keeping the last good state: {err}");
+                    continue;
+                }
+            }
+        }
+        match reconcile(&mut datapath, &desired, &mut checker, &metrics) {
+            Ok(config) => {
+                applied = config;
+                if file_changed {
+                    info!(services = applied.services.len(), "config reloaded");
+                }
+            }
+            Err(err) => error!("reconcile failed, the datapath keeps its previous state: {err:#}"),
+        }
+    }
+
+    readiness.set_not_ready("stopping");
+    datapath.detach_all();
+    refresh_metrics(&datapath, &applied, &checker, &metrics, false, true);
+    checker.shutdown().await;
+    if let Some(http) = http {
+        http.shutdown().await;
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Waits for the next Kubernetes update; never resolves without a Kubernetes source.
+async fn changed(updates: &mut Option<watch::Receiver<Vec<config::Service>>>) -> Result<(), ()> {
+    match updates {
+        Some(rx) => rx.changed().await.map_err(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies the merged desired state with health-derived weights; returns the config applied.
+fn reconcile(
+    datapath: &mut Datapath,
+    desired: &Desired,
+    checker: &mut HealthChecker,
+    metrics: &Metrics,
+) -> Result<Config> {
+    let started = Instant::now();
+    let config = desired.merged();
+    let result = config
+        .validate()
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            checker.update(health::targets(&config));
+            let health = checker.snapshot();
+            datapath.apply_with(&config, |service, backend| {
+                let health =
+                    Target::for_backend(service, backend).and_then(|t| health.get(&t).cloned());
+                health::effective_weight(backend.weight, health.as_ref())
+            })
+        });
+    metrics.observe_reconcile(started.elapsed(), result.is_ok());
+    let report = result?;
+    if report != Default::default() {
+        info!(
+            ?report,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "datapath reconciled"
+        );
+    }
+    metrics.update_health(metrics::backend_health(&config, &checker.snapshot()));
+    Ok(config)
+}
+
+fn refresh_metrics(
+    datapath: &Datapath,
+    applied: &Config,
+    checker: &HealthChecker,
+    metrics: &Metrics,
+    count_conntrack: bool,
+    log: bool,
+) {
+    match DatapathSnapshot::read(datapath, applied) {
+        Ok(mut snapshot) => {
+            if count_conntrack {
+                snapshot.conntrack_entries = datapath.conntrack_entries().ok();
+            }
+            if log {
+                let summary: Vec<String> = snapshot
+                    .counters
+                    .iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(c, n)| format!("{}={n}", c.name()))
+                    .collect();
+                info!(counters = %summary.join(" "), "datapath counters");
+            }
+            metrics.update_datapath(snapshot);
+        }
+        Err(err) => error!("reading datapath statistics: {err:#}"),
+    }
+    metrics.update_health(metrics::backend_health(applied, &checker.snapshot()));
+}
+
+/// What identifies a version of the config file: editors often replace the file (new inode)
+/// rather than rewrite it, so the inode is part of it.
+fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}

@@ -1,0 +1,249 @@
+//! The agent as an operator runs it: a real `lb-agent` process in the balancer namespace with a
+//! config file it watches, health checks and a metrics endpoint; traffic from the client namespace.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    agent::AgentProcess,
+    netns::{Netns, TEST_PREFIX},
+    servers::{tcp_requests, TcpCountingServer},
+    topology::{Topology, VIP},
+};
+
+const PORT: u16 = 8080;
+const METRICS: &str = "127.0.0.1:9469";
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("lb-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    /// Writes the config as an editor would (write a temporary file, rename over).
+    fn write_config(&self, yaml: &str) -> PathBuf {
+        let path = self.0.join("config.yaml");
+        let tmp = self.0.join("config.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(topology: &Topology, backends: &[usize], health_check: bool) -> String {
+    let mut yaml =
+        format!("services:\n  - name: web\n    vip: {VIP}\n    port: 80\n    protocol: tcp\n");
+    if health_check {
+        yaml += "    health_check: { type: tcp, interval_ms: 100, timeout_ms: 100, rise: 1, fall: 2 }\n";
+    }
+    yaml += "    backends:\n";
+    for &i in backends {
+        yaml += &format!(
+            "      - {{ address: {}, port: {PORT} }}\n",
+            topology.backends[i - 1].addr
+        );
+    }
+    yaml
+}
+
+fn tally(ns: &Netns, n: usize) -> BTreeMap<String, usize> {
+    let mut by = BTreeMap::new();
+    for r in tcp_requests(ns, SocketAddr::from((VIP, 80)), n, b"x") {
+        *by.entry(r.expect("request through the VIP")).or_default() += 1;
+    }
+    by
+}
+
+/// GET `path` from the agent's HTTP endpoint inside the balancer namespace.
+fn http_get(balancer: &Netns, path: &'static str) -> (u16, String) {
+    balancer.run(move || {
+        let mut stream = TcpStream::connect(METRICS).expect("metrics endpoint");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    })
+}
+
+#[test]
+fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
+    let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
+    let _servers: Vec<_> = topology
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, PORT, &format!("backend-{}", i + 1)))
+        .collect();
+    let dir = TempDir::new("agent-edit");
+    let path = dir.write_config(&config(&topology, &[1, 2], false));
+    let mut agent = AgentProcess::start_with(
+        &topology.balancer,
+        &path,
+        &topology.balancer_interfaces(),
+        &["--metrics-addr", METRICS, "--stats-interval", "1"],
+    )
+    .expect("agent starts");
+
+    assert_eq!(http_get(&topology.balancer, "/healthz").0, 200);
+    assert_eq!(http_get(&topology.balancer, "/readyz").0, 200);
+    let before = tally(&topology.client, 30);
+    assert_eq!(
+        before.keys().cloned().collect::<Vec<_>>(),
+        ["backend-1", "backend-2"]
+    );
+
+    // Edit the file (no signal): new flows move to backend 3 only.
+    let edited = Instant::now();
+    dir.write_config(&config(&topology, &[3], false));
+    let deadline = edited + Duration::from_secs(10);
+    loop {
+        let r = tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"x")
+            .pop()
+            .unwrap();
+        if let Err(e) = &r {
+            // Show what the agent did around the failure before failing.
+            std::thread::sleep(Duration::from_millis(1500));
+            while let Ok(line) = agent.log.try_recv() {
+                eprintln!("agent: {line}");
+            }
+            panic!(
+                "a request during the switch failed {:?} after the save: {e}",
+                edited.elapsed()
+            );
+        }
+        if r.unwrap() == "backend-3" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edit was not applied within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let moved_after = edited.elapsed();
+    agent
+        .wait_for_log("config reloaded", Duration::from_secs(5))
+        .expect("reload logged");
+    let after = tally(&topology.client, 30);
+    assert_eq!(after.keys().cloned().collect::<Vec<_>>(), ["backend-3"]);
+    eprintln!(
+        "new flows moved {:.0} ms after the file was saved",
+        moved_after.as_secs_f64() * 1000.0
+    );
+
+    // /metrics parses with a Prometheus text-format parser and counts the traffic above.
+    std::thread::sleep(Duration::from_millis(1500)); // one stats interval
+    let (status, body) = http_get(&topology.balancer, "/metrics");
+    assert_eq!(status, 200);
+    let scrape =
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("parses");
+    let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let new_flows = value(
+        "lb_datapath_packets_total",
+        Some(("reason", "forward_new_flow")),
+    );
+    assert!(
+        new_flows >= 61.0,
+        "61+ connections were opened, metrics say {new_flows}\n{body}"
+    );
+    assert!(
+        value("lb_service_new_flows_total", Some(("service", "web"))) >= 30.0,
+        "{body}"
+    );
+    assert!(
+        value("lb_reconcile_duration_seconds_count", None) >= 2.0,
+        "{body}"
+    );
+}
+
+#[test]
+fn a_backend_whose_server_stops_is_taken_out_by_health_checks() {
+    let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
+    let mut servers: Vec<Option<TcpCountingServer>> = topology
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            Some(TcpCountingServer::start(
+                &b.ns,
+                b.addr,
+                PORT,
+                &format!("backend-{}", i + 1),
+            ))
+        })
+        .collect();
+    let dir = TempDir::new("agent-health");
+    let path = dir.write_config(&config(&topology, &[1, 2, 3], true));
+    let mut agent = AgentProcess::start(&topology.balancer, &path, &topology.balancer_interfaces())
+        .expect("agent starts");
+    assert_eq!(tally(&topology.client, 45).len(), 3);
+
+    // Stop backend 2's server: after `fall` failed probes it gets no new flows.
+    let stopped = Instant::now();
+    servers[1] = None;
+    agent
+        .wait_for_log("healthy -> unhealthy", Duration::from_secs(10))
+        .expect("health check fails");
+    std::thread::sleep(Duration::from_millis(200));
+    let without = tally(&topology.client, 45);
+    assert_eq!(
+        without.keys().cloned().collect::<Vec<_>>(),
+        ["backend-1", "backend-3"],
+        "{without:?}"
+    );
+    eprintln!(
+        "backend taken out {:.0} ms after its server stopped",
+        stopped.elapsed().as_secs_f64() * 1000.0
+    );
+
+    // Start it again: after `rise` successful probes it takes new flows again.
+    let b = &topology.backends[1];
+    servers[1] = Some(TcpCountingServer::start(&b.ns, b.addr, PORT, "backend-2"));
+    agent
+        .wait_for_log("unhealthy -> healthy", Duration::from_secs(10))
+        .expect("health check recovers");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(tally(&topology.client, 45).len(), 3);
+}
