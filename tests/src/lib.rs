@@ -7,11 +7,17 @@
 //! - [`agent`]: the `lb-agent` binary as a child process, stopped on drop.
 //! - [`frames`]: crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
 //! - [`fake_apiserver`]: a fake Kubernetes API server (list/watch over HTTP) for the k8s source.
+//! - [`procs`], [`loadgen`], [`baselines`]: the end-to-end benchmark's bounded child processes,
+//!   traffic (nginx/wrk, iperf3, a `sendmmsg` UDP sender) and the contenders lb is compared with
+//!   (kube-proxy iptables and nftables modes, HAProxy).
 
 pub mod agent;
+pub mod baselines;
 pub mod fake_apiserver;
 pub mod frames;
+pub mod loadgen;
 pub mod netns;
+pub mod procs;
 pub mod servers;
 pub mod test_run;
 pub mod topology;

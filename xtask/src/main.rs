@@ -40,8 +40,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: per-packet cost against XDP_PASS, Maglev build times (table + JSON).
-    Bench,
+    /// Benchmarks: per-packet cost against XDP_PASS, Maglev build times, and end to end against
+    /// kube-proxy (iptables, nftables) and HAProxy (tables + JSON in target/bench/).
+    Bench {
+        /// Short end-to-end runs (about 30 s instead of about 4 min).
+        #[arg(long)]
+        quick: bool,
+        /// Only the per-packet and Maglev benchmarks.
+        #[arg(long)]
+        skip_e2e: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -114,10 +122,27 @@ fn main() -> Result<()> {
                 .args(&test)
                 .env("LB_AGENT_BIN", target.join("debug/lb-agent")))
         }
-        Cmd::Bench => {
-            prerequisites::ensure(prerequisites::Need::Run)?;
-            cargo(&["build", "--release", "--package", "lb-tests", "--bins"])?;
-            run(&mut Command::new(target.join("release/lb-bench")))
+        Cmd::Bench { quick, skip_e2e } => {
+            prerequisites::ensure(prerequisites::Need::Bench)?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "lb-agent",
+                "--package",
+                "lb-tests",
+                "--bins",
+            ])?;
+            run(&mut Command::new(target.join("release/lb-bench")))?;
+            if skip_e2e {
+                return Ok(());
+            }
+            let mut e2e = Command::new(target.join("release/lb-bench-e2e"));
+            e2e.env("LB_AGENT_BIN", target.join("release/lb-agent"));
+            if quick {
+                e2e.arg("--quick");
+            }
+            run(&mut e2e)
         }
     }
 }

@@ -10,6 +10,9 @@ pub enum Need {
     Build,
     /// Also root, bpffs and the network tools that tests and the demo call.
     Run,
+    /// Everything `Run` needs, plus the servers, load generators and the balancers that the
+    /// end-to-end benchmark compares lb with (`BENCH_TOOLS`).
+    Bench,
 }
 
 /// Commands the tests and the demo call, and the Debian package that provides each.
@@ -20,16 +23,32 @@ const TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
 ];
 
+/// Commands the end-to-end benchmark (`lb-bench-e2e`) calls, and the Debian package of each.
+const BENCH_TOOLS: &[(&str, &str)] = &[
+    ("wrk", "wrk"),
+    ("nginx", "nginx-light"),
+    ("haproxy", "haproxy"),
+    ("iptables", "iptables"),
+    ("iptables-restore", "iptables"),
+    ("nft", "nftables"),
+    ("conntrack", "conntrack"),
+    ("iperf3", "iperf3"),
+    ("ss", "iproute2"),
+];
+
 const BPF_LINKER_SERIES: &str = "0.10.";
 
 pub fn ensure(need: Need) -> Result<()> {
-    if need == Need::Run {
+    if matches!(need, Need::Run | Need::Bench) {
         if !is_root() {
             bail!(
                 "the demo and the tests create network namespaces and load eBPF: run them as root"
             );
         }
-        ensure_apt_tools()?;
+        ensure_apt_tools(TOOLS)?;
+        if need == Need::Bench {
+            ensure_apt_tools(BENCH_TOOLS)?;
+        }
         ensure_bpffs()?;
     }
     ensure_rust_src()?;
@@ -50,12 +69,13 @@ fn have(program: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn ensure_apt_tools() -> Result<()> {
-    let missing: Vec<&str> = TOOLS
+fn ensure_apt_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(cmd, _)| !have(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
