@@ -7,7 +7,9 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 fn documents(file: &str) -> Vec<Value> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}")))
@@ -15,7 +17,9 @@ fn documents(file: &str) -> Vec<Value> {
 }
 
 fn of_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
-    docs.iter().find(|d| d["kind"].as_str() == Some(kind)).unwrap_or_else(|| panic!("no {kind}"))
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind))
+        .unwrap_or_else(|| panic!("no {kind}"))
 }
 
 #[test]
@@ -32,14 +36,24 @@ fn cluster_role_grants_list_and_watch_on_everything_the_agent_watches() {
     ] {
         let granted = rules.iter().any(|r| {
             let has = |field: &str, want: &str| {
-                r[field].as_sequence().is_some_and(|s| s.iter().any(|v| v.as_str() == Some(want)))
+                r[field]
+                    .as_sequence()
+                    .is_some_and(|s| s.iter().any(|v| v.as_str() == Some(want)))
             };
-            has("apiGroups", group) && has("resources", resource) && has("verbs", "list") && has("verbs", "watch")
+            has("apiGroups", group)
+                && has("resources", resource)
+                && has("verbs", "list")
+                && has("verbs", "watch")
         });
         assert!(granted, "{group}/{resource} must be listable and watchable");
         let writes = rules.iter().any(|r| {
             r["verbs"].as_sequence().is_some_and(|s| {
-                s.iter().any(|v| matches!(v.as_str(), Some("create" | "update" | "patch" | "delete" | "*")))
+                s.iter().any(|v| {
+                    matches!(
+                        v.as_str(),
+                        Some("create" | "update" | "patch" | "delete" | "*")
+                    )
+                })
             })
         });
         assert!(!writes, "the agent only reads from the API server");
@@ -51,7 +65,9 @@ fn cluster_role_grants_list_and_watch_on_everything_the_agent_watches() {
 #[test]
 fn daemonset_arguments_and_config_are_accepted_by_the_agent() {
     let docs = documents("daemonset.yaml");
-    let config = of_kind(&docs, "ConfigMap")["data"]["lb.yaml"].as_str().expect("lb.yaml");
+    let config = of_kind(&docs, "ConfigMap")["data"]["lb.yaml"]
+        .as_str()
+        .expect("lb.yaml");
     lb_agent::config::Config::from_yaml(config).expect("the ConfigMap's config is valid");
 
     let daemonset = of_kind(&docs, "DaemonSet");
@@ -60,14 +76,28 @@ fn daemonset_arguments_and_config_are_accepted_by_the_agent() {
         .as_sequence()
         .expect("args")
         .iter()
-        .map(|a| a.as_str().unwrap().replace("$(NODE_NAME)", "node-1").replace("$(NODE_IP)", "192.0.2.1"))
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("$(NODE_NAME)", "node-1")
+                .replace("$(NODE_IP)", "192.0.2.1")
+        })
         .map(|a| a.replace("--config=/etc/lb/lb.yaml", "--config=/nonexistent/lb.yaml"))
         .collect();
     // Every argument parses; the run then stops at the (missing) config file, before the kernel.
-    let output = std::process::Command::new(lb_tests::agent::agent_binary()).args(&args).output().unwrap();
+    let output = std::process::Command::new(lb_tests::agent::agent_binary())
+        .args(&args)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("invalid config /nonexistent/lb.yaml"), "arguments rejected: {stderr}");
-    assert_eq!(daemonset["spec"]["template"]["spec"]["hostNetwork"].as_bool(), Some(true));
+    assert!(
+        stderr.contains("invalid config /nonexistent/lb.yaml"),
+        "arguments rejected: {stderr}"
+    );
+    assert_eq!(
+        daemonset["spec"]["template"]["spec"]["hostNetwork"].as_bool(),
+        Some(true)
+    );
     let probe = container["readinessProbe"]["httpGet"]["path"].as_str();
     assert_eq!(probe, Some("/readyz"));
 }
