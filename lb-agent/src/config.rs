@@ -5,9 +5,14 @@
 //! Parsing is strict: unknown fields are rejected, and every error names the field path and the line,
 //! e.g. `services[0].backends[1].address at line 9 column 18: invalid IPv4 address syntax`.
 
-use std::{collections::HashMap, fmt, net::IpAddr, path::Path};
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
-use lb_common::{protocol, service::limits};
+use lb_common::{modes::snat, protocol, service::limits};
 use serde::{Deserialize, Serialize};
 
 use crate::{maglev, policy::PolicyConfig};
@@ -21,6 +26,9 @@ pub struct Config {
     pub maglev_seed: u64,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// This node's addresses and SNAT port range, for the SNAT and DSR-IPIP forwarding modes.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub node: NodeConfig,
     /// Identity-based network policy (see `crate::policy`).
     #[serde(default, skip_serializing_if = "is_default")]
     pub policy: PolicyConfig,
@@ -42,6 +50,10 @@ pub struct Service {
     pub protocol: Protocol,
     #[serde(default)]
     pub mode: ForwardingMode,
+    /// SNAT mode: the source address of packets to the backends (VIP's family); default: the node
+    /// address of that family (`node.ipv4` / `node.ipv6`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat_address: Option<IpAddr>,
     #[serde(default)]
     pub hash: HashFields,
     /// Maglev lookup table size: a prime between 251 and 131071.
@@ -98,6 +110,52 @@ pub enum ForwardingMode {
     /// Direct server return through IP-in-IP (IPv6-in-IPv6) encapsulation, decapsulated on the backend
     /// by our own small program.
     DsrIpip,
+}
+
+/// The balancer node itself, as the SNAT and DSR-IPIP modes need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The node's IPv4 address: source of SNAT packets (unless a service sets `snat_address`) and
+    /// outer source of DSR-IPIP packets; backends must route it back to this node. When it is
+    /// configured on the node, set `net.ipv4.conf.all.accept_local=1` (see the datapath's `snat.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<Ipv4Addr>,
+    /// The same for IPv6 services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Addr>,
+    /// Source ports SNAT allocates, per backend address and port. Keep it apart from the node's
+    /// own ephemeral range (`net.ipv4.ip_local_port_range`, 32768–60999 by default).
+    #[serde(default)]
+    pub snat_ports: PortRange,
+}
+
+impl NodeConfig {
+    /// The node address of `family_of`'s family.
+    pub fn address_for(&self, family_of: IpAddr) -> Option<IpAddr> {
+        if family_of.is_ipv4() {
+            self.ipv4.map(IpAddr::V4)
+        } else {
+            self.ipv6.map(IpAddr::V6)
+        }
+    }
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self {
+            first: snat::DEFAULT_PORT_FIRST,
+            last: snat::DEFAULT_PORT_LAST,
+        }
+    }
 }
 
 /// Which packet fields choose the backend.
@@ -250,6 +308,7 @@ impl Config {
                 ),
             );
         }
+        self.validate_node()?;
         let mut seen_services = HashMap::new();
         for (i, service) in self.services.iter().enumerate() {
             let path = format!("services[{i}]");
@@ -312,6 +371,7 @@ impl Config {
                     return invalid(bpath, format!("duplicate of {path}.backends[{first}]"));
                 }
             }
+            self.validate_mode(service, &path)?;
             if let Some(check) = &service.health_check {
                 let hpath = format!("{path}.health_check");
                 if check.interval_ms == 0 || check.timeout_ms == 0 {
@@ -329,6 +389,80 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The source address a service's packets leave with, when its mode rewrites it: SNAT (its
+    /// `snat_address`, else the node address) and DSR-IPIP (outer source: the node address).
+    pub fn mode_source(&self, service: &Service) -> Option<IpAddr> {
+        match service.mode {
+            ForwardingMode::Snat => service
+                .snat_address
+                .or_else(|| self.node.address_for(service.vip)),
+            ForwardingMode::DsrIpip => self.node.address_for(service.vip),
+            ForwardingMode::Dnat | ForwardingMode::DsrL2 => None,
+        }
+    }
+
+    /// The `node` section: usable addresses and a non-empty port range.
+    fn validate_node(&self) -> Result<(), ConfigError> {
+        let invalid = |path: &str, message: String| {
+            Err(ConfigError::Invalid {
+                path: path.into(),
+                message,
+            })
+        };
+        let ports = self.node.snat_ports;
+        if ports.first == 0 || ports.first > ports.last {
+            return invalid(
+                "node.snat_ports",
+                format!(
+                    "{}..{} is not a range of ports: need 1 <= first <= last",
+                    ports.first, ports.last
+                ),
+            );
+        }
+        if self.node.ipv4.is_some_and(|a| a.is_unspecified()) {
+            return invalid("node.ipv4", "must be an address of this node".into());
+        }
+        if self.node.ipv6.is_some_and(|a| a.is_unspecified()) {
+            return invalid("node.ipv6", "must be an address of this node".into());
+        }
+        Ok(())
+    }
+
+    /// What each forwarding mode needs beyond the common checks.
+    fn validate_mode(&self, service: &Service, path: &str) -> Result<(), ConfigError> {
+        let invalid = |path: String, message: String| Err(ConfigError::Invalid { path, message });
+        let family = if service.vip.is_ipv4() {
+            "ipv4"
+        } else {
+            "ipv6"
+        };
+        match (service.mode, service.snat_address) {
+            (ForwardingMode::Snat, Some(address)) if address.is_ipv4() != service.vip.is_ipv4() => {
+                invalid(
+                    format!("{path}.snat_address"),
+                    format!("{address} is not of the VIP's address family"),
+                )
+            }
+            (ForwardingMode::Snat, Some(address)) if address.is_unspecified() => invalid(
+                format!("{path}.snat_address"),
+                "must be a unicast address of this node".into(),
+            ),
+            (ForwardingMode::Snat, None) if self.mode_source(service).is_none() => invalid(
+                format!("{path}.snat_address"),
+                format!("snat mode needs a source address: set it, or node.{family}"),
+            ),
+            (ForwardingMode::DsrIpip, _) if self.mode_source(service).is_none() => invalid(
+                format!("{path}.mode"),
+                format!("dsr-ipip needs node.{family} (the outer source address)"),
+            ),
+            (mode, Some(_)) if mode != ForwardingMode::Snat => invalid(
+                format!("{path}.snat_address"),
+                "only used in snat mode".into(),
+            ),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -463,6 +597,95 @@ services:
             (
                 GOOD.replace("203.0.113.12", "203.0.113.11"),
                 "services[0].backends[1]: duplicate",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let err = Config::from_yaml(&yaml).unwrap_err().to_string();
+            assert!(err.starts_with(want), "want {want:?}, got {err}");
+        }
+    }
+
+    #[test]
+    fn forwarding_modes_and_their_addresses() {
+        let with_mode = |mode: &str, extra: &str, node: &str| {
+            format!(
+                "{node}{}",
+                GOOD.replace(
+                    "port: 80\n",
+                    &format!("port: 80\n    mode: {mode}\n{extra}")
+                )
+            )
+        };
+        let node = "node:\n  ipv4: 203.0.113.1\n  ipv6: 2001:db8:203::1\n  snat_ports: { first: 20000, last: 20999 }\n";
+        let config = Config::from_yaml(&with_mode("snat", "", node)).unwrap();
+        let web = &config.services[0];
+        assert_eq!(web.mode, ForwardingMode::Snat);
+        assert_eq!(
+            config.mode_source(web),
+            Some("203.0.113.1".parse().unwrap())
+        );
+        assert_eq!(
+            config.node.snat_ports,
+            PortRange {
+                first: 20000,
+                last: 20999
+            }
+        );
+        let own =
+            Config::from_yaml(&with_mode("snat", "    snat_address: 192.0.2.1\n", "")).unwrap();
+        assert_eq!(
+            own.mode_source(&own.services[0]),
+            Some("192.0.2.1".parse().unwrap())
+        );
+        assert_eq!(
+            own.node.snat_ports,
+            PortRange {
+                first: 1024,
+                last: 32767
+            }
+        );
+        let ipip =
+            Config::from_yaml(&with_mode("dsr-ipip", "", node).replace("port: 8080", "port: 80"))
+                .unwrap();
+        assert_eq!(
+            ipip.mode_source(&ipip.services[0]),
+            Some("203.0.113.1".parse().unwrap())
+        );
+        let l2 = Config::from_yaml(&with_mode("dsr-l2", "", "").replace("port: 8080", "port: 0"))
+            .unwrap();
+        assert_eq!(l2.mode_source(&l2.services[0]), None);
+        // Round trip with the node section.
+        assert_eq!(Config::from_yaml(&config.to_yaml()).unwrap(), config);
+
+        let cases = [
+            (
+                with_mode("snat", "", ""),
+                "services[0].snat_address: snat mode needs a source address: set it, or node.ipv4",
+            ),
+            (
+                with_mode("snat", "    snat_address: 2001:db8::1\n", ""),
+                "services[0].snat_address: 2001:db8::1 is not of the VIP's address family",
+            ),
+            (
+                with_mode("dnat", "    snat_address: 192.0.2.1\n", ""),
+                "services[0].snat_address: only used in snat mode",
+            ),
+            (
+                with_mode("dsr-ipip", "", "node: { ipv6: 2001:db8::1 }\n")
+                    .replace("port: 8080", "port: 80"),
+                "services[0].mode: dsr-ipip needs node.ipv4",
+            ),
+            (
+                with_mode(
+                    "snat",
+                    "",
+                    "node: { ipv4: 203.0.113.1, snat_ports: { first: 2000, last: 1999 } }\n",
+                ),
+                "node.snat_ports: 2000..1999 is not a range",
+            ),
+            (
+                with_mode("snat", "", "node: { ipv4: 0.0.0.0 }\n"),
+                "node.ipv4: must be an address",
             ),
         ];
         for (yaml, want) in cases {

@@ -15,7 +15,8 @@ use aya::{
 use lb_common::{
     conntrack::{ConntrackEntry, FlowKey, NatReply},
     counters::Counter,
-    service::{limits, mode, service_flags, Backend, ServiceInfo, ServiceKey, TrafficStats},
+    modes::ModeInfo,
+    service::{limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey, TrafficStats},
 };
 use tracing::{debug, info, warn};
 
@@ -56,6 +57,8 @@ struct ProgrammedService {
     info: ServiceInfo,
     /// Backend ids of the live Maglev table (empty when `info.table_size` is 0).
     table: Vec<u32>,
+    /// The service's `SERVICE_MODES` entry (all zero for DNAT and DSR L2).
+    mode: ModeInfo,
 }
 
 /// What one `apply` changed.
@@ -79,6 +82,7 @@ pub struct Datapath {
     /// long gone before its id means another backend.
     free_backend_ids: VecDeque<u32>,
     next_backend_id: u32,
+    neighbours: Neighbours,
 }
 
 impl Datapath {
@@ -109,6 +113,7 @@ impl Datapath {
             free_backend_ids: VecDeque::new(),
             // Id 0 is never used: a zeroed BACKENDS slot means "no backend".
             next_backend_id: 1,
+            neighbours: Neighbours::default(),
         })
     }
 
@@ -255,6 +260,21 @@ impl Datapath {
                 info.table_slot = spare;
                 report.tables_swapped += 1;
             }
+            // The mode's parameters are in place before the service entry that names the mode.
+            let mode = mode_info_of(config, service);
+            if previous.as_ref().map(|p| p.mode) != Some(mode) {
+                let mut modes: Array<&mut MapData, ModeInfo> = Array::try_from(
+                    self.ebpf
+                        .map_mut("SERVICE_MODES")
+                        .context("SERVICE_MODES map")?,
+                )?;
+                modes.set(id, mode, 0).context("writing SERVICE_MODES")?;
+            }
+            if service.mode != ForwardingMode::Dnat {
+                for backend in &service.backends {
+                    self.neighbours.warm(backend.address);
+                }
+            }
             if previous.as_ref().map(|p| p.info) != Some(info) {
                 let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
                     HashMap::try_from(self.ebpf.map_mut("SERVICES").context("SERVICES map")?)?;
@@ -269,7 +289,8 @@ impl Datapath {
                 debug!(service = %service.name, vip = %service.vip, port = service.port,
                        slots = info.table_size, "service programmed");
             }
-            self.services.insert(key, ProgrammedService { info, table });
+            self.services
+                .insert(key, ProgrammedService { info, table, mode });
         }
 
         // 3. Services no longer wanted.
@@ -396,6 +417,14 @@ impl Datapath {
         Ok(conntrack.keys().filter(|k| k.is_ok()).count() as u64)
     }
 
+    /// Number of reply translations (`NAT_REPLY` entries: DNAT and SNAT flows; DSR writes none).
+    /// Walks the keys, like [`Datapath::conntrack_entries`].
+    pub fn nat_reply_entries(&self) -> Result<u64> {
+        let replies: HashMap<&MapData, FlowKey, NatReply> =
+            HashMap::try_from(self.ebpf.map("NAT_REPLY").context("NAT_REPLY map")?)?;
+        Ok(replies.keys().filter(|k| k.is_ok()).count() as u64)
+    }
+
     /// Sum over CPUs of every datapath counter.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         let counters: PerCpuArray<_, u64> =
@@ -445,6 +474,49 @@ fn mode_of(forwarding: ForwardingMode) -> u8 {
         ForwardingMode::Snat => mode::SNAT,
         ForwardingMode::DsrL2 => mode::DSR_L2,
         ForwardingMode::DsrIpip => mode::DSR_IPIP,
+    }
+}
+
+/// `SERVICE_MODES` entry of `service`: its source address (SNAT, DSR-IPIP) and SNAT port range.
+fn mode_info_of(config: &Config, service: &Service) -> ModeInfo {
+    match config.mode_source(service) {
+        None => ModeInfo::default(),
+        Some(source) => {
+            let ports = config.node.snat_ports;
+            ModeInfo {
+                source: Addr::from_ip(source),
+                port_first: ports.first,
+                _pad: 0,
+                port_count: (ports.last - ports.first) as u32 + 1,
+            }
+        }
+    }
+}
+
+/// Makes the node resolve the MAC address of backends of non-DNAT services, which the datapath sends
+/// to with `bpf_fib_lookup` and cannot resolve by itself: DSR L2 drops packets to a backend without
+/// a neighbour entry. One empty UDP datagram to the discard port (9) per new backend address makes
+/// the kernel resolve it (ARP / neighbour discovery); entries then stay usable (stale entries count)
+/// while the node has few neighbours, and health checks keep them fresh.
+#[derive(Default)]
+struct Neighbours {
+    warmed: std::collections::HashSet<IpAddr>,
+}
+
+impl Neighbours {
+    fn warm(&mut self, address: IpAddr) {
+        if !self.warmed.insert(address) {
+            return;
+        }
+        let bind: std::net::SocketAddr = if address.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sent = std::net::UdpSocket::bind(bind).and_then(|s| s.send_to(&[], (address, 9)));
+        if let Err(err) = sent {
+            debug!(%address, error = %err, "neighbour warm-up datagram not sent");
+        }
     }
 }
 

@@ -4,6 +4,8 @@
 pub mod agent;
 pub mod config;
 pub mod datapath;
+pub mod decap;
+pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod k8s;

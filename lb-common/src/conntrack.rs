@@ -40,18 +40,29 @@ pub struct ConntrackEntry {
     /// `bpf_ktime_get_ns` of the last packet.
     pub last_seen_ns: u64,
     pub state: u8,
-    pub _pad: [u8; 7],
+    pub _pad0: u8,
+    /// SNAT flows: the node's source port allocated to the flow (network byte order); 0 otherwise.
+    pub snat_port: u16,
+    pub _pad: [u8; 4],
 }
 
-/// Value of the `NAT_REPLY` LRU map, keyed by the backend → client [`FlowKey`] of a DNAT flow: the
-/// VIP and port that the reply's source is rewritten to.
+/// Value of the `NAT_REPLY` LRU map, keyed by the reply's [`FlowKey`] as it arrives from the backend:
+/// backend → client for DNAT, backend → node address and allocated port for SNAT. The reply's source
+/// is rewritten to the VIP and port; for SNAT its destination also goes back to the client and port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatReply {
     pub vip: Addr,
     pub vip_port: u16,
-    pub _pad: [u8; 2],
+    /// `service::mode::DNAT` or `service::mode::SNAT`.
+    pub mode: u8,
+    pub _pad: u8,
     pub service_id: u32,
+    /// SNAT: the client address and port the reply goes back to (unused for DNAT: the reply is
+    /// already addressed to the client).
+    pub client: Addr,
+    pub client_port: u16,
+    pub _pad2: [u8; 6],
 }
 
 #[cfg(feature = "user")]
@@ -71,6 +82,6 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<ConntrackEntry>(), 24);
-        assert_eq!(core::mem::size_of::<NatReply>(), 24);
+        assert_eq!(core::mem::size_of::<NatReply>(), 48);
     }
 }

@@ -26,13 +26,19 @@ macro_rules! counters {
 counters! {
     /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): passed to the stack.
     PassNotIp = 0 => "pass_not_ip",
-    /// IPv4 with options: passed untouched rather than mis-balanced.
+    /// IPv4 with a source-route option (LSRR/SSRR: the destination is not the final one), options
+    /// that do not parse, or more options than the datapath walks: passed untouched, for the stack
+    /// to route or reject. Other options are carried through the rewrite untouched.
     PassIpv4Options = 1 => "pass_ipv4_options",
-    /// An IPv4 fragment: passed untouched (fragment tracking comes later).
+    /// A fragment that is not balanced: a later fragment (IPv4 or IPv6) whose datagram's first
+    /// fragment was not balanced (not VIP traffic, or not seen yet, lost, or its entry evicted or
+    /// expired), or a fragment of a protocol other than TCP/UDP: passed untouched.
     PassFragment = 2 => "pass_fragment",
-    /// IPv6 with extension headers before TCP/UDP: passed untouched.
+    /// IPv6 with an extension header the datapath does not walk (AH, mobility, HIP, shim6, a
+    /// routing header with segments left, or more than 4 headers before TCP/UDP): passed untouched.
+    /// Hop-by-hop, destination options, fragment and finished routing headers are walked.
     PassIpv6ExtensionHeader = 3 => "pass_ipv6_extension_header",
-    /// Neither TCP nor UDP: passed.
+    /// Neither TCP nor UDP, nor an ICMP error (ICMP echo, neighbour discovery, ESP, ...): passed.
     PassNotTcpUdp = 4 => "pass_not_tcp_udp",
     /// TCP/UDP that is neither to a VIP nor a tracked reply: passed.
     PassNotService = 5 => "pass_not_service",
@@ -54,6 +60,63 @@ counters! {
     ConntrackBackendGone = 12 => "conntrack_backend_gone",
     /// The Maglev table slot or backend could not be read (a table being replaced): dropped.
     DropTableMiss = 13 => "drop_table_miss",
+    /// A backend's reply to a SNAT flow: node address and port → client, backend → VIP.
+    SnatReplyTranslated = 14 => "snat_reply_translated",
+    /// A new SNAT flow found every candidate source port taken (`modes::snat::ALLOCATION_ATTEMPTS`
+    /// tries): dropped. Widen `node.snat_ports` or add SNAT addresses.
+    DropSnatPortsExhausted = 15 => "drop_snat_ports_exhausted",
+    /// A new SNAT flow took over a port whose reply entry belonged to a flow that has ended.
+    SnatPortReclaimed = 16 => "snat_port_reclaimed",
+    /// A SNAT or DSR-IPIP service without a source address in `SERVICE_MODES`: dropped.
+    DropModeUnconfigured = 17 => "drop_mode_unconfigured",
+    /// Sent out of another interface (`bpf_redirect`) after a `bpf_fib_lookup` (SNAT, DSR).
+    XmitRedirect = 18 => "xmit_redirect",
+    /// Sent back out of the interface it came in on (`XDP_TX`) after a `bpf_fib_lookup`.
+    XmitTx = 19 => "xmit_tx",
+    /// SNAT or IPIP packet whose next hop has no neighbour entry yet: the finished packet goes to
+    /// the kernel, which resolves the neighbour and sends it (later packets take the fast path).
+    PassFibNoNeigh = 20 => "pass_fib_no_neigh",
+    /// SNAT or IPIP packet the fast path cannot send (no route, forwarding disabled, needs
+    /// fragmenting, TTL expiring): the finished packet goes to the kernel, which routes it or
+    /// answers with ICMP.
+    PassFibFailed = 21 => "pass_fib_failed",
+    /// DSR L2: the backend has no neighbour entry on the node. Dropped (the unchanged packet to the
+    /// VIP must not reach the node's stack); the agent resolves backends' neighbours.
+    DropDsrNoNeigh = 22 => "drop_dsr_no_neigh",
+    /// DSR L2: no route to the backend (unreachable, blackhole, forwarding disabled): dropped.
+    DropDsrNoRoute = 23 => "drop_dsr_no_route",
+    /// DSR L2: the backend is behind a gateway, not on a segment shared with the node: dropped.
+    DropDsrNotOnLink = 24 => "drop_dsr_not_on_link",
+    /// DSR IPIP: the encapsulated packet exceeds the egress MTU: dropped. Give the links to
+    /// backends 20 (IPv4) / 40 (IPv6) bytes of MTU headroom, or clamp the TCP MSS.
+    DropEncapTooBig = 25 => "drop_encap_too_big",
+    /// DSR IPIP: no headroom for the outer header (`bpf_xdp_adjust_head` failed): dropped.
+    DropEncapFailed = 26 => "drop_encap_failed",
+    /// `lb_decap`: outer IPv4 header removed.
+    DecapOuterIpv4 = 27 => "decap_outer_ipv4",
+    /// `lb_decap`: outer IPv6 header removed.
+    DecapOuterIpv6 = 28 => "decap_outer_ipv6",
+    /// `lb_decap`: not an IP-in-IP packet: passed untouched.
+    DecapPassNotEncapsulated = 29 => "decap_pass_not_encapsulated",
+    /// `lb_decap`: encapsulated, but the outer source is not a configured balancer or the outer
+    /// destination not a configured local address: dropped.
+    DecapDropUnknownEndpoint = 30 => "decap_drop_unknown_endpoint",
+    /// An ICMP/ICMPv6 error about a DNAT flow's reply (quoting VIP → client, sent to the VIP, e.g.
+    /// fragmentation needed from a router on the client's path): sent to the flow's backend with
+    /// the quote translated back to the packet the backend sent.
+    IcmpErrorToBackend = 31 => "icmp_error_to_backend",
+    /// An ICMP/ICMPv6 error about a client's packet on its way to a backend (quoting client →
+    /// backend, e.g. port unreachable from the backend): translated to the VIP's view and sent on
+    /// to the client.
+    IcmpErrorToClient = 32 => "icmp_error_to_client",
+    /// An ICMP/ICMPv6 error whose quote is not a tracked DNAT flow (other traffic, a flow that has
+    /// ended, another forwarding mode, a quote without ports): passed untouched.
+    PassIcmpErrorUntracked = 33 => "pass_icmp_error_untracked",
+    /// The first fragment of a balanced datagram (also counted by its forward or reply reason):
+    /// its addresses are recorded for the datagram's later fragments.
+    FragmentTracked = 34 => "fragment_tracked",
+    /// A later fragment of a tracked datagram, given the addresses of its first fragment.
+    ForwardFragment = 35 => "forward_fragment",
 }
 
 impl Counter {

@@ -9,6 +9,9 @@ pub mod checksum;
 pub mod conntrack;
 pub mod counters;
 pub mod flow_hash;
+pub mod fragments;
+pub mod icmp;
+pub mod modes;
 pub mod policy;
 pub mod service;
 

@@ -3,7 +3,7 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    conntrack::{state, timeouts, ConntrackEntry, FlowKey, NatReply},
+    conntrack::{state, timeouts, ConntrackEntry},
     counters::Counter,
     protocol,
     service::{mode, Backend, ServiceInfo},
@@ -11,14 +11,24 @@ use lb_common::{
 
 use crate::{
     maglev,
-    maps::{add_traffic, count, BACKENDS, BACKEND_STATS, CONNTRACK, NAT_REPLY, SERVICE_STATS},
+    maps::{
+        add_traffic, count, scratch, BACKENDS, BACKEND_STATS, CONNTRACK, NAT_REPLY, SERVICE_STATS,
+    },
+    mem,
     packet::{tcp_flags, Flow},
+    snat,
 };
 
+/// Where a flow goes: its backend and, for SNAT, its source port on the node (network byte order).
+pub struct Chosen {
+    pub backend: Backend,
+    pub snat_port: u16,
+}
+
 /// The backend for `flow`: the tracked one while the entry is live, else a new choice (tracked from
-/// now on). `Err` names the drop reason.
+/// now on; a new SNAT flow also gets its source port). `Err` names the drop reason.
 #[inline(always)]
-pub fn backend_for(flow: &Flow, service: &ServiceInfo) -> Result<Backend, Counter> {
+pub fn backend_for(flow: &Flow, service: &ServiceInfo) -> Result<Chosen, Counter> {
     // The coarse clock (updated every tick) is plenty for idle timeouts of seconds, and much cheaper.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let is_tcp = flow.key.protocol == protocol::TCP;
@@ -40,7 +50,10 @@ pub fn backend_for(flow: &Flow, service: &ServiceInfo) -> Result<Backend, Counte
                     add_traffic(&SERVICE_STATS, service.id, flow.len, false);
                     add_traffic(&BACKEND_STATS, entry.backend_id, flow.len, false);
                     count(Counter::ForwardConntrackHit);
-                    return Ok(*backend);
+                    return Ok(Chosen {
+                        backend: *backend,
+                        snat_port: entry.snat_port,
+                    });
                 }
             }
             count(Counter::ConntrackBackendGone);
@@ -56,46 +69,58 @@ pub fn backend_for(flow: &Flow, service: &ServiceInfo) -> Result<Backend, Counte
             Counter::DropTableMiss
         });
     };
+    let snat_port = if service.mode == mode::SNAT {
+        snat::allocate(flow, service, &backend, now)?
+    } else {
+        0
+    };
     let entry = ConntrackEntry {
         backend_id,
         service_id: service.id,
         last_seen_ns: now,
         state: if closing { state::CLOSING } else { state::OPEN },
-        _pad: [0; 7],
+        _pad0: 0,
+        snat_port,
+        _pad: [0; 4],
     };
     // An LRU insert evicts the least recently used entry when full, so it only fails on memory
     // pressure; the flow is still forwarded (by the table) either way.
     let _ = CONNTRACK.insert(&flow.key, &entry, 0);
-    if service.mode == mode::DNAT {
-        let reply_key = FlowKey {
-            src: backend.addr,
-            dst: flow.key.src,
-            src_port: if backend.port == 0 {
-                flow.key.dst_port
-            } else {
-                backend.port
-            },
-            dst_port: flow.key.src_port,
-            protocol: flow.key.protocol,
-            family: flow.key.family,
-            _pad: [0; 2],
+    // The reply entry is built in per-CPU scratch space: the stack is needed by the other paths.
+    let dnat_scratch = if service.mode == mode::DNAT {
+        scratch()
+    } else {
+        None
+    };
+    if let Some(scratch) = dnat_scratch {
+        let reply_key = &mut scratch.reply_key;
+        reply_key.src = backend.addr;
+        reply_key.dst = flow.key.src;
+        reply_key.src_port = if backend.port == 0 {
+            flow.key.dst_port
+        } else {
+            backend.port
         };
-        let reply = NatReply {
-            vip: flow.key.dst,
-            vip_port: flow.key.dst_port,
-            _pad: [0; 2],
-            service_id: service.id,
-        };
-        let _ = NAT_REPLY.insert(&reply_key, &reply, 0);
+        reply_key.dst_port = flow.key.src_port;
+        reply_key.protocol = flow.key.protocol;
+        reply_key.family = flow.key.family;
+        reply_key._pad = [0; 2];
+        let reply = &mut scratch.reply;
+        mem::zero(reply);
+        reply.vip = flow.key.dst;
+        reply.vip_port = flow.key.dst_port;
+        reply.mode = mode::DNAT;
+        reply.service_id = service.id;
+        let _ = NAT_REPLY.insert(&*reply_key, &*reply, 0);
     }
     add_traffic(&SERVICE_STATS, service.id, flow.len, true);
     add_traffic(&BACKEND_STATS, backend_id, flow.len, true);
     count(Counter::ForwardNewFlow);
-    Ok(backend)
+    Ok(Chosen { backend, snat_port })
 }
 
 #[inline(always)]
-fn expired(entry: &ConntrackEntry, now: u64, is_tcp: bool) -> bool {
+pub(crate) fn expired(entry: &ConntrackEntry, now: u64, is_tcp: bool) -> bool {
     let timeout = if entry.state == state::CLOSING {
         timeouts::CLOSING_NS
     } else if is_tcp {

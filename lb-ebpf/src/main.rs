@@ -1,6 +1,8 @@
 //! The XDP datapath. Follow a packet in file order: `packet` (parse) → `service` (VIP lookup) →
 //! `conntrack` (existing flow?) → `maglev` (backend for a new flow) → `nat` (rewrite) → verdict here.
-//! Replies from backends take `reply` instead of `service`.
+//! Replies from backends take `reply` instead of `service`. Services in other forwarding modes leave
+//! through `snat` or `dsr` instead of `nat`, with the next hop from `xmit`; `decap` is the separate
+//! program for DSR IPIP backends.
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: by value would copy them (up to 40 bytes) on the
@@ -8,15 +10,22 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod conntrack;
+mod decap;
+mod dsr;
+mod fragments;
+mod icmp;
 mod maglev;
 mod maps;
+mod mem;
 mod nat;
 mod packet;
 mod reply;
 mod service;
+mod snat;
+mod xmit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::counters::Counter;
+use lb_common::{counters::Counter, service::mode};
 
 use crate::{
     maps::count,
@@ -29,6 +38,8 @@ use crate::{
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let flow = match parse(&ctx) {
         Parsed::Flow(flow) => flow,
+        Parsed::Fragment(fragment) => return fragments::forward(&ctx, &fragment),
+        Parsed::Icmp { family, offset } => return icmp::handle(&ctx, family, offset),
         Parsed::Pass(reason) => {
             count(reason);
             return xdp_action::XDP_PASS;
@@ -41,10 +52,18 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
     if let Some(service) = service::lookup(&flow) {
         return match conntrack::backend_for(&flow, &service) {
-            Ok(backend) => {
-                nat::to_backend(&ctx, &flow, &backend);
+            Ok(chosen) if service.mode == mode::DNAT => {
+                nat::to_backend(&ctx, &flow, &chosen.backend);
+                fragments::track_first(&ctx, &flow);
                 xdp_action::XDP_PASS
             }
+            Ok(chosen) => match service.mode {
+                mode::SNAT => {
+                    snat::forward(&ctx, &flow, &service, &chosen.backend, chosen.snat_port)
+                }
+                mode::DSR_L2 => dsr::l2(&ctx, &flow, &chosen.backend),
+                _ => dsr::ipip(&ctx, &flow, &service, &chosen.backend),
+            },
             Err(reason) => {
                 count(reason);
                 xdp_action::XDP_DROP
@@ -52,9 +71,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         };
     }
 
-    if reply::translate(&ctx, &flow) {
-        count(Counter::ReplyTranslated);
-        return xdp_action::XDP_PASS;
+    if let Some(action) = reply::translate(&ctx, &flow) {
+        fragments::track_first(&ctx, &flow);
+        return action;
     }
 
     count(Counter::PassNotService);

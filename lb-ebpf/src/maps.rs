@@ -2,7 +2,7 @@
 //! `lb_common::service::limits` (conntrack sizes can be changed by the agent at load time).
 
 use aya_ebpf::{
-    bindings::BPF_F_INNER_MAP,
+    bindings::{bpf_fib_lookup, BPF_F_INNER_MAP},
     btf_maps::{Array as BtfArray, ArrayOfMaps},
     macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -10,6 +10,10 @@ use aya_ebpf::{
 use lb_common::{
     conntrack::{ConntrackEntry, FlowKey, NatReply},
     counters::Counter,
+    modes::{
+        decap::{self, EndpointKey},
+        ModeInfo,
+    },
     service::{limits, Backend, ServiceInfo, ServiceKey, TrafficStats},
 };
 
@@ -40,6 +44,40 @@ pub static CONNTRACK: LruHashMap<FlowKey, ConntrackEntry> =
 #[map(name = "NAT_REPLY")]
 pub static NAT_REPLY: LruHashMap<FlowKey, NatReply> =
     LruHashMap::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Service id → what SNAT and DSR-IPIP need beyond `ServiceInfo` (source address, port range).
+/// Written by the agent before the service's `SERVICES` entry; read only by those modes.
+#[map(name = "SERVICE_MODES")]
+pub static SERVICE_MODES: Array<ModeInfo> = Array::with_max_entries(limits::MAX_SERVICES, 0);
+
+/// `lb_decap` (backends): the balancers it accepts encapsulated packets from and the local
+/// addresses it decapsulates for; an all-zero address is the wildcard of its family and role.
+#[map(name = "DECAP_ENDPOINTS")]
+pub static DECAP_ENDPOINTS: HashMap<EndpointKey, u8> =
+    HashMap::with_max_entries(decap::MAX_ENDPOINTS, 0);
+
+/// Per-CPU scratch space of the SNAT and DSR paths: structures too big for the 512-byte BPF stack,
+/// which the main path mostly uses already. One entry; a program run never changes CPU.
+#[map(name = "MODE_SCRATCH")]
+pub static MODE_SCRATCH: PerCpuArray<ModeScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct ModeScratch {
+    /// `bpf_fib_lookup` parameters and results (xmit.rs).
+    pub fib: bpf_fib_lookup,
+    /// SNAT port allocation (snat.rs): the reply key being claimed, its value, and the conntrack
+    /// key of a taken port's owner.
+    pub reply_key: FlowKey,
+    pub reply: NatReply,
+    pub owner: FlowKey,
+}
+
+/// This CPU's scratch space.
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut ModeScratch> {
+    // SAFETY: per-CPU slot, only this program run on this CPU uses it.
+    MODE_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -73,3 +111,11 @@ pub fn add_traffic(stats: &PerCpuArray<TrafficStats>, index: u32, bytes: u64, ne
         }
     }
 }
+
+/// First fragment of a balanced datagram (as it arrived) → the addresses it left with, for the
+/// datagram's later fragments, which carry no ports (`fragments.rs`).
+#[map(name = "FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<
+    lb_common::fragments::FragmentKey,
+    lb_common::fragments::FragmentEntry,
+> = LruHashMap::with_max_entries(lb_common::fragments::limits::MAX_TRACKED_DATAGRAMS, 0);

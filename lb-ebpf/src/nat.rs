@@ -1,9 +1,12 @@
 //! Address and port rewrites with incremental checksum updates (IPv4 header, TCP/UDP including the
 //! pseudo-header). IPv6 has no header checksum; its L4 checksum covers all 16 address bytes.
+//! SNAT rewrites both ends, one after the other: each update is incremental on the previous one.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    checksum, protocol,
+    checksum,
+    conntrack::NatReply,
+    protocol,
     service::{family, Addr, Backend},
 };
 
@@ -51,6 +54,44 @@ pub fn rewrite_source(ctx: &XdpContext, flow: &Flow, vip: &Addr, vip_port: u16) 
         flow.key.src_port,
         vip_port,
         true,
+    );
+}
+
+/// SNAT towards the backend: the source becomes the node address and the flow's allocated port, the
+/// destination the backend (as for DNAT).
+#[inline(always)]
+pub fn snat_to_backend(
+    ctx: &XdpContext,
+    flow: &Flow,
+    source: &Addr,
+    source_port: u16,
+    backend: &Backend,
+) {
+    rewrite(
+        ctx,
+        flow,
+        &flow.key.src,
+        source,
+        flow.key.src_port,
+        source_port,
+        true,
+    );
+    to_backend(ctx, flow, backend);
+}
+
+/// Reply of a SNAT flow: the source becomes the VIP and its port, the destination the client and
+/// its port.
+#[inline(always)]
+pub fn snat_reply(ctx: &XdpContext, flow: &Flow, reply: &NatReply) {
+    rewrite_source(ctx, flow, &reply.vip, reply.vip_port);
+    rewrite(
+        ctx,
+        flow,
+        &flow.key.dst,
+        &reply.client,
+        flow.key.dst_port,
+        reply.client_port,
+        false,
     );
 }
 

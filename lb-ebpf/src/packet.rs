@@ -1,9 +1,31 @@
-//! Bounds-checked parsing of Ethernet / IPv4 or IPv6 / TCP or UDP into a [`Flow`].
+//! Bounds-checked parsing of Ethernet / IPv4 or IPv6 / TCP or UDP into a [`Flow`]; later IP
+//! fragments and ICMP errors, which carry no ports of their own, come out as their own cases
+//! (handled by `fragments` and `icmp`).
+//!
+//! What is balanced and what is left to the stack:
+//! - IPv4 options: walked (at most [`MAX_IPV4_OPTIONS`]) and carried through untouched, since the
+//!   rewrite changes only addresses, ports and checksums. Source routes (LSRR/SSRR: the destination
+//!   is only the next hop) and options that do not parse are passed, counted `pass_ipv4_options`.
+//! - IPv6 extension headers: hop-by-hop, destination options, fragment and routing headers with no
+//!   segments left are walked (at most [`MAX_IPV6_EXTENSION_HEADERS`]) to the TCP/UDP header; the
+//!   rewrite changes only the fixed header's addresses and the L4 header. A routing header with
+//!   segments left (the destination is not the final one), AH (a rewrite would break its integrity
+//!   check), mobility, HIP and shim6 are passed, counted `pass_ipv6_extension_header`.
+//! - Fragments: a first fragment is a [`Flow`] like any packet (it has the ports; `fragments`
+//!   recognises it again after the rewrite, from its header); later fragments are
+//!   [`Parsed::Fragment`]. Fragments of other protocols pass, counted `pass_fragment`.
+//! - ICMP/ICMPv6 are [`Parsed::Icmp`]: `icmp` translates errors about DNAT flows and passes the rest.
+//!
+//! The fast path (TCP/UDP right after a 20-byte IPv4 or 40-byte IPv6 header, not fragmented) costs
+//! the same compares as before; the walks and the ICMP and fragment handling are separate BPF
+//! functions, so their stack does not add to `lb_xdp`'s.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     conntrack::FlowKey,
     counters::Counter,
+    fragments::{field, ipv4_position, ipv6_position, Position},
+    icmp::{PROTOCOL_ICMP, PROTOCOL_ICMPV6},
     protocol,
     service::{family, Addr},
 };
@@ -14,13 +36,16 @@ use network_types::{
     udp::UdpHdr,
 };
 
+use crate::fragments::Fragment;
+
 /// A TCP or UDP packet: its 5-tuple and where to rewrite it.
 pub struct Flow {
     /// Addresses, ports (network byte order), protocol and family, as on the wire.
     pub key: FlowKey,
     /// Start of the IP header.
     pub l3: usize,
-    /// Start of the TCP/UDP header (ports are its first 4 bytes).
+    /// Start of the TCP/UDP header (ports are its first 4 bytes), after any IPv4 options or IPv6
+    /// extension headers.
     pub l4: usize,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
@@ -37,9 +62,22 @@ pub mod tcp_flags {
 
 pub enum Parsed {
     Flow(Flow),
+    /// A fragment after the first: no ports, forwarded like its datagram's first fragment.
+    Fragment(Fragment),
+    /// An ICMP (`family` IPv4) or ICMPv6 message starting at `offset` of the frame.
+    Icmp {
+        family: u8,
+        offset: usize,
+    },
     Pass(Counter),
     Drop(Counter),
 }
+
+/// IPv4 options walked before giving up (40 bytes of options; real packets carry one or two).
+pub const MAX_IPV4_OPTIONS: usize = 8;
+/// IPv6 extension headers walked before giving up (hop-by-hop, routing, fragment and destination
+/// options fit).
+pub const MAX_IPV6_EXTENSION_HEADERS: usize = 4;
 
 /// Returns the address of a `T` at `offset`, or `None` if it does not fit in the packet.
 #[inline(always)]
@@ -52,7 +90,40 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<usize> {
     Some(start + offset)
 }
 
-const IPV4_MORE_FRAGMENTS_OR_OFFSET: u16 = 0x3fff;
+/// The packet's extent as read by a separate BPF function (`#[inline(never)]`): with volatile reads,
+/// which LLVM cannot hoist into the callers. Hoisted, the function would receive packet pointers as
+/// arguments and zero-extend them (`xdp_md`'s fields are `u32`), pointer arithmetic the verifier
+/// rejects.
+#[derive(Clone, Copy)]
+pub struct Extent {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Extent {
+    #[inline(always)]
+    pub fn of(ctx: &XdpContext) -> Self {
+        // SAFETY: `ctx.ctx` is the program's context, valid while it runs.
+        unsafe {
+            Self {
+                start: core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+                end: core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+            }
+        }
+    }
+
+    /// [`ptr_at`] within this extent.
+    #[inline(always)]
+    pub fn ptr_at<T>(&self, offset: usize) -> Option<usize> {
+        if self.start + offset + core::mem::size_of::<T>() > self.end {
+            return None;
+        }
+        Some(self.start + offset)
+    }
+}
+
+/// `version 4, IHL 5`: no options, the common case, checked with one compare.
+const IPV4_NO_OPTIONS: u8 = 0x45;
 
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Parsed {
@@ -62,23 +133,39 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     // SAFETY (all header reads below): every address was bounds-checked by ptr_at.
     let ether_type = unsafe { (*(eth as *const EthHdr)).ether_type };
     let mut key = FlowKey::default();
+    let mut first_fragment = None;
     let (l4_offset, proto) = if ether_type == EtherType::Ipv4 as u16 {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
             return Parsed::Drop(Counter::DropMalformed);
         };
         let ip = unsafe { &*(ip as *const Ipv4Hdr) };
-        // Options shift the L4 header; fragments after the first carry no ports. Neither is
-        // balanced here: both go to the stack untouched and counted.
-        if ip.vihl != 0x45 {
-            return Parsed::Pass(Counter::PassIpv4Options);
-        }
-        if u16::from_be_bytes(ip.frags) & IPV4_MORE_FRAGMENTS_OR_OFFSET != 0 {
-            return Parsed::Pass(Counter::PassFragment);
-        }
         key.family = family::IPV4;
         key.src = Addr::from_v4_word(u32::from_ne_bytes(ip.src_addr));
         key.dst = Addr::from_v4_word(u32::from_ne_bytes(ip.dst_addr));
-        (EthHdr::LEN + Ipv4Hdr::LEN, ip.proto)
+        let header_len = if ip.vihl == IPV4_NO_OPTIONS {
+            Ipv4Hdr::LEN
+        } else {
+            match ipv4_header_len(ctx, ip.vihl) {
+                Ok(len) => len,
+                Err(parsed) => return parsed,
+            }
+        };
+        let flags_offset = u16::from_be_bytes(ip.frags);
+        if flags_offset & (field::IPV4_MORE_FRAGMENTS | field::IPV4_OFFSET) != 0 {
+            let id = u16::from_ne_bytes(ip.id) as u32;
+            if ipv4_position(flags_offset) == Position::Later {
+                if ip.proto != protocol::TCP && ip.proto != protocol::UDP {
+                    return Parsed::Pass(Counter::PassFragment);
+                }
+                return Parsed::Fragment(Fragment {
+                    family: family::IPV4,
+                    protocol: ip.proto,
+                    id,
+                });
+            }
+            first_fragment = Some(id);
+        }
+        (EthHdr::LEN + header_len, ip.proto)
     } else if ether_type == EtherType::Ipv6 as u16 {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
             return Parsed::Drop(Counter::DropMalformed);
@@ -87,31 +174,67 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         key.family = family::IPV6;
         key.src = addr6(&ip.src_addr);
         key.dst = addr6(&ip.dst_addr);
-        (EthHdr::LEN + Ipv6Hdr::LEN, ip.next_hdr)
+        let next = ip.next_hdr;
+        if next == protocol::TCP || next == protocol::UDP {
+            (EthHdr::LEN + Ipv6Hdr::LEN, next)
+        } else {
+            let walk = ipv6_extension_headers(ctx, next);
+            match walk.outcome() {
+                Ipv6Walk::UPPER_LAYER => {
+                    first_fragment = walk.first_fragment();
+                    (walk.offset(), walk.next())
+                }
+                Ipv6Walk::LATER_FRAGMENT => {
+                    return Parsed::Fragment(Fragment {
+                        family: family::IPV6,
+                        protocol: 0,
+                        id: walk.id(),
+                    })
+                }
+                Ipv6Walk::NOT_WALKED => return Parsed::Pass(Counter::PassIpv6ExtensionHeader),
+                _ => return Parsed::Drop(Counter::DropMalformed),
+            }
+        }
     } else {
         return Parsed::Pass(Counter::PassNotIp);
     };
 
-    let tcp_flags = match proto {
+    // The L4 address is the one bounds-checked here: the verifier tracks the check on that pointer,
+    // and the offset is not a constant when options or extension headers precede the L4 header.
+    let (l4, tcp_flags) = match proto {
         protocol::TCP => {
             let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_offset) else {
                 return Parsed::Drop(Counter::DropMalformed);
             };
             // Byte 13 of the TCP header holds CWR..FIN.
-            unsafe { *((tcp + 13) as *const u8) }
+            (tcp, unsafe { *((tcp + 13) as *const u8) })
         }
         protocol::UDP => {
-            if ptr_at::<UdpHdr>(ctx, l4_offset).is_none() {
+            let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_offset) else {
                 return Parsed::Drop(Counter::DropMalformed);
+            };
+            (udp, 0)
+        }
+        // A fragmented ICMP message (never an error in practice: errors are small) is not
+        // translated; neither is anything else that is fragmented and not TCP/UDP.
+        _ if first_fragment.is_some() => return Parsed::Pass(Counter::PassFragment),
+        PROTOCOL_ICMP if key.family == family::IPV4 => {
+            return Parsed::Icmp {
+                family: key.family,
+                offset: l4_offset,
             }
-            0
+        }
+        PROTOCOL_ICMPV6 if key.family == family::IPV6 => {
+            return Parsed::Icmp {
+                family: key.family,
+                offset: l4_offset,
+            }
         }
         _ if key.family == family::IPV6 && is_ipv6_extension(proto) => {
             return Parsed::Pass(Counter::PassIpv6ExtensionHeader)
         }
         _ => return Parsed::Pass(Counter::PassNotTcpUdp),
     };
-    let l4 = ctx.data() + l4_offset;
     let ports = unsafe { &*(l4 as *const [[u8; 2]; 2]) };
     key.src_port = u16::from_ne_bytes(ports[0]);
     key.dst_port = u16::from_ne_bytes(ports[1]);
@@ -123,6 +246,170 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         tcp_flags,
         len: (ctx.data_end() - ctx.data()) as u64,
     })
+}
+
+/// IPv4 option kinds (RFC 791).
+mod ipv4_option {
+    pub const END: u8 = 0;
+    pub const NOP: u8 = 1;
+    pub const LOOSE_SOURCE_ROUTE: u8 = 0x83;
+    pub const STRICT_SOURCE_ROUTE: u8 = 0x89;
+}
+
+/// Length of an IPv4 header that is not plain 20 bytes, after checking its options; `Err` is what
+/// to do with the packet instead.
+#[inline(always)]
+fn ipv4_header_len(ctx: &XdpContext, vihl: u8) -> Result<usize, Parsed> {
+    let len = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || len < Ipv4Hdr::LEN {
+        return Err(Parsed::Drop(Counter::DropMalformed));
+    }
+    let end = EthHdr::LEN + len;
+    let mut offset = EthHdr::LEN + Ipv4Hdr::LEN;
+    for _ in 0..MAX_IPV4_OPTIONS {
+        if offset == end {
+            return Ok(len);
+        }
+        if offset > end {
+            // The last option runs past the header.
+            return Err(Parsed::Pass(Counter::PassIpv4Options));
+        }
+        let Some(kind) = ptr_at::<[u8; 2]>(ctx, offset) else {
+            return Err(Parsed::Drop(Counter::DropMalformed));
+        };
+        // SAFETY: bounds checked by ptr_at (an option other than END and NOP has a length byte;
+        // END and NOP are followed by more header or by the L4 header the caller needs anyway).
+        let [kind, option_len] = unsafe { *(kind as *const [u8; 2]) };
+        match kind {
+            ipv4_option::END => return Ok(len),
+            ipv4_option::NOP => offset += 1,
+            ipv4_option::LOOSE_SOURCE_ROUTE | ipv4_option::STRICT_SOURCE_ROUTE => {
+                return Err(Parsed::Pass(Counter::PassIpv4Options))
+            }
+            _ if option_len < 2 => return Err(Parsed::Pass(Counter::PassIpv4Options)),
+            _ => offset += option_len as usize,
+        }
+    }
+    if offset == end {
+        Ok(len)
+    } else {
+        // Options running past the header, or more of them than walked.
+        Err(Parsed::Pass(Counter::PassIpv4Options))
+    }
+}
+
+/// IPv6 extension header numbers the walk steps over.
+mod ipv6_extension {
+    pub const HOP_BY_HOP: u8 = 0;
+    pub const ROUTING: u8 = 43;
+    pub const FRAGMENT: u8 = 44;
+    pub const DESTINATION_OPTIONS: u8 = 60;
+}
+
+/// What [`ipv6_extension_headers`] found, packed into one 64-bit register: the walk is a separate
+/// BPF function (its loop then takes nothing from `lb_xdp`'s stack frame), and a register is what a
+/// BPF function returns. Bits 0..4: outcome; bit 4: first fragment; 8..16: next header; 16..30:
+/// offset of the upper-layer header; 32..64: fragment identification.
+#[derive(Clone, Copy)]
+pub struct Ipv6Walk(u64);
+
+impl Ipv6Walk {
+    /// Found the upper-layer header (TCP, UDP, ICMPv6, or anything else not walked).
+    pub const UPPER_LAYER: u64 = 0;
+    /// A fragment header with a non-zero offset: a later fragment.
+    const LATER_FRAGMENT: u64 = 1;
+    /// An extension header the datapath does not step over (see the module doc).
+    const NOT_WALKED: u64 = 2;
+    /// A header running past the end of the packet.
+    const MALFORMED: u64 = 3;
+    const FIRST_FRAGMENT: u64 = 1 << 4;
+    /// Offsets fit in 14 bits (at most 54 + 4 x 2048 bytes); the mask also bounds the offset for
+    /// the verifier once it comes back from the call.
+    const OFFSET_MASK: u64 = 0x3fff;
+
+    #[inline(always)]
+    /// `fragment_id`: the identification of the fragment header walked over, if any.
+    fn new(outcome: u64, offset: usize, next: u8, fragment_id: Option<u32>) -> Self {
+        let (flag, id) = match fragment_id {
+            Some(id) => (Self::FIRST_FRAGMENT, id),
+            None => (0, 0),
+        };
+        Self(
+            outcome
+                | flag
+                | (next as u64) << 8
+                | ((offset as u64) & Self::OFFSET_MASK) << 16
+                | (id as u64) << 32,
+        )
+    }
+
+    #[inline(always)]
+    pub fn outcome(self) -> u64 {
+        self.0 & 0xf
+    }
+
+    #[inline(always)]
+    fn next(self) -> u8 {
+        (self.0 >> 8) as u8
+    }
+
+    #[inline(always)]
+    fn offset(self) -> usize {
+        ((self.0 >> 16) & Self::OFFSET_MASK) as usize
+    }
+
+    #[inline(always)]
+    fn id(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    #[inline(always)]
+    pub fn first_fragment(self) -> Option<u32> {
+        (self.0 & Self::FIRST_FRAGMENT != 0).then_some(self.id())
+    }
+}
+
+/// Walks IPv6 extension headers from `next` (the fixed header's next header) to the upper-layer
+/// header. Only reached when that is not TCP or UDP directly.
+#[inline(never)]
+pub fn ipv6_extension_headers(ctx: &XdpContext, mut next: u8) -> Ipv6Walk {
+    let packet = Extent::of(ctx);
+    let mut offset = EthHdr::LEN + Ipv6Hdr::LEN;
+    let mut first_fragment = None;
+    for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
+        if !matches!(
+            next,
+            ipv6_extension::HOP_BY_HOP
+                | ipv6_extension::ROUTING
+                | ipv6_extension::FRAGMENT
+                | ipv6_extension::DESTINATION_OPTIONS
+        ) {
+            break;
+        }
+        // Every extension header is at least 8 bytes; the walked ones keep what is read here.
+        let Some(header) = packet.ptr_at::<[u8; 8]>(offset) else {
+            return Ipv6Walk::new(Ipv6Walk::MALFORMED, 0, 0, None);
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let header = unsafe { *(header as *const [u8; 8]) };
+        if next == ipv6_extension::FRAGMENT {
+            let id = u32::from_ne_bytes([header[4], header[5], header[6], header[7]]);
+            match ipv6_position(u16::from_be_bytes([header[2], header[3]])) {
+                Position::Later => return Ipv6Walk::new(Ipv6Walk::LATER_FRAGMENT, 0, 0, Some(id)),
+                Position::First => first_fragment = Some(id),
+                Position::Whole => {}
+            }
+            offset += 8;
+        } else {
+            // Routing header byte 3: segments left.
+            if next == ipv6_extension::ROUTING && header[3] != 0 {
+                return Ipv6Walk::new(Ipv6Walk::NOT_WALKED, 0, 0, None);
+            }
+            offset += (header[1] as usize + 1) * 8;
+        }
+        next = header[0];
+    }
+    Ipv6Walk::new(Ipv6Walk::UPPER_LAYER, offset, next, first_fragment)
 }
 
 #[inline(always)]

@@ -6,12 +6,17 @@ use crate::{maps::SERVICES, packet::Flow};
 
 #[inline(always)]
 pub fn lookup(flow: &Flow) -> Option<ServiceInfo> {
-    let mut key = ServiceKey {
+    lookup_key(ServiceKey {
         addr: flow.key.dst,
         port: flow.key.dst_port,
         protocol: flow.key.protocol,
         family: flow.key.family,
-    };
+    })
+}
+
+/// [`lookup`] for a key built elsewhere (the flow an ICMP error quotes).
+#[inline(always)]
+pub fn lookup_key(mut key: ServiceKey) -> Option<ServiceInfo> {
     // SAFETY: values are plain integers; copied out at once so a concurrent update cannot tear them.
     if let Some(info) = unsafe { SERVICES.get(&key) } {
         return Some(*info);

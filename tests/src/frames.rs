@@ -141,3 +141,174 @@ pub fn inspect(frame: &[u8]) -> Inspected {
         checksums_ok: ip_ok && l4_ok,
     }
 }
+
+// ---- ICMP errors, fragments, IPv4 options and IPv6 extension headers ----
+//
+// These start from a frame built by [`frame`] (so L4 checksums are computed in full over the whole
+// datagram) and reshape its IP layer; every IP header they write gets its checksum computed from
+// scratch too.
+
+const ETH_LEN: usize = 14;
+const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+
+/// The IP packet of a frame (everything after the Ethernet header): what an ICMP error quotes.
+pub fn ip_packet(frame: &[u8]) -> Vec<u8> {
+    frame[ETH_LEN..].to_vec()
+}
+
+/// ICMP errors, named independently of the family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpError {
+    /// IPv4: destination unreachable, fragmentation needed (type 3 code 4); IPv6: packet too big
+    /// (type 2). `mtu` is the next hop's.
+    TooBig { mtu: u16 },
+    /// Destination unreachable, port unreachable (IPv4 3/3, IPv6 1/4).
+    PortUnreachable,
+    /// Time exceeded in transit (IPv4 11/0, IPv6 3/0).
+    TimeExceeded,
+}
+
+/// An ICMP or ICMPv6 error from `from` to `to` (same family) quoting `quoted` (an IP packet, usually
+/// cut short as the sender of the error does).
+pub fn icmp_error(kind: IcmpError, from: IpAddr, to: IpAddr, quoted: &[u8]) -> Vec<u8> {
+    use etherparse::{icmpv4, icmpv6, Icmpv4Type, Icmpv6Type};
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC);
+    let mut out = Vec::new();
+    match (from, to) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let icmp_type = match kind {
+                IcmpError::TooBig { mtu } => Icmpv4Type::DestinationUnreachable(
+                    icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+                ),
+                IcmpError::PortUnreachable => {
+                    Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port)
+                }
+                IcmpError::TimeExceeded => {
+                    Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit)
+                }
+            };
+            eth.ipv4(s.octets(), d.octets(), 64)
+                .icmpv4(icmp_type)
+                .write(&mut out, quoted)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let icmp_type = match kind {
+                IcmpError::TooBig { mtu } => Icmpv6Type::PacketTooBig { mtu: mtu.into() },
+                IcmpError::PortUnreachable => {
+                    Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port)
+                }
+                IcmpError::TimeExceeded => {
+                    Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded)
+                }
+            };
+            eth.ipv6(s.octets(), d.octets(), 64)
+                .icmpv6(icmp_type)
+                .write(&mut out, quoted)
+        }
+        _ => panic!("mixed families"),
+    }
+    .expect("build ICMP error");
+    out
+}
+
+/// An ICMP (IPv4) or ICMPv6 echo request from `from` to `to`.
+pub fn echo_request(from: IpAddr, to: IpAddr) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC);
+    let mut out = Vec::new();
+    match (from, to) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth
+            .ipv4(s.octets(), d.octets(), 64)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut out, b"ping"),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth
+            .ipv6(s.octets(), d.octets(), 64)
+            .icmpv6_echo_request(7, 1)
+            .write(&mut out, b"ping"),
+        _ => panic!("mixed families"),
+    }
+    .expect("build echo request");
+    out
+}
+
+/// The datagram of `whole` (a frame built by [`frame`], without IPv4 options or IPv6 extension
+/// headers) split into fragments of `chunk` bytes of IP payload each (a multiple of 8; the last may
+/// be shorter), identified by `id` (IPv4 uses its low 16 bits). IPv4 fragments clear DF and set MF
+/// on all but the last; IPv6 fragments carry a fragment header.
+pub fn fragments(whole: &[u8], id: u32, chunk: usize) -> Vec<Vec<u8>> {
+    assert!(
+        chunk > 0 && chunk.is_multiple_of(8),
+        "fragment payloads are multiples of 8 bytes"
+    );
+    let v4 = whole[12..14] == [0x08, 0x00];
+    let header_len = if v4 { IPV4_LEN } else { IPV6_LEN };
+    let header = &whole[ETH_LEN..ETH_LEN + header_len];
+    let payload = &whole[ETH_LEN + header_len..];
+    let pieces: Vec<&[u8]> = payload.chunks(chunk).collect();
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let offset = (i * chunk / 8) as u16;
+            let more = i + 1 < pieces.len();
+            let mut out = whole[..ETH_LEN].to_vec();
+            if v4 {
+                let mut ip = etherparse::Ipv4Header::from_slice(header).unwrap().0;
+                ip.identification = id as u16;
+                ip.dont_fragment = false;
+                ip.more_fragments = more;
+                ip.fragment_offset = etherparse::IpFragOffset::try_new(offset).unwrap();
+                ip.set_payload_len(piece.len()).unwrap();
+                ip.write(&mut out).unwrap();
+            } else {
+                let mut ip = header.to_vec();
+                let next_header = ip[6];
+                ip[6] = 44;
+                ip[4..6].copy_from_slice(&((8 + piece.len()) as u16).to_be_bytes());
+                out.extend_from_slice(&ip);
+                out.extend_from_slice(&[next_header, 0]);
+                out.extend_from_slice(&(offset << 3 | more as u16).to_be_bytes());
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            out.extend_from_slice(piece);
+            out
+        })
+        .collect()
+}
+
+/// `frame` (IPv4, built by [`frame`]) with `options` (a multiple of 4 bytes) after its IP header.
+pub fn with_ipv4_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
+    let (mut ip, payload) = etherparse::Ipv4Header::from_slice(&frame[ETH_LEN..]).unwrap();
+    ip.options = options
+        .try_into()
+        .expect("options: at most 40 bytes, a multiple of 4");
+    ip.set_payload_len(payload.len()).unwrap();
+    let mut out = frame[..ETH_LEN].to_vec();
+    ip.write(&mut out).unwrap();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// `frame` (IPv6, built by [`frame`]) with extension headers between the fixed header and the L4
+/// header: each is `(its header type, its bytes)`, bytes a multiple of 8 whose first byte (next
+/// header) is filled in here.
+pub fn with_ipv6_extension_headers(frame: &[u8], headers: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let mut ip = frame[ETH_LEN..ETH_LEN + IPV6_LEN].to_vec();
+    let payload = &frame[ETH_LEN + IPV6_LEN..];
+    let mut next = ip[6];
+    let mut chain = Vec::new();
+    for (kind, bytes) in headers.iter().rev() {
+        assert!(bytes.len().is_multiple_of(8) && !bytes.is_empty());
+        let mut header = bytes.clone();
+        header[0] = next;
+        next = *kind;
+        chain.splice(0..0, header);
+    }
+    ip[6] = next;
+    ip[4..6].copy_from_slice(&((chain.len() + payload.len()) as u16).to_be_bytes());
+    let mut out = frame[..ETH_LEN].to_vec();
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&chain);
+    out.extend_from_slice(payload);
+    out
+}

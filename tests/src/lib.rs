@@ -6,7 +6,8 @@
 //! - [`servers`]: backend servers that count what they receive (bytes on the wire, not log lines).
 //! - [`agent`]: the `lb-agent` binary as a child process, stopped on drop.
 //! - [`frames`]: crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
-//! - [`fake_apiserver`]: a fake Kubernetes API server (list/watch over HTTP) for the k8s source.
+//! - [`modes`]: namespaced test runs, IP-in-IP frames, DSR backends and peer-recording servers
+//!   for the forwarding-mode tests.
 //! - [`procs`], [`loadgen`], [`baselines`]: the end-to-end benchmark's bounded child processes,
 //!   traffic (nginx/wrk, iperf3, a `sendmmsg` UDP sender) and the contenders lb is compared with
 //!   (kube-proxy iptables and nftables modes, HAProxy).
@@ -16,6 +17,7 @@ pub mod baselines;
 pub mod fake_apiserver;
 pub mod frames;
 pub mod loadgen;
+pub mod modes;
 pub mod netns;
 pub mod procs;
 pub mod servers;

@@ -152,8 +152,10 @@ fn single_packet_fixtures() {
 
     let mut ipv4_options = frame(SYN, sa("192.0.2.2:40001"), sa("198.51.100.10:80"), b"");
     ipv4_options[14] = 0x46;
+    // Fragments, options and extension headers that are balanced: xdp_icmp_fragments.rs.
     let mut fragment = frame(SYN, sa("192.0.2.2:40001"), sa("198.51.100.10:80"), b"");
     fragment[20] |= 0x20; // more fragments
+    fragment[21] = 0xb9; // at offset 1480: a later fragment, its first never seen
     let mut arp = frame(SYN, sa("192.0.2.2:1"), sa("198.51.100.10:80"), b"");
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     let mut hop_by_hop = frame(
@@ -162,7 +164,7 @@ fn single_packet_fixtures() {
         sa("[2001:db8:100::10]:443"),
         b"",
     );
-    hop_by_hop[14 + 6] = 0;
+    hop_by_hop[14 + 6] = 51; // authentication header: a rewrite would break it
     let mut icmp = frame(L4::Udp, sa("192.0.2.2:1"), sa("198.51.100.10:53"), b"");
     icmp[14 + 9] = 1;
 
@@ -292,19 +294,19 @@ fn single_packet_fixtures() {
             counter: Counter::PassNotIp,
         },
         Fixture {
-            what: "IPv4 options",
+            what: "IPv4 options that do not parse",
             input: ipv4_options,
             expect: Expect::Unchanged,
             counter: Counter::PassIpv4Options,
         },
         Fixture {
-            what: "IPv4 first fragment",
+            what: "IPv4 later fragment of an untracked datagram",
             input: fragment,
             expect: Expect::Unchanged,
             counter: Counter::PassFragment,
         },
         Fixture {
-            what: "IPv6 hop-by-hop header",
+            what: "IPv6 authentication header",
             input: hop_by_hop,
             expect: Expect::Unchanged,
             counter: Counter::PassIpv6ExtensionHeader,

@@ -287,6 +287,7 @@ pub fn translate(
                         port: frontend_port,
                         protocol,
                         mode: ForwardingMode::Dnat,
+                        snat_address: None,
                         hash,
                         maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
                         backends,

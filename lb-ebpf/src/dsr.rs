@@ -1,0 +1,233 @@
+//! Direct server return: the backend answers the client itself, with the VIP as source, so replies
+//! never cross the node (no `NAT_REPLY` entry, no reverse translation). Backends hold the VIP on a
+//! loopback (and, on a shared L2 segment, must not answer ARP/ND for it: `arp_ignore=1`,
+//! `arp_announce=2`). The backend port is the service port (the config enforces it).
+//!
+//! **L2** ([`l2`]): the IP packet is left exactly as it came; only the Ethernet header changes:
+//! destination = the backend's MAC, source = the egress interface's, both from `bpf_fib_lookup` on
+//! the backend address, which must be on-link (a segment shared with the node). Then `XDP_TX` or
+//! redirect. On failure the packet is dropped and counted, never passed: the unchanged packet is
+//! addressed to the VIP, which the node's stack would route back where it came from or answer itself.
+//! The first packets to a backend whose MAC the node has not resolved yet are dropped
+//! (`drop_dsr_no_neigh`); the agent resolves the backends of non-DNAT services when it programs
+//! them, and health checks keep the entries fresh.
+//!
+//! **IPIP** ([`ipip`]): an outer header is put in front of the unchanged packet with
+//! `bpf_xdp_adjust_head`: IPv4 in IPv4 (protocol 4) or IPv6 in IPv6 (next header 41); mixed families
+//! are not produced. Outer source = the node address of the service (`SERVICE_MODES`), outer
+//! destination = the backend. Outer IPv4: TOS, identification and DF copied from the inner header
+//! (RFC 2003), TTL 64, checksum computed in full (a new header); outer IPv6: traffic class copied,
+//! flow label = a hash of the inner flow (ECMP and RSS entropy), hop limit 64. Then
+//! `bpf_fib_lookup` on the backend (which may be routed) and `XDP_TX` or redirect; when the fast path
+//! cannot send it, the encapsulated packet goes to the kernel (see `snat.rs` about `accept_local`),
+//! except when it exceeds the egress MTU: dropped (`drop_encap_too_big`).
+//! The backend runs `lb_decap` (decap.rs), since the kernel has no tunnel devices to rely on.
+//!
+//! **MTU**: encapsulation adds 20 (IPv4) or 40 (IPv6) bytes. Production links between balancers and
+//! backends need that much MTU headroom over the client-facing MTU, or TCP MSS clamping on the
+//! path (and UDP payloads that fit); otherwise full-sized packets are dropped and counted. No ICMP
+//! "fragmentation needed" / "packet too big" is generated.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{
+    checksum,
+    counters::Counter,
+    modes::encap::{self, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_OUTER_LEN, IPV6_OUTER_LEN, OUTER_TTL},
+    service::{family, Backend, ServiceInfo},
+};
+
+use crate::{
+    maps::{count, SERVICE_MODES},
+    packet::Flow,
+    xmit::{self, fib_xmit, opts, Xmit},
+};
+
+const ETH_LEN: usize = 14;
+
+/// DSR on a shared segment: MAC rewrite towards `backend`, packet otherwise unchanged.
+// A function of its own (a BPF subprogram): its stack does not add to the other paths'.
+#[inline(never)]
+pub fn l2(ctx: &XdpContext, flow: &Flow, backend: &Backend) -> u32 {
+    match fib_xmit(
+        ctx,
+        flow.key.family,
+        flow.key.protocol,
+        &flow.key.src,
+        &backend.addr,
+        0,
+        opts::ON_LINK_ONLY,
+    ) {
+        Xmit::Sent(action) => return action,
+        Xmit::NoNeigh => count(Counter::DropDsrNoNeigh),
+        Xmit::NotOnLink => count(Counter::DropDsrNotOnLink),
+        Xmit::TooBig | Xmit::NoRoute => count(Counter::DropDsrNoRoute),
+    }
+    xdp_action::XDP_DROP
+}
+
+/// DSR through IP-in-IP / IPv6-in-IPv6 towards `backend`.
+// A function of its own (a BPF subprogram): its stack does not add to the other paths'.
+#[inline(never)]
+pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Backend) -> u32 {
+    let Some(info) = SERVICE_MODES.get(service.id) else {
+        count(Counter::DropModeUnconfigured);
+        return xdp_action::XDP_DROP;
+    };
+    if !info.has_source() {
+        count(Counter::DropModeUnconfigured);
+        return xdp_action::XDP_DROP;
+    }
+    let source = &info.source;
+    let v4 = flow.key.family == family::IPV4;
+    // Everything needed from `flow` is read now: its packet offsets are void once the head moves.
+    let label = if v4 { 0 } else { encap::flow_label(&flow.key) };
+    let outer_len = if v4 { IPV4_OUTER_LEN } else { IPV6_OUTER_LEN };
+    // SAFETY: plain helper call on this program's context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
+        count(Counter::DropEncapFailed);
+        return xdp_action::XDP_DROP;
+    }
+
+    // Packet pointers are re-derived from the context after the move, and bounds proven again.
+    let data = ctx.data();
+    if v4 {
+        if data + ETH_LEN + IPV4_OUTER_LEN + 20 > ctx.data_end() {
+            count(Counter::DropEncapFailed);
+            return xdp_action::XDP_DROP;
+        }
+        // SAFETY: the Ethernet header, the outer header and the inner IPv4 header are in bounds.
+        unsafe {
+            move_ethernet(data, IPV4_OUTER_LEN);
+            write_outer_ipv4(data + ETH_LEN, &source.0, &backend.addr.0);
+        }
+    } else {
+        if data + ETH_LEN + IPV6_OUTER_LEN + 40 > ctx.data_end() {
+            count(Counter::DropEncapFailed);
+            return xdp_action::XDP_DROP;
+        }
+        // SAFETY: the Ethernet header, the outer header and the inner IPv6 header are in bounds.
+        unsafe {
+            move_ethernet(data, IPV6_OUTER_LEN);
+            write_outer_ipv6(data + ETH_LEN, &source.0, &backend.addr.0, label);
+        }
+    }
+
+    let tot_len = xmit::ip_len(ctx, flow.key.family);
+    match fib_xmit(
+        ctx,
+        flow.key.family,
+        if v4 { IPPROTO_IPIP } else { IPPROTO_IPV6 },
+        source,
+        &backend.addr,
+        tot_len,
+        0,
+    ) {
+        Xmit::Sent(action) => action,
+        Xmit::TooBig => {
+            count(Counter::DropEncapTooBig);
+            xdp_action::XDP_DROP
+        }
+        Xmit::NoNeigh => {
+            count(Counter::PassFibNoNeigh);
+            xdp_action::XDP_PASS
+        }
+        Xmit::NotOnLink | Xmit::NoRoute => {
+            count(Counter::PassFibFailed);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// Copies the Ethernet header from `data + by` (where it was before the head moved) to `data`; the
+/// EtherType stays (same family inside and out). The MACs are kept so that a packet handed to the
+/// stack is still addressed to this host.
+///
+/// # Safety
+/// `data .. data + by + 14` must be inside the packet, `by >= 14`.
+#[inline(always)]
+unsafe fn move_ethernet(data: usize, by: usize) {
+    unsafe {
+        let from = data + by;
+        for i in 0..3 {
+            let w = core::ptr::read_unaligned((from + 4 * i) as *const u32);
+            core::ptr::write_unaligned((data + 4 * i) as *mut u32, w);
+        }
+        let w = core::ptr::read_unaligned((from + 12) as *const u16);
+        core::ptr::write_unaligned((data + 12) as *mut u16, w);
+    }
+}
+
+/// Writes an outer IPv4 header at `outer`, in front of the inner IPv4 header at `outer + 20`.
+///
+/// # Safety
+/// `outer .. outer + 40` must be inside the packet.
+#[inline(always)]
+unsafe fn write_outer_ipv4(outer: usize, src: &[u32; 4], dst: &[u32; 4]) {
+    unsafe {
+        let inner = outer + IPV4_OUTER_LEN;
+        let tos = *((inner + 1) as *const u8);
+        let inner_len = u16::from_be(read16(inner + 2));
+        // Words as they sit in the header (native loads of network-order bytes, see `checksum`).
+        let version_tos = u16::from_ne_bytes([0x45, tos]);
+        let total_len = inner_len.wrapping_add(IPV4_OUTER_LEN as u16).to_be();
+        // Identification and DF copied; fragments are never balanced, so offset and MF are 0.
+        let id = read16(inner + 4);
+        let frags = read16(inner + 6);
+        let ttl_protocol = u16::from_ne_bytes([OUTER_TTL, IPPROTO_IPIP]);
+        write16(outer, version_tos);
+        write16(outer + 2, total_len);
+        write16(outer + 4, id);
+        write16(outer + 6, frags);
+        write16(outer + 8, ttl_protocol);
+        core::ptr::write_unaligned((outer + 12) as *mut u32, src[0]);
+        core::ptr::write_unaligned((outer + 16) as *mut u32, dst[0]);
+        let sum = version_tos as u32
+            + total_len as u32
+            + id as u32
+            + frags as u32
+            + ttl_protocol as u32
+            + (src[0] & 0xffff)
+            + (src[0] >> 16)
+            + (dst[0] & 0xffff)
+            + (dst[0] >> 16);
+        write16(outer + 10, !checksum::fold(sum));
+    }
+}
+
+#[inline(always)]
+unsafe fn read16(at: usize) -> u16 {
+    unsafe { core::ptr::read_unaligned(at as *const u16) }
+}
+
+#[inline(always)]
+unsafe fn write16(at: usize, value: u16) {
+    unsafe { core::ptr::write_unaligned(at as *mut u16, value) }
+}
+
+/// Writes an outer IPv6 header at `outer`, in front of the inner IPv6 header at `outer + 40`.
+///
+/// # Safety
+/// `outer .. outer + 80` must be inside the packet.
+#[inline(always)]
+unsafe fn write_outer_ipv6(outer: usize, src: &[u32; 4], dst: &[u32; 4], label: u32) {
+    unsafe {
+        let inner = outer + IPV6_OUTER_LEN;
+        let first = u32::from_be(core::ptr::read_unaligned(inner as *const u32));
+        let traffic_class = first & 0x0ff0_0000;
+        let inner_payload = u16::from_be(read16(inner + 4));
+        core::ptr::write_unaligned(
+            outer as *mut u32,
+            (0x6000_0000 | traffic_class | label).to_be(),
+        );
+        write16(
+            outer + 4,
+            inner_payload.wrapping_add(IPV6_OUTER_LEN as u16).to_be(),
+        );
+        *((outer + 6) as *mut u8) = IPPROTO_IPV6;
+        *((outer + 7) as *mut u8) = OUTER_TTL;
+        for i in 0..4 {
+            core::ptr::write_unaligned((outer + 8 + 4 * i) as *mut u32, src[i]);
+            core::ptr::write_unaligned((outer + 24 + 4 * i) as *mut u32, dst[i]);
+        }
+    }
+}

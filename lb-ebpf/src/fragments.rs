@@ -1,0 +1,203 @@
+//! Fragmented datagrams: the first fragment is balanced (or reply-translated) like any packet and its
+//! outgoing addresses recorded in `FRAGMENTS`; later fragments, which have no ports, get the same
+//! addresses from there.
+//!
+//! IPv4: the header checksum is updated for each changed address. The TCP/UDP checksum is only in the
+//! first fragment and covers the whole datagram's pseudo-header, so the first fragment's rewrite
+//! already fixed it; later fragments carry only payload. IPv6 has no header checksum.
+//!
+//! A later fragment without a live entry (the datagram's first fragment was not balanced, or has not
+//! arrived yet, was lost, or its entry was evicted) is passed to the stack untouched, counted
+//! `pass_fragment`: without ports the datapath cannot tell a VIP datagram from the node's own or
+//! routed traffic, which must not be dropped. For a VIP datagram this is a loss (no socket on the
+//! VIP reassembles it), as it would be without the datapath; the sender retransmits. Linux and
+//! most stacks send fragments in order, so the first fragment is seen first.
+
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
+};
+use lb_common::{
+    checksum,
+    conntrack::FlowKey,
+    counters::Counter,
+    fragments::{field, limits, FragmentEntry, FragmentKey},
+    service::{family, Addr},
+};
+use network_types::eth::EthHdr;
+
+use crate::{
+    maps::{count, FRAGMENTS},
+    packet::{ipv6_extension_headers, Extent, Flow, Ipv6Walk},
+};
+
+/// A fragment after the first of its datagram (its addresses are read from the packet).
+pub struct Fragment {
+    pub family: u8,
+    /// IPv4: the protocol; IPv6: 0 (see `FragmentKey`).
+    pub protocol: u8,
+    /// Identification as on the wire, read natively.
+    pub id: u32,
+}
+
+const IPV4_ID: usize = 4;
+const IPV4_FLAGS: usize = 6;
+const IPV6_NEXT_HEADER: usize = 6;
+const IPV4_CHECK: usize = 10;
+const IPV4_SRC: usize = 12;
+const IPV4_DST: usize = 16;
+const IPV6_SRC: usize = 8;
+const IPV6_DST: usize = 24;
+const IPV4_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+
+/// After `flow` was rewritten (DNAT towards a backend, reverse DNAT towards a client, or any other
+/// address-and-port rewrite; never after an encapsulation, which moves the header): if it is a first
+/// fragment, records the addresses it now carries for the rest of its datagram.
+#[inline(always)]
+pub fn track_first(ctx: &XdpContext, flow: &Flow) {
+    // Told from the header rather than carried in `Flow`, whose every byte is `lb_xdp` stack that
+    // its BPF function calls cannot use: IPv4 "more fragments" (a `Flow` is never a later
+    // fragment), or IPv6 with anything but the L4 header after the fixed one.
+    if flow.l3 + 8 > ctx.data_end() {
+        return;
+    }
+    // SAFETY: bounds checked just above.
+    let maybe_fragment = unsafe {
+        if flow.key.family == family::IPV4 {
+            read16(flow.l3 + IPV4_FLAGS) & u16::to_be(field::IPV4_MORE_FRAGMENTS) != 0
+        } else {
+            *((flow.l3 + IPV6_NEXT_HEADER) as *const u8) != flow.key.protocol
+        }
+    };
+    if maybe_fragment {
+        record(ctx, &flow.key);
+    }
+}
+
+/// A separate BPF function, like [`forward`]: the key and entry live in its own stack frame, not in
+/// `lb_xdp`'s.
+#[inline(never)]
+fn record(ctx: &XdpContext, arrived: &FlowKey) {
+    let packet = Extent::of(ctx);
+    let l3 = packet.start + EthHdr::LEN;
+    let v4 = arrived.family == family::IPV4;
+    if l3 + if v4 { IPV4_HEADER } else { IPV6_HEADER } > packet.end {
+        return;
+    }
+    let id = if v4 {
+        // SAFETY: bounds checked just above.
+        unsafe { read16(l3 + IPV4_ID) as u32 }
+    } else {
+        let walk = ipv6_extension_headers(ctx, unsafe { *((l3 + IPV6_NEXT_HEADER) as *const u8) });
+        match walk.first_fragment() {
+            Some(id) if walk.outcome() == Ipv6Walk::UPPER_LAYER => id,
+            _ => return,
+        }
+    };
+    // SAFETY: bounds checked just above.
+    let entry = unsafe {
+        FragmentEntry {
+            src: read_addr(l3 + if v4 { IPV4_SRC } else { IPV6_SRC }, v4),
+            dst: read_addr(l3 + if v4 { IPV4_DST } else { IPV6_DST }, v4),
+            first_seen_ns: bpf_ktime_get_coarse_ns(),
+        }
+    };
+    let key = FragmentKey::new(
+        arrived.family,
+        arrived.src,
+        arrived.dst,
+        id,
+        arrived.protocol,
+    );
+    // An LRU insert evicts the least recently used entry when full; failing only under memory
+    // pressure, it then leaves the later fragments to the stack (counted there).
+    let _ = FRAGMENTS.insert(&key, &entry, 0);
+    count(Counter::FragmentTracked);
+}
+
+/// A later fragment: gets its datagram's recorded addresses, or goes to the stack untouched.
+#[inline(never)]
+pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
+    let packet = Extent::of(ctx);
+    let l3 = packet.start + EthHdr::LEN;
+    let v4 = fragment.family == family::IPV4;
+    if l3 + if v4 { IPV4_HEADER } else { IPV6_HEADER } > packet.end {
+        count(Counter::DropMalformed);
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: bounds checked just above.
+    let (src, dst) = unsafe {
+        (
+            read_addr(l3 + if v4 { IPV4_SRC } else { IPV6_SRC }, v4),
+            read_addr(l3 + if v4 { IPV4_DST } else { IPV6_DST }, v4),
+        )
+    };
+    let key = FragmentKey::new(fragment.family, src, dst, fragment.id, fragment.protocol);
+    // SAFETY: plain integers, copied out at once.
+    let Some(entry) = (unsafe { FRAGMENTS.get(&key) }).copied() else {
+        count(Counter::PassFragment);
+        return xdp_action::XDP_PASS;
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if now.wrapping_sub(entry.first_seen_ns) > limits::TIMEOUT_NS {
+        count(Counter::PassFragment);
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: inside the header checked above.
+    unsafe {
+        if v4 {
+            let mut check = read16(l3 + IPV4_CHECK);
+            for (field, old, new) in [
+                (IPV4_SRC, src.0[0], entry.src.0[0]),
+                (IPV4_DST, dst.0[0], entry.dst.0[0]),
+            ] {
+                if old != new {
+                    write32(l3 + field, new);
+                    check = checksum::replace_u32(check, old, new);
+                }
+            }
+            write16(l3 + IPV4_CHECK, check);
+        } else {
+            if src != entry.src {
+                write_addr6(l3 + IPV6_SRC, &entry.src);
+            }
+            if dst != entry.dst {
+                write_addr6(l3 + IPV6_DST, &entry.dst);
+            }
+        }
+    }
+    count(Counter::ForwardFragment);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+unsafe fn read_addr(at: usize, v4: bool) -> Addr {
+    let w = |i: usize| unsafe { core::ptr::read_unaligned((at + 4 * i) as *const u32) };
+    if v4 {
+        Addr::from_v4_word(w(0))
+    } else {
+        Addr([w(0), w(1), w(2), w(3)])
+    }
+}
+
+#[inline(always)]
+unsafe fn write_addr6(at: usize, addr: &Addr) {
+    for i in 0..4 {
+        unsafe { write32(at + 4 * i, addr.0[i]) };
+    }
+}
+
+#[inline(always)]
+unsafe fn read16(at: usize) -> u16 {
+    unsafe { core::ptr::read_unaligned(at as *const u16) }
+}
+
+#[inline(always)]
+unsafe fn write16(at: usize, value: u16) {
+    unsafe { core::ptr::write_unaligned(at as *mut u16, value) }
+}
+
+#[inline(always)]
+unsafe fn write32(at: usize, value: u32) {
+    unsafe { core::ptr::write_unaligned(at as *mut u32, value) }
+}

@@ -1,0 +1,207 @@
+//! Next hop without the stack: `bpf_fib_lookup` finds the egress interface and the MAC addresses, the
+//! Ethernet header is rewritten, and the packet leaves by `XDP_TX` (same interface) or `bpf_redirect`
+//! (another one). Used by SNAT (both directions), DSR L2 and DSR IPIP; DNAT stays on `XDP_PASS`.
+//!
+//! The lookup runs as the kernel's forwarding path would for a packet received on the ingress
+//! interface: forwarding must be enabled on it (`net.ipv4.ip_forward`, `net.ipv6.conf.*.forwarding`)
+//! and FIB rules apply. What happens when it fails is the caller's choice (see [`Xmit`]).
+//!
+//! For `bpf_redirect` into a veth, the peer must run an XDP program (or have GRO on); real NICs need
+//! nothing. Ethernet without VLAN tags is assumed, as in `packet.rs`.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect},
+    programs::XdpContext,
+    EbpfContext,
+};
+use lb_common::{
+    checksum,
+    counters::Counter,
+    service::{family, Addr},
+};
+
+use crate::maps::{count, scratch};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const ETH_LEN: usize = 14;
+const IPV4_TTL: usize = 8;
+const IPV4_CHECK: usize = 10;
+const IPV6_HOP_LIMIT: usize = 7;
+
+/// Options of [`fib_xmit`].
+pub mod opts {
+    /// The destination must be on-link (no gateway): DSR L2 rewrites only the MAC, so the next hop
+    /// must be the backend itself.
+    pub const ON_LINK_ONLY: u8 = 1 << 0;
+    /// Decrement the IPv4 TTL / IPv6 hop limit as a router does (SNAT); a packet that would expire
+    /// is left to the stack.
+    pub const DECREMENT_TTL: u8 = 1 << 1;
+}
+
+/// Outcome of [`fib_xmit`].
+pub enum Xmit {
+    /// Ethernet header rewritten; return this action (`XDP_TX` or `XDP_REDIRECT`). Counted.
+    Sent(u32),
+    /// Route found, next hop's MAC not known (yet). Nothing rewritten.
+    NoNeigh,
+    /// The packet is larger than the egress MTU. Nothing rewritten.
+    TooBig,
+    /// [`opts::ON_LINK_ONLY`] and the route goes through a gateway. Nothing rewritten.
+    NotOnLink,
+    /// No usable route (unreachable, blackhole, prohibited, forwarding disabled), or a TTL that
+    /// would expire. Nothing rewritten.
+    NoRoute,
+}
+
+/// Routes the packet at `ctx` (an IP packet of `family` behind a 14-byte Ethernet header) from `src`
+/// to `dst`. `tot_len` is its IP length for the MTU check (0 skips the check).
+#[inline(always)]
+pub fn fib_xmit(
+    ctx: &XdpContext,
+    family: u8,
+    l4_protocol: u8,
+    src: &Addr,
+    dst: &Addr,
+    tot_len: u16,
+    options: u8,
+) -> Xmit {
+    let v4 = family == family::IPV4;
+    let l3 = ctx.data() + ETH_LEN;
+    if options & opts::DECREMENT_TTL != 0 {
+        let ttl_at = l3 + if v4 { IPV4_TTL } else { IPV6_HOP_LIMIT };
+        if ttl_at + 1 > ctx.data_end() {
+            return Xmit::NoRoute;
+        }
+        // SAFETY: bounds checked just above.
+        if unsafe { *(ttl_at as *const u8) } <= 1 {
+            return Xmit::NoRoute;
+        }
+    }
+
+    // The parameters live in per-CPU scratch space: 64 bytes the stack cannot spare.
+    let Some(scratch) = scratch() else {
+        return Xmit::NoRoute;
+    };
+    let params = &mut scratch.fib;
+    // An all-zero bpf_fib_lookup is valid input (no mark, no table id, no VLAN). Volatile 8-byte
+    // stores: LLVM would turn a plain loop or `write_bytes` into a call to a byte-wise `memset`.
+    let words = params as *mut FibParams as *mut u64;
+    for i in 0..core::mem::size_of::<FibParams>() / 8 {
+        // SAFETY: inside the 64-byte struct, 8-byte aligned (map values are).
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    params.family = if v4 { AF_INET } else { AF_INET6 };
+    params.l4_protocol = l4_protocol;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    if v4 {
+        params.__bindgen_anon_3.ipv4_src = src.0[0];
+        params.__bindgen_anon_4.ipv4_dst = dst.0[0];
+    } else {
+        params.__bindgen_anon_3.ipv6_src = src.0;
+        params.__bindgen_anon_4.ipv6_dst = dst.0;
+    }
+    // SAFETY: params is a valid, fully sized struct.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            params,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    } as u32;
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        return Xmit::TooBig;
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Xmit::NoRoute;
+    }
+    // The lookup replaces the destination by the gateway when there is one.
+    if options & opts::ON_LINK_ONLY != 0 {
+        // SAFETY: union fields of plain integers, written by the helper for this family.
+        let next_hop_is_dst = unsafe {
+            if v4 {
+                params.__bindgen_anon_4.ipv4_dst == dst.0[0]
+            } else {
+                params.__bindgen_anon_4.ipv6_dst == dst.0
+            }
+        };
+        if !next_hop_is_dst {
+            return Xmit::NotOnLink;
+        }
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Xmit::NoNeigh;
+    }
+
+    let data = ctx.data();
+    if data + ETH_LEN + if v4 { 20 } else { 40 } > ctx.data_end() {
+        return Xmit::NoRoute;
+    }
+    // SAFETY: the Ethernet header and the fixed IP header were bounds-checked just above.
+    unsafe {
+        if options & opts::DECREMENT_TTL != 0 {
+            let l3 = data + ETH_LEN;
+            if v4 {
+                // TTL and protocol form one 16-bit word of the header checksum.
+                let word = core::ptr::read_unaligned((l3 + IPV4_TTL) as *const u16);
+                let mut bytes = word.to_ne_bytes();
+                bytes[0] -= 1;
+                let new = u16::from_ne_bytes(bytes);
+                core::ptr::write_unaligned((l3 + IPV4_TTL) as *mut u16, new);
+                let check = core::ptr::read_unaligned((l3 + IPV4_CHECK) as *const u16);
+                core::ptr::write_unaligned(
+                    (l3 + IPV4_CHECK) as *mut u16,
+                    checksum::replace_u16(check, word, new),
+                );
+            } else {
+                *((l3 + IPV6_HOP_LIMIT) as *mut u8) -= 1;
+            }
+        }
+        write_mac(data, &params.dmac);
+        write_mac(data + 6, &params.smac);
+    }
+    if params.ifindex == ctx.ingress_ifindex() as u32 {
+        count(Counter::XmitTx);
+        Xmit::Sent(xdp_action::XDP_TX)
+    } else {
+        count(Counter::XmitRedirect);
+        // SAFETY: plain helper call; returns XDP_REDIRECT, or XDP_ABORTED on bad flags.
+        Xmit::Sent(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
+    }
+}
+
+/// The IP length of the packet at `ctx` (header included), from its header; 0 if unreadable.
+#[inline(always)]
+pub fn ip_len(ctx: &XdpContext, family: u8) -> u16 {
+    let l3 = ctx.data() + ETH_LEN;
+    if l3 + 8 > ctx.data_end() {
+        return 0;
+    }
+    // SAFETY: bounds checked just above (both length fields are in the first 8 bytes).
+    unsafe {
+        if family == family::IPV4 {
+            u16::from_be(core::ptr::read_unaligned((l3 + 2) as *const u16))
+        } else {
+            u16::from_be(core::ptr::read_unaligned((l3 + 4) as *const u16)).wrapping_add(40)
+        }
+    }
+}
+
+/// # Safety
+/// `at .. at + 6` must be inside the packet.
+#[inline(always)]
+unsafe fn write_mac(at: usize, mac: &[u8; 6]) {
+    unsafe {
+        core::ptr::write_unaligned(
+            at as *mut u32,
+            u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]),
+        );
+        core::ptr::write_unaligned((at + 4) as *mut u16, u16::from_ne_bytes([mac[4], mac[5]]));
+    }
+}

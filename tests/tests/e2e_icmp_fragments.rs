@@ -1,0 +1,443 @@
+//! End to end: fragments and ICMP errors through the real `lb-agent` in the namespace topology.
+//!
+//! - UDP datagrams larger than the MTU, over IPv4 and IPv6, are fragmented by the client's stack;
+//!   every fragment reaches the backend of the first, which reassembles them, and its equally large
+//!   answer, fragmented by the backend's stack, reaches the client as one datagram from the VIP.
+//! - A "fragmentation needed" / "packet too big" error sent towards the VIP about a reply (as a
+//!   router on the client's path would) reaches the backend that sent the reply: its kernel matches
+//!   it to its UDP socket and lowers its path MTU towards the client (seen in its route cache),
+//!   which it only does for a valid ICMP checksum and a quote naming its own socket.
+//! - A backend's "port unreachable" about a client's datagram reaches the client translated: its
+//!   connected UDP socket (connected to the VIP) gets "connection refused".
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_common::counters::Counter;
+use lb_tests::{
+    agent::AgentProcess,
+    frames::{frame, icmp_error, ip_packet, IcmpError, L4},
+    netns::{Netns, TEST_PREFIX},
+    topology::{Topology, BALANCER_CLIENT_IFACE, CLIENT_ADDR, CLIENT_ADDR6, VIP, VIP6},
+};
+
+const ECHO_PORT: u16 = 5353;
+/// A port nothing listens on in the backends.
+const CLOSED_PORT: u16 = 9;
+const CLIENT_ROUTER: &str = "192.0.2.254";
+const CLIENT_ROUTER6: &str = "2001:db8:2::fe";
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("lb-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `dns` (UDP 53 → backends' echo servers) and `closed` (UDP 7 → a port nothing listens on), on the
+/// IPv4 and the IPv6 VIP, over every backend.
+fn config(topology: &Topology) -> String {
+    let mut yaml = String::from("services:\n");
+    for (name, vip, port, backend_port, v6) in [
+        ("dns", IpAddr::from(VIP), 53, ECHO_PORT, false),
+        ("dns6", IpAddr::from(VIP6), 53, ECHO_PORT, true),
+        ("closed", IpAddr::from(VIP), 7, CLOSED_PORT, false),
+        ("closed6", IpAddr::from(VIP6), 7, CLOSED_PORT, true),
+    ] {
+        yaml += &format!(
+            "  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: udp\n    backends:\n"
+        );
+        for b in &topology.backends {
+            let addr: IpAddr = if v6 { b.addr6.into() } else { b.addr.into() };
+            yaml += &format!("      - {{ address: \"{addr}\", port: {backend_port} }}\n");
+        }
+    }
+    yaml
+}
+
+/// A UDP server answering every datagram with `"<name>:"` followed by the datagram, and recording
+/// the size of every datagram it received (whole, after the kernel reassembled it).
+struct EchoServer {
+    name: String,
+    sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    fn start(ns: &Netns, addr: IpAddr, name: &str) -> Self {
+        let socket = ns
+            .run(move || UdpSocket::bind(SocketAddr::new(addr, ECHO_PORT)))
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (sizes, stop, prefix) = (sizes.clone(), stop.clone(), format!("{name}:"));
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                        sizes.lock().unwrap().push(n);
+                        let mut answer = prefix.as_bytes().to_vec();
+                        answer.extend_from_slice(&buf[..n]);
+                        let _ = socket.send_to(&answer, peer);
+                    }
+                }
+            })
+        };
+        Self {
+            name: name.to_string(),
+            sizes,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        self.sizes.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Echo servers on every backend, IPv4 and IPv6, named `backend-<i>`.
+fn echo_servers(topology: &Topology) -> Vec<EchoServer> {
+    let mut servers = Vec::new();
+    for (i, b) in topology.backends.iter().enumerate() {
+        for addr in [IpAddr::from(b.addr), IpAddr::from(b.addr6)] {
+            servers.push(EchoServer::start(
+                &b.ns,
+                addr,
+                &format!("backend-{}", i + 1),
+            ));
+        }
+    }
+    servers
+}
+
+/// A UDP socket in the client namespace, bound to the client's address of `target`'s family.
+fn client_socket(ns: &Netns, target: SocketAddr) -> UdpSocket {
+    let local: IpAddr = if target.is_ipv4() {
+        CLIENT_ADDR.into()
+    } else {
+        CLIENT_ADDR6.into()
+    };
+    let socket = ns
+        .run(move || UdpSocket::bind(SocketAddr::new(local, 0)))
+        .expect("bind client socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    socket
+}
+
+/// Sends `payload` to `target` and returns the answer, checking it came from `target` and echoes
+/// `payload`; returns the name of the backend that answered.
+fn ask(socket: &UdpSocket, target: SocketAddr, payload: &[u8]) -> String {
+    socket.send_to(payload, target).expect("send");
+    let mut buf = vec![0u8; 65536];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no answer from {target} to {} bytes: {e}", payload.len()));
+    assert_eq!(from, target, "the answer comes from the VIP");
+    let answer = &buf[..n];
+    let colon = answer.iter().position(|&b| b == b':').expect("name:");
+    assert!(
+        answer[colon + 1..] == *payload,
+        "{target}: the whole datagram came back ({} of {} bytes)",
+        n - colon - 1,
+        payload.len()
+    );
+    String::from_utf8_lossy(&answer[..colon]).into_owned()
+}
+
+/// Stops the agent; returns its final counters (name → value).
+fn stop_agent(agent: AgentProcess) -> BTreeMap<String, u64> {
+    let (code, log) = agent.stop().expect("agent stops");
+    assert_eq!(code, 0, "clean exit");
+    let line = log
+        .iter()
+        .rev()
+        .find(|l| l.contains("datapath counters"))
+        .expect("final counters logged");
+    line.split_whitespace()
+        .filter_map(|word| {
+            let word = word.trim_matches(|c| c == '"' || c == ',');
+            let word = word.strip_prefix("counters=").unwrap_or(word);
+            let (name, value) = word.split_once('=')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn count(counters: &BTreeMap<String, u64>, which: Counter) -> u64 {
+    counters.get(which.name()).copied().unwrap_or(0)
+}
+
+/// The MAC address of `iface` in `ns`.
+fn mac_of(ns: &Netns, iface: &str) -> [u8; 6] {
+    let out = ns
+        .exec("ip", &["-o", "link", "show", "dev", iface])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {text}"));
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
+}
+
+/// Sends `frame` as is out of `iface` of `ns` (an AF_PACKET socket: nothing of it is rewritten).
+fn inject(ns: &Netns, iface: &'static str, frame: Vec<u8>) {
+    ns.run(move || {
+        let name = std::ffi::CString::new(iface).unwrap();
+        // SAFETY: plain libc calls on a socket this closure owns; `addr` outlives `sendto`.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            );
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(sent, frame.len() as isize, "sendto: {err}");
+        }
+    });
+}
+
+/// The path MTU `ns` has learnt towards `dst` (its route cache), if any.
+fn learnt_mtu(ns: &Netns, dst: IpAddr) -> Option<u32> {
+    let family = if dst.is_ipv4() { "-4" } else { "-6" };
+    let out = ns
+        .exec("ip", &[family, "route", "get", &dst.to_string()])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut words = text.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "mtu" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+#[test]
+fn large_udp_datagrams_cross_the_vip_in_fragments_both_ways() {
+    let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
+    let servers = echo_servers(&topology);
+    let dir = TempDir::new("e2e-fragments");
+    let config = dir.write("config.yaml", &config(&topology));
+    let agent = AgentProcess::start(&topology.balancer, &config, &topology.balancer_interfaces())
+        .expect("agent starts");
+
+    // 3000 bytes: three fragments on a 1500-byte link, both ways, for both families.
+    const REQUESTS: usize = 16;
+    for vip in [SocketAddr::from((VIP, 53)), SocketAddr::from((VIP6, 53))] {
+        let mut by_backend = BTreeMap::<String, usize>::new();
+        for i in 0..REQUESTS {
+            // A fresh socket (a new flow) each time, so the requests spread over the backends.
+            let socket = client_socket(&topology.client, vip);
+            let payload: Vec<u8> = (0..3000).map(|j| (i * 7 + j) as u8).collect();
+            *by_backend.entry(ask(&socket, vip, &payload)).or_default() += 1;
+        }
+        assert_eq!(
+            by_backend.len(),
+            2,
+            "{vip}: both backends answered: {by_backend:?}"
+        );
+    }
+    thread::sleep(Duration::from_millis(100));
+    let sizes: Vec<usize> = servers.iter().flat_map(|s| s.sizes()).collect();
+    assert_eq!(
+        sizes.len(),
+        2 * REQUESTS,
+        "every datagram reached one backend"
+    );
+    assert!(
+        sizes.iter().all(|&n| n == 3000),
+        "every datagram arrived whole: {sizes:?}"
+    );
+    for s in &servers {
+        assert!(s.sizes().len() < 2 * REQUESTS, "{} not alone", s.name);
+    }
+
+    let counters = stop_agent(agent);
+    // Each request and each answer: a first fragment (tracked) and two later ones.
+    let datagrams = (2 * 2 * REQUESTS) as u64;
+    assert_eq!(
+        count(&counters, Counter::FragmentTracked),
+        datagrams,
+        "{counters:?}"
+    );
+    assert_eq!(
+        count(&counters, Counter::ForwardFragment),
+        2 * datagrams,
+        "{counters:?}"
+    );
+    assert_eq!(count(&counters, Counter::PassFragment), 0, "{counters:?}");
+}
+
+#[test]
+fn fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it() {
+    let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
+    let _servers = echo_servers(&topology);
+    let dir = TempDir::new("e2e-pmtu");
+    let config = dir.write("config.yaml", &config(&topology));
+    let agent = AgentProcess::start(&topology.balancer, &config, &topology.balancer_interfaces())
+        .expect("agent starts");
+    let client_mac = mac_of(&topology.client, "eth0");
+    let node_mac = mac_of(&topology.balancer, BALANCER_CLIENT_IFACE);
+
+    for (vip, client, router, mtu) in [
+        (
+            SocketAddr::from((VIP, 53)),
+            IpAddr::from(CLIENT_ADDR),
+            CLIENT_ROUTER,
+            1200u16,
+        ),
+        (
+            SocketAddr::from((VIP6, 53)),
+            IpAddr::from(CLIENT_ADDR6),
+            CLIENT_ROUTER6,
+            1300,
+        ),
+    ] {
+        let socket = client_socket(&topology.client, vip);
+        let local = socket.local_addr().unwrap();
+        let question = b"how big may answers be?";
+        let name = ask(&socket, vip, question);
+        let index: usize = name.trim_start_matches("backend-").parse().unwrap();
+        let (sender, other) = (&topology.backends[index - 1], &topology.backends[2 - index]);
+        assert_eq!(learnt_mtu(&sender.ns, client), None, "no PMTU yet");
+
+        // The answer as the client received it, quoted by a router on the client's side that
+        // could not forward it (RFC 1812: up to 576 bytes in all; IPv6: up to 1280).
+        let mut answer = format!("{name}:").into_bytes();
+        answer.extend_from_slice(question);
+        let quoted = ip_packet(&frame(L4::Udp, vip, local, &answer));
+        let mut error = icmp_error(
+            IcmpError::TooBig { mtu },
+            router.parse().unwrap(),
+            vip.ip(),
+            &quoted,
+        );
+        error[..6].copy_from_slice(&node_mac);
+        error[6..12].copy_from_slice(&client_mac);
+        inject(&topology.client, "eth0", error);
+
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while learnt_mtu(&sender.ns, client) != Some(mtu.into()) {
+            assert!(
+                Instant::now() < deadline,
+                "{vip}: {name} did not learn the path MTU towards {client}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            learnt_mtu(&other.ns, client),
+            None,
+            "{vip}: only the backend that sent the answer hears of it"
+        );
+    }
+
+    let counters = stop_agent(agent);
+    assert_eq!(
+        count(&counters, Counter::IcmpErrorToBackend),
+        2,
+        "{counters:?}"
+    );
+}
+
+#[test]
+fn port_unreachable_from_a_backend_reaches_the_client_as_the_vips() {
+    let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
+    let dir = TempDir::new("e2e-unreachable");
+    let config = dir.write("config.yaml", &config(&topology));
+    let agent = AgentProcess::start(&topology.balancer, &config, &topology.balancer_interfaces())
+        .expect("agent starts");
+
+    for vip in [SocketAddr::from((VIP, 7)), SocketAddr::from((VIP6, 7))] {
+        let result = topology.client.run(move || {
+            let local: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                .parse()
+                .unwrap();
+            let socket = UdpSocket::bind(local)?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            socket.connect(vip)?;
+            socket.send(b"anyone?")?;
+            let mut buf = [0u8; 64];
+            socket.recv(&mut buf).map(|_| ())
+        });
+        let err = result.expect_err("nothing answers on the closed port");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{vip}: the backend's port unreachable reached the client as the VIP's ({err})"
+        );
+    }
+
+    let counters = stop_agent(agent);
+    assert_eq!(
+        count(&counters, Counter::IcmpErrorToClient),
+        2,
+        "{counters:?}"
+    );
+}

@@ -1,0 +1,391 @@
+//! End to end, one test per forwarding mode: the real `lb-agent` process attaches the datapath in the
+//! balancer namespace; real TCP connections and UDP datagrams go from the client namespace through
+//! IPv4 and IPv6 VIPs to two backends, whose own servers record who connected, and the answers come
+//! back to the client from the VIP.
+//!
+//! - SNAT: the backends see the node address (and a port of the SNAT range), never the client; the
+//!   replies come back through the node, which translates them (`snat_reply_translated`).
+//! - DSR L2: the backends hold the VIPs on their loopback, see the client's own address, and answer
+//!   it directly: the balancer translates nothing (no `reply_translated` / `snat_reply_translated`),
+//!   it only routes the replies, untouched, as any router on the path would.
+//! - DSR IPIP: as DSR L2, through IP-in-IP / IPv6-in-IPv6 to backends running `lb_decap` (loaded
+//!   in-process in each backend's namespace with `lb_agent::decap`), over links with 100 bytes of
+//!   MTU headroom, with TCP payloads large enough to need it.
+//!
+//! Redirected frames enter a veth only when its peer runs XDP: the client's and backends' `eth0` get
+//! `xdp_pass` (or `lb_decap`), as a NIC needs nothing.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use lb_agent::decap::{Decap, DecapOptions};
+use lb_common::{counters::Counter, modes::snat};
+use lb_tests::{
+    agent::AgentProcess,
+    modes::{hold_vips_on_loopback, in_netns, RecordingServer, XdpPass},
+    netns::TEST_PREFIX,
+    servers::{tcp_requests, udp_requests},
+    topology::{
+        Topology, BALANCER_CLIENT_SIDE_ADDR, BALANCER_CLIENT_SIDE_ADDR6, CLIENT_ADDR, CLIENT_ADDR6,
+        VIP, VIP6,
+    },
+};
+
+const REQUESTS: usize = 30;
+const SMALL: &[u8] = b"0123456789abcdef";
+/// Two full-sized TCP segments and a bit: needs the MTU headroom once encapsulated.
+static LARGE: [u8; 3000] = [7; 3000];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Snat,
+    DsrL2,
+    DsrIpip,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Snat => "snat",
+            Mode::DsrL2 => "dsr-l2",
+            Mode::DsrIpip => "dsr-ipip",
+        }
+    }
+
+    /// Ports the backends serve TCP and UDP on: DSR keeps the service ports.
+    fn backend_ports(self) -> (u16, u16) {
+        match self {
+            Mode::Snat => (8080, 5353),
+            Mode::DsrL2 | Mode::DsrIpip => (80, 53),
+        }
+    }
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("lb-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(topology: &Topology, mode: Mode) -> String {
+    let (tcp_port, udp_port) = mode.backend_ports();
+    let mut yaml = format!(
+        "node:\n  ipv4: {BALANCER_CLIENT_SIDE_ADDR}\n  ipv6: {BALANCER_CLIENT_SIDE_ADDR6}\nservices:\n"
+    );
+    for (name, vip, port, proto, v6, backend_port) in [
+        ("web", IpAddr::from(VIP), 80, "tcp", false, tcp_port),
+        ("dns", IpAddr::from(VIP), 53, "udp", false, udp_port),
+        ("web6", IpAddr::from(VIP6), 80, "tcp", true, tcp_port),
+        ("dns6", IpAddr::from(VIP6), 53, "udp", true, udp_port),
+    ] {
+        yaml += &format!(
+            "  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    mode: {}\n    backends:\n",
+            mode.name()
+        );
+        for b in &topology.backends {
+            let addr: IpAddr = if v6 { b.addr6.into() } else { b.addr.into() };
+            yaml += &format!("      - {{ address: \"{addr}\", port: {backend_port} }}\n");
+        }
+    }
+    yaml
+}
+
+/// Everything a mode's test runs on; torn down in reverse order on drop.
+struct Setup {
+    mode: Mode,
+    servers: Vec<RecordingServer>,
+    decaps: Vec<Decap>,
+    _xdp_pass: Vec<XdpPass>,
+    agent: Option<AgentProcess>,
+    _dir: TempDir,
+    topology: Topology,
+}
+
+impl Setup {
+    fn new(mode: Mode) -> Self {
+        let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
+        let vips = [IpAddr::from(VIP), IpAddr::from(VIP6)];
+        let (tcp_port, udp_port) = mode.backend_ports();
+        let mut servers = Vec::new();
+        let mut decaps = Vec::new();
+        let mut xdp_pass = vec![XdpPass::attach(&topology.client, "eth0")];
+        if mode == Mode::Snat {
+            // The SNAT address is one of the node's own: packets the fast path hands to the stack
+            // (next hop not resolved yet) must not be taken for spoofed.
+            topology
+                .balancer
+                .sysctl("net.ipv4.conf.all.accept_local", "1")
+                .unwrap();
+        }
+        for (i, b) in topology.backends.iter().enumerate() {
+            let name = format!("backend-{}", i + 1);
+            let addrs = match mode {
+                Mode::Snat => [IpAddr::from(b.addr), IpAddr::from(b.addr6)],
+                Mode::DsrL2 | Mode::DsrIpip => {
+                    hold_vips_on_loopback(&b.ns, &vips).unwrap();
+                    vips
+                }
+            };
+            for addr in addrs {
+                servers.push(RecordingServer::start(
+                    &b.ns,
+                    SocketAddr::new(addr, tcp_port),
+                    SocketAddr::new(addr, udp_port),
+                    &name,
+                ));
+            }
+            if mode == Mode::DsrIpip {
+                // MTU headroom for the outer header on the balancer–backend links.
+                b.ns.ip_cmd("link set dev eth0 mtu 1600").unwrap();
+                topology
+                    .balancer
+                    .ip_cmd(&format!("link set dev {} mtu 1600", b.balancer_iface))
+                    .unwrap();
+                let mut decap = Decap::load(&DecapOptions {
+                    balancers: vec![
+                        BALANCER_CLIENT_SIDE_ADDR.into(),
+                        BALANCER_CLIENT_SIDE_ADDR6.into(),
+                    ],
+                    local: vec![b.addr.into(), b.addr6.into()],
+                })
+                .expect("load lb_decap");
+                in_netns(&b.ns, || decap.attach("eth0")).expect("attach lb_decap");
+                decaps.push(decap);
+            } else {
+                xdp_pass.push(XdpPass::attach(&b.ns, "eth0"));
+            }
+        }
+        let dir = TempDir::new(&format!("e2e-{}", mode.name()));
+        let path = dir.write("config.yaml", &config(&topology, mode));
+        let agent = AgentProcess::start(&topology.balancer, &path, &topology.balancer_interfaces())
+            .expect("agent starts");
+        Self {
+            mode,
+            servers,
+            decaps,
+            _xdp_pass: xdp_pass,
+            agent: Some(agent),
+            _dir: dir,
+            topology,
+        }
+    }
+
+    /// TCP connections and UDP datagrams through both VIPs: every one answered (from the VIP, for
+    /// UDP), both backends used. Returns TCP bytes sent.
+    fn traffic(&self, payload: &'static [u8]) -> u64 {
+        let client = &self.topology.client;
+        for vip in [IpAddr::from(VIP), IpAddr::from(VIP6)] {
+            for (what, results) in [
+                (
+                    "TCP",
+                    tcp_requests(client, SocketAddr::new(vip, 80), REQUESTS, payload),
+                ),
+                (
+                    "UDP",
+                    udp_requests(client, SocketAddr::new(vip, 53), REQUESTS, SMALL),
+                ),
+            ] {
+                let mut by_backend = BTreeMap::<String, usize>::new();
+                for r in results {
+                    let name = r.unwrap_or_else(|e| {
+                        panic!(
+                            "{} {what} to {vip}: a request through the VIP failed: {e}",
+                            self.mode.name()
+                        )
+                    });
+                    *by_backend.entry(name).or_default() += 1;
+                }
+                assert_eq!(
+                    by_backend.len(),
+                    2,
+                    "{} {what} to {vip} reaches both backends: {by_backend:?}",
+                    self.mode.name()
+                );
+            }
+        }
+        2 * (REQUESTS * payload.len()) as u64
+    }
+
+    /// Every peer the backends saw, once they have read everything.
+    fn peers(&self) -> Vec<SocketAddr> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.servers.iter().flat_map(|s| s.peers()).collect()
+    }
+
+    fn tcp_bytes(&self) -> u64 {
+        self.servers.iter().map(|s| s.bytes()).sum()
+    }
+
+    /// Stops the agent; returns its final counters (name → value).
+    fn stop_agent(&mut self) -> BTreeMap<String, u64> {
+        let (code, log) = self.agent.take().unwrap().stop().expect("agent stops");
+        assert_eq!(code, 0, "clean exit");
+        let line = log
+            .iter()
+            .rev()
+            .find(|l| l.contains("datapath counters"))
+            .expect("final counters logged");
+        let counters = line
+            .split_whitespace()
+            .filter_map(|word| {
+                let word = word.trim_matches(|c| c == '"' || c == ',');
+                let word = word.strip_prefix("counters=").unwrap_or(word);
+                let (name, value) = word.split_once('=')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect();
+        eprintln!("{}: balancer counters {counters:?}", self.mode.name());
+        counters
+    }
+}
+
+fn count(counters: &BTreeMap<String, u64>, which: Counter) -> u64 {
+    counters.get(which.name()).copied().unwrap_or(0)
+}
+
+#[test]
+fn snat_tcp_and_udp_over_ipv4_and_ipv6() {
+    let mut setup = Setup::new(Mode::Snat);
+    let sent = setup.traffic(SMALL);
+    let peers = setup.peers();
+    assert_eq!(
+        peers.len(),
+        4 * REQUESTS,
+        "one peer per connection or datagram"
+    );
+    let ports = snat::DEFAULT_PORT_FIRST..=snat::DEFAULT_PORT_LAST;
+    for peer in &peers {
+        let node: IpAddr = if peer.is_ipv4() {
+            BALANCER_CLIENT_SIDE_ADDR.into()
+        } else {
+            BALANCER_CLIENT_SIDE_ADDR6.into()
+        };
+        assert_eq!(peer.ip(), node, "backends see the node address: {peer}");
+        assert!(ports.contains(&peer.port()), "a SNAT port: {peer}");
+    }
+    assert_eq!(setup.tcp_bytes(), sent, "every TCP byte arrived");
+    let counters = setup.stop_agent();
+    assert!(
+        count(&counters, Counter::SnatReplyTranslated) > 0,
+        "{counters:?}"
+    );
+    assert!(count(&counters, Counter::XmitRedirect) > 0, "{counters:?}");
+    assert_eq!(
+        count(&counters, Counter::ReplyTranslated),
+        0,
+        "{counters:?}"
+    );
+}
+
+/// DSR checks shared by both flavours: the client's own address at the backends, and a balancer
+/// that forwarded without translating anything back.
+fn check_dsr(setup: &mut Setup, sent: u64) -> BTreeMap<String, u64> {
+    let peers = setup.peers();
+    assert_eq!(
+        peers.len(),
+        4 * REQUESTS,
+        "one peer per connection or datagram"
+    );
+    for peer in &peers {
+        let client: IpAddr = if peer.is_ipv4() {
+            CLIENT_ADDR.into()
+        } else {
+            CLIENT_ADDR6.into()
+        };
+        assert_eq!(peer.ip(), client, "backends see the client itself: {peer}");
+    }
+    assert_eq!(setup.tcp_bytes(), sent, "every TCP byte arrived");
+    let counters = setup.stop_agent();
+    let name = setup.mode.name();
+    assert!(
+        count(&counters, Counter::XmitRedirect) > 0,
+        "{name}: {counters:?}"
+    );
+    for untouched in [Counter::ReplyTranslated, Counter::SnatReplyTranslated] {
+        assert_eq!(
+            count(&counters, untouched),
+            0,
+            "{name}: replies go straight to the client, untranslated: {counters:?}"
+        );
+    }
+    assert!(
+        count(&counters, Counter::PassNotService) >= 2 * REQUESTS as u64,
+        "{name}: the replies crossed the node as plain routed traffic: {counters:?}"
+    );
+    counters
+}
+
+#[test]
+fn dsr_l2_tcp_and_udp_over_ipv4_and_ipv6() {
+    let mut setup = Setup::new(Mode::DsrL2);
+    let sent = setup.traffic(SMALL);
+    check_dsr(&mut setup, sent);
+}
+
+#[test]
+fn dsr_ipip_tcp_and_udp_over_ipv4_and_ipv6() {
+    let mut setup = Setup::new(Mode::DsrIpip);
+    let sent = setup.traffic(&LARGE);
+    let counters = check_dsr(&mut setup, sent);
+    assert_eq!(
+        count(&counters, Counter::DropEncapTooBig),
+        0,
+        "{counters:?}"
+    );
+    let decapsulated = |which| -> u64 {
+        setup
+            .decaps
+            .iter()
+            .map(|d| {
+                d.counters()
+                    .unwrap()
+                    .into_iter()
+                    .find(|(c, _)| *c == which)
+                    .unwrap()
+                    .1
+            })
+            .sum()
+    };
+    // At least one packet per TCP connection (SYN, data, ACKs, FIN) and per datagram.
+    for (family, which) in [
+        ("IPv4", Counter::DecapOuterIpv4),
+        ("IPv6", Counter::DecapOuterIpv6),
+    ] {
+        assert!(
+            decapsulated(which) >= 4 * REQUESTS as u64,
+            "{family} packets decapsulated on the backends: {}",
+            decapsulated(which)
+        );
+    }
+    assert_eq!(decapsulated(Counter::DecapDropUnknownEndpoint), 0);
+    eprintln!(
+        "decapsulated: {} IPv4, {} IPv6",
+        decapsulated(Counter::DecapOuterIpv4),
+        decapsulated(Counter::DecapOuterIpv6)
+    );
+}

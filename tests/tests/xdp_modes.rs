@@ -1,0 +1,643 @@
+//! The forwarding modes (SNAT, DSR L2, DSR IPIP) and the decapsulation program on crafted frames
+//! through BPF_PROG_TEST_RUN. Each fixture is a description, an input frame and the interface it
+//! arrives on, the expected action, the expected output frame (built from scratch, full checksums,
+//! compared byte for byte) and the counters that name the path.
+//!
+//! `bpf_fib_lookup` answers from the namespace of the thread that runs the test, so the balancer's
+//! fixtures run inside the balancer namespace of a real topology (routes, interfaces, and permanent
+//! neighbour entries with the real MAC addresses), with the datapath attached to its interfaces as
+//! in production.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use lb_agent::{
+    config::Config,
+    datapath::Datapath,
+    decap::{Decap, DecapOptions},
+};
+use lb_common::{
+    counters::Counter,
+    modes::{encap, snat},
+    protocol,
+};
+use lb_tests::{
+    frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
+    modes::{
+        decapsulated, encapsulated, frame_via, in_netns, link_of, run_on, static_neighbour,
+        XDP_REDIRECT, XDP_TX,
+    },
+    netns::TEST_PREFIX,
+    test_run::{flow_key, run, XDP_DROP, XDP_PASS},
+    topology::{
+        Topology, BALANCER_CLIENT_IFACE, BALANCER_CLIENT_SIDE_ADDR, BALANCER_CLIENT_SIDE_ADDR6,
+        CLIENT_ADDR, CLIENT_ADDR6,
+    },
+};
+
+/// Node addresses: SNAT source and outer IPIP source.
+const NODE4: Ipv4Addr = BALANCER_CLIENT_SIDE_ADDR;
+const NODE6: Ipv6Addr = BALANCER_CLIENT_SIDE_ADDR6;
+/// On-link behind to-b1 (a /32 route) but never resolved: no neighbour entry.
+const UNRESOLVED4: &str = "203.0.113.200";
+/// Routed through backend 1 as a gateway: not on-link.
+const BEHIND_GATEWAY4: &str = "203.0.113.201";
+/// An unreachable route.
+const UNREACHABLE4: &str = "203.0.113.202";
+/// In to-b1's /64, never resolved.
+const UNRESOLVED6: &str = "2001:db8:203:1::99";
+const PAYLOAD: &[u8] = b"payload";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn counter(counters: &[(Counter, u64)], which: Counter) -> u64 {
+    counters.iter().find(|(c, _)| *c == which).unwrap().1
+}
+
+/// One service per mode, family and protocol on backend 1, and the failure cases.
+fn config(b1: Ipv4Addr, b1_6: Ipv6Addr) -> String {
+    let mut yaml = format!("node:\n  ipv4: {NODE4}\n  ipv6: {NODE6}\nservices:\n");
+    let mut service = |name: &str,
+                       vip: &str,
+                       port: u16,
+                       proto: &str,
+                       mode: &str,
+                       backend: &str,
+                       backend_port: u16| {
+        yaml += &format!(
+            "  - {{ name: {name}, vip: \"{vip}\", port: {port}, protocol: {proto}, mode: {mode},\n      \
+             backends: [ {{ address: \"{backend}\", port: {backend_port} }} ] }}\n"
+        );
+    };
+    for (suffix, vip_net, backend) in [
+        ("", "198.51.100.", IpAddr::from(b1)),
+        ("6", "2001:db8:100::", IpAddr::from(b1_6)),
+    ] {
+        let backend = backend.to_string();
+        for (mode, host, tcp_port, udp_port) in [
+            ("snat", 40, 8080, 5353),
+            ("dsr-l2", 41, 80, 0),
+            ("dsr-ipip", 42, 80, 53),
+        ] {
+            let vip = format!("{vip_net}{host}");
+            let tcp = format!("{mode}-tcp{suffix}");
+            let udp = format!("{mode}-udp{suffix}");
+            service(&tcp, &vip, 80, "tcp", mode, &backend, tcp_port);
+            service(&udp, &vip, 53, "udp", mode, &backend, udp_port);
+        }
+    }
+    // Failure cases.
+    for (name, vip, mode, backend) in [
+        ("l2-unresolved", "198.51.100.43", "dsr-l2", UNRESOLVED4),
+        ("l2-gateway", "198.51.100.44", "dsr-l2", BEHIND_GATEWAY4),
+        ("l2-unreachable", "198.51.100.45", "dsr-l2", UNREACHABLE4),
+        ("snat-unresolved", "198.51.100.46", "snat", UNRESOLVED4),
+        ("ipip-unresolved", "198.51.100.47", "dsr-ipip", UNRESOLVED4),
+        ("l2-unresolved6", "2001:db8:100::43", "dsr-l2", UNRESOLVED6),
+    ] {
+        service(name, vip, 80, "tcp", mode, backend, 80);
+    }
+    yaml
+}
+
+enum Expect {
+    /// This action and exactly this output frame.
+    Frame(u32, Vec<u8>),
+    Dropped,
+}
+
+struct Fixture {
+    what: String,
+    input: Vec<u8>,
+    ingress: u32,
+    expect: Expect,
+    counters: Vec<Counter>,
+}
+
+/// The SNAT port the datapath picks first for `client → vip`.
+fn snat_port(proto: u8, client: SocketAddr, vip: SocketAddr) -> u16 {
+    let hash = snat::port_hash(&flow_key(proto, client, vip));
+    snat::candidate_port(
+        hash,
+        snat::DEFAULT_PORT_FIRST,
+        (snat::DEFAULT_PORT_LAST - snat::DEFAULT_PORT_FIRST) as u32 + 1,
+        0,
+    )
+}
+
+#[test]
+fn balancer_fixtures_for_every_mode_family_and_protocol() {
+    let topology = Topology::new(TEST_PREFIX, 1).expect("topology");
+    let (lb, b1) = (&topology.balancer, &topology.backends[0]);
+    let (_, client_mac) = link_of(&topology.client, "eth0");
+    let (to_client, to_client_mac) = link_of(lb, BALANCER_CLIENT_IFACE);
+    let (to_b1, to_b1_mac) = link_of(lb, &b1.balancer_iface);
+    let (_, b1_mac) = link_of(&b1.ns, "eth0");
+    // Deterministic next hops: permanent neighbours with the real MACs, plus the failure routes.
+    let iface = b1.balancer_iface.as_str();
+    static_neighbour(lb, b1.addr.into(), b1_mac, iface).unwrap();
+    static_neighbour(lb, b1.addr6.into(), b1_mac, iface).unwrap();
+    static_neighbour(lb, CLIENT_ADDR.into(), client_mac, BALANCER_CLIENT_IFACE).unwrap();
+    static_neighbour(lb, CLIENT_ADDR6.into(), client_mac, BALANCER_CLIENT_IFACE).unwrap();
+    lb.ip_cmd(&format!("route add {UNRESOLVED4}/32 dev {iface}"))
+        .unwrap();
+    lb.ip_cmd(&format!("route add {BEHIND_GATEWAY4}/32 via {}", b1.addr))
+        .unwrap();
+    lb.ip_cmd(&format!("route add unreachable {UNREACHABLE4}/32"))
+        .unwrap();
+
+    let yaml = config(b1.addr, b1.addr6);
+    let from_client = (client_mac, to_client_mac);
+    let from_b1 = (b1_mac, to_b1_mac);
+    let to_backend = (to_b1_mac, b1_mac);
+    let to_client_macs = (to_client_mac, client_mac);
+
+    let mut fixtures = Vec::new();
+    for (client_ip, b1_ip, node, vip_net) in [
+        (
+            IpAddr::from(CLIENT_ADDR),
+            IpAddr::from(b1.addr),
+            IpAddr::from(NODE4),
+            "198.51.100.",
+        ),
+        (
+            IpAddr::from(CLIENT_ADDR6),
+            IpAddr::from(b1.addr6),
+            IpAddr::from(NODE6),
+            "2001:db8:100::",
+        ),
+    ] {
+        let family = if client_ip.is_ipv4() { "IPv4" } else { "IPv6" };
+        let vip = |host: u8, port: u16| {
+            SocketAddr::new(format!("{vip_net}{host}").parse().unwrap(), port)
+        };
+        for (l4, proto, name, vport, snat_backend_port, client_port) in [
+            (SYN, protocol::TCP, "TCP", 80, 8080, 40000),
+            (L4::Udp, protocol::UDP, "UDP", 53, 5353, 40001),
+        ] {
+            let client = SocketAddr::new(client_ip, client_port);
+            let reply_l4 = if proto == protocol::TCP { ACK } else { L4::Udp };
+
+            // SNAT, both directions.
+            let snat_vip = vip(40, vport);
+            let port = snat_port(proto, client, snat_vip);
+            let node_end = SocketAddr::new(node, port);
+            let backend = SocketAddr::new(b1_ip, snat_backend_port);
+            fixtures.push(Fixture {
+                what: format!("SNAT {family} {name} to VIP"),
+                input: frame_via(l4, client, snat_vip, PAYLOAD, from_client, 64),
+                ingress: to_client,
+                expect: Expect::Frame(
+                    XDP_REDIRECT,
+                    frame_via(l4, node_end, backend, PAYLOAD, to_backend, 63),
+                ),
+                counters: vec![Counter::ForwardNewFlow, Counter::XmitRedirect],
+            });
+            fixtures.push(Fixture {
+                what: format!("SNAT {family} {name} reply"),
+                input: frame_via(reply_l4, backend, node_end, PAYLOAD, from_b1, 64),
+                ingress: to_b1,
+                expect: Expect::Frame(
+                    XDP_REDIRECT,
+                    frame_via(reply_l4, snat_vip, client, PAYLOAD, to_client_macs, 63),
+                ),
+                counters: vec![Counter::SnatReplyTranslated, Counter::XmitRedirect],
+            });
+
+            // DSR L2: only the MACs change.
+            let l2_vip = vip(41, vport);
+            fixtures.push(Fixture {
+                what: format!("DSR L2 {family} {name}"),
+                input: frame_via(l4, client, l2_vip, PAYLOAD, from_client, 64),
+                ingress: to_client,
+                expect: Expect::Frame(
+                    XDP_REDIRECT,
+                    frame_via(l4, client, l2_vip, PAYLOAD, to_backend, 64),
+                ),
+                counters: vec![Counter::ForwardNewFlow, Counter::XmitRedirect],
+            });
+            let one_armed = SocketAddr::new(client_ip, client_port + 100);
+            fixtures.push(Fixture {
+                what: format!("DSR L2 {family} {name}, client on the backends' segment"),
+                input: frame_via(l4, one_armed, l2_vip, PAYLOAD, from_b1, 64),
+                ingress: to_b1,
+                expect: Expect::Frame(
+                    XDP_TX,
+                    frame_via(l4, one_armed, l2_vip, PAYLOAD, to_backend, 64),
+                ),
+                counters: vec![Counter::ForwardNewFlow, Counter::XmitTx],
+            });
+
+            // DSR IPIP: outer header in front of the unchanged packet.
+            let ipip_vip = vip(42, vport);
+            let inner = frame_via(l4, client, ipip_vip, PAYLOAD, from_client, 64);
+            let label = if client_ip.is_ipv4() {
+                0
+            } else {
+                encap::flow_label(&flow_key(proto, client, ipip_vip))
+            };
+            fixtures.push(Fixture {
+                what: format!("DSR IPIP {family} {name}"),
+                input: inner.clone(),
+                ingress: to_client,
+                expect: Expect::Frame(
+                    XDP_REDIRECT,
+                    encapsulated(&inner, node, b1_ip, label, to_backend),
+                ),
+                counters: vec![Counter::ForwardNewFlow, Counter::XmitRedirect],
+            });
+        }
+    }
+
+    // What the fast path cannot send.
+    let client = SocketAddr::new(CLIENT_ADDR.into(), 41000);
+    let fail = |host: u8| SocketAddr::new(format!("198.51.100.{host}").parse().unwrap(), 80);
+    let unresolved = SocketAddr::new(UNRESOLVED4.parse().unwrap(), 80);
+    for (host, what, counter) in [
+        (43, "DSR L2, backend MAC unknown", Counter::DropDsrNoNeigh),
+        (
+            44,
+            "DSR L2, backend behind a gateway",
+            Counter::DropDsrNotOnLink,
+        ),
+        (45, "DSR L2, backend unreachable", Counter::DropDsrNoRoute),
+    ] {
+        fixtures.push(Fixture {
+            what: what.into(),
+            input: frame_via(SYN, client, fail(host), PAYLOAD, from_client, 64),
+            ingress: to_client,
+            expect: Expect::Dropped,
+            counters: vec![counter],
+        });
+    }
+    let client6 = SocketAddr::new(CLIENT_ADDR6.into(), 41000);
+    fixtures.push(Fixture {
+        what: "DSR L2 IPv6, backend MAC unknown".into(),
+        input: frame_via(
+            SYN,
+            client6,
+            sa("[2001:db8:100::43]:80"),
+            PAYLOAD,
+            from_client,
+            64,
+        ),
+        ingress: to_client,
+        expect: Expect::Dropped,
+        counters: vec![Counter::DropDsrNoNeigh],
+    });
+    let port = snat_port(protocol::TCP, client, fail(46));
+    fixtures.push(Fixture {
+        what: "SNAT, backend MAC unknown: translated, to the stack".into(),
+        input: frame_via(SYN, client, fail(46), PAYLOAD, from_client, 64),
+        ingress: to_client,
+        expect: Expect::Frame(
+            XDP_PASS,
+            frame_via(
+                SYN,
+                SocketAddr::new(NODE4.into(), port),
+                SocketAddr::new(unresolved.ip(), 80),
+                PAYLOAD,
+                from_client,
+                64,
+            ),
+        ),
+        counters: vec![Counter::PassFibNoNeigh],
+    });
+    let inner = frame_via(SYN, client, fail(47), PAYLOAD, from_client, 64);
+    fixtures.push(Fixture {
+        what: "DSR IPIP, backend MAC unknown: encapsulated, to the stack".into(),
+        input: inner.clone(),
+        ingress: to_client,
+        expect: Expect::Frame(
+            XDP_PASS,
+            encapsulated(&inner, NODE4.into(), unresolved.ip(), 0, from_client),
+        ),
+        counters: vec![Counter::PassFibNoNeigh],
+    });
+    let ipip_vip = sa("198.51.100.42:80");
+    fixtures.push(Fixture {
+        what: "DSR IPIP, full-sized packet exceeds the MTU once encapsulated".into(),
+        input: frame_via(
+            ACK,
+            SocketAddr::new(CLIENT_ADDR.into(), 41001),
+            ipip_vip,
+            &[7u8; 1460],
+            from_client,
+            64,
+        ),
+        ingress: to_client,
+        expect: Expect::Dropped,
+        counters: vec![Counter::DropEncapTooBig],
+    });
+    let snat_vip = sa("198.51.100.40:80");
+    let ttl_client = SocketAddr::new(CLIENT_ADDR.into(), 41002);
+    let port = snat_port(protocol::TCP, ttl_client, snat_vip);
+    fixtures.push(Fixture {
+        what: "SNAT, TTL 1: translated, to the stack (which answers time exceeded)".into(),
+        input: frame_via(SYN, ttl_client, snat_vip, PAYLOAD, from_client, 1),
+        ingress: to_client,
+        expect: Expect::Frame(
+            XDP_PASS,
+            frame_via(
+                SYN,
+                SocketAddr::new(NODE4.into(), port),
+                SocketAddr::new(b1.addr.into(), 8080),
+                PAYLOAD,
+                from_client,
+                1,
+            ),
+        ),
+        counters: vec![Counter::PassFibFailed],
+    });
+
+    let interfaces = topology.balancer_interfaces();
+    in_netns(lb, move || {
+        let mut datapath = Datapath::load().expect("load datapath");
+        datapath
+            .apply(&Config::from_yaml(&yaml).expect("config"))
+            .expect("apply");
+        for iface in &interfaces {
+            datapath.attach(iface).expect("attach");
+        }
+        let mut failures = Vec::new();
+        for fixture in &fixtures {
+            let before = datapath.counters().unwrap();
+            let (action, out) = run_on(datapath.xdp_program(), &fixture.input, fixture.ingress);
+            let after = datapath.counters().unwrap();
+            let what = &fixture.what;
+            match &fixture.expect {
+                Expect::Frame(want_action, want) => {
+                    if action != *want_action || out != *want {
+                        failures.push(format!(
+                            "{what}: got action {action}, want {want_action}\n  got  {out:02x?}\n  want {want:02x?}"
+                        ));
+                    }
+                }
+                Expect::Dropped => {
+                    if action != XDP_DROP {
+                        failures.push(format!("{what}: got action {action}, want XDP_DROP"));
+                    }
+                }
+            }
+            for c in &fixture.counters {
+                let delta = counter(&after, *c) - counter(&before, *c);
+                if delta != 1 {
+                    failures.push(format!("{what}: {} moved by {delta}, want 1", c.name()));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        // DSR never writes a reply translation: only the 4 SNAT flows (and the 2 failure cases
+        // that were translated) are in NAT_REPLY.
+        assert_eq!(datapath.nat_reply_entries().unwrap(), 6);
+    });
+}
+
+/// SNAT port allocation as a sequence: a flow keeps its port, candidates that are taken are skipped,
+/// a full range drops (counted), a re-opened connection gets its own port back, and the port of a
+/// flow that ended is reclaimed (counted). Outside a namespace with routes, `bpf_fib_lookup` fails
+/// and the translated packets go to the stack, which is all this test needs to see the ports.
+#[test]
+fn snat_ports_are_kept_skipped_exhausted_and_reclaimed() {
+    let yaml = "
+node: { ipv4: 192.0.2.1, snat_ports: { first: 5000, last: 5001 } }
+services:
+  - { name: web, vip: 198.51.100.40, port: 80, protocol: tcp, mode: snat,
+      backends: [ { address: 203.0.113.6, port: 8080 } ] }
+";
+    let mut datapath = Datapath::load().expect("load");
+    datapath.apply(&Config::from_yaml(yaml).unwrap()).unwrap();
+    let vip = sa("198.51.100.40:80");
+    let counters = |d: &Datapath, c| counter(&d.counters().unwrap(), c);
+    let send = |d: &mut Datapath, l4, client: SocketAddr| -> Option<SocketAddr> {
+        let (action, out) = run(d.xdp_program(), &frame(l4, client, vip, b""));
+        (action == XDP_PASS).then(|| inspect(&out).src)
+    };
+    let candidates = |client: SocketAddr| -> Vec<u16> {
+        let hash = snat::port_hash(&flow_key(protocol::TCP, client, vip));
+        (0..snat::ALLOCATION_ATTEMPTS)
+            .map(|i| snat::candidate_port(hash, 5000, 2, i))
+            .collect()
+    };
+
+    let a = sa("192.0.2.2:10000");
+    let a_port = send(&mut datapath, SYN, a).expect("forwarded").port();
+    assert_eq!(a_port, candidates(a)[0], "first candidate");
+    assert_eq!(send(&mut datapath, ACK, a).unwrap().port(), a_port, "kept");
+
+    // Another flow skips A's port.
+    let b = (10001..11000)
+        .map(|p| SocketAddr::new(a.ip(), p))
+        .find(|c| candidates(*c)[0] == a_port)
+        .expect("a client whose first candidate is taken");
+    let b_port = send(&mut datapath, SYN, b).expect("forwarded").port();
+    assert_ne!(b_port, a_port);
+    assert_eq!(send(&mut datapath, ACK, b).unwrap().port(), b_port, "kept");
+
+    // Both ports are in use: a third flow is dropped and counted.
+    let c = sa("192.0.2.3:20000");
+    let exhausted = counters(&datapath, Counter::DropSnatPortsExhausted);
+    assert_eq!(send(&mut datapath, SYN, c), None, "range full");
+    assert_eq!(
+        counters(&datapath, Counter::DropSnatPortsExhausted),
+        exhausted + 1
+    );
+
+    // A closes and re-opens on the same ports: a new connection with its own port back.
+    send(&mut datapath, FIN_ACK, a);
+    let new_flows = counters(&datapath, Counter::ForwardNewFlow);
+    assert_eq!(send(&mut datapath, SYN, a).unwrap().port(), a_port);
+    assert_eq!(counters(&datapath, Counter::ForwardNewFlow), new_flows + 1);
+
+    // B's connection ends (its conntrack entry goes; its reply entry stays, as after an LRU
+    // eviction or expiry): C reclaims B's port, and B's port now translates replies for C.
+    let unrelated = flow_key(protocol::TCP, sa("192.0.2.99:1"), vip);
+    assert!(datapath
+        .forget_flow(&flow_key(protocol::TCP, b, vip), &unrelated)
+        .unwrap());
+    let reclaimed = counters(&datapath, Counter::SnatPortReclaimed);
+    assert_eq!(send(&mut datapath, SYN, c).unwrap().port(), b_port);
+    assert_eq!(
+        counters(&datapath, Counter::SnatPortReclaimed),
+        reclaimed + 1
+    );
+    let reply = frame(
+        ACK,
+        sa("203.0.113.6:8080"),
+        SocketAddr::new("192.0.2.1".parse().unwrap(), b_port),
+        b"",
+    );
+    let (action, out) = run(datapath.xdp_program(), &reply);
+    assert_eq!(action, XDP_PASS);
+    let got = inspect(&out);
+    assert_eq!((got.src, got.dst), (vip, c), "reply goes to the new owner");
+    assert!(got.checksums_ok);
+}
+
+/// DNAT keeps working next to the other modes, and its reply entries carry the DNAT mode.
+#[test]
+fn dnat_flows_are_untouched_by_the_new_modes() {
+    let yaml = "
+node: { ipv4: 192.0.2.1 }
+services:
+  - { name: dnat, vip: 198.51.100.10, port: 80, protocol: tcp,
+      backends: [ { address: 203.0.113.6, port: 8080 } ] }
+  - { name: snat, vip: 198.51.100.40, port: 80, protocol: tcp, mode: snat,
+      backends: [ { address: 203.0.113.6, port: 8080 } ] }
+";
+    let mut datapath = Datapath::load().expect("load");
+    datapath.apply(&Config::from_yaml(yaml).unwrap()).unwrap();
+    let client = sa("192.0.2.2:40000");
+    let (action, out) = run(
+        datapath.xdp_program(),
+        &frame(SYN, client, sa("198.51.100.10:80"), b"x"),
+    );
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(
+        out,
+        frame(SYN, client, sa("203.0.113.6:8080"), b"x"),
+        "DNAT rewrite unchanged"
+    );
+    let (action, out) = run(
+        datapath.xdp_program(),
+        &frame(ACK, sa("203.0.113.6:8080"), client, b"r"),
+    );
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(out, frame(ACK, sa("198.51.100.10:80"), client, b"r"));
+}
+
+fn decap_frames() -> (Vec<u8>, Vec<u8>) {
+    let inner4 = frame(SYN, sa("192.0.2.2:40000"), sa("198.51.100.42:80"), b"x");
+    let inner6 = frame(
+        L4::Udp,
+        sa("[2001:db8:2::2]:40000"),
+        sa("[2001:db8:100::42]:53"),
+        b"q",
+    );
+    (inner4, inner6)
+}
+
+/// Description, input frame, expected inner frame (`None`: dropped), counter.
+type DecapCase = (&'static str, Vec<u8>, Option<Vec<u8>>, Counter);
+
+#[test]
+fn decap_fixtures() {
+    const MACS: ([u8; 6], [u8; 6]) = ([0x02, 0, 0, 0, 0, 0x11], [0x02, 0, 0, 0, 0, 0x12]);
+    let balancer4: IpAddr = "203.0.113.5".parse().unwrap();
+    let balancer6: IpAddr = "2001:db8:203:1::1".parse().unwrap();
+    let local4: IpAddr = "203.0.113.6".parse().unwrap();
+    let local6: IpAddr = "2001:db8:203:1::2".parse().unwrap();
+    let mut decap = Decap::load(&DecapOptions {
+        balancers: vec![balancer4, balancer6],
+        local: vec![local4, local6],
+    })
+    .expect("load lb_decap");
+    let (inner4, inner6) = decap_frames();
+    let stranger4: IpAddr = "203.0.113.99".parse().unwrap();
+
+    let mut truncated = encapsulated(&inner4, balancer4, local4, 0, MACS);
+    truncated.truncate(14 + 20 + 10);
+    let mut wrong_version = encapsulated(&inner4, balancer4, local4, 0, MACS);
+    wrong_version[14 + 9] = 41; // says IPv6 inside, is IPv4
+    let cases: Vec<DecapCase> = vec![
+        (
+            "IPv4 in IPv4",
+            encapsulated(&inner4, balancer4, local4, 0, MACS),
+            Some(decapsulated(&inner4, MACS)),
+            Counter::DecapOuterIpv4,
+        ),
+        (
+            "IPv6 in IPv6",
+            encapsulated(&inner6, balancer6, local6, 0x12345, MACS),
+            Some(decapsulated(&inner6, MACS)),
+            Counter::DecapOuterIpv6,
+        ),
+        (
+            "IPv6 in IPv4",
+            encapsulated(&inner6, balancer4, local4, 0, MACS),
+            Some(decapsulated(&inner6, MACS)),
+            Counter::DecapOuterIpv4,
+        ),
+        (
+            "IPv4 in IPv6",
+            encapsulated(&inner4, balancer6, local6, 7, MACS),
+            Some(decapsulated(&inner4, MACS)),
+            Counter::DecapOuterIpv6,
+        ),
+        (
+            "from an unknown source",
+            encapsulated(&inner4, stranger4, local4, 0, MACS),
+            None,
+            Counter::DecapDropUnknownEndpoint,
+        ),
+        (
+            "to another address",
+            encapsulated(&inner4, balancer4, stranger4, 0, MACS),
+            None,
+            Counter::DecapDropUnknownEndpoint,
+        ),
+        (
+            "inner header truncated",
+            truncated,
+            None,
+            Counter::DropMalformed,
+        ),
+        (
+            "inner version differs from the outer protocol",
+            wrong_version,
+            None,
+            Counter::DropMalformed,
+        ),
+    ];
+    for (what, input, want, which) in cases {
+        let before = counter(&decap.counters().unwrap(), which);
+        let (action, out) = run(decap.program(), &input);
+        match want {
+            Some(want) => {
+                assert_eq!(action, XDP_PASS, "{what}");
+                assert_eq!(out, want, "{what}: byte-exact inner frame");
+                assert!(inspect(&out).checksums_ok, "{what}");
+            }
+            None => assert_eq!(action, XDP_DROP, "{what}"),
+        }
+        assert_eq!(
+            counter(&decap.counters().unwrap(), which),
+            before + 1,
+            "{what}: counted as {}",
+            which.name()
+        );
+    }
+    // Not encapsulated: untouched.
+    for input in [inner4.clone(), inner6.clone()] {
+        let before = counter(
+            &decap.counters().unwrap(),
+            Counter::DecapPassNotEncapsulated,
+        );
+        assert_eq!(run(decap.program(), &input), (XDP_PASS, input.clone()));
+        assert_eq!(
+            counter(
+                &decap.counters().unwrap(),
+                Counter::DecapPassNotEncapsulated
+            ),
+            before + 1
+        );
+    }
+}
+
+#[test]
+fn decap_without_endpoint_lists_accepts_any() {
+    let mut decap = Decap::load(&DecapOptions::default()).expect("load lb_decap");
+    let (inner4, inner6) = decap_frames();
+    let macs = ([0x02, 0, 0, 0, 0, 0x21], [0x02, 0, 0, 0, 0, 0x22]);
+    for (inner, src, dst) in [
+        (&inner4, "10.1.2.3", "10.4.5.6"),
+        (&inner6, "2001:db8:9::1", "2001:db8:9::2"),
+    ] {
+        let input = encapsulated(inner, src.parse().unwrap(), dst.parse().unwrap(), 1, macs);
+        assert_eq!(
+            run(decap.program(), &input),
+            (XDP_PASS, decapsulated(inner, macs))
+        );
+    }
+}
