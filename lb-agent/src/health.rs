@@ -27,6 +27,7 @@ use std::{
 };
 
 use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
     sync::watch,
     task::JoinHandle,
@@ -353,7 +354,7 @@ async fn probe(target: &Target, timeout: Duration) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + timeout;
     let ms = timeout.as_millis();
     let addr = target.socket_addr();
-    let stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+    let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
         Err(_) => return Err(format!("timeout connecting ({ms} ms)")),
         Ok(Err(err)) if err.kind() == io::ErrorKind::ConnectionRefused => {
             return Err("connect refused".into())
@@ -364,7 +365,7 @@ async fn probe(target: &Target, timeout: Duration) -> Result<(), String> {
     if target.check.kind == HealthCheckKind::Tcp {
         return Ok(());
     }
-    match timeout_at(deadline, http_status(&stream, addr, &target.check.path)).await {
+    match timeout_at(deadline, http_status(&mut stream, addr, &target.check.path)).await {
         Err(_) => Err(format!("timeout waiting for the HTTP status ({ms} ms)")),
         Ok(Err(err)) => Err(err),
         Ok(Ok(code)) if (200..400).contains(&code) => Ok(()),
@@ -374,7 +375,7 @@ async fn probe(target: &Target, timeout: Duration) -> Result<(), String> {
 
 /// Sends `GET path` and returns the status code of the response. The rest is not read: the status
 /// is all the check needs, and a backend can stream a body for as long as it likes.
-async fn http_status(stream: &TcpStream, addr: SocketAddr, path: &str) -> Result<u16, String> {
+async fn http_status(stream: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<u16, String> {
     // The path goes verbatim into the request line: no spaces, controls or non-ASCII.
     if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(format!("invalid HTTP path {path:?}"));
@@ -384,7 +385,8 @@ async fn http_status(stream: &TcpStream, addr: SocketAddr, path: &str) -> Result
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: lb-agent-health-check\r\n\
          Accept: */*\r\nConnection: close\r\n\r\n"
     );
-    write_all(stream, request.as_bytes())
+    stream
+        .write_all(request.as_bytes())
         .await
         .map_err(|err| io_failure("sending the request", err))?;
     let mut buf = [0u8; 256];
@@ -396,7 +398,8 @@ async fn http_status(stream: &TcpStream, addr: SocketAddr, path: &str) -> Result
         if len == buf.len() {
             return parse_status_line(&buf);
         }
-        let n = read(stream, &mut buf[len..])
+        let n = stream
+            .read(&mut buf[len..])
             .await
             .map_err(|err| io_failure("reading the response", err))?;
         if n == 0 {
@@ -406,32 +409,6 @@ async fn http_status(stream: &TcpStream, addr: SocketAddr, path: &str) -> Result
             };
         }
         len += n;
-    }
-}
-
-// tokio's `io-util` feature (`AsyncReadExt`, `AsyncWriteExt`) is not enabled in this workspace; these
-// two are all the probe needs, on the readiness API of `TcpStream`.
-
-async fn write_all(stream: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(())
-}
-
-async fn read(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        stream.readable().await?;
-        match stream.try_read(buf) {
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            result => return result,
-        }
     }
 }
 
@@ -573,14 +550,14 @@ mod tests {
         }
 
         async fn serve(
-            stream: TcpStream,
+            mut stream: TcpStream,
             reply: Arc<AtomicU16>,
             log: Arc<Mutex<Vec<(u16, String)>>>,
         ) {
             let mut head = Vec::new();
             let mut buf = [0u8; 1024];
             while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match read(&stream, &mut buf).await {
+                match stream.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => head.extend_from_slice(&buf[..n]),
                 }
@@ -594,7 +571,7 @@ mod tests {
                 CLOSE => return,
                 code => format!("HTTP/1.1 {code} Whatever\r\nContent-Length: 0\r\n\r\n"),
             };
-            let _ = write_all(&stream, response.as_bytes()).await;
+            let _ = stream.write_all(response.as_bytes()).await;
         }
 
         fn set_reply(&self, reply: u16) {
