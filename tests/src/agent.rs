@@ -58,6 +58,32 @@ impl Drop for TestPins {
     }
 }
 
+/// An agent config file `/tmp/lb-config-<pid>-<seq>.yaml`, removed on drop.
+pub struct ConfigFile {
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(yaml: &str) -> Self {
+        static NEXT_SEQ: AtomicU32 = AtomicU32::new(0);
+        let seq = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("lb-config-{}-{seq}.yaml", std::process::id()));
+        std::fs::write(&path, yaml).expect("write the agent config");
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Removes pin directories of test processes that no longer exist (killed runs skip destructors).
 fn remove_stale_pins() {
     let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
@@ -99,6 +125,8 @@ pub struct AgentProcess {
     child: Child,
     /// Log lines the agent printed (stderr), for assertions and failure messages.
     pub log: mpsc::Receiver<String>,
+    /// Lines [`AgentProcess::wait_for_log`] has read so far (startup included).
+    pub history: Vec<String>,
     /// Dropped after the agent has stopped (field order).
     pins: Arc<TestPins>,
 }
@@ -162,6 +190,7 @@ impl AgentProcess {
         let mut agent = Self {
             child,
             log: rx,
+            history: Vec::new(),
             pins,
         };
         agent.wait_for_log("ready", Duration::from_secs(30))?;
@@ -171,28 +200,28 @@ impl AgentProcess {
     /// Waits until a log line contains `needle`; returns that line.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
+        let seen_from = self.history.len();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.log.recv_timeout(left) {
                 Ok(line) => {
+                    self.history.push(line.clone());
                     if line.contains(needle) {
                         return Ok(line);
                     }
-                    seen.push(line);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().ok();
                     bail!(
                         "lb-agent exited ({status:?}) before logging {needle:?}:\n{}",
-                        seen.join("\n")
+                        self.history[seen_from..].join("\n")
                     );
                 }
             }
         }
         bail!(
             "lb-agent did not log {needle:?} within {timeout:?}:\n{}",
-            seen.join("\n")
+            self.history[seen_from..].join("\n")
         )
     }
 
