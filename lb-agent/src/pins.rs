@@ -78,11 +78,47 @@ pub fn object_maps(
                     .unwrap_or(map.max_entries()),
                 flags: map.map_flags(),
             };
-            (name.clone(), definition)
+            Ok((
+                name.clone(),
+                as_created(definition, page_size(), nr_cpus()?),
+            ))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     maps.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(maps)
+}
+
+/// `definition` as aya's loader creates it (its `max_entries_override` and `value_size_override`),
+/// so that it compares equal to the same map pinned by an earlier agent.
+fn as_created(mut definition: MapDefinition, page_size: u32, cpus: u32) -> MapDefinition {
+    use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_PERF_EVENT_ARRAY, BPF_MAP_TYPE_RINGBUF};
+    if definition.map_type == BPF_MAP_TYPE_RINGBUF as u32 {
+        // Bytes rounded up to a power-of-two number of pages.
+        definition.value_size = 0;
+        if definition.max_entries > 0 {
+            definition.max_entries = page_size
+                * definition
+                    .max_entries
+                    .div_ceil(page_size)
+                    .next_power_of_two();
+        }
+    } else if definition.map_type == BPF_MAP_TYPE_PERF_EVENT_ARRAY as u32
+        && definition.max_entries == 0
+    {
+        definition.max_entries = cpus;
+    }
+    definition
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u32 }
+}
+
+fn nr_cpus() -> Result<u32> {
+    aya::util::nr_cpus()
+        .map(|n| n as u32)
+        .map_err(|(path, err)| anyhow::anyhow!("reading {path}: {err}"))
 }
 
 /// What the pin directory holds, compared with what this agent would pin.
@@ -323,5 +359,71 @@ fn remove_dir_if_present(path: &Path) -> Result<()> {
             Err(err).with_context(|| format!("removing {} (not empty?)", path.display()))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_maps_are_the_named_maps_with_overrides() {
+        let maps = object_maps(crate::datapath::EBPF_OBJECT, &[("CONNTRACK", 1234)]).unwrap();
+        let names: Vec<&str> = maps.iter().map(|(n, _)| n.as_str()).collect();
+        for name in [
+            "BACKENDS",
+            "CONNTRACK",
+            "MAGLEV_TABLES",
+            "NAT_REPLY",
+            "SERVICES",
+        ] {
+            assert!(names.contains(&name), "{names:?}");
+        }
+        assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted");
+        let conntrack = maps.iter().find(|(n, _)| n == "CONNTRACK").unwrap().1;
+        assert_eq!(conntrack.max_entries, 1234);
+        assert_eq!(
+            conntrack.value_size as usize,
+            size_of::<lb_common::conntrack::ConntrackEntry>()
+        );
+    }
+
+    #[test]
+    fn definitions_are_compared_as_the_loader_creates_them() {
+        let ring = |entries| MapDefinition {
+            map_type: 27,
+            key_size: 0,
+            value_size: 0,
+            max_entries: entries,
+            flags: 0,
+        };
+        assert_eq!(as_created(ring(5000), 4096, 2).max_entries, 8192);
+        assert_eq!(as_created(ring(3 * 4096), 4096, 2).max_entries, 16384);
+        assert_eq!(as_created(ring(4096), 4096, 2).max_entries, 4096);
+        let perf = MapDefinition {
+            map_type: 4,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 0,
+            flags: 0,
+        };
+        assert_eq!(as_created(perf, 4096, 6).max_entries, 6);
+        let hash = MapDefinition {
+            map_type: 1,
+            ..perf
+        };
+        assert_eq!(as_created(hash, 4096, 6), hash);
+    }
+
+    #[test]
+    fn refuses_a_directory_off_bpffs() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = PinDir::new(dir.path().join("lb")).prepare().unwrap_err();
+        assert!(
+            err.to_string().contains("is not on a BPF filesystem"),
+            "{err:#}"
+        );
+        assert!(!dir.path().join("lb").exists());
     }
 }
