@@ -107,6 +107,8 @@ pub struct ApplyReport {
 pub struct Datapath {
     ebpf: Ebpf,
     pins: Option<PinDir>,
+    /// Held while this datapath lives: one agent per pin directory.
+    _pin_lock: Option<std::fs::File>,
     attached: Vec<(String, Attachment)>,
     services: BTreeMap<ServiceKey, ProgrammedService>,
     backend_ids: StdHashMap<(IpAddr, u16), u32>,
@@ -139,8 +141,10 @@ impl Datapath {
         let pins = options.pins.as_ref().map(|p| PinDir::new(&p.dir));
         let mut adopted = false;
         let mut map_pins = Vec::new();
+        let mut pin_lock = None;
         if let (Some(pins), Some(pin_options)) = (&pins, &options.pins) {
             pins.prepare()?;
+            pin_lock = Some(pins.lock()?);
             let wanted = pins::object_maps(EBPF_OBJECT, &max_entries)?;
             match pins.inspect(&wanted)? {
                 PinnedState::Fresh => {
@@ -205,6 +209,7 @@ impl Datapath {
         let mut datapath = Self {
             ebpf,
             pins,
+            _pin_lock: pin_lock,
             attached: Vec::new(),
             services: BTreeMap::new(),
             backend_ids: StdHashMap::new(),

@@ -190,6 +190,27 @@ impl PinDir {
         Ok(())
     }
 
+    /// Takes the directory's lock, held until the returned file is dropped (the process exits):
+    /// one agent per pin directory, and no uninstall under a running agent.
+    pub fn lock(&self) -> Result<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        let dir = std::fs::File::open(&self.root)
+            .with_context(|| format!("opening {}", self.root.display()))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                bail!(
+                    "another lb-agent is using {} (stop it first, or give this one another \
+                     --bpffs-dir)",
+                    self.root.display()
+                );
+            }
+            return Err(err).with_context(|| format!("locking {}", self.root.display()));
+        }
+        Ok(dir)
+    }
+
     /// Compares the pinned state with `wanted` (see [`object_maps`]).
     pub fn inspect(&self, wanted: &[(String, MapDefinition)]) -> Result<PinnedState> {
         let pinned_maps = self.pinned_map_names()?;
@@ -286,6 +307,10 @@ impl PinDir {
     /// process holds them), then programs, maps, the layout version and the directories. Only
     /// names of this layout are removed; returns the number of pins removed.
     pub fn remove_all(&self) -> Result<usize> {
+        if !self.root.exists() {
+            return Ok(0);
+        }
+        let _lock = self.lock()?;
         let mut removed = 0;
         for dir in ["links", "programs", "maps"] {
             let path = self.root.join(dir);

@@ -262,6 +262,7 @@ impl AgentProcess {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
+                let _ = self.child.wait();
                 bail!("lb-agent did not exit within 10 s of SIGTERM");
             }
             thread::sleep(Duration::from_millis(20));

@@ -76,6 +76,17 @@ fn adoption_keeps_flows_backend_ids_and_tables() {
     let client: SocketAddr = "192.0.2.7:40000".parse().unwrap();
 
     let mut first = load(&pins);
+    let err = Datapath::load_with(&options(&pins, 4096, false))
+        .err()
+        .expect("one datapath per pin directory");
+    assert!(
+        format!("{err:#}").contains("another lb-agent is using"),
+        "{err:#}"
+    );
+    assert!(
+        PinDir::new(pins.path()).remove_all().is_err(),
+        "no uninstall under a running datapath"
+    );
     first.apply(&config).unwrap();
     let backend = send(&mut first, SYN, client);
     let table = first.table_of(&web_key()).unwrap();
