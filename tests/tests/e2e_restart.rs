@@ -3,7 +3,8 @@
 //! stopped with SIGTERM), stays down, and a new agent adopts its pinned datapath. Nothing may be
 //! lost: every connection of the stream succeeds (also while no agent runs), the transfer delivers
 //! every byte to the backend it started on, connection tracking keeps its entries, and the new
-//! agent's program replaced the old one on every interface.
+//! agent's program replaced the old one on every interface. An agent facing pinned state of another
+//! layout refuses to start (the datapath keeps serving) unless told to replace it.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -265,4 +266,65 @@ fn sigterm_leaves_the_datapath_running_for_the_next_agent() {
             "{log:#?}"
         );
     });
+}
+
+#[test]
+fn an_incompatible_layout_is_refused_until_its_replacement_is_asked_for() {
+    let topology = Topology::new(TEST_PREFIX, 1).expect("topology");
+    let b = &topology.backends[0];
+    let _server = TcpCountingServer::start(&b.ns, b.addr, PORT, "backend-1");
+    let config = ConfigFile::new(&config(&topology));
+    let interfaces = topology.balancer_interfaces();
+    let vip = SocketAddr::from((VIP, 80));
+    let first = AgentProcess::start(&topology.balancer, config.path(), &interfaces)
+        .expect("first agent starts");
+    let pins = first.pins();
+    assert_eq!(first.stop().expect("first agent stops").0, 0);
+
+    // Another conntrack size: refused before anything changes; the pinned datapath keeps serving.
+    let refused = AgentProcess::start_pinned(
+        &topology.balancer,
+        config.path(),
+        &interfaces,
+        &["--conntrack-entries", "8192"],
+        pins.clone(),
+    )
+    .err()
+    .expect("incompatible state refused");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("is incompatible with this agent")
+            && message.contains("map CONNTRACK")
+            && message.contains("--replace-incompatible-state"),
+        "{message}"
+    );
+    assert_eq!(
+        tcp_request(&topology.client, vip, b"").expect("VIP served after the refusal"),
+        "backend-1"
+    );
+
+    let replaced = AgentProcess::start_pinned(
+        &topology.balancer,
+        config.path(),
+        &interfaces,
+        &[
+            "--conntrack-entries",
+            "8192",
+            "--replace-incompatible-state",
+        ],
+        pins,
+    )
+    .expect("replacing agent starts");
+    assert!(
+        replaced
+            .history
+            .iter()
+            .any(|l| l.contains("REPLACING incompatible pinned datapath state")),
+        "{:#?}",
+        replaced.history
+    );
+    assert_eq!(
+        tcp_request(&topology.client, vip, b"").expect("VIP served after the replacement"),
+        "backend-1"
+    );
 }
