@@ -2,7 +2,10 @@
 //! keeps backends' health, reconciles the datapath, and serves metrics and readiness.
 //!
 //! It must never be the reason a packet is dropped: an invalid file or a failed apply leaves the last
-//! good state in the maps, and stopping the agent is the only thing that detaches the datapath.
+//! good state in the maps. With a pin directory (the binary's default) stopping the agent, by
+//! SIGTERM, SIGINT or `kill -9`, leaves the datapath attached and its maps pinned: the next agent
+//! adopts them (hitless restart and upgrade), and `lb-agent detach` removes them. Without one,
+//! stopping the agent detaches the datapath.
 
 use std::{
     collections::HashSet,
@@ -21,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{self, Config},
-    datapath::{Datapath, LoadOptions},
+    datapath::{Datapath, LoadOptions, PinOptions},
     health::{self, HealthChecker, Target},
     http::{HttpServer, Readiness},
     k8s::{K8sOptions, K8sSource, NodeOptions},
@@ -46,6 +49,8 @@ pub struct AgentOptions {
     /// How often to refresh metrics and log counters (0 = never log).
     pub stats_interval: Duration,
     pub conntrack_entries: u32,
+    /// Pin the datapath here and adopt what an earlier agent pinned (see `crate::pins`).
+    pub pins: Option<PinOptions>,
     pub kubernetes: Option<KubeApi>,
     pub node_name: Option<String>,
     pub node_addresses: Vec<IpAddr>,
@@ -126,6 +131,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     let mut datapath = Datapath::load_with(&LoadOptions {
         conntrack_entries: options.conntrack_entries,
+        pins: options.pins.clone(),
     })?;
     let mut checker = HealthChecker::new();
     let mut health_updates = checker.subscribe();
@@ -138,6 +144,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     for interface in &options.interfaces {
         datapath.attach(interface)?;
     }
+    datapath.release_links_except(&options.interfaces)?;
     readiness.set_ready();
     info!(services = applied.services.len(), interfaces = ?options.interfaces, "ready");
 
@@ -200,6 +207,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     readiness.set_not_ready("stopping");
     datapath.detach_all();
+    if let Some(pins) = datapath.pin_dir() {
+        info!(dir = %pins.root().display(),
+              "datapath left attached and pinned for the next agent (`lb-agent detach` removes it)");
+    }
     refresh_metrics(&datapath, &applied, &checker, &metrics, false, true);
     checker.shutdown().await;
     if let Some(http) = http {

@@ -1,15 +1,24 @@
 //! Loads the embedded eBPF datapath, attaches it to interfaces, and reconciles its maps with the
 //! desired configuration: backends, weighted Maglev tables (swapped atomically) and services.
+//!
+//! With a pin directory (see [`crate::pins`]) maps, program and XDP links are pinned: the datapath
+//! outlives the `Datapath` (and the agent), and the next load adopts the pinned maps, rebuilds its
+//! bookkeeping from their contents and replaces the program in the pinned links atomically.
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, VecDeque},
     net::IpAddr,
+    path::PathBuf,
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray},
-    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -23,6 +32,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::{Config, ForwardingMode, HashFields, Service},
     maglev::{self, MaglevBackend},
+    pins::{self, PinDir, PinnedState},
 };
 
 /// The datapath object built from `lb-ebpf` by build.rs.
@@ -41,14 +51,35 @@ const BPF_F_INNER_MAP: u32 = 1 << 12;
 pub struct LoadOptions {
     /// Entries of the `CONNTRACK` and `NAT_REPLY` LRU maps.
     pub conntrack_entries: u32,
+    /// Pin everything here and adopt what is pinned; `None`: nothing is pinned and the datapath
+    /// goes away with the `Datapath`.
+    pub pins: Option<PinOptions>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             conntrack_entries: limits::DEFAULT_CONNTRACK_ENTRIES,
+            pins: None,
         }
     }
+}
+
+#[derive(Debug, Clone)]
+pub struct PinOptions {
+    /// Directory on a BPF filesystem, e.g. `/sys/fs/bpf/lb`.
+    pub dir: PathBuf,
+    /// Pinned state of an incompatible layout is removed (flushing connection tracking) instead
+    /// of refused.
+    pub replace_incompatible_state: bool,
+}
+
+/// How the program is attached to one interface.
+enum Attachment {
+    /// Detached by [`Datapath::detach_all`] and on drop.
+    Owned(XdpLinkId),
+    /// A pinned `bpf_link`: stays attached until its pin is removed.
+    Pinned,
 }
 
 /// What the agent wrote for one service, so the next reconcile writes only differences.
@@ -71,10 +102,14 @@ pub struct ApplyReport {
     pub backends_removed: usize,
 }
 
-/// A loaded datapath. Dropping it detaches the program from every interface and frees the maps.
+/// A loaded datapath. Dropping it detaches the program from every interface and frees the maps,
+/// unless they are pinned.
 pub struct Datapath {
     ebpf: Ebpf,
-    attached: Vec<(String, XdpLinkId)>,
+    pins: Option<PinDir>,
+    /// Held while this datapath lives: one agent per pin directory.
+    _pin_lock: Option<std::fs::File>,
+    attached: Vec<(String, Attachment)>,
     services: BTreeMap<ServiceKey, ProgrammedService>,
     backend_ids: StdHashMap<(IpAddr, u16), u32>,
     backends: StdHashMap<u32, Backend>,
@@ -91,10 +126,70 @@ impl Datapath {
         Self::load_with(&LoadOptions::default())
     }
 
+    /// Loads with `options`. With pins: adopts compatible pinned maps (their contents, connection
+    /// tracking included, stay), refuses incompatible ones unless told to replace them, and pins
+    /// maps and program.
     pub fn load_with(options: &LoadOptions) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("CONNTRACK", options.conntrack_entries)
-            .map_max_entries("NAT_REPLY", options.conntrack_entries)
+        let max_entries = [
+            ("CONNTRACK", options.conntrack_entries),
+            ("NAT_REPLY", options.conntrack_entries),
+        ];
+        let mut loader = EbpfLoader::new();
+        for (name, entries) in max_entries {
+            loader.map_max_entries(name, entries);
+        }
+        let pins = options.pins.as_ref().map(|p| PinDir::new(&p.dir));
+        let mut adopted = false;
+        let mut map_pins = Vec::new();
+        let mut pin_lock = None;
+        if let (Some(pins), Some(pin_options)) = (&pins, &options.pins) {
+            pins.prepare()?;
+            pin_lock = Some(pins.lock()?);
+            let wanted = pins::object_maps(EBPF_OBJECT, &max_entries)?;
+            match pins.inspect(&wanted)? {
+                PinnedState::Fresh => {
+                    info!(dir = %pins.root().display(), "no pinned datapath state: starting fresh");
+                    pins.write_layout_version()?;
+                }
+                PinnedState::Compatible {
+                    adopted: maps,
+                    created,
+                } => {
+                    info!(dir = %pins.root().display(), adopted = ?maps, created = ?created,
+                          "adopting pinned datapath maps (connection tracking kept)");
+                    adopted = true;
+                }
+                PinnedState::Incompatible(problems) if pin_options.replace_incompatible_state => {
+                    for problem in &problems {
+                        warn!(dir = %pins.root().display(), "incompatible pinned state: {problem}");
+                    }
+                    warn!(dir = %pins.root().display(),
+                          "REPLACING incompatible pinned datapath state as requested: connection \
+                           tracking is flushed, established connections through this node may reset");
+                    pins.remove_state()?;
+                    pins.write_layout_version()?;
+                }
+                PinnedState::Incompatible(problems) => bail!(
+                    "pinned datapath state in {dir} is incompatible with this agent: {problems}. \
+                     Adopting it would misread its maps. Run the agent version that pinned it, or \
+                     restart with --replace-incompatible-state to remove it and start fresh \
+                     (flushes connection tracking: established connections may reset)",
+                    dir = pins.root().display(),
+                    problems = problems.join("; ")
+                ),
+            }
+            map_pins = wanted
+                .into_iter()
+                .map(|(name, _)| {
+                    let path = pins.map(&name);
+                    (name, path)
+                })
+                .collect();
+        }
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name.as_str(), path.as_path());
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let program: &mut Xdp = ebpf
@@ -104,8 +199,17 @@ impl Datapath {
         program
             .load()
             .context("loading the XDP program (verifier)")?;
-        Ok(Self {
+        if let Some(pins) = &pins {
+            let path = pins.program(XDP_PROGRAM);
+            let _ = std::fs::remove_file(&path);
+            program
+                .pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+        }
+        let mut datapath = Self {
             ebpf,
+            pins,
+            _pin_lock: pin_lock,
             attached: Vec::new(),
             services: BTreeMap::new(),
             backend_ids: StdHashMap::new(),
@@ -114,7 +218,68 @@ impl Datapath {
             // Id 0 is never used: a zeroed BACKENDS slot means "no backend".
             next_backend_id: 1,
             neighbours: Neighbours::default(),
-        })
+        };
+        if adopted {
+            datapath.adopt_programmed_state()?;
+        }
+        Ok(datapath)
+    }
+
+    /// Rebuilds the bookkeeping from adopted maps, so backend ids (which conntrack entries name)
+    /// and service ids and table slots stay what they are, and the next reconcile writes only
+    /// differences. Freed backend ids are reused lowest first (their release order is not stored).
+    fn adopt_programmed_state(&mut self) -> Result<()> {
+        let backends: Array<&MapData, Backend> =
+            Array::try_from(self.ebpf.map("BACKENDS").context("BACKENDS map")?)?;
+        let mut highest = 0;
+        for id in 1..limits::MAX_BACKENDS {
+            let backend = backends.get(&id, 0).context("reading BACKENDS")?;
+            if backend != Backend::default() {
+                self.backends.insert(id, backend);
+                self.backend_ids
+                    .insert((backend.ip(), backend.port_host()), id);
+                highest = id;
+            }
+        }
+        self.next_backend_id = highest + 1;
+        self.free_backend_ids = (1..highest)
+            .filter(|id| !self.backends.contains_key(id))
+            .collect();
+
+        let services: HashMap<&MapData, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.ebpf.map("SERVICES").context("SERVICES map")?)?;
+        let modes: Array<&MapData, ModeInfo> = Array::try_from(
+            self.ebpf
+                .map("SERVICE_MODES")
+                .context("SERVICE_MODES map")?,
+        )?;
+        let tables: ArrayOfMaps<&MapData, Array<MapData, u32>> = ArrayOfMaps::try_from(
+            self.ebpf
+                .map("MAGLEV_TABLES")
+                .context("MAGLEV_TABLES map")?,
+        )?;
+        for entry in services.iter() {
+            let (key, info) = entry.context("reading SERVICES")?;
+            let table = if info.table_size == 0 {
+                Vec::new()
+            } else {
+                let live = tables
+                    .get(&info.table_slot, 0)
+                    .with_context(|| format!("reading Maglev table {}", info.table_slot))?;
+                live.iter()
+                    .collect::<Result<Vec<u32>, _>>()
+                    .context("reading a Maglev table")?
+            };
+            let mode = modes.get(&info.id, 0).context("reading SERVICE_MODES")?;
+            self.services
+                .insert(key, ProgrammedService { info, table, mode });
+        }
+        info!(
+            services = self.services.len(),
+            backends = self.backends.len(),
+            "adopted the programmed services and backends"
+        );
+        Ok(())
     }
 
     /// The balancing XDP program, e.g. for `BPF_PROG_TEST_RUN`.
@@ -140,8 +305,80 @@ impl Datapath {
     }
 
     /// Attaches to `interface` (in the calling thread's network namespace): native (driver) mode
-    /// where the driver supports it, generic (skb) mode otherwise.
+    /// where the driver supports it, generic (skb) mode otherwise. With pins, a pinned link of the
+    /// interface gets this program atomically (no moment without a program) and a new link is
+    /// pinned.
     pub fn attach(&mut self, interface: &str) -> Result<()> {
+        let Some(pins) = self.pins.clone() else {
+            let link = self.attach_link(interface)?;
+            self.attached
+                .push((interface.to_string(), Attachment::Owned(link)));
+            return Ok(());
+        };
+        let path = pins.link(interface);
+        if path.exists() {
+            match self.replace_program_in(&path) {
+                Ok(()) => {
+                    info!(interface, link = %path.display(),
+                          "adopted the pinned XDP link: program replaced atomically");
+                    self.attached
+                        .push((interface.to_string(), Attachment::Pinned));
+                    return Ok(());
+                }
+                Err(err) => {
+                    warn!(interface, link = %path.display(), error = %format!("{err:#}"),
+                          "pinned XDP link unusable (interface re-created?), attaching anew");
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
+                }
+            }
+        }
+        let id = self.attach_link(interface)?;
+        let link = self.xdp_program().take_link(id)?;
+        let link = FdLink::try_from(link).with_context(|| {
+            format!("XDP on {interface} is attached through netlink, which cannot be pinned")
+        })?;
+        // The pin owns the link from now on: closing our descriptor leaves it attached.
+        link.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        self.attached
+            .push((interface.to_string(), Attachment::Pinned));
+        Ok(())
+    }
+
+    /// Puts this program into the pinned link at `path` (`BPF_LINK_UPDATE`).
+    fn replace_program_in(&mut self, path: &std::path::Path) -> Result<()> {
+        let link: FdLink = PinnedLink::from_pin(path)?.into();
+        let link = XdpLink::try_from(link)?;
+        let program = self.xdp_program();
+        let id = program.attach_to_link(link)?;
+        // The pin keeps the link; dropping our descriptor does not detach it.
+        drop(program.take_link(id)?);
+        Ok(())
+    }
+
+    /// Removes the pinned links of interfaces other than `keep` (detaching the datapath there).
+    pub fn release_links_except(&self, keep: &[String]) -> Result<()> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        for interface in pins.linked_interfaces()? {
+            if !keep.contains(&interface) {
+                let path = pins.link(&interface);
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                info!(interface, "XDP detached: interface no longer configured");
+            }
+        }
+        Ok(())
+    }
+
+    /// The pin directory, if the datapath is pinned.
+    pub fn pin_dir(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
+    }
+
+    fn attach_link(&mut self, interface: &str) -> Result<XdpLinkId> {
         let program = self.xdp_program();
         let link = match program.attach(interface, XdpMode::Driver) {
             Ok(link) => {
@@ -157,13 +394,16 @@ impl Datapath {
                 link
             }
         };
-        self.attached.push((interface.to_string(), link));
-        Ok(())
+        Ok(link)
     }
 
-    /// Detaches from every interface (also done on drop).
+    /// Detaches from every interface attached without pins (also done on drop). Pinned links stay:
+    /// remove them with [`PinDir::remove_all`].
     pub fn detach_all(&mut self) {
-        for (interface, link) in std::mem::take(&mut self.attached) {
+        for (interface, attachment) in std::mem::take(&mut self.attached) {
+            let Attachment::Owned(link) = attachment else {
+                continue;
+            };
             match self.xdp_program().detach(link) {
                 Ok(()) => info!(interface, "XDP detached"),
                 Err(err) => warn!(interface, error = %err, "XDP detach failed"),

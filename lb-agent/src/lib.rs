@@ -11,4 +11,5 @@ pub mod http;
 pub mod k8s;
 pub mod maglev;
 pub mod metrics;
+pub mod pins;
 pub mod policy;

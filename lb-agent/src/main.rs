@@ -1,6 +1,6 @@
 //! `lb-agent`: the node agent. `run` loads the XDP datapath, attaches it and keeps its maps in line
-//! with the config file (and Kubernetes, when enabled) until SIGINT/SIGTERM; `check` validates a
-//! config file.
+//! with the config file (and Kubernetes, when enabled) until SIGINT/SIGTERM, leaving it attached and
+//! pinned for the next agent; `detach` removes the pinned datapath; `check` validates a config file.
 
 use std::{
     io::IsTerminal,
@@ -15,8 +15,12 @@ use clap::{Parser, Subcommand};
 use lb_agent::{
     agent::{self, AgentOptions, KubeApi},
     config::Config,
+    datapath::PinOptions,
+    pins::PinDir,
 };
 use lb_common::service::limits;
+
+const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/lb";
 
 #[derive(Parser)]
 #[command(version, about = "eBPF/XDP load balancer node agent")]
@@ -61,6 +65,20 @@ enum Command {
         /// Addresses NodePort services are served on; repeatable.
         #[arg(long = "node-address")]
         node_addresses: Vec<IpAddr>,
+        /// Pin maps, program and XDP links here (on a BPF filesystem) and adopt what an earlier
+        /// agent pinned: the datapath survives restarts and upgrades with its connection tracking.
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR, value_name = "DIR")]
+        bpffs_dir: PathBuf,
+        /// If the pinned state has another map layout, remove it and start fresh instead of
+        /// refusing to start. Flushes connection tracking: established connections may reset.
+        #[arg(long)]
+        replace_incompatible_state: bool,
+    },
+    /// Remove the pinned datapath (links, program, maps): detaches it from every interface. For
+    /// uninstalling; stop the agent first.
+    Detach {
+        #[arg(long, default_value = DEFAULT_BPFFS_DIR, value_name = "DIR")]
+        bpffs_dir: PathBuf,
     },
     /// Validate CONFIG and exit (0 = valid).
     Check {
@@ -83,6 +101,10 @@ fn main() -> ExitCode {
         Command::Check { config } => Config::from_file(&config)
             .map(|c| println!("{}: {} services, valid", config.display(), c.services.len()))
             .with_context(|| format!("invalid config {}", config.display())),
+        Command::Detach { bpffs_dir } => PinDir::new(&bpffs_dir)
+            .remove_all()
+            .map(|removed| println!("{}: {removed} pins removed", bpffs_dir.display()))
+            .with_context(|| format!("removing the pinned datapath in {}", bpffs_dir.display())),
         Command::Run {
             config,
             interfaces,
@@ -94,6 +116,8 @@ fn main() -> ExitCode {
             kube_api_url,
             node_name,
             node_addresses,
+            bpffs_dir,
+            replace_incompatible_state,
         } => {
             let kubernetes = match (kube_api_url, kubeconfig, kubernetes) {
                 (Some(url), _, _) => Some(KubeApi::Url(url)),
@@ -107,6 +131,10 @@ fn main() -> ExitCode {
                 metrics_addr,
                 stats_interval: Duration::from_secs(stats_interval),
                 conntrack_entries,
+                pins: Some(PinOptions {
+                    dir: bpffs_dir,
+                    replace_incompatible_state,
+                }),
                 kubernetes,
                 node_name,
                 node_addresses,

@@ -3,6 +3,9 @@
 //! Everything here is `no_std` and `#[repr(C)]`, so one definition serves both sides. Addresses and
 //! ports inside map keys and values are kept in **network byte order**, exactly as they appear in a
 //! packet, so the datapath never converts; userspace converts with the constructors provided here.
+//!
+//! Maps outlive agents (they are pinned): a change that keeps a map type's size but changes the
+//! meaning of its bytes must bump `MAP_LAYOUT_VERSION` in `lb-agent/src/pins.rs`.
 #![no_std]
 
 pub mod checksum;

@@ -1,21 +1,108 @@
 //! The real `lb-agent` binary as a child process in a namespace; stopped with SIGTERM on drop.
+//! Every agent pins its datapath in a [`TestPins`] directory of its own, removed (which detaches
+//! the datapath) when the last agent using it is gone, also when the test panics.
 
 use std::{
+    fs::File,
     io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Child, Stdio},
-    sync::mpsc,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc, Arc, Once,
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+use lb_agent::pins::PinDir;
 use nix::{
+    sched::{setns, CloneFlags},
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
 
-use crate::netns::Netns;
+use crate::netns::{Netns, TEST_PREFIX};
+
+/// A pin directory `/sys/fs/bpf/lbt<pid>-<seq>` for one test's datapath. Dropping it removes every
+/// pin in it, which detaches the datapath once no agent holds it.
+pub struct TestPins {
+    dir: PathBuf,
+}
+
+impl TestPins {
+    pub fn new() -> Arc<Self> {
+        static SWEEP: Once = Once::new();
+        static NEXT_SEQ: AtomicU32 = AtomicU32::new(0);
+        SWEEP.call_once(remove_stale_pins);
+        let seq = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/{TEST_PREFIX}{}-{seq}",
+            std::process::id()
+        ));
+        Arc::new(Self { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        if let Err(err) = PinDir::new(&self.dir).remove_all() {
+            eprintln!("removing pins in {}: {err:#}", self.dir.display());
+        }
+    }
+}
+
+/// An agent config file `/tmp/lb-config-<pid>-<seq>.yaml`, removed on drop.
+pub struct ConfigFile {
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(yaml: &str) -> Self {
+        static NEXT_SEQ: AtomicU32 = AtomicU32::new(0);
+        let seq = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("lb-config-{}-{seq}.yaml", std::process::id()));
+        std::fs::write(&path, yaml).expect("write the agent config");
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Removes pin directories of test processes that no longer exist (killed runs skip destructors).
+fn remove_stale_pins() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(TEST_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = PinDir::new(entry.path()).remove_all();
+        }
+    }
+}
 
 /// Path of the `lb-agent` binary: `$LB_AGENT_BIN`, else next to the test executable's target dir
 /// (`cargo xtask test` builds it before running tests).
@@ -38,6 +125,10 @@ pub struct AgentProcess {
     child: Child,
     /// Log lines the agent printed (stderr), for assertions and failure messages.
     pub log: mpsc::Receiver<String>,
+    /// Lines [`AgentProcess::wait_for_log`] has read so far (startup included).
+    pub history: Vec<String>,
+    /// Dropped after the agent has stopped (field order).
+    pins: Arc<TestPins>,
 }
 
 impl AgentProcess {
@@ -53,8 +144,31 @@ impl AgentProcess {
         interfaces: &[String],
         extra: &[&str],
     ) -> Result<Self> {
-        let mut cmd = ns.command(agent_binary().to_str().context("utf-8 path")?);
+        Self::start_pinned(ns, config, interfaces, extra, TestPins::new())
+    }
+
+    /// Like [`AgentProcess::start_with`] with the datapath pinned in `pins`, e.g. the directory of
+    /// an earlier agent, whose state this one adopts.
+    pub fn start_pinned(
+        ns: &Netns,
+        config: &std::path::Path,
+        interfaces: &[String],
+        extra: &[&str],
+        pins: Arc<TestPins>,
+    ) -> Result<Self> {
+        // Only the network namespace is switched (not `ip netns exec`, whose private /sys hides
+        // the host's BPF filesystem and would make pins die with the agent).
+        let netns_path = format!("/run/netns/{}", ns.name());
+        let netns = File::open(&netns_path).with_context(|| format!("opening {netns_path}"))?;
+        let mut cmd = Command::new(agent_binary());
+        // SAFETY: only a setns syscall between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
         cmd.args(["run", "--config"]).arg(config);
+        cmd.arg("--bpffs-dir").arg(pins.path());
         for iface in interfaces {
             cmd.args(["--iface", iface]);
         }
@@ -73,7 +187,12 @@ impl AgentProcess {
                 }
             }
         });
-        let mut agent = Self { child, log: rx };
+        let mut agent = Self {
+            child,
+            log: rx,
+            history: Vec::new(),
+            pins,
+        };
         agent.wait_for_log("ready", Duration::from_secs(30))?;
         Ok(agent)
     }
@@ -81,35 +200,46 @@ impl AgentProcess {
     /// Waits until a log line contains `needle`; returns that line.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
+        let seen_from = self.history.len();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.log.recv_timeout(left) {
                 Ok(line) => {
+                    self.history.push(line.clone());
                     if line.contains(needle) {
                         return Ok(line);
                     }
-                    seen.push(line);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().ok();
                     bail!(
                         "lb-agent exited ({status:?}) before logging {needle:?}:\n{}",
-                        seen.join("\n")
+                        self.history[seen_from..].join("\n")
                     );
                 }
             }
         }
         bail!(
             "lb-agent did not log {needle:?} within {timeout:?}:\n{}",
-            seen.join("\n")
+            self.history[seen_from..].join("\n")
         )
     }
 
     /// Sends `signal` to the agent (e.g. SIGHUP to reload the config).
     pub fn signal(&self, signal: Signal) {
-        // `ip netns exec` execs the agent, so the child's pid is the agent's.
         kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal the agent");
+    }
+
+    /// The agent's pin directory, for a successor to adopt.
+    pub fn pins(&self) -> Arc<TestPins> {
+        self.pins.clone()
+    }
+
+    /// Kills the agent with SIGKILL (no cleanup of its own runs) and waits for it to be gone.
+    pub fn kill9(mut self) -> Result<()> {
+        self.child.kill().context("SIGKILL the agent")?;
+        self.child.wait().context("waiting for the killed agent")?;
+        Ok(())
     }
 
     /// Sends SIGTERM and waits for a clean exit; returns the exit code and the log lines printed
@@ -124,7 +254,6 @@ impl AgentProcess {
     }
 
     fn terminate(&mut self) -> Result<i32> {
-        // `ip netns exec` execs the agent, so the child's pid is the agent's.
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -133,6 +262,7 @@ impl AgentProcess {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
+                let _ = self.child.wait();
                 bail!("lb-agent did not exit within 10 s of SIGTERM");
             }
             thread::sleep(Duration::from_millis(20));

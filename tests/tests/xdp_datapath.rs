@@ -474,6 +474,7 @@ fn midflow_packet_without_entry_is_balanced_by_the_table_and_counted() {
 fn full_conntrack_still_forwards_consistently_and_counts_pressure() {
     let mut datapath = Datapath::load_with(&LoadOptions {
         conntrack_entries: 64,
+        ..Default::default()
     })
     .unwrap();
     datapath.apply(&Config::from_yaml(CONFIG).unwrap()).unwrap();

@@ -117,6 +117,7 @@ fn main() -> Result<()> {
 
     let mut datapath = Datapath::load_with(&LoadOptions {
         conntrack_entries: 1 << 20,
+        ..Default::default()
     })?;
     datapath.apply(&Config::from_yaml(CONFIG)?)?;
 

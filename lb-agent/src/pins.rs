@@ -1,0 +1,454 @@
+//! Datapath state pinned on a BPF filesystem, so that it outlives the agent: the datapath keeps
+//! forwarding while no agent runs, and a restarted or upgraded agent adopts the maps (connection
+//! tracking included) instead of starting empty.
+//!
+//! Layout of the pin directory (default `/sys/fs/bpf/lb`):
+//! - `LAYOUT`: a one-entry array holding the map layout version ([`MAP_LAYOUT_VERSION`]);
+//! - `maps/<NAME>`: every map of the datapath object (`SERVICES`, `BACKENDS`, `CONNTRACK`, ...);
+//! - `programs/<name>`: the XDP program last loaded (for inspection; the links hold it);
+//! - `links/xdp_<interface>`: the XDP `bpf_link` of each interface. The kernel keeps the program
+//!   attached as long as this pin exists, whatever happens to the agent (also `kill -9`).
+//!
+//! Compatibility: pinned maps are adopted only if the pinned layout version equals this agent's and
+//! every pinned map has the type, key size, value size, number of entries and flags of this
+//! agent's definition, as the kernel reports them for the pinned map. Maps new in this agent's
+//! object are created next to the adopted ones. Anything else is refused with both sides named,
+//! unless the operator asks to replace the state (which flushes connection tracking).
+
+use std::{
+    collections::HashMap,
+    fmt,
+    io::ErrorKind,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{Array, Map, MapData, MapInfo};
+
+/// Version of what the datapath's map entries mean. Map definitions (type, key and value sizes,
+/// entries, flags) are compared map by map with the kernel's view of the pinned maps, so a changed
+/// size needs no bump. Bump this by hand when a change keeps the sizes but changes the meaning of
+/// stored bytes: a field of an `lb-common` map type reordered or reinterpreted, a byte order
+/// changed, a flag or mode number redefined, a table indexed differently, an inner map definition
+/// changed. Pinned state of another version is refused.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+/// `f_type` of a BPF filesystem (`BPF_FS_MAGIC` in linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// What a map is, as far as adopting it is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapDefinition {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl fmt::Display for MapDefinition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "type {}, key {} B, value {} B, {} entries, flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+/// The named maps of an eBPF object (data sections such as `.rodata` excluded: they are not
+/// state), with `max_entries` overridden as the loader will, sorted by name.
+pub fn object_maps(
+    object: &[u8],
+    max_entries: &[(&str, u32)],
+) -> Result<Vec<(String, MapDefinition)>> {
+    let parsed = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
+    let overrides: HashMap<&str, u32> = max_entries.iter().copied().collect();
+    let mut maps: Vec<(String, MapDefinition)> = parsed
+        .maps
+        .iter()
+        .filter(|(name, _)| !name.starts_with('.'))
+        .map(|(name, map)| {
+            let definition = MapDefinition {
+                map_type: map.map_type(),
+                key_size: map.key_size(),
+                value_size: map.value_size(),
+                max_entries: overrides
+                    .get(name.as_str())
+                    .copied()
+                    .unwrap_or(map.max_entries()),
+                flags: map.map_flags(),
+            };
+            Ok((
+                name.clone(),
+                as_created(definition, page_size(), nr_cpus()?),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    maps.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(maps)
+}
+
+/// `definition` as aya's loader creates it (its `max_entries_override` and `value_size_override`),
+/// so that it compares equal to the same map pinned by an earlier agent.
+fn as_created(mut definition: MapDefinition, page_size: u32, cpus: u32) -> MapDefinition {
+    use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_PERF_EVENT_ARRAY, BPF_MAP_TYPE_RINGBUF};
+    if definition.map_type == BPF_MAP_TYPE_RINGBUF as u32 {
+        // Bytes rounded up to a power-of-two number of pages.
+        definition.value_size = 0;
+        if definition.max_entries > 0 {
+            definition.max_entries = page_size
+                * definition
+                    .max_entries
+                    .div_ceil(page_size)
+                    .next_power_of_two();
+        }
+    } else if definition.map_type == BPF_MAP_TYPE_PERF_EVENT_ARRAY as u32
+        && definition.max_entries == 0
+    {
+        definition.max_entries = cpus;
+    }
+    definition
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u32 }
+}
+
+fn nr_cpus() -> Result<u32> {
+    aya::util::nr_cpus()
+        .map(|n| n as u32)
+        .map_err(|(path, err)| anyhow::anyhow!("reading {path}: {err}"))
+}
+
+/// What the pin directory holds, compared with what this agent would pin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinnedState {
+    /// Nothing pinned yet.
+    Fresh,
+    /// Same layout: `adopted` maps are reused, `created` ones are new in this agent.
+    Compatible {
+        adopted: Vec<String>,
+        created: Vec<String>,
+    },
+    /// Not adoptable; one line per reason.
+    Incompatible(Vec<String>),
+}
+
+/// A pin directory on a BPF filesystem.
+#[derive(Debug, Clone)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.root.join("maps").join(name)
+    }
+
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.root.join("programs").join(name)
+    }
+
+    pub fn link(&self, interface: &str) -> PathBuf {
+        self.root.join("links").join(format!("xdp_{interface}"))
+    }
+
+    fn layout(&self) -> PathBuf {
+        self.root.join("LAYOUT")
+    }
+
+    /// Creates the directories; fails clearly if they would not be on a BPF filesystem (pins there
+    /// are impossible, and a bpffs mounted only in a private mount namespace dies with it).
+    pub fn prepare(&self) -> Result<()> {
+        let parent = self
+            .root
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        if !is_bpffs(parent)? {
+            bail!(
+                "{} is not on a BPF filesystem, so nothing can be pinned there: mount one \
+                 (`mount -t bpf bpf /sys/fs/bpf`; in a container, mount the host's /sys/fs/bpf) \
+                 or choose another --bpffs-dir",
+                self.root.display()
+            );
+        }
+        for dir in ["maps", "programs", "links"] {
+            let path = self.root.join(dir);
+            std::fs::create_dir_all(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Takes the directory's lock, held until the returned file is dropped (the process exits):
+    /// one agent per pin directory, and no uninstall under a running agent.
+    pub fn lock(&self) -> Result<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        let dir = std::fs::File::open(&self.root)
+            .with_context(|| format!("opening {}", self.root.display()))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                bail!(
+                    "another lb-agent is using {} (stop it first, or give this one another \
+                     --bpffs-dir)",
+                    self.root.display()
+                );
+            }
+            return Err(err).with_context(|| format!("locking {}", self.root.display()));
+        }
+        Ok(dir)
+    }
+
+    /// Compares the pinned state with `wanted` (see [`object_maps`]).
+    pub fn inspect(&self, wanted: &[(String, MapDefinition)]) -> Result<PinnedState> {
+        let pinned_maps = self.pinned_map_names()?;
+        let version = self.layout_version()?;
+        if version.is_none() && pinned_maps.is_empty() {
+            return Ok(PinnedState::Fresh);
+        }
+        let mut problems = Vec::new();
+        match version {
+            Some(v) if v == MAP_LAYOUT_VERSION => {}
+            Some(v) => problems.push(format!(
+                "pinned map layout version {v}, this agent uses version {MAP_LAYOUT_VERSION}"
+            )),
+            None => problems.push(format!(
+                "maps pinned without a layout version ({} missing), this agent uses version \
+                 {MAP_LAYOUT_VERSION}",
+                self.layout().display()
+            )),
+        }
+        let (mut adopted, mut created) = (Vec::new(), Vec::new());
+        for (name, definition) in wanted {
+            if !pinned_maps.contains(name) {
+                created.push(name.clone());
+                continue;
+            }
+            let pinned = pinned_definition(&self.map(name))?;
+            if pinned == *definition {
+                adopted.push(name.clone());
+            } else {
+                problems.push(format!(
+                    "map {name}: pinned {pinned}; this agent needs {definition}"
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Ok(PinnedState::Incompatible(problems));
+        }
+        Ok(PinnedState::Compatible { adopted, created })
+    }
+
+    /// Records this agent's layout version (before any map is pinned, so that maps are never
+    /// pinned without one).
+    pub fn write_layout_version(&self) -> Result<()> {
+        let path = self.layout();
+        remove_if_present(&path)?;
+        let mut layout: Array<MapData, u32> =
+            Array::create(1, 0).context("creating the LAYOUT map")?;
+        layout
+            .set(0, MAP_LAYOUT_VERSION, 0)
+            .context("writing the LAYOUT map")?;
+        layout
+            .pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        Ok(())
+    }
+
+    fn layout_version(&self) -> Result<Option<u32>> {
+        let path = self.layout();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        let layout: Array<MapData, u32> = Array::try_from(Map::from_map_data(data)?)
+            .with_context(|| format!("{} is not a layout version map", path.display()))?;
+        Ok(Some(layout.get(&0, 0)?))
+    }
+
+    fn pinned_map_names(&self) -> Result<Vec<String>> {
+        entries(&self.root.join("maps"))
+    }
+
+    /// Interfaces with a pinned XDP link.
+    pub fn linked_interfaces(&self) -> Result<Vec<String>> {
+        Ok(entries(&self.root.join("links"))?
+            .into_iter()
+            .filter_map(|name| name.strip_prefix("xdp_").map(str::to_string))
+            .collect())
+    }
+
+    /// Unpins the maps, programs and layout version (links stay, so the datapath stays attached
+    /// until a new program replaces the old one in them). Existing maps live on only as long as a
+    /// program still attached uses them.
+    pub fn remove_state(&self) -> Result<()> {
+        for dir in ["maps", "programs"] {
+            for name in entries(&self.root.join(dir))? {
+                remove_if_present(&self.root.join(dir).join(name))?;
+            }
+        }
+        remove_if_present(&self.layout())
+    }
+
+    /// Removes everything: links first (which detaches the datapath from every interface once no
+    /// process holds them), then programs, maps, the layout version and the directories. Only
+    /// names of this layout are removed; returns the number of pins removed.
+    pub fn remove_all(&self) -> Result<usize> {
+        if !self.root.exists() {
+            return Ok(0);
+        }
+        let _lock = self.lock()?;
+        let mut removed = 0;
+        for dir in ["links", "programs", "maps"] {
+            let path = self.root.join(dir);
+            for name in entries(&path)? {
+                remove_if_present(&path.join(name))?;
+                removed += 1;
+            }
+            remove_dir_if_present(&path)?;
+        }
+        if self.layout().exists() {
+            remove_if_present(&self.layout())?;
+            removed += 1;
+        }
+        remove_dir_if_present(&self.root)?;
+        Ok(removed)
+    }
+}
+
+fn pinned_definition(path: &Path) -> Result<MapDefinition> {
+    let info = MapInfo::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(MapDefinition {
+        map_type: info.map_type()? as u32,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    })
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a statfs buffer owned by this frame.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Names in `dir`, sorted; none if it does not exist.
+fn entries(dir: &Path) -> Result<Vec<String>> {
+    let read = match std::fs::read_dir(dir) {
+        Ok(read) => read,
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut names = Vec::new();
+    for entry in read {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn remove_dir_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_dir(path) {
+        Err(err) if err.kind() != ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("removing {} (not empty?)", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_maps_are_the_named_maps_with_overrides() {
+        let maps = object_maps(crate::datapath::EBPF_OBJECT, &[("CONNTRACK", 1234)]).unwrap();
+        let names: Vec<&str> = maps.iter().map(|(n, _)| n.as_str()).collect();
+        for name in [
+            "BACKENDS",
+            "CONNTRACK",
+            "MAGLEV_TABLES",
+            "NAT_REPLY",
+            "SERVICES",
+        ] {
+            assert!(names.contains(&name), "{names:?}");
+        }
+        assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted");
+        let conntrack = maps.iter().find(|(n, _)| n == "CONNTRACK").unwrap().1;
+        assert_eq!(conntrack.max_entries, 1234);
+        assert_eq!(
+            conntrack.value_size as usize,
+            size_of::<lb_common::conntrack::ConntrackEntry>()
+        );
+    }
+
+    #[test]
+    fn definitions_are_compared_as_the_loader_creates_them() {
+        let ring = |entries| MapDefinition {
+            map_type: 27,
+            key_size: 0,
+            value_size: 0,
+            max_entries: entries,
+            flags: 0,
+        };
+        assert_eq!(as_created(ring(5000), 4096, 2).max_entries, 8192);
+        assert_eq!(as_created(ring(3 * 4096), 4096, 2).max_entries, 16384);
+        assert_eq!(as_created(ring(4096), 4096, 2).max_entries, 4096);
+        let perf = MapDefinition {
+            map_type: 4,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 0,
+            flags: 0,
+        };
+        assert_eq!(as_created(perf, 4096, 6).max_entries, 6);
+        let hash = MapDefinition {
+            map_type: 1,
+            ..perf
+        };
+        assert_eq!(as_created(hash, 4096, 6), hash);
+    }
+
+    #[test]
+    fn refuses_a_directory_off_bpffs() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = PinDir::new(dir.path().join("lb")).prepare().unwrap_err();
+        assert!(
+            err.to_string().contains("is not on a BPF filesystem"),
+            "{err:#}"
+        );
+        assert!(!dir.path().join("lb").exists());
+    }
+}

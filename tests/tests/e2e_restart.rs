@@ -1,0 +1,330 @@
+//! Hitless restarts end to end: the real agent in the namespace topology, a bulk TCP transfer and a
+//! stream of new TCP connections through a DNAT VIP, while the agent is killed with SIGKILL (or
+//! stopped with SIGTERM), stays down, and a new agent adopts its pinned datapath. Nothing may be
+//! lost: every connection of the stream succeeds (also while no agent runs), the transfer delivers
+//! every byte to the backend it started on, connection tracking keeps its entries, and the new
+//! agent's program replaced the old one on every interface. An agent facing pinned state of another
+//! layout refuses to start (the datapath keeps serving) unless told to replace it.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData};
+use lb_agent::pins::PinDir;
+use lb_common::{
+    conntrack::{ConntrackEntry, FlowKey},
+    protocol,
+    service::Backend,
+};
+use lb_tests::{
+    agent::{AgentProcess, ConfigFile, TestPins},
+    netns::{Netns, TEST_PREFIX},
+    servers::{tcp_connect, tcp_request, TcpCountingServer},
+    test_run::flow_key,
+    topology::{Topology, BALANCER_CLIENT_IFACE, VIP},
+};
+
+const PORT: u16 = 8080;
+/// The transfer writes this much every few milliseconds, so it runs through the whole restart.
+const CHUNK: usize = 64 * 1024;
+/// How long the datapath runs without an agent.
+const DOWN: Duration = Duration::from_millis(1500);
+
+fn config(topology: &Topology) -> String {
+    let mut yaml = format!(
+        "services:\n  - name: web\n    vip: {VIP}\n    port: 80\n    protocol: tcp\n    backends:\n"
+    );
+    for b in &topology.backends {
+        yaml += &format!("      - {{ address: {}, port: {PORT} }}\n", b.addr);
+    }
+    yaml
+}
+
+/// Id of the XDP program attached to `iface` in `ns`, as `ip link` reports it.
+fn xdp_program_id(ns: &Netns, iface: &str) -> u32 {
+    let output = Command::new("ip")
+        .args(["-n", ns.name(), "link", "show", "dev", iface])
+        .output()
+        .expect("ip link show");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split("prog/xdp id ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no XDP program on {iface}: {text}"))
+}
+
+/// The pinned `CONNTRACK` map's entries.
+fn conntrack(pins: &TestPins) -> StdHashMap<FlowKey, ConntrackEntry> {
+    let data = MapData::from_pin(PinDir::new(pins.path()).map("CONNTRACK")).expect("CONNTRACK pin");
+    let map: HashMap<MapData, FlowKey, ConntrackEntry> =
+        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    map.iter().map(|entry| entry.unwrap()).collect()
+}
+
+fn pinned_backend(pins: &TestPins, id: u32) -> Backend {
+    let data = MapData::from_pin(PinDir::new(pins.path()).map("BACKENDS")).expect("BACKENDS pin");
+    let map: Array<MapData, Backend> = Array::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    map.get(&id, 0).unwrap()
+}
+
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs the traffic through a restart; `stop` ends the first agent (which must leave the datapath
+/// pinned and attached).
+fn restart_under_traffic(stop: impl FnOnce(AgentProcess)) {
+    let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
+    let servers: Vec<_> = topology
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, PORT, &format!("backend-{}", i + 1)))
+        .collect();
+    let config = ConfigFile::new(&config(&topology));
+    let interfaces = topology.balancer_interfaces();
+    let first = AgentProcess::start(&topology.balancer, config.path(), &interfaces)
+        .expect("first agent starts");
+    let pins = first.pins();
+    let first_program = xdp_program_id(&topology.balancer, BALANCER_CLIENT_IFACE);
+    let vip = SocketAddr::from((VIP, 80));
+
+    let (mut bulk, bulk_backend) = tcp_connect(&topology.client, vip).expect("bulk connects");
+    bulk.set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let bulk_flow = flow_key(protocol::TCP, bulk.local_addr().unwrap(), vip);
+
+    let stop_traffic = AtomicBool::new(false);
+    let agent_down = AtomicBool::new(false);
+    let (succeeded, succeeded_while_down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let failures = Mutex::new(Vec::new());
+    let started = Instant::now();
+    let (sent, second) = thread::scope(|scope| {
+        // A new connection every 20 ms, each answered by some backend.
+        scope.spawn(|| {
+            while !stop_traffic.load(Ordering::Relaxed) {
+                let down = agent_down.load(Ordering::Relaxed);
+                match tcp_request(&topology.client, vip, b"") {
+                    Ok(_) => {
+                        succeeded.fetch_add(1, Ordering::Relaxed);
+                        if down && agent_down.load(Ordering::Relaxed) {
+                            succeeded_while_down.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{:?}: {e}", started.elapsed())),
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        // The bulk transfer, paced so that it spans the restart.
+        let transfer = scope.spawn(|| {
+            let chunk = vec![0x5a_u8; CHUNK];
+            let mut sent = 0u64;
+            while !stop_traffic.load(Ordering::Relaxed) {
+                bulk.write_all(&chunk).expect("bulk transfer write");
+                sent += CHUNK as u64;
+                thread::sleep(Duration::from_millis(5));
+            }
+            bulk.shutdown(std::net::Shutdown::Write).unwrap();
+            sent
+        });
+
+        // A failed check below stops the traffic threads, so the scope ends and the test fails
+        // instead of waiting for them forever.
+        let _stop_on_panic = StopOnDrop(&stop_traffic);
+        thread::sleep(Duration::from_secs(1));
+        let tracked_before = conntrack(&pins);
+        let bulk_entry = tracked_before[&bulk_flow];
+        stop(first);
+        agent_down.store(true, Ordering::Relaxed);
+        thread::sleep(DOWN);
+        agent_down.store(false, Ordering::Relaxed);
+
+        let second = AgentProcess::start_pinned(
+            &topology.balancer,
+            config.path(),
+            &interfaces,
+            &[],
+            pins.clone(),
+        )
+        .expect("second agent starts");
+        let tracked_after = conntrack(&pins);
+        assert!(
+            tracked_after.len() >= tracked_before.len(),
+            "conntrack entries dropped from {} to {}",
+            tracked_before.len(),
+            tracked_after.len()
+        );
+        assert_eq!(
+            tracked_after[&bulk_flow].backend_id, bulk_entry.backend_id,
+            "the transfer's flow keeps its backend id"
+        );
+        let backend = pinned_backend(&pins, bulk_entry.backend_id);
+        let index: usize = bulk_backend["backend-".len()..].parse().unwrap();
+        assert_eq!(
+            backend.ip(),
+            IpAddr::from(topology.backends[index - 1].addr),
+            "backend id {} still names {bulk_backend}",
+            bulk_entry.backend_id
+        );
+
+        thread::sleep(Duration::from_secs(1));
+        stop_traffic.store(true, Ordering::Relaxed);
+        (transfer.join().expect("transfer thread"), second)
+    });
+
+    // Adopted, not rebuilt: maps and links reused, the program replaced on every interface.
+    let adopted_maps = second
+        .history
+        .iter()
+        .any(|l| l.contains("adopting pinned datapath maps"));
+    let adopted_links = second
+        .history
+        .iter()
+        .filter(|l| l.contains("adopted the pinned XDP link"))
+        .count();
+    assert!(
+        adopted_maps && adopted_links == interfaces.len(),
+        "{:#?}",
+        second.history
+    );
+    assert!(
+        !second
+            .history
+            .iter()
+            .any(|l| l.contains("datapath reconciled")),
+        "the first reconcile after adoption writes nothing: {:#?}",
+        second.history
+    );
+    assert_ne!(
+        xdp_program_id(&topology.balancer, BALANCER_CLIENT_IFACE),
+        first_program,
+        "the new agent's program is attached"
+    );
+
+    // Every byte reached the transfer's backend (the connection stream sends none).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let received = |name: &str| {
+        servers
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.bytes())
+            .unwrap()
+    };
+    while received(&bulk_backend) < sent && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let total: u64 = servers.iter().map(|s| s.bytes()).sum();
+    assert_eq!(received(&bulk_backend), sent, "bytes of the transfer");
+    assert_eq!(total, sent, "no bytes elsewhere");
+
+    let failures = failures.into_inner().unwrap();
+    let (succeeded, while_down) = (succeeded.into_inner(), succeeded_while_down.into_inner());
+    assert!(failures.is_empty(), "failed connections: {failures:?}");
+    assert!(
+        while_down >= 10,
+        "only {while_down} connections while no agent ran"
+    );
+    eprintln!(
+        "transfer {sent} bytes delivered; {succeeded} connections succeeded ({while_down} while \
+         no agent ran), none failed"
+    );
+    drop(second);
+}
+
+#[test]
+fn kill_9_of_the_agent_loses_no_connection_and_no_byte() {
+    restart_under_traffic(|agent| agent.kill9().expect("SIGKILL"));
+}
+
+#[test]
+fn sigterm_leaves_the_datapath_running_for_the_next_agent() {
+    restart_under_traffic(|agent| {
+        let (code, log) = agent.stop().expect("agent stops");
+        assert_eq!(code, 0);
+        assert!(
+            log.iter()
+                .any(|l| l.contains("datapath left attached and pinned")),
+            "{log:#?}"
+        );
+    });
+}
+
+#[test]
+fn an_incompatible_layout_is_refused_until_its_replacement_is_asked_for() {
+    let topology = Topology::new(TEST_PREFIX, 1).expect("topology");
+    let b = &topology.backends[0];
+    let _server = TcpCountingServer::start(&b.ns, b.addr, PORT, "backend-1");
+    let config = ConfigFile::new(&config(&topology));
+    let interfaces = topology.balancer_interfaces();
+    let vip = SocketAddr::from((VIP, 80));
+    let first = AgentProcess::start(&topology.balancer, config.path(), &interfaces)
+        .expect("first agent starts");
+    let pins = first.pins();
+    assert_eq!(first.stop().expect("first agent stops").0, 0);
+
+    // Another conntrack size: refused before anything changes; the pinned datapath keeps serving.
+    let refused = AgentProcess::start_pinned(
+        &topology.balancer,
+        config.path(),
+        &interfaces,
+        &["--conntrack-entries", "8192"],
+        pins.clone(),
+    )
+    .err()
+    .expect("incompatible state refused");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("is incompatible with this agent")
+            && message.contains("map CONNTRACK")
+            && message.contains("--replace-incompatible-state"),
+        "{message}"
+    );
+    assert_eq!(
+        tcp_request(&topology.client, vip, b"").expect("VIP served after the refusal"),
+        "backend-1"
+    );
+
+    let replaced = AgentProcess::start_pinned(
+        &topology.balancer,
+        config.path(),
+        &interfaces,
+        &[
+            "--conntrack-entries",
+            "8192",
+            "--replace-incompatible-state",
+        ],
+        pins,
+    )
+    .expect("replacing agent starts");
+    assert!(
+        replaced
+            .history
+            .iter()
+            .any(|l| l.contains("REPLACING incompatible pinned datapath state")),
+        "{:#?}",
+        replaced.history
+    );
+    assert_eq!(
+        tcp_request(&topology.client, vip, b"").expect("VIP served after the replacement"),
+        "backend-1"
+    );
+}
