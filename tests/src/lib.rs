@@ -5,6 +5,7 @@
 //! - [`topology`]: "client — balancer node — N backends" built from namespaces and veth pairs.
 //! - [`servers`]: backend servers that count what they receive (bytes on the wire, not log lines).
 //! - [`agent`]: the `lb-agent` binary as a child process, stopped on drop.
+//! - [`grpc_client`]: a client of the agent's gRPC API over its unix socket.
 //! - [`frames`]: crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
 //! - [`modes`]: namespaced test runs, IP-in-IP frames, DSR backends and peer-recording servers
 //!   for the forwarding-mode tests.
@@ -16,6 +17,7 @@ pub mod agent;
 pub mod baselines;
 pub mod fake_apiserver;
 pub mod frames;
+pub mod grpc_client;
 pub mod loadgen;
 pub mod modes;
 pub mod netns;
