@@ -21,7 +21,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{self, Config},
+    config::Config,
     datapath::{Datapath, LoadOptions},
     desired::{Conflict, Desired},
     grpc::{self, Event, EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig},
@@ -126,6 +126,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         None => None,
     };
     let mut kube_updates = kubernetes.as_ref().map(|k| k.subscribe());
+    let mut kube_policy = kubernetes.as_ref().map(|k| k.subscribe_policy());
 
     let mut datapath = Datapath::load_with(&LoadOptions {
         conntrack_entries: options.conntrack_entries,
@@ -172,6 +173,14 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     kube_updates.as_mut().expect("some").borrow_and_update().clone();
                 info!(services = desired.kubernetes_services.len(), "Kubernetes services changed");
                 events.publish(Event::new(EventKind::ServiceChanged, "Kubernetes services changed"));
+                false
+            }
+            Ok(()) = changed(&mut kube_policy) => {
+                desired.kubernetes_policy = kube_policy.as_mut().expect("some").borrow_and_update().clone();
+                let policy = &desired.kubernetes_policy;
+                info!(namespaces = policy.namespaces.len(), workloads = policy.workloads.len(),
+                      network_policies = policy.network_policies.len(), "Kubernetes policy changed");
+                events.publish(Event::new(EventKind::ServiceChanged, "Kubernetes policy changed"));
                 false
             }
             Ok(()) = grpc_services.changed() => {
@@ -253,7 +262,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 }
 
 /// Waits for the next Kubernetes update; never resolves without a Kubernetes source.
-async fn changed(updates: &mut Option<watch::Receiver<Vec<config::Service>>>) -> Result<(), ()> {
+async fn changed<T>(updates: &mut Option<watch::Receiver<T>>) -> Result<(), ()> {
     match updates {
         Some(rx) => rx.changed().await.map_err(|_| ()),
         None => std::future::pending().await,
