@@ -9,6 +9,7 @@
 //! - [`frames`]: crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
 //! - [`modes`]: namespaced test runs, IP-in-IP frames, DSR backends and peer-recording servers
 //!   for the forwarding-mode tests.
+//! - [`memory`]: resident set and BPF map memory, for the benchmarks.
 //! - [`procs`], [`loadgen`], [`baselines`]: the end-to-end benchmark's bounded child processes,
 //!   traffic (nginx/wrk, iperf3, a `sendmmsg` UDP sender) and the contenders lb is compared with
 //!   (kube-proxy iptables and nftables modes, HAProxy).
@@ -19,6 +20,7 @@ pub mod fake_apiserver;
 pub mod frames;
 pub mod grpc_client;
 pub mod loadgen;
+pub mod memory;
 pub mod modes;
 pub mod netns;
 pub mod procs;
