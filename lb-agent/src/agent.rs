@@ -1,5 +1,6 @@
-//! The `lb-agent run` daemon: merges the sources of desired state (the YAML file, Kubernetes),
-//! keeps backends' health, reconciles the datapath, and serves metrics and readiness.
+//! The `lb-agent run` daemon: merges the sources of desired state (the YAML file, the gRPC API,
+//! Kubernetes; see [`crate::desired`] for their precedence), keeps backends' health, reconciles the
+//! datapath, and serves metrics, readiness and the gRPC API.
 //!
 //! It must never be the reason a packet is dropped: an invalid file or a failed apply leaves the last
 //! good state in the maps. With a pin directory (the binary's default) stopping the agent, by
@@ -8,7 +9,7 @@
 //! stopping the agent detaches the datapath.
 
 use std::{
-    collections::HashSet,
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -23,8 +24,10 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{self, Config},
+    config::Config,
     datapath::{Datapath, LoadOptions, PinOptions},
+    desired::{Conflict, Desired},
+    grpc::{self, Event, EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig},
     health::{self, HealthChecker, Target},
     http::{HttpServer, Readiness},
     k8s::{K8sOptions, K8sSource, NodeOptions},
@@ -56,35 +59,10 @@ pub struct AgentOptions {
     pub node_addresses: Vec<IpAddr>,
     /// How often the config file is checked for changes.
     pub watch_interval: Duration,
-}
-
-/// The desired state from every source, and what was last applied.
-struct Desired {
-    file: Config,
-    kubernetes: Vec<config::Service>,
-}
-
-impl Desired {
-    /// The file's services, then Kubernetes services whose (VIP, port, protocol) the file does not
-    /// already define (the file wins: it is the operator's override).
-    fn merged(&self) -> Config {
-        let mut merged = self.file.clone();
-        let taken: HashSet<_> = self
-            .file
-            .services
-            .iter()
-            .map(|s| (s.vip, s.port, s.protocol))
-            .collect();
-        for service in &self.kubernetes {
-            if taken.contains(&(service.vip, service.port, service.protocol)) {
-                warn!(service = %service.name, vip = %service.vip, port = service.port,
-                      "Kubernetes service shadowed by the config file");
-                continue;
-            }
-            merged.services.push(service.clone());
-        }
-        merged
-    }
+    /// Serve the gRPC API on this unix socket (mode 0600).
+    pub grpc_socket: Option<PathBuf>,
+    /// Serve the gRPC API on this TCP address with TLS and required client certificates.
+    pub grpc_tcp: Option<(SocketAddr, TlsConfig)>,
 }
 
 pub async fn run(options: AgentOptions) -> Result<()> {
@@ -105,6 +83,31 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         ),
         None => None,
     };
+
+    let grpc_source = GrpcSource::new();
+    grpc_source.set_base_config(&file);
+    let events = EventBus::default();
+    let (applied_tx, applied_rx) = watch::channel(Config::default());
+    let mut grpc_servers: Vec<GrpcServer> = Vec::new();
+    if let Some(path) = &options.grpc_socket {
+        grpc_servers.push(grpc::serve_unix(
+            path,
+            grpc_source.clone(),
+            events.clone(),
+            Some(applied_rx.clone()),
+        )?);
+    }
+    if let Some((addr, tls)) = &options.grpc_tcp {
+        grpc_servers.push(grpc::serve_tcp_tls(
+            *addr,
+            tls,
+            grpc_source.clone(),
+            events.clone(),
+            Some(applied_rx.clone()),
+        )?);
+    }
+    let mut grpc_services = grpc_source.subscribe();
+    let mut grpc_policy = grpc_source.subscribe_policy();
 
     let kubernetes = match &options.kubernetes {
         Some(api) => {
@@ -128,6 +131,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         None => None,
     };
     let mut kube_updates = kubernetes.as_ref().map(|k| k.subscribe());
+    let mut kube_policy = kubernetes.as_ref().map(|k| k.subscribe_policy());
 
     let mut datapath = Datapath::load_with(&LoadOptions {
         conntrack_entries: options.conntrack_entries,
@@ -135,12 +139,19 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     })?;
     let mut checker = HealthChecker::new();
     let mut health_updates = checker.subscribe();
-    let mut desired = Desired {
-        file,
-        kubernetes: Vec::new(),
-    };
-    let mut applied = reconcile(&mut datapath, &desired, &mut checker, &metrics)
-        .context("programming the initial state")?;
+    let mut health_before = checker.snapshot();
+    let mut desired = Desired::new(file);
+    let mut reported = BTreeSet::new();
+    let mut applied = reconcile(
+        &mut datapath,
+        &desired,
+        &mut checker,
+        &metrics,
+        &events,
+        &mut reported,
+    )
+    .context("programming the initial state")?;
+    applied_tx.send_replace(applied.clone());
     for interface in &options.interfaces {
         datapath.attach(interface)?;
     }
@@ -165,12 +176,36 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 changed
             }
             Ok(()) = changed(&mut kube_updates) => {
-                desired.kubernetes = kube_updates.as_mut().expect("some").borrow_and_update().clone();
-                info!(services = desired.kubernetes.len(), "Kubernetes services changed");
+                desired.kubernetes_services =
+                    kube_updates.as_mut().expect("some").borrow_and_update().clone();
+                info!(services = desired.kubernetes_services.len(), "Kubernetes services changed");
+                events.publish(Event::new(EventKind::ServiceChanged, "Kubernetes services changed"));
+                false
+            }
+            Ok(()) = changed(&mut kube_policy) => {
+                desired.kubernetes_policy = kube_policy.as_mut().expect("some").borrow_and_update().clone();
+                let policy = &desired.kubernetes_policy;
+                info!(namespaces = policy.namespaces.len(), workloads = policy.workloads.len(),
+                      network_policies = policy.network_policies.len(), "Kubernetes policy changed");
+                events.publish(Event::new(EventKind::ServiceChanged, "Kubernetes policy changed"));
+                false
+            }
+            Ok(()) = grpc_services.changed() => {
+                desired.grpc_services = grpc_services.borrow_and_update().clone();
+                events.publish(Event::new(EventKind::ServiceChanged, "gRPC services changed"));
+                false
+            }
+            Ok(()) = grpc_policy.changed() => {
+                desired.grpc_policy = grpc_policy.borrow_and_update().clone();
+                events.publish(Event::new(EventKind::ServiceChanged, "gRPC policy changed"));
                 false
             }
             Ok(()) = health_updates.changed() => {
-                health_updates.borrow_and_update();
+                let now = health_updates.borrow_and_update().clone();
+                for event in grpc::health_events(&health_before, &now, &applied) {
+                    events.publish(event);
+                }
+                health_before = now;
                 false
             }
             _ = stats_tick.tick() => {
@@ -186,22 +221,36 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             match Config::from_file(&options.config_path) {
                 Ok(file) => {
                     info!(path = %options.config_path.display(), "config file changed");
+                    grpc_source.set_base_config(&file);
                     desired.file = file;
+                    events.publish(Event::new(EventKind::ServiceChanged, "config file changed"));
                 }
                 Err(err) => {
                     error!("config rejected, keeping the last good state: {err}");
+                    events.publish(Event::new(EventKind::ConfigRejected, err.to_string()));
                     continue;
                 }
             }
         }
-        match reconcile(&mut datapath, &desired, &mut checker, &metrics) {
+        match reconcile(
+            &mut datapath,
+            &desired,
+            &mut checker,
+            &metrics,
+            &events,
+            &mut reported,
+        ) {
             Ok(config) => {
                 applied = config;
+                applied_tx.send_replace(applied.clone());
                 if file_changed {
                     info!(services = applied.services.len(), "config reloaded");
                 }
             }
-            Err(err) => error!("reconcile failed, the datapath keeps its previous state: {err:#}"),
+            Err(err) => {
+                error!("reconcile failed, the datapath keeps its previous state: {err:#}");
+                events.publish(Event::new(EventKind::ReconcileFailed, format!("{err:#}")));
+            }
         }
     }
 
@@ -213,6 +262,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
     refresh_metrics(&datapath, &applied, &checker, &metrics, false, true);
     checker.shutdown().await;
+    for server in grpc_servers {
+        server.shutdown().await;
+    }
     if let Some(http) = http {
         http.shutdown().await;
     }
@@ -221,7 +273,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 }
 
 /// Waits for the next Kubernetes update; never resolves without a Kubernetes source.
-async fn changed(updates: &mut Option<watch::Receiver<Vec<config::Service>>>) -> Result<(), ()> {
+async fn changed<T>(updates: &mut Option<watch::Receiver<T>>) -> Result<(), ()> {
     match updates {
         Some(rx) => rx.changed().await.map_err(|_| ()),
         None => std::future::pending().await,
@@ -229,14 +281,23 @@ async fn changed(updates: &mut Option<watch::Receiver<Vec<config::Service>>>) ->
 }
 
 /// Applies the merged desired state with health-derived weights; returns the config applied.
+/// Conflicts between sources are logged (and sent as events) when they first appear.
 fn reconcile(
     datapath: &mut Datapath,
     desired: &Desired,
     checker: &mut HealthChecker,
     metrics: &Metrics,
+    events: &EventBus,
+    reported: &mut BTreeSet<Conflict>,
 ) -> Result<Config> {
     let started = Instant::now();
-    let config = desired.merged();
+    let merged = desired.merged();
+    for conflict in merged.conflicts.difference(reported) {
+        warn!("{conflict}");
+        events.publish(Event::new(EventKind::ServiceChanged, conflict.to_string()));
+    }
+    *reported = merged.conflicts;
+    let config = merged.config;
     let result = config
         .validate()
         .map_err(anyhow::Error::from)
@@ -252,11 +313,16 @@ fn reconcile(
     metrics.observe_reconcile(started.elapsed(), result.is_ok());
     let report = result?;
     if report != Default::default() {
-        info!(
-            ?report,
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "datapath reconciled"
-        );
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        info!(?report, elapsed_ms, "datapath reconciled");
+        events.publish(Event::new(
+            EventKind::Reconciled,
+            format!(
+                "{} services, {:.1} ms: {report:?}",
+                config.services.len(),
+                elapsed_ms
+            ),
+        ));
     }
     metrics.update_health(metrics::backend_health(&config, &checker.snapshot()));
     Ok(config)

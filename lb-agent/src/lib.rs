@@ -5,6 +5,7 @@ pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod decap;
+pub mod desired;
 pub mod grpc;
 pub mod health;
 pub mod http;

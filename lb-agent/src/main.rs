@@ -16,6 +16,7 @@ use lb_agent::{
     agent::{self, AgentOptions, KubeApi},
     config::Config,
     datapath::PinOptions,
+    grpc::TlsConfig,
     pins::PinDir,
 };
 use lb_common::service::limits;
@@ -29,6 +30,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Load the datapath, attach it and keep its maps in line with CONFIG (re-read when the file
@@ -73,6 +76,22 @@ enum Command {
         /// refusing to start. Flushes connection tracking: established connections may reset.
         #[arg(long)]
         replace_incompatible_state: bool,
+        /// Serve the gRPC API (lb.v1.LoadBalancer) on this unix socket, created with mode 0600.
+        #[arg(long, value_name = "PATH")]
+        grpc_socket: Option<PathBuf>,
+        /// Also serve the gRPC API on this TCP address, with TLS; needs --grpc-tls-cert,
+        /// --grpc-tls-key and --grpc-tls-client-ca (clients must present a certificate).
+        #[arg(long, value_name = "ADDR:PORT", requires_all = ["grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"])]
+        grpc_tcp: Option<SocketAddr>,
+        /// The gRPC server's certificate chain (PEM).
+        #[arg(long, value_name = "FILE", requires = "grpc_tcp")]
+        grpc_tls_cert: Option<PathBuf>,
+        /// The gRPC server's private key (PEM).
+        #[arg(long, value_name = "FILE", requires = "grpc_tcp")]
+        grpc_tls_key: Option<PathBuf>,
+        /// CA certificate(s) that gRPC clients' certificates must chain to (PEM).
+        #[arg(long, value_name = "FILE", requires = "grpc_tcp")]
+        grpc_tls_client_ca: Option<PathBuf>,
     },
     /// Remove the pinned datapath (links, program, maps): detaches it from every interface. For
     /// uninstalling; stop the agent first.
@@ -118,12 +137,23 @@ fn main() -> ExitCode {
             node_addresses,
             bpffs_dir,
             replace_incompatible_state,
-        } => {
+            grpc_socket,
+            grpc_tcp,
+            grpc_tls_cert,
+            grpc_tls_key,
+            grpc_tls_client_ca,
+        } => (|| {
             let kubernetes = match (kube_api_url, kubeconfig, kubernetes) {
                 (Some(url), _, _) => Some(KubeApi::Url(url)),
                 (None, Some(path), _) => Some(KubeApi::Kubeconfig(path)),
                 (None, None, true) => Some(KubeApi::FromEnvironment),
                 (None, None, false) => None,
+            };
+            let grpc_tcp = match (grpc_tcp, grpc_tls_cert, grpc_tls_key, grpc_tls_client_ca) {
+                (Some(addr), Some(cert), Some(key), Some(ca)) => {
+                    Some((addr, TlsConfig::from_files(&cert, &key, &ca)?))
+                }
+                _ => None, // clap requires all four together
             };
             let options = AgentOptions {
                 config_path: config,
@@ -139,6 +169,8 @@ fn main() -> ExitCode {
                 node_name,
                 node_addresses,
                 watch_interval: Duration::from_millis(500),
+                grpc_socket,
+                grpc_tcp,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -146,7 +178,7 @@ fn main() -> ExitCode {
                 .build()
                 .context("starting tokio")
                 .and_then(|rt| rt.block_on(agent::run(options)))
-        }
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,9 +5,11 @@
 //! - [`topology`]: "client — balancer node — N backends" built from namespaces and veth pairs.
 //! - [`servers`]: backend servers that count what they receive (bytes on the wire, not log lines).
 //! - [`agent`]: the `lb-agent` binary as a child process, stopped on drop.
+//! - [`grpc_client`]: a client of the agent's gRPC API over its unix socket.
 //! - [`frames`]: crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
 //! - [`modes`]: namespaced test runs, IP-in-IP frames, DSR backends and peer-recording servers
 //!   for the forwarding-mode tests.
+//! - [`memory`]: resident set and BPF map memory, for the benchmarks.
 //! - [`procs`], [`loadgen`], [`baselines`]: the end-to-end benchmark's bounded child processes,
 //!   traffic (nginx/wrk, iperf3, a `sendmmsg` UDP sender) and the contenders lb is compared with
 //!   (kube-proxy iptables and nftables modes, HAProxy).
@@ -16,7 +18,9 @@ pub mod agent;
 pub mod baselines;
 pub mod fake_apiserver;
 pub mod frames;
+pub mod grpc_client;
 pub mod loadgen;
+pub mod memory;
 pub mod modes;
 pub mod netns;
 pub mod procs;

@@ -1,5 +1,7 @@
 //! The deployment manifests in deploy/ are consistent with the agent: the role grants what the agent
-//! watches, the DaemonSet's arguments are accepted by `lb-agent run`, and the embedded config is valid.
+//! watches (Services, EndpointSlices, Pods, Namespaces, NetworkPolicies: `lb_agent::k8s::source`),
+//! the DaemonSet's arguments are accepted by `lb-agent run`, its gRPC socket is in a host
+//! directory, and the embedded config is valid.
 
 use std::path::Path;
 
@@ -100,4 +102,27 @@ fn daemonset_arguments_and_config_are_accepted_by_the_agent() {
     );
     let probe = container["readinessProbe"]["httpGet"]["path"].as_str();
     assert_eq!(probe, Some("/readyz"));
+
+    // The gRPC socket lives in a directory shared with the host, so node-local clients reach it.
+    let socket = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--grpc-socket="))
+        .expect("--grpc-socket");
+    let dir = Path::new(socket).parent().unwrap();
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str().map(Path::new) == Some(dir))
+        .unwrap_or_else(|| panic!("{} is not mounted", dir.display()));
+    let volume = daemonset["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the socket directory's volume");
+    assert_eq!(
+        volume["hostPath"]["path"].as_str().map(Path::new),
+        Some(dir)
+    );
 }

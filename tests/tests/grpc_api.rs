@@ -14,7 +14,6 @@ use std::{
     time::Duration,
 };
 
-use hyper_util::rt::TokioIo;
 use lb_agent::{
     config::{Config, Protocol},
     datapath::Datapath,
@@ -25,9 +24,9 @@ use lb_agent::{
     },
 };
 use lb_common::service::ServiceKey;
-use tokio::{net::UnixStream, sync::watch};
+use tokio::sync::watch;
 use tonic::{
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
     Code,
 };
 
@@ -40,19 +39,10 @@ async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> 
         .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
 }
 
-/// A client over the unix socket at `path` (the URI is required by tonic and not used).
 async fn connect_unix(path: &Path) -> LoadBalancerClient<Channel> {
-    let path = path.to_path_buf();
-    let endpoint = Endpoint::from_static("http://lb-agent.invalid");
-    let channel = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
-        let path = path.clone();
-        async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-    }));
-    LoadBalancerClient::new(
-        within("connecting over the unix socket", channel)
-            .await
-            .unwrap(),
-    )
+    lb_tests::grpc_client::connect_unix(path)
+        .await
+        .expect("connecting over the unix socket")
 }
 
 fn backend(address: &str, port: u32, weight: Option<u32>) -> pb::Backend {

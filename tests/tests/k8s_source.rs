@@ -3,16 +3,24 @@
 //! EndpointSlices the test writes — through endpoint conditions, deletions, bookmarks, a 410 Gone
 //! (re-list), a watch from a compacted resourceVersion, and dropped connections (reconnect and
 //! resume). The last test programs the real datapath from the published services and checks the
-//! Maglev tables.
+//! Maglev tables. Namespaces, Pods and NetworkPolicies become the policy model, whose compiled
+//! identities, ipcache and policy entries the last test checks with the reference evaluator.
 
 use std::{net::IpAddr, time::Duration};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
 use lb_agent::{
     config::{self, Config, Protocol},
     datapath::Datapath,
+    desired::Desired,
     k8s::{K8sOptions, K8sSource},
+    policy::{CompiledPolicy, IdentityAllocator, IdentityKey, Maps, Packet, PolicyConfig},
 };
+use lb_common::policy::{Direction, Reason, Verdict};
 use lb_common::service::ServiceKey;
 use lb_tests::fake_apiserver::{FakeApiServer, Stats};
 use serde_json::{json, Value};
@@ -917,4 +925,258 @@ async fn datapath_maps_follow_kubernetes_events() {
         .backend_stats(ip("203.0.113.13"), 8080)
         .unwrap()
         .is_none());
+}
+
+/// Ingress verdicts at a local workload, from each peer address, by the reference evaluator on
+/// the compiled maps (the datapath's lookup sequence).
+struct PolicyView {
+    compiled: CompiledPolicy,
+    maps: Maps,
+}
+
+impl PolicyView {
+    /// The merged desired policy (the config file's local workload first, then Kubernetes, as the
+    /// agent merges them), compiled with `identities`.
+    fn compile(
+        file: &PolicyConfig,
+        kubernetes: &PolicyConfig,
+        identities: &mut IdentityAllocator,
+    ) -> Self {
+        let mut desired = Desired::new(Config {
+            policy: file.clone(),
+            ..Default::default()
+        });
+        desired.kubernetes_policy = kubernetes.clone();
+        let merged = desired.merged();
+        let compiled = lb_agent::policy::compile(&merged.config.policy, identities, &|_| None)
+            .expect("the merged policy compiles");
+        let maps = Maps::load(&compiled);
+        Self { compiled, maps }
+    }
+
+    /// (verdict, reason) of TCP `from` → `to:port`, ingress.
+    fn ingress(&self, from: &str, to: &str, port: u16) -> (Verdict, Reason) {
+        let check = self.maps.check(
+            &Packet {
+                src: from.parse().unwrap(),
+                dst: to.parse().unwrap(),
+                protocol: 6,
+                dport: port,
+            },
+            Direction::Ingress,
+        );
+        (check.verdict(), check.reason())
+    }
+
+    /// The identity the ipcache gives `addr` (as the datapath resolves a peer).
+    fn identity_of(&self, addr: &str) -> u32 {
+        self.maps
+            .check(
+                &Packet {
+                    src: addr.parse().unwrap(),
+                    dst: LOCAL_WEB.parse().unwrap(),
+                    protocol: 6,
+                    dport: 8080,
+                },
+                Direction::Ingress,
+            )
+            .peer_identity
+            .expect("a local endpoint")
+    }
+
+    /// The identity of a label set, if the compiled policy has it.
+    fn identity_of_labels(&self, namespace: &str, labels: &[(&str, &str)]) -> Option<u32> {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let key = IdentityKey::workload(namespace, &labels);
+        self.compiled
+            .identities
+            .iter()
+            .find_map(|(id, k)| (*k == key).then_some(*id))
+    }
+}
+
+/// The workload on this node, from the config file (Kubernetes does not say which interface a pod
+/// has); Kubernetes' own pod of the same name is shadowed.
+const LOCAL_WEB: &str = "203.0.113.21";
+
+fn namespace(name: &str, team: &str) -> Namespace {
+    serde_json::from_value(json!({ "metadata": { "name": name, "labels": { "team": team } } }))
+        .unwrap()
+}
+
+fn pod(ns: &str, name: &str, app: &str, ip: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": { "namespace": ns, "name": name, "labels": { "app": app } },
+        "spec": { "containers": [{ "name": "c", "ports": [{ "name": "http", "containerPort": 8080 }] }] },
+        "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] },
+    }))
+    .unwrap()
+}
+
+/// shop/web-ingress: pods `app: web` of `shop` accept TCP 8080 from namespaces `team: b` only.
+fn web_ingress() -> NetworkPolicy {
+    serde_json::from_value(json!({
+        "metadata": { "namespace": "shop", "name": "web-ingress" },
+        "spec": {
+            "podSelector": { "matchLabels": { "app": "web" } },
+            "ingress": [{ "from": [{ "namespaceSelector": { "matchLabels": { "team": "b" } } }],
+                          "ports": [{ "protocol": "TCP", "port": "http" }] }],
+        },
+    }))
+    .unwrap()
+}
+
+/// Namespaces, Pods and NetworkPolicies from the fake API server become identities (label sets),
+/// ipcache entries (pod addresses) and policy entries, and follow adds, label changes, deletes and
+/// a 410 re-list.
+#[tokio::test]
+async fn policy_follows_namespaces_pods_and_network_policies() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply(&namespace("shop", "a"));
+    server.apply(&namespace("bank", "b"));
+    server.apply(&pod("shop", "web-0", "web", LOCAL_WEB));
+    server.apply(&pod("bank", "client-0", "client", "203.0.113.31"));
+    server.apply(&pod("shop", "other-0", "other", "203.0.113.41"));
+    server.apply(&web_ingress());
+    let (source, _services) = start(&server).await;
+    let mut rx = source.subscribe_policy();
+    let file: PolicyConfig = serde_yaml_ng::from_str(&format!(
+        "workloads: [{{name: web-0, namespace: shop, labels: {{app: web}}, addresses: [{LOCAL_WEB}], \
+         interface: veth-web-0, ports: [{{name: http, port: 8080}}]}}]"
+    ))
+    .unwrap();
+    let mut identities = IdentityAllocator::new();
+
+    // Waits until the compiled policy satisfies `condition`; returns it.
+    let mut wait = async |what: &str, condition: &dyn Fn(&PolicyView) -> bool| -> PolicyView {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let view = PolicyView::compile(&file, &rx.borrow_and_update(), &mut identities);
+            if condition(&view) {
+                return view;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if tokio::time::timeout(left, rx.changed()).await.is_err() {
+                panic!(
+                    "{what}: not reached within {WAIT:?}; Kubernetes policy:\n{:#?}",
+                    rx.borrow()
+                );
+            }
+        }
+    };
+
+    // The initial list: bank (team b) may reach web on http; shop's other pod may not.
+    let view = wait("initial list", &|v| v.compiled.identities.len() >= 3).await;
+    let kube = source.policy();
+    assert_eq!(
+        kube.workloads
+            .iter()
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+            .collect::<Vec<_>>(),
+        ["bank/client-0", "shop/other-0", "shop/web-0"]
+    );
+    let client = view
+        .identity_of_labels("bank", &[("app", "client")])
+        .expect("client's identity");
+    assert_eq!(
+        client,
+        IdentityAllocator::new()
+            .allocate(&IdentityKey::workload(
+                "bank",
+                &[("app".to_string(), "client".to_string())].into()
+            ))
+            .unwrap(),
+        "identities are the label set's hash, the same on every node"
+    );
+    assert_eq!(view.identity_of("203.0.113.31"), client);
+    assert_eq!(
+        view.identity_of("203.0.113.41"),
+        view.identity_of_labels("shop", &[("app", "other")])
+            .unwrap()
+    );
+    assert!(view
+        .compiled
+        .rules
+        .iter()
+        .any(|r| r.name == "k8s:shop/web-ingress:ingress[0]"));
+    assert_eq!(
+        view.ingress("203.0.113.31", LOCAL_WEB, 8080),
+        (Verdict::Allow, Reason::AllowedByRule)
+    );
+    assert_eq!(
+        view.ingress("203.0.113.31", LOCAL_WEB, 9090),
+        (Verdict::Deny, Reason::DefaultDeny)
+    );
+    assert_eq!(
+        view.ingress("203.0.113.41", LOCAL_WEB, 8080),
+        (Verdict::Deny, Reason::DefaultDeny)
+    );
+
+    // A pod's labels change: a new identity for its address, the old one released.
+    server.apply(&pod("bank", "client-0", "client-v2", "203.0.113.31"));
+    let view = wait("client relabelled", &|v| {
+        v.identity_of_labels("bank", &[("app", "client-v2")])
+            .is_some_and(|id| v.identity_of("203.0.113.31") == id)
+    })
+    .await;
+    assert_eq!(view.identity_of_labels("bank", &[("app", "client")]), None);
+    assert_eq!(
+        view.ingress("203.0.113.31", LOCAL_WEB, 8080),
+        (Verdict::Allow, Reason::AllowedByRule)
+    );
+
+    // The namespace's labels change: bank no longer matches `team: b`.
+    server.apply(&namespace("bank", "c"));
+    let view = wait("bank relabelled", &|v| {
+        v.ingress("203.0.113.31", LOCAL_WEB, 8080) == (Verdict::Deny, Reason::DefaultDeny)
+    })
+    .await;
+    assert_eq!(
+        view.ingress("203.0.113.41", LOCAL_WEB, 8080),
+        (Verdict::Deny, Reason::DefaultDeny)
+    );
+
+    // The NetworkPolicy deleted: web is selected by nothing, open.
+    assert!(server.delete::<NetworkPolicy>("shop", "web-ingress"));
+    let view = wait("policy deleted", &|v| v.compiled.rules.is_empty()).await;
+    assert_eq!(
+        view.ingress("203.0.113.41", LOCAL_WEB, 8080),
+        (Verdict::Allow, Reason::NotSelected)
+    );
+
+    // Changes missed while the watches were cut off, then a 410: the re-list brings them all.
+    let before = server.stats();
+    server.pause_watches();
+    server.apply(&web_ingress());
+    server.apply(&namespace("shop", "b")); // shop's own pods now match `team: b`
+    assert!(server.delete::<Pod>("bank", "client-0"));
+    server.expire();
+    let view = wait("re-listed after 410", &|v| {
+        !v.compiled.rules.is_empty()
+            && v.ingress("203.0.113.41", LOCAL_WEB, 8080) == (Verdict::Allow, Reason::AllowedByRule)
+    })
+    .await;
+    let stats = server.stats();
+    for kind in ["pods", "namespaces", "networkpolicies"] {
+        assert!(
+            stats.lists(kind) > before.lists(kind),
+            "{kind} re-listed after 410"
+        );
+    }
+    // The deleted pod's address is no workload's any more: world, and its identity is gone.
+    assert_eq!(
+        view.identity_of("203.0.113.31"),
+        lb_common::policy::identity::WORLD_IPV4
+    );
+    assert_eq!(
+        view.identity_of_labels("bank", &[("app", "client-v2")]),
+        None
+    );
+    assert_eq!(
+        view.ingress("203.0.113.31", LOCAL_WEB, 8080),
+        (Verdict::Deny, Reason::DefaultDeny)
+    );
 }

@@ -40,13 +40,14 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: per-packet cost against XDP_PASS, Maglev build times, and end to end against
-    /// kube-proxy (iptables, nftables) and HAProxy (tables + JSON in target/bench/).
+    /// Benchmarks: per-packet cost against XDP_PASS, Maglev build times, reconcile time and memory
+    /// of a full datapath, end to end against kube-proxy (iptables, nftables) and HAProxy, and
+    /// config-edit-to-moved-flows latency (tables + JSON in target/bench/).
     Bench {
         /// Short end-to-end runs (about 30 s instead of about 4 min).
         #[arg(long)]
         quick: bool,
-        /// Only the per-packet and Maglev benchmarks.
+        /// Only the per-packet, Maglev and reconcile benchmarks.
         #[arg(long)]
         skip_e2e: bool,
     },

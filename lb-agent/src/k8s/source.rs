@@ -1,9 +1,13 @@
-//! [`K8sSource`]: watches Services and EndpointSlices and publishes the desired services.
+//! [`K8sSource`]: watches Services and EndpointSlices and publishes the desired services; watches
+//! Namespaces, Pods and NetworkPolicies (unless [`K8sOptions::watch_policy`] is off) and publishes
+//! the desired policy.
 //!
-//! Two kube-rs watchers (LIST, then WATCH from the list's resourceVersion with bookmarks) feed two
-//! reflector stores. Whenever a store changes, the translation of both stores is recomputed — after
-//! a short debounce, so that a burst of events (a rollout, a re-list) gives one update — and sent
-//! on a `watch` channel if it differs from the last one sent.
+//! One kube-rs watcher per kind (LIST, then WATCH from the list's resourceVersion with bookmarks)
+//! feeds a reflector store. Whenever a store changes, the translation it feeds — services from
+//! Services and EndpointSlices ([`super::translate`]), policy from Namespaces, Pods and
+//! NetworkPolicies ([`super::policy`]) — is recomputed, after a short debounce so that a burst of
+//! events (a rollout, a re-list) gives one update, and sent on its `watch` channel if it differs
+//! from the last one sent.
 //!
 //! Restarts are the watchers' business: a dropped watch resumes from the last resourceVersion seen
 //! (events or bookmarks); a `410 Gone` (the resourceVersion is too old) re-lists, and the store
@@ -22,7 +26,11 @@ use std::{
 
 use anyhow::{Context, Result};
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
@@ -35,8 +43,11 @@ use kube::{
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 use tracing::{debug, info, warn};
 
-use super::translate::{translate, NodeOptions, Note};
-use crate::config;
+use super::{
+    policy::translate_policy,
+    translate::{translate, NodeOptions, Note},
+};
+use crate::{config, policy::PolicyConfig};
 
 /// Settings of a [`K8sSource`].
 #[derive(Debug, Clone)]
@@ -48,6 +59,8 @@ pub struct K8sOptions {
     /// (with up to 25% subtracted at random, so that nodes do not retry in step).
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Also watch Namespaces, Pods and NetworkPolicies for the policy.
+    pub watch_policy: bool,
 }
 
 impl Default for K8sOptions {
@@ -57,6 +70,7 @@ impl Default for K8sOptions {
             debounce: Duration::from_millis(50),
             backoff_min: Duration::from_millis(800),
             backoff_max: Duration::from_secs(30),
+            watch_policy: true,
         }
     }
 }
@@ -64,6 +78,7 @@ impl Default for K8sOptions {
 /// The running watchers. Dropping it stops them.
 pub struct K8sSource {
     services: watch::Receiver<Vec<config::Service>>,
+    policy: watch::Receiver<PolicyConfig>,
     synced: watch::Receiver<bool>,
     task: JoinHandle<()>,
 }
@@ -73,6 +88,7 @@ impl fmt::Debug for K8sSource {
         f.debug_struct("K8sSource")
             .field("synced", &*self.synced.borrow())
             .field("services", &self.services.borrow().len())
+            .field("workloads", &self.policy.borrow().workloads.len())
             .finish()
     }
 }
@@ -110,16 +126,23 @@ impl K8sSource {
     /// Starts watching through `client`. Must be called within a tokio runtime.
     pub fn start(client: Client, options: K8sOptions) -> Self {
         let (services_tx, services) = watch::channel(Vec::new());
+        let (policy_tx, policy) = watch::channel(PolicyConfig::default());
         let (synced_tx, synced) = watch::channel(false);
-        let task = tokio::spawn(run(client, options, services_tx, synced_tx));
+        let published = Published {
+            services: services_tx,
+            policy: policy_tx,
+            synced: synced_tx,
+        };
+        let task = tokio::spawn(run(client, options, published));
         Self {
             services,
+            policy,
             synced,
             task,
         }
     }
 
-    /// A receiver of the desired services. It holds an empty list until both kinds are listed for
+    /// A receiver of the desired services. It holds an empty list until every kind is listed for
     /// the first time ([`K8sSource::wait_synced`]); after that, every change is one update.
     pub fn subscribe(&self) -> watch::Receiver<Vec<config::Service>> {
         self.services.clone()
@@ -130,7 +153,18 @@ impl K8sSource {
         self.services.borrow().clone()
     }
 
-    /// Whether both kinds have been listed and the result published.
+    /// A receiver of the desired policy (namespaces, workloads, NetworkPolicies); empty until
+    /// synced, and always without [`K8sOptions::watch_policy`].
+    pub fn subscribe_policy(&self) -> watch::Receiver<PolicyConfig> {
+        self.policy.clone()
+    }
+
+    /// The desired policy now.
+    pub fn policy(&self) -> PolicyConfig {
+        self.policy.borrow().clone()
+    }
+
+    /// Whether every kind has been listed and the result published.
     pub fn is_synced(&self) -> bool {
         *self.synced.borrow()
     }
@@ -194,6 +228,9 @@ impl Backoff for RetryBackoff {
 enum Kind {
     Services,
     EndpointSlices,
+    Namespaces,
+    Pods,
+    NetworkPolicies,
 }
 
 impl Kind {
@@ -201,8 +238,32 @@ impl Kind {
         match self {
             Kind::Services => "services",
             Kind::EndpointSlices => "endpointslices",
+            Kind::Namespaces => "namespaces",
+            Kind::Pods => "pods",
+            Kind::NetworkPolicies => "networkpolicies",
         }
     }
+
+    /// Whether the kind feeds the policy (else the services).
+    fn is_policy(self) -> bool {
+        matches!(self, Kind::Namespaces | Kind::Pods | Kind::NetworkPolicies)
+    }
+}
+
+/// The channels a [`K8sSource`] publishes on.
+struct Published {
+    services: watch::Sender<Vec<config::Service>>,
+    policy: watch::Sender<PolicyConfig>,
+    synced: watch::Sender<bool>,
+}
+
+/// The reflector stores of every kind.
+struct Stores {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    network_policies: Store<NetworkPolicy>,
 }
 
 /// What one watcher step means for the published state.
@@ -270,15 +331,20 @@ where
         .boxed()
 }
 
-async fn run(
-    client: Client,
-    options: K8sOptions,
-    services_tx: watch::Sender<Vec<config::Service>>,
-    synced_tx: watch::Sender<bool>,
-) {
-    let (service_store, service_writer) = reflector::store::<Service>();
-    let (slice_store, slice_writer) = reflector::store::<EndpointSlice>();
-    let mut steps = futures::stream::select(
+async fn run(client: Client, options: K8sOptions, published: Published) {
+    let (services, service_writer) = reflector::store::<Service>();
+    let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+    let (namespaces, namespace_writer) = reflector::store::<Namespace>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let (network_policies, policy_writer) = reflector::store::<NetworkPolicy>();
+    let stores = Stores {
+        services,
+        slices,
+        namespaces,
+        pods,
+        network_policies,
+    };
+    let mut watched = vec![
         reflect(
             Api::<Service>::all(client.clone()),
             Kind::Services,
@@ -286,16 +352,49 @@ async fn run(
             &options,
         ),
         reflect(
-            Api::<EndpointSlice>::all(client),
+            Api::<EndpointSlice>::all(client.clone()),
             Kind::EndpointSlices,
             slice_writer,
             &options,
         ),
-    );
-    let mut listed = (false, false);
+    ];
+    if options.watch_policy {
+        watched.push(reflect(
+            Api::<Namespace>::all(client.clone()),
+            Kind::Namespaces,
+            namespace_writer,
+            &options,
+        ));
+        watched.push(reflect(
+            Api::<Pod>::all(client.clone()),
+            Kind::Pods,
+            pod_writer,
+            &options,
+        ));
+        watched.push(reflect(
+            Api::<NetworkPolicy>::all(client),
+            Kind::NetworkPolicies,
+            policy_writer,
+            &options,
+        ));
+    }
+    let mut listed: Vec<Kind> = Vec::new();
+    let kinds = watched.len();
+    let mut steps = futures::stream::select_all(watched);
     let mut deadline: Option<Instant> = None;
+    // What changed since the last publication: (services, policy).
+    let mut dirty = (false, false);
     let mut last_notes: Vec<Note> = Vec::new();
-    info!("watching Kubernetes Services and EndpointSlices");
+    let mut last_policy_notes: Vec<Note> = Vec::new();
+    info!(
+        policy = options.watch_policy,
+        "watching Kubernetes Services and EndpointSlices{}",
+        if options.watch_policy {
+            ", Namespaces, Pods and NetworkPolicies"
+        } else {
+            ""
+        }
+    );
     loop {
         let publish_at = deadline;
         tokio::select! {
@@ -305,22 +404,31 @@ async fn run(
                     return;
                 };
                 if let Step::Changed { listed: done } = step {
-                    if done {
-                        match kind {
-                            Kind::Services => listed.0 = true,
-                            Kind::EndpointSlices => listed.1 = true,
-                        }
+                    if done && !listed.contains(&kind) {
+                        listed.push(kind);
+                    }
+                    if kind.is_policy() {
+                        dirty.1 = true;
+                    } else {
+                        dirty.0 = true;
                     }
                     deadline.get_or_insert_with(|| Instant::now() + options.debounce);
                 }
             }
             () = sleep_until(publish_at), if publish_at.is_some() => {
                 deadline = None;
-                if !(listed.0 && listed.1) {
-                    continue; // the first list of the other kind will trigger the first update
+                if listed.len() < kinds {
+                    continue; // the first list of the other kinds will trigger the first update
                 }
-                publish(&service_store, &slice_store, &options, &services_tx, &mut last_notes);
-                synced_tx.send_if_modified(|synced| !std::mem::replace(synced, true));
+                let first = !*published.synced.borrow();
+                if dirty.0 || first {
+                    publish(&stores, &options, &published.services, &mut last_notes);
+                }
+                if options.watch_policy && (dirty.1 || first) {
+                    publish_policy(&stores, &published.policy, &mut last_policy_notes);
+                }
+                dirty = (false, false);
+                published.synced.send_if_modified(|synced| !std::mem::replace(synced, true));
             }
         }
     }
@@ -331,22 +439,26 @@ fn sleep_until(deadline: Option<Instant>) -> impl Future<Output = ()> {
     tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now))
 }
 
+/// Logs the notes not logged last time.
+fn log_new_notes(notes: Vec<Note>, last_notes: &mut Vec<Note>) {
+    if notes != *last_notes {
+        for note in notes.iter().filter(|n| !last_notes.contains(n)) {
+            info!(object = %note.object, reason = %note.reason, "left out of the desired state");
+        }
+        *last_notes = notes;
+    }
+}
+
 fn publish(
-    service_store: &Store<Service>,
-    slice_store: &Store<EndpointSlice>,
+    stores: &Stores,
     options: &K8sOptions,
     services_tx: &watch::Sender<Vec<config::Service>>,
     last_notes: &mut Vec<Note>,
 ) {
-    let services: Vec<Arc<Service>> = service_store.state();
-    let slices: Vec<Arc<EndpointSlice>> = slice_store.state();
+    let services: Vec<Arc<Service>> = stores.services.state();
+    let slices: Vec<Arc<EndpointSlice>> = stores.slices.state();
     let translation = translate(&services, &slices, &options.node);
-    if translation.notes != *last_notes {
-        for note in translation.notes.iter().filter(|n| !last_notes.contains(n)) {
-            info!(object = %note.object, reason = %note.reason, "left out of the desired state");
-        }
-        *last_notes = translation.notes;
-    }
+    log_new_notes(translation.notes, last_notes);
     let count = translation.services.len();
     let changed = services_tx.send_if_modified(|current| {
         if *current == translation.services {
@@ -365,6 +477,39 @@ fn publish(
         );
     } else {
         debug!("Kubernetes events left the desired state unchanged");
+    }
+}
+
+fn publish_policy(
+    stores: &Stores,
+    policy_tx: &watch::Sender<PolicyConfig>,
+    last_notes: &mut Vec<Note>,
+) {
+    let translation = translate_policy(
+        &stores.namespaces.state(),
+        &stores.pods.state(),
+        &stores.network_policies.state(),
+    );
+    log_new_notes(translation.notes, last_notes);
+    let policy = translation.policy;
+    let (namespaces, workloads, network_policies) = (
+        policy.namespaces.len(),
+        policy.workloads.len(),
+        policy.network_policies.len(),
+    );
+    let changed = policy_tx.send_if_modified(|current| {
+        if *current == policy {
+            false
+        } else {
+            *current = policy;
+            true
+        }
+    });
+    if changed {
+        info!(
+            namespaces,
+            workloads, network_policies, "desired policy from Kubernetes changed"
+        );
     }
 }
 

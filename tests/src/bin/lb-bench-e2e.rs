@@ -18,6 +18,11 @@
 //! LB_AGENT_BIN=target/release/lb-agent target/release/lb-bench-e2e            # ~3.5 min
 //! LB_AGENT_BIN=target/release/lb-agent target/release/lb-bench-e2e --quick    # ~30 s smoke run
 //! ```
+//! Then, edit to move (`--edits`, `--only-edits` for nothing else): the real agent with a watched
+//! config file in a two-backend topology; the file is saved `--edits` times, switching the service
+//! between backend 1 and backend 2, and each time the bench opens connections until one lands on
+//! the new backend (as that backend's greeting says): p50/p99 of the time from the save.
+//!
 //! Diagnostics: `--contenders iptables,nftables,haproxy,lb,lb-idle` adds lb-agent attached with no
 //! service under the baseline's traffic (what XDP on veth costs by itself); `--bpf-stats` reports
 //! the XDP program's own ns per packet; `--wire-frames` turns TSO/GSO off on the senders so that
@@ -38,6 +43,7 @@ use lb_tests::{
     loadgen::{self, TempDir, UdpSink},
     netns::{Netns, BENCH_PREFIX},
     procs::{self, Server},
+    servers::{tcp_requests, TcpCountingServer},
     topology::{Topology, CLIENT_ADDR, VIP},
 };
 use serde_json::{json, Value};
@@ -117,6 +123,12 @@ struct Args {
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/bench/bench-e2e.json")]
     json: PathBuf,
+    /// Config file saves of the edit-to-move measurement (0 = skip it).
+    #[arg(long, default_value_t = 20)]
+    edits: usize,
+    /// Only the edit-to-move measurement (JSON to target/bench/bench-edit.json).
+    #[arg(long)]
+    only_edits: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -363,6 +375,16 @@ fn run() -> Result<()> {
         None
     };
     procs::kill_orphans_of_dead_runs(BENCH_PREFIX);
+    if args.only_edits {
+        let report = json!({ "machine": machine, "edit_to_move": edit_to_move(args.edits)? });
+        let path = args.json.with_file_name("bench-edit.json");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        println!("JSON: {}", path.display());
+        return Ok(());
+    }
     let dir = TempDir::new("bench-e2e")?;
     let topo = Topology::new(BENCH_PREFIX, args.backends)?;
     let _sweep = Sweep(
@@ -426,6 +448,14 @@ fn run() -> Result<()> {
         }
     }
 
+    drop(backends);
+    drop(_sweep);
+    drop(topo);
+    let edits = if args.edits > 0 {
+        edit_to_move(args.edits)?
+    } else {
+        Value::Null
+    };
     let elapsed = started.elapsed().as_secs_f64();
     report(
         &args,
@@ -436,6 +466,7 @@ fn run() -> Result<()> {
         &workloads,
         &samples,
         &checks,
+        edits,
         elapsed,
     )
 }
@@ -1088,6 +1119,7 @@ fn report(
     workloads: &[Workload],
     samples: &BTreeMap<(Workload, Contender), Vec<Result<Sample, String>>>,
     checks: &[Value],
+    edits: Value,
     elapsed: f64,
 ) -> Result<()> {
     const W0: usize = 45;
@@ -1266,6 +1298,7 @@ fn report(
             .iter()
             .map(|(c, w, e)| json!({"contender": c, "workload": w, "error": e}))
             .collect::<Vec<_>>(),
+        "edit_to_move": edits,
     });
     if let Some(parent) = args.json.parent() {
         std::fs::create_dir_all(parent)?;
@@ -1290,4 +1323,108 @@ fn machine() -> String {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel.trim()
     )
+}
+
+/// The edit-to-move measurement (see the module documentation): per save, the time until a new
+/// connection lands on the backend the saved file names. Connections are opened one after another
+/// (each about a millisecond), so that is the resolution.
+fn edit_to_move(edits: usize) -> Result<Value> {
+    agent_binary()?;
+    println!("Edit to move: {edits} saves of the config file, switching between two backends");
+    let topo = Topology::new(BENCH_PREFIX, 2)?;
+    let _sweep = Sweep(
+        [topo.client.name(), topo.balancer.name()]
+            .into_iter()
+            .chain(topo.backends.iter().map(|b| b.ns.name()))
+            .map(String::from)
+            .collect(),
+    );
+    let _servers: Vec<TcpCountingServer> = topo
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            TcpCountingServer::start(&b.ns, b.addr, NGINX_PORT, &format!("backend-{}", i + 1))
+        })
+        .collect();
+    let dir = TempDir::new("bench-edit")?;
+    let path = dir.path().join("lb.yaml");
+    let save = |i: usize| -> Result<()> {
+        let yaml = format!(
+            "services:\n  - {{ name: web, vip: {VIP}, port: {WEB_PORT}, protocol: tcp, \
+             backends: [{{ address: {}, port: {NGINX_PORT} }}] }}\n",
+            topo.backends[i - 1].addr
+        );
+        // As editors save: a new file renamed over the old one.
+        let tmp = dir.path().join("lb.yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    };
+    save(1)?;
+    let _agent = AgentProcess::start(&topo.balancer, &path, &topo.balancer_interfaces())?;
+    let vip = SocketAddr::from((VIP, WEB_PORT));
+    let lands = |name: &str| {
+        tcp_requests(&topo.client, vip, 1, b"x")
+            .pop()
+            .and_then(|r| r.ok())
+            .is_some_and(|greeting| greeting == name)
+    };
+    ensure!(
+        lands("backend-1"),
+        "the first backend does not answer through the VIP"
+    );
+    let mut times = Vec::with_capacity(edits);
+    let mut failed_during_switch = 0;
+    for edit in 0..edits {
+        procs::check_interrupted()?;
+        let target = 2 - edit % 2;
+        let name = format!("backend-{target}");
+        save(target)?;
+        let saved = Instant::now();
+        loop {
+            match tcp_requests(&topo.client, vip, 1, b"x").pop().expect("one") {
+                Ok(greeting) if greeting == name => break,
+                Ok(_) => {}
+                // A connection the old backend accepted just before the switch is re-balanced
+                // (the old backend is removed, not drained) and reset.
+                Err(_) => failed_during_switch += 1,
+            }
+            ensure!(
+                saved.elapsed() < Duration::from_secs(10),
+                "edit {edit}: no connection reached {name} within 10 s"
+            );
+        }
+        let moved = saved.elapsed();
+        // Every new connection now goes there.
+        for _ in 0..5 {
+            ensure!(
+                lands(&name),
+                "edit {edit}: a connection after the move missed {name}"
+            );
+        }
+        times.push(moved.as_secs_f64() * 1000.0);
+        // Saves at varying offsets from the agent's 500 ms file check.
+        std::thread::sleep(Duration::from_millis(100 + (edit as u64 * 137) % 400));
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let rank =
+        |q: f64| sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+    let (p50, p99) = (rank(0.50), rank(0.99));
+    println!(
+        "  new connections on the new backend after the save: p50 {p50:.0} ms, p99 {p99:.0} ms, \
+         min {:.0} ms, max {:.0} ms ({} connections failed during switches)",
+        sorted[0],
+        sorted[sorted.len() - 1],
+        failed_during_switch
+    );
+    Ok(json!({
+        "edits": edits,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "samples_ms": times,
+        "failed_during_switch": failed_during_switch,
+        "file_check_interval_ms": 500,
+    }))
 }

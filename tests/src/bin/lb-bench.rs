@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: per-packet cost of the datapath paths through BPF_PROG_TEST_RUN, each as a
-//! ratio to a trivial XDP_PASS program measured in the same run, and Maglev table build times.
-//! Prints tables and writes JSON to target/bench/bench.json.
+//! ratio to a trivial XDP_PASS program measured in the same run, Maglev table build times, and the
+//! agent's reconcile time and memory for a datapath full of services (`--only reconcile`; see
+//! [`reconcile`]). Prints tables and writes JSON to target/bench/bench.json.
 //!
 //! How the per-packet figures are made. With `repeat` > 1 the kernel reruns the program on the
 //! buffer the previous iteration rewrote, so only paths that do not rewrite (non-VIP pass) are timed
@@ -10,18 +11,54 @@
 //! counter must have grown by exactly the number of calls, or the bench fails: the figure is for the
 //! path it claims.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Instant,
+};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
+use clap::{Parser, ValueEnum};
 use lb_agent::{
-    config::Config,
-    datapath::{Datapath, LoadOptions},
+    config::{self, Config},
+    datapath::{ApplyReport, Datapath, LoadOptions},
+    desired::Desired,
     maglev::{self, MaglevBackend},
 };
-use lb_common::counters::Counter;
-use lb_tests::frames::{frame, ACK, SYN};
-use serde_json::json;
+use lb_common::{counters::Counter, service::limits};
+use lb_tests::{
+    frames::{frame, ACK, SYN},
+    memory,
+};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(about = "Datapath per-packet cost, Maglev build times, reconcile time and memory")]
+struct Args {
+    /// Sections to run, comma-separated [default: all].
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Section>,
+    /// Services of the reconcile benchmark [default: as many as the datapath holds].
+    #[arg(long, default_value_t = limits::MAX_SERVICES as usize)]
+    services: usize,
+    /// Backends per service of the reconcile benchmark.
+    #[arg(long, default_value_t = 10)]
+    backends_per_service: usize,
+    /// Maglev table size of the reconcile benchmark's services (a prime; M >= 100 x backends).
+    #[arg(long, default_value_t = 1021)]
+    table_size: u32,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/bench/bench.json")]
+    json: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    PerPacket,
+    Maglev,
+    Reconcile,
+}
 
 const CONFIG: &str = "
 services:
@@ -111,10 +148,32 @@ fn machine() -> String {
 }
 
 fn main() -> Result<()> {
+    let args = Args::parse();
+    let run = |section| args.only.is_empty() || args.only.contains(&section);
     let machine = machine();
     println!("Machine: {machine}");
     println!();
+    let mut report = json!({ "machine": machine });
+    if run(Section::PerPacket) {
+        report["per_packet"] = per_packet()?;
+    }
+    if run(Section::Maglev) {
+        report["maglev_build"] = maglev_build()?;
+    }
+    if run(Section::Reconcile) {
+        report["reconcile"] = reconcile(&args)?;
+    }
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
+    println!();
+    println!("JSON: {}", args.json.display());
+    Ok(())
+}
 
+/// Per-packet cost of each path, against XDP_PASS.
+fn per_packet() -> Result<Value> {
     let mut datapath = Datapath::load_with(&LoadOptions {
         conntrack_entries: 1 << 20,
         ..Default::default()
@@ -259,8 +318,15 @@ fn main() -> Result<()> {
         json_rows.push(json!({"path": path, "ns_per_packet": ns, "ratio_to_xdp_pass": ns / pass_repeat, "method": method}));
     }
     println!();
+    Ok(json!({
+        "xdp_pass_ns": pass_repeat,
+        "per_call_overhead_ns": overhead,
+        "paths": json_rows,
+    }))
+}
 
-    // Maglev table build times.
+/// Maglev table build times.
+fn maglev_build() -> Result<Value> {
     println!("Maglev table build time (userspace, release build):");
     println!(
         "  {:>9} {:>9} {:>9} {:>9}",
@@ -288,20 +354,155 @@ fn main() -> Result<()> {
         println!("{line}");
     }
 
-    let out_dir = std::path::Path::new("target/bench");
-    std::fs::create_dir_all(out_dir)?;
-    let report = json!({
-        "machine": machine,
-        "xdp_pass_ns": pass_repeat,
-        "per_call_overhead_ns": overhead,
-        "per_packet": json_rows,
-        "maglev_build": maglev_rows,
-    });
-    std::fs::write(
-        out_dir.join("bench.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
     println!();
-    println!("JSON: target/bench/bench.json");
-    Ok(())
+    Ok(json!(maglev_rows))
+}
+
+/// The reconcile benchmark's services: `n` TCP services (VIPs in 198.51.100.0/24, ports from
+/// 1000), each with `per_service` backends of its own (addresses in 203.0.113.0/24, ports from
+/// 20000).
+fn many_services(n: usize, per_service: usize, table_size: u32) -> Vec<config::Service> {
+    (0..n)
+        .map(|i| {
+            let backends = (0..per_service)
+                .map(|j| {
+                    let k = i * per_service + j;
+                    config::BackendConfig {
+                        address: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1 + (k % 250) as u8)),
+                        port: 20000 + (k / 250) as u16,
+                        weight: 1,
+                    }
+                })
+                .collect();
+            let yaml = format!(
+                "{{name: svc-{i}, vip: 198.51.100.{}, port: {}, protocol: tcp, maglev_table_size: {table_size}}}",
+                i % 256,
+                1000 + i / 256
+            );
+            let mut service: config::Service = serde_yaml_ng::from_str(&yaml).expect("service");
+            service.backends = backends;
+            service
+        })
+        .collect()
+}
+
+/// Map writes an apply made: each swapped table is written whole into a new inner map (one write
+/// per slot) and then placed in `MAGLEV_TABLES` (one more).
+fn map_writes(report: &ApplyReport, table_size: u32) -> usize {
+    report.backends_written
+        + report.backends_removed
+        + report.services_written
+        + report.services_removed
+        + report.tables_swapped * (table_size as usize + 1)
+}
+
+/// What the agent does on every change of the desired state: merge the sources, validate, apply.
+fn agent_reconcile(datapath: &mut Datapath, desired: &Desired) -> Result<(f64, ApplyReport)> {
+    let started = Instant::now();
+    let config = desired.merged().config;
+    config.validate()?;
+    let report = datapath.apply(&config)?;
+    Ok((started.elapsed().as_secs_f64() * 1000.0, report))
+}
+
+/// Reconcile time and memory: a full apply of `--services` x `--backends-per-service` into a
+/// freshly loaded datapath, the same state again (nothing to write: what every health or
+/// Kubernetes event that changes nothing costs), and one backend's weight changed. Memory: this
+/// process's resident set (the agent's userspace state is the same library) and the kernel
+/// memory of the maps (the program's maps, held by descriptors, plus the Maglev inner tables,
+/// held by `MAGLEV_TABLES`).
+fn reconcile(args: &Args) -> Result<Value> {
+    let (n, per, m) = (args.services, args.backends_per_service, args.table_size);
+    println!(
+        "Reconcile: {n} services x {per} backends, Maglev M = {m}, through merge + validate + apply"
+    );
+    let last_id = memory::last_map_id();
+    let rss_start = memory::rss_bytes("self").context("VmRSS")?;
+    let mut datapath = Datapath::load()?;
+    let rss_loaded = memory::rss_bytes("self").context("VmRSS")?;
+    let (maps_loaded, _) = memory::maps_held_by("self");
+
+    let mut desired = Desired::new(Config {
+        services: many_services(n, per, m),
+        ..Config::default()
+    });
+    let (full_ms, full) = agent_reconcile(&mut datapath, &desired)?;
+    ensure!(
+        full.services_written == n && full.tables_swapped == n && full.backends_written == n * per,
+        "the full apply did not program everything: {full:?}"
+    );
+    let rss_full = memory::rss_bytes("self").context("VmRSS")?;
+    let (maps_held, held_ids) = memory::maps_held_by("self");
+    let (inner, inner_count) = memory::maps_created_after(last_id, 1 << 12, &held_ids);
+
+    let mut same = Vec::new();
+    for _ in 0..3 {
+        let (ms, report) = agent_reconcile(&mut datapath, &desired)?;
+        ensure!(
+            report == ApplyReport::default(),
+            "an unchanged state wrote {report:?}"
+        );
+        same.push(ms);
+    }
+    let mut one = Vec::new();
+    let mut one_report = ApplyReport::default();
+    for weight in [2, 1, 3] {
+        desired.file.services[n / 2].backends[0].weight = weight;
+        let (ms, report) = agent_reconcile(&mut datapath, &desired)?;
+        ensure!(
+            report.tables_swapped == 1 && report.backends_written == 0,
+            "one weight changed: {report:?}"
+        );
+        one.push(ms);
+        one_report = report;
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (same_ms, one_ms) = (median(&mut same), median(&mut one));
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let full_writes = map_writes(&full, m);
+    let one_writes = map_writes(&one_report, m);
+    println!("  full apply:                {full_ms:>9.1} ms  {full_writes} map writes ({full:?})");
+    println!("  same state again (median): {same_ms:>9.1} ms  0 map writes");
+    println!(
+        "  one weight changed (median): {one_ms:>7.1} ms  {one_writes} map writes ({one_report:?})"
+    );
+    println!(
+        "  resident set: {:.1} MiB at start, {:.1} MiB with the datapath loaded, {:.1} MiB programmed",
+        mib(rss_start),
+        mib(rss_loaded),
+        mib(rss_full)
+    );
+    println!(
+        "  BPF map memory: {:.1} MiB loaded, {:.1} MiB programmed + {:.1} MiB in {inner_count} Maglev inner tables",
+        mib(maps_loaded),
+        mib(maps_held),
+        mib(inner)
+    );
+    if n < 10_000 {
+        println!(
+            "  (10k services do not fit: the datapath holds {} services and {} backends)",
+            limits::MAX_SERVICES,
+            limits::MAX_BACKENDS - 1
+        );
+    }
+    Ok(json!({
+        "services": n,
+        "backends_per_service": per,
+        "table_size": m,
+        "full_apply_ms": full_ms,
+        "full_apply_map_writes": full_writes,
+        "unchanged_ms": same_ms,
+        "one_weight_ms": one_ms,
+        "one_weight_map_writes": one_writes,
+        "rss_start_bytes": rss_start,
+        "rss_loaded_bytes": rss_loaded,
+        "rss_programmed_bytes": rss_full,
+        "map_bytes_loaded": maps_loaded,
+        "map_bytes_programmed": maps_held,
+        "maglev_inner_bytes": inner,
+        "maglev_inner_tables": inner_count,
+    }))
 }

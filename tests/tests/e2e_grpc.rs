@@ -1,0 +1,319 @@
+//! The gRPC API of a real `lb-agent run --grpc-socket` process in the balancer namespace: a client in
+//! the test upserts a service, sets backends and weights, and deletes it, and the connections the
+//! client namespace opens to the VIP follow — counted by the backends themselves. A service in the
+//! config file shadows the API's service with the same VIP, port and protocol (file first).
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use lb_agent::grpc::pb::{self, load_balancer_client::LoadBalancerClient};
+use lb_tests::{
+    agent::AgentProcess,
+    grpc_client::connect_unix,
+    netns::TEST_PREFIX,
+    servers::{tcp_requests, TcpCountingServer},
+    topology::{Topology, VIP},
+};
+use tokio::runtime::Runtime;
+use tonic::transport::Channel;
+
+const PORT: u16 = 8080;
+
+fn write_config(dir: &Path, yaml: &str) -> std::path::PathBuf {
+    let path = dir.join("config.yaml");
+    let tmp = dir.join("config.yaml.tmp");
+    std::fs::write(&tmp, yaml).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+fn backend(topology: &Topology, i: usize, weight: u32) -> pb::Backend {
+    pb::Backend {
+        address: topology.backends[i - 1].addr.to_string(),
+        port: PORT.into(),
+        weight: Some(weight),
+    }
+}
+
+fn key() -> pb::ServiceKey {
+    pb::ServiceKey {
+        vip: VIP.to_string(),
+        port: 80,
+        protocol: pb::Protocol::Tcp as i32,
+    }
+}
+
+/// Connections each backend accepted, by name (`backend-<i>`), as the servers count them.
+fn accepted(servers: &[TcpCountingServer]) -> BTreeMap<String, u64> {
+    servers
+        .iter()
+        .map(|s| (s.name.clone(), s.connections()))
+        .collect()
+}
+
+/// Opens `n` connections to the VIP; returns how many each backend accepted meanwhile (by its own
+/// count), after checking that every connection succeeded and that the greetings agree.
+fn traffic(topology: &Topology, servers: &[TcpCountingServer], n: usize) -> BTreeMap<String, u64> {
+    let before = accepted(servers);
+    let mut greeted: BTreeMap<String, u64> = BTreeMap::new();
+    for result in tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), n, b"x") {
+        *greeted
+            .entry(result.expect("a connection through the VIP"))
+            .or_default() += 1;
+    }
+    let counted: BTreeMap<String, u64> = accepted(servers)
+        .into_iter()
+        .map(|(name, now)| (name.clone(), now - before[&name]))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(
+        counted, greeted,
+        "the backends' counts and the greetings differ"
+    );
+    counted
+}
+
+/// Polls single connections until one lands on `name`; returns how long that took.
+fn until_lands_on(topology: &Topology, name: &str, agent: &mut AgentProcess) -> Duration {
+    let started = Instant::now();
+    loop {
+        let result = tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"x")
+            .pop()
+            .unwrap();
+        if result.as_deref().ok() == Some(name) {
+            return started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            while let Ok(line) = agent.log.try_recv() {
+                eprintln!("agent: {line}");
+            }
+            panic!("no connection reached {name} within 10 s (last: {result:?})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn call<T>(
+    rt: &Runtime,
+    what: &str,
+    future: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> T {
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), future).await })
+        .unwrap_or_else(|_| panic!("{what}: timed out"))
+        .unwrap_or_else(|status| panic!("{what}: {status:?}"))
+        .into_inner()
+}
+
+fn set_backends(
+    rt: &Runtime,
+    client: &mut LoadBalancerClient<Channel>,
+    backends: Vec<pb::Backend>,
+) {
+    let response = call(
+        rt,
+        "SetBackends",
+        client.set_backends(pb::SetBackendsRequest {
+            key: Some(key()),
+            backends,
+        }),
+    );
+    assert!(response.changed);
+}
+
+#[test]
+fn grpc_client_drives_real_traffic_through_the_agent() {
+    let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
+    let servers: Vec<TcpCountingServer> = topology
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, PORT, &format!("backend-{}", i + 1)))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "services: []\n");
+    let socket = dir.path().join("run/api.sock");
+    let mut agent = AgentProcess::start_with(
+        &topology.balancer,
+        &config,
+        &topology.balancer_interfaces(),
+        &["--grpc-socket", socket.to_str().unwrap()],
+    )
+    .expect("agent starts");
+    let meta = std::fs::symlink_metadata(&socket).expect("the agent's socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = rt.block_on(connect_unix(&socket)).expect("client");
+    let mut events = call(
+        &rt,
+        "StreamEvents",
+        client.stream_events(pb::StreamEventsRequest {}),
+    );
+
+    // No service yet: the VIP answers nobody.
+    assert!(
+        tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"x")[0].is_err(),
+        "the VIP answered before any service existed"
+    );
+
+    // Upsert: backends 1 and 2.
+    let service = pb::Service {
+        name: "web".into(),
+        vip: VIP.to_string(),
+        port: 80,
+        protocol: pb::Protocol::Tcp as i32,
+        maglev_table_size: Some(1021),
+        backends: vec![backend(&topology, 1, 1), backend(&topology, 2, 1)],
+        ..Default::default()
+    };
+    let upserted = Instant::now();
+    let response = call(
+        &rt,
+        "UpsertService",
+        client.upsert_service(pb::UpsertServiceRequest {
+            service: Some(service),
+        }),
+    );
+    assert!(response.created);
+    until_lands_on(&topology, "backend-1", &mut agent);
+    eprintln!(
+        "upserted service balanced after {:.0} ms",
+        upserted.elapsed().as_secs_f64() * 1000.0
+    );
+    let both = traffic(&topology, &servers, 60);
+    assert_eq!(
+        both.keys().cloned().collect::<Vec<_>>(),
+        ["backend-1", "backend-2"],
+        "{both:?}"
+    );
+
+    // The agent reports the change and the reconcile on the event stream.
+    let mut kinds = Vec::new();
+    while !kinds.contains(&pb::EventKind::Reconciled) {
+        let event = rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), events.message()).await
+            })
+            .expect("an event within 5 s")
+            .expect("event stream")
+            .expect("stream open");
+        kinds.push(event.kind());
+    }
+    assert!(kinds.contains(&pb::EventKind::ServiceChanged), "{kinds:?}");
+
+    // SetBackends: backend 2 out, backend 3 in, backend 1 with three times its weight.
+    let set = Instant::now();
+    set_backends(
+        &rt,
+        &mut client,
+        vec![backend(&topology, 1, 3), backend(&topology, 3, 1)],
+    );
+    until_lands_on(&topology, "backend-3", &mut agent);
+    eprintln!(
+        "new backend set balanced after {:.0} ms",
+        set.elapsed().as_secs_f64() * 1000.0
+    );
+    let weighted = traffic(&topology, &servers, 400);
+    assert_eq!(
+        weighted.keys().cloned().collect::<Vec<_>>(),
+        ["backend-1", "backend-3"],
+        "{weighted:?}"
+    );
+    let share = weighted["backend-1"] as f64 / 400.0;
+    assert!(
+        (0.65..=0.85).contains(&share),
+        "weights 3:1 gave backend-1 {share:.2} of new connections: {weighted:?}"
+    );
+
+    // Weight 0 drains backend 1: every new connection goes to backend 3.
+    set_backends(
+        &rt,
+        &mut client,
+        vec![backend(&topology, 1, 0), backend(&topology, 3, 1)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while traffic(&topology, &servers, 20).contains_key("backend-1") {
+        assert!(Instant::now() < deadline, "backend-1 was not drained");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let drained = traffic(&topology, &servers, 60);
+    assert_eq!(drained.keys().cloned().collect::<Vec<_>>(), ["backend-3"]);
+
+    // ListState: the API's service as set, and the same in what the agent applied.
+    let state = call(&rt, "ListState", client.list_state(pb::ListStateRequest {}));
+    assert_eq!(state.services.len(), 1);
+    let listed = &state.services[0];
+    assert_eq!(
+        (listed.name.as_str(), listed.vip.as_str()),
+        ("web", "198.51.100.10")
+    );
+    let weights: Vec<(String, Option<u32>)> = listed
+        .backends
+        .iter()
+        .map(|b| (b.address.clone(), b.weight))
+        .collect();
+    let b1 = topology.backends[0].addr.to_string();
+    let b3 = topology.backends[2].addr.to_string();
+    assert_eq!(weights, [(b1, Some(0)), (b3, Some(1))]);
+    let applied = state.applied.expect("applied state");
+    assert_eq!(applied.services, state.services);
+
+    // The config file defines the same VIP, port and protocol: the file wins (backend 2).
+    write_config(
+        dir.path(),
+        &format!(
+            "services:\n  - {{ name: file-web, vip: {VIP}, port: 80, protocol: tcp, \
+             backends: [{{ address: {}, port: {PORT} }}] }}\n",
+            topology.backends[1].addr
+        ),
+    );
+    until_lands_on(&topology, "backend-2", &mut agent);
+    agent
+        .wait_for_log("shadowed by the config file", Duration::from_secs(5))
+        .expect("conflict reported");
+    let file_wins = traffic(&topology, &servers, 30);
+    assert_eq!(file_wins.keys().cloned().collect::<Vec<_>>(), ["backend-2"]);
+    // Without it, the API's service is back.
+    write_config(dir.path(), "services: []\n");
+    until_lands_on(&topology, "backend-3", &mut agent);
+
+    // Delete: the VIP is no longer balanced, no backend gets a connection.
+    call(
+        &rt,
+        "DeleteService",
+        client.delete_service(pb::DeleteServiceRequest { key: Some(key()) }),
+    );
+    // (Unbalanced SYNs to the VIP go unanswered: each attempt waits for its 3 s timeout.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"x")[0].is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the VIP is still balanced 10 s after DeleteService"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = accepted(&servers);
+    let results = tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 2, b"x");
+    assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+    assert_eq!(
+        accepted(&servers),
+        before,
+        "a backend accepted a connection"
+    );
+    let state = call(&rt, "ListState", client.list_state(pb::ListStateRequest {}));
+    assert!(state.services.is_empty());
+    assert!(state.applied.expect("applied").services.is_empty());
+
+    let (code, _) = agent.stop().expect("agent stops");
+    assert_eq!(code, 0);
+    assert!(!socket.exists(), "the socket is removed on exit");
+}
