@@ -107,8 +107,6 @@ pub struct ApplyReport {
 pub struct Datapath {
     ebpf: Ebpf,
     pins: Option<PinDir>,
-    /// Held while this datapath lives: one agent per pin directory.
-    _pin_lock: Option<std::fs::File>,
     attached: Vec<(String, Attachment)>,
     services: BTreeMap<ServiceKey, ProgrammedService>,
     backend_ids: StdHashMap<(IpAddr, u16), u32>,
@@ -118,6 +116,8 @@ pub struct Datapath {
     free_backend_ids: VecDeque<u32>,
     next_backend_id: u32,
     neighbours: Neighbours,
+    /// Held while this datapath lives: one agent per pin directory.
+    _pin_lock: Option<std::fs::File>,
 }
 
 impl Datapath {
@@ -139,54 +139,12 @@ impl Datapath {
             loader.map_max_entries(name, entries);
         }
         let pins = options.pins.as_ref().map(|p| PinDir::new(&p.dir));
-        let mut adopted = false;
-        let mut map_pins = Vec::new();
-        let mut pin_lock = None;
-        if let (Some(pins), Some(pin_options)) = (&pins, &options.pins) {
-            pins.prepare()?;
-            pin_lock = Some(pins.lock()?);
-            let wanted = pins::object_maps(EBPF_OBJECT, &max_entries)?;
-            match pins.inspect(&wanted)? {
-                PinnedState::Fresh => {
-                    info!(dir = %pins.root().display(), "no pinned datapath state: starting fresh");
-                    pins.write_layout_version()?;
-                }
-                PinnedState::Compatible {
-                    adopted: maps,
-                    created,
-                } => {
-                    info!(dir = %pins.root().display(), adopted = ?maps, created = ?created,
-                          "adopting pinned datapath maps (connection tracking kept)");
-                    adopted = true;
-                }
-                PinnedState::Incompatible(problems) if pin_options.replace_incompatible_state => {
-                    for problem in &problems {
-                        warn!(dir = %pins.root().display(), "incompatible pinned state: {problem}");
-                    }
-                    warn!(dir = %pins.root().display(),
-                          "REPLACING incompatible pinned datapath state as requested: connection \
-                           tracking is flushed, established connections through this node may reset");
-                    pins.remove_state()?;
-                    pins.write_layout_version()?;
-                }
-                PinnedState::Incompatible(problems) => bail!(
-                    "pinned datapath state in {dir} is incompatible with this agent: {problems}. \
-                     Adopting it would misread its maps. Run the agent version that pinned it, or \
-                     restart with --replace-incompatible-state to remove it and start fresh \
-                     (flushes connection tracking: established connections may reset)",
-                    dir = pins.root().display(),
-                    problems = problems.join("; ")
-                ),
-            }
-            map_pins = wanted
-                .into_iter()
-                .map(|(name, _)| {
-                    let path = pins.map(&name);
-                    (name, path)
-                })
-                .collect();
-        }
-        for (name, path) in &map_pins {
+        let prepared = match (&pins, &options.pins) {
+            (Some(pins), Some(pin_options)) => Some(prepare_pins(pins, pin_options, &max_entries)?),
+            _ => None,
+        };
+        let map_pins = prepared.as_ref().map_or(&[][..], |p| &p.map_paths[..]);
+        for (name, path) in map_pins {
             loader.map_pin_path(name.as_str(), path.as_path());
         }
         let mut ebpf = loader
@@ -206,10 +164,10 @@ impl Datapath {
                 .pin(&path)
                 .with_context(|| format!("pinning {}", path.display()))?;
         }
+        let (pin_lock, adopt) = prepared.map_or((None, false), |p| (Some(p.lock), p.adopt));
         let mut datapath = Self {
             ebpf,
             pins,
-            _pin_lock: pin_lock,
             attached: Vec::new(),
             services: BTreeMap::new(),
             backend_ids: StdHashMap::new(),
@@ -218,8 +176,9 @@ impl Datapath {
             // Id 0 is never used: a zeroed BACKENDS slot means "no backend".
             next_backend_id: 1,
             neighbours: Neighbours::default(),
+            _pin_lock: pin_lock,
         };
-        if adopted {
+        if adopt {
             datapath.adopt_programmed_state()?;
         }
         Ok(datapath)
@@ -706,6 +665,70 @@ impl Datapath {
                 new_flows: a.new_flows + s.new_flows,
             }))
     }
+}
+
+/// The pin directory made ready for a load.
+struct PreparedPins {
+    lock: std::fs::File,
+    /// Whether pinned maps are reused (their contents then tell the bookkeeping).
+    adopt: bool,
+    /// Where the loader finds or pins each map of the object.
+    map_paths: Vec<(String, PathBuf)>,
+}
+
+/// Locks the pin directory and decides what to do with what it holds: start fresh, adopt it,
+/// replace it (if incompatible and asked to) or refuse with every reason.
+fn prepare_pins(
+    pins: &PinDir,
+    options: &PinOptions,
+    max_entries: &[(&str, u32)],
+) -> Result<PreparedPins> {
+    pins.prepare()?;
+    let lock = pins.lock()?;
+    let wanted = pins::object_maps(EBPF_OBJECT, max_entries)?;
+    let dir = pins.root().display();
+    let adopt = match pins.inspect(&wanted)? {
+        PinnedState::Fresh => {
+            info!(%dir, "no pinned datapath state: starting fresh");
+            pins.write_layout_version()?;
+            false
+        }
+        PinnedState::Compatible { adopted, created } => {
+            info!(%dir, ?adopted, ?created,
+                  "adopting pinned datapath maps (connection tracking kept)");
+            true
+        }
+        PinnedState::Incompatible(problems) if options.replace_incompatible_state => {
+            for problem in &problems {
+                warn!(%dir, "incompatible pinned state: {problem}");
+            }
+            warn!(%dir,
+                  "REPLACING incompatible pinned datapath state as requested: connection \
+                   tracking is flushed, established connections through this node may reset");
+            pins.remove_state()?;
+            pins.write_layout_version()?;
+            false
+        }
+        PinnedState::Incompatible(problems) => bail!(
+            "pinned datapath state in {dir} is incompatible with this agent: {problems}. \
+             Adopting it would misread its maps. Run the agent version that pinned it, or \
+             restart with --replace-incompatible-state to remove it and start fresh \
+             (flushes connection tracking: established connections may reset)",
+            problems = problems.join("; ")
+        ),
+    };
+    let map_paths = wanted
+        .into_iter()
+        .map(|(name, _)| {
+            let path = pins.map(&name);
+            (name, path)
+        })
+        .collect();
+    Ok(PreparedPins {
+        lock,
+        adopt,
+        map_paths,
+    })
 }
 
 fn mode_of(forwarding: ForwardingMode) -> u8 {
