@@ -16,6 +16,7 @@ use lb_common::{
     conntrack::{ConntrackEntry, FlowKey, NatReply},
     counters::Counter,
     modes::ModeInfo,
+    prefilter,
     service::{limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey, TrafficStats},
 };
 use tracing::{debug, info, warn};
@@ -23,6 +24,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::{Config, ForwardingMode, HashFields, Service},
     maglev::{self, MaglevBackend},
+    prefilter::AddressFilter,
 };
 
 /// The datapath object built from `lb-ebpf` by build.rs.
@@ -83,6 +85,8 @@ pub struct Datapath {
     free_backend_ids: VecDeque<u32>,
     next_backend_id: u32,
     neighbours: Neighbours,
+    /// The `ADDRESS_FILTER` words as written; `None` before the first write.
+    address_filter: Option<AddressFilter>,
 }
 
 impl Datapath {
@@ -114,6 +118,7 @@ impl Datapath {
             // Id 0 is never used: a zeroed BACKENDS slot means "no backend".
             next_backend_id: 1,
             neighbours: Neighbours::default(),
+            address_filter: None,
         })
     }
 
@@ -208,6 +213,30 @@ impl Datapath {
                 }
             }
         }
+
+        // The prefilter admits the new VIPs and backends before their entries exist; stale roles
+        // are cleared at the end, once their entries are gone.
+        let wanted_filter = AddressFilter::of(
+            config
+                .services
+                .iter()
+                .map(|s| ServiceKey::new(s.vip, s.port, s.protocol.number()))
+                .collect::<Vec<_>>()
+                .iter(),
+            config
+                .services
+                .iter()
+                .filter(|s| matches!(s.mode, ForwardingMode::Dnat | ForwardingMode::Snat))
+                .flat_map(|s| &s.backends)
+                .map(|b| Addr::from_ip(b.address))
+                .collect::<Vec<_>>()
+                .iter(),
+        );
+        let transition = match &self.address_filter {
+            Some(programmed) => programmed.union(&wanted_filter),
+            None => wanted_filter.clone(),
+        };
+        self.write_address_filter(transition)?;
 
         // 2. Maglev tables and services.
         let mut wanted_keys = Vec::with_capacity(config.services.len());
@@ -332,7 +361,34 @@ impl Datapath {
                 report.backends_removed += 1;
             }
         }
+        self.write_address_filter(wanted_filter)?;
         Ok(report)
+    }
+
+    /// Makes `ADDRESS_FILTER` hold `filter`, writing the words that differ.
+    fn write_address_filter(&mut self, filter: AddressFilter) -> Result<()> {
+        if self.address_filter.as_ref() == Some(&filter) {
+            return Ok(());
+        }
+        let mut map: Array<&mut MapData, u64> = Array::try_from(
+            self.ebpf
+                .map_mut("ADDRESS_FILTER")
+                .context("ADDRESS_FILTER map")?,
+        )?;
+        filter.write(&mut map, self.address_filter.as_ref())?;
+        self.address_filter = Some(filter);
+        Ok(())
+    }
+
+    /// The prefilter roles (`lb_common::prefilter::role` bits) the datapath holds for `address`.
+    pub fn address_filter_roles(&self, address: IpAddr) -> Result<u8> {
+        let map: Array<&MapData, u64> = Array::try_from(
+            self.ebpf
+                .map("ADDRESS_FILTER")
+                .context("ADDRESS_FILTER map")?,
+        )?;
+        let (index, shift) = prefilter::position(prefilter::slot(&Addr::from_ip(address)));
+        Ok(prefilter::roles(map.get(&index, 0)?, shift))
     }
 
     fn backend_id_for(&mut self, address: IpAddr, port: u16) -> Result<u32> {

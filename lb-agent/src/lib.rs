@@ -12,3 +12,4 @@ pub mod k8s;
 pub mod maglev;
 pub mod metrics;
 pub mod policy;
+pub mod prefilter;

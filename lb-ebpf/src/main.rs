@@ -1,6 +1,7 @@
 //! The XDP datapath. Follow a packet in file order: `packet` (parse) → `service` (VIP lookup) →
 //! `conntrack` (existing flow?) → `maglev` (backend for a new flow) → `nat` (rewrite) → verdict here.
-//! Replies from backends take `reply` instead of `service`. Services in other forwarding modes leave
+//! `prefilter` first tells most other traffic apart from two array reads. Replies from backends
+//! take `reply` instead of `service`. Services in other forwarding modes leave
 //! through `snat` or `dsr` instead of `nat`, with the next hop from `xmit`; `decap` is the separate
 //! program for DSR IPIP backends.
 #![no_std]
@@ -19,13 +20,14 @@ mod maps;
 mod mem;
 mod nat;
 mod packet;
+mod prefilter;
 mod reply;
 mod service;
 mod snat;
 mod xmit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{counters::Counter, service::mode};
+use lb_common::{counters::Counter, prefilter::role, service::mode};
 
 use crate::{
     maps::count,
@@ -50,7 +52,14 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         }
     };
 
-    if let Some(service) = service::lookup(&flow) {
+    // Most traffic is neither to a VIP nor from a backend: the prefilter tells from two array reads.
+    let to = prefilter::roles_of(&flow.key.dst);
+    let service = if to & (role::VIP_PORT | role::VIP_ALL_PORTS) != 0 {
+        service::lookup(&flow, to)
+    } else {
+        None
+    };
+    if let Some(service) = service {
         return match conntrack::backend_for(&flow, &service) {
             Ok(chosen) if service.mode == mode::DNAT => {
                 nat::to_backend(&ctx, &flow, &chosen.backend);
@@ -71,9 +80,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         };
     }
 
-    if let Some(action) = reply::translate(&ctx, &flow) {
-        fragments::track_first(&ctx, &flow);
-        return action;
+    if prefilter::roles_of(&flow.key.src) & role::BACKEND != 0 {
+        if let Some(action) = reply::translate(&ctx, &flow) {
+            fragments::track_first(&ctx, &flow);
+            return action;
+        }
     }
 
     count(Counter::PassNotService);

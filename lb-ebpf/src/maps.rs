@@ -17,6 +17,11 @@ use lb_common::{
     service::{limits, Backend, ServiceInfo, ServiceKey, TrafficStats},
 };
 
+/// The address prefilter (`lb_common::prefilter`): what an address may be (VIP, backend), by slot,
+/// checked before the hash lookups so that other traffic leaves after two array reads.
+#[map(name = "ADDRESS_FILTER")]
+pub static ADDRESS_FILTER: Array<u64> = Array::with_max_entries(lb_common::prefilter::WORDS, 0);
+
 /// VIP, port, protocol → service. Port 0 entries match every port of their VIP.
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceInfo> =
