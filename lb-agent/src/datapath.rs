@@ -17,7 +17,10 @@ use lb_common::{
     counters::Counter,
     modes::ModeInfo,
     prefilter,
-    service::{limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey, TrafficStats},
+    service::{
+        limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey, ServiceSlot,
+        TrafficStats,
+    },
 };
 use tracing::{debug, info, warn};
 
@@ -305,6 +308,7 @@ impl Datapath {
                 }
             }
             if previous.as_ref().map(|p| p.info) != Some(info) {
+                self.write_service_slot(id, ServiceSlot { key, info })?;
                 let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
                     HashMap::try_from(self.ebpf.map_mut("SERVICES").context("SERVICES map")?)?;
                 services.insert(key, info, 0).with_context(|| {
@@ -332,11 +336,15 @@ impl Datapath {
         if !stale.is_empty() {
             let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
                 HashMap::try_from(self.ebpf.map_mut("SERVICES").context("SERVICES map")?)?;
+            let mut freed = Vec::new();
             for key in stale {
                 services.remove(&key).context("removing from SERVICES")?;
-                self.services.remove(&key);
+                freed.extend(self.services.remove(&key).map(|p| p.info.id));
                 report.services_removed += 1;
                 info!(vip = %key.vip(), port = key.port_host(), "service removed");
+            }
+            for id in freed {
+                self.write_service_slot(id, ServiceSlot::default())?;
             }
         }
 
@@ -363,6 +371,16 @@ impl Datapath {
         }
         self.write_address_filter(wanted_filter)?;
         Ok(report)
+    }
+
+    /// Writes `SERVICE_SLOTS[id]`: the service tracked flows of that id find (zero: none).
+    fn write_service_slot(&mut self, id: u32, slot: ServiceSlot) -> Result<()> {
+        let mut slots: Array<&mut MapData, ServiceSlot> = Array::try_from(
+            self.ebpf
+                .map_mut("SERVICE_SLOTS")
+                .context("SERVICE_SLOTS map")?,
+        )?;
+        slots.set(id, slot, 0).context("writing SERVICE_SLOTS")
     }
 
     /// Makes `ADDRESS_FILTER` hold `filter`, writing the words that differ.

@@ -54,13 +54,19 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
     // Most traffic is neither to a VIP nor from a backend: the prefilter tells from two array reads.
     let to = prefilter::roles_of(&flow.key.dst);
-    let service = if to & (role::VIP_PORT | role::VIP_ALL_PORTS) != 0 {
-        service::lookup(&flow, to)
+    let (service, tracked) = if to & (role::VIP_PORT | role::VIP_ALL_PORTS) != 0 {
+        // A tracked flow names its service in its entry: one hash lookup instead of two.
+        let tracked = conntrack::entry_of(&flow);
+        // SAFETY: LRU value of plain integers, read once.
+        let service = tracked
+            .and_then(|entry| service::of_tracked(&flow, unsafe { (*entry).service_id }, to))
+            .or_else(|| service::lookup(&flow, to));
+        (service, tracked)
     } else {
-        None
+        (None, None)
     };
     if let Some(service) = service {
-        return match conntrack::backend_for(&flow, &service) {
+        return match conntrack::backend_for(&flow, &service, tracked) {
             Ok(chosen) if service.mode == mode::DNAT => {
                 nat::to_backend(&ctx, &flow, &chosen.backend);
                 fragments::track_first(&ctx, &flow);

@@ -6,7 +6,10 @@ use lb_common::{
     service::{ServiceInfo, ServiceKey},
 };
 
-use crate::{maps::SERVICES, packet::Flow};
+use crate::{
+    maps::{SERVICES, SERVICE_SLOTS},
+    packet::Flow,
+};
 
 /// The service of `flow`; `roles`: the prefilter's roles of its destination.
 #[inline(always)]
@@ -29,6 +32,23 @@ pub fn lookup(flow: &Flow, roles: u8) -> Option<ServiceInfo> {
     }
     key.port = 0;
     unsafe { SERVICES.get(&key) }.copied()
+}
+
+/// The service of a tracked `flow` from the id in its conntrack entry (`service_id`), without a
+/// hash lookup: the one [`lookup`] would find, or `None` to leave the choice to [`lookup`]. The
+/// slot must name the flow's VIP, protocol and port; an all-ports service only when the prefilter
+/// (`roles`) rules out a service on the exact port, which would take precedence.
+#[inline(always)]
+pub fn of_tracked(flow: &Flow, service_id: u32, roles: u8) -> Option<ServiceInfo> {
+    let slot = SERVICE_SLOTS.get(service_id)?;
+    let key = &slot.key;
+    let port_matches =
+        key.port == flow.key.dst_port || (key.port == 0 && roles & role::VIP_PORT == 0);
+    (port_matches
+        && key.addr == flow.key.dst
+        && key.protocol == flow.key.protocol
+        && key.family == flow.key.family)
+        .then_some(slot.info)
 }
 
 /// [`lookup`] for a key built elsewhere (the flow an ICMP error quotes), without the prefilter.

@@ -680,3 +680,43 @@ services:
     let to_removed = frame(SYN, sa("192.0.2.2:40002"), added_vip, b"payload");
     assert_passed_as_non_service(&mut datapath, &to_removed, "after the VIP is removed");
 }
+
+/// A tracked flow finds its service through the id in its conntrack entry (`SERVICE_SLOTS`): once
+/// the service is removed, also when another VIP's service takes over its id, the flow's packets
+/// are passed as non-service traffic, as a new flow's would be.
+#[test]
+fn tracked_flow_of_a_removed_service_is_no_longer_balanced() {
+    let web = "  - { name: web, vip: 198.51.100.10, port: 80, protocol: tcp, backends: [{ address: 203.0.113.11, port: 8080 }] }\n";
+    let dns = "  - { name: dns, vip: 198.51.100.10, port: 53, protocol: udp, backends: [{ address: 203.0.113.12, port: 53 }] }\n";
+    let other = "  - { name: other, vip: 198.51.100.40, port: 80, protocol: tcp, backends: [{ address: 203.0.113.13, port: 8080 }] }\n";
+    let mut datapath = load(&format!("services:\n{web}{dns}"));
+    let (client, vip) = (sa("192.0.2.2:45000"), sa("198.51.100.10:80"));
+    send_to_vip(&mut datapath, SYN, client, vip);
+    let hits = counter(&datapath, Counter::ForwardConntrackHit);
+    send_to_vip(&mut datapath, ACK, client, vip);
+    assert_eq!(counter(&datapath, Counter::ForwardConntrackHit), hits + 1);
+
+    datapath
+        .apply(&Config::from_yaml(&format!("services:\n{dns}{other}")).unwrap())
+        .unwrap();
+    assert_eq!(
+        datapath
+            .service_stats(&key(sa("198.51.100.40:80"), protocol::TCP))
+            .unwrap()
+            .map(|_| ()),
+        Some(()),
+        "the other service exists"
+    );
+    let ack = frame(ACK, client, vip, b"payload");
+    assert_passed_as_non_service(&mut datapath, &ack, "tracked flow of a removed service");
+    assert_eq!(
+        send_to_vip(
+            &mut datapath,
+            SYN,
+            sa("192.0.2.2:45001"),
+            sa("198.51.100.40:80")
+        ),
+        sa("203.0.113.13:8080"),
+        "the service that took the id balances its own VIP"
+    );
+}
