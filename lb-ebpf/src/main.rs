@@ -1,9 +1,10 @@
-//! The XDP datapath. Follow a packet in file order: `packet` (parse) → `service` (VIP lookup) →
-//! `conntrack` (existing flow?) → `maglev` (backend for a new flow) → `nat` (rewrite) → verdict here.
-//! `prefilter` first tells most other traffic apart from two array reads. Replies from backends
-//! take `reply` instead of `service`. Services in other forwarding modes leave
-//! through `snat` or `dsr` instead of `nat`, with the next hop from `xmit`; `decap` is the separate
-//! program for DSR IPIP backends.
+//! The XDP datapath. Follow a packet in file order: `packet` (parse) → `prefilter` (may it be VIP
+//! traffic or a reply? most traffic leaves here after two array reads) → `service` (VIP lookup; a
+//! tracked flow's service comes from its conntrack entry's id) → `conntrack` (existing flow?) →
+//! `maglev` (backend for a new flow) → `nat` (rewrite) → verdict here. Replies from backends take
+//! `reply` instead of `service`. Services in other forwarding modes leave through `snat` or `dsr`
+//! instead of `nat`, with the next hop from `xmit`; `decap` is the separate program for DSR IPIP
+//! backends.
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: by value would copy them (up to 40 bytes) on the
