@@ -35,7 +35,13 @@ pub mod role {
 #[inline(always)]
 pub fn slot(addr: &Addr) -> u32 {
     let a = addr.0;
-    let mut h = a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24);
+    slot_of_word(a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24))
+}
+
+/// [`slot`] of an address folded to one word; for IPv4 that is the address word itself (the
+/// datapath's shortcut).
+#[inline(always)]
+pub fn slot_of_word(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x7feb_352d);
     h ^= h >> 15;
@@ -72,6 +78,13 @@ mod tests {
         assert_eq!(word, WORDS - 1);
         assert_eq!(shift, 64 - ROLE_BITS);
         assert_eq!(roles(0b0101 << shift, shift), 0b0101);
+    }
+
+    #[test]
+    fn ipv4_shortcut_is_the_same_slot() {
+        for word in [0, 1, 0x0a64_33c6, 0xffff_ffff, 0x1234_5678] {
+            assert_eq!(slot_of_word(word), slot(&Addr::from_v4_word(word)));
+        }
     }
 
     #[test]

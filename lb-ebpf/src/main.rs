@@ -54,7 +54,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     };
 
     // Most traffic is neither to a VIP nor from a backend: the prefilter tells from two array reads.
-    let to = prefilter::roles_of(&flow.key.dst);
+    let to = prefilter::roles_of(&flow.key.dst, flow.key.family);
     let (service, tracked) = if to & (role::VIP_PORT | role::VIP_ALL_PORTS) != 0 {
         // A tracked flow names its service in its entry: one hash lookup instead of two.
         let tracked = conntrack::entry_of(&flow);
@@ -87,7 +87,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         };
     }
 
-    if prefilter::roles_of(&flow.key.src) & role::BACKEND != 0 {
+    if prefilter::roles_of(&flow.key.src, flow.key.family) & role::BACKEND != 0 {
         if let Some(action) = reply::translate(&ctx, &flow) {
             fragments::track_first(&ctx, &flow);
             return action;
