@@ -25,7 +25,11 @@ use lb_common::{
     conntrack::{ConntrackEntry, FlowKey, NatReply},
     counters::Counter,
     modes::ModeInfo,
-    service::{limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey, TrafficStats},
+    prefilter,
+    service::{
+        limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey, ServiceSlot,
+        TrafficStats,
+    },
 };
 use tracing::{debug, info, warn};
 
@@ -33,6 +37,7 @@ use crate::{
     config::{Config, ForwardingMode, HashFields, Service},
     maglev::{self, MaglevBackend},
     pins::{self, PinDir, PinnedState},
+    prefilter::AddressFilter,
 };
 
 /// The datapath object built from `lb-ebpf` by build.rs.
@@ -118,6 +123,9 @@ pub struct Datapath {
     neighbours: Neighbours,
     /// Held while this datapath lives: one agent per pin directory.
     _pin_lock: Option<std::fs::File>,
+    /// The `ADDRESS_FILTER` words as written; `None` before the first write (also after adopting
+    /// pinned maps: the first apply rewrites every word).
+    address_filter: Option<AddressFilter>,
 }
 
 impl Datapath {
@@ -177,6 +185,7 @@ impl Datapath {
             next_backend_id: 1,
             neighbours: Neighbours::default(),
             _pin_lock: pin_lock,
+            address_filter: None,
         };
         if adopt {
             datapath.adopt_programmed_state()?;
@@ -408,6 +417,30 @@ impl Datapath {
             }
         }
 
+        // The prefilter admits the new VIPs and backends before their entries exist; stale roles
+        // are cleared at the end, once their entries are gone.
+        let wanted_filter = AddressFilter::of(
+            config
+                .services
+                .iter()
+                .map(|s| ServiceKey::new(s.vip, s.port, s.protocol.number()))
+                .collect::<Vec<_>>()
+                .iter(),
+            config
+                .services
+                .iter()
+                .filter(|s| matches!(s.mode, ForwardingMode::Dnat | ForwardingMode::Snat))
+                .flat_map(|s| &s.backends)
+                .map(|b| Addr::from_ip(b.address))
+                .collect::<Vec<_>>()
+                .iter(),
+        );
+        let transition = match &self.address_filter {
+            Some(programmed) => programmed.union(&wanted_filter),
+            None => wanted_filter.clone(),
+        };
+        self.write_address_filter(transition)?;
+
         // 2. Maglev tables and services.
         let mut wanted_keys = Vec::with_capacity(config.services.len());
         for service in &config.services {
@@ -475,6 +508,7 @@ impl Datapath {
                 }
             }
             if previous.as_ref().map(|p| p.info) != Some(info) {
+                self.write_service_slot(id, ServiceSlot { key, info })?;
                 let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
                     HashMap::try_from(self.ebpf.map_mut("SERVICES").context("SERVICES map")?)?;
                 services.insert(key, info, 0).with_context(|| {
@@ -502,11 +536,15 @@ impl Datapath {
         if !stale.is_empty() {
             let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
                 HashMap::try_from(self.ebpf.map_mut("SERVICES").context("SERVICES map")?)?;
+            let mut freed = Vec::new();
             for key in stale {
                 services.remove(&key).context("removing from SERVICES")?;
-                self.services.remove(&key);
+                freed.extend(self.services.remove(&key).map(|p| p.info.id));
                 report.services_removed += 1;
                 info!(vip = %key.vip(), port = key.port_host(), "service removed");
+            }
+            for id in freed {
+                self.write_service_slot(id, ServiceSlot::default())?;
             }
         }
 
@@ -531,7 +569,44 @@ impl Datapath {
                 report.backends_removed += 1;
             }
         }
+        self.write_address_filter(wanted_filter)?;
         Ok(report)
+    }
+
+    /// Writes `SERVICE_SLOTS[id]`: the service tracked flows of that id find (zero: none).
+    fn write_service_slot(&mut self, id: u32, slot: ServiceSlot) -> Result<()> {
+        let mut slots: Array<&mut MapData, ServiceSlot> = Array::try_from(
+            self.ebpf
+                .map_mut("SERVICE_SLOTS")
+                .context("SERVICE_SLOTS map")?,
+        )?;
+        slots.set(id, slot, 0).context("writing SERVICE_SLOTS")
+    }
+
+    /// Makes `ADDRESS_FILTER` hold `filter`, writing the words that differ.
+    fn write_address_filter(&mut self, filter: AddressFilter) -> Result<()> {
+        if self.address_filter.as_ref() == Some(&filter) {
+            return Ok(());
+        }
+        let mut map: Array<&mut MapData, u64> = Array::try_from(
+            self.ebpf
+                .map_mut("ADDRESS_FILTER")
+                .context("ADDRESS_FILTER map")?,
+        )?;
+        filter.write(&mut map, self.address_filter.as_ref())?;
+        self.address_filter = Some(filter);
+        Ok(())
+    }
+
+    /// The prefilter roles (`lb_common::prefilter::role` bits) the datapath holds for `address`.
+    pub fn address_filter_roles(&self, address: IpAddr) -> Result<u8> {
+        let map: Array<&MapData, u64> = Array::try_from(
+            self.ebpf
+                .map("ADDRESS_FILTER")
+                .context("ADDRESS_FILTER map")?,
+        )?;
+        let (index, shift) = prefilter::position(prefilter::slot(&Addr::from_ip(address)));
+        Ok(prefilter::roles(map.get(&index, 0)?, shift))
     }
 
     fn backend_id_for(&mut self, address: IpAddr, port: u16) -> Result<u32> {

@@ -14,3 +14,4 @@ pub mod maglev;
 pub mod metrics;
 pub mod pins;
 pub mod policy;
+pub mod prefilter;

@@ -16,6 +16,7 @@ pub mod fragments;
 pub mod icmp;
 pub mod modes;
 pub mod policy;
+pub mod prefilter;
 pub mod service;
 
 /// IP protocol numbers the balancer understands.

@@ -69,7 +69,7 @@ pub fn family_of(ip: IpAddr) -> u8 {
 
 /// Key of the `SERVICES` map. `port` 0 is the "all ports" entry of a VIP.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub addr: Addr,
     pub port: u16,
@@ -116,7 +116,7 @@ pub mod service_flags {
 
 /// Value of the `SERVICES` map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceInfo {
     /// Index of the service in the per-service statistics; unique, assigned by userspace.
     pub id: u32,
@@ -127,6 +127,16 @@ pub struct ServiceInfo {
     pub mode: u8,
     pub flags: u8,
     pub _pad: [u8; 2],
+}
+
+/// Entry of the `SERVICE_SLOTS` array, indexed by service id: the service's `SERVICES` key and
+/// value, so that a tracked flow finds its service from the id in its conntrack entry (an array
+/// read) instead of a hash lookup. All zero when the id is free.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceSlot {
+    pub key: ServiceKey,
+    pub info: ServiceInfo,
 }
 
 /// Flags of a [`Backend`].
@@ -187,6 +197,7 @@ mod pod {
     unsafe impl aya::Pod for Addr {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceInfo {}
+    unsafe impl aya::Pod for ServiceSlot {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for TrafficStats {}
 }
@@ -219,6 +230,7 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<ServiceKey>(), 20);
         assert_eq!(core::mem::size_of::<ServiceInfo>(), 16);
+        assert_eq!(core::mem::size_of::<ServiceSlot>(), 36);
         assert_eq!(core::mem::size_of::<Backend>(), 20);
         assert_eq!(core::mem::size_of::<TrafficStats>(), 24);
     }

@@ -25,17 +25,29 @@ pub struct Chosen {
     pub snat_port: u16,
 }
 
-/// The backend for `flow`: the tracked one while the entry is live, else a new choice (tracked from
-/// now on; a new SNAT flow also gets its source port). `Err` names the drop reason.
+/// The conntrack entry of `flow`, if tracked (looked up once, before the service: a tracked flow's
+/// service comes from the id in its entry).
 #[inline(always)]
-pub fn backend_for(flow: &Flow, service: &ServiceInfo) -> Result<Chosen, Counter> {
+pub fn entry_of(flow: &Flow) -> Option<*mut ConntrackEntry> {
+    CONNTRACK.get_ptr_mut(&flow.key)
+}
+
+/// The backend for `flow` (`tracked`: its [`entry_of`]): the tracked one while the entry is live,
+/// else a new choice (tracked from now on; a new SNAT flow also gets its source port). `Err` names
+/// the drop reason.
+#[inline(always)]
+pub fn backend_for(
+    flow: &Flow,
+    service: &ServiceInfo,
+    tracked: Option<*mut ConntrackEntry>,
+) -> Result<Chosen, Counter> {
     // The coarse clock (updated every tick) is plenty for idle timeouts of seconds, and much cheaper.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let is_tcp = flow.key.protocol == protocol::TCP;
     let syn_only = flow.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     let closing = is_tcp && flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0;
 
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&flow.key) {
+    if let Some(entry) = tracked {
         // SAFETY: LRU value of plain integers; a torn read at worst re-balances one packet.
         let entry = unsafe { &mut *entry };
         // A SYN on a closing entry is a new connection reusing the port pair.

@@ -1,8 +1,10 @@
-//! The XDP datapath. Follow a packet in file order: `packet` (parse) → `service` (VIP lookup) →
-//! `conntrack` (existing flow?) → `maglev` (backend for a new flow) → `nat` (rewrite) → verdict here.
-//! Replies from backends take `reply` instead of `service`. Services in other forwarding modes leave
-//! through `snat` or `dsr` instead of `nat`, with the next hop from `xmit`; `decap` is the separate
-//! program for DSR IPIP backends.
+//! The XDP datapath. Follow a packet in file order: `packet` (parse) → `prefilter` (may it be VIP
+//! traffic or a reply? most traffic leaves here after two array reads) → `service` (VIP lookup; a
+//! tracked flow's service comes from its conntrack entry's id) → `conntrack` (existing flow?) →
+//! `maglev` (backend for a new flow) → `nat` (rewrite) → verdict here. Replies from backends take
+//! `reply` instead of `service`. Services in other forwarding modes leave through `snat` or `dsr`
+//! instead of `nat`, with the next hop from `xmit`; `decap` is the separate program for DSR IPIP
+//! backends.
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: by value would copy them (up to 40 bytes) on the
@@ -19,13 +21,14 @@ mod maps;
 mod mem;
 mod nat;
 mod packet;
+mod prefilter;
 mod reply;
 mod service;
 mod snat;
 mod xmit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{counters::Counter, service::mode};
+use lb_common::{counters::Counter, prefilter::role, service::mode};
 
 use crate::{
     maps::count,
@@ -50,8 +53,21 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         }
     };
 
-    if let Some(service) = service::lookup(&flow) {
-        return match conntrack::backend_for(&flow, &service) {
+    // Most traffic is neither to a VIP nor from a backend: the prefilter tells from two array reads.
+    let to = prefilter::roles_of(&flow.key.dst, flow.key.family);
+    let (service, tracked) = if to & (role::VIP_PORT | role::VIP_ALL_PORTS) != 0 {
+        // A tracked flow names its service in its entry: one hash lookup instead of two.
+        let tracked = conntrack::entry_of(&flow);
+        // SAFETY: LRU value of plain integers, read once.
+        let service = tracked
+            .and_then(|entry| service::of_tracked(&flow, unsafe { (*entry).service_id }, to))
+            .or_else(|| service::lookup(&flow, to));
+        (service, tracked)
+    } else {
+        (None, None)
+    };
+    if let Some(service) = service {
+        return match conntrack::backend_for(&flow, &service, tracked) {
             Ok(chosen) if service.mode == mode::DNAT => {
                 nat::to_backend(&ctx, &flow, &chosen.backend);
                 fragments::track_first(&ctx, &flow);
@@ -71,9 +87,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         };
     }
 
-    if let Some(action) = reply::translate(&ctx, &flow) {
-        fragments::track_first(&ctx, &flow);
-        return action;
+    if prefilter::roles_of(&flow.key.src, flow.key.family) & role::BACKEND != 0 {
+        if let Some(action) = reply::translate(&ctx, &flow) {
+            fragments::track_first(&ctx, &flow);
+            return action;
+        }
     }
 
     count(Counter::PassNotService);

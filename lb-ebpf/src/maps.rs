@@ -14,13 +14,23 @@ use lb_common::{
         decap::{self, EndpointKey},
         ModeInfo,
     },
-    service::{limits, Backend, ServiceInfo, ServiceKey, TrafficStats},
+    service::{limits, Backend, ServiceInfo, ServiceKey, ServiceSlot, TrafficStats},
 };
+
+/// The address prefilter (`lb_common::prefilter`): what an address may be (VIP, backend), by slot,
+/// checked before the hash lookups so that other traffic leaves after two array reads.
+#[map(name = "ADDRESS_FILTER")]
+pub static ADDRESS_FILTER: Array<u64> = Array::with_max_entries(lb_common::prefilter::WORDS, 0);
 
 /// VIP, port, protocol → service. Port 0 entries match every port of their VIP.
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceInfo> =
     HashMap::with_max_entries(limits::MAX_SERVICES, 0);
+
+/// Service id → its `SERVICES` key and value (`ServiceSlot`), for tracked flows: written by the
+/// agent with every `SERVICES` change, zeroed when the service goes.
+#[map(name = "SERVICE_SLOTS")]
+pub static SERVICE_SLOTS: Array<ServiceSlot> = Array::with_max_entries(limits::MAX_SERVICES, 0);
 
 /// Backend id → backend. Array: the lookup is a bounds check and an offset.
 #[map(name = "BACKENDS")]

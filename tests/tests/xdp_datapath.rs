@@ -3,13 +3,18 @@
 //! (conntrack, draining, backend removal, a full conntrack table) is tested as packet sequences.
 //! Every case also checks the counter that names the path the packet took.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use lb_agent::{
     config::Config,
     datapath::{Datapath, LoadOptions},
 };
-use lb_common::{counters::Counter, protocol, service::ServiceKey};
+use lb_common::{
+    counters::Counter,
+    prefilter::{self, role},
+    protocol,
+    service::{Addr, ServiceKey},
+};
 use lb_tests::{
     frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
     test_run::{expected_backend, run, XDP_DROP, XDP_PASS},
@@ -560,4 +565,159 @@ fn service_and_backend_traffic_is_counted() {
         .unwrap()
         .unwrap();
     assert_eq!((b.packets, b.new_flows), (2, 1));
+}
+
+/// The first pair (one of `vips`, one of `others`) whose prefilter slots are equal.
+fn colliding_pair(vips: &[IpAddr], others: &[IpAddr]) -> (IpAddr, IpAddr) {
+    let slot = |ip: &IpAddr| prefilter::slot(&Addr::from_ip(*ip));
+    for vip in vips {
+        if let Some(other) = others.iter().find(|o| *o != vip && slot(o) == slot(vip)) {
+            return (*vip, *other);
+        }
+    }
+    panic!("no prefilter collision among the candidates");
+}
+
+/// Expects `input` to leave untouched as non-service traffic.
+fn assert_passed_as_non_service(datapath: &mut Datapath, input: &[u8], what: &str) {
+    let before = counter(datapath, Counter::PassNotService);
+    let (action, out) = run(datapath.xdp_program(), input);
+    assert_eq!(action, XDP_PASS, "{what}");
+    assert_eq!(out, input, "{what}: unchanged");
+    assert_eq!(
+        counter(datapath, Counter::PassNotService),
+        before + 1,
+        "{what}: counted pass_not_service"
+    );
+}
+
+#[test]
+fn address_prefilter_follows_the_services_and_collisions_still_pass() {
+    let v4 = |net: [u8; 3], i: u8| IpAddr::from([net[0], net[1], net[2], i]);
+    let test_net_v4: Vec<IpAddr> = [[192, 0, 2], [198, 51, 100], [203, 0, 113]]
+        .iter()
+        .flat_map(|net| (1..=254).map(move |i| v4(*net, i)))
+        .collect();
+    // Three /24s give a few colliding pairs (about 762^2 / 2 / 65536).
+    let (vip4, collides4) = colliding_pair(&test_net_v4, &test_net_v4);
+    let v6 = |prefix: u16, j: u16, i: u16| IpAddr::from([0x2001, 0xdb8, prefix, 0, 0, 0, j, i]);
+    // 2^20 addresses of a /64: about 16 share a given address's slot.
+    let many_v6 = |prefix: u16| -> Vec<IpAddr> {
+        (0..16)
+            .flat_map(|j| (0..=u16::MAX).map(move |i| v6(prefix, j, i)))
+            .collect()
+    };
+    let (vip6, collides6) = colliding_pair(&[v6(0x100, 0, 0x10)], &many_v6(0x100));
+    let backend6 = v6(0x203, 0, 0x11);
+    let (_, client_collides6) = colliding_pair(&[backend6], &many_v6(2));
+    let config = format!(
+        "
+services:
+  - {{ name: v4, vip: {vip4}, port: 80, protocol: tcp, backends: [{{ address: 203.0.113.11, port: 8080 }}] }}
+  - {{ name: v6, vip: {vip6}, port: 80, protocol: tcp, backends: [{{ address: {backend6}, port: 8080 }}] }}
+"
+    );
+    let mut datapath = load(&config);
+
+    // Destinations sharing a VIP's slot, and a source sharing a backend's: the exact lookups decide.
+    for (vip, other) in [(vip4, collides4), (vip6, collides6)] {
+        let roles = datapath.address_filter_roles(other).unwrap();
+        assert_eq!(roles, role::VIP_PORT, "{other} shares {vip}'s slot");
+        let client = if vip.is_ipv4() {
+            sa("192.0.2.2:40000")
+        } else {
+            sa("[2001:db8:2::2]:40000")
+        };
+        send_to_vip(&mut datapath, SYN, client, SocketAddr::new(vip, 80));
+        let input = frame(SYN, client, SocketAddr::new(other, 80), b"");
+        assert_passed_as_non_service(&mut datapath, &input, &format!("to {other}"));
+    }
+    assert_eq!(
+        datapath.address_filter_roles(client_collides6).unwrap(),
+        role::BACKEND,
+        "{client_collides6} shares {backend6}'s slot"
+    );
+    let input = frame(
+        ACK,
+        SocketAddr::new(client_collides6, 8080),
+        sa("[2001:db8:2::2]:40000"),
+        b"",
+    );
+    assert_passed_as_non_service(&mut datapath, &input, "from a backend's slot");
+
+    // A VIP added is balanced at once; removed, it is passed and its slot cleared.
+    let added_vip = sa("198.51.100.250:80");
+    assert_eq!(datapath.address_filter_roles(added_vip.ip()).unwrap(), 0);
+    let to_added = frame(SYN, sa("192.0.2.2:40001"), added_vip, b"payload");
+    assert_passed_as_non_service(&mut datapath, &to_added, "before the VIP exists");
+    let with_added = format!(
+        "{config}  - {{ name: added, vip: {}, port: 80, protocol: tcp, backends: [{{ address: 203.0.113.99, port: 8080 }}] }}\n",
+        added_vip.ip()
+    );
+    datapath
+        .apply(&Config::from_yaml(&with_added).unwrap())
+        .unwrap();
+    assert_eq!(
+        datapath.address_filter_roles(added_vip.ip()).unwrap(),
+        role::VIP_PORT
+    );
+    let backend = sa("203.0.113.99:8080");
+    assert_eq!(
+        send_to_vip(&mut datapath, SYN, sa("192.0.2.2:40001"), added_vip),
+        backend
+    );
+    let reply = frame(ACK, backend, sa("192.0.2.2:40001"), b"");
+    let translated = counter(&datapath, Counter::ReplyTranslated);
+    let (action, out) = run(datapath.xdp_program(), &reply);
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(out, frame(ACK, added_vip, sa("192.0.2.2:40001"), b""));
+    assert_eq!(counter(&datapath, Counter::ReplyTranslated), translated + 1);
+
+    datapath
+        .apply(&Config::from_yaml(&config).unwrap())
+        .unwrap();
+    assert_eq!(datapath.address_filter_roles(added_vip.ip()).unwrap(), 0);
+    assert_eq!(datapath.address_filter_roles(backend.ip()).unwrap(), 0);
+    let to_removed = frame(SYN, sa("192.0.2.2:40002"), added_vip, b"payload");
+    assert_passed_as_non_service(&mut datapath, &to_removed, "after the VIP is removed");
+}
+
+/// A tracked flow finds its service through the id in its conntrack entry (`SERVICE_SLOTS`): once
+/// the service is removed, also when another VIP's service takes over its id, the flow's packets
+/// are passed as non-service traffic, as a new flow's would be.
+#[test]
+fn tracked_flow_of_a_removed_service_is_no_longer_balanced() {
+    let web = "  - { name: web, vip: 198.51.100.10, port: 80, protocol: tcp, backends: [{ address: 203.0.113.11, port: 8080 }] }\n";
+    let dns = "  - { name: dns, vip: 198.51.100.10, port: 53, protocol: udp, backends: [{ address: 203.0.113.12, port: 53 }] }\n";
+    let other = "  - { name: other, vip: 198.51.100.40, port: 80, protocol: tcp, backends: [{ address: 203.0.113.13, port: 8080 }] }\n";
+    let mut datapath = load(&format!("services:\n{web}{dns}"));
+    let (client, vip) = (sa("192.0.2.2:45000"), sa("198.51.100.10:80"));
+    send_to_vip(&mut datapath, SYN, client, vip);
+    let hits = counter(&datapath, Counter::ForwardConntrackHit);
+    send_to_vip(&mut datapath, ACK, client, vip);
+    assert_eq!(counter(&datapath, Counter::ForwardConntrackHit), hits + 1);
+
+    datapath
+        .apply(&Config::from_yaml(&format!("services:\n{dns}{other}")).unwrap())
+        .unwrap();
+    assert_eq!(
+        datapath
+            .service_stats(&key(sa("198.51.100.40:80"), protocol::TCP))
+            .unwrap()
+            .map(|_| ()),
+        Some(()),
+        "the other service exists"
+    );
+    let ack = frame(ACK, client, vip, b"payload");
+    assert_passed_as_non_service(&mut datapath, &ack, "tracked flow of a removed service");
+    assert_eq!(
+        send_to_vip(
+            &mut datapath,
+            SYN,
+            sa("192.0.2.2:45001"),
+            sa("198.51.100.40:80")
+        ),
+        sa("203.0.113.13:8080"),
+        "the service that took the id balances its own VIP"
+    );
 }

@@ -1,0 +1,101 @@
+//! Writes the datapath's address prefilter (`lb_common::prefilter`, map `ADDRESS_FILTER`) from the
+//! programmed services and backends: which slots may hold a VIP (with ports, or all ports) and
+//! which a backend whose replies the node translates (DNAT and SNAT; DSR replies bypass the node).
+//!
+//! Only words that differ are written. New roles are written before the map entries they guard and
+//! stale ones cleared after those are gone (see `Datapath::apply_with`), so a packet to a VIP being
+//! added is never passed by a stale filter.
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, MapData};
+use lb_common::{
+    prefilter::{position, role, slot, WORDS},
+    service::{Addr, ServiceKey},
+};
+
+/// The prefilter's words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressFilter(Vec<u64>);
+
+impl Default for AddressFilter {
+    fn default() -> Self {
+        Self(vec![0; WORDS as usize])
+    }
+}
+
+impl AddressFilter {
+    /// The filter for these services (keys) and reply-translated backend addresses.
+    pub fn of<'a>(
+        services: impl IntoIterator<Item = &'a ServiceKey>,
+        backends: impl IntoIterator<Item = &'a Addr>,
+    ) -> Self {
+        let mut filter = Self::default();
+        for key in services {
+            let kind = if key.port == 0 {
+                role::VIP_ALL_PORTS
+            } else {
+                role::VIP_PORT
+            };
+            filter.set(&key.addr, kind);
+        }
+        for addr in backends {
+            filter.set(addr, role::BACKEND);
+        }
+        filter
+    }
+
+    fn set(&mut self, addr: &Addr, roles: u8) {
+        let (index, shift) = position(slot(addr));
+        self.0[index as usize] |= (roles as u64) << shift;
+    }
+
+    /// Every role of `self` and of `other`.
+    pub fn union(&self, other: &Self) -> Self {
+        Self(self.0.iter().zip(&other.0).map(|(a, b)| a | b).collect())
+    }
+
+    /// Writes the words of `self` that differ from `programmed` (every word when `None`: what the
+    /// map holds is unknown) and returns how many it wrote.
+    pub fn write(
+        &self,
+        map: &mut Array<&mut MapData, u64>,
+        programmed: Option<&Self>,
+    ) -> Result<usize> {
+        let mut written = 0;
+        for (index, word) in self.0.iter().enumerate() {
+            if programmed.is_some_and(|p| p.0[index] == *word) {
+                continue;
+            }
+            map.set(index as u32, word, 0)
+                .context("writing ADDRESS_FILTER")?;
+            written += 1;
+        }
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_are_set_per_kind_and_merged() {
+        let vip = ServiceKey::new("198.51.100.10".parse().unwrap(), 80, 6);
+        let all = ServiceKey::new("198.51.100.20".parse().unwrap(), 0, 6);
+        let backend = Addr::from_ip("203.0.113.11".parse().unwrap());
+        let filter = AddressFilter::of([&vip, &all], [&backend]);
+        let roles_of = |f: &AddressFilter, a: &Addr| {
+            let (index, shift) = position(slot(a));
+            lb_common::prefilter::roles(f.0[index as usize], shift)
+        };
+        assert_eq!(roles_of(&filter, &vip.addr), role::VIP_PORT);
+        assert_eq!(roles_of(&filter, &all.addr), role::VIP_ALL_PORTS);
+        assert_eq!(roles_of(&filter, &backend), role::BACKEND);
+        let other = AddressFilter::of([&all], []);
+        assert_eq!(
+            roles_of(&filter.union(&other), &all.addr),
+            role::VIP_ALL_PORTS
+        );
+        assert_eq!(roles_of(&other, &vip.addr), 0);
+    }
+}
