@@ -1,7 +1,8 @@
 //! The gRPC API of a real `lb-agent run --grpc-socket` process in the balancer namespace: a client in
 //! the test upserts a service, sets backends and weights, and deletes it, and the connections the
 //! client namespace opens to the VIP follow — counted by the backends themselves. A service in the
-//! config file shadows the API's service with the same VIP, port and protocol (file first).
+//! config file shadows the API's service with the same VIP, port and protocol (file first), and
+//! the API's shadows a Kubernetes Service's (from a fake API server).
 
 use std::{
     collections::BTreeMap,
@@ -316,4 +317,138 @@ fn grpc_client_drives_real_traffic_through_the_agent() {
     let (code, _) = agent.stop().expect("agent stops");
     assert_eq!(code, 0);
     assert!(!socket.exists(), "the socket is removed on exit");
+}
+
+/// The agent with both a Kubernetes source (the fake API server, serving in the balancer
+/// namespace) and the gRPC API: the Kubernetes Service is balanced; a gRPC service with the same
+/// VIP, port and protocol shadows it (gRPC before Kubernetes) until deleted; the Kubernetes
+/// Namespaces and Pods are in the policy the agent applied, as `ListState` reports it.
+#[test]
+fn grpc_shadows_kubernetes_and_the_applied_state_holds_kubernetes_policy() {
+    use k8s_openapi::api::{
+        core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
+    };
+    use lb_tests::fake_apiserver::FakeApiServer;
+
+    let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
+    let servers: Vec<TcpCountingServer> = topology
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, PORT, &format!("backend-{}", i + 1)))
+        .collect();
+    // Bound in the balancer namespace: the agent reaches it on its own loopback.
+    let api = topology
+        .balancer
+        .run(FakeApiServer::start)
+        .expect("fake API server");
+    let service: Service = serde_json::from_value(serde_json::json!({
+        "metadata": { "namespace": "default", "name": "web" },
+        "spec": { "type": "ClusterIP", "clusterIP": VIP.to_string(), "clusterIPs": [VIP.to_string()],
+                  "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": PORT }] },
+    }))
+    .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": { "namespace": "default", "name": "web-1",
+                      "labels": { "kubernetes.io/service-name": "web" } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": PORT, "protocol": "TCP" }],
+        "endpoints": [{ "addresses": [topology.backends[0].addr.to_string()],
+                        "conditions": { "ready": true } }],
+    }))
+    .unwrap();
+    let namespace: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "default", "labels": { "team": "web" } },
+    }))
+    .unwrap();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "namespace": "default", "name": "web-0", "labels": { "app": "web" } },
+        "status": { "phase": "Running", "podIPs": [{ "ip": topology.backends[0].addr.to_string() }] },
+    }))
+    .unwrap();
+    api.apply(&service);
+    api.apply(&slice);
+    api.apply(&namespace);
+    api.apply(&pod);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "services: []\n");
+    let socket = dir.path().join("api.sock");
+    let mut agent = AgentProcess::start_with(
+        &topology.balancer,
+        &config,
+        &topology.balancer_interfaces(),
+        &[
+            "--grpc-socket",
+            socket.to_str().unwrap(),
+            "--kube-api-url",
+            &api.url(),
+        ],
+    )
+    .expect("agent starts");
+    until_lands_on(&topology, "backend-1", &mut agent);
+    let from_kubernetes = traffic(&topology, &servers, 30);
+    assert_eq!(
+        from_kubernetes.keys().cloned().collect::<Vec<_>>(),
+        ["backend-1"]
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = rt.block_on(connect_unix(&socket)).expect("client");
+    // The applied policy holds the Kubernetes namespace and pod.
+    let state = call(&rt, "ListState", client.list_state(pb::ListStateRequest {}));
+    let applied = state.applied.expect("applied");
+    assert_eq!(applied.services.len(), 1);
+    let policy: lb_agent::policy::PolicyConfig =
+        serde_yaml_ng::from_str(&applied.policy_yaml).expect("applied policy YAML");
+    assert_eq!(
+        policy
+            .workloads
+            .iter()
+            .map(|w| (
+                w.namespace.as_str(),
+                w.name.as_str(),
+                w.labels["app"].as_str()
+            ))
+            .collect::<Vec<_>>(),
+        [("default", "web-0", "web")]
+    );
+    assert_eq!(policy.namespaces[0].labels["team"], "web");
+
+    // gRPC defines the same VIP, port and protocol: it wins over Kubernetes.
+    let response = call(
+        &rt,
+        "UpsertService",
+        client.upsert_service(pb::UpsertServiceRequest {
+            service: Some(pb::Service {
+                name: "grpc-web".into(),
+                vip: VIP.to_string(),
+                port: 80,
+                protocol: pb::Protocol::Tcp as i32,
+                backends: vec![backend(&topology, 2, 1)],
+                ..Default::default()
+            }),
+        }),
+    );
+    assert!(response.created);
+    until_lands_on(&topology, "backend-2", &mut agent);
+    agent
+        .wait_for_log("shadowed by the gRPC API", Duration::from_secs(5))
+        .expect("conflict reported");
+    let from_grpc = traffic(&topology, &servers, 30);
+    assert_eq!(from_grpc.keys().cloned().collect::<Vec<_>>(), ["backend-2"]);
+
+    // Deleted through the API: Kubernetes' service is balanced again.
+    call(
+        &rt,
+        "DeleteService",
+        client.delete_service(pb::DeleteServiceRequest { key: Some(key()) }),
+    );
+    until_lands_on(&topology, "backend-1", &mut agent);
+    let back = traffic(&topology, &servers, 30);
+    assert_eq!(back.keys().cloned().collect::<Vec<_>>(), ["backend-1"]);
 }
