@@ -452,3 +452,102 @@ fn grpc_shadows_kubernetes_and_the_applied_state_holds_kubernetes_policy() {
     let back = traffic(&topology, &servers, 30);
     assert_eq!(back.keys().cloned().collect::<Vec<_>>(), ["backend-1"]);
 }
+
+/// `--grpc-tcp` with TLS: the agent's API on TCP in the balancer namespace; a client with a
+/// certificate of the CA drives a service that real traffic then follows; one without is refused.
+/// The TCP flags go together.
+#[test]
+fn grpc_over_tcp_with_tls_requires_client_certificates() {
+    use lb_tests::grpc_client::{make_certificates, tls_endpoint};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "services: []\n");
+    let certs = make_certificates(dir.path());
+    let cert = |name: &str| certs.join(name).to_str().unwrap().to_string();
+
+    // --grpc-tcp alone is refused before anything starts.
+    let output = std::process::Command::new(lb_tests::agent::agent_binary())
+        .args([
+            "run",
+            "--iface",
+            "lo",
+            "--grpc-tcp",
+            "127.0.0.1:50051",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--grpc-tls-cert"), "{stderr}");
+
+    let topology = Topology::new(TEST_PREFIX, 1).expect("topology");
+    let _server = TcpCountingServer::start(
+        &topology.backends[0].ns,
+        topology.backends[0].addr,
+        PORT,
+        "backend-1",
+    );
+    let addr: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+    let mut agent = AgentProcess::start_with(
+        &topology.balancer,
+        &config,
+        &topology.balancer_interfaces(),
+        &[
+            "--grpc-tcp",
+            &addr.to_string(),
+            "--grpc-tls-cert",
+            &cert("server.pem"),
+            "--grpc-tls-key",
+            &cert("server.key"),
+            "--grpc-tls-client-ca",
+            &cert("ca.pem"),
+        ],
+    )
+    .expect("agent starts");
+
+    // Clients in the balancer namespace, where the agent listens.
+    let service = pb::Service {
+        name: "web".into(),
+        vip: VIP.to_string(),
+        port: 80,
+        protocol: pb::Protocol::Tcp as i32,
+        backends: vec![backend(&topology, 1, 1)],
+        ..Default::default()
+    };
+    let (with_certificate, without) = topology.balancer.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let call = |with_identity: bool, service: pb::Service| {
+                let certs = certs.clone();
+                async move {
+                    let channel = tls_endpoint(addr, &certs, with_identity).connect().await?;
+                    LoadBalancerClient::new(channel)
+                        .upsert_service(pb::UpsertServiceRequest {
+                            service: Some(service),
+                        })
+                        .await
+                        .map(|r| r.into_inner().created)
+                        .map_err(anyhow::Error::from)
+                }
+            };
+            let with = call(true, service.clone())
+                .await
+                .map_err(|e| format!("{e:#}"));
+            let mut other = service;
+            other.port = 81;
+            let without = call(false, other).await.map_err(|e| format!("{e:?}"));
+            (with, without)
+        })
+    });
+    assert_eq!(with_certificate, Ok(true));
+    let refused = without.expect_err("a client without a certificate was served");
+    assert!(refused.contains("CertificateRequired"), "{refused}");
+    until_lands_on(&topology, "backend-1", &mut agent);
+    let (code, _) = agent.stop().expect("agent stops");
+    assert_eq!(code, 0);
+}
