@@ -1,7 +1,8 @@
 //! The gRPC API of a real `lb-agent run --grpc-socket` process in the balancer namespace: a client in
 //! the test upserts a service, sets backends and weights, and deletes it, and the connections the
 //! client namespace opens to the VIP follow — counted by the backends themselves. A service in the
-//! config file shadows the API's service with the same VIP, port and protocol (file first).
+//! config file shadows the API's service with the same VIP, port and protocol (file first), and
+//! the API's shadows a Kubernetes Service's (from a fake API server).
 
 use std::{
     collections::BTreeMap,
@@ -316,4 +317,237 @@ fn grpc_client_drives_real_traffic_through_the_agent() {
     let (code, _) = agent.stop().expect("agent stops");
     assert_eq!(code, 0);
     assert!(!socket.exists(), "the socket is removed on exit");
+}
+
+/// The agent with both a Kubernetes source (the fake API server, serving in the balancer
+/// namespace) and the gRPC API: the Kubernetes Service is balanced; a gRPC service with the same
+/// VIP, port and protocol shadows it (gRPC before Kubernetes) until deleted; the Kubernetes
+/// Namespaces and Pods are in the policy the agent applied, as `ListState` reports it.
+#[test]
+fn grpc_shadows_kubernetes_and_the_applied_state_holds_kubernetes_policy() {
+    use k8s_openapi::api::{
+        core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
+    };
+    use lb_tests::fake_apiserver::FakeApiServer;
+
+    let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
+    let servers: Vec<TcpCountingServer> = topology
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, PORT, &format!("backend-{}", i + 1)))
+        .collect();
+    // Bound in the balancer namespace: the agent reaches it on its own loopback.
+    let api = topology
+        .balancer
+        .run(FakeApiServer::start)
+        .expect("fake API server");
+    let service: Service = serde_json::from_value(serde_json::json!({
+        "metadata": { "namespace": "default", "name": "web" },
+        "spec": { "type": "ClusterIP", "clusterIP": VIP.to_string(), "clusterIPs": [VIP.to_string()],
+                  "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": PORT }] },
+    }))
+    .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": { "namespace": "default", "name": "web-1",
+                      "labels": { "kubernetes.io/service-name": "web" } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": PORT, "protocol": "TCP" }],
+        "endpoints": [{ "addresses": [topology.backends[0].addr.to_string()],
+                        "conditions": { "ready": true } }],
+    }))
+    .unwrap();
+    let namespace: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "default", "labels": { "team": "web" } },
+    }))
+    .unwrap();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "namespace": "default", "name": "web-0", "labels": { "app": "web" } },
+        "status": { "phase": "Running", "podIPs": [{ "ip": topology.backends[0].addr.to_string() }] },
+    }))
+    .unwrap();
+    api.apply(&service);
+    api.apply(&slice);
+    api.apply(&namespace);
+    api.apply(&pod);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "services: []\n");
+    let socket = dir.path().join("api.sock");
+    let mut agent = AgentProcess::start_with(
+        &topology.balancer,
+        &config,
+        &topology.balancer_interfaces(),
+        &[
+            "--grpc-socket",
+            socket.to_str().unwrap(),
+            "--kube-api-url",
+            &api.url(),
+        ],
+    )
+    .expect("agent starts");
+    until_lands_on(&topology, "backend-1", &mut agent);
+    let from_kubernetes = traffic(&topology, &servers, 30);
+    assert_eq!(
+        from_kubernetes.keys().cloned().collect::<Vec<_>>(),
+        ["backend-1"]
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = rt.block_on(connect_unix(&socket)).expect("client");
+    // The applied policy holds the Kubernetes namespace and pod.
+    let state = call(&rt, "ListState", client.list_state(pb::ListStateRequest {}));
+    let applied = state.applied.expect("applied");
+    assert_eq!(applied.services.len(), 1);
+    let policy: lb_agent::policy::PolicyConfig =
+        serde_yaml_ng::from_str(&applied.policy_yaml).expect("applied policy YAML");
+    assert_eq!(
+        policy
+            .workloads
+            .iter()
+            .map(|w| (
+                w.namespace.as_str(),
+                w.name.as_str(),
+                w.labels["app"].as_str()
+            ))
+            .collect::<Vec<_>>(),
+        [("default", "web-0", "web")]
+    );
+    assert_eq!(policy.namespaces[0].labels["team"], "web");
+
+    // gRPC defines the same VIP, port and protocol: it wins over Kubernetes.
+    let response = call(
+        &rt,
+        "UpsertService",
+        client.upsert_service(pb::UpsertServiceRequest {
+            service: Some(pb::Service {
+                name: "grpc-web".into(),
+                vip: VIP.to_string(),
+                port: 80,
+                protocol: pb::Protocol::Tcp as i32,
+                backends: vec![backend(&topology, 2, 1)],
+                ..Default::default()
+            }),
+        }),
+    );
+    assert!(response.created);
+    until_lands_on(&topology, "backend-2", &mut agent);
+    agent
+        .wait_for_log("shadowed by the gRPC API", Duration::from_secs(5))
+        .expect("conflict reported");
+    let from_grpc = traffic(&topology, &servers, 30);
+    assert_eq!(from_grpc.keys().cloned().collect::<Vec<_>>(), ["backend-2"]);
+
+    // Deleted through the API: Kubernetes' service is balanced again.
+    call(
+        &rt,
+        "DeleteService",
+        client.delete_service(pb::DeleteServiceRequest { key: Some(key()) }),
+    );
+    until_lands_on(&topology, "backend-1", &mut agent);
+    let back = traffic(&topology, &servers, 30);
+    assert_eq!(back.keys().cloned().collect::<Vec<_>>(), ["backend-1"]);
+}
+
+/// `--grpc-tcp` with TLS: the agent's API on TCP in the balancer namespace; a client with a
+/// certificate of the CA drives a service that real traffic then follows; one without is refused.
+/// The TCP flags go together.
+#[test]
+fn grpc_over_tcp_with_tls_requires_client_certificates() {
+    use lb_tests::grpc_client::{make_certificates, tls_endpoint};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "services: []\n");
+    let certs = make_certificates(dir.path());
+    let cert = |name: &str| certs.join(name).to_str().unwrap().to_string();
+
+    // --grpc-tcp alone is refused before anything starts.
+    let output = std::process::Command::new(lb_tests::agent::agent_binary())
+        .args([
+            "run",
+            "--iface",
+            "lo",
+            "--grpc-tcp",
+            "127.0.0.1:50051",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--grpc-tls-cert"), "{stderr}");
+
+    let topology = Topology::new(TEST_PREFIX, 1).expect("topology");
+    let _server = TcpCountingServer::start(
+        &topology.backends[0].ns,
+        topology.backends[0].addr,
+        PORT,
+        "backend-1",
+    );
+    let addr: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+    let mut agent = AgentProcess::start_with(
+        &topology.balancer,
+        &config,
+        &topology.balancer_interfaces(),
+        &[
+            "--grpc-tcp",
+            &addr.to_string(),
+            "--grpc-tls-cert",
+            &cert("server.pem"),
+            "--grpc-tls-key",
+            &cert("server.key"),
+            "--grpc-tls-client-ca",
+            &cert("ca.pem"),
+        ],
+    )
+    .expect("agent starts");
+
+    // Clients in the balancer namespace, where the agent listens.
+    let service = pb::Service {
+        name: "web".into(),
+        vip: VIP.to_string(),
+        port: 80,
+        protocol: pb::Protocol::Tcp as i32,
+        backends: vec![backend(&topology, 1, 1)],
+        ..Default::default()
+    };
+    let (with_certificate, without) = topology.balancer.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let call = |with_identity: bool, service: pb::Service| {
+                let certs = certs.clone();
+                async move {
+                    let channel = tls_endpoint(addr, &certs, with_identity).connect().await?;
+                    LoadBalancerClient::new(channel)
+                        .upsert_service(pb::UpsertServiceRequest {
+                            service: Some(service),
+                        })
+                        .await
+                        .map(|r| r.into_inner().created)
+                        .map_err(anyhow::Error::from)
+                }
+            };
+            let with = call(true, service.clone())
+                .await
+                .map_err(|e| format!("{e:#}"));
+            let mut other = service;
+            other.port = 81;
+            let without = call(false, other).await.map_err(|e| format!("{e:?}"));
+            (with, without)
+        })
+    });
+    assert_eq!(with_certificate, Ok(true));
+    let refused = without.expect_err("a client without a certificate was served");
+    assert!(refused.contains("CertificateRequired"), "{refused}");
+    until_lands_on(&topology, "backend-1", &mut agent);
+    let (code, _) = agent.stop().expect("agent stops");
+    assert_eq!(code, 0);
 }

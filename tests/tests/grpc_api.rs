@@ -9,8 +9,7 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
-    path::{Path, PathBuf},
-    process::Command,
+    path::Path,
     time::Duration,
 };
 
@@ -25,10 +24,7 @@ use lb_agent::{
 };
 use lb_common::service::ServiceKey;
 use tokio::sync::watch;
-use tonic::{
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
-    Code,
-};
+use tonic::{transport::Channel, Code};
 
 /// Bound of every wait.
 const WAIT: Duration = Duration::from_secs(5);
@@ -553,77 +549,10 @@ async fn unix_socket_replaces_a_stale_socket_and_refuses_to_take_a_live_one() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
 }
 
-/// A CA, a server certificate for `localhost`/127.0.0.1 and a client certificate, by `openssl`.
-fn make_certificates(dir: &Path) -> PathBuf {
-    let run = |args: &[&str]| {
-        let output = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl (package openssl)");
-        assert!(
-            output.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-    run(&[
-        &[
-            "req",
-            "-x509",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=lb test CA",
-        ][..],
-        &ec,
-        &["-keyout", "ca.key", "-out", "ca.pem"],
-    ]
-    .concat());
-    for (name, extension) in [
-        ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ] {
-        let subject = format!("/CN={name}");
-        let key = format!("{name}.key");
-        let csr = format!("{name}.csr");
-        let pem = format!("{name}.pem");
-        run(&[
-            &["req", "-new", "-nodes", "-subj", &subject][..],
-            &ec,
-            &["-keyout", &key, "-out", &csr],
-        ]
-        .concat());
-        let extfile = format!("{name}.ext");
-        std::fs::write(dir.join(&extfile), format!("{extension}\n")).unwrap();
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &extfile,
-            "-out",
-            &pem,
-        ]);
-    }
-    dir.to_path_buf()
-}
-
 #[tokio::test]
 async fn tcp_with_tls_requires_a_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = make_certificates(dir.path());
-    let read = |name: &str| std::fs::read(certs.join(name)).unwrap();
+    let certs = lb_tests::grpc_client::make_certificates(dir.path());
     let tls = TlsConfig::from_files(
         &certs.join("server.pem"),
         &certs.join("server.key"),
@@ -640,22 +569,9 @@ async fn tcp_with_tls_requires_a_client_certificate() {
     )
     .expect("serve TCP with TLS");
     let addr = server.local_addr().unwrap();
-    let endpoint = |identity: Option<Identity>| {
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("ca.pem")))
-            .domain_name("localhost");
-        if let Some(identity) = identity {
-            tls = tls.identity(identity);
-        }
-        Endpoint::from_shared(format!("https://{addr}"))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect_timeout(WAIT)
-    };
+    let endpoint = |with_identity| lb_tests::grpc_client::tls_endpoint(addr, &certs, with_identity);
 
-    let identity = Identity::from_pem(read("client.pem"), read("client.key"));
-    let channel = within("TLS connect", endpoint(Some(identity)).connect())
+    let channel = within("TLS connect", endpoint(true).connect())
         .await
         .expect("connect with a client certificate");
     let mut client = LoadBalancerClient::new(channel);
@@ -676,7 +592,7 @@ async fn tcp_with_tls_requires_a_client_certificate() {
 
     // Without a client certificate: no call gets through.
     let anonymous = async {
-        let channel = endpoint(None).connect().await?;
+        let channel = endpoint(false).connect().await?;
         LoadBalancerClient::new(channel)
             .list_state(pb::ListStateRequest {})
             .await

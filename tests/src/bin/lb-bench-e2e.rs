@@ -361,13 +361,15 @@ fn run() -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!(
-        "Settings: {} round(s), {} s per wrk/iperf3 run, {} ms per UDP run, {} backends",
-        settings.rounds,
-        settings.seconds,
-        settings.udp.as_millis(),
-        args.backends
-    );
+    if !args.only_edits {
+        println!(
+            "Settings: {} round(s), {} s per wrk/iperf3 run, {} ms per UDP run, {} backends",
+            settings.rounds,
+            settings.seconds,
+            settings.udp.as_millis(),
+            args.backends
+        );
+    }
 
     let _bpf_stats = if args.bpf_stats {
         Some(BpfStats::enable().context("enabling kernel.bpf_stats_enabled")?)
