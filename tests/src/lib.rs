@@ -6,6 +6,7 @@
 //! - [`servers`]: backend servers that count what they receive (bytes on the wire, not log lines).
 //! - [`agent`]: the `lb-agent` binary as a child process, stopped on drop.
 //! - [`frames`]: crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
+//! - [`policy_bench`]: the policy check's per-packet cost against rule and ipcache sizes.
 //! - [`modes`]: namespaced test runs, IP-in-IP frames, DSR backends and peer-recording servers
 //!   for the forwarding-mode tests.
 //! - [`procs`], [`loadgen`], [`baselines`]: the end-to-end benchmark's bounded child processes,
@@ -19,6 +20,7 @@ pub mod frames;
 pub mod loadgen;
 pub mod modes;
 pub mod netns;
+pub mod policy_bench;
 pub mod procs;
 pub mod servers;
 pub mod test_run;

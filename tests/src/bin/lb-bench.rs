@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: per-packet cost of the datapath paths through BPF_PROG_TEST_RUN, each as a
-//! ratio to a trivial XDP_PASS program measured in the same run, and Maglev table build times.
+//! ratio to a trivial XDP_PASS program measured in the same run, Maglev table build times, and the
+//! policy check's cost against rule counts (`lb_tests::policy_bench`; `--policy-only` runs just that).
 //! Prints tables and writes JSON to target/bench/bench.json.
 //!
 //! How the per-packet figures are made. With `repeat` > 1 the kernel reruns the program on the
@@ -114,6 +115,10 @@ fn main() -> Result<()> {
     let machine = machine();
     println!("Machine: {machine}");
     println!();
+    if std::env::args().any(|a| a == "--policy-only") {
+        lb_tests::policy_bench::run(REPEAT)?;
+        return Ok(());
+    }
 
     let mut datapath = Datapath::load_with(&LoadOptions {
         conntrack_entries: 1 << 20,
@@ -287,6 +292,9 @@ fn main() -> Result<()> {
         println!("{line}");
     }
 
+    println!();
+    let policy = lb_tests::policy_bench::run(REPEAT)?;
+
     let out_dir = std::path::Path::new("target/bench");
     std::fs::create_dir_all(out_dir)?;
     let report = json!({
@@ -295,6 +303,7 @@ fn main() -> Result<()> {
         "per_call_overhead_ns": overhead,
         "per_packet": json_rows,
         "maglev_build": maglev_rows,
+        "policy": policy,
     });
     std::fs::write(
         out_dir.join("bench.json"),
