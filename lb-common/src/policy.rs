@@ -15,6 +15,7 @@
 //! | `POLICY_COUNTERS` | per-CPU array | [`counter_index`] → packets; [`EVENTS_LOST_SLOT`] | [`COUNTER_ARRAY_LEN`] |
 //! | `POLICY_CONNTRACK` | LRU hash | `FlowKey` (as the originator sent it) → [`PolicyConntrackEntry`] | [`state_limits::CONNTRACK_ENTRIES`] |
 //! | `POLICY_FRAGMENTS` | LRU hash | `FragmentKey` → [`PolicyFragmentEntry`] | [`state_limits::FRAGMENT_ENTRIES`] |
+//! | `POLICY_DECISIONS` | LRU hash | [`DecisionKey`] → [`CachedDecision`] (steps 4–5, cached) | [`state_limits::DECISION_ENTRIES`] |
 //! | `CIDR_DENY_V4` / `_V6` | LPM trie | [`IpKeyV4`] / [`IpKeyV6`] (epoch 0, CIDR) → list index | [`state_limits::CIDR_DENY_ENTRIES`] |
 //!
 //! LPM keys are a `u32` prefix length followed by the key struct (`aya::maps::lpm_trie::Key` in
@@ -61,7 +62,9 @@
 //!    reported with the same reason and rule.
 //!
 //! That is one array, one hash and at most four LPM lookups, whatever the number of rules or
-//! identities.
+//! identities. The datapath caches the outcome of steps 4–5 (before the audit flag) in
+//! `POLICY_DECISIONS` under a [`DecisionKey`], so repeated (peer identity, port) pairs skip the three
+//! `POLICY` walks, whose depth grows (logarithmically) with the rules of an endpoint identity.
 //!
 //! # How userspace makes those lookups correct
 //!
@@ -742,15 +745,23 @@ pub fn decide(lookups: [Option<&PolicyEntry>; 3], endpoint_flags: u32) -> Decisi
         }
         None
     };
-    let (denied, reason, rule_id) = if let Some(rule) = pick(EntryKind::Deny) {
-        (true, Reason::DeniedByRule, rule)
+    let (reason, rule_id) = if let Some(rule) = pick(EntryKind::Deny) {
+        (Reason::DeniedByRule, rule)
     } else if let Some(rule) = pick(EntryKind::Allow) {
-        (false, Reason::AllowedByRule, rule)
+        (Reason::AllowedByRule, rule)
     } else if let Some(rule) = pick(EntryKind::DefaultDeny) {
-        (true, Reason::DefaultDeny, rule)
+        (Reason::DefaultDeny, rule)
     } else {
-        (false, Reason::NotSelected, 0)
+        (Reason::NotSelected, 0)
     };
+    with_endpoint_flags(reason, rule_id, endpoint_flags)
+}
+
+/// The decision of a rule outcome (`reason`, `rule_id`, as [`decide`] finds them) for an endpoint
+/// with `endpoint_flags`: a would-be deny of an audited endpoint is an audit. Also applied to
+/// decisions taken from `POLICY_DECISIONS`, which are cached without the flags.
+pub const fn with_endpoint_flags(reason: Reason, rule_id: u32, endpoint_flags: u32) -> Decision {
+    let denied = matches!(reason, Reason::DeniedByRule | Reason::DefaultDeny);
     let verdict = match (denied, endpoint_flags & endpoint_flags::AUDIT != 0) {
         (false, _) => Verdict::Allow,
         (true, false) => Verdict::Deny,
@@ -761,6 +772,37 @@ pub fn decide(lookups: [Option<&PolicyEntry>; 3], endpoint_flags: u32) -> Decisi
         reason,
         rule_id,
     }
+}
+
+/// Key of the `POLICY_DECISIONS` LRU map: everything steps 4–5 depend on except the endpoint's
+/// flags. The datapath caches each outcome of the three `POLICY` lookups under it, so the steady
+/// state of a (peer, port) pair costs one hash lookup instead of three trie walks whose depth grows
+/// with the rules. Entries carry the epoch they were decided under; the agent deletes a epoch's
+/// entries before making that epoch live again (see the writer), so a hit is always the decision
+/// of the rule set live under its epoch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecisionKey {
+    pub epoch: u8,
+    /// [`Direction`] as `u8`.
+    pub direction: u8,
+    pub protocol: u8,
+    pub _pad: u8,
+    pub endpoint_identity: u32,
+    pub peer_identity: u32,
+    /// Network byte order; 0 for protocols without ports.
+    pub dport: u16,
+    pub _pad2: u16,
+}
+
+/// Value of `POLICY_DECISIONS`: a rule outcome before the endpoint's flags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedDecision {
+    /// [`Reason`] as `u8`: `DeniedByRule`, `AllowedByRule`, `DefaultDeny` or `NotSelected`.
+    pub reason: u8,
+    pub _pad: [u8; 3],
+    pub rule_id: u32,
 }
 
 /// A verdict report sent to userspace through `POLICY_EVENTS` (denials and audits; allows when
@@ -835,6 +877,8 @@ pub mod state_limits {
     pub const CONNTRACK_ENTRIES: u32 = 65_536;
     /// Entries of `POLICY_FRAGMENTS` (LRU): datagrams in flight whose first fragment passed.
     pub const FRAGMENT_ENTRIES: u32 = 8192;
+    /// Default entries of `POLICY_DECISIONS` (LRU): (endpoint, peer identity, port) outcomes kept.
+    pub const DECISION_ENTRIES: u32 = 65_536;
     /// Entries of each XDP CIDR deny trie.
     pub const CIDR_DENY_ENTRIES: u32 = 65_536;
 }
@@ -864,6 +908,8 @@ mod pod {
     unsafe impl aya::Pod for VerdictEvent {}
     unsafe impl aya::Pod for PolicyConntrackEntry {}
     unsafe impl aya::Pod for PolicyFragmentEntry {}
+    unsafe impl aya::Pod for DecisionKey {}
+    unsafe impl aya::Pod for CachedDecision {}
 }
 
 #[cfg(test)]
@@ -884,6 +930,8 @@ mod tests {
         assert_eq!(size_of::<VerdictEvent>(), 64);
         assert_eq!(size_of::<PolicyConntrackEntry>(), 16);
         assert_eq!(size_of::<PolicyFragmentEntry>(), 16);
+        assert_eq!(size_of::<DecisionKey>(), 16);
+        assert_eq!(size_of::<CachedDecision>(), 8);
         // The kernel's LPM key is a u32 prefix length then the data: data must be 4-aligned so the
         // packed key and a repr(C) pair agree.
         assert_eq!(core::mem::align_of::<IpKeyV4>(), 4);

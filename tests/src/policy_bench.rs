@@ -2,8 +2,10 @@
 //! 10, 1000 and 100000 rules and 100000 ipcache entries, as a ratio to the `tc_pass` program
 //! measured in the same run. The policy program does not rewrite packets, so one long `repeat` run
 //! per figure is exact. Each figure's path is verified by its counter: every repeat must have been
-//! an allow by a rule (exact peer identity, port), so the lookups are the full sequence (endpoint,
-//! ipcache longest prefix, three policy longest prefixes) plus the conntrack lookups.
+//! an allow by a rule (exact peer identity, port): the endpoint and ipcache lookups, the conntrack
+//! lookups, and the rule outcome, measured twice: from the `POLICY_DECISIONS` cache (the steady
+//! state of a (peer, port) pair) and with the cache off (three `POLICY` trie walks, as the first
+//! packet of a pair pays).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -105,20 +107,42 @@ fn allowed_by_rule(datapath: &PolicyDatapath) -> Result<u64> {
         .map_or(0, |(_, _, n)| n))
 }
 
+/// ns per packet of `policy_to_endpoint` on `packet`, checking every repeat was allowed by a rule.
+fn measure(
+    datapath: &mut PolicyDatapath,
+    packet: &[u8],
+    repeat: u32,
+    rules: u32,
+    family: &str,
+) -> Result<f64> {
+    let before = allowed_by_rule(datapath)?;
+    let ns = tc_repeated_ns(datapath.program(TO_ENDPOINT_PROGRAM)?, packet, repeat);
+    ensure!(
+        allowed_by_rule(datapath)? - before == repeat as u64,
+        "{rules} rules, {family}: not every repeat was allowed by its rule"
+    );
+    Ok(ns)
+}
+
 /// Runs the benchmark, prints its table and returns its JSON rows.
 pub fn run(repeat: u32) -> Result<Value> {
-    let mut datapath = PolicyDatapath::load(&PolicyLoadOptions::default())?;
+    let mut cached = PolicyDatapath::load(&PolicyLoadOptions::default())?;
+    let mut uncached = PolicyDatapath::load(&PolicyLoadOptions {
+        decision_cache: false,
+        ..Default::default()
+    })?;
     println!(
         "Policy check (TC, BPF_PROG_TEST_RUN, {repeat} repeats; {IPCACHE_ENTRIES} ipcache entries):"
     );
     println!(
-        "  {:>8} {:>6} {:>10} {:>10} {:>9}",
-        "rules", "family", "ns/packet", "tc_pass ns", "x tc_pass"
+        "  {:>8} {:>6} {:>10} {:>9} {:>12} {:>9} {:>10}",
+        "rules", "family", "cached ns", "x tc_pass", "uncached ns", "x tc_pass", "tc_pass ns"
     );
     let mut rows = Vec::new();
     for rules in RULE_COUNTS {
         let (compiled, peer4, peer6) = rule_set(rules);
-        datapath.apply(&compiled)?;
+        cached.apply(&compiled)?;
+        uncached.apply(&compiled)?;
         for (family, peer, local) in [
             ("ipv4", peer4, IpAddr::V4(ENDPOINT_V4)),
             ("ipv6", peer6, IpAddr::V6(ENDPOINT_V6)),
@@ -129,24 +153,23 @@ pub fn run(repeat: u32) -> Result<Value> {
                 SocketAddr::new(local, PORT),
                 b"",
             );
-            let pass_ns = tc_repeated_ns(datapath.program(TC_PASS_PROGRAM)?, &packet, repeat);
-            let before = allowed_by_rule(&datapath)?;
-            let ns = tc_repeated_ns(datapath.program(TO_ENDPOINT_PROGRAM)?, &packet, repeat);
-            ensure!(
-                allowed_by_rule(&datapath)? - before == repeat as u64,
-                "{rules} rules, {family}: not every repeat was allowed by its rule"
-            );
+            let pass_ns = tc_repeated_ns(cached.program(TC_PASS_PROGRAM)?, &packet, repeat);
+            let cached_ns = measure(&mut cached, &packet, repeat, rules, family)?;
+            let uncached_ns = measure(&mut uncached, &packet, repeat, rules, family)?;
             println!(
-                "  {rules:>8} {family:>6} {ns:>10.1} {pass_ns:>10.1} {:>9.2}",
-                ns / pass_ns
+                "  {rules:>8} {family:>6} {cached_ns:>10.1} {:>9.2} {uncached_ns:>12.1} {:>9.2} {pass_ns:>10.1}",
+                cached_ns / pass_ns,
+                uncached_ns / pass_ns
             );
             rows.push(json!({
                 "rules": rules,
                 "ipcache_entries": IPCACHE_ENTRIES,
                 "family": family,
-                "ns_per_packet": ns,
+                "cached_ns_per_packet": cached_ns,
+                "uncached_ns_per_packet": uncached_ns,
                 "tc_pass_ns": pass_ns,
-                "ratio_to_tc_pass": ns / pass_ns,
+                "cached_ratio_to_tc_pass": cached_ns / pass_ns,
+                "uncached_ratio_to_tc_pass": uncached_ns / pass_ns,
             }));
         }
     }

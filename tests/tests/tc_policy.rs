@@ -641,6 +641,12 @@ fn rule_set_swaps_are_atomic_and_a_failed_one_changes_nothing() {
         f.decide(IN, UDP, sa(FRONTEND, 44000), sa(DB, 5353)),
         allowed("db-from-frontend")
     );
+
+    // The same rule set again lands in the first epoch number, whose cached outcomes (redis
+    // allowed, under the first rule set) must not be used.
+    f.datapath.apply(&f.compiled.clone()).unwrap();
+    assert_eq!(f.datapath.epoch(), epoch);
+    assert_eq!(f.decide(IN, TCP, redis.0, redis.1), db_in);
 }
 
 #[test]

@@ -26,9 +26,9 @@ use aya::{
 };
 use lb_common::{
     policy::{
-        counter_index, limits, state_limits, Direction, EndpointInfo, IpKeyV4, IpKeyV6,
-        IpcacheEntry, Lpm, PolicyEntry, PolicyKey, PolicyState, Reason, Verdict, VerdictEvent,
-        EVENTS_LOST_SLOT,
+        counter_index, limits, state_limits, CachedDecision, DecisionKey, Direction, EndpointInfo,
+        IpKeyV4, IpKeyV6, IpcacheEntry, Lpm, PolicyEntry, PolicyKey, PolicyState, Reason, Verdict,
+        VerdictEvent, EVENTS_LOST_SLOT,
     },
     service::{family, Addr},
 };
@@ -44,6 +44,8 @@ pub const TO_ENDPOINT_PROGRAM: &str = "policy_to_endpoint";
 pub const TC_PASS_PROGRAM: &str = "tc_pass";
 /// Load-time global of the TC programs: report allows too.
 const REPORT_ALLOWS_GLOBAL: &str = "POLICY_REPORT_ALLOWS";
+/// Load-time global of the TC programs: use the `POLICY_DECISIONS` cache.
+const DECISION_CACHE_GLOBAL: &str = "POLICY_DECISION_CACHE";
 /// Load-time global of `lb_xdp`: a CIDR deny list is configured.
 pub const XDP_CIDR_DENY_GLOBAL: &str = "POLICY_XDP_CIDR_DENY";
 
@@ -56,6 +58,8 @@ pub struct PolicyLoadOptions {
     pub conntrack_entries: u32,
     /// `max_entries` of the `POLICY` trie (both epochs); below the default only to test a full map.
     pub policy_map_entries: u32,
+    /// Cache rule outcomes in `POLICY_DECISIONS` (off only to measure the lookups themselves).
+    pub decision_cache: bool,
 }
 
 impl Default for PolicyLoadOptions {
@@ -64,6 +68,7 @@ impl Default for PolicyLoadOptions {
             report_allows: false,
             conntrack_entries: state_limits::CONNTRACK_ENTRIES,
             policy_map_entries: limits::POLICY_MAP_ENTRIES,
+            decision_cache: true,
         }
     }
 }
@@ -131,8 +136,10 @@ pub struct PolicyDatapath {
 impl PolicyDatapath {
     pub fn load(options: &PolicyLoadOptions) -> Result<Self> {
         let report_allows = options.report_allows as u32;
+        let decision_cache = options.decision_cache as u32;
         let mut ebpf = EbpfLoader::new()
             .override_global(REPORT_ALLOWS_GLOBAL, &report_allows, true)
+            .override_global(DECISION_CACHE_GLOBAL, &decision_cache, true)
             .map_max_entries("POLICY_CONNTRACK", options.conntrack_entries)
             .map_max_entries("POLICY", options.policy_map_entries)
             // The balancer's state is not used by the policy programs: keep it small.
@@ -223,7 +230,12 @@ impl PolicyDatapath {
     pub fn apply(&mut self, compiled: &CompiledPolicy) -> Result<()> {
         check_capacity(compiled)?;
         let next = 1 - self.epoch;
-        if let Err(e) = self.write_epoch(compiled, next) {
+        // Outcomes cached under this epoch number belong to the rule set before the previous one;
+        // no packet looks them up until the flip.
+        let written = self
+            .write_epoch(compiled, next)
+            .and_then(|()| self.forget_decisions(next));
+        if let Err(e) = written {
             self.delete_epoch(compiled, next);
             return Err(e.context("writing the new policy epoch; the previous one stays in force"));
         }
@@ -234,6 +246,22 @@ impl PolicyDatapath {
         let old = std::mem::replace(&mut self.live, compiled.clone());
         let old_epoch = std::mem::replace(&mut self.epoch, next);
         self.delete_epoch(&old, old_epoch);
+        Ok(())
+    }
+
+    /// Deletes the cached rule outcomes of `epoch`.
+    fn forget_decisions(&mut self, epoch: u8) -> Result<()> {
+        let mut cache: HashMap<_, DecisionKey, CachedDecision> =
+            HashMap::try_from(self.map_mut("POLICY_DECISIONS")?)?;
+        let stale: Vec<DecisionKey> = cache
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.epoch == epoch)
+            .collect();
+        for k in stale {
+            // Already evicted is fine.
+            let _ = cache.remove(&k);
+        }
         Ok(())
     }
 

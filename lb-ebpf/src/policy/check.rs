@@ -2,12 +2,17 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
-    policy::{decide, identity, Decision, Direction, IpKeyV4, IpKeyV6, PolicyKey, Reason, Verdict},
+    policy::{
+        decide, identity, with_endpoint_flags, CachedDecision, Decision, DecisionKey, Direction,
+        IpKeyV4, IpKeyV6, PolicyKey, Reason, Verdict,
+    },
     service::family,
 };
 
 use super::{
-    maps::{ENDPOINTS_V4, ENDPOINTS_V6, IPCACHE_V4, IPCACHE_V6, POLICY, POLICY_STATE},
+    maps::{
+        ENDPOINTS_V4, ENDPOINTS_V6, IPCACHE_V4, IPCACHE_V6, POLICY, POLICY_DECISIONS, POLICY_STATE,
+    },
     parse::Packet,
 };
 
@@ -78,14 +83,76 @@ pub fn check(packet: &Packet, dir: Direction) -> Check {
         IPCACHE_V6.get(Key::new(k.prefix_len, k.data)).copied()
     };
     let peer_identity = peer_entry.map_or(identity::WORLD, |e| e.identity);
-    // 4. Exact peer, world class, any peer; all three looked up.
+    // 4–5, from the cache of earlier outcomes, or the three lookups.
+    let cache_key = DecisionKey {
+        epoch,
+        direction: dir as u8,
+        protocol: key.protocol,
+        _pad: 0,
+        endpoint_identity: endpoint.identity,
+        peer_identity,
+        dport: packet.dport,
+        _pad2: 0,
+    };
+    // SAFETY: copied out at once.
+    let cached = if decision_cache_enabled() {
+        unsafe { POLICY_DECISIONS.get(&cache_key) }.copied()
+    } else {
+        None
+    };
+    let decision = match cached.and_then(|c| Reason::from_u8(c.reason).map(|r| (r, c.rule_id))) {
+        Some((reason, rule_id)) => with_endpoint_flags(reason, rule_id, endpoint.flags),
+        None => {
+            let decision = lookup_rules(epoch, dir, endpoint.identity, peer_identity, packet);
+            if decision_cache_enabled() {
+                let outcome = CachedDecision {
+                    reason: decision.reason as u8,
+                    _pad: [0; 3],
+                    rule_id: decision.rule_id,
+                };
+                // A full LRU evicts its oldest entry; a failure only costs the next packet a walk.
+                let _ = POLICY_DECISIONS.insert(&cache_key, &outcome, 0);
+            }
+            with_endpoint_flags(decision.reason, decision.rule_id, endpoint.flags)
+        }
+    };
+    Check {
+        decision,
+        endpoint_identity: endpoint.identity,
+        peer_identity,
+        endpoint_flags: endpoint.flags,
+        endpoint_ifindex: endpoint.ifindex,
+        epoch,
+    }
+}
+
+/// Set at load time (`EbpfLoader::set_global`): 0 turns the `POLICY_DECISIONS` cache off (for
+/// measuring the lookups themselves).
+#[unsafe(no_mangle)]
+static POLICY_DECISION_CACHE: u32 = 1;
+
+#[inline(always)]
+fn decision_cache_enabled() -> bool {
+    // SAFETY: a global of this program.
+    unsafe { core::ptr::read_volatile(&POLICY_DECISION_CACHE) != 0 }
+}
+
+/// Step 4 and 5 without the endpoint's flags: exact peer, world class, any peer, all three looked up.
+#[inline(always)]
+fn lookup_rules(
+    epoch: u8,
+    dir: Direction,
+    endpoint_identity: u32,
+    peer_identity: u32,
+    packet: &Packet,
+) -> Decision {
     let lookup = |peer_id: u32| {
         let k = PolicyKey::lookup(
             epoch,
             dir,
-            endpoint.identity,
+            endpoint_identity,
             peer_id,
-            key.protocol,
+            packet.key.protocol,
             packet.dport,
         );
         POLICY.get(Key::new(k.prefix_len, k.data)).copied()
@@ -96,16 +163,5 @@ pub fn check(packet: &Packet, dir: Direction) -> Check {
         None => None,
     };
     let any = lookup(identity::ANY);
-    // 5. Deny over allow over default deny; audit.
-    Check {
-        decision: decide(
-            [exact.as_ref(), world.as_ref(), any.as_ref()],
-            endpoint.flags,
-        ),
-        endpoint_identity: endpoint.identity,
-        peer_identity,
-        endpoint_flags: endpoint.flags,
-        endpoint_ifindex: endpoint.ifindex,
-        epoch,
-    }
+    decide([exact.as_ref(), world.as_ref(), any.as_ref()], 0)
 }

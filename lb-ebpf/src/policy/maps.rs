@@ -8,8 +8,9 @@ use lb_common::{
     conntrack::FlowKey,
     fragments::FragmentKey,
     policy::{
-        limits, state_limits, EndpointInfo, IpKeyV4, IpKeyV6, IpcacheEntry, PolicyConntrackEntry,
-        PolicyEntry, PolicyFragmentEntry, PolicyKey, PolicyState, COUNTER_ARRAY_LEN,
+        limits, state_limits, CachedDecision, DecisionKey, EndpointInfo, IpKeyV4, IpKeyV6,
+        IpcacheEntry, PolicyConntrackEntry, PolicyEntry, PolicyFragmentEntry, PolicyKey,
+        PolicyState, COUNTER_ARRAY_LEN,
     },
 };
 
@@ -35,6 +36,10 @@ pub static ENDPOINTS_V6: HashMap<IpKeyV6, EndpointInfo> =
 #[map(name = "POLICY")]
 pub static POLICY: LpmTrie<PolicyKey, PolicyEntry> =
     LpmTrie::with_max_entries(limits::POLICY_MAP_ENTRIES, 0);
+
+#[map(name = "POLICY_DECISIONS")]
+pub static POLICY_DECISIONS: LruHashMap<DecisionKey, CachedDecision> =
+    LruHashMap::with_max_entries(state_limits::DECISION_ENTRIES, 0);
 
 #[map(name = "POLICY_EVENTS")]
 pub static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENT_RING_BYTES, 0);
