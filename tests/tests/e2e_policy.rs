@@ -13,10 +13,16 @@ use std::{
     time::Duration,
 };
 
-use lb_agent::policy::{
-    compile,
-    datapath::{PolicyDatapath, PolicyEvent, PolicyLoadOptions},
-    CompiledPolicy, IdentityAllocator, PolicyConfig,
+use lb_agent::{
+    datapath::{Datapath, LoadOptions},
+    policy::{
+        compile,
+        datapath::{
+            read_counters, write_cidr_deny, PolicyDatapath, PolicyEvent, PolicyLoadOptions,
+        },
+        model::Cidr,
+        CompiledPolicy, IdentityAllocator, PolicyConfig,
+    },
 };
 use lb_common::policy::{Direction, Reason, Verdict};
 use lb_tests::{
@@ -62,7 +68,7 @@ struct Cluster {
     datapath: PolicyDatapath,
     compiled: CompiledPolicy,
     workloads: Vec<Netns>,
-    _node: Netns,
+    node: Netns,
 }
 
 impl Cluster {
@@ -129,7 +135,7 @@ impl Cluster {
             datapath,
             compiled,
             workloads,
-            _node: node,
+            node,
         }
     }
 
@@ -220,4 +226,42 @@ fn three_workloads_connect_as_the_rules_say() {
             "{audits:?}"
         );
     }
+}
+
+#[test]
+fn xdp_cidr_deny_drops_a_listed_source_on_the_node() {
+    let c = Cluster::new();
+    let db = Cluster::addr("db", false);
+    let frontend = Cluster::addr("frontend", false);
+    let server = TcpCountingServer::start(c.ns("db"), db, 6379, "db");
+    let target = SocketAddr::new(db, 6379);
+    assert_eq!(tcp_request(c.ns("frontend"), target, b"x").unwrap(), "db");
+
+    // lb_xdp with the CIDR deny list enabled, on the interface frontend's packets arrive on.
+    let mut xdp = Datapath::load_with_cidr_deny(&LoadOptions::default(), true).unwrap();
+    let listed = vec![Cidr::host(frontend)];
+    write_cidr_deny(xdp.ebpf_mut(), &[], &listed).unwrap();
+    let mut xdp = c.node.run(move || {
+        xdp.attach(WORKLOADS[0].4).unwrap();
+        xdp
+    });
+    let connections = server.connections();
+    assert!(tcp_request(c.ns("frontend"), target, b"x").is_err());
+    assert_eq!(
+        server.connections(),
+        connections,
+        "a listed source reached db"
+    );
+    let dropped = read_counters(xdp.ebpf_mut())
+        .unwrap()
+        .into_iter()
+        .find(|(v, r, _)| (*v, *r) == (Verdict::Deny, Reason::CidrDeny))
+        .unwrap()
+        .2;
+    assert!(dropped >= 1, "drops counted");
+
+    // Off the list: through again (the policy allows it).
+    write_cidr_deny(xdp.ebpf_mut(), &listed, &[]).unwrap();
+    assert_eq!(tcp_request(c.ns("frontend"), target, b"x").unwrap(), "db");
+    drop(xdp);
 }
