@@ -138,11 +138,23 @@ impl Datapath {
     /// tracking included, stay), refuses incompatible ones unless told to replace them, and pins
     /// maps and program.
     pub fn load_with(options: &LoadOptions) -> Result<Self> {
+        Self::load_with_cidr_deny(options, false)
+    }
+
+    /// `cidr_deny`: enables `lb_xdp`'s CIDR deny list (`policy::datapath::write_cidr_deny`); without
+    /// it the verifier removes the check from the program.
+    pub fn load_with_cidr_deny(options: &LoadOptions, cidr_deny: bool) -> Result<Self> {
         let max_entries = [
             ("CONNTRACK", options.conntrack_entries),
             ("NAT_REPLY", options.conntrack_entries),
         ];
+        let cidr_deny = cidr_deny as u32;
         let mut loader = EbpfLoader::new();
+        loader.override_global(
+            crate::policy::datapath::XDP_CIDR_DENY_GLOBAL,
+            &cidr_deny,
+            true,
+        );
         for (name, entries) in max_entries {
             loader.map_max_entries(name, entries);
         }
@@ -257,6 +269,11 @@ impl Datapath {
             .expect("checked in load")
             .try_into()
             .expect("checked in load")
+    }
+
+    /// The loaded object, for the policy maps `lb_xdp` reads (`policy::datapath::write_cidr_deny`).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// The XDP_PASS baseline program, loaded on first use.

@@ -11,7 +11,12 @@
 //! | `ENDPOINTS_V4` | hash | [`IpKeyV4`] (epoch, address) → [`EndpointInfo`] | [`limits::ENDPOINT_MAP_ENTRIES`] |
 //! | `ENDPOINTS_V6` | hash | [`IpKeyV6`] (epoch, address) → [`EndpointInfo`] | [`limits::ENDPOINT_MAP_ENTRIES`] |
 //! | `POLICY` | LPM trie | [`PolicyKey`] → [`PolicyEntry`] (kind, rule id) | [`limits::POLICY_MAP_ENTRIES`] |
-//! | `POLICY_EVENTS` | ring buffer | [`VerdictEvent`] | — |
+//! | `POLICY_EVENTS` | ring buffer | [`VerdictEvent`] | [`limits::EVENT_RING_BYTES`] bytes |
+//! | `POLICY_COUNTERS` | per-CPU array | [`counter_index`] → packets; [`EVENTS_LOST_SLOT`] | [`COUNTER_ARRAY_LEN`] |
+//! | `POLICY_CONNTRACK` | LRU hash | `FlowKey` (as the originator sent it) → [`PolicyConntrackEntry`] | [`state_limits::CONNTRACK_ENTRIES`] |
+//! | `POLICY_FRAGMENTS` | LRU hash | `FragmentKey` → [`PolicyFragmentEntry`] | [`state_limits::FRAGMENT_ENTRIES`] |
+//! | `POLICY_DECISIONS` | LRU hash | [`DecisionKey`] → [`CachedDecision`] (steps 4–5, cached) | [`state_limits::DECISION_ENTRIES`] |
+//! | `CIDR_DENY_V4` / `_V6` | LPM trie | [`IpKeyV4`] / [`IpKeyV6`] (epoch 0, CIDR) → list index | [`state_limits::CIDR_DENY_ENTRIES`] |
 //!
 //! LPM keys are a `u32` prefix length followed by the key struct (`aya::maps::lpm_trie::Key` in
 //! userspace, `aya_ebpf::maps::lpm_trie::Key` in the datapath, both `repr(C, packed)`); [`Lpm`] is
@@ -57,7 +62,9 @@
 //!    reported with the same reason and rule.
 //!
 //! That is one array, one hash and at most four LPM lookups, whatever the number of rules or
-//! identities.
+//! identities. The datapath caches the outcome of steps 4–5 (before the audit flag) in
+//! `POLICY_DECISIONS` under a [`DecisionKey`], so repeated (peer identity, port) pairs skip the three
+//! `POLICY` walks, whose depth grows (logarithmically) with the rules of an endpoint identity.
 //!
 //! # How userspace makes those lookups correct
 //!
@@ -616,7 +623,9 @@ impl Verdict {
     }
 }
 
-/// Why a check ended as it did. Keep in sync with [`Reason::ALL`].
+/// Why a check ended as it did. Keep in sync with [`Reason::ALL`]. The first five come from the
+/// lookup order above; the others are the datapath's own (connection tracking, fragments and packets
+/// it refuses to interpret), described in `lb-ebpf/src/policy`.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
@@ -630,15 +639,44 @@ pub enum Reason {
     DeniedByRule = 3,
     /// The endpoint is selected in this direction and no rule allowed the packet.
     DefaultDeny = 4,
+    /// A reply (or related ICMP error) of a connection allowed earlier: policy conntrack.
+    Established = 5,
+    /// ARP and IPv6 neighbour discovery / MLD: link control traffic, always passed.
+    Control = 6,
+    /// A fragment after the first: passed if its first fragment passed this check, else dropped.
+    Fragment = 7,
+    /// Truncated or inconsistent headers, or an IPv6 extension header chain that does not end in an
+    /// upper-layer header within the walk: never interpreted, always dropped.
+    Malformed = 8,
+    /// IPv4 source route option or IPv6 routing header with segments left: the destination in the
+    /// header is not the final one, so no check on it is meaningful; dropped.
+    SourceRoute = 9,
+    /// A VLAN-tagged frame on a workload interface (which carries none); dropped.
+    VlanTagged = 10,
+    /// Neither IPv4, IPv6 nor ARP; dropped.
+    UnknownL3 = 11,
+    /// Leaving a workload with a source address that is not one of its own; dropped.
+    Spoofed = 12,
+    /// The source is in the XDP CIDR deny list; dropped before an skb exists.
+    CidrDeny = 13,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 14] = [
         Reason::NoLocalEndpoint,
         Reason::NotSelected,
         Reason::AllowedByRule,
         Reason::DeniedByRule,
         Reason::DefaultDeny,
+        Reason::Established,
+        Reason::Control,
+        Reason::Fragment,
+        Reason::Malformed,
+        Reason::SourceRoute,
+        Reason::VlanTagged,
+        Reason::UnknownL3,
+        Reason::Spoofed,
+        Reason::CidrDeny,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -649,23 +687,34 @@ impl Reason {
             Reason::AllowedByRule => "allowed_by_rule",
             Reason::DeniedByRule => "denied_by_rule",
             Reason::DefaultDeny => "default_deny",
+            Reason::Established => "established",
+            Reason::Control => "control",
+            Reason::Fragment => "fragment",
+            Reason::Malformed => "malformed",
+            Reason::SourceRoute => "source_route",
+            Reason::VlanTagged => "vlan_tagged",
+            Reason::UnknownL3 => "unknown_l3",
+            Reason::Spoofed => "spoofed",
+            Reason::CidrDeny => "cidr_deny",
         }
     }
 
     pub const fn from_u8(v: u8) -> Option<Self> {
-        match v {
-            0 => Some(Reason::NoLocalEndpoint),
-            1 => Some(Reason::NotSelected),
-            2 => Some(Reason::AllowedByRule),
-            3 => Some(Reason::DeniedByRule),
-            4 => Some(Reason::DefaultDeny),
-            _ => None,
+        if (v as usize) < Self::ALL.len() {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
         }
     }
 }
 
 /// Slots of a per-CPU verdict counter array: one per (verdict, reason).
 pub const COUNTER_SLOTS: u32 = Verdict::ALL.len() as u32 * Reason::COUNT;
+
+/// Slot of `POLICY_COUNTERS` counting verdict events lost because the ring buffer was full.
+pub const EVENTS_LOST_SLOT: u32 = COUNTER_SLOTS;
+/// Entries of the `POLICY_COUNTERS` per-CPU array: the (verdict, reason) slots, then events lost.
+pub const COUNTER_ARRAY_LEN: u32 = COUNTER_SLOTS + 1;
 
 /// The counter slot of a (verdict, reason) pair.
 pub const fn counter_index(verdict: Verdict, reason: Reason) -> u32 {
@@ -696,15 +745,23 @@ pub fn decide(lookups: [Option<&PolicyEntry>; 3], endpoint_flags: u32) -> Decisi
         }
         None
     };
-    let (denied, reason, rule_id) = if let Some(rule) = pick(EntryKind::Deny) {
-        (true, Reason::DeniedByRule, rule)
+    let (reason, rule_id) = if let Some(rule) = pick(EntryKind::Deny) {
+        (Reason::DeniedByRule, rule)
     } else if let Some(rule) = pick(EntryKind::Allow) {
-        (false, Reason::AllowedByRule, rule)
+        (Reason::AllowedByRule, rule)
     } else if let Some(rule) = pick(EntryKind::DefaultDeny) {
-        (true, Reason::DefaultDeny, rule)
+        (Reason::DefaultDeny, rule)
     } else {
-        (false, Reason::NotSelected, 0)
+        (Reason::NotSelected, 0)
     };
+    with_endpoint_flags(reason, rule_id, endpoint_flags)
+}
+
+/// The decision of a rule outcome (`reason`, `rule_id`, as [`decide`] finds them) for an endpoint
+/// with `endpoint_flags`: a would-be deny of an audited endpoint is an audit. Also applied to
+/// decisions taken from `POLICY_DECISIONS`, which are cached without the flags.
+pub const fn with_endpoint_flags(reason: Reason, rule_id: u32, endpoint_flags: u32) -> Decision {
+    let denied = matches!(reason, Reason::DeniedByRule | Reason::DefaultDeny);
     let verdict = match (denied, endpoint_flags & endpoint_flags::AUDIT != 0) {
         (false, _) => Verdict::Allow,
         (true, false) => Verdict::Deny,
@@ -717,11 +774,44 @@ pub fn decide(lookups: [Option<&PolicyEntry>; 3], endpoint_flags: u32) -> Decisi
     }
 }
 
+/// Key of the `POLICY_DECISIONS` LRU map: everything steps 4–5 depend on except the endpoint's
+/// flags. The datapath caches each outcome of the three `POLICY` lookups under it, so the steady
+/// state of a (peer, port) pair costs one hash lookup instead of three trie walks whose depth grows
+/// with the rules. Entries carry the epoch they were decided under; the agent deletes a epoch's
+/// entries before making that epoch live again (see the writer), so a hit is always the decision
+/// of the rule set live under its epoch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecisionKey {
+    pub epoch: u8,
+    /// [`Direction`] as `u8`.
+    pub direction: u8,
+    pub protocol: u8,
+    pub _pad: u8,
+    pub endpoint_identity: u32,
+    pub peer_identity: u32,
+    /// Network byte order; 0 for protocols without ports.
+    pub dport: u16,
+    pub _pad2: u16,
+}
+
+/// Value of `POLICY_DECISIONS`: a rule outcome before the endpoint's flags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedDecision {
+    /// [`Reason`] as `u8`: `DeniedByRule`, `AllowedByRule`, `DefaultDeny` or `NotSelected`.
+    pub reason: u8,
+    pub _pad: [u8; 3],
+    pub rule_id: u32,
+}
+
 /// A verdict report sent to userspace through `POLICY_EVENTS` (denials and audits; allows when
 /// sampled). Addresses and ports in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VerdictEvent {
+    /// `bpf_ktime_get_ns` (monotonic, since boot) when the packet was checked.
+    pub timestamp_ns: u64,
     /// IPv4 in the first word, the rest zero.
     pub src_addr: [u32; 4],
     pub dst_addr: [u32; 4],
@@ -744,6 +834,66 @@ pub struct VerdictEvent {
     pub rule_id: u32,
 }
 
+/// Value of the `POLICY_CONNTRACK` LRU map, keyed by a connection's first packet as its originator
+/// sent it (`conntrack::FlowKey`). Forward packets are checked against the rules every time; the
+/// entry only lets replies through, and only at the checks its flags name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyConntrackEntry {
+    /// [`conntrack_flags`]: which checks passed the connection's forward packets.
+    pub flags: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the last forward packet or reply.
+    pub last_seen_ns: u64,
+}
+
+/// Flags of [`PolicyConntrackEntry::flags`] and [`PolicyFragmentEntry::flags`].
+pub mod conntrack_flags {
+    /// The originator's egress check passed it: replies may enter the originator.
+    pub const EGRESS_PASSED: u32 = 1 << 0;
+    /// The responder's ingress check passed it: replies may leave the responder.
+    pub const INGRESS_PASSED: u32 = 1 << 1;
+
+    /// The flag a check of `dir` sets when it passes a packet.
+    pub const fn passed(dir: super::Direction) -> u32 {
+        match dir {
+            super::Direction::Egress => EGRESS_PASSED,
+            super::Direction::Ingress => INGRESS_PASSED,
+        }
+    }
+
+    /// The flag a reply needs at a check of `dir`: the opposite check passed the connection.
+    pub const fn reply_needs(dir: super::Direction) -> u32 {
+        match dir {
+            super::Direction::Egress => INGRESS_PASSED,
+            super::Direction::Ingress => EGRESS_PASSED,
+        }
+    }
+}
+
+/// Sizes and lifetimes of the policy datapath's own state.
+pub mod state_limits {
+    /// Default entries of `POLICY_CONNTRACK` (LRU; configurable at load time).
+    pub const CONNTRACK_ENTRIES: u32 = 65_536;
+    /// Entries of `POLICY_FRAGMENTS` (LRU): datagrams in flight whose first fragment passed.
+    pub const FRAGMENT_ENTRIES: u32 = 8192;
+    /// Default entries of `POLICY_DECISIONS` (LRU): (endpoint, peer identity, port) outcomes kept.
+    pub const DECISION_ENTRIES: u32 = 65_536;
+    /// Entries of each XDP CIDR deny trie.
+    pub const CIDR_DENY_ENTRIES: u32 = 65_536;
+}
+
+/// Value of the `POLICY_FRAGMENTS` LRU map, keyed by `fragments::FragmentKey`: which checks passed
+/// the datagram's first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyFragmentEntry {
+    /// [`conntrack_flags`].
+    pub flags: u32,
+    pub _pad: u32,
+    pub first_seen_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -756,6 +906,10 @@ mod pod {
     unsafe impl aya::Pod for PolicyEntry {}
     unsafe impl aya::Pod for PolicyState {}
     unsafe impl aya::Pod for VerdictEvent {}
+    unsafe impl aya::Pod for PolicyConntrackEntry {}
+    unsafe impl aya::Pod for PolicyFragmentEntry {}
+    unsafe impl aya::Pod for DecisionKey {}
+    unsafe impl aya::Pod for CachedDecision {}
 }
 
 #[cfg(test)]
@@ -773,7 +927,11 @@ mod tests {
         assert_eq!(size_of::<EndpointInfo>(), 12);
         assert_eq!(size_of::<PolicyEntry>(), 8);
         assert_eq!(size_of::<PolicyState>(), 4);
-        assert_eq!(size_of::<VerdictEvent>(), 56);
+        assert_eq!(size_of::<VerdictEvent>(), 64);
+        assert_eq!(size_of::<PolicyConntrackEntry>(), 16);
+        assert_eq!(size_of::<PolicyFragmentEntry>(), 16);
+        assert_eq!(size_of::<DecisionKey>(), 16);
+        assert_eq!(size_of::<CachedDecision>(), 8);
         // The kernel's LPM key is a u32 prefix length then the data: data must be 4-aligned so the
         // packed key and a repr(C) pair agree.
         assert_eq!(core::mem::align_of::<IpKeyV4>(), 4);

@@ -21,6 +21,7 @@ mod maps;
 mod mem;
 mod nat;
 mod packet;
+mod policy;
 mod prefilter;
 mod reply;
 mod service;
@@ -39,6 +40,10 @@ use crate::{
 /// clients (VIP traffic goes to a backend) and those facing backends (replies go back as the VIP).
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    // Before parsing: it reads only the source address, and nothing parsed is live across it.
+    if policy::xdp::cidr_denied(&ctx) {
+        return xdp_action::XDP_DROP;
+    }
     let flow = match parse(&ctx) {
         Parsed::Flow(flow) => flow,
         Parsed::Fragment(fragment) => return fragments::forward(&ctx, &fragment),

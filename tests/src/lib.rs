@@ -7,6 +7,7 @@
 //! - [`agent`]: the `lb-agent` binary as a child process, stopped on drop.
 //! - [`grpc_client`]: a client of the agent's gRPC API over its unix socket.
 //! - [`frames`]: crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
+//! - [`policy_bench`]: the policy check's per-packet cost against rule and ipcache sizes.
 //! - [`modes`]: namespaced test runs, IP-in-IP frames, DSR backends and peer-recording servers
 //!   for the forwarding-mode tests.
 //! - [`memory`]: resident set and BPF map memory, for the benchmarks.
@@ -23,6 +24,7 @@ pub mod loadgen;
 pub mod memory;
 pub mod modes;
 pub mod netns;
+pub mod policy_bench;
 pub mod procs;
 pub mod servers;
 pub mod test_run;

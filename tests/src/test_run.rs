@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use lb_agent::datapath::Datapath;
 use lb_common::{
     conntrack::FlowKey,
@@ -12,6 +12,9 @@ use lb_common::{
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+/// TC verdicts (`TC_ACT_OK`, `TC_ACT_SHOT`).
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
 
 /// Runs `program` once on `frame`; returns the action and the output frame.
 pub fn run(program: &mut Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -22,6 +25,28 @@ pub fn run(program: &mut Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
     let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
+}
+
+/// Runs the TC `program` once on `frame` (starting at its Ethernet header); returns the verdict.
+pub fn run_tc(program: &mut SchedClassifier, frame: &[u8]) -> u32 {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    program
+        .test_run(opts)
+        .expect("BPF_PROG_TEST_RUN")
+        .return_value
+}
+
+/// Mean kernel-measured ns per run of `program` over `repeat` runs on `frame` (the kernel reruns
+/// it on the same packet: right for programs that do not rewrite it).
+pub fn tc_repeated_ns(program: &mut SchedClassifier, frame: &[u8], repeat: u32) -> f64 {
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.repeat = repeat;
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    result.duration.as_nanos() as f64
 }
 
 /// The backend the datapath must choose for a new flow `src → dst` of service `key`, computed in

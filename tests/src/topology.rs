@@ -136,7 +136,7 @@ impl Topology {
 }
 
 /// A veth pair with one end in each namespace.
-fn link(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
+pub fn link(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
     std::process::Command::new("ip")
         .args([
             "link",

@@ -7,12 +7,15 @@
 //! - [`identity`]: numeric identities for label sets and CIDRs, stable across restarts;
 //! - [`compile`]: model + identities → [`CompiledPolicy`], the exact map entries;
 //! - [`evaluate`]: the datapath's lookup sequence on those entries: the spec of the eBPF side and the
-//!   tests' oracle.
+//!   tests' oracle;
+//! - [`datapath`]: the kernel side: loads and attaches the TC programs, writes a [`CompiledPolicy`]
+//!   with the epoch swap, drains verdict events.
 //!
 //! The map layouts, the lookup order and how deny-over-allow and default deny are encoded are
 //! documented once, in `lb_common::policy`.
 
 pub mod compile;
+pub mod datapath;
 pub mod evaluate;
 pub mod identity;
 pub mod k8s;

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: per-packet cost of the datapath paths through BPF_PROG_TEST_RUN, each as a
 //! ratio to a trivial XDP_PASS program measured in the same run, Maglev table build times, and the
 //! agent's reconcile time and memory for a datapath full of services (`--only reconcile`; see
-//! [`reconcile`]). Prints tables and writes JSON to target/bench/bench.json.
+//! [`reconcile`]), and the policy check's cost against rule counts (`lb_tests::policy_bench`;
+//! `--only policy`). Prints tables and writes JSON to target/bench/bench.json.
 //!
 //! How the per-packet figures are made. With `repeat` > 1 the kernel reruns the program on the
 //! buffer the previous iteration rewrote, so only paths that do not rewrite (non-VIP pass) are timed
@@ -65,6 +66,7 @@ enum Section {
     PerPacket,
     Maglev,
     Reconcile,
+    Policy,
 }
 
 const CONFIG: &str = "
@@ -197,6 +199,9 @@ fn main() -> Result<()> {
     }
     if run(Section::Reconcile) {
         report["reconcile"] = reconcile(&args)?;
+    }
+    if run(Section::Policy) {
+        report["policy"] = lb_tests::policy_bench::run(REPEAT)?;
     }
     if let Some(dir) = args.json.parent() {
         std::fs::create_dir_all(dir)?;

@@ -1,0 +1,544 @@
+//! The kernel side of policy: loads the TC policy programs from the embedded object, attaches them
+//! to workload interfaces, writes compiled rule sets with the epoch swap of `lb_common::policy`, and
+//! drains verdict events and counters.
+//!
+//! A rule set is written completely under the inactive epoch, then made live by one store to
+//! `POLICY_STATE`, then the previous epoch's entries are deleted. If writing fails (a map full,
+//! above all) the partial new epoch is deleted again and the error returned: the live rule set never
+//! changed. Capacity is checked against `lb_common::policy::limits` before anything is written.
+//!
+//! The XDP CIDR deny list lives in the balancer's object (`lb_xdp` reads it), so its writer,
+//! [`write_cidr_deny`], takes that object's [`Ebpf`].
+
+use std::net::IpAddr;
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, MapData, PerCpuArray, RingBuf,
+    },
+    programs::{
+        tc::{self, SchedClassifierLinkId},
+        SchedClassifier, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    policy::{
+        counter_index, limits, state_limits, CachedDecision, DecisionKey, Direction, EndpointInfo,
+        IpKeyV4, IpKeyV6, IpcacheEntry, Lpm, PolicyEntry, PolicyKey, PolicyState, Reason, Verdict,
+        VerdictEvent, EVENTS_LOST_SLOT,
+    },
+    service::{family, Addr},
+};
+
+use super::{compile::CompiledPolicy, model::Cidr};
+use crate::datapath::EBPF_OBJECT;
+
+/// Packets a workload sends (attached at TC ingress of its host-side veth): its egress.
+pub const FROM_ENDPOINT_PROGRAM: &str = "policy_from_endpoint";
+/// Packets going into a workload (TC egress of its host-side veth): its ingress.
+pub const TO_ENDPOINT_PROGRAM: &str = "policy_to_endpoint";
+/// A TC program that only passes: the baseline of the policy benchmark.
+pub const TC_PASS_PROGRAM: &str = "tc_pass";
+/// Load-time global of the TC programs: report allows too.
+const REPORT_ALLOWS_GLOBAL: &str = "POLICY_REPORT_ALLOWS";
+/// Load-time global of the TC programs: use the `POLICY_DECISIONS` cache.
+const DECISION_CACHE_GLOBAL: &str = "POLICY_DECISION_CACHE";
+/// Load-time global of `lb_xdp`: a CIDR deny list is configured.
+pub const XDP_CIDR_DENY_GLOBAL: &str = "POLICY_XDP_CIDR_DENY";
+
+/// Load-time settings.
+#[derive(Debug, Clone)]
+pub struct PolicyLoadOptions {
+    /// Report allowed packets as well as denials and audits (every packet: for debugging).
+    pub report_allows: bool,
+    /// Entries of the `POLICY_CONNTRACK` LRU map.
+    pub conntrack_entries: u32,
+    /// `max_entries` of the `POLICY` trie (both epochs); below the default only to test a full map.
+    pub policy_map_entries: u32,
+    /// Cache rule outcomes in `POLICY_DECISIONS` (off only to measure the lookups themselves).
+    pub decision_cache: bool,
+}
+
+impl Default for PolicyLoadOptions {
+    fn default() -> Self {
+        Self {
+            report_allows: false,
+            conntrack_entries: state_limits::CONNTRACK_ENTRIES,
+            policy_map_entries: limits::POLICY_MAP_ENTRIES,
+            decision_cache: true,
+        }
+    }
+}
+
+/// A verdict event, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyEvent {
+    /// Monotonic clock (`CLOCK_MONOTONIC`, since boot) of the check.
+    pub timestamp_ns: u64,
+    /// `None` for packets refused before their addresses were read (e.g. malformed).
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub direction: Direction,
+    pub verdict: Verdict,
+    pub reason: Reason,
+    pub epoch: u8,
+    pub endpoint_identity: u32,
+    pub peer_identity: u32,
+    /// Rule id in the rule table of `epoch` (`CompiledPolicy::rule`); 0 for none.
+    pub rule_id: u32,
+}
+
+impl PolicyEvent {
+    /// Decodes a `VerdictEvent`; `None` if a field holds a value no datapath writes.
+    pub fn decode(e: &VerdictEvent) -> Option<Self> {
+        let addr = |words: [u32; 4]| match e.family {
+            family::IPV4 | family::IPV6 => Some(Addr(words).to_ip(e.family)),
+            _ => None,
+        };
+        Some(Self {
+            timestamp_ns: e.timestamp_ns,
+            src: addr(e.src_addr),
+            dst: addr(e.dst_addr),
+            src_port: u16::from_be(e.src_port),
+            dst_port: u16::from_be(e.dst_port),
+            protocol: e.protocol,
+            direction: match e.direction {
+                0 => Direction::Ingress,
+                1 => Direction::Egress,
+                _ => return None,
+            },
+            verdict: *Verdict::ALL.get(e.verdict as usize)?,
+            reason: Reason::from_u8(e.reason)?,
+            epoch: e.epoch,
+            endpoint_identity: e.endpoint_identity,
+            peer_identity: e.peer_identity,
+            rule_id: e.rule_id,
+        })
+    }
+}
+
+/// The loaded policy programs and their maps. Dropping it detaches the programs and frees the maps.
+pub struct PolicyDatapath {
+    ebpf: Ebpf,
+    events: RingBuf<MapData>,
+    attached: Vec<(String, &'static str, SchedClassifierLinkId)>,
+    /// The live epoch and the rule set written under it.
+    epoch: u8,
+    live: CompiledPolicy,
+}
+
+impl PolicyDatapath {
+    pub fn load(options: &PolicyLoadOptions) -> Result<Self> {
+        let report_allows = options.report_allows as u32;
+        let decision_cache = options.decision_cache as u32;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(REPORT_ALLOWS_GLOBAL, &report_allows, true)
+            .override_global(DECISION_CACHE_GLOBAL, &decision_cache, true)
+            .map_max_entries("POLICY_CONNTRACK", options.conntrack_entries)
+            .map_max_entries("POLICY", options.policy_map_entries)
+            // The balancer's state is not used by the policy programs: keep it small.
+            .map_max_entries("CONNTRACK", 1)
+            .map_max_entries("NAT_REPLY", 1)
+            .map_max_entries("FRAGMENTS", 1)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        for name in [FROM_ENDPOINT_PROGRAM, TO_ENDPOINT_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("{name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("loading {name} (verifier)"))?;
+        }
+        let events = RingBuf::try_from(
+            ebpf.take_map("POLICY_EVENTS")
+                .context("POLICY_EVENTS missing")?,
+        )?;
+        Ok(Self {
+            ebpf,
+            events,
+            attached: Vec::new(),
+            epoch: 0,
+            live: CompiledPolicy::default(),
+        })
+    }
+
+    /// A loaded policy program by name ([`FROM_ENDPOINT_PROGRAM`], [`TO_ENDPOINT_PROGRAM`], or
+    /// [`TC_PASS_PROGRAM`], loaded on first use), e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} missing from the object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        Ok(program)
+    }
+
+    /// Attaches both programs to the host side of a workload's veth (tcx, or clsact on kernels
+    /// before 6.6).
+    pub fn attach(&mut self, interface: &str) -> Result<()> {
+        // Needed before tcx (kernel 6.6), harmless after; EEXIST: the qdisc is there already.
+        let _ = tc::qdisc_add_clsact(interface);
+        for (name, attach_type) in [
+            (FROM_ENDPOINT_PROGRAM, TcAttachType::Ingress),
+            (TO_ENDPOINT_PROGRAM, TcAttachType::Egress),
+        ] {
+            let link = self
+                .program(name)?
+                .attach(interface, attach_type)
+                .with_context(|| format!("attaching {name} to {interface}"))?;
+            self.attached.push((interface.to_string(), name, link));
+        }
+        Ok(())
+    }
+
+    /// Detaches every program from `interface`.
+    pub fn detach(&mut self, interface: &str) {
+        let (gone, kept) = std::mem::take(&mut self.attached)
+            .into_iter()
+            .partition(|(i, _, _)| i == interface);
+        self.attached = kept;
+        for (_, name, link) in gone {
+            if let Ok(program) = self.program(name) {
+                let _ = program.detach(link);
+            }
+        }
+    }
+
+    /// The live epoch.
+    pub fn epoch(&self) -> u8 {
+        self.epoch
+    }
+
+    /// The rule set in force.
+    pub fn live(&self) -> &CompiledPolicy {
+        &self.live
+    }
+
+    /// Makes `compiled` the rule set in force, atomically for every packet. On error the previous
+    /// rule set stays in force, unchanged.
+    pub fn apply(&mut self, compiled: &CompiledPolicy) -> Result<()> {
+        check_capacity(compiled)?;
+        let next = 1 - self.epoch;
+        // Outcomes cached under this epoch number belong to the rule set before the previous one;
+        // no packet looks them up until the flip.
+        let written = self
+            .write_epoch(compiled, next)
+            .and_then(|()| self.forget_decisions(next));
+        if let Err(e) = written {
+            self.delete_epoch(compiled, next);
+            return Err(e.context("writing the new policy epoch; the previous one stays in force"));
+        }
+        let mut state: Array<_, PolicyState> = Array::try_from(self.map_mut("POLICY_STATE")?)?;
+        state
+            .set(0, PolicyState { epoch: next as u32 }, 0)
+            .context("switching the policy epoch")?;
+        let old = std::mem::replace(&mut self.live, compiled.clone());
+        let old_epoch = std::mem::replace(&mut self.epoch, next);
+        self.delete_epoch(&old, old_epoch);
+        Ok(())
+    }
+
+    /// Deletes the cached rule outcomes of `epoch`.
+    fn forget_decisions(&mut self, epoch: u8) -> Result<()> {
+        let mut cache: HashMap<_, DecisionKey, CachedDecision> =
+            HashMap::try_from(self.map_mut("POLICY_DECISIONS")?)?;
+        let stale: Vec<DecisionKey> = cache
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.epoch == epoch)
+            .collect();
+        for k in stale {
+            // Already evicted is fine.
+            let _ = cache.remove(&k);
+        }
+        Ok(())
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("{name} missing from the object"))
+    }
+
+    fn write_epoch(&mut self, compiled: &CompiledPolicy, epoch: u8) -> Result<()> {
+        let mut ipcache_v4: LpmTrie<_, IpKeyV4, IpcacheEntry> =
+            LpmTrie::try_from(self.map_mut("IPCACHE_V4")?)?;
+        for (k, v) in &compiled.ipcache_v4 {
+            let key = lpm(k, IpKeyV4 { epoch, ..k.data });
+            ipcache_v4.insert(&key, v, 0).context("IPCACHE_V4")?;
+        }
+        let mut ipcache_v6: LpmTrie<_, IpKeyV6, IpcacheEntry> =
+            LpmTrie::try_from(self.map_mut("IPCACHE_V6")?)?;
+        for (k, v) in &compiled.ipcache_v6 {
+            let key = lpm(k, IpKeyV6 { epoch, ..k.data });
+            ipcache_v6.insert(&key, v, 0).context("IPCACHE_V6")?;
+        }
+        let mut policy: LpmTrie<_, PolicyKey, PolicyEntry> =
+            LpmTrie::try_from(self.map_mut("POLICY")?)?;
+        for (k, v) in &compiled.policy {
+            let key = lpm(k, PolicyKey { epoch, ..k.data });
+            policy.insert(&key, v, 0).context("POLICY")?;
+        }
+        // Endpoints last: an endpoint is never visible before its policy (within the epoch, which
+        // is not live yet anyway).
+        let mut endpoints_v4: HashMap<_, IpKeyV4, EndpointInfo> =
+            HashMap::try_from(self.map_mut("ENDPOINTS_V4")?)?;
+        for (k, v) in &compiled.endpoints_v4 {
+            endpoints_v4
+                .insert(IpKeyV4 { epoch, ..*k }, v, 0)
+                .context("ENDPOINTS_V4")?;
+        }
+        let mut endpoints_v6: HashMap<_, IpKeyV6, EndpointInfo> =
+            HashMap::try_from(self.map_mut("ENDPOINTS_V6")?)?;
+        for (k, v) in &compiled.endpoints_v6 {
+            endpoints_v6
+                .insert(IpKeyV6 { epoch, ..*k }, v, 0)
+                .context("ENDPOINTS_V6")?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `compiled`'s entries under `epoch`; missing ones are fine (a partial write).
+    fn delete_epoch(&mut self, compiled: &CompiledPolicy, epoch: u8) {
+        macro_rules! delete {
+            ($map:literal, $ty:ty, $entries:expr, $key:expr) => {
+                if let Ok(map) = self.map_mut($map) {
+                    if let Ok(mut map) = <$ty>::try_from(map) {
+                        for k in $entries.keys() {
+                            let _ = map.remove(&$key(k));
+                        }
+                    }
+                }
+            };
+        }
+        delete!(
+            "ENDPOINTS_V4",
+            HashMap<_, IpKeyV4, EndpointInfo>,
+            compiled.endpoints_v4,
+            |k: &IpKeyV4| IpKeyV4 { epoch, ..*k }
+        );
+        delete!(
+            "ENDPOINTS_V6",
+            HashMap<_, IpKeyV6, EndpointInfo>,
+            compiled.endpoints_v6,
+            |k: &IpKeyV6| IpKeyV6 { epoch, ..*k }
+        );
+        delete!(
+            "IPCACHE_V4",
+            LpmTrie<_, IpKeyV4, IpcacheEntry>,
+            compiled.ipcache_v4,
+            |k: &Lpm<IpKeyV4>| lpm(k, IpKeyV4 { epoch, ..k.data })
+        );
+        delete!(
+            "IPCACHE_V6",
+            LpmTrie<_, IpKeyV6, IpcacheEntry>,
+            compiled.ipcache_v6,
+            |k: &Lpm<IpKeyV6>| lpm(k, IpKeyV6 { epoch, ..k.data })
+        );
+        delete!(
+            "POLICY",
+            LpmTrie<_, PolicyKey, PolicyEntry>,
+            compiled.policy,
+            |k: &Lpm<PolicyKey>| lpm(k, PolicyKey { epoch, ..k.data })
+        );
+    }
+
+    /// Entries of the verdict-affecting maps (ipcache, endpoints, policy) per epoch: after a swap
+    /// the inactive epoch holds none.
+    pub fn entries_per_epoch(&self) -> Result<[usize; 2]> {
+        let mut counts = [0usize; 2];
+        let mut add = |epoch: u8| {
+            if let Some(c) = counts.get_mut(epoch as usize) {
+                *c += 1;
+            }
+        };
+        let map = |name: &str| {
+            self.ebpf
+                .map(name)
+                .with_context(|| format!("{name} missing"))
+        };
+        for k in LpmTrie::<_, IpKeyV4, IpcacheEntry>::try_from(map("IPCACHE_V4")?)?.keys() {
+            add(k?.data().epoch);
+        }
+        for k in LpmTrie::<_, IpKeyV6, IpcacheEntry>::try_from(map("IPCACHE_V6")?)?.keys() {
+            add(k?.data().epoch);
+        }
+        for k in LpmTrie::<_, PolicyKey, PolicyEntry>::try_from(map("POLICY")?)?.keys() {
+            add(k?.data().epoch);
+        }
+        for k in HashMap::<_, IpKeyV4, EndpointInfo>::try_from(map("ENDPOINTS_V4")?)?.keys() {
+            add(k?.epoch);
+        }
+        for k in HashMap::<_, IpKeyV6, EndpointInfo>::try_from(map("ENDPOINTS_V6")?)?.keys() {
+            add(k?.epoch);
+        }
+        Ok(counts)
+    }
+
+    /// Takes every verdict event waiting in the ring buffer.
+    pub fn drain_events(&mut self) -> Vec<PolicyEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() < size_of::<VerdictEvent>() {
+                continue;
+            }
+            // SAFETY: the datapath writes whole `VerdictEvent`s; read unaligned to be safe.
+            let raw = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const VerdictEvent) };
+            if let Some(event) = PolicyEvent::decode(&raw) {
+                out.push(event);
+            }
+        }
+        out
+    }
+
+    /// Packets per (verdict, reason) so far, summed over CPUs; zero counts left out.
+    pub fn counters(&self) -> Result<Vec<(Verdict, Reason, u64)>> {
+        let mut out = Vec::new();
+        for (verdict, reason, n) in read_counters(&self.ebpf)? {
+            if n > 0 {
+                out.push((verdict, reason, n));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events the datapath could not report because the ring buffer was full.
+    pub fn events_lost(&self) -> Result<u64> {
+        counter_sum(&self.ebpf, EVENTS_LOST_SLOT)
+    }
+}
+
+impl Drop for PolicyDatapath {
+    fn drop(&mut self) {
+        let interfaces: Vec<String> = self.attached.iter().map(|(i, _, _)| i.clone()).collect();
+        for interface in interfaces {
+            self.detach(&interface);
+        }
+    }
+}
+
+fn lpm<K: aya::Pod, T>(k: &Lpm<T>, data: K) -> Key<K> {
+    Key::new(k.prefix_len, data)
+}
+
+fn check_capacity(compiled: &CompiledPolicy) -> Result<()> {
+    for (map, used, max) in [
+        (
+            "IPCACHE_V4",
+            compiled.ipcache_v4.len(),
+            limits::MAX_IPCACHE_ENTRIES,
+        ),
+        (
+            "IPCACHE_V6",
+            compiled.ipcache_v6.len(),
+            limits::MAX_IPCACHE_ENTRIES,
+        ),
+        (
+            "ENDPOINTS_V4",
+            compiled.endpoints_v4.len(),
+            limits::MAX_ENDPOINTS,
+        ),
+        (
+            "ENDPOINTS_V6",
+            compiled.endpoints_v6.len(),
+            limits::MAX_ENDPOINTS,
+        ),
+        ("POLICY", compiled.policy.len(), limits::MAX_POLICY_ENTRIES),
+    ] {
+        if used > max as usize {
+            bail!("{map}: the rule set needs {used} entries, the limit is {max}; the previous rule set stays in force");
+        }
+    }
+    Ok(())
+}
+
+fn counter_sum(ebpf: &Ebpf, slot: u32) -> Result<u64> {
+    let counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(ebpf.map("POLICY_COUNTERS").context("POLICY_COUNTERS")?)?;
+    Ok(counters.get(&slot, 0)?.iter().sum())
+}
+
+/// Every (verdict, reason) counter of an object holding the policy maps (the policy programs' or
+/// the balancer's, whose `lb_xdp` counts CIDR denials).
+pub fn read_counters(ebpf: &Ebpf) -> Result<Vec<(Verdict, Reason, u64)>> {
+    let mut out = Vec::new();
+    for verdict in Verdict::ALL {
+        for reason in Reason::ALL {
+            out.push((
+                verdict,
+                reason,
+                counter_sum(ebpf, counter_index(verdict, reason))?,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Replaces the XDP CIDR deny list of the balancer's object (loaded with `XDP_CIDR_DENY_GLOBAL`
+/// set, see `datapath::LoadOptions::cidr_deny`): inserts the new prefixes, then removes those no
+/// longer listed, so a prefix in both lists is never absent.
+pub fn write_cidr_deny(ebpf: &mut Ebpf, previous: &[Cidr], cidrs: &[Cidr]) -> Result<()> {
+    if cidrs.len() > state_limits::CIDR_DENY_ENTRIES as usize {
+        bail!(
+            "CIDR deny list: {} entries, the limit is {}",
+            cidrs.len(),
+            state_limits::CIDR_DENY_ENTRIES
+        );
+    }
+    let key4 = |c: &Cidr| match c.addr() {
+        IpAddr::V4(a) => Some(IpKeyV4::prefix(0, a, c.prefix_len())),
+        IpAddr::V6(_) => None,
+    };
+    let key6 = |c: &Cidr| match c.addr() {
+        IpAddr::V6(a) => Some(IpKeyV6::prefix(0, a, c.prefix_len())),
+        IpAddr::V4(_) => None,
+    };
+    {
+        let mut v4: LpmTrie<_, IpKeyV4, u32> =
+            LpmTrie::try_from(ebpf.map_mut("CIDR_DENY_V4").context("CIDR_DENY_V4")?)?;
+        for (i, k) in cidrs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((i, key4(c)?)))
+        {
+            v4.insert(&Key::new(k.prefix_len, k.data), i as u32, 0)
+                .context("CIDR_DENY_V4")?;
+        }
+        for k in previous
+            .iter()
+            .filter(|c| !cidrs.contains(c))
+            .filter_map(key4)
+        {
+            let _ = v4.remove(&Key::new(k.prefix_len, k.data));
+        }
+    }
+    let mut v6: LpmTrie<_, IpKeyV6, u32> =
+        LpmTrie::try_from(ebpf.map_mut("CIDR_DENY_V6").context("CIDR_DENY_V6")?)?;
+    for (i, k) in cidrs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| Some((i, key6(c)?)))
+    {
+        v6.insert(&Key::new(k.prefix_len, k.data), i as u32, 0)
+            .context("CIDR_DENY_V6")?;
+    }
+    for k in previous
+        .iter()
+        .filter(|c| !cidrs.contains(c))
+        .filter_map(key6)
+    {
+        let _ = v6.remove(&Key::new(k.prefix_len, k.data));
+    }
+    Ok(())
+}
