@@ -546,7 +546,15 @@ fn grpc_over_tcp_with_tls_requires_client_certificates() {
     });
     assert_eq!(with_certificate, Ok(true));
     let refused = without.expect_err("a client without a certificate was served");
-    assert!(refused.contains("CertificateRequired"), "{refused}");
+    // TLS 1.3: the server checks the client's certificate after the client has finished its
+    // handshake and may already be writing the request, so the refusal reaches the client either as
+    // the server's CertificateRequired alert or as the connection it closed under the request.
+    assert!(
+        ["CertificateRequired", "BrokenPipe", "ConnectionReset"]
+            .iter()
+            .any(|refusal| refused.contains(refusal)),
+        "{refused}"
+    );
     until_lands_on(&topology, "backend-1", &mut agent);
     let (code, _) = agent.stop().expect("agent stops");
     assert_eq!(code, 0);
