@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::{Config, ForwardingMode, HashFields, Service},
     maglev::{self, MaglevBackend},
+    map_batch,
     pins::{self, PinDir, PinnedState},
     prefilter::AddressFilter,
 };
@@ -93,8 +94,21 @@ struct ProgrammedService {
     info: ServiceInfo,
     /// Backend ids of the live Maglev table (empty when `info.table_size` is 0).
     table: Vec<u32>,
+    /// What `table` was built from; `None` after adopting pinned maps (the table is then rebuilt
+    /// once and compared).
+    inputs: Option<TableInputs>,
     /// The service's `SERVICE_MODES` entry (all zero for DNAT and DSR L2).
     mode: ModeInfo,
+}
+
+/// Everything a Maglev table depends on: equal inputs build the same table, so an unchanged
+/// service costs a comparison instead of a rebuild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TableInputs {
+    /// Per backend in configured order: its `BACKENDS` id and its Maglev identity and weight.
+    backends: Vec<(u32, MaglevBackend)>,
+    table_size: u32,
+    seed: u64,
 }
 
 /// What one `apply` changed.
@@ -212,8 +226,9 @@ impl Datapath {
         let backends: Array<&MapData, Backend> =
             Array::try_from(self.ebpf.map("BACKENDS").context("BACKENDS map")?)?;
         let mut highest = 0;
-        for id in 1..limits::MAX_BACKENDS {
-            let backend = backends.get(&id, 0).context("reading BACKENDS")?;
+        let all = map_batch::read_array(&backends).context("reading BACKENDS")?;
+        for (id, backend) in all.into_iter().enumerate().skip(1) {
+            let id = id as u32;
             if backend != Backend::default() {
                 self.backends.insert(id, backend);
                 self.backend_ids
@@ -246,13 +261,18 @@ impl Datapath {
                 let live = tables
                     .get(&info.table_slot, 0)
                     .with_context(|| format!("reading Maglev table {}", info.table_slot))?;
-                live.iter()
-                    .collect::<Result<Vec<u32>, _>>()
-                    .context("reading a Maglev table")?
+                map_batch::read_array(&live).context("reading a Maglev table")?
             };
             let mode = modes.get(&info.id, 0).context("reading SERVICE_MODES")?;
-            self.services
-                .insert(key, ProgrammedService { info, table, mode });
+            self.services.insert(
+                key,
+                ProgrammedService {
+                    info,
+                    table,
+                    inputs: None,
+                    mode,
+                },
+            );
         }
         info!(
             services = self.services.len(),
@@ -460,58 +480,80 @@ impl Datapath {
 
         // 2. Maglev tables and services.
         let mut wanted_keys = Vec::with_capacity(config.services.len());
+        let mut free_ids = self.free_service_ids();
         for service in &config.services {
             let key = ServiceKey::new(service.vip, service.port, service.protocol.number());
             wanted_keys.push(key);
-            let backend_ids: Vec<u32> = service
-                .backends
-                .iter()
-                .map(|b| self.backend_ids[&(b.address, b.port)])
-                .collect();
-            let maglev_backends: Vec<MaglevBackend> = service
-                .backends
-                .iter()
-                .map(|b| MaglevBackend {
-                    id: maglev::backend_id(b.address, b.port),
-                    weight: weight_of(service, b),
-                })
-                .collect();
-            let owners = maglev::build_table(
-                &maglev_backends,
-                service.maglev_table_size,
-                config.maglev_seed,
-            )
-            .with_context(|| format!("service {}: Maglev table", service.name))?;
-            let table: Vec<u32> = owners.iter().map(|&i| backend_ids[i as usize]).collect();
-
-            let id = match self.services.get(&key) {
-                Some(p) => p.info.id,
-                None => self.free_service_id()?,
+            let inputs = TableInputs {
+                backends: service
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let maglev = MaglevBackend {
+                            id: maglev::backend_id(b.address, b.port),
+                            weight: weight_of(service, b),
+                        };
+                        (self.backend_ids[&(b.address, b.port)], maglev)
+                    })
+                    .collect(),
+                table_size: service.maglev_table_size,
+                seed: config.maglev_seed,
             };
-            let previous = self.services.get(&key).cloned();
+            let previous = self.services.get(&key);
+            // Unchanged inputs: the live table stays, nothing to build or compare.
+            let rebuilt = if previous.is_some_and(|p| p.inputs.as_ref() == Some(&inputs)) {
+                None
+            } else {
+                let maglev_backends: Vec<MaglevBackend> =
+                    inputs.backends.iter().map(|(_, m)| *m).collect();
+                let owners = maglev::build_table(&maglev_backends, inputs.table_size, inputs.seed)
+                    .with_context(|| format!("service {}: Maglev table", service.name))?;
+                let table: Vec<u32> = owners
+                    .iter()
+                    .map(|&i| inputs.backends[i as usize].0)
+                    .collect();
+                Some(table)
+            };
+            let table_changed = match (&rebuilt, previous) {
+                (None, _) => false,
+                (Some(table), Some(p)) => p.table != *table,
+                (Some(_), None) => true,
+            };
+
+            let id = match previous {
+                Some(p) => p.info.id,
+                None => free_ids
+                    .next()
+                    .with_context(|| format!("more than {} services", limits::MAX_SERVICES))?,
+            };
+            let previous_info = previous.map(|p| p.info);
+            let previous_mode = previous.map(|p| p.mode);
+            let table_size = rebuilt.as_ref().map_or_else(
+                || previous.map_or(0, |p| p.info.table_size),
+                |table| table.len() as u32,
+            );
             let mut info = ServiceInfo {
                 id,
-                table_slot: previous.as_ref().map_or(2 * id, |p| p.info.table_slot),
-                table_size: table.len() as u32,
+                table_slot: previous_info.map_or(2 * id, |p| p.table_slot),
+                table_size,
                 mode: mode_of(service.mode),
                 flags: flags_of(service.hash),
                 _pad: [0; 2],
             };
-            let table_changed = previous.as_ref().is_none_or(|p| p.table != table);
-            if table_changed && !table.is_empty() {
+            if let Some(table) = rebuilt.as_ref().filter(|t| table_changed && !t.is_empty()) {
                 // Fill the spare slot, then flip to it below.
-                let spare = if previous.is_some() && info.table_slot == 2 * id {
+                let spare = if previous_info.is_some() && info.table_slot == 2 * id {
                     2 * id + 1
                 } else {
                     2 * id
                 };
-                self.install_table(spare, &table)?;
+                self.install_table(spare, table)?;
                 info.table_slot = spare;
                 report.tables_swapped += 1;
             }
             // The mode's parameters are in place before the service entry that names the mode.
             let mode = mode_info_of(config, service);
-            if previous.as_ref().map(|p| p.mode) != Some(mode) {
+            if previous_mode != Some(mode) {
                 let mut modes: Array<&mut MapData, ModeInfo> = Array::try_from(
                     self.ebpf
                         .map_mut("SERVICE_MODES")
@@ -524,7 +566,7 @@ impl Datapath {
                     self.neighbours.warm(backend.address);
                 }
             }
-            if previous.as_ref().map(|p| p.info) != Some(info) {
+            if previous_info != Some(info) {
                 self.write_service_slot(id, ServiceSlot { key, info })?;
                 let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
                     HashMap::try_from(self.ebpf.map_mut("SERVICES").context("SERVICES map")?)?;
@@ -539,8 +581,25 @@ impl Datapath {
                 debug!(service = %service.name, vip = %service.vip, port = service.port,
                        slots = info.table_size, "service programmed");
             }
-            self.services
-                .insert(key, ProgrammedService { info, table, mode });
+            match self.services.get_mut(&key) {
+                Some(programmed) => {
+                    programmed.info = info;
+                    programmed.mode = mode;
+                    if let Some(table) = rebuilt {
+                        programmed.table = table;
+                    }
+                    programmed.inputs = Some(inputs);
+                }
+                None => {
+                    let programmed = ProgrammedService {
+                        info,
+                        table: rebuilt.unwrap_or_default(),
+                        inputs: Some(inputs),
+                        mode,
+                    };
+                    self.services.insert(key, programmed);
+                }
+            }
         }
 
         // 3. Services no longer wanted.
@@ -645,23 +704,21 @@ impl Datapath {
         Ok(id)
     }
 
-    fn free_service_id(&self) -> Result<u32> {
+    /// Service ids no programmed service holds, lowest first.
+    fn free_service_ids(&self) -> std::vec::IntoIter<u32> {
         let used: std::collections::BTreeSet<u32> =
             self.services.values().map(|p| p.info.id).collect();
         (0..limits::MAX_SERVICES)
-            .find(|id| !used.contains(id))
-            .with_context(|| format!("more than {} services", limits::MAX_SERVICES))
+            .filter(|id| !used.contains(id))
+            .collect::<Vec<u32>>()
+            .into_iter()
     }
 
     /// Creates a complete inner table and puts it in `MAGLEV_TABLES[slot]`.
     fn install_table(&mut self, slot: u32, table: &[u32]) -> Result<()> {
-        let mut inner: Array<MapData, u32> = Array::create(table.len() as u32, BPF_F_INNER_MAP)
+        let inner: Array<MapData, u32> = Array::create(table.len() as u32, BPF_F_INNER_MAP)
             .context("creating a Maglev table map")?;
-        for (i, backend_id) in table.iter().enumerate() {
-            inner
-                .set(i as u32, backend_id, 0)
-                .context("filling a Maglev table")?;
-        }
+        map_batch::write_array(&inner, table).context("filling a Maglev table")?;
         let mut tables: ArrayOfMaps<&mut MapData, Array<MapData, u32>> = ArrayOfMaps::try_from(
             self.ebpf
                 .map_mut("MAGLEV_TABLES")

@@ -11,6 +11,7 @@ pub mod health;
 pub mod http;
 pub mod k8s;
 pub mod maglev;
+pub mod map_batch;
 pub mod metrics;
 pub mod pins;
 pub mod policy;

@@ -6,12 +6,12 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// Capacity of the datapath, in one place so an operator reads it at a glance.
 pub mod limits {
     /// Entries in the `SERVICES` map: distinct (VIP, port, protocol) triples.
-    pub const MAX_SERVICES: u32 = 4096;
+    pub const MAX_SERVICES: u32 = 16384;
     /// Backends one service may have.
     pub const MAX_BACKENDS_PER_SERVICE: u32 = 256;
     /// Entries in the `BACKENDS` array: backends of all services together (ids `1..MAX_BACKENDS`;
     /// id 0 is never used, so a zeroed slot means "no backend").
-    pub const MAX_BACKENDS: u32 = 65536;
+    pub const MAX_BACKENDS: u32 = 131_072;
     /// Slots of the `MAGLEV_TABLES` array of maps: two per service, one live, one being rebuilt.
     pub const MAGLEV_TABLE_SLOTS: u32 = 2 * MAX_SERVICES;
     /// Default entries of the `CONNTRACK` and `NAT_REPLY` LRU maps (configurable at load time).
