@@ -9,8 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_agent::grpc::pb;
 use lb_tests::{
     agent::{metric_sum, scrape_metrics, AgentProcess, ConfigFile},
+    grpc_client::connect_unix,
     netns::Netns,
     policy_topology::PolicyTopology,
     servers::{tcp_request, TcpCountingServer},
@@ -95,13 +97,36 @@ fn the_agent_enforces_the_policy_of_its_config_file_and_applies_edits() {
     let audited = TcpCountingServer::start(topology.ns("other"), other, OTHER_PORT, "other");
 
     let file = ConfigFile::new(&config(&["frontend"]));
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
     let mut agent = AgentProcess::start_with(
         &topology.node,
         file.path(),
         &[EXTERNAL.to_string()],
-        &["--metrics-addr", METRICS, "--stats-interval", "1"],
+        &[
+            "--metrics-addr",
+            METRICS,
+            "--stats-interval",
+            "1",
+            "--grpc-socket",
+            socket.to_str().unwrap(),
+        ],
     )
     .expect("agent starts");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut events = rt
+        .block_on(async {
+            connect_unix(&socket)
+                .await?
+                .stream_events(pb::StreamEventsRequest {})
+                .await
+                .map_err(anyhow::Error::from)
+        })
+        .expect("StreamEvents")
+        .into_inner();
     // Logged before "ready".
     assert!(
         agent
@@ -147,6 +172,23 @@ fn the_agent_enforces_the_policy_of_its_config_file_and_applies_edits() {
         line.contains(&format!("{other}:")) && line.contains("rule db-from-clients"),
         "{line}"
     );
+    // And on the gRPC event stream.
+    let verdict = loop {
+        let event = rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), events.message()).await
+            })
+            .expect("a policy verdict event within 5 s")
+            .expect("event stream")
+            .expect("stream open");
+        if event.kind() == pb::EventKind::PolicyVerdict {
+            break event.text;
+        }
+    };
+    assert!(
+        verdict.starts_with("policy deny ingress") && verdict.contains("rule db-from-clients"),
+        "{verdict}"
+    );
 
     // Audit: other would accept only db; frontend's connection passes and is reported.
     assert_eq!(
@@ -184,15 +226,27 @@ fn the_agent_enforces_the_policy_of_its_config_file_and_applies_edits() {
         allowed_after.as_secs_f64() * 1000.0
     );
     let denied_after = verdicts(&topology.node, "deny", "default_deny");
+    agent
+        .wait_for_log("policy reconciled", Duration::from_secs(5))
+        .expect("edit logged");
+
+    // An invalid edit is rejected and the rule set in force stays.
+    file.rewrite(
+        &config(&["frontend", "other"]).replace("direction: ingress", "direction: inwards"),
+    );
+    agent
+        .wait_for_log("config rejected", Duration::from_secs(5))
+        .expect("invalid edit rejected");
+    assert_eq!(
+        tcp_request(topology.ns("other"), db_target, b"hello").expect("still allowed"),
+        "db"
+    );
 
     // And back: removing the allowance stops new connections again.
     file.rewrite(&config(&["frontend"]));
     agent
         .wait_for_log("policy reconciled", Duration::from_secs(5))
-        .expect("second edit applied");
-    agent
-        .wait_for_log("policy reconciled", Duration::from_secs(5))
-        .expect("third edit applied");
+        .expect("edit back applied");
     let connections = server.connections();
     assert!(tcp_request(topology.ns("other"), db_target, b"hello").is_err());
     assert_eq!(server.connections(), connections, "denied again");
