@@ -189,6 +189,7 @@ fn the_agent_enforces_the_policy_of_its_config_file_and_applies_edits() {
         verdict.starts_with("policy deny ingress") && verdict.contains("rule db-from-clients"),
         "{verdict}"
     );
+    eprintln!("denial reported: {verdict}");
 
     // Audit: other would accept only db; frontend's connection passes and is reported.
     assert_eq!(

@@ -13,7 +13,8 @@
 //!   summarised, the counters still count every packet).
 //!
 //! The policy maps are not pinned: they live as long as the agent, and a restarted agent writes
-//! them anew (identities are allocated again in the same order, so they come out the same).
+//! them anew. Identities are hashes of the label sets, so they come out the same unless two sets
+//! collide: the allocator's table is not saved yet (`IdentityAllocator::save`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
