@@ -249,7 +249,6 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 }
             }
         }
-        reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
         match reconcile(
             &mut datapath,
             &desired,
@@ -270,6 +269,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 events.publish(Event::new(EventKind::ReconcileFailed, format!("{err:#}")));
             }
         }
+        // After the services: loading the policy programs (first policy) takes a while.
+        reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
     }
 
     readiness.set_not_ready("stopping");
