@@ -1,6 +1,7 @@
 //! The `lb-agent run` daemon: merges the sources of desired state (the YAML file, the gRPC API,
 //! Kubernetes; see [`crate::desired`] for their precedence), keeps backends' health, reconciles the
-//! datapath, and serves metrics, readiness and the gRPC API.
+//! datapath, enforces the merged policy with the TC policy programs (see
+//! [`crate::policy::enforcer`]), and serves metrics, readiness and the gRPC API.
 //!
 //! It must never be the reason a packet is dropped: an invalid file or a failed apply leaves the last
 //! good state in the maps. With a pin directory (the binary's default) stopping the agent, by
@@ -32,6 +33,10 @@ use crate::{
     http::{HttpServer, Readiness},
     k8s::{K8sOptions, K8sSource, NodeOptions},
     metrics::{self, DatapathSnapshot, Metrics},
+    policy::{
+        enforcer::{self, PolicyEnforcer},
+        PolicyConfig,
+    },
 };
 
 /// Where Kubernetes state comes from.
@@ -152,6 +157,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     )
     .context("programming the initial state")?;
     applied_tx.send_replace(applied.clone());
+    let mut policy = PolicyEnforcer::new();
+    reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
     for interface in &options.interfaces {
         datapath.attach(interface)?;
     }
@@ -163,6 +170,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut watch_tick = tokio::time::interval(options.watch_interval);
     let mut stats_tick = tokio::time::interval(options.stats_interval.max(Duration::from_secs(1)));
     stats_tick.tick().await;
+    let mut policy_tick = tokio::time::interval(enforcer::DRAIN_INTERVAL);
     let mut last_conntrack_count = Instant::now() - Duration::from_secs(3600);
     loop {
         let file_changed = tokio::select! {
@@ -208,7 +216,16 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 health_before = now;
                 false
             }
+            _ = policy_tick.tick() => {
+                drain_policy(&mut policy, &metrics, &events);
+                continue;
+            }
             _ = stats_tick.tick() => {
+                if policy.pending() {
+                    if let Some(desired) = policy.desired() {
+                        reconcile_policy(&mut policy, &desired, &metrics, &events);
+                    }
+                }
                 let count = last_conntrack_count.elapsed() >= Duration::from_secs(10);
                 if count {
                     last_conntrack_count = Instant::now();
@@ -252,9 +269,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 events.publish(Event::new(EventKind::ReconcileFailed, format!("{err:#}")));
             }
         }
+        // After the services: loading the policy programs (first policy) takes a while.
+        reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
     }
 
     readiness.set_not_ready("stopping");
+    // The policy maps are not pinned: the programs go with them (see `crate::policy::enforcer`).
+    drop(policy);
     datapath.detach_all();
     if let Some(pins) = datapath.pin_dir() {
         info!(dir = %pins.root().display(),
@@ -326,6 +347,60 @@ fn reconcile(
     }
     metrics.update_health(metrics::backend_health(&config, &checker.snapshot()));
     Ok(config)
+}
+
+/// Makes the policy datapath enforce `desired`; a failure is logged, counted and sent as an event,
+/// and the last good rule set stays in force.
+fn reconcile_policy(
+    enforcer: &mut PolicyEnforcer,
+    desired: &PolicyConfig,
+    metrics: &Metrics,
+    events: &EventBus,
+) {
+    let started = Instant::now();
+    match enforcer.reconcile(desired) {
+        Ok(change) if change.is_empty() => {}
+        Ok(change) => {
+            let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+            info!(applied = change.applied, attached = ?change.attached,
+                  detached = ?change.detached, elapsed_ms, "policy reconciled");
+            events.publish(Event::new(
+                EventKind::Reconciled,
+                format!("policy, {elapsed_ms:.1} ms: {change:?}"),
+            ));
+        }
+        Err(err) => {
+            error!("policy reconcile failed, the last good rule set stays in force: {err:#}");
+            metrics.policy_reconcile_failed();
+            events.publish(Event::new(
+                EventKind::ReconcileFailed,
+                format!("policy: {err:#}"),
+            ));
+        }
+    }
+}
+
+/// Moves the policy datapath's verdict counters into the metrics, and its deny and audit events
+/// into log lines and gRPC events.
+fn drain_policy(enforcer: &mut PolicyEnforcer, metrics: &Metrics, events: &EventBus) {
+    match enforcer.drain() {
+        Ok(drained) => {
+            for report in drained.reports {
+                warn!("{}", report.text);
+                events.publish(Event::new(EventKind::PolicyVerdict, report.text));
+            }
+            if drained.suppressed > 0 {
+                let text = format!(
+                    "{} more policy deny/audit verdicts not reported (rate limit; counted in lb_policy_verdicts_total)",
+                    drained.suppressed
+                );
+                warn!("{text}");
+                events.publish(Event::new(EventKind::PolicyVerdict, text));
+            }
+            metrics.update_policy_verdicts(enforcer.verdicts().to_vec());
+        }
+        Err(err) => error!("reading policy verdicts: {err:#}"),
+    }
 }
 
 fn refresh_metrics(

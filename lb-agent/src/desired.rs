@@ -98,16 +98,25 @@ impl Desired {
             ],
             &mut conflicts,
         );
+        config.policy = self.merge_policy_sources(&mut conflicts);
+        Merged { config, conflicts }
+    }
+
+    /// The policy part of [`Desired::merged`] alone (conflicts are reported by the full merge).
+    pub fn merged_policy(&self) -> PolicyConfig {
+        self.merge_policy_sources(&mut BTreeSet::new())
+    }
+
+    fn merge_policy_sources(&self, conflicts: &mut BTreeSet<Conflict>) -> PolicyConfig {
         let empty = PolicyConfig::default();
-        config.policy = merge_policies(
+        merge_policies(
             [
                 (Source::File, &self.file.policy),
                 (Source::Grpc, self.grpc_policy.as_ref().unwrap_or(&empty)),
                 (Source::Kubernetes, &self.kubernetes_policy),
             ],
-            &mut conflicts,
-        );
-        Merged { config, conflicts }
+            conflicts,
+        )
     }
 }
 

@@ -15,6 +15,7 @@
 //! | `lb_backend_healthy` | gauge | `service`, `backend` |
 //! | `lb_reconcile_duration_seconds` | histogram | |
 //! | `lb_reconcile_errors_total` | counter | |
+//! | `lb_policy_reconcile_errors_total` | counter | |
 //!
 //! # Kernel counters
 //!
@@ -107,16 +108,13 @@ impl MapFill {
     }
 }
 
-/// Packets counted by one policy verdict and reason.
-///
-/// The policy datapath is not built yet: nothing fills these today, and `lb_policy_verdicts_total`
-/// has no series until it does. The family is already described so that dashboards and alerts can
-/// be written against its final name and labels.
+/// Packets counted by one policy verdict and reason (the policy programs' `POLICY_COUNTERS`), fed
+/// by [`Metrics::update_policy_verdicts`]; no series while no policy is enforced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyVerdicts {
     /// e.g. `allow`, `deny`.
     pub verdict: String,
-    /// e.g. the rule or default that decided.
+    /// e.g. `default_deny`, `allowed_by_rule` (`lb_common::policy::Reason::name`).
     pub reason: String,
     pub packets: u64,
 }
@@ -132,7 +130,7 @@ pub struct DatapathSnapshot {
     /// Live entries of the `CONNTRACK` map; `None` = not known (no series is exported).
     pub conntrack_entries: Option<u64>,
     pub map_fill: Vec<MapFill>,
-    /// Fed by the policy datapath once it exists; empty until then.
+    /// Kept across [`Metrics::update_datapath`] calls; see [`Metrics::update_policy_verdicts`].
     pub policy_verdicts: Vec<PolicyVerdicts>,
 }
 
@@ -246,6 +244,7 @@ pub struct Metrics {
     snapshots: Arc<SnapshotCollector>,
     reconcile_duration: Histogram,
     reconcile_errors: IntCounter,
+    policy_reconcile_errors: IntCounter,
 }
 
 impl fmt::Debug for Metrics {
@@ -277,12 +276,20 @@ impl Metrics {
             "Reconciles that failed (the datapath keeps the last good state).",
         ))
         .expect("valid counter");
+        let policy_reconcile_errors = IntCounter::with_opts(Opts::new(
+            "lb_policy_reconcile_errors_total",
+            "Policy reconciles that failed (the last good rule set stays in force).",
+        ))
+        .expect("valid counter");
         let snapshots = Arc::new(SnapshotCollector::new());
         registry
             .register(Box::new(reconcile_duration.clone()))
             .expect("unique metric");
         registry
             .register(Box::new(reconcile_errors.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(policy_reconcile_errors.clone()))
             .expect("unique metric");
         registry
             .register(Box::new(SharedCollector(snapshots.clone())))
@@ -292,6 +299,7 @@ impl Metrics {
             snapshots,
             reconcile_duration,
             reconcile_errors,
+            policy_reconcile_errors,
         }
     }
 
@@ -302,7 +310,23 @@ impl Metrics {
 
     /// Replaces the datapath snapshot that scrapes show.
     pub fn update_datapath(&self, snapshot: DatapathSnapshot) {
-        self.snapshots.state().datapath = snapshot;
+        let mut state = self.snapshots.state();
+        let policy_verdicts = std::mem::take(&mut state.datapath.policy_verdicts);
+        state.datapath = snapshot;
+        if state.datapath.policy_verdicts.is_empty() {
+            state.datapath.policy_verdicts = policy_verdicts;
+        }
+    }
+
+    /// Replaces the policy verdict counters that scrapes show (`lb_policy_verdicts_total`); they
+    /// are read more often than the rest of the datapath snapshot, and kept when it is replaced.
+    pub fn update_policy_verdicts(&self, verdicts: Vec<PolicyVerdicts>) {
+        self.snapshots.state().datapath.policy_verdicts = verdicts;
+    }
+
+    /// Counts a policy reconcile that failed (the last good rule set stays in force).
+    pub fn policy_reconcile_failed(&self) {
+        self.policy_reconcile_errors.inc();
     }
 
     /// Called on every scrape before rendering; a `Some` result replaces the datapath snapshot.
@@ -382,7 +406,7 @@ const BACKEND_NEW_FLOWS: Family = Family {
 };
 const POLICY_VERDICTS: Family = Family {
     name: "lb_policy_verdicts_total",
-    help: "Packets by policy verdict and reason (no series until the policy datapath exists).",
+    help: "Packets checked by the policy programs, by verdict and reason (no series while no policy is enforced).",
     labels: &["verdict", "reason"],
 };
 const CONNTRACK_ENTRIES: Family = Family {
@@ -816,7 +840,7 @@ pub(crate) mod tests {
             value(&scrape, "lb_map_fill_ratio", &[("map", "CONNTRACK")]),
             Value::Gauge(0.25)
         );
-        // No policy datapath yet: the family has no series; no health fed: neither.
+        // No policy verdicts fed: the family has no series; no health fed: neither.
         assert!(!text.contains("lb_policy_verdicts_total"));
         assert!(!text.contains("lb_backend_healthy"));
     }

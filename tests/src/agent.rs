@@ -4,7 +4,8 @@
 
 use std::{
     fs::File,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -76,6 +77,53 @@ impl ConfigFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Replaces the content as an editor would: a temporary file renamed over it.
+    pub fn rewrite(&self, yaml: &str) {
+        let tmp = self.path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write the agent config");
+        std::fs::rename(&tmp, &self.path).expect("replace the agent config");
+    }
+}
+
+/// GETs `/metrics` from the agent's HTTP endpoint `addr` inside `ns` and parses it with a
+/// Prometheus text-format parser.
+pub fn scrape_metrics(ns: &Netns, addr: SocketAddr) -> Result<prometheus_parse::Scrape> {
+    let body = ns.run(move || -> Result<String> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("no HTTP header end")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("GET /metrics: {head}");
+        }
+        Ok(body.to_string())
+    })?;
+    Ok(prometheus_parse::Scrape::parse(
+        body.lines().map(|l| Ok(l.to_string())),
+    )?)
+}
+
+/// The sum of the samples of metric `name` whose labels include every pair of `labels`.
+pub fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
 }
 
 impl Drop for ConfigFile {

@@ -7,6 +7,7 @@
 //! - [`agent`]: the `lb-agent` binary as a child process, stopped on drop.
 //! - [`grpc_client`]: a client of the agent's gRPC API over its unix socket.
 //! - [`frames`]: crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
+//! - [`policy_topology`]: three labelled workloads around a routing node, for the policy tests.
 //! - [`policy_bench`]: the policy check's per-packet cost against rule and ipcache sizes.
 //! - [`modes`]: namespaced test runs, IP-in-IP frames, DSR backends and peer-recording servers
 //!   for the forwarding-mode tests.
@@ -25,6 +26,7 @@ pub mod memory;
 pub mod modes;
 pub mod netns;
 pub mod policy_bench;
+pub mod policy_topology;
 pub mod procs;
 pub mod servers;
 pub mod test_run;

@@ -26,29 +26,10 @@ use lb_agent::{
 };
 use lb_common::policy::{Direction, Reason, Verdict};
 use lb_tests::{
-    netns::{self, Netns, TEST_PREFIX},
+    netns::Netns,
+    policy_topology::{PolicyTopology, WORKLOADS},
     servers::{tcp_request, udp_requests, TcpCountingServer, UdpCountingServer},
-    topology::link,
 };
-
-/// (name, labels, IPv4, IPv6, node-side interface).
-const WORKLOADS: [(&str, &str, &str, &str, &str); 3] = [
-    (
-        "frontend",
-        "app: frontend",
-        "192.0.2.2",
-        "2001:db8:1::2",
-        "wl-frontend",
-    ),
-    ("db", "app: db", "192.0.2.6", "2001:db8:2::2", "wl-db"),
-    (
-        "other",
-        "app: other",
-        "192.0.2.10",
-        "2001:db8:3::2",
-        "wl-other",
-    ),
-];
 
 const RULES: &str = "
 rules:
@@ -67,65 +48,21 @@ struct Cluster {
     // Dropped first: detaches the programs before the namespaces go.
     datapath: PolicyDatapath,
     compiled: CompiledPolicy,
-    workloads: Vec<Netns>,
-    node: Netns,
+    topology: PolicyTopology,
 }
 
 impl Cluster {
     fn new() -> Self {
-        netns::remove_stale();
-        let node = Netns::new(TEST_PREFIX, "pnode").unwrap();
-        node.sysctl("net.ipv4.ip_forward", "1").unwrap();
-        node.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
-        let mut workloads = Vec::new();
-        let mut yaml = String::from("namespaces: [{name: default}]\nworkloads:\n");
-        for (i, (name, labels, v4, v6, iface)) in WORKLOADS.into_iter().enumerate() {
-            let ns = Netns::new(TEST_PREFIX, name).unwrap();
-            link(&ns, "eth0", &node, iface).unwrap();
-            let gw4 = format!("192.0.2.{}", 4 * i + 1);
-            let gw6 = format!("2001:db8:{}::1", i + 1);
-            ns.ip_cmd(&format!("addr add {v4}/30 dev eth0")).unwrap();
-            ns.ip_cmd(&format!("addr add {v6}/64 dev eth0 nodad"))
-                .unwrap();
-            ns.ip_cmd("link set eth0 up").unwrap();
-            ns.ip_cmd(&format!("route add default via {gw4}")).unwrap();
-            ns.ip_cmd(&format!("-6 route add default via {gw6}"))
-                .unwrap();
-            node.ip_cmd(&format!("addr add {gw4}/30 dev {iface}"))
-                .unwrap();
-            node.ip_cmd(&format!("addr add {gw6}/64 dev {iface} nodad"))
-                .unwrap();
-            node.ip_cmd(&format!("link set {iface} up")).unwrap();
-            let audit = if name == "other" {
-                ", enforcement: audit"
-            } else {
-                ""
-            };
-            yaml += &format!(
-                "  - {{name: {name}, namespace: default, labels: {{{labels}}}, addresses: [{v4}, \"{v6}\"], interface: {iface}{audit}}}\n"
-            );
-            workloads.push(ns);
-        }
-        yaml += RULES;
+        let topology = PolicyTopology::new().unwrap();
+        let yaml = PolicyTopology::workloads_yaml(&["other"]) + RULES;
         let config: PolicyConfig = serde_yaml_ng::from_str(&yaml).unwrap();
-        let ifindexes: Vec<(String, u32)> = node.run(|| {
-            WORKLOADS
-                .iter()
-                .map(|w| {
-                    let name = std::ffi::CString::new(w.4).unwrap();
-                    // SAFETY: a valid C string.
-                    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-                    assert_ne!(index, 0, "{} has no index", w.4);
-                    (w.4.to_string(), index)
-                })
-                .collect()
-        });
+        let ifindexes = topology.ifindexes();
         let ifindex_of = |name: &str| ifindexes.iter().find(|(n, _)| n == name).map(|(_, i)| *i);
         let compiled = compile(&config, &mut IdentityAllocator::new(), &ifindex_of).unwrap();
         let mut datapath = PolicyDatapath::load(&PolicyLoadOptions::default()).unwrap();
         datapath.apply(&compiled).unwrap();
         // Attaching resolves interface names in the caller's namespace.
-        let datapath = node.run(move || {
+        let datapath = topology.node.run(move || {
             for w in WORKLOADS {
                 datapath.attach(w.4).unwrap();
             }
@@ -134,19 +71,16 @@ impl Cluster {
         Self {
             datapath,
             compiled,
-            workloads,
-            node,
+            topology,
         }
     }
 
     fn ns(&self, name: &str) -> &Netns {
-        let i = WORKLOADS.iter().position(|w| w.0 == name).unwrap();
-        &self.workloads[i]
+        self.topology.ns(name)
     }
 
     fn addr(name: &str, v6: bool) -> IpAddr {
-        let w = WORKLOADS.iter().find(|w| w.0 == name).unwrap();
-        (if v6 { w.3 } else { w.2 }).parse().unwrap()
+        PolicyTopology::addr(name, v6)
     }
 
     /// Events drained so far that match `f`.
@@ -241,7 +175,7 @@ fn xdp_cidr_deny_drops_a_listed_source_on_the_node() {
     let mut xdp = Datapath::load_with_cidr_deny(&LoadOptions::default(), true).unwrap();
     let listed = vec![Cidr::host(frontend)];
     write_cidr_deny(xdp.ebpf_mut(), &[], &listed).unwrap();
-    let mut xdp = c.node.run(move || {
+    let mut xdp = c.topology.node.run(move || {
         xdp.attach(WORKLOADS[0].4).unwrap();
         xdp
     });

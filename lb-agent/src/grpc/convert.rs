@@ -289,6 +289,7 @@ pub fn event_to_pb(event: &Event) -> pb::Event {
             EventKind::ReconcileFailed => pb::EventKind::ReconcileFailed,
             EventKind::HealthChanged => pb::EventKind::HealthChanged,
             EventKind::ConfigRejected => pb::EventKind::ConfigRejected,
+            EventKind::PolicyVerdict => pb::EventKind::PolicyVerdict,
         } as i32,
         text: event.text.clone(),
         service: event.service.clone().unwrap_or_default(),

@@ -1,5 +1,5 @@
 //! [`EventBus`]: what the agent tells `StreamEvents` subscribers — desired state changes, reconcile
-//! results, health transitions, rejected config edits. A `tokio::sync::broadcast` channel: publishing
+//! results, health transitions, rejected config edits, policy deny and audit verdicts. A `tokio::sync::broadcast` channel: publishing
 //! never blocks and never fails; a subscriber that falls more than the bus's capacity behind misses
 //! the oldest events and is told how many (`EVENT_KIND_EVENTS_LOST`).
 
@@ -27,6 +27,8 @@ pub enum EventKind {
     HealthChanged,
     /// An invalid config file edit; the last good state stays.
     ConfigRejected,
+    /// A policy deny or audit verdict (rate-limited, see `policy::enforcer`).
+    PolicyVerdict,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

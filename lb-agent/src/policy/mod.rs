@@ -9,13 +9,15 @@
 //! - [`evaluate`]: the datapath's lookup sequence on those entries: the spec of the eBPF side and the
 //!   tests' oracle;
 //! - [`datapath`]: the kernel side: loads and attaches the TC programs, writes a [`CompiledPolicy`]
-//!   with the epoch swap, drains verdict events.
+//!   with the epoch swap, drains verdict events;
+//! - [`enforcer`]: the agent's reconcile of the policy datapath, and its verdict reports.
 //!
 //! The map layouts, the lookup order and how deny-over-allow and default deny are encoded are
 //! documented once, in `lb_common::policy`.
 
 pub mod compile;
 pub mod datapath;
+pub mod enforcer;
 pub mod evaluate;
 pub mod identity;
 pub mod k8s;

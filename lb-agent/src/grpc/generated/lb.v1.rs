@@ -310,6 +310,8 @@ pub enum EventKind {
     ConfigRejected = 5,
     /// this stream fell behind and missed events (count in text)
     EventsLost = 6,
+    /// a policy deny or audit verdict (rate-limited; text names the rule)
+    PolicyVerdict = 7,
 }
 impl EventKind {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -325,6 +327,7 @@ impl EventKind {
             Self::HealthChanged => "EVENT_KIND_HEALTH_CHANGED",
             Self::ConfigRejected => "EVENT_KIND_CONFIG_REJECTED",
             Self::EventsLost => "EVENT_KIND_EVENTS_LOST",
+            Self::PolicyVerdict => "EVENT_KIND_POLICY_VERDICT",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -337,6 +340,7 @@ impl EventKind {
             "EVENT_KIND_HEALTH_CHANGED" => Some(Self::HealthChanged),
             "EVENT_KIND_CONFIG_REJECTED" => Some(Self::ConfigRejected),
             "EVENT_KIND_EVENTS_LOST" => Some(Self::EventsLost),
+            "EVENT_KIND_POLICY_VERDICT" => Some(Self::PolicyVerdict),
             _ => None,
         }
     }
