@@ -28,6 +28,7 @@ use crate::{
     config::Config,
     datapath::{Datapath, LoadOptions, PinOptions},
     desired::{Conflict, Desired},
+    ebpf_log,
     grpc::{self, Event, EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig},
     health::{self, HealthChecker, Target},
     http::{HttpServer, Readiness},
@@ -142,6 +143,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         conntrack_entries: options.conntrack_entries,
         pins: options.pins.clone(),
     })?;
+    // Not fatal: the datapath works without its log lines.
+    let ebpf_log = ebpf_log::forward(datapath.ebpf_mut())
+        .inspect_err(|err| warn!("eBPF log records not forwarded: {err:#}"))
+        .ok();
     let mut checker = HealthChecker::new();
     let mut health_updates = checker.subscribe();
     let mut health_before = checker.snapshot();
@@ -274,6 +279,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
 
     readiness.set_not_ready("stopping");
+    if let Some(task) = ebpf_log {
+        task.abort();
+    }
     // The policy maps are not pinned: the programs go with them (see `crate::policy::enforcer`).
     drop(policy);
     datapath.detach_all();

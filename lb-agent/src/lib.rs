@@ -6,6 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod decap;
 pub mod desired;
+pub mod ebpf_log;
 pub mod grpc;
 pub mod health;
 pub mod http;

@@ -29,6 +29,7 @@ mod snat;
 mod xmit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_log_ebpf::warn;
 use lb_common::{counters::Counter, prefilter::role, service::mode};
 
 use crate::{
@@ -87,6 +88,13 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             },
             Err(reason) => {
                 count(reason);
+                // Rare (a service without backends) and worth a line in the agent's log.
+                warn!(
+                    &ctx,
+                    "lb_xdp: dropped a packet to service {}: counter {} (no backend)",
+                    service.id,
+                    reason as u32
+                );
                 xdp_action::XDP_DROP
             }
         };

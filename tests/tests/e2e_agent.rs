@@ -263,3 +263,29 @@ fn a_backend_whose_server_stops_is_taken_out_by_health_checks() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(tally(&topology.client, 45).len(), 3);
 }
+
+/// The datapath's own log records (aya-log, through its `AYA_LOGS` ring buffer) reach the agent's
+/// log: a service without backends drops the client's SYNs, and each drop is reported with its
+/// service.
+#[test]
+fn datapath_log_records_reach_the_agent_log() {
+    let topology = Topology::new(TEST_PREFIX, 1).expect("topology");
+    let dir = TempDir::new("agent-ebpf-log");
+    let path = dir.write_config(&format!(
+        "services:\n  - name: web\n    vip: {VIP}\n    port: 80\n    protocol: tcp\n    backends: []\n"
+    ));
+    let mut agent = AgentProcess::start(&topology.balancer, &path, &topology.balancer_interfaces())
+        .expect("agent starts");
+    let vip = SocketAddr::new(VIP.into(), 80);
+    let connected = topology
+        .client
+        .run(move || TcpStream::connect_timeout(&vip, Duration::from_millis(300)).is_ok());
+    assert!(
+        !connected,
+        "a service without backends accepted a connection"
+    );
+    let line = agent
+        .wait_for_log("dropped a packet to service", Duration::from_secs(5))
+        .expect("the datapath's drop reaches the agent's log");
+    assert!(line.contains("(no backend)"), "{line}");
+}

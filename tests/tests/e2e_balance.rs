@@ -257,7 +257,7 @@ fn removing_one_of_four_backends_keeps_existing_connections_and_spreads_new_ones
         .expect("rejection logged");
     assert!(line.contains("services[0].vip"), "{line}");
     let still = tally(
-        &tcp_requests(&topology.client, vip, 12, b""),
+        &tcp_requests(&topology.client, vip, 60, b""),
         "after a bad reload",
     );
     assert_eq!(still.len(), 3, "{still:?}");
