@@ -44,12 +44,25 @@ pub const FIN_ACK: L4 = L4::Tcp(TcpFlags {
     rst: false,
 });
 
-/// An Ethernet / IPv4-or-IPv6 / TCP-or-UDP frame from `src` to `dst` (same family).
+/// An Ethernet / IPv4-or-IPv6 / TCP-or-UDP frame from `src` to `dst` (same family), from
+/// [`CLIENT_MAC`] to [`NODE_MAC`] with TTL / hop limit 64.
 pub fn frame(l4: L4, src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let eth = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC);
+    frame_via(l4, src, dst, payload, (CLIENT_MAC, NODE_MAC), 64)
+}
+
+/// Like [`frame`], with chosen Ethernet addresses and TTL / hop limit.
+pub fn frame_via(
+    l4: L4,
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: &[u8],
+    macs: ([u8; 6], [u8; 6]),
+    ttl: u8,
+) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(macs.0, macs.1);
     let ip = match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
-        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
         _ => panic!("mixed families"),
     };
     let mut out = Vec::new();

@@ -1,6 +1,6 @@
 //! Harness for the forwarding-mode tests (`xdp_modes.rs`, `e2e_modes.rs`): running code and
 //! `BPF_PROG_TEST_RUN` inside a namespace (where `bpf_fib_lookup` resolves routes and neighbours),
-//! interface facts, frames with chosen MACs and TTL, IP-in-IP frames, backends set up for DSR, and
+//! interface facts, IP-in-IP frames, backends set up for DSR, and
 //! servers that record who connected.
 
 use std::{
@@ -19,15 +19,10 @@ use aya::{
     programs::{xdp::XdpLinkId, TestRun, TestRunOptions, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
-use etherparse::{
-    EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, PacketBuilder,
-};
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header};
 use lb_agent::datapath::EBPF_OBJECT;
 
-use crate::{
-    frames::L4,
-    netns::{self, Netns},
-};
+use crate::netns::{self, Netns};
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_TX: u32 = 3;
@@ -95,47 +90,6 @@ pub fn static_neighbour(ns: &Netns, addr: IpAddr, mac: [u8; 6], iface: &str) -> 
     ns.ip_cmd(&format!(
         "neigh replace {addr} lladdr {mac} dev {iface} nud permanent"
     ))
-}
-
-/// Like `frames::frame`, with chosen Ethernet addresses and TTL / hop limit.
-pub fn frame_via(
-    l4: L4,
-    src: SocketAddr,
-    dst: SocketAddr,
-    payload: &[u8],
-    macs: ([u8; 6], [u8; 6]),
-    ttl: u8,
-) -> Vec<u8> {
-    let eth = PacketBuilder::ethernet2(macs.0, macs.1);
-    let ip = match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
-        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
-        _ => panic!("mixed families"),
-    };
-    let mut out = Vec::new();
-    match l4 {
-        L4::Tcp(f) => {
-            let mut b = ip.tcp(src.port(), dst.port(), 1000, 64240);
-            if f.syn {
-                b = b.syn();
-            }
-            if f.ack {
-                b = b.ack(1);
-            }
-            if f.fin {
-                b = b.fin();
-            }
-            if f.rst {
-                b = b.rst();
-            }
-            b.write(&mut out, payload).expect("build frame");
-        }
-        L4::Udp => ip
-            .udp(src.port(), dst.port())
-            .write(&mut out, payload)
-            .expect("build frame"),
-    }
-    out
 }
 
 /// `inner` (an Ethernet frame) with its IP packet wrapped in an outer IPv4 or IPv6 header from

@@ -6,6 +6,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use lb_agent::datapath::Datapath;
 use lb_common::{
     conntrack::FlowKey,
+    counters::Counter,
     flow_hash::{flow_hash, source_hash},
     service::{family_of, Addr, ServiceKey},
 };
@@ -82,4 +83,23 @@ pub fn flow_key(protocol: u8, src: SocketAddr, dst: SocketAddr) -> FlowKey {
         family: family_of(src.ip()),
         _pad: [0; 2],
     }
+}
+
+/// A socket address written as text, e.g. `"198.51.100.10:80"` (test constants).
+pub fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+/// The value of `which` in a snapshot taken with `Datapath::counters`.
+pub fn counter_in(counters: &[(Counter, u64)], which: Counter) -> u64 {
+    counters
+        .iter()
+        .find(|(c, _)| *c == which)
+        .expect("every counter is in the snapshot")
+        .1
+}
+
+/// The datapath's counter `which` now.
+pub fn counter(datapath: &Datapath, which: Counter) -> u64 {
+    counter_in(&datapath.counters().expect("read counters"), which)
 }

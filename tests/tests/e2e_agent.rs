@@ -5,12 +5,11 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    agent::AgentProcess,
+    agent::{AgentProcess, ConfigFile},
     netns::{Netns, TEST_PREFIX},
     servers::{tcp_requests, TcpCountingServer},
     topology::{Topology, VIP},
@@ -18,31 +17,6 @@ use lb_tests::{
 
 const PORT: u16 = 8080;
 const METRICS: &str = "127.0.0.1:9469";
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("lb-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    /// Writes the config as an editor would (write a temporary file, rename over).
-    fn write_config(&self, yaml: &str) -> PathBuf {
-        let path = self.0.join("config.yaml");
-        let tmp = self.0.join("config.yaml.tmp");
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn config(topology: &Topology, backends: &[usize], health_check: bool) -> String {
     let mut yaml =
@@ -104,11 +78,10 @@ fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
         .enumerate()
         .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, PORT, &format!("backend-{}", i + 1)))
         .collect();
-    let dir = TempDir::new("agent-edit");
-    let path = dir.write_config(&config(&topology, &[1, 2], false));
+    let file = ConfigFile::new(&config(&topology, &[1, 2], false));
     let mut agent = AgentProcess::start_with(
         &topology.balancer,
-        &path,
+        file.path(),
         &topology.balancer_interfaces(),
         &["--metrics-addr", METRICS, "--stats-interval", "1"],
     )
@@ -124,7 +97,7 @@ fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
 
     // Edit the file (no signal): new flows move to backend 3 only.
     let edited = Instant::now();
-    dir.write_config(&config(&topology, &[3], false));
+    file.rewrite(&config(&topology, &[3], false));
     let deadline = edited + Duration::from_secs(10);
     // Backends 1 and 2 are removed (not drained): a connection they accepted just before the
     // switch is re-balanced to backend 3 and reset (counted as conntrack_backend_gone). Such
@@ -230,10 +203,13 @@ fn a_backend_whose_server_stops_is_taken_out_by_health_checks() {
             ))
         })
         .collect();
-    let dir = TempDir::new("agent-health");
-    let path = dir.write_config(&config(&topology, &[1, 2, 3], true));
-    let mut agent = AgentProcess::start(&topology.balancer, &path, &topology.balancer_interfaces())
-        .expect("agent starts");
+    let file = ConfigFile::new(&config(&topology, &[1, 2, 3], true));
+    let mut agent = AgentProcess::start(
+        &topology.balancer,
+        file.path(),
+        &topology.balancer_interfaces(),
+    )
+    .expect("agent starts");
     assert_eq!(tally(&topology.client, 45).len(), 3);
 
     // Stop backend 2's server: after `fall` failed probes it gets no new flows.
@@ -270,12 +246,15 @@ fn a_backend_whose_server_stops_is_taken_out_by_health_checks() {
 #[test]
 fn datapath_log_records_reach_the_agent_log() {
     let topology = Topology::new(TEST_PREFIX, 1).expect("topology");
-    let dir = TempDir::new("agent-ebpf-log");
-    let path = dir.write_config(&format!(
+    let file = ConfigFile::new(&format!(
         "services:\n  - name: web\n    vip: {VIP}\n    port: 80\n    protocol: tcp\n    backends: []\n"
     ));
-    let mut agent = AgentProcess::start(&topology.balancer, &path, &topology.balancer_interfaces())
-        .expect("agent starts");
+    let mut agent = AgentProcess::start(
+        &topology.balancer,
+        file.path(),
+        &topology.balancer_interfaces(),
+    )
+    .expect("agent starts");
     let vip = SocketAddr::new(VIP.into(), 80);
     let connected = topology
         .client

@@ -6,12 +6,11 @@ use std::{
     collections::BTreeMap,
     io::Write,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     time::Duration,
 };
 
 use lb_tests::{
-    agent::AgentProcess,
+    agent::{AgentProcess, ConfigFile},
     netns::TEST_PREFIX,
     servers::{tcp_connect, tcp_requests, udp_requests, TcpCountingServer, UdpCountingServer},
     topology::{Topology, VIP, VIP6},
@@ -20,23 +19,6 @@ use nix::sys::signal::Signal;
 
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("lb-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Services on both VIPs, TCP and UDP, over the given backends (1-based indexes into the topology).
 fn config_for(topology: &Topology, backends: &[usize]) -> String {
@@ -99,24 +81,11 @@ fn tally(results: &[std::io::Result<String>], what: &str) -> BTreeMap<String, us
     by_backend
 }
 
-fn write_config(dir: &TempDir, yaml: &str) -> PathBuf {
-    let path = dir.0.join("config.yaml");
-    // Write and rename, as an editor would, so the agent never reads half a file.
-    let tmp = dir.0.join("config.yaml.tmp");
-    std::fs::File::create(&tmp)
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    path
-}
-
 #[test]
 fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_backend() {
     let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
     let servers = start_servers(&topology);
-    let dir = TempDir::new("e2e");
-    let config = write_config(&dir, &config_for(&topology, &[1, 2, 3]));
+    let config = ConfigFile::new(&config_for(&topology, &[1, 2, 3]));
 
     // Before the agent runs, nothing answers on the VIP.
     let before = tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"");
@@ -125,8 +94,12 @@ fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_backend() {
         "VIP must not answer without the datapath"
     );
 
-    let agent = AgentProcess::start(&topology.balancer, &config, &topology.balancer_interfaces())
-        .expect("agent starts");
+    let agent = AgentProcess::start(
+        &topology.balancer,
+        config.path(),
+        &topology.balancer_interfaces(),
+    )
+    .expect("agent starts");
 
     const N: usize = 45;
     let payload: &'static [u8] = b"0123456789abcdef";
@@ -194,11 +167,13 @@ fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_backend() {
 fn removing_one_of_four_backends_keeps_existing_connections_and_spreads_new_ones() {
     let topology = Topology::new(TEST_PREFIX, 4).expect("topology");
     let servers = start_servers(&topology);
-    let dir = TempDir::new("e2e-remove");
-    let config = write_config(&dir, &config_for(&topology, &[1, 2, 3, 4]));
-    let mut agent =
-        AgentProcess::start(&topology.balancer, &config, &topology.balancer_interfaces())
-            .expect("agent starts");
+    let config = ConfigFile::new(&config_for(&topology, &[1, 2, 3, 4]));
+    let mut agent = AgentProcess::start(
+        &topology.balancer,
+        config.path(),
+        &topology.balancer_interfaces(),
+    )
+    .expect("agent starts");
 
     // 40 long-lived connections, open across the change.
     let vip = SocketAddr::from((VIP, 80));
@@ -212,7 +187,7 @@ fn removing_one_of_four_backends_keeps_existing_connections_and_spreads_new_ones
     assert_eq!(before.len(), 4, "{before:?}");
 
     // Remove backend 4 and reload.
-    write_config(&dir, &config_for(&topology, &[1, 2, 3]));
+    config.rewrite(&config_for(&topology, &[1, 2, 3]));
     agent.signal(Signal::SIGHUP);
     agent
         .wait_for_log("config reloaded", Duration::from_secs(10))
@@ -250,7 +225,7 @@ fn removing_one_of_four_backends_keeps_existing_connections_and_spreads_new_ones
     assert!(!after.contains_key("backend-4"), "{after:?}");
 
     // An invalid edit is rejected and the last good state stays in force.
-    write_config(&dir, "services:\n  - name: broken\n    vip: not-an-ip\n");
+    config.rewrite("services:\n  - name: broken\n    vip: not-an-ip\n");
     agent.signal(Signal::SIGHUP);
     let line = agent
         .wait_for_log("config rejected", Duration::from_secs(10))
@@ -265,14 +240,11 @@ fn removing_one_of_four_backends_keeps_existing_connections_and_spreads_new_ones
 
 #[test]
 fn agent_rejects_bad_yaml_naming_field_and_line() {
-    let dir = TempDir::new("badcfg");
-    let config = write_config(
-        &dir,
-        "services:\n  - name: web\n    vip: 198.51.100.10\n    port: 80\n    protocol: tcp\n    backends:\n      - { address: 203.0.113.300, port: 8080 }\n",
+    let config = ConfigFile::new("services:\n  - name: web\n    vip: 198.51.100.10\n    port: 80\n    protocol: tcp\n    backends:\n      - { address: 203.0.113.300, port: 8080 }\n",
     );
     let output = std::process::Command::new(lb_tests::agent::agent_binary())
         .args(["run", "--iface", "lo", "--config"])
-        .arg(&config)
+        .arg(config.path())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

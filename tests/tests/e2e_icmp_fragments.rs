@@ -13,7 +13,6 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr, UdpSocket},
-    path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -24,7 +23,7 @@ use std::{
 
 use lb_common::counters::Counter;
 use lb_tests::{
-    agent::AgentProcess,
+    agent::{AgentProcess, ConfigFile},
     frames::{frame, icmp_error, ip_packet, IcmpError, L4},
     netns::{Netns, TEST_PREFIX},
     topology::{Topology, BALANCER_CLIENT_IFACE, CLIENT_ADDR, CLIENT_ADDR6, VIP, VIP6},
@@ -35,29 +34,6 @@ const ECHO_PORT: u16 = 5353;
 const CLOSED_PORT: u16 = 9;
 const CLIENT_ROUTER: &str = "192.0.2.254";
 const CLIENT_ROUTER6: &str = "2001:db8:2::fe";
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("lb-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `dns` (UDP 53 → backends' echo servers) and `closed` (UDP 7 → a port nothing listens on), on the
 /// IPv4 and the IPv6 VIP, over every backend.
@@ -283,10 +259,13 @@ fn learnt_mtu(ns: &Netns, dst: IpAddr) -> Option<u32> {
 fn large_udp_datagrams_cross_the_vip_in_fragments_both_ways() {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
     let servers = echo_servers(&topology);
-    let dir = TempDir::new("e2e-fragments");
-    let config = dir.write("config.yaml", &config(&topology));
-    let agent = AgentProcess::start(&topology.balancer, &config, &topology.balancer_interfaces())
-        .expect("agent starts");
+    let config = ConfigFile::new(&config(&topology));
+    let agent = AgentProcess::start(
+        &topology.balancer,
+        config.path(),
+        &topology.balancer_interfaces(),
+    )
+    .expect("agent starts");
 
     // 3000 bytes: three fragments on a 1500-byte link, both ways, for both families.
     const REQUESTS: usize = 16;
@@ -339,10 +318,13 @@ fn large_udp_datagrams_cross_the_vip_in_fragments_both_ways() {
 fn fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it() {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
     let _servers = echo_servers(&topology);
-    let dir = TempDir::new("e2e-pmtu");
-    let config = dir.write("config.yaml", &config(&topology));
-    let agent = AgentProcess::start(&topology.balancer, &config, &topology.balancer_interfaces())
-        .expect("agent starts");
+    let config = ConfigFile::new(&config(&topology));
+    let agent = AgentProcess::start(
+        &topology.balancer,
+        config.path(),
+        &topology.balancer_interfaces(),
+    )
+    .expect("agent starts");
     let client_mac = mac_of(&topology.client, "eth0");
     let node_mac = mac_of(&topology.balancer, BALANCER_CLIENT_IFACE);
 
@@ -409,10 +391,13 @@ fn fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it() {
 #[test]
 fn port_unreachable_from_a_backend_reaches_the_client_as_the_vips() {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
-    let dir = TempDir::new("e2e-unreachable");
-    let config = dir.write("config.yaml", &config(&topology));
-    let agent = AgentProcess::start(&topology.balancer, &config, &topology.balancer_interfaces())
-        .expect("agent starts");
+    let config = ConfigFile::new(&config(&topology));
+    let agent = AgentProcess::start(
+        &topology.balancer,
+        config.path(),
+        &topology.balancer_interfaces(),
+    )
+    .expect("agent starts");
 
     for vip in [SocketAddr::from((VIP, 7)), SocketAddr::from((VIP6, 7))] {
         let result = topology.client.run(move || {

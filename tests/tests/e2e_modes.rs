@@ -17,16 +17,14 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     time::Duration,
 };
 
 use lb_agent::decap::{Decap, DecapOptions};
 use lb_common::{counters::Counter, modes::snat};
 use lb_tests::{
-    agent::AgentProcess,
+    agent::{AgentProcess, ConfigFile},
     modes::{hold_vips_on_loopback, in_netns, RecordingServer, XdpPass},
     netns::TEST_PREFIX,
     servers::{tcp_requests, udp_requests},
@@ -66,32 +64,6 @@ impl Mode {
     }
 }
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("lb-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn config(topology: &Topology, mode: Mode) -> String {
     let (tcp_port, udp_port) = mode.backend_ports();
     let mut yaml = format!(
@@ -122,7 +94,7 @@ struct Setup {
     decaps: Vec<Decap>,
     _xdp_pass: Vec<XdpPass>,
     agent: Option<AgentProcess>,
-    _dir: TempDir,
+    _config: ConfigFile,
     topology: Topology,
 }
 
@@ -180,17 +152,20 @@ impl Setup {
                 xdp_pass.push(XdpPass::attach(&b.ns, "eth0"));
             }
         }
-        let dir = TempDir::new(&format!("e2e-{}", mode.name()));
-        let path = dir.write("config.yaml", &config(&topology, mode));
-        let agent = AgentProcess::start(&topology.balancer, &path, &topology.balancer_interfaces())
-            .expect("agent starts");
+        let file = ConfigFile::new(&config(&topology, mode));
+        let agent = AgentProcess::start(
+            &topology.balancer,
+            file.path(),
+            &topology.balancer_interfaces(),
+        )
+        .expect("agent starts");
         Self {
             mode,
             servers,
             decaps,
             _xdp_pass: xdp_pass,
             agent: Some(agent),
-            _dir: dir,
+            _config: file,
             topology,
         }
     }

@@ -17,7 +17,7 @@ use lb_common::{
 };
 use lb_tests::{
     frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
-    test_run::{expected_backend, run, XDP_DROP, XDP_PASS},
+    test_run::{counter, expected_backend, run, sa, XDP_DROP, XDP_PASS},
 };
 
 const CONFIG: &str = "
@@ -72,26 +72,12 @@ services:
     protocol: tcp
 ";
 
-fn sa(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
 fn load(config: &str) -> Datapath {
     let mut datapath = Datapath::load().expect("load datapath");
     datapath
         .apply(&Config::from_yaml(config).unwrap())
         .expect("apply config");
     datapath
-}
-
-fn counter(datapath: &Datapath, which: Counter) -> u64 {
-    datapath
-        .counters()
-        .unwrap()
-        .into_iter()
-        .find(|(c, _)| *c == which)
-        .unwrap()
-        .1
 }
 
 fn key(vip: SocketAddr, proto: u8) -> ServiceKey {

@@ -13,7 +13,7 @@ use lb_tests::{
         echo_request, fragments, frame, icmp_error, inspect, ip_packet, with_ipv4_options,
         with_ipv6_extension_headers, IcmpError, ACK, L4, SYN,
     },
-    test_run::{expected_backend, run, XDP_DROP, XDP_PASS},
+    test_run::{expected_backend, run, sa, XDP_DROP, XDP_PASS},
 };
 
 const CONFIG: &str = "
@@ -56,10 +56,6 @@ const VIP_DNS6: &str = "[2001:db8:100::10]:53";
 const CLIENT_ROUTER: &str = "192.0.2.254";
 const CLIENT_ROUTER6: &str = "2001:db8:2::fe";
 const BACKEND_ROUTER: &str = "203.0.113.1";
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

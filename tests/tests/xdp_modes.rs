@@ -21,13 +21,13 @@ use lb_common::{
     protocol,
 };
 use lb_tests::{
-    frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
+    frames::{frame, frame_via, inspect, ACK, FIN_ACK, L4, SYN},
     modes::{
-        decapsulated, encapsulated, frame_via, in_netns, link_of, run_on, static_neighbour,
-        XDP_REDIRECT, XDP_TX,
+        decapsulated, encapsulated, in_netns, link_of, run_on, static_neighbour, XDP_REDIRECT,
+        XDP_TX,
     },
     netns::TEST_PREFIX,
-    test_run::{flow_key, run, XDP_DROP, XDP_PASS},
+    test_run::{counter_in, flow_key, run, sa, XDP_DROP, XDP_PASS},
     topology::{
         Topology, BALANCER_CLIENT_IFACE, BALANCER_CLIENT_SIDE_ADDR, BALANCER_CLIENT_SIDE_ADDR6,
         CLIENT_ADDR, CLIENT_ADDR6,
@@ -46,14 +46,6 @@ const UNREACHABLE4: &str = "203.0.113.202";
 /// In to-b1's /64, never resolved.
 const UNRESOLVED6: &str = "2001:db8:203:1::99";
 const PAYLOAD: &[u8] = b"payload";
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
-fn counter(counters: &[(Counter, u64)], which: Counter) -> u64 {
-    counters.iter().find(|(c, _)| *c == which).unwrap().1
-}
 
 /// One service per mode, family and protocol on backend 1, and the failure cases.
 fn config(b1: Ipv4Addr, b1_6: Ipv6Addr) -> String {
@@ -381,7 +373,7 @@ fn balancer_fixtures_for_every_mode_family_and_protocol() {
                 }
             }
             for c in &fixture.counters {
-                let delta = counter(&after, *c) - counter(&before, *c);
+                let delta = counter_in(&after, *c) - counter_in(&before, *c);
                 if delta != 1 {
                     failures.push(format!("{what}: {} moved by {delta}, want 1", c.name()));
                 }
@@ -409,7 +401,7 @@ services:
     let mut datapath = Datapath::load().expect("load");
     datapath.apply(&Config::from_yaml(yaml).unwrap()).unwrap();
     let vip = sa("198.51.100.40:80");
-    let counters = |d: &Datapath, c| counter(&d.counters().unwrap(), c);
+    let counters = |d: &Datapath, c| counter_in(&d.counters().unwrap(), c);
     let send = |d: &mut Datapath, l4, client: SocketAddr| -> Option<SocketAddr> {
         let (action, out) = run(d.xdp_program(), &frame(l4, client, vip, b""));
         (action == XDP_PASS).then(|| inspect(&out).src)
@@ -591,7 +583,7 @@ fn decap_fixtures() {
         ),
     ];
     for (what, input, want, which) in cases {
-        let before = counter(&decap.counters().unwrap(), which);
+        let before = counter_in(&decap.counters().unwrap(), which);
         let (action, out) = run(decap.program(), &input);
         match want {
             Some(want) => {
@@ -602,7 +594,7 @@ fn decap_fixtures() {
             None => assert_eq!(action, XDP_DROP, "{what}"),
         }
         assert_eq!(
-            counter(&decap.counters().unwrap(), which),
+            counter_in(&decap.counters().unwrap(), which),
             before + 1,
             "{what}: counted as {}",
             which.name()
@@ -610,13 +602,13 @@ fn decap_fixtures() {
     }
     // Not encapsulated: untouched.
     for input in [inner4.clone(), inner6.clone()] {
-        let before = counter(
+        let before = counter_in(
             &decap.counters().unwrap(),
             Counter::DecapPassNotEncapsulated,
         );
         assert_eq!(run(decap.program(), &input), (XDP_PASS, input.clone()));
         assert_eq!(
-            counter(
+            counter_in(
                 &decap.counters().unwrap(),
                 Counter::DecapPassNotEncapsulated
             ),

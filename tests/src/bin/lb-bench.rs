@@ -35,6 +35,7 @@ use lb_common::counters::Counter;
 use lb_tests::{
     frames::{frame, ACK, SYN},
     memory,
+    test_run::{counter, sa},
 };
 use serde_json::{json, Value};
 
@@ -85,10 +86,6 @@ services:
 /// Calls for the `repeat = 1` measurements and iterations of the long repeats.
 const CALLS: u32 = 20_000;
 const REPEAT: u32 = 1_000_000;
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
 
 /// This thread's CPU time in ns: unlike wall-clock time, it stops while other processes run.
 fn thread_cpu_ns() -> u128 {
@@ -155,16 +152,6 @@ fn median(mut values: Vec<f64>) -> f64 {
     } else {
         (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
-}
-
-fn counter(datapath: &Datapath, which: Counter) -> u64 {
-    datapath
-        .counters()
-        .unwrap()
-        .into_iter()
-        .find(|(c, _)| *c == which)
-        .unwrap()
-        .1
 }
 
 fn machine() -> String {
