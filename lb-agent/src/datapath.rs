@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, ArrayOfMaps, HashMap, MapData, PerCpuArray},
+    maps::{Array, ArrayOfMaps, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -51,6 +51,12 @@ pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
 
 /// `BPF_F_INNER_MAP`: inner maps of `MAGLEV_TABLES` may have any number of entries.
 const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// Filled Maglev tables placed into `MAGLEV_TABLES` per batch update. Every update of a
+/// map-in-map waits for an RCU grace period (about 10 ms here), once per call: batching turns
+/// 10,000 waits into 40. Each pending table is an open descriptor, so the batch stays well below
+/// the usual 1024-descriptor limit.
+const TABLE_FLIP_BATCH: usize = 256;
 
 /// Load-time settings.
 #[derive(Debug, Clone)]
@@ -109,6 +115,22 @@ struct TableInputs {
     backends: Vec<(u32, MaglevBackend)>,
     table_size: u32,
     seed: u64,
+}
+
+/// Tables filled but not yet placed in `MAGLEV_TABLES`, and the service entries that must wait for
+/// them (a service never names a slot before its table is there).
+#[derive(Default)]
+struct PendingFlips {
+    tables: Vec<(u32, Array<MapData, u32>)>,
+    services: Vec<PendingService>,
+}
+
+struct PendingService {
+    key: ServiceKey,
+    name: String,
+    info: ServiceInfo,
+    /// The bookkeeping before this apply, restored if the flip fails (the maps still hold it).
+    previous: Option<ProgrammedService>,
 }
 
 /// What one `apply` changed.
@@ -478,9 +500,12 @@ impl Datapath {
         };
         self.write_address_filter(transition)?;
 
-        // 2. Maglev tables and services.
+        // 2. Maglev tables and services. A changed table is filled into a new inner map here and
+        // placed with others in one batch (see TABLE_FLIP_BATCH); the service entry naming it is
+        // written after that.
         let mut wanted_keys = Vec::with_capacity(config.services.len());
         let mut free_ids = self.free_service_ids();
+        let mut pending = PendingFlips::default();
         for service in &config.services {
             let key = ServiceKey::new(service.vip, service.port, service.protocol.number());
             wanted_keys.push(key);
@@ -540,15 +565,17 @@ impl Datapath {
                 flags: flags_of(service.hash),
                 _pad: [0; 2],
             };
+            let mut flips_table = false;
             if let Some(table) = rebuilt.as_ref().filter(|t| table_changed && !t.is_empty()) {
-                // Fill the spare slot, then flip to it below.
+                // Fill a table for the spare slot; the batch flip places it.
                 let spare = if previous_info.is_some() && info.table_slot == 2 * id {
                     2 * id + 1
                 } else {
                     2 * id
                 };
-                self.install_table(spare, table)?;
+                pending.tables.push((spare, filled_table(table)?));
                 info.table_slot = spare;
+                flips_table = true;
                 report.tables_swapped += 1;
             }
             // The mode's parameters are in place before the service entry that names the mode.
@@ -567,16 +594,16 @@ impl Datapath {
                 }
             }
             if previous_info != Some(info) {
-                self.write_service_slot(id, ServiceSlot { key, info })?;
-                let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
-                    HashMap::try_from(self.ebpf.map_mut("SERVICES").context("SERVICES map")?)?;
-                services.insert(key, info, 0).with_context(|| {
-                    format!(
-                        "writing SERVICES for {} (map full? {} services max)",
-                        service.name,
-                        limits::MAX_SERVICES
-                    )
-                })?;
+                if flips_table {
+                    pending.services.push(PendingService {
+                        key,
+                        name: service.name.clone(),
+                        info,
+                        previous: previous.cloned(),
+                    });
+                } else {
+                    self.write_service(key, info, &service.name)?;
+                }
                 report.services_written += 1;
                 debug!(service = %service.name, vip = %service.vip, port = service.port,
                        slots = info.table_size, "service programmed");
@@ -600,7 +627,11 @@ impl Datapath {
                     self.services.insert(key, programmed);
                 }
             }
+            if pending.tables.len() >= TABLE_FLIP_BATCH {
+                self.flip_tables(&mut pending)?;
+            }
         }
+        self.flip_tables(&mut pending)?;
 
         // 3. Services no longer wanted.
         let stale: Vec<ServiceKey> = self
@@ -647,6 +678,67 @@ impl Datapath {
         }
         self.write_address_filter(wanted_filter)?;
         Ok(report)
+    }
+
+    /// Places the pending tables into `MAGLEV_TABLES` with one batch update, then writes the
+    /// service entries that name them. Services not written on a failure get their previous
+    /// bookkeeping back, as the maps still hold their previous state.
+    fn flip_tables(&mut self, pending: &mut PendingFlips) -> Result<()> {
+        let tables = std::mem::take(&mut pending.tables);
+        let mut services = std::mem::take(&mut pending.services).into_iter();
+        let mut result = self.place_tables(&tables);
+        if result.is_ok() {
+            for service in services.by_ref() {
+                result = self.write_service(service.key, service.info, &service.name);
+                if result.is_err() {
+                    self.restore(service);
+                    break;
+                }
+            }
+        }
+        for service in services {
+            self.restore(service);
+        }
+        result
+    }
+
+    fn place_tables(&mut self, tables: &[(u32, Array<MapData, u32>)]) -> Result<()> {
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let outer = self
+            .ebpf
+            .map("MAGLEV_TABLES")
+            .context("MAGLEV_TABLES map")?;
+        let aya::maps::Map::ArrayOfMaps(outer) = outer else {
+            bail!("MAGLEV_TABLES is not an array of maps");
+        };
+        let entries: Vec<(u32, &MapData)> = tables
+            .iter()
+            .map(|(slot, table)| (*slot, table.map()))
+            .collect();
+        map_batch::place_inner_maps(outer, &entries).context("installing Maglev tables")
+    }
+
+    /// Puts back the bookkeeping of a service whose new table or entry was not written.
+    fn restore(&mut self, service: PendingService) {
+        match service.previous {
+            Some(previous) => self.services.insert(service.key, previous),
+            None => self.services.remove(&service.key),
+        };
+    }
+
+    /// Writes a service's `SERVICE_SLOTS` and `SERVICES` entries.
+    fn write_service(&mut self, key: ServiceKey, info: ServiceInfo, name: &str) -> Result<()> {
+        self.write_service_slot(info.id, ServiceSlot { key, info })?;
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
+            HashMap::try_from(self.ebpf.map_mut("SERVICES").context("SERVICES map")?)?;
+        services.insert(key, info, 0).with_context(|| {
+            format!(
+                "writing SERVICES for {name} (map full? {} services max)",
+                limits::MAX_SERVICES
+            )
+        })
     }
 
     /// Writes `SERVICE_SLOTS[id]`: the service tracked flows of that id find (zero: none).
@@ -712,22 +804,6 @@ impl Datapath {
             .filter(|id| !used.contains(id))
             .collect::<Vec<u32>>()
             .into_iter()
-    }
-
-    /// Creates a complete inner table and puts it in `MAGLEV_TABLES[slot]`.
-    fn install_table(&mut self, slot: u32, table: &[u32]) -> Result<()> {
-        let inner: Array<MapData, u32> = Array::create(table.len() as u32, BPF_F_INNER_MAP)
-            .context("creating a Maglev table map")?;
-        map_batch::write_array(&inner, table).context("filling a Maglev table")?;
-        let mut tables: ArrayOfMaps<&mut MapData, Array<MapData, u32>> = ArrayOfMaps::try_from(
-            self.ebpf
-                .map_mut("MAGLEV_TABLES")
-                .context("MAGLEV_TABLES map")?,
-        )?;
-        tables
-            .set(slot, &inner, 0)
-            .context("installing a Maglev table")?;
-        Ok(())
     }
 
     /// The live Maglev table of a service, as backend addresses (for tests and `lbctl`).
@@ -827,6 +903,14 @@ struct PreparedPins {
 
 /// Locks the pin directory and decides what to do with what it holds: start fresh, adopt it,
 /// replace it (if incompatible and asked to) or refuse with every reason.
+/// A new inner map holding `table`, complete before any packet can see it.
+fn filled_table(table: &[u32]) -> Result<Array<MapData, u32>> {
+    let inner: Array<MapData, u32> = Array::create(table.len() as u32, BPF_F_INNER_MAP)
+        .context("creating a Maglev table map")?;
+    map_batch::write_array(&inner, table).context("filling a Maglev table")?;
+    Ok(inner)
+}
+
 fn prepare_pins(
     pins: &PinDir,
     options: &PinOptions,

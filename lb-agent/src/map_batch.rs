@@ -79,6 +79,33 @@ pub fn write_array<T: Borrow<MapData>, V: Pod>(array: &Array<T, V>, values: &[V]
     Ok(())
 }
 
+/// Places each inner map of `entries` at its slot of the map-in-map `outer`, in one syscall. The
+/// kernel waits for one RCU grace period per update call (so userspace knows no program still
+/// reads a replaced inner map): one for the whole batch instead of one per slot.
+pub fn place_inner_maps(outer: &MapData, entries: &[(u32, &MapData)]) -> Result<()> {
+    let count = u32::try_from(entries.len()).context("too many inner maps")?;
+    let mut keys: Vec<u32> = entries.iter().map(|(slot, _)| *slot).collect();
+    // Userspace names an inner map by a descriptor.
+    let mut fds: Vec<u32> = entries
+        .iter()
+        .map(|(_, inner)| inner.fd().as_fd().as_raw_fd() as u32)
+        .collect();
+    let written = batch(
+        bpf_cmd::BPF_MAP_UPDATE_BATCH,
+        outer,
+        keys.as_mut_ptr(),
+        fds.as_mut_ptr() as *mut u8,
+        std::ptr::null_mut(),
+        count,
+    )
+    .context("BPF_MAP_UPDATE_BATCH")?;
+    ensure!(
+        written == count,
+        "BPF_MAP_UPDATE_BATCH placed {written} of {count} inner maps"
+    );
+    Ok(())
+}
+
 /// Reads every slot of `array` in one syscall.
 pub fn read_array<T: Borrow<MapData>, V: Pod + Default>(array: &Array<T, V>) -> Result<Vec<V>> {
     let count = array.len();
