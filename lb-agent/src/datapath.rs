@@ -503,9 +503,79 @@ impl Datapath {
         // 2. Maglev tables and services. A changed table is filled into a new inner map here and
         // placed with others in one batch (see TABLE_FLIP_BATCH); the service entry naming it is
         // written after that.
+        let mut pending = PendingFlips::default();
+        let wanted_keys = match self.program_services(config, &weight_of, &mut pending, &mut report)
+        {
+            Ok(keys) => keys,
+            Err(err) => {
+                // Tables not placed yet are dropped with `pending`; their services keep
+                // what the maps hold.
+                for service in std::mem::take(&mut pending.services) {
+                    self.restore(service);
+                }
+                return Err(err);
+            }
+        };
+
+        // 3. Services no longer wanted.
+        let stale: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !wanted_keys.contains(k))
+            .copied()
+            .collect();
+        if !stale.is_empty() {
+            let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
+                HashMap::try_from(self.ebpf.map_mut("SERVICES").context("SERVICES map")?)?;
+            let mut freed = Vec::new();
+            for key in stale {
+                services.remove(&key).context("removing from SERVICES")?;
+                freed.extend(self.services.remove(&key).map(|p| p.info.id));
+                report.services_removed += 1;
+                info!(vip = %key.vip(), port = key.port_host(), "service removed");
+            }
+            for id in freed {
+                self.write_service_slot(id, ServiceSlot::default())?;
+            }
+        }
+
+        // 4. Backends no service names any more: zeroed, so conntrack entries re-balance.
+        let unused: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !wanted_backends.contains_key(id))
+            .copied()
+            .collect();
+        if !unused.is_empty() {
+            let mut backends: Array<&mut MapData, Backend> =
+                Array::try_from(self.ebpf.map_mut("BACKENDS").context("BACKENDS map")?)?;
+            for id in unused {
+                backends
+                    .set(id, Backend::default(), 0)
+                    .context("clearing BACKENDS")?;
+                let removed = self.backends.remove(&id).expect("listed above");
+                self.backend_ids
+                    .remove(&(removed.ip(), removed.port_host()));
+                self.free_backend_ids.push_back(id);
+                report.backends_removed += 1;
+            }
+        }
+        self.write_address_filter(wanted_filter)?;
+        Ok(report)
+    }
+
+    /// Step 2 of [`Self::apply_with`]: every service's table and entries. Returns the keys of
+    /// the desired services. On an error, `pending` holds the services whose tables were not
+    /// placed.
+    fn program_services(
+        &mut self,
+        config: &Config,
+        weight_of: &impl Fn(&Service, &crate::config::BackendConfig) -> u32,
+        pending: &mut PendingFlips,
+        report: &mut ApplyReport,
+    ) -> Result<Vec<ServiceKey>> {
         let mut wanted_keys = Vec::with_capacity(config.services.len());
         let mut free_ids = self.free_service_ids();
-        let mut pending = PendingFlips::default();
         for service in &config.services {
             let key = ServiceKey::new(service.vip, service.port, service.protocol.number());
             wanted_keys.push(key);
@@ -628,56 +698,11 @@ impl Datapath {
                 }
             }
             if pending.tables.len() >= TABLE_FLIP_BATCH {
-                self.flip_tables(&mut pending)?;
+                self.flip_tables(pending)?;
             }
         }
-        self.flip_tables(&mut pending)?;
-
-        // 3. Services no longer wanted.
-        let stale: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .filter(|k| !wanted_keys.contains(k))
-            .copied()
-            .collect();
-        if !stale.is_empty() {
-            let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
-                HashMap::try_from(self.ebpf.map_mut("SERVICES").context("SERVICES map")?)?;
-            let mut freed = Vec::new();
-            for key in stale {
-                services.remove(&key).context("removing from SERVICES")?;
-                freed.extend(self.services.remove(&key).map(|p| p.info.id));
-                report.services_removed += 1;
-                info!(vip = %key.vip(), port = key.port_host(), "service removed");
-            }
-            for id in freed {
-                self.write_service_slot(id, ServiceSlot::default())?;
-            }
-        }
-
-        // 4. Backends no service names any more: zeroed, so conntrack entries re-balance.
-        let unused: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !wanted_backends.contains_key(id))
-            .copied()
-            .collect();
-        if !unused.is_empty() {
-            let mut backends: Array<&mut MapData, Backend> =
-                Array::try_from(self.ebpf.map_mut("BACKENDS").context("BACKENDS map")?)?;
-            for id in unused {
-                backends
-                    .set(id, Backend::default(), 0)
-                    .context("clearing BACKENDS")?;
-                let removed = self.backends.remove(&id).expect("listed above");
-                self.backend_ids
-                    .remove(&(removed.ip(), removed.port_host()));
-                self.free_backend_ids.push_back(id);
-                report.backends_removed += 1;
-            }
-        }
-        self.write_address_filter(wanted_filter)?;
-        Ok(report)
+        self.flip_tables(pending)?;
+        Ok(wanted_keys)
     }
 
     /// Places the pending tables into `MAGLEV_TABLES` with one batch update, then writes the
