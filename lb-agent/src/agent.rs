@@ -162,7 +162,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     )
     .context("programming the initial state")?;
     applied_tx.send_replace(applied.clone());
-    let mut policy = PolicyEnforcer::new();
+    let mut policy = PolicyEnforcer::with_pins(options.pins.clone());
     reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
     for interface in &options.interfaces {
         datapath.attach(interface)?;
@@ -282,7 +282,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     if let Some(task) = ebpf_log {
         task.abort();
     }
-    // The policy maps are not pinned: the programs go with them (see `crate::policy::enforcer`).
+    // Pinned policy links stay attached for the next agent (see `crate::policy::enforcer`).
     drop(policy);
     datapath.detach_all();
     if let Some(pins) = datapath.pin_dir() {

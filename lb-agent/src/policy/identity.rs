@@ -199,6 +199,21 @@ impl IdentityAllocator {
         Err(IdentityError::Exhausted(key.clone()))
     }
 
+    /// Gives `key` the identity `id` if neither is taken and `id` is in `key`'s range (e.g. the
+    /// identity the key had before a restart); returns whether it did.
+    pub fn reserve(&mut self, key: &IdentityKey, id: u32) -> bool {
+        let (min, max) = self.range_of(key);
+        if !(min..=max).contains(&id)
+            || self.by_key.contains_key(key)
+            || self.by_id.contains_key(&id)
+        {
+            return false;
+        }
+        self.by_id.insert(id, key.clone());
+        self.by_key.insert(key.clone(), id);
+        true
+    }
+
     /// Allocates every key not yet known, in canonical order (so the result does not depend on the
     /// order of `keys`), and returns the identities of all of them.
     pub fn allocate_all<'a>(
