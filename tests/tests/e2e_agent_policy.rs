@@ -619,3 +619,108 @@ fn a_policy_layout_mismatch_is_refused_and_enforcement_stays() {
         "nothing enforces after detach"
     );
 }
+
+/// With Kubernetes as a source, a restarted agent keeps the pinned rule set until the API server has
+/// been listed: a pod the policy allows keeps its allowance while the API server is unreachable,
+/// and once it is back the unchanged rule set is not written again.
+#[test]
+fn a_restart_keeps_the_pinned_rule_set_until_kubernetes_is_listed() {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use lb_tests::fake_apiserver::FakeApiServer;
+
+    let topology = topology();
+    let db: IpAddr = PolicyTopology::addr("db", false);
+    let db_target = SocketAddr::new(db, DB_PORT);
+    let _server = TcpCountingServer::start(topology.ns("db"), db, DB_PORT, "db");
+    // Bound in the node namespace: the agent reaches it on its own loopback.
+    let api = topology
+        .node
+        .run(FakeApiServer::start)
+        .expect("fake API server");
+    api.apply::<Namespace>(
+        &serde_json::from_value(serde_json::json!({ "metadata": { "name": "default" } })).unwrap(),
+    );
+    // The frontend workload, known only as a Kubernetes pod.
+    api.apply::<Pod>(
+        &serde_json::from_value(serde_json::json!({
+            "metadata": { "namespace": "default", "name": "client-0", "labels": { "app": "client" } },
+            "status": { "phase": "Running",
+                        "podIPs": [{ "ip": PolicyTopology::addr("frontend", false).to_string() }] },
+        }))
+        .unwrap(),
+    );
+    let file = ConfigFile::new(&format!(
+        "services: []\npolicy:\n  namespaces: [{{name: default}}]\n  workloads:\n    \
+         - {{name: db, namespace: default, labels: {{app: db}}, addresses: [{db}], interface: wl-db}}\n  \
+         rules:\n    - {{name: db-from-client, endpoints: {{match_labels: {{app: db}}}}, direction: ingress,\n       \
+         action: allow, peers: [{{selector: {{match_labels: {{app: client}}}}}}], ports: [{{port: {DB_PORT}}}]}}\n"
+    ));
+    let interfaces = [EXTERNAL.to_string()];
+    let extra = ["--kube-api-url", &api.url()];
+    let allowed = || tcp_request(topology.ns("frontend"), db_target, b"").is_ok();
+    let denied = || !connects(topology.ns("other"), db_target, Duration::from_millis(300));
+
+    let first = AgentProcess::start_with(&topology.node, file.path(), &interfaces, &extra)
+        .expect("first agent starts");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !connects(
+        topology.ns("frontend"),
+        db_target,
+        Duration::from_millis(200),
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "the pod was not allowed within 15 s"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(denied(), "other is not a pod the rule allows");
+    let pins = first.pins();
+    let epoch = live_epoch(&pins);
+    first.kill9().expect("SIGKILL");
+
+    let mut api = api;
+    api.stop();
+    let mut second = AgentProcess::start_pinned(
+        &topology.node,
+        file.path(),
+        &interfaces,
+        &extra,
+        pins.clone(),
+    )
+    .expect("second agent starts without the API server");
+    assert!(
+        second
+            .history
+            .iter()
+            .any(|l| l.contains("stays in force until Kubernetes is listed")),
+        "{:#?}",
+        second.history
+    );
+    // A while without the API server: the pod keeps its allowance (a partial policy would deny it).
+    for _ in 0..5 {
+        assert!(
+            allowed(),
+            "the pod lost its allowance while Kubernetes was unreachable"
+        );
+        assert!(denied());
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(live_epoch(&pins), epoch);
+
+    let api = topology
+        .node
+        .run(move || api.restart().map(|()| api))
+        .expect("API server back");
+    let line = second
+        .wait_for_log("policy reconciled", Duration::from_secs(30))
+        .expect("the policy is reconciled once Kubernetes is listed");
+    assert!(
+        line.contains("applied=false"),
+        "unchanged rule set rewritten: {line}"
+    );
+    assert_eq!(live_epoch(&pins), epoch, "no epoch swap");
+    assert!(allowed() && denied());
+    assert_eq!(second.stop().expect("stops").0, 0);
+    drop(api);
+}

@@ -103,9 +103,10 @@ impl PolicyEnforcer {
         }
     }
 
-    /// Whether an earlier agent left policy programs attached (then they are adopted at once, even
-    /// before a policy is given, so that links no longer wanted are removed).
-    fn links_pinned(&self) -> bool {
+    /// Whether an earlier agent left policy programs attached, which enforce its rule set until
+    /// this enforcer adopts them (at the first reconcile, even of an empty policy, so that links no
+    /// longer wanted are removed).
+    pub fn links_pinned(&self) -> bool {
         self.pins.as_ref().is_some_and(|p| {
             PinDir::new(&p.dir)
                 .policy()
