@@ -162,8 +162,15 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     )
     .context("programming the initial state")?;
     applied_tx.send_replace(applied.clone());
-    let mut policy = PolicyEnforcer::new();
-    reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
+    let mut policy = PolicyEnforcer::with_pins(options.pins.clone());
+    // The rule set an earlier agent left enforcing stays until Kubernetes is listed: without its
+    // pods and NetworkPolicies the merged policy would replace it with a partial one.
+    let mut policy_waits_for_kubernetes = kubernetes.is_some() && policy.links_pinned();
+    if policy_waits_for_kubernetes {
+        info!("the pinned policy rule set stays in force until Kubernetes is listed");
+    } else {
+        reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
+    }
     for interface in &options.interfaces {
         datapath.attach(interface)?;
     }
@@ -201,6 +208,15 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 info!(namespaces = policy.namespaces.len(), workloads = policy.workloads.len(),
                       network_policies = policy.network_policies.len(), "Kubernetes policy changed");
                 events.publish(Event::new(EventKind::ServiceChanged, "Kubernetes policy changed"));
+                policy_waits_for_kubernetes = false;
+                false
+            }
+            () = listed(&kubernetes), if policy_waits_for_kubernetes => {
+                // Also when the cluster's policy is empty (no update of `kube_policy` then).
+                if let Some(updates) = kube_policy.as_mut() {
+                    desired.kubernetes_policy = updates.borrow_and_update().clone();
+                }
+                policy_waits_for_kubernetes = false;
                 false
             }
             Ok(()) = grpc_services.changed() => {
@@ -275,14 +291,16 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             }
         }
         // After the services: loading the policy programs (first policy) takes a while.
-        reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
+        if !policy_waits_for_kubernetes {
+            reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
+        }
     }
 
     readiness.set_not_ready("stopping");
     if let Some(task) = ebpf_log {
         task.abort();
     }
-    // The policy maps are not pinned: the programs go with them (see `crate::policy::enforcer`).
+    // Pinned policy links stay attached for the next agent (see `crate::policy::enforcer`).
     drop(policy);
     datapath.detach_all();
     if let Some(pins) = datapath.pin_dir() {
@@ -305,6 +323,18 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 async fn changed<T>(updates: &mut Option<watch::Receiver<T>>) -> Result<(), ()> {
     match updates {
         Some(rx) => rx.changed().await.map_err(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once Kubernetes has been listed; never without a Kubernetes source.
+async fn listed(kubernetes: &Option<K8sSource>) {
+    match kubernetes {
+        Some(source) => {
+            source
+                .wait_synced(Duration::from_secs(u32::MAX as u64))
+                .await;
+        }
         None => std::future::pending().await,
     }
 }

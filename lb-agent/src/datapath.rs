@@ -37,7 +37,7 @@ use crate::{
     config::{Config, ForwardingMode, HashFields, Service},
     maglev::{self, MaglevBackend},
     map_batch,
-    pins::{self, PinDir, PinnedState},
+    pins::{self, PinDir},
     prefilter::AddressFilter,
 };
 
@@ -941,40 +941,8 @@ fn prepare_pins(
     options: &PinOptions,
     max_entries: &[(&str, u32)],
 ) -> Result<PreparedPins> {
-    pins.prepare()?;
-    let lock = pins.lock()?;
     let wanted = pins::object_maps(EBPF_OBJECT, max_entries)?;
-    let dir = pins.root().display();
-    let adopt = match pins.inspect(&wanted)? {
-        PinnedState::Fresh => {
-            info!(%dir, "no pinned datapath state: starting fresh");
-            pins.write_layout_version()?;
-            false
-        }
-        PinnedState::Compatible { adopted, created } => {
-            info!(%dir, ?adopted, ?created,
-                  "adopting pinned datapath maps (connection tracking kept)");
-            true
-        }
-        PinnedState::Incompatible(problems) if options.replace_incompatible_state => {
-            for problem in &problems {
-                warn!(%dir, "incompatible pinned state: {problem}");
-            }
-            warn!(%dir,
-                  "REPLACING incompatible pinned datapath state as requested: connection \
-                   tracking is flushed, established connections through this node may reset");
-            pins.remove_state()?;
-            pins.write_layout_version()?;
-            false
-        }
-        PinnedState::Incompatible(problems) => bail!(
-            "pinned datapath state in {dir} is incompatible with this agent: {problems}. \
-             Adopting it would misread its maps. Run the agent version that pinned it, or \
-             restart with --replace-incompatible-state to remove it and start fresh \
-             (flushes connection tracking: established connections may reset)",
-            problems = problems.join("; ")
-        ),
-    };
+    let (lock, adopt) = pins.claim(&wanted, options.replace_incompatible_state, "datapath")?;
     let map_paths = wanted
         .into_iter()
         .map(|(name, _)| {

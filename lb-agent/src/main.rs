@@ -68,8 +68,9 @@ enum Command {
         /// Addresses NodePort services are served on; repeatable.
         #[arg(long = "node-address")]
         node_addresses: Vec<IpAddr>,
-        /// Pin maps, program and XDP links here (on a BPF filesystem) and adopt what an earlier
-        /// agent pinned: the datapath survives restarts and upgrades with its connection tracking.
+        /// Pin maps, programs and links here (on a BPF filesystem; the policy's under `policy/`)
+        /// and adopt what an earlier agent pinned: the datapath and policy enforcement survive
+        /// restarts and upgrades with their connection tracking.
         #[arg(long, default_value = DEFAULT_BPFFS_DIR, value_name = "DIR")]
         bpffs_dir: PathBuf,
         /// If the pinned state has another map layout, remove it and start fresh instead of
@@ -93,8 +94,8 @@ enum Command {
         #[arg(long, value_name = "FILE", requires = "grpc_tcp")]
         grpc_tls_client_ca: Option<PathBuf>,
     },
-    /// Remove the pinned datapath (links, program, maps): detaches it from every interface. For
-    /// uninstalling; stop the agent first.
+    /// Remove the pinned datapath and policy datapath (links, programs, maps): detaches them from
+    /// every interface. For uninstalling; stop the agent first.
     Detach {
         #[arg(long, default_value = DEFAULT_BPFFS_DIR, value_name = "DIR")]
         bpffs_dir: PathBuf,

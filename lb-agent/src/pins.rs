@@ -7,7 +7,10 @@
 //! - `maps/<NAME>`: every map of the datapath object (`SERVICES`, `BACKENDS`, `CONNTRACK`, ...);
 //! - `programs/<name>`: the XDP program last loaded (for inspection; the links hold it);
 //! - `links/xdp_<interface>`: the XDP `bpf_link` of each interface. The kernel keeps the program
-//!   attached as long as this pin exists, whatever happens to the agent (also `kill -9`).
+//!   attached as long as this pin exists, whatever happens to the agent (also `kill -9`);
+//! - `policy/`: the policy datapath (a separate instance of the object, see
+//!   `crate::policy::datapath`), laid out the same way with its own `LAYOUT`, `maps/`, `programs/`
+//!   and `links/tc_<interface>_<ingress|egress>` (its tcx links).
 //!
 //! Compatibility: pinned maps are adopted only if the pinned layout version equals this agent's and
 //! every pinned map has the type, key size, value size, number of entries and flags of this
@@ -24,6 +27,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, Map, MapData, MapInfo};
+use tracing::{info, warn};
 
 /// Version of what the datapath's map entries mean. Map definitions (type, key and value sizes,
 /// entries, flags) are compared map by map with the kernel's view of the pinned maps, so a changed
@@ -32,6 +36,8 @@ use aya::maps::{Array, Map, MapData, MapInfo};
 /// changed, a flag or mode number redefined, a table indexed differently, an inner map definition
 /// changed. Pinned state of another version is refused.
 pub const MAP_LAYOUT_VERSION: u32 = 1;
+/// Subdirectory of the policy datapath's pins.
+const POLICY_SUBDIR: &str = "policy";
 /// `f_type` of a BPF filesystem (`BPF_FS_MAGIC` in linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -162,6 +168,18 @@ impl PinDir {
         self.root.join("links").join(format!("xdp_{interface}"))
     }
 
+    /// The tcx link of a TC program on `interface` in `direction` (`ingress` or `egress`).
+    pub fn tc_link(&self, interface: &str, direction: &str) -> PathBuf {
+        self.root
+            .join("links")
+            .join(format!("tc_{interface}_{direction}"))
+    }
+
+    /// The policy datapath's pin directory, inside this one.
+    pub fn policy(&self) -> PinDir {
+        PinDir::new(self.root.join(POLICY_SUBDIR))
+    }
+
     fn layout(&self) -> PathBuf {
         self.root.join("LAYOUT")
     }
@@ -209,6 +227,53 @@ impl PinDir {
             return Err(err).with_context(|| format!("locking {}", self.root.display()));
         }
         Ok(dir)
+    }
+
+    /// Prepares and locks the directory and decides what to do with pinned state of the maps
+    /// `wanted` (see [`object_maps`]) of `what` (e.g. "datapath", named in logs and errors):
+    /// nothing pinned starts fresh, a compatible layout is adopted (returns `true`), an
+    /// incompatible one is refused, or removed when `replace_incompatible` is set. The lock is held
+    /// until the returned file is dropped.
+    pub fn claim(
+        &self,
+        wanted: &[(String, MapDefinition)],
+        replace_incompatible: bool,
+        what: &str,
+    ) -> Result<(std::fs::File, bool)> {
+        self.prepare()?;
+        let lock = self.lock()?;
+        let dir = self.root.display();
+        let adopt = match self.inspect(wanted)? {
+            PinnedState::Fresh => {
+                info!(%dir, "no pinned {what} state: starting fresh");
+                self.write_layout_version()?;
+                false
+            }
+            PinnedState::Compatible { adopted, created } => {
+                info!(%dir, ?adopted, ?created,
+                      "adopting pinned {what} maps (connection tracking kept)");
+                true
+            }
+            PinnedState::Incompatible(problems) if replace_incompatible => {
+                for problem in &problems {
+                    warn!(%dir, "incompatible pinned state: {problem}");
+                }
+                warn!(%dir,
+                      "REPLACING incompatible pinned {what} state as requested: connection \
+                       tracking is flushed, established connections through this node may reset");
+                self.remove_state()?;
+                self.write_layout_version()?;
+                false
+            }
+            PinnedState::Incompatible(problems) => bail!(
+                "pinned {what} state in {dir} is incompatible with this agent: {problems}. \
+                 Adopting it would misread its maps. Run the agent version that pinned it, or \
+                 restart with --replace-incompatible-state to remove it and start fresh \
+                 (flushes connection tracking: established connections may reset)",
+                problems = problems.join("; ")
+            ),
+        };
+        Ok((lock, adopt))
     }
 
     /// Compares the pinned state with `wanted` (see [`object_maps`]).
@@ -291,6 +356,17 @@ impl PinDir {
             .collect())
     }
 
+    /// Interfaces and directions (`ingress`, `egress`) with a pinned tcx link.
+    pub fn tc_linked_interfaces(&self) -> Result<Vec<(String, String)>> {
+        Ok(entries(&self.root.join("links"))?
+            .into_iter()
+            .filter_map(|name| {
+                let (interface, direction) = name.strip_prefix("tc_")?.rsplit_once('_')?;
+                Some((interface.to_string(), direction.to_string()))
+            })
+            .collect())
+    }
+
     /// Unpins the maps, programs and layout version (links stay, so the datapath stays attached
     /// until a new program replaces the old one in them). Existing maps live on only as long as a
     /// program still attached uses them.
@@ -303,14 +379,28 @@ impl PinDir {
         remove_if_present(&self.layout())
     }
 
-    /// Removes everything: links first (which detaches the datapath from every interface once no
-    /// process holds them), then programs, maps, the layout version and the directories. Only
-    /// names of this layout are removed; returns the number of pins removed.
+    /// Removes everything, the policy datapath's pins first: links first (which detaches the
+    /// programs from every interface once no process holds them), then programs, maps, the layout
+    /// version and the directories. Only names of this layout are removed; returns the number of
+    /// pins removed.
     pub fn remove_all(&self) -> Result<usize> {
         if !self.root.exists() {
             return Ok(0);
         }
         let _lock = self.lock()?;
+        let policy = self.policy();
+        let mut removed = if policy.root.exists() {
+            let _policy_lock = policy.lock()?;
+            policy.remove_pins()?
+        } else {
+            0
+        };
+        removed += self.remove_pins()?;
+        Ok(removed)
+    }
+
+    /// [`Self::remove_all`] of this directory alone, under a lock the caller holds.
+    fn remove_pins(&self) -> Result<usize> {
         let mut removed = 0;
         for dir in ["links", "programs", "maps"] {
             let path = self.root.join(dir);
@@ -439,6 +529,30 @@ mod tests {
             ..perf
         };
         assert_eq!(as_created(hash, 4096, 6), hash);
+    }
+
+    #[test]
+    fn policy_pins_nest_and_tc_links_name_interface_and_direction() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = PinDir::new(dir.path()).policy();
+        assert_eq!(policy.root(), dir.path().join("policy"));
+        let links = policy.root().join("links");
+        std::fs::create_dir_all(&links).unwrap();
+        for path in [
+            policy.tc_link("wl_db", "ingress"),
+            policy.tc_link("wl_db", "egress"),
+            policy.link("eth0"),
+        ] {
+            assert_eq!(path.parent(), Some(links.as_path()));
+            std::fs::write(path, "").unwrap();
+        }
+        assert_eq!(
+            policy.tc_linked_interfaces().unwrap(),
+            [
+                ("wl_db".into(), "egress".into()),
+                ("wl_db".into(), "ingress".into())
+            ]
+        );
     }
 
     #[test]

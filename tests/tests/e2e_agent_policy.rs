@@ -2,20 +2,37 @@
 //! three-workload topology (`lb_tests::policy_topology`), with the policy in its YAML config. The
 //! agent attaches the TC policy programs to the workloads' interfaces itself; what the servers
 //! receive is counted by the servers, denials must show in `/metrics` and the agent's log, and an
-//! edit of the file that allows a denied pair must let it connect.
+//! edit of the file that allows a denied pair must let it connect. Enforcement is pinned: it goes on
+//! while no agent runs (also after `kill -9`) and the next agent adopts it without a gap.
 
 use std::{
+    collections::BTreeMap,
+    io::Write,
     net::{IpAddr, SocketAddr, TcpStream},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    thread,
     time::{Duration, Instant},
 };
 
-use lb_agent::grpc::pb;
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType},
+};
+use lb_agent::{grpc::pb, pins::PinDir};
+use lb_common::{
+    conntrack::FlowKey,
+    policy::{
+        counter_index, EndpointInfo, IpKeyV4, PolicyConntrackEntry, PolicyState, Reason, Verdict,
+    },
+    protocol,
+};
 use lb_tests::{
-    agent::{metric_sum, scrape_metrics, AgentProcess, ConfigFile},
+    agent::{metric_sum, scrape_metrics, AgentProcess, ConfigFile, TestPins},
     grpc_client::connect_unix,
     netns::Netns,
     policy_topology::PolicyTopology,
-    servers::{tcp_request, TcpCountingServer},
+    servers::{tcp_connect, tcp_request, TcpCountingServer},
+    test_run::flow_key,
 };
 
 const METRICS: &str = "127.0.0.1:9471";
@@ -76,8 +93,8 @@ fn connects(ns: &Netns, target: SocketAddr, timeout: Duration) -> bool {
     ns.run(move || TcpStream::connect_timeout(&target, timeout).is_ok())
 }
 
-#[test]
-fn the_agent_enforces_the_policy_of_its_config_file_and_applies_edits() {
+/// The topology with the unused interface the agent attaches its XDP program to.
+fn topology() -> PolicyTopology {
     let topology = PolicyTopology::new().expect("topology");
     topology
         .node
@@ -89,6 +106,12 @@ fn the_agent_enforces_the_policy_of_its_config_file_and_applies_edits() {
         .node
         .ip_cmd(&format!("link set {EXTERNAL} up"))
         .unwrap();
+    topology
+}
+
+#[test]
+fn the_agent_enforces_the_policy_of_its_config_file_and_applies_edits() {
+    let topology = topology();
     let db: IpAddr = PolicyTopology::addr("db", false);
     let db6: IpAddr = PolicyTopology::addr("db", true);
     let other: IpAddr = PolicyTopology::addr("other", false);
@@ -258,4 +281,446 @@ fn the_agent_enforces_the_policy_of_its_config_file_and_applies_edits() {
 
     let (code, _) = agent.stop().expect("agent stops");
     assert_eq!(code, 0);
+}
+
+/// An open map of the pinned policy datapath of `pins`.
+fn policy_map(pins: &TestPins, name: &str) -> Map {
+    let path = PinDir::new(pins.path()).policy().map(name);
+    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    Map::from_map_data(data).unwrap()
+}
+
+/// The live epoch of the pinned policy maps.
+fn live_epoch(pins: &TestPins) -> u32 {
+    let state: Array<MapData, PolicyState> =
+        Array::try_from(policy_map(pins, "POLICY_STATE")).unwrap();
+    state.get(&0, 0).unwrap().epoch
+}
+
+/// Identity of every local IPv4 endpoint under the live epoch, from the pinned `ENDPOINTS_V4`.
+fn endpoint_identities(pins: &TestPins) -> BTreeMap<IpAddr, u32> {
+    let epoch = live_epoch(pins) as u8;
+    let endpoints: HashMap<MapData, IpKeyV4, EndpointInfo> =
+        HashMap::try_from(policy_map(pins, "ENDPOINTS_V4")).unwrap();
+    endpoints
+        .iter()
+        .map(|entry| entry.unwrap())
+        .filter(|(k, _)| k.epoch == epoch)
+        .map(|(k, v)| (IpAddr::from(k.addr.to_ne_bytes()), v.identity))
+        .collect()
+}
+
+/// Packets the pinned `POLICY_COUNTERS` counted for (verdict, reason), all CPUs.
+fn pinned_verdicts(pins: &TestPins, verdict: Verdict, reason: Reason) -> u64 {
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(policy_map(pins, "POLICY_COUNTERS")).unwrap();
+    counters
+        .get(&counter_index(verdict, reason), 0)
+        .unwrap()
+        .iter()
+        .sum()
+}
+
+/// The pinned `POLICY_CONNTRACK` entry of a connection, if any.
+fn policy_conntrack(pins: &TestPins, flow: &FlowKey) -> Option<PolicyConntrackEntry> {
+    let conntrack: HashMap<MapData, FlowKey, PolicyConntrackEntry> =
+        HashMap::try_from(policy_map(pins, "POLICY_CONNTRACK")).unwrap();
+    conntrack.get(flow, 0).ok()
+}
+
+/// Ids of the tcx programs on `iface` in `direction`, as the kernel reports them.
+fn tcx_programs(node: &Netns, iface: &'static str, direction: TcAttachType) -> Vec<u32> {
+    node.run(move || {
+        let (_, programs) = SchedClassifier::query_tcx(iface, direction).expect("query tcx");
+        programs.iter().map(|p| p.id()).collect()
+    })
+}
+
+#[test]
+fn enforcement_survives_kill_9_and_the_next_agent_adopts_it() {
+    const CHUNK: usize = 16 * 1024;
+    const DOWN: Duration = Duration::from_millis(1500);
+    let topology = topology();
+    let db: IpAddr = PolicyTopology::addr("db", false);
+    let db_target = SocketAddr::new(db, DB_PORT);
+    let server = TcpCountingServer::start(topology.ns("db"), db, DB_PORT, "db");
+    let file = ConfigFile::new(&config(&["frontend"]));
+    let extra = ["--metrics-addr", METRICS, "--stats-interval", "1"];
+    let first =
+        AgentProcess::start_with(&topology.node, file.path(), &[EXTERNAL.to_string()], &extra)
+            .expect("first agent starts");
+    let pins = first.pins();
+    let identities = endpoint_identities(&pins);
+    assert_eq!(identities.len(), 3, "{identities:?}");
+    let epoch = live_epoch(&pins);
+    let programs = tcx_programs(&topology.node, "wl-db", TcAttachType::Egress);
+    assert_eq!(programs.len(), 1, "one policy program on wl-db egress");
+
+    // The long-lived allowed connection: frontend -> db, streaming through the restart.
+    let (mut stream, greeting) =
+        tcp_connect(topology.ns("frontend"), db_target).expect("frontend -> db");
+    assert_eq!(greeting, "db");
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let flow = flow_key(protocol::TCP, stream.local_addr().unwrap(), db_target);
+
+    let stop = AtomicBool::new(false);
+    let agent_down = AtomicBool::new(false);
+    let (denied_tries, denied_tries_down, denied_passed) =
+        (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let (allowed_new, allowed_new_down, allowed_failed) =
+        (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let (sent, second, denials_while_down) = thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let chunk = vec![0xa5_u8; CHUNK];
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                stream.write_all(&chunk).expect("stream write");
+                sent += CHUNK as u64;
+                thread::sleep(Duration::from_millis(5));
+            }
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+            sent
+        });
+        // The denied pair keeps trying, and new allowed connections keep being made.
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let down = agent_down.load(Ordering::Relaxed);
+                if connects(topology.ns("other"), db_target, Duration::from_millis(200)) {
+                    denied_passed.fetch_add(1, Ordering::Relaxed);
+                }
+                denied_tries.fetch_add(1, Ordering::Relaxed);
+                match tcp_request(topology.ns("frontend"), db_target, b"") {
+                    Ok(_) => allowed_new.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => allowed_failed.fetch_add(1, Ordering::Relaxed),
+                };
+                if down && agent_down.load(Ordering::Relaxed) {
+                    denied_tries_down.fetch_add(1, Ordering::Relaxed);
+                    allowed_new_down.fetch_add(1, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        });
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop_on_panic = StopOnDrop(&stop);
+        thread::sleep(Duration::from_secs(1));
+        let tracked = policy_conntrack(&pins, &flow).expect("the stream is tracked");
+
+        first.kill9().expect("SIGKILL");
+        let denied_at_kill = pinned_verdicts(&pins, Verdict::Deny, Reason::DefaultDeny);
+        agent_down.store(true, Ordering::Relaxed);
+        thread::sleep(DOWN);
+        agent_down.store(false, Ordering::Relaxed);
+        let denials_while_down =
+            pinned_verdicts(&pins, Verdict::Deny, Reason::DefaultDeny) - denied_at_kill;
+        assert_eq!(
+            tcx_programs(&topology.node, "wl-db", TcAttachType::Egress),
+            programs,
+            "the first agent's program stays attached while no agent runs"
+        );
+
+        let second = AgentProcess::start_pinned(
+            &topology.node,
+            file.path(),
+            &[EXTERNAL.to_string()],
+            &extra,
+            pins.clone(),
+        )
+        .expect("second agent starts");
+        let after = policy_conntrack(&pins, &flow).expect("the stream's entry survived");
+        assert_eq!(after.flags, tracked.flags);
+        assert!(after.last_seen_ns >= tracked.last_seen_ns);
+        thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+        (writer.join().expect("writer"), second, denials_while_down)
+    });
+
+    // Every byte of the stream reached db (the other connections send none).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.bytes() < sent && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.bytes(), sent, "bytes of the long-lived connection");
+    let (tries, tries_down) = (denied_tries.into_inner(), denied_tries_down.into_inner());
+    assert_eq!(
+        denied_passed.into_inner(),
+        0,
+        "a denied connection got through"
+    );
+    assert!(
+        tries_down >= 3,
+        "only {tries_down} denied attempts while no agent ran"
+    );
+    assert!(
+        denials_while_down >= tries_down,
+        "{denials_while_down} denials counted by the kernel for {tries_down} attempts while down"
+    );
+    let (new, new_down) = (allowed_new.into_inner(), allowed_new_down.into_inner());
+    assert_eq!(allowed_failed.into_inner(), 0, "allowed connections failed");
+    assert!(
+        new_down >= 3,
+        "{new_down} new allowed connections while no agent ran"
+    );
+
+    // Adopted, not rewritten: same epoch, same identities, programs replaced in the pinned links.
+    let mut second = second;
+    assert!(
+        second
+            .history
+            .iter()
+            .any(|l| l.contains("adopted the pinned policy rule set")),
+        "{:#?}",
+        second.history
+    );
+    let replaced = second
+        .history
+        .iter()
+        .filter(|l| l.contains("adopted the pinned tcx link"))
+        .count();
+    assert_eq!(
+        replaced, 6,
+        "3 interfaces x 2 directions: {:#?}",
+        second.history
+    );
+    assert!(
+        second
+            .history
+            .iter()
+            .filter(|l| l.contains("policy reconciled"))
+            .all(|l| l.contains("applied=false")),
+        "the first reconcile writes no rule set: {:#?}",
+        second.history
+    );
+    assert_eq!(live_epoch(&pins), epoch, "no epoch swap");
+    assert_eq!(endpoint_identities(&pins), identities, "identities kept");
+    let programs_after = tcx_programs(&topology.node, "wl-db", TcAttachType::Egress);
+    assert!(
+        programs_after.len() == 1 && programs_after != programs,
+        "the new program replaced the old one: {programs:?} -> {programs_after:?}"
+    );
+
+    // Still enforcing: allowed connects, denied does not, and /metrics counts the kernel's total,
+    // denials while no agent ran included.
+    assert_eq!(
+        tcp_request(topology.ns("frontend"), db_target, b"").expect("frontend -> db after restart"),
+        "db"
+    );
+    assert!(!connects(
+        topology.ns("other"),
+        db_target,
+        Duration::from_millis(300)
+    ));
+    let kernel = pinned_verdicts(&pins, Verdict::Deny, Reason::DefaultDeny) as f64;
+    assert!(
+        wait_for_verdicts(&topology.node, "deny", "default_deny", kernel) >= kernel,
+        "/metrics lags the pinned counters"
+    );
+    second
+        .wait_for_log("policy deny ingress", Duration::from_secs(3))
+        .expect("denials still reported");
+    eprintln!(
+        "stream {sent} bytes delivered through kill -9 and {} ms down; {tries} denied attempts \
+         ({tries_down} while down, {denials_while_down} kernel denials then), none passed; {new} new \
+         allowed connections ({new_down} while down), none failed; identities {identities:?}",
+        DOWN.as_millis()
+    );
+    assert_eq!(second.stop().expect("stops").0, 0);
+}
+
+#[test]
+fn a_policy_layout_mismatch_is_refused_and_enforcement_stays() {
+    let topology = topology();
+    let db: IpAddr = PolicyTopology::addr("db", false);
+    let db_target = SocketAddr::new(db, DB_PORT);
+    let _server = TcpCountingServer::start(topology.ns("db"), db, DB_PORT, "db");
+    let file = ConfigFile::new(&config(&["frontend"]));
+    let interfaces = [EXTERNAL.to_string()];
+    let enforced = || {
+        tcp_request(topology.ns("frontend"), db_target, b"").is_ok()
+            && !connects(topology.ns("other"), db_target, Duration::from_millis(300))
+    };
+    let first =
+        AgentProcess::start(&topology.node, file.path(), &interfaces).expect("agent starts");
+    let pins = first.pins();
+    let (code, log) = first.stop().expect("SIGTERM");
+    assert_eq!(code, 0, "{log:#?}");
+    assert!(enforced(), "enforced while no agent runs (after SIGTERM)");
+
+    // Pinned by a (pretend) other layout version.
+    let layout = PinDir::new(pins.path()).policy().root().join("LAYOUT");
+    std::fs::remove_file(&layout).unwrap();
+    let mut version: Array<MapData, u32> = Array::create(1, 0).unwrap();
+    version.set(0, 999, 0).unwrap();
+    version.pin(&layout).unwrap();
+
+    let refused =
+        AgentProcess::start_pinned(&topology.node, file.path(), &interfaces, &[], pins.clone())
+            .expect("the agent starts (the balancer is fine)");
+    // Logged before "ready".
+    let line = refused
+        .history
+        .iter()
+        .find(|l| l.contains("policy reconcile failed"))
+        .unwrap_or_else(|| panic!("refusal logged: {:#?}", refused.history))
+        .clone();
+    assert!(
+        line.contains("pinned policy datapath state")
+            && line.contains("layout version 999")
+            && line.contains("--replace-incompatible-state"),
+        "{line}"
+    );
+    assert!(enforced(), "the pinned enforcement stays in force");
+    assert_eq!(refused.stop().expect("stops").0, 0);
+
+    let replaced = AgentProcess::start_pinned(
+        &topology.node,
+        file.path(),
+        &interfaces,
+        &["--replace-incompatible-state"],
+        pins.clone(),
+    )
+    .expect("replacing agent starts");
+    assert!(
+        replaced
+            .history
+            .iter()
+            .any(|l| l.contains("REPLACING incompatible pinned policy datapath state")),
+        "{:#?}",
+        replaced.history
+    );
+    assert!(enforced(), "enforced by the replacement");
+    assert_eq!(replaced.stop().expect("stops").0, 0);
+
+    // `lb-agent detach` removes the policy pins too, which detaches the programs.
+    let output = std::process::Command::new(lb_tests::agent::agent_binary())
+        .args(["detach", "--bpffs-dir"])
+        .arg(pins.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(!pins.path().exists());
+    // The kernel releases an unpinned link in a deferred work item.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !tcx_programs(&topology.node, "wl-db", TcAttachType::Egress).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "policy programs still attached after detach"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        connects(topology.ns("other"), db_target, Duration::from_secs(1)),
+        "nothing enforces after detach"
+    );
+}
+
+/// With Kubernetes as a source, a restarted agent keeps the pinned rule set until the API server has
+/// been listed: a pod the policy allows keeps its allowance while the API server is unreachable,
+/// and once it is back the unchanged rule set is not written again.
+#[test]
+fn a_restart_keeps_the_pinned_rule_set_until_kubernetes_is_listed() {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use lb_tests::fake_apiserver::FakeApiServer;
+
+    let topology = topology();
+    let db: IpAddr = PolicyTopology::addr("db", false);
+    let db_target = SocketAddr::new(db, DB_PORT);
+    let _server = TcpCountingServer::start(topology.ns("db"), db, DB_PORT, "db");
+    // Bound in the node namespace: the agent reaches it on its own loopback.
+    let api = topology
+        .node
+        .run(FakeApiServer::start)
+        .expect("fake API server");
+    api.apply::<Namespace>(
+        &serde_json::from_value(serde_json::json!({ "metadata": { "name": "default" } })).unwrap(),
+    );
+    // The frontend workload, known only as a Kubernetes pod.
+    api.apply::<Pod>(
+        &serde_json::from_value(serde_json::json!({
+            "metadata": { "namespace": "default", "name": "client-0", "labels": { "app": "client" } },
+            "status": { "phase": "Running",
+                        "podIPs": [{ "ip": PolicyTopology::addr("frontend", false).to_string() }] },
+        }))
+        .unwrap(),
+    );
+    let file = ConfigFile::new(&format!(
+        "services: []\npolicy:\n  namespaces: [{{name: default}}]\n  workloads:\n    \
+         - {{name: db, namespace: default, labels: {{app: db}}, addresses: [{db}], interface: wl-db}}\n  \
+         rules:\n    - {{name: db-from-client, endpoints: {{match_labels: {{app: db}}}}, direction: ingress,\n       \
+         action: allow, peers: [{{selector: {{match_labels: {{app: client}}}}}}], ports: [{{port: {DB_PORT}}}]}}\n"
+    ));
+    let interfaces = [EXTERNAL.to_string()];
+    let extra = ["--kube-api-url", &api.url()];
+    let allowed = || tcp_request(topology.ns("frontend"), db_target, b"").is_ok();
+    let denied = || !connects(topology.ns("other"), db_target, Duration::from_millis(300));
+
+    let first = AgentProcess::start_with(&topology.node, file.path(), &interfaces, &extra)
+        .expect("first agent starts");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !connects(
+        topology.ns("frontend"),
+        db_target,
+        Duration::from_millis(200),
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "the pod was not allowed within 15 s"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(denied(), "other is not a pod the rule allows");
+    let pins = first.pins();
+    let epoch = live_epoch(&pins);
+    first.kill9().expect("SIGKILL");
+
+    let mut api = api;
+    api.stop();
+    let mut second = AgentProcess::start_pinned(
+        &topology.node,
+        file.path(),
+        &interfaces,
+        &extra,
+        pins.clone(),
+    )
+    .expect("second agent starts without the API server");
+    assert!(
+        second
+            .history
+            .iter()
+            .any(|l| l.contains("stays in force until Kubernetes is listed")),
+        "{:#?}",
+        second.history
+    );
+    // A while without the API server: the pod keeps its allowance (a partial policy would deny it).
+    for _ in 0..5 {
+        assert!(
+            allowed(),
+            "the pod lost its allowance while Kubernetes was unreachable"
+        );
+        assert!(denied());
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(live_epoch(&pins), epoch);
+
+    let api = topology
+        .node
+        .run(move || api.restart().map(|()| api))
+        .expect("API server back");
+    let line = second
+        .wait_for_log("policy reconciled", Duration::from_secs(30))
+        .expect("the policy is reconciled once Kubernetes is listed");
+    assert!(
+        line.contains("applied=false"),
+        "unchanged rule set rewritten: {line}"
+    );
+    assert_eq!(live_epoch(&pins), epoch, "no epoch swap");
+    assert!(allowed() && denied());
+    assert_eq!(second.stop().expect("stops").0, 0);
+    drop(api);
 }

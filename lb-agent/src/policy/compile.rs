@@ -58,6 +58,24 @@ pub struct RuleInfo {
 }
 
 impl CompiledPolicy {
+    /// Whether both hold the same map entries (rule and identity descriptions aside).
+    pub fn same_entries(&self, other: &Self) -> bool {
+        self.ipcache_v4 == other.ipcache_v4
+            && self.ipcache_v6 == other.ipcache_v6
+            && self.endpoints_v4 == other.endpoints_v4
+            && self.endpoints_v6 == other.endpoints_v6
+            && self.policy == other.policy
+    }
+
+    /// Map entries of the rule set.
+    pub fn entries(&self) -> usize {
+        self.ipcache_v4.len()
+            + self.ipcache_v6.len()
+            + self.endpoints_v4.len()
+            + self.endpoints_v6.len()
+            + self.policy.len()
+    }
+
     /// The rule a verdict names; `None` for 0 (no rule / built-in).
     pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
         id.checked_sub(1).and_then(|i| self.rules.get(i as usize))

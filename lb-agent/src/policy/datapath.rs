@@ -7,6 +7,12 @@
 //! above all) the partial new epoch is deleted again and the error returned: the live rule set never
 //! changed. Capacity is checked against `lb_common::policy::limits` before anything is written.
 //!
+//! With a pin directory (`PolicyLoadOptions::pins`; layout in `crate::pins`, under `policy/`) the
+//! maps, programs and tcx links are pinned: enforcement and its state (`POLICY_CONNTRACK`, the live
+//! epoch, counters) outlive the agent, and the next load adopts the maps, reads back the live rule
+//! set ([`PolicyDatapath::live`]) and puts its programs into the pinned links with
+//! `BPF_LINK_UPDATE` (no moment without a program).
+//!
 //! The XDP CIDR deny list lives in the balancer's object (`lb_xdp` reads it), so its writer,
 //! [`write_cidr_deny`], takes that object's [`Ebpf`].
 
@@ -19,7 +25,8 @@ use aya::{
         Array, HashMap, MapData, PerCpuArray, RingBuf,
     },
     programs::{
-        tc::{self, SchedClassifierLinkId},
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, SchedClassifierLinkId},
         SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
@@ -33,8 +40,13 @@ use lb_common::{
     service::{family, Addr},
 };
 
+use tracing::{info, warn};
+
 use super::{compile::CompiledPolicy, model::Cidr};
-use crate::datapath::EBPF_OBJECT;
+use crate::{
+    datapath::{PinOptions, EBPF_OBJECT},
+    pins::{self, PinDir},
+};
 
 /// Packets a workload sends (attached at TC ingress of its host-side veth): its egress.
 pub const FROM_ENDPOINT_PROGRAM: &str = "policy_from_endpoint";
@@ -60,6 +72,9 @@ pub struct PolicyLoadOptions {
     pub policy_map_entries: u32,
     /// Cache rule outcomes in `POLICY_DECISIONS` (off only to measure the lookups themselves).
     pub decision_cache: bool,
+    /// Pin under `<dir>/policy` and adopt what is pinned there; `None`: everything goes with the
+    /// `PolicyDatapath`.
+    pub pins: Option<PinOptions>,
 }
 
 impl Default for PolicyLoadOptions {
@@ -69,6 +84,7 @@ impl Default for PolicyLoadOptions {
             conntrack_entries: state_limits::CONNTRACK_ENTRIES,
             policy_map_entries: limits::POLICY_MAP_ENTRIES,
             decision_cache: true,
+            pins: None,
         }
     }
 }
@@ -123,29 +139,79 @@ impl PolicyEvent {
     }
 }
 
-/// The loaded policy programs and their maps. Dropping it detaches the programs and frees the maps.
+/// How a program is attached to one interface.
+enum Attachment {
+    /// Detached by [`PolicyDatapath::detach`] and on drop.
+    Owned(SchedClassifierLinkId),
+    /// A pinned tcx link: stays attached until its pin is removed.
+    Pinned,
+}
+
+/// The programs and the hook each one attaches to: the workload's egress at TC ingress of its
+/// host-side veth, its ingress at TC egress.
+const HOOKS: [(&str, TcAttachType, &str); 2] = [
+    (FROM_ENDPOINT_PROGRAM, TcAttachType::Ingress, "ingress"),
+    (TO_ENDPOINT_PROGRAM, TcAttachType::Egress, "egress"),
+];
+
+/// The loaded policy programs and their maps. Dropping it detaches the programs and frees the maps,
+/// unless they are pinned.
 pub struct PolicyDatapath {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
-    attached: Vec<(String, &'static str, SchedClassifierLinkId)>,
-    /// The live epoch and the rule set written under it.
+    attached: Vec<(String, &'static str, Attachment)>,
+    /// The live epoch and the rule set written under it (after adopting pinned maps: their entries,
+    /// without rule and identity descriptions).
     epoch: u8,
     live: CompiledPolicy,
+    pins: Option<PinDir>,
+    /// Whether the maps were adopted from pins.
+    adopted: bool,
+    /// Held while this datapath lives: one agent per pin directory.
+    _pin_lock: Option<std::fs::File>,
 }
 
 impl PolicyDatapath {
     pub fn load(options: &PolicyLoadOptions) -> Result<Self> {
         let report_allows = options.report_allows as u32;
         let decision_cache = options.decision_cache as u32;
-        let mut ebpf = EbpfLoader::new()
-            .override_global(REPORT_ALLOWS_GLOBAL, &report_allows, true)
-            .override_global(DECISION_CACHE_GLOBAL, &decision_cache, true)
-            .map_max_entries("POLICY_CONNTRACK", options.conntrack_entries)
-            .map_max_entries("POLICY", options.policy_map_entries)
+        let max_entries = [
+            ("POLICY_CONNTRACK", options.conntrack_entries),
+            ("POLICY", options.policy_map_entries),
             // The balancer's state is not used by the policy programs: keep it small.
-            .map_max_entries("CONNTRACK", 1)
-            .map_max_entries("NAT_REPLY", 1)
-            .map_max_entries("FRAGMENTS", 1)
+            ("CONNTRACK", 1),
+            ("NAT_REPLY", 1),
+            ("FRAGMENTS", 1),
+        ];
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(REPORT_ALLOWS_GLOBAL, &report_allows, true)
+            .override_global(DECISION_CACHE_GLOBAL, &decision_cache, true);
+        for (name, entries) in max_entries {
+            loader.map_max_entries(name, entries);
+        }
+        let pins = options.pins.as_ref().map(|p| PinDir::new(&p.dir).policy());
+        let mut pin_lock = None;
+        let mut map_paths = Vec::new();
+        if let (Some(pins), Some(options)) = (&pins, &options.pins) {
+            let wanted = pins::object_maps(EBPF_OBJECT, &max_entries)?;
+            pin_lock = Some(pins.claim(
+                &wanted,
+                options.replace_incompatible_state,
+                "policy datapath",
+            )?);
+            map_paths = wanted
+                .into_iter()
+                .map(|(name, _)| {
+                    let path = pins.map(&name);
+                    (name, path)
+                })
+                .collect();
+        }
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name.as_str(), path.as_path());
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         for name in [FROM_ENDPOINT_PROGRAM, TO_ENDPOINT_PROGRAM] {
@@ -156,18 +222,140 @@ impl PolicyDatapath {
             program
                 .load()
                 .with_context(|| format!("loading {name} (verifier)"))?;
+            if let Some(pins) = &pins {
+                let path = pins.program(name);
+                let _ = std::fs::remove_file(&path);
+                program
+                    .pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+            }
         }
         let events = RingBuf::try_from(
             ebpf.take_map("POLICY_EVENTS")
                 .context("POLICY_EVENTS missing")?,
         )?;
-        Ok(Self {
+        let mut datapath = Self {
             ebpf,
             events,
             attached: Vec::new(),
             epoch: 0,
             live: CompiledPolicy::default(),
-        })
+            pins,
+            adopted: pin_lock.as_ref().is_some_and(|(_, adopt)| *adopt),
+            _pin_lock: pin_lock.map(|(lock, _)| lock),
+        };
+        if datapath.adopted {
+            datapath.adopt_live_rule_set()?;
+        }
+        Ok(datapath)
+    }
+
+    /// Whether pinned policy maps were adopted (their rule set is [`Self::live`]).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Reads the live epoch and its entries back from adopted maps, so that an unchanged rule set
+    /// is not written again; deletes what the inactive epoch holds (a swap cut short by the end of
+    /// the previous agent), which the next swap would otherwise make live.
+    fn adopt_live_rule_set(&mut self) -> Result<()> {
+        let state: Array<_, PolicyState> =
+            Array::try_from(self.ebpf.map("POLICY_STATE").context("POLICY_STATE")?)?;
+        let epoch = state.get(&0, 0).context("reading POLICY_STATE")?.epoch;
+        if epoch > 1 {
+            bail!("POLICY_STATE names epoch {epoch}; only 0 and 1 exist");
+        }
+        let epoch = epoch as u8;
+        let [live, stale] = [epoch, 1 - epoch].map(|e| self.read_epoch(e));
+        let (live, stale) = (live?, stale?);
+        self.delete_epoch(&stale, 1 - epoch);
+        info!(
+            epoch,
+            endpoints = live.endpoints_v4.len() + live.endpoints_v6.len(),
+            ipcache = live.ipcache_v4.len() + live.ipcache_v6.len(),
+            policy = live.policy.len(),
+            stale_entries = stale.entries(),
+            "adopted the pinned policy rule set"
+        );
+        self.epoch = epoch;
+        self.live = live;
+        Ok(())
+    }
+
+    /// The map entries stored under `epoch`, with keys stamped epoch 0 as the compiler makes them.
+    fn read_epoch(&self, epoch: u8) -> Result<CompiledPolicy> {
+        let map = |name: &str| {
+            self.ebpf
+                .map(name)
+                .with_context(|| format!("{name} missing"))
+        };
+        let mut out = CompiledPolicy::default();
+        for entry in LpmTrie::<_, IpKeyV4, IpcacheEntry>::try_from(map("IPCACHE_V4")?)?.iter() {
+            let (k, v) = entry.context("reading IPCACHE_V4")?;
+            if k.data().epoch == epoch {
+                out.ipcache_v4.insert(
+                    from_key(
+                        &k,
+                        IpKeyV4 {
+                            epoch: 0,
+                            ..k.data()
+                        },
+                    ),
+                    v,
+                );
+            }
+        }
+        for entry in LpmTrie::<_, IpKeyV6, IpcacheEntry>::try_from(map("IPCACHE_V6")?)?.iter() {
+            let (k, v) = entry.context("reading IPCACHE_V6")?;
+            if k.data().epoch == epoch {
+                out.ipcache_v6.insert(
+                    from_key(
+                        &k,
+                        IpKeyV6 {
+                            epoch: 0,
+                            ..k.data()
+                        },
+                    ),
+                    v,
+                );
+            }
+        }
+        for entry in LpmTrie::<_, PolicyKey, PolicyEntry>::try_from(map("POLICY")?)?.iter() {
+            let (k, v) = entry.context("reading POLICY")?;
+            if k.data().epoch == epoch {
+                out.policy.insert(
+                    from_key(
+                        &k,
+                        PolicyKey {
+                            epoch: 0,
+                            ..k.data()
+                        },
+                    ),
+                    v,
+                );
+            }
+        }
+        for entry in HashMap::<_, IpKeyV4, EndpointInfo>::try_from(map("ENDPOINTS_V4")?)?.iter() {
+            let (k, v) = entry.context("reading ENDPOINTS_V4")?;
+            if k.epoch == epoch {
+                out.endpoints_v4.insert(IpKeyV4 { epoch: 0, ..k }, v);
+            }
+        }
+        for entry in HashMap::<_, IpKeyV6, EndpointInfo>::try_from(map("ENDPOINTS_V6")?)?.iter() {
+            let (k, v) = entry.context("reading ENDPOINTS_V6")?;
+            if k.epoch == epoch {
+                out.endpoints_v6.insert(IpKeyV6 { epoch: 0, ..k }, v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes `compiled`'s rule and identity descriptions for the rule set in force, whose entries
+    /// it equals (see [`CompiledPolicy::same_entries`]): after adopting pinned maps, verdicts are
+    /// described without writing anything.
+    pub fn describe_live(&mut self, compiled: &CompiledPolicy) {
+        debug_assert!(compiled.same_entries(&self.live));
+        self.live = compiled.clone();
     }
 
     /// A loaded policy program by name ([`FROM_ENDPOINT_PROGRAM`], [`TO_ENDPOINT_PROGRAM`], or
@@ -185,34 +373,115 @@ impl PolicyDatapath {
     }
 
     /// Attaches both programs to the host side of a workload's veth (tcx, or clsact on kernels
-    /// before 6.6).
+    /// before 6.6). With pins, a pinned link of the interface gets this program atomically (no
+    /// moment without one) and a new link is pinned.
     pub fn attach(&mut self, interface: &str) -> Result<()> {
         // Needed before tcx (kernel 6.6), harmless after; EEXIST: the qdisc is there already.
         let _ = tc::qdisc_add_clsact(interface);
-        for (name, attach_type) in [
-            (FROM_ENDPOINT_PROGRAM, TcAttachType::Ingress),
-            (TO_ENDPOINT_PROGRAM, TcAttachType::Egress),
-        ] {
-            let link = self
-                .program(name)?
-                .attach(interface, attach_type)
-                .with_context(|| format!("attaching {name} to {interface}"))?;
-            self.attached.push((interface.to_string(), name, link));
+        for (name, attach_type, direction) in HOOKS {
+            let attachment = match self.pins.clone() {
+                None => Attachment::Owned(
+                    self.program(name)?
+                        .attach(interface, attach_type)
+                        .with_context(|| format!("attaching {name} to {interface}"))?,
+                ),
+                Some(pins) => {
+                    self.attach_pinned(
+                        name,
+                        interface,
+                        attach_type,
+                        &pins.tc_link(interface, direction),
+                    )?;
+                    Attachment::Pinned
+                }
+            };
+            self.attached
+                .push((interface.to_string(), name, attachment));
         }
         Ok(())
     }
 
-    /// Detaches every program from `interface`.
+    /// Puts program `name` into the pinned link at `path`, or attaches it anew and pins the link
+    /// there (no link yet, or one the kernel no longer attaches: its interface was re-created).
+    fn attach_pinned(
+        &mut self,
+        name: &str,
+        interface: &str,
+        attach_type: TcAttachType,
+        path: &std::path::Path,
+    ) -> Result<()> {
+        if path.exists() {
+            let replaced = (|| -> Result<()> {
+                let link: FdLink = PinnedLink::from_pin(path)?.into();
+                let program = self.program(name)?;
+                let id = program.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+                // The pin keeps the link; dropping our descriptor does not detach it.
+                drop(program.take_link(id)?);
+                Ok(())
+            })();
+            match replaced {
+                Ok(()) => {
+                    info!(interface, program = name, link = %path.display(),
+                          "adopted the pinned tcx link: program replaced atomically");
+                    return Ok(());
+                }
+                Err(err) => {
+                    warn!(interface, link = %path.display(), error = %format!("{err:#}"),
+                          "pinned tcx link unusable (interface re-created?), attaching anew");
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("removing {}", path.display()))?;
+                }
+            }
+        }
+        let program = self.program(name)?;
+        let id = program
+            .attach(interface, attach_type)
+            .with_context(|| format!("attaching {name} to {interface}"))?;
+        let link = FdLink::try_from(program.take_link(id)?).with_context(|| {
+            format!("{name} on {interface} is attached through netlink, which cannot be pinned")
+        })?;
+        // The pin owns the link from now on: closing our descriptor leaves it attached.
+        link.pin(path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Detaches every program from `interface`, pinned links included (also those of an earlier
+    /// agent).
     pub fn detach(&mut self, interface: &str) {
         let (gone, kept) = std::mem::take(&mut self.attached)
             .into_iter()
             .partition(|(i, _, _)| i == interface);
         self.attached = kept;
-        for (_, name, link) in gone {
-            if let Ok(program) = self.program(name) {
+        for (_, name, attachment) in gone {
+            if let (Attachment::Owned(link), Ok(program)) = (attachment, self.program(name)) {
                 let _ = program.detach(link);
             }
         }
+        if let Some(pins) = &self.pins {
+            for (_, _, direction) in HOOKS {
+                let path = pins.tc_link(interface, direction);
+                if let Err(err) = std::fs::remove_file(&path) {
+                    if err.kind() != std::io::ErrorKind::NotFound {
+                        warn!(link = %path.display(), error = %err, "removing a pinned tcx link");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Interfaces with a pinned link (of this or an earlier agent).
+    pub fn pinned_interfaces(&self) -> Result<Vec<String>> {
+        let Some(pins) = &self.pins else {
+            return Ok(Vec::new());
+        };
+        let mut interfaces: Vec<String> = pins
+            .tc_linked_interfaces()?
+            .into_iter()
+            .map(|(interface, _)| interface)
+            .collect();
+        interfaces.dedup();
+        Ok(interfaces)
     }
 
     /// The live epoch.
@@ -420,16 +689,25 @@ impl PolicyDatapath {
 }
 
 impl Drop for PolicyDatapath {
+    /// Detaches what is not pinned; pinned links keep enforcing for the next agent.
     fn drop(&mut self) {
-        let interfaces: Vec<String> = self.attached.iter().map(|(i, _, _)| i.clone()).collect();
-        for interface in interfaces {
-            self.detach(&interface);
+        for (_, name, attachment) in std::mem::take(&mut self.attached) {
+            if let (Attachment::Owned(link), Ok(program)) = (attachment, self.program(name)) {
+                let _ = program.detach(link);
+            }
         }
     }
 }
 
 fn lpm<K: aya::Pod, T>(k: &Lpm<T>, data: K) -> Key<K> {
     Key::new(k.prefix_len, data)
+}
+
+fn from_key<K: aya::Pod, T>(k: &Key<K>, data: T) -> Lpm<T> {
+    Lpm {
+        prefix_len: k.prefix_len(),
+        data,
+    }
 }
 
 fn check_capacity(compiled: &CompiledPolicy) -> Result<()> {

@@ -12,26 +12,31 @@
 //!   lines and gRPC events, at most [`REPORTS_PER_SECOND`] per second (the rest are counted and
 //!   summarised, the counters still count every packet).
 //!
-//! The policy maps are not pinned: they live as long as the agent, and a restarted agent writes
-//! them anew. Identities are hashes of the label sets, so they come out the same unless two sets
-//! collide: the allocator's table is not saved yet (`IdentityAllocator::save`).
+//! With a pin directory the policy datapath is pinned (see `super::datapath`): a restarted agent
+//! adopts the maps and the rule set in force, writes nothing if the policy did not change, and puts
+//! its programs into the pinned links of the interfaces the policy still names (the links of the
+//! others are removed). Identities are hashes of the label sets; the few that a collision moved are
+//! kept across a restart by taking, for each label set, the identity its addresses have in the
+//! adopted ipcache ([`AdoptedIdentities`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CString,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use lb_common::policy::Verdict;
+use lb_common::policy::{identity, IpKeyV4, IpKeyV6, Verdict};
 use tracing::info;
 
 use super::{
     compile,
     datapath::{PolicyDatapath, PolicyEvent, PolicyLoadOptions},
-    CompiledPolicy, IdentityAllocator, PolicyConfig,
+    model::{Cidr, WorkloadStatus},
+    CompiledPolicy, IdentityAllocator, IdentityKey, PolicyConfig,
 };
-use crate::metrics::PolicyVerdicts;
+use crate::{datapath::PinOptions, metrics::PolicyVerdicts, pins::PinDir};
 
 /// How often the agent drains the verdict ring buffer and reads the verdict counters.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(200);
@@ -71,8 +76,14 @@ pub struct Drained {
 
 #[derive(Default)]
 pub struct PolicyEnforcer {
+    /// Pin the policy datapath here (under `policy/`) and adopt what is pinned.
+    pins: Option<PinOptions>,
     datapath: Option<PolicyDatapath>,
     identities: IdentityAllocator,
+    /// Identities found in adopted maps, not yet used (see [`AdoptedIdentities`]).
+    adopted_identities: AdoptedIdentities,
+    /// Interfaces whose pinned links an earlier agent left and this one has not dealt with yet.
+    adopted_links: BTreeSet<String>,
     /// The desired policy and interface indexes of the rule set in force.
     applied: Option<(PolicyConfig, BTreeMap<String, u32>)>,
     /// The rule set in force before the last apply: events drained after a swap may name its rules.
@@ -83,8 +94,25 @@ pub struct PolicyEnforcer {
 }
 
 impl PolicyEnforcer {
-    pub fn new() -> Self {
-        Self::default()
+    /// An enforcer that pins the policy datapath under `pins` and adopts what an earlier agent
+    /// pinned there.
+    pub fn with_pins(pins: Option<PinOptions>) -> Self {
+        Self {
+            pins,
+            ..Self::default()
+        }
+    }
+
+    /// Whether an earlier agent left policy programs attached, which enforce its rule set until
+    /// this enforcer adopts them (at the first reconcile, even of an empty policy, so that links no
+    /// longer wanted are removed).
+    pub fn links_pinned(&self) -> bool {
+        self.pins.as_ref().is_some_and(|p| {
+            PinDir::new(&p.dir)
+                .policy()
+                .tc_linked_interfaces()
+                .is_ok_and(|links| !links.is_empty())
+        })
     }
 
     /// Makes the datapath enforce `policy`. On error the previous rule set stays in force; the
@@ -92,12 +120,19 @@ impl PolicyEnforcer {
     pub fn reconcile(&mut self, policy: &PolicyConfig) -> Result<PolicyChange> {
         let mut change = PolicyChange::default();
         if self.datapath.is_none() {
-            if *policy == PolicyConfig::default() {
+            if *policy == PolicyConfig::default() && !self.links_pinned() {
                 return Ok(change);
             }
-            let datapath = PolicyDatapath::load(&PolicyLoadOptions::default())
-                .context("loading the policy programs")?;
+            let datapath = PolicyDatapath::load(&PolicyLoadOptions {
+                pins: self.pins.clone(),
+                ..Default::default()
+            })
+            .context("loading the policy programs")?;
             info!("policy programs loaded");
+            if datapath.adopted() {
+                self.adopted_identities = AdoptedIdentities::from_live(datapath.live());
+                self.adopted_links = datapath.pinned_interfaces()?.into_iter().collect();
+            }
             self.datapath = Some(datapath);
         }
         let datapath = self.datapath.as_mut().expect("loaded above");
@@ -116,20 +151,25 @@ impl PolicyEnforcer {
             .is_some_and(|(p, i)| p == policy && *i == ifindexes);
         if !unchanged {
             let ifindex_of = |name: &str| ifindexes.get(name).copied();
+            self.adopted_identities
+                .reserve(policy, &mut self.identities);
             let compiled = compile(policy, &mut self.identities, &ifindex_of)
                 .map_err(|e| anyhow::anyhow!("policy rejected: {e}"))?;
-            if compiled != *datapath.live() {
+            if !compiled.same_entries(datapath.live()) {
                 let before = datapath.live().clone();
                 datapath.apply(&compiled)?;
                 self.previous = before;
                 change.applied = true;
+            } else if compiled != *datapath.live() {
+                datapath.describe_live(&compiled);
             }
             self.applied = Some((policy.clone(), ifindexes.clone()));
         }
 
         for gone in self
             .attached
-            .difference(&interfaces)
+            .union(&self.adopted_links)
+            .filter(|i| !interfaces.contains(*i))
             .cloned()
             .collect::<Vec<_>>()
         {
@@ -137,6 +177,7 @@ impl PolicyEnforcer {
             self.attached.remove(&gone);
             change.detached.push(gone);
         }
+        self.adopted_links.clear();
         let mut failed = Vec::new();
         for name in interfaces
             .difference(&self.attached)
@@ -219,6 +260,82 @@ impl PolicyEnforcer {
     }
 }
 
+/// The identities of an adopted rule set, by address and by CIDR, read from its ipcache: a label set
+/// (or CIDR) the next policy names again takes the identity it had, if still free, instead of its
+/// hash slot, so identities that a collision moved survive a restart too. Each hint is offered once,
+/// at the first compile that names its address or CIDR; from then on the allocator keeps it.
+#[derive(Debug, Default)]
+struct AdoptedIdentities {
+    by_address: BTreeMap<IpAddr, u32>,
+    by_cidr: BTreeMap<Cidr, u32>,
+}
+
+impl AdoptedIdentities {
+    fn from_live(live: &CompiledPolicy) -> Self {
+        let mut this = Self::default();
+        let v4 = live.ipcache_v4.iter().map(|(k, v)| {
+            let addr = Ipv4Addr::from(k.data.addr.to_ne_bytes());
+            (
+                IpAddr::V4(addr),
+                k.prefix_len - IpKeyV4::EPOCH_BITS,
+                v.identity,
+            )
+        });
+        let v6 = live.ipcache_v6.iter().map(|(k, v)| {
+            let mut octets = [0u8; 16];
+            for (chunk, word) in octets.chunks_exact_mut(4).zip(k.data.addr) {
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            (
+                IpAddr::V6(Ipv6Addr::from(octets)),
+                k.prefix_len - IpKeyV6::EPOCH_BITS,
+                v.identity,
+            )
+        });
+        for (addr, len, id) in v4.chain(v6) {
+            let host = if addr.is_ipv4() { 32 } else { 128 };
+            if (identity::WORKLOAD_MIN..=identity::WORKLOAD_MAX).contains(&id) && len == host {
+                this.by_address.insert(addr, id);
+            } else if identity::is_cidr(id) {
+                if let Ok(cidr) = Cidr::masked(addr, len as u8) {
+                    this.by_cidr.insert(cidr, id);
+                }
+            }
+        }
+        this
+    }
+
+    /// Gives the label sets and CIDRs of `policy` that `identities` does not know yet their
+    /// adopted identity, where free, and forgets the hints it looked at.
+    fn reserve(&mut self, policy: &PolicyConfig, identities: &mut IdentityAllocator) {
+        if self.by_address.is_empty() && self.by_cidr.is_empty() {
+            return;
+        }
+        for w in policy
+            .workloads
+            .iter()
+            .filter(|w| w.status == WorkloadStatus::Ready)
+        {
+            let key = IdentityKey::workload(&w.namespace, &w.labels);
+            for addr in &w.addresses {
+                if let Some(id) = self.by_address.remove(addr) {
+                    identities.reserve(&key, id);
+                }
+            }
+        }
+        let cidrs = policy.rules_with_paths().unwrap_or_default();
+        for cidr in cidrs
+            .iter()
+            .flat_map(|(_, r)| &r.peers)
+            .flat_map(|p| p.cidr.iter().chain(&p.except))
+        {
+            if let Some(id) = self.by_cidr.remove(cidr) {
+                identities.reserve(&IdentityKey::Cidr(*cidr), id);
+            }
+        }
+    }
+}
+
 /// One line per verdict: what, who, which rule.
 fn describe(e: &PolicyEvent, rules: &CompiledPolicy) -> String {
     let addr = |a: Option<std::net::IpAddr>, port: u16| match a {
@@ -295,6 +412,45 @@ impl ReportBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adopted_identities_are_kept_also_those_a_collision_moved() {
+        let policy: PolicyConfig = serde_yaml_ng::from_str(
+            "
+namespaces: [{name: default}]
+workloads:
+  - {name: db, namespace: default, labels: {app: db}, addresses: [192.0.2.6, \"2001:db8:2::2\"], interface: wl-db}
+  - {name: web, namespace: default, labels: {app: web}, addresses: [192.0.2.2]}
+rules:
+  - {name: db-in, endpoints: {match_labels: {app: db}}, direction: ingress, action: allow,
+     peers: [{selector: {match_labels: {app: web}}}, {cidr: 198.51.100.0/24}]}
+",
+        )
+        .unwrap();
+        let db = IdentityKey::workload("default", &policy.workloads[0].labels);
+        let cidr = IdentityKey::Cidr("198.51.100.0/24".parse().unwrap());
+        let ifindex_of = |_: &str| Some(7);
+        // The earlier agent's identities: db and the CIDR moved off their hash slots (as a
+        // collision would move them).
+        let mut earlier = IdentityAllocator::new();
+        let canonical = IdentityAllocator::new().allocate_all([&db, &cidr]).unwrap();
+        assert!(earlier.reserve(&db, canonical[&db] + 1));
+        assert!(earlier.reserve(&cidr, canonical[&cidr] + 1));
+        let live = compile(&policy, &mut earlier, &ifindex_of).unwrap();
+
+        // A restarted agent given the adopted maps gets the same entries ...
+        let mut adopted = AdoptedIdentities::from_live(&live);
+        let mut restarted = IdentityAllocator::new();
+        adopted.reserve(&policy, &mut restarted);
+        let again = compile(&policy, &mut restarted, &ifindex_of).unwrap();
+        assert!(again.same_entries(&live));
+        assert_eq!(restarted.get(&db), Some(canonical[&db] + 1));
+        assert_eq!(restarted.get(&cidr), Some(canonical[&cidr] + 1));
+        // ... which it would not without them; the hints were used once.
+        let fresh = compile(&policy, &mut IdentityAllocator::new(), &ifindex_of).unwrap();
+        assert!(!fresh.same_entries(&live));
+        assert!(adopted.by_address.is_empty() && adopted.by_cidr.is_empty());
+    }
 
     #[test]
     fn report_budget_caps_a_window_and_counts_the_rest() {

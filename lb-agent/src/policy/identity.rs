@@ -11,9 +11,11 @@
 //! allocator, and a lost state file only matters for collisions. Why a table too: with 2^24 workload
 //! slots, 1000 label sets collide with probability about 3%, and the loser of a collision gets
 //! `attempt` 1. Which set loses depends on which came first, so a restart that saw both at once
-//! could swap them. [`IdentityAllocator::snapshot`] is therefore saved after each rule-set change and
-//! restored at start: a known set keeps its identity while it is in use; only a set that has been gone
-//! entirely may come back with another one (and only if its slot was taken meanwhile). Sets that
+//! could swap them. So the agent, adopting pinned policy maps after a restart, first
+//! [`IdentityAllocator::reserve`]s for each set the identity its addresses have in the adopted
+//! ipcache (`super::enforcer`): a known set keeps its identity while it is in use; only a set that has
+//! been gone entirely may come back with another one (and only if its slot was taken meanwhile).
+//! [`IdentityAllocator::snapshot`] and [`IdentityAllocator::save`] write the table out for other uses. Sets that
 //! arrive together are allocated in canonical order, so two fresh allocators given the same sets agree
 //! even when those sets collide.
 //!
@@ -197,6 +199,21 @@ impl IdentityAllocator {
             }
         }
         Err(IdentityError::Exhausted(key.clone()))
+    }
+
+    /// Gives `key` the identity `id` if neither is taken and `id` is in `key`'s range (e.g. the
+    /// identity the key had before a restart); returns whether it did.
+    pub fn reserve(&mut self, key: &IdentityKey, id: u32) -> bool {
+        let (min, max) = self.range_of(key);
+        if !(min..=max).contains(&id)
+            || self.by_key.contains_key(key)
+            || self.by_id.contains_key(&id)
+        {
+            return false;
+        }
+        self.by_id.insert(id, key.clone());
+        self.by_key.insert(key.clone(), id);
+        true
     }
 
     /// Allocates every key not yet known, in canonical order (so the result does not depend on the

@@ -8,8 +8,8 @@
 //! - [`compile`]: model + identities → [`CompiledPolicy`], the exact map entries;
 //! - [`evaluate`]: the datapath's lookup sequence on those entries: the spec of the eBPF side and the
 //!   tests' oracle;
-//! - [`datapath`]: the kernel side: loads and attaches the TC programs, writes a [`CompiledPolicy`]
-//!   with the epoch swap, drains verdict events;
+//! - [`datapath`]: the kernel side: loads and attaches the TC programs (pinned, so enforcement
+//!   outlives the agent), writes a [`CompiledPolicy`] with the epoch swap, drains verdict events;
 //! - [`enforcer`]: the agent's reconcile of the policy datapath, and its verdict reports.
 //!
 //! The map layouts, the lookup order and how deny-over-allow and default deny are encoded are
