@@ -22,7 +22,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::Config,
@@ -152,16 +152,29 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut health_before = checker.snapshot();
     let mut desired = Desired::new(file);
     let mut reported = BTreeSet::new();
-    let mut applied = reconcile(
-        &mut datapath,
-        &desired,
-        &mut checker,
-        &metrics,
-        &events,
-        &mut reported,
-    )
-    .context("programming the initial state")?;
-    applied_tx.send_replace(applied.clone());
+    // Services an earlier agent left programmed stay as they are until Kubernetes is listed:
+    // without the cluster's services the merged state would remove them from the maps.
+    let mut services_wait_for_kubernetes =
+        kubernetes.is_some() && datapath.programmed_services() > 0;
+    let mut applied = if services_wait_for_kubernetes {
+        info!(
+            services = datapath.programmed_services(),
+            "the pinned services stay as they are until Kubernetes is listed"
+        );
+        Config::default()
+    } else {
+        let applied = reconcile(
+            &mut datapath,
+            &desired,
+            &mut checker,
+            &metrics,
+            &events,
+            &mut reported,
+        )
+        .context("programming the initial state")?;
+        applied_tx.send_replace(applied.clone());
+        applied
+    };
     let mut policy = PolicyEnforcer::with_pins(options.pins.clone());
     // The rule set an earlier agent left enforcing stays until Kubernetes is listed: without its
     // pods and NetworkPolicies the merged policy would replace it with a partial one.
@@ -211,12 +224,17 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 policy_waits_for_kubernetes = false;
                 false
             }
-            () = listed(&kubernetes), if policy_waits_for_kubernetes => {
+            () = listed(&kubernetes), if policy_waits_for_kubernetes || services_wait_for_kubernetes => {
                 // Also when the cluster's policy is empty (no update of `kube_policy` then).
                 if let Some(updates) = kube_policy.as_mut() {
                     desired.kubernetes_policy = updates.borrow_and_update().clone();
                 }
+                if let Some(updates) = kube_updates.as_mut() {
+                    desired.kubernetes_services = updates.borrow_and_update().clone();
+                }
                 policy_waits_for_kubernetes = false;
+                services_wait_for_kubernetes = false;
+                info!("Kubernetes listed");
                 false
             }
             Ok(()) = grpc_services.changed() => {
@@ -270,24 +288,28 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 }
             }
         }
-        match reconcile(
-            &mut datapath,
-            &desired,
-            &mut checker,
-            &metrics,
-            &events,
-            &mut reported,
-        ) {
-            Ok(config) => {
-                applied = config;
-                applied_tx.send_replace(applied.clone());
-                if file_changed {
-                    info!(services = applied.services.len(), "config reloaded");
+        if services_wait_for_kubernetes {
+            debug!("services unchanged until Kubernetes is listed");
+        } else {
+            match reconcile(
+                &mut datapath,
+                &desired,
+                &mut checker,
+                &metrics,
+                &events,
+                &mut reported,
+            ) {
+                Ok(config) => {
+                    applied = config;
+                    applied_tx.send_replace(applied.clone());
+                    if file_changed {
+                        info!(services = applied.services.len(), "config reloaded");
+                    }
                 }
-            }
-            Err(err) => {
-                error!("reconcile failed, the datapath keeps its previous state: {err:#}");
-                events.publish(Event::new(EventKind::ReconcileFailed, format!("{err:#}")));
+                Err(err) => {
+                    error!("reconcile failed, the datapath keeps its previous state: {err:#}");
+                    events.publish(Event::new(EventKind::ReconcileFailed, format!("{err:#}")));
+                }
             }
         }
         // After the services: loading the policy programs (first policy) takes a while.

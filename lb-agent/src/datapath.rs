@@ -831,6 +831,11 @@ impl Datapath {
             .into_iter()
     }
 
+    /// Services in the maps (after adopting pinned maps: those an earlier agent programmed).
+    pub fn programmed_services(&self) -> usize {
+        self.services.len()
+    }
+
     /// The live Maglev table of a service, as backend addresses (for tests and `lbctl`).
     pub fn table_of(&self, key: &ServiceKey) -> Option<Vec<(IpAddr, u16)>> {
         let programmed = self.services.get(key)?;

@@ -6,6 +6,8 @@
 //! - [`servers`]: backend servers that count what they receive (bytes on the wire, not log lines).
 //! - [`agent`]: the `lb-agent` binary as a child process, stopped on drop.
 //! - [`grpc_client`]: a client of the agent's gRPC API over its unix socket.
+//! - [`fake_apiserver`], [`k8s_objects`]: a Kubernetes API server that speaks list/watch over HTTP,
+//!   and objects for it.
 //! - [`frames`]: crafted Ethernet frames for `BPF_PROG_TEST_RUN`.
 //! - [`policy_topology`]: three labelled workloads around a routing node, for the policy tests.
 //! - [`policy_bench`]: the policy check's per-packet cost against rule and ipcache sizes.
@@ -21,6 +23,7 @@ pub mod baselines;
 pub mod fake_apiserver;
 pub mod frames;
 pub mod grpc_client;
+pub mod k8s_objects;
 pub mod loadgen;
 pub mod memory;
 pub mod modes;

@@ -328,3 +328,102 @@ fn an_incompatible_layout_is_refused_until_its_replacement_is_asked_for() {
         "backend-1"
     );
 }
+
+/// With Kubernetes as a source, a restarted agent leaves the services it adopted alone until the
+/// API server has been listed: while the API server is unreachable, the cluster's service keeps
+/// forwarding (the merged state without it would remove it). Once listed, changes apply again.
+#[test]
+fn a_restart_keeps_the_pinned_kubernetes_services_until_the_api_server_is_listed() {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    use lb_tests::{
+        fake_apiserver::FakeApiServer,
+        k8s_objects::{endpoint_slice, service, State},
+    };
+
+    let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
+    let _servers: Vec<_> = topology
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, PORT, &format!("backend-{}", i + 1)))
+        .collect();
+    // Bound in the balancer's namespace: the agent reaches it on its own loopback.
+    let api = topology
+        .balancer
+        .run(FakeApiServer::start)
+        .expect("fake API server");
+    api.apply::<Service>(&service("web", &VIP.to_string(), None));
+    let endpoints: Vec<(String, State)> = topology
+        .backends
+        .iter()
+        .map(|b| (b.addr.to_string(), State::Ready))
+        .collect();
+    let endpoints: Vec<(&str, State)> = endpoints.iter().map(|(a, s)| (a.as_str(), *s)).collect();
+    api.apply::<EndpointSlice>(&endpoint_slice("web-v4", "web", "IPv4", &endpoints));
+    let file = ConfigFile::new("services: []\n");
+    let interfaces = topology.balancer_interfaces();
+    let extra = ["--kube-api-url", &api.url()];
+    let vip = SocketAddr::new(VIP.into(), 80);
+    let answers = || tcp_request(&topology.client, vip, b"").is_ok();
+
+    let first = AgentProcess::start_with(&topology.balancer, file.path(), &interfaces, &extra)
+        .expect("first agent starts");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !answers() {
+        assert!(
+            Instant::now() < deadline,
+            "the Kubernetes service did not answer within 15 s"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let pins = first.pins();
+    first.kill9().expect("SIGKILL");
+
+    let mut api = api;
+    api.stop();
+    let mut second =
+        AgentProcess::start_pinned(&topology.balancer, file.path(), &interfaces, &extra, pins)
+            .expect("second agent starts without the API server");
+    assert!(
+        second
+            .history
+            .iter()
+            .any(|l| l.contains("pinned services stay as they are until Kubernetes is listed")),
+        "{:#?}",
+        second.history
+    );
+    for _ in 0..10 {
+        assert!(
+            answers(),
+            "the service stopped answering while Kubernetes was unreachable"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+
+    let api = topology
+        .balancer
+        .run(move || api.restart().map(|()| api))
+        .expect("API server back");
+    second
+        .wait_for_log("Kubernetes listed", Duration::from_secs(30))
+        .expect("Kubernetes is listed again");
+    assert!(answers(), "the listed state keeps the service");
+    // Changes apply again: deleting the Service takes the VIP out.
+    assert!(api.delete::<Service>("default", "web"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while connects_quickly(&topology.client, vip) {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted service still answers after 15 s"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(second.stop().expect("stops").0, 0);
+}
+
+/// Whether a TCP connection to `target` from `ns` is accepted within 300 ms.
+fn connects_quickly(ns: &Netns, target: SocketAddr) -> bool {
+    ns.run(move || {
+        std::net::TcpStream::connect_timeout(&target, Duration::from_millis(300)).is_ok()
+    })
+}

@@ -22,8 +22,11 @@ use lb_agent::{
 };
 use lb_common::policy::{Direction, Reason, Verdict};
 use lb_common::service::ServiceKey;
-use lb_tests::fake_apiserver::{FakeApiServer, Stats};
-use serde_json::{json, Value};
+use lb_tests::{
+    fake_apiserver::{FakeApiServer, Stats},
+    k8s_objects::{endpoint_slice as slice, service, State},
+};
+use serde_json::json;
 use tokio::sync::watch;
 
 /// Bound of every wait for the client to catch up.
@@ -36,59 +39,6 @@ fn options() -> K8sOptions {
         backoff_max: Duration::from_millis(500),
         ..Default::default()
     }
-}
-
-/// Service `default/<name>` on cluster IP `vip` (and `vip6` if given), port `http` 80 → 8080.
-fn service(name: &str, vip: &str, vip6: Option<&str>) -> Service {
-    let mut ips = vec![vip];
-    ips.extend(vip6);
-    serde_json::from_value(json!({
-        "metadata": { "namespace": "default", "name": name },
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": vip,
-            "clusterIPs": ips,
-            "ipFamilies": if vip6.is_some() { json!(["IPv4", "IPv6"]) } else { json!(["IPv4"]) },
-            "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080 }],
-        },
-    }))
-    .unwrap()
-}
-
-#[derive(Clone, Copy)]
-enum State {
-    Ready,
-    Terminating,
-    Gone,
-}
-
-/// EndpointSlice `default/<name>` of Service `default/<service>`, port `http` 8080.
-fn slice(name: &str, service: &str, family: &str, endpoints: &[(&str, State)]) -> EndpointSlice {
-    let endpoints: Vec<Value> = endpoints
-        .iter()
-        .map(|(address, state)| {
-            let (ready, serving, terminating) = match state {
-                State::Ready => (true, true, false),
-                State::Terminating => (false, true, true),
-                State::Gone => (false, false, true),
-            };
-            json!({
-                "addresses": [address],
-                "conditions": { "ready": ready, "serving": serving, "terminating": terminating },
-            })
-        })
-        .collect();
-    serde_json::from_value(json!({
-        "metadata": {
-            "namespace": "default",
-            "name": name,
-            "labels": { "kubernetes.io/service-name": service },
-        },
-        "addressType": family,
-        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
-        "endpoints": endpoints,
-    }))
-    .unwrap()
 }
 
 /// `(name, vip:port, [address:port weight])`, the shape of the published state.
