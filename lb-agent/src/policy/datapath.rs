@@ -386,6 +386,79 @@ impl PolicyDatapath {
         Ok(counts)
     }
 
+    /// The ipcache, endpoint and policy entries the kernel holds under `epoch`, keyed as the
+    /// compiler keys them (epoch 0), rules and identities left empty: equal to the
+    /// [`CompiledPolicy`] written under it, whatever the maps held before.
+    pub fn read_epoch(&self, epoch: u8) -> Result<CompiledPolicy> {
+        let map = |name: &str| {
+            self.ebpf
+                .map(name)
+                .with_context(|| format!("{name} missing"))
+        };
+        let mut out = CompiledPolicy::default();
+        for entry in LpmTrie::<_, IpKeyV4, IpcacheEntry>::try_from(map("IPCACHE_V4")?)?.iter() {
+            let (k, v) = entry?;
+            if k.data().epoch == epoch {
+                let data = IpKeyV4 {
+                    epoch: 0,
+                    ..k.data()
+                };
+                out.ipcache_v4.insert(
+                    Lpm {
+                        prefix_len: k.prefix_len(),
+                        data,
+                    },
+                    v,
+                );
+            }
+        }
+        for entry in LpmTrie::<_, IpKeyV6, IpcacheEntry>::try_from(map("IPCACHE_V6")?)?.iter() {
+            let (k, v) = entry?;
+            if k.data().epoch == epoch {
+                let data = IpKeyV6 {
+                    epoch: 0,
+                    ..k.data()
+                };
+                out.ipcache_v6.insert(
+                    Lpm {
+                        prefix_len: k.prefix_len(),
+                        data,
+                    },
+                    v,
+                );
+            }
+        }
+        for entry in LpmTrie::<_, PolicyKey, PolicyEntry>::try_from(map("POLICY")?)?.iter() {
+            let (k, v) = entry?;
+            if k.data().epoch == epoch {
+                let data = PolicyKey {
+                    epoch: 0,
+                    ..k.data()
+                };
+                out.policy.insert(
+                    Lpm {
+                        prefix_len: k.prefix_len(),
+                        data,
+                    },
+                    v,
+                );
+            }
+        }
+        for entry in HashMap::<_, IpKeyV4, EndpointInfo>::try_from(map("ENDPOINTS_V4")?)?.iter() {
+            let (k, v) = entry?;
+            if k.epoch == epoch {
+                out.endpoints_v4.insert(IpKeyV4 { epoch: 0, ..k }, v);
+            }
+        }
+        for entry in HashMap::<_, IpKeyV6, EndpointInfo>::try_from(map("ENDPOINTS_V6")?)?.iter() {
+            let (k, v) = entry?;
+            if k.epoch == epoch {
+                out.endpoints_v6.insert(IpKeyV6 { epoch: 0, ..k }, v);
+            }
+        }
+        Ok(out)
+    }
+
     /// Takes every verdict event waiting in the ring buffer.
     pub fn drain_events(&mut self) -> Vec<PolicyEvent> {
         let mut out = Vec::new();

@@ -3,7 +3,7 @@
 //!
 //! Read in this order:
 //! - [`model`]: the rule format (workloads, namespaces, rules, NetworkPolicy manifests), validation;
-//! - [`k8s`]: NetworkPolicy → rules;
+//! - [`k8s`]: NetworkPolicy → rules ([`k8s_examples`]: the Kubernetes documentation's examples);
 //! - [`identity`]: numeric identities for label sets and CIDRs, stable across restarts;
 //! - [`compile`]: model + identities → [`CompiledPolicy`], the exact map entries;
 //! - [`evaluate`]: the datapath's lookup sequence on those entries: the spec of the eBPF side and the
@@ -21,6 +21,7 @@ pub mod enforcer;
 pub mod evaluate;
 pub mod identity;
 pub mod k8s;
+pub mod k8s_examples;
 pub mod model;
 
 #[cfg(test)]
