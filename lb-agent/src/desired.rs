@@ -8,7 +8,8 @@
 //! - policy namespaces by name, workloads by (namespace, name) — and a workload is also shadowed
 //!   when one of its addresses already belongs to a workload or host address of a higher source —
 //!   rules by name, NetworkPolicies by (namespace, name);
-//! - `policy.audit` is on when the file or the API turns it on; host addresses are the union.
+//! - `policy.audit` is on when the file or the API turns it on; host addresses and `cidr_deny`
+//!   are the union.
 //!
 //! Every shadowed item is reported as a [`Conflict`] (the agent logs each one once, and sends it
 //! on the gRPC event stream). The top-level settings (`maglev_seed`, `node`) come from the file.
@@ -195,9 +196,15 @@ fn merge_policies(
     let mut rules = FirstWins::new();
     let mut network_policies = FirstWins::new();
     let mut host_addresses = HashSet::new();
+    let mut cidr_deny = HashSet::new();
     for (source, policy) in sources {
         if source != Source::Kubernetes {
             out.audit |= policy.audit;
+        }
+        for cidr in &policy.cidr_deny {
+            if cidr_deny.insert(*cidr) {
+                out.cidr_deny.push(*cidr);
+            }
         }
         for addr in &policy.host_addresses {
             if host_addresses.insert(*addr) {

@@ -10,11 +10,13 @@
 //!   tests' oracle;
 //! - [`datapath`]: the kernel side: loads and attaches the TC programs, writes a [`CompiledPolicy`]
 //!   with the epoch swap, drains verdict events;
-//! - [`enforcer`]: the agent's reconcile of the policy datapath, and its verdict reports.
+//! - [`enforcer`]: the agent's reconcile of the policy datapath, and its verdict reports;
+//! - [`cidr_deny`]: the agent's reconcile of `lb_xdp`'s CIDR deny list (`policy.cidr_deny`).
 //!
 //! The map layouts, the lookup order and how deny-over-allow and default deny are encoded are
 //! documented once, in `lb_common::policy`.
 
+pub mod cidr_deny;
 pub mod compile;
 pub mod datapath;
 pub mod enforcer;
