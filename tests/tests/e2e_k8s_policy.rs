@@ -8,6 +8,9 @@
 //! checks that each pair connects or not as Kubernetes specifies (counted by the servers), with
 //! every denial counted in `POLICY_COUNTERS` and reported in the ring buffer naming its rule.
 //!
+//! Examples used: test-network-policy, default-deny-ingress, allow-all-ingress, default-deny-egress,
+//! allow-all-egress, multi-port-egress (`endPort`).
+//!
 //! The pods: `default/frontend` (role=frontend), `default/db` (role=db), `other/other`
 //! (role=frontend, in a namespace without labels). The node namespace stands for everything outside
 //! the cluster: it sends from 198.51.100.1 (in the ipBlock) and 198.51.100.129 (in its `except`), and
@@ -573,6 +576,26 @@ async fn network_policy_examples_behave_as_kubernetes_specifies() {
     c.follow("allow-all-ingress", |p| has_policy(p, "allow-all-ingress"))
         .await;
     c.allowed(fe, sock(other, 7000), Server::Tcp(&other_7000));
+
+    // ---- policyTypes [Egress]: default-deny-egress in `other`, then allow-all-egress.
+    c.server
+        .apply(&example(k8s_examples::DEFAULT_DENY_EGRESS, "other"));
+    c.follow("default-deny-egress", |p| {
+        has_policy(p, "default-deny-egress")
+    })
+    .await;
+    c.denied(
+        other_pod,
+        sock(frontend, 80),
+        Server::Tcp(&frontend_80),
+        Direction::Egress,
+        &["k8s:other/default-deny-egress:egress"],
+    );
+    c.server
+        .apply(&example(k8s_examples::ALLOW_ALL_EGRESS, "other"));
+    c.follow("allow-all-egress", |p| has_policy(p, "allow-all-egress"))
+        .await;
+    c.allowed(other_pod, sock(frontend, 80), Server::Tcp(&frontend_80));
 
     // ---- multi-port-egress (endPort): db may also send to TCP 32000-32768.
     c.server
