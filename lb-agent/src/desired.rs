@@ -292,6 +292,24 @@ mod tests {
     }
 
     #[test]
+    fn cidr_deny_lists_are_the_union_of_file_and_grpc() {
+        let mut desired = Desired::new(Config {
+            policy: policy("{cidr_deny: [203.0.113.0/24]}"),
+            ..Config::default()
+        });
+        desired.grpc_policy = Some(policy(
+            "{cidr_deny: [\"2001:db8:bad::/48\", 203.0.113.0/24]}",
+        ));
+        let merged: Vec<String> = desired
+            .merged_policy()
+            .cidr_deny
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(merged, ["203.0.113.0/24", "2001:db8:bad::/48"]);
+    }
+
+    #[test]
     fn file_then_grpc_then_kubernetes_with_conflicts_reported() {
         let mut desired = Desired::new(Config {
             services: vec![service("file-web", "198.51.100.10", "203.0.113.1")],
