@@ -18,6 +18,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use lb_common::policy::{Reason, Verdict};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
@@ -35,6 +36,7 @@ use crate::{
     k8s::{K8sOptions, K8sSource, NodeOptions},
     metrics::{self, DatapathSnapshot, Metrics},
     policy::{
+        cidr_deny::{self, CidrDenyList},
         enforcer::{self, PolicyEnforcer},
         PolicyConfig,
     },
@@ -139,10 +141,15 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut kube_updates = kubernetes.as_ref().map(|k| k.subscribe());
     let mut kube_policy = kubernetes.as_ref().map(|k| k.subscribe_policy());
 
-    let mut datapath = Datapath::load_with(&LoadOptions {
-        conntrack_entries: options.conntrack_entries,
-        pins: options.pins.clone(),
-    })?;
+    // The XDP CIDR deny check is loaded only if the starting config needs it (see `cidr_deny`).
+    let mut cidr_deny = CidrDenyList::new(!file.policy.cidr_deny.is_empty());
+    let mut datapath = Datapath::load_with_cidr_deny(
+        &LoadOptions {
+            conntrack_entries: options.conntrack_entries,
+            pins: options.pins.clone(),
+        },
+        cidr_deny.enabled(),
+    )?;
     // Not fatal: the datapath works without its log lines.
     let ebpf_log = ebpf_log::forward(datapath.ebpf_mut())
         .inspect_err(|err| warn!("eBPF log records not forwarded: {err:#}"))
@@ -173,6 +180,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         )
         .context("programming the initial state")?;
         applied_tx.send_replace(applied.clone());
+        // The pinned list stays too while the services wait (it is reconciled with them).
+        reconcile_cidr_deny(&mut cidr_deny, &mut datapath, &applied, &metrics, &events);
         applied
     };
     let mut policy = PolicyEnforcer::with_pins(options.pins.clone());
@@ -256,7 +265,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 false
             }
             _ = policy_tick.tick() => {
-                drain_policy(&mut policy, &metrics, &events);
+                drain_policy(&mut policy, &cidr_deny, &mut datapath, &metrics, &events);
                 continue;
             }
             _ = stats_tick.tick() => {
@@ -302,6 +311,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 Ok(config) => {
                     applied = config;
                     applied_tx.send_replace(applied.clone());
+                    reconcile_cidr_deny(&mut cidr_deny, &mut datapath, &applied, &metrics, &events);
                     if file_changed {
                         info!(services = applied.services.len(), "config reloaded");
                     }
@@ -417,8 +427,13 @@ fn reconcile_policy(
     metrics: &Metrics,
     events: &EventBus,
 ) {
+    // The CIDR deny list is lb_xdp's (`reconcile_cidr_deny`): alone it needs no TC programs.
+    let desired = PolicyConfig {
+        cidr_deny: Vec::new(),
+        ..desired.clone()
+    };
     let started = Instant::now();
-    match enforcer.reconcile(desired) {
+    match enforcer.reconcile(&desired) {
         Ok(change) if change.is_empty() => {}
         Ok(change) => {
             let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -440,9 +455,42 @@ fn reconcile_policy(
     }
 }
 
-/// Moves the policy datapath's verdict counters into the metrics, and its deny and audit events
-/// into log lines and gRPC events.
-fn drain_policy(enforcer: &mut PolicyEnforcer, metrics: &Metrics, events: &EventBus) {
+/// Makes `lb_xdp`'s CIDR deny list the applied config's; a failure is logged, counted and sent as
+/// an event, and the maps keep the list they hold.
+fn reconcile_cidr_deny(
+    list: &mut CidrDenyList,
+    datapath: &mut Datapath,
+    applied: &Config,
+    metrics: &Metrics,
+    events: &EventBus,
+) {
+    let cidrs = &applied.policy.cidr_deny;
+    match list.apply(datapath.ebpf_mut(), cidrs) {
+        Ok(false) => {}
+        Ok(true) => {
+            info!(prefixes = cidrs.len(), "XDP CIDR deny list applied");
+            events.publish(Event::new(
+                EventKind::Reconciled,
+                format!("XDP CIDR deny list: {} prefixes", cidrs.len()),
+            ));
+        }
+        Err(err) => {
+            error!("XDP CIDR deny list not applied: {err:#}");
+            metrics.policy_reconcile_failed();
+            events.publish(Event::new(EventKind::ReconcileFailed, format!("{err:#}")));
+        }
+    }
+}
+
+/// Moves the policy datapath's verdict counters (and `lb_xdp`'s CIDR deny drops) into the
+/// metrics, and its deny and audit events into log lines and gRPC events.
+fn drain_policy(
+    enforcer: &mut PolicyEnforcer,
+    cidr_deny: &CidrDenyList,
+    datapath: &mut Datapath,
+    metrics: &Metrics,
+    events: &EventBus,
+) {
     match enforcer.drain() {
         Ok(drained) => {
             for report in drained.reports {
@@ -457,7 +505,18 @@ fn drain_policy(enforcer: &mut PolicyEnforcer, metrics: &Metrics, events: &Event
                 warn!("{text}");
                 events.publish(Event::new(EventKind::PolicyVerdict, text));
             }
-            metrics.update_policy_verdicts(enforcer.verdicts().to_vec());
+            let mut verdicts = enforcer.verdicts().to_vec();
+            if cidr_deny.enabled() {
+                match cidr_deny::drops(datapath.ebpf_mut()) {
+                    Ok(packets) => verdicts.push(metrics::PolicyVerdicts {
+                        verdict: Verdict::Deny.name().into(),
+                        reason: Reason::CidrDeny.name().into(),
+                        packets,
+                    }),
+                    Err(err) => error!("reading the XDP CIDR deny counter: {err:#}"),
+                }
+            }
+            metrics.update_policy_verdicts(verdicts);
         }
         Err(err) => error!("reading policy verdicts: {err:#}"),
     }

@@ -8,7 +8,8 @@
 //! - policy namespaces by name, workloads by (namespace, name) — and a workload is also shadowed
 //!   when one of its addresses already belongs to a workload or host address of a higher source —
 //!   rules by name, NetworkPolicies by (namespace, name);
-//! - `policy.audit` is on when the file or the API turns it on; host addresses are the union.
+//! - `policy.audit` is on when the file or the API turns it on; host addresses and `cidr_deny`
+//!   are the union.
 //!
 //! Every shadowed item is reported as a [`Conflict`] (the agent logs each one once, and sends it
 //! on the gRPC event stream). The top-level settings (`maglev_seed`, `node`) come from the file.
@@ -195,9 +196,15 @@ fn merge_policies(
     let mut rules = FirstWins::new();
     let mut network_policies = FirstWins::new();
     let mut host_addresses = HashSet::new();
+    let mut cidr_deny = HashSet::new();
     for (source, policy) in sources {
         if source != Source::Kubernetes {
             out.audit |= policy.audit;
+        }
+        for cidr in &policy.cidr_deny {
+            if cidr_deny.insert(*cidr) {
+                out.cidr_deny.push(*cidr);
+            }
         }
         for addr in &policy.host_addresses {
             if host_addresses.insert(*addr) {
@@ -282,6 +289,24 @@ mod tests {
 
     fn policy(yaml: &str) -> PolicyConfig {
         serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn cidr_deny_lists_are_the_union_of_file_and_grpc() {
+        let mut desired = Desired::new(Config {
+            policy: policy("{cidr_deny: [203.0.113.0/24]}"),
+            ..Config::default()
+        });
+        desired.grpc_policy = Some(policy(
+            "{cidr_deny: [\"2001:db8:bad::/48\", 203.0.113.0/24]}",
+        ));
+        let merged: Vec<String> = desired
+            .merged_policy()
+            .cidr_deny
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(merged, ["203.0.113.0/24", "2001:db8:bad::/48"]);
     }
 
     #[test]

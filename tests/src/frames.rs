@@ -1,4 +1,5 @@
-//! Crafted Ethernet frames for `BPF_PROG_TEST_RUN`, and checks on what comes out.
+//! Crafted Ethernet frames for `BPF_PROG_TEST_RUN` (and [`inject`] to send them through real
+//! interfaces), and checks on what comes out.
 //!
 //! Expected output frames are built from scratch by the same builder (so their checksums are
 //! computed in full), and compared byte for byte with what the datapath produced incrementally.
@@ -6,6 +7,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+use crate::netns::Netns;
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -324,4 +327,141 @@ pub fn with_ipv6_extension_headers(frame: &[u8], headers: &[(u8, Vec<u8>)]) -> V
     out.extend_from_slice(&chain);
     out.extend_from_slice(payload);
     out
+}
+
+/// The MAC address of `iface` in `ns`.
+pub fn mac_of(ns: &Netns, iface: &str) -> [u8; 6] {
+    let out = ns
+        .exec("ip", &["-o", "link", "show", "dev", iface])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {text}"));
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
+}
+
+/// Sends `frame` as is out of `iface` of `ns` (an AF_PACKET socket: nothing of it is rewritten).
+pub fn inject(ns: &Netns, iface: &'static str, frame: Vec<u8>) {
+    ns.run(move || {
+        let name = std::ffi::CString::new(iface).unwrap();
+        // SAFETY: plain libc calls on a socket this closure owns; `addr` outlives `sendto`.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            );
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(sent, frame.len() as isize, "sendto: {err}");
+        }
+    });
+}
+
+/// Frames seen on an interface of a namespace (an AF_PACKET socket bound to it, both directions),
+/// collected by a thread until dropped: what really arrived, before the stack reassembles or drops.
+pub struct Sniffer {
+    frames: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sniffer {
+    pub fn start(ns: &Netns, iface: &'static str) -> Self {
+        use std::sync::{atomic::AtomicBool, Arc, Mutex};
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (frames, stop) = (frames.clone(), stop.clone());
+            ns.spawn(move || {
+                let name = std::ffi::CString::new(iface).unwrap();
+                // SAFETY: plain libc calls on a socket this thread owns; buffers outlive the calls.
+                unsafe {
+                    let protocol = (libc::ETH_P_ALL as u16).to_be();
+                    let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, protocol as i32);
+                    assert!(
+                        fd >= 0,
+                        "AF_PACKET socket: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                    addr.sll_family = libc::AF_PACKET as u16;
+                    addr.sll_protocol = protocol;
+                    addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+                    let bound = libc::bind(
+                        fd,
+                        (&addr as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    );
+                    assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+                    let timeout = libc::timeval {
+                        tv_sec: 0,
+                        tv_usec: 20_000,
+                    };
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        (&timeout as *const libc::timeval).cast(),
+                        std::mem::size_of::<libc::timeval>() as u32,
+                    );
+                    ready_tx.send(()).unwrap();
+                    let mut buf = vec![0u8; 65536];
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                        if n > 0 {
+                            frames.lock().unwrap().push(buf[..n as usize].to_vec());
+                        }
+                    }
+                    libc::close(fd);
+                }
+            })
+        };
+        ready_rx.recv().expect("sniffer started");
+        Self {
+            frames,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Takes the frames seen so far.
+    pub fn take(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.frames.lock().unwrap())
+    }
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

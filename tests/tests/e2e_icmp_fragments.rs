@@ -24,7 +24,7 @@ use std::{
 use lb_common::counters::Counter;
 use lb_tests::{
     agent::{AgentProcess, ConfigFile},
-    frames::{frame, icmp_error, ip_packet, IcmpError, L4},
+    frames::{frame, icmp_error, inject, ip_packet, mac_of, IcmpError, L4},
     netns::{Netns, TEST_PREFIX},
     topology::{Topology, BALANCER_CLIENT_IFACE, CLIENT_ADDR, CLIENT_ADDR6, VIP, VIP6},
 };
@@ -183,60 +183,6 @@ fn stop_agent(agent: AgentProcess) -> BTreeMap<String, u64> {
 
 fn count(counters: &BTreeMap<String, u64>, which: Counter) -> u64 {
     counters.get(which.name()).copied().unwrap_or(0)
-}
-
-/// The MAC address of `iface` in `ns`.
-fn mac_of(ns: &Netns, iface: &str) -> [u8; 6] {
-    let out = ns
-        .exec("ip", &["-o", "link", "show", "dev", iface])
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mac = text
-        .split_whitespace()
-        .skip_while(|w| *w != "link/ether")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no MAC in {text}"));
-    let bytes: Vec<u8> = mac
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    bytes.try_into().unwrap()
-}
-
-/// Sends `frame` as is out of `iface` of `ns` (an AF_PACKET socket: nothing of it is rewritten).
-fn inject(ns: &Netns, iface: &'static str, frame: Vec<u8>) {
-    ns.run(move || {
-        let name = std::ffi::CString::new(iface).unwrap();
-        // SAFETY: plain libc calls on a socket this closure owns; `addr` outlives `sendto`.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW,
-                (libc::ETH_P_ALL as u16).to_be() as i32,
-            );
-            assert!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-            addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-            let sent = libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            assert_eq!(sent, frame.len() as isize, "sendto: {err}");
-        }
-    });
 }
 
 /// The path MTU `ns` has learnt towards `dst` (its route cache), if any.

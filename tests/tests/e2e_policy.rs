@@ -26,6 +26,10 @@ use lb_agent::{
 };
 use lb_common::policy::{Direction, Reason, Verdict};
 use lb_tests::{
+    frames::{
+        fragments, frame, inject, mac_of, with_ipv4_options, with_ipv6_extension_headers, Sniffer,
+        L4, SYN,
+    },
     netns::Netns,
     policy_topology::{PolicyTopology, WORKLOADS},
     servers::{tcp_request, udp_requests, TcpCountingServer, UdpCountingServer},
@@ -198,4 +202,173 @@ fn xdp_cidr_deny_drops_a_listed_source_on_the_node() {
     write_cidr_deny(xdp.ebpf_mut(), &listed, &[]).unwrap();
     assert_eq!(tcp_request(c.ns("frontend"), target, b"x").unwrap(), "db");
     drop(xdp);
+}
+
+/// The frame with the MACs of the sender's `eth0` and the node side of its veth (`iface`).
+fn addressed(c: &Cluster, sender: &str, iface: &str, mut frame: Vec<u8>) -> Vec<u8> {
+    frame[..6].copy_from_slice(&mac_of(&c.topology.node, iface));
+    frame[6..12].copy_from_slice(&mac_of(c.ns(sender), "eth0"));
+    frame
+}
+
+/// Frames from `src` other than ICMP/ICMPv6 (the senders' own ARP, neighbour discovery and MLD);
+/// VLAN-tagged frames always count.
+fn from_source(frames: &[Vec<u8>], src: IpAddr) -> Vec<&Vec<u8>> {
+    frames
+        .iter()
+        .filter(|f| match (&f[12..14], src) {
+            ([0x81, 0x00], _) => true,
+            ([0x08, 0x00], IpAddr::V4(a)) => f[26..30] == a.octets() && f[23] != 1,
+            ([0x86, 0xdd], IpAddr::V6(a)) => f[22..38] == a.octets() && f[20] != 58,
+            _ => false,
+        })
+        .collect()
+}
+
+/// An IPv4 frame cut after `keep` bytes of its L4 header, with its IP header saying so.
+fn truncated(frame: &[u8], keep: usize) -> Vec<u8> {
+    let (mut ip, _) = etherparse::Ipv4Header::from_slice(&frame[14..]).unwrap();
+    let l4 = &frame[14 + ip.header_len()..][..keep];
+    ip.set_payload_len(keep).unwrap();
+    let mut out = frame[..14].to_vec();
+    ip.write(&mut out).unwrap();
+    out.extend_from_slice(l4);
+    out
+}
+
+/// An 802.1Q tag (VLAN 100) in front of the frame's ethertype.
+fn vlan_tagged(frame: &[u8]) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    out.extend_from_slice(&[0x81, 0x00, 0x00, 100]);
+    out.extend_from_slice(&frame[12..]);
+    out
+}
+
+/// Crafted frames sent with an AF_PACKET socket from the workloads' namespaces through the veths
+/// and the routing node, with the TC programs attached: what arrives at db is counted on db's
+/// interface (every frame, before reassembly) and by its UDP servers (whole datagrams). From
+/// `other` (denied at db) nothing of any trick arrives; from `frontend` (allowed UDP 5353)
+/// fragmented datagrams, in order and out of order, with IPv4 options or IPv6 extension headers,
+/// are reassembled and delivered; its tricks towards denied ports deliver nothing there.
+#[test]
+fn fragment_and_header_tricks_do_not_bypass_a_deny() {
+    let c = Cluster::new();
+    let sniffer = Sniffer::start(c.ns("db"), "eth0");
+    let servers = [false, true]
+        .map(|v6| UdpCountingServer::start(c.ns("db"), Cluster::addr("db", v6), 5353, "db"));
+    let closed_port = UdpCountingServer::start(c.ns("db"), Cluster::addr("db", false), 9999, "x");
+    let payload = vec![0x5a; 2000];
+    let mut next_id = 0x4000u32;
+    let mut id = || {
+        next_id += 1;
+        next_id
+    };
+
+    // Sends `frames` from `sender`; returns (frames of `sender` seen at db, datagrams delivered).
+    let send = |sender: &str, v6: bool, frames: Vec<Vec<u8>>| -> (usize, u64) {
+        let iface = WORKLOADS.iter().find(|w| w.0 == sender).unwrap().4;
+        sniffer.take();
+        let before = servers[v6 as usize].datagrams();
+        for frame in frames {
+            inject(c.ns(sender), "eth0", addressed(&c, sender, iface, frame));
+        }
+        thread::sleep(Duration::from_millis(300));
+        let seen = from_source(&sniffer.take(), Cluster::addr(sender, v6)).len();
+        (seen, servers[v6 as usize].datagrams() - before)
+    };
+
+    for v6 in [false, true] {
+        let db = SocketAddr::new(Cluster::addr("db", v6), 5353);
+        for (sender, allowed) in [("other", false), ("frontend", true)] {
+            let src = SocketAddr::new(Cluster::addr(sender, v6), 40000);
+            let whole = frame(L4::Udp, src, db, &payload);
+            let fragments = |id| fragments(&whole, id, 1000);
+            // Unfragmented tricks fit the MTU.
+            let small = frame(L4::Udp, src, db, &payload[..500]);
+            let with_headers = if v6 {
+                // Hop-by-hop and destination options, each padding only (PadN).
+                let padn = vec![0, 0, 1, 4, 0, 0, 0, 0];
+                with_ipv6_extension_headers(&small, &[(0, padn.clone()), (60, padn)])
+            } else {
+                with_ipv4_options(&small, &[1, 1, 1, 0])
+            };
+            let mut first_last = fragments(id());
+            first_last.rotate_left(1);
+            let mut rest_reversed = fragments(id());
+            rest_reversed[1..].reverse();
+            // (what, frames, for the allowed sender: frames seen at db, datagrams delivered).
+            let cases = [
+                ("fragments in order", fragments(id()), (3, 1)),
+                (
+                    "first fragment first, the rest reversed",
+                    rest_reversed,
+                    (3, 1),
+                ),
+                ("options / extension headers", vec![with_headers], (1, 1)),
+                // Later fragments are dropped until their first passed: the datagram is lost.
+                ("first fragment last", first_last, (1, 0)),
+                (
+                    "later fragments without the first",
+                    fragments(id())[1..].to_vec(),
+                    (0, 0),
+                ),
+                ("VLAN-tagged", vec![vlan_tagged(&small)], (0, 0)),
+            ];
+            for (what, frames, expected) in cases {
+                let sent = frames.len();
+                let got = send(sender, v6, frames);
+                println!(
+                    "{sender} v6 {v6}: {what}: {sent} sent, {} seen at db, {} delivered",
+                    got.0, got.1
+                );
+                let expected = if allowed { expected } else { (0, 0) };
+                assert_eq!(
+                    got, expected,
+                    "{sender} v6 {v6}: {what}: (seen at db, delivered)"
+                );
+            }
+        }
+    }
+
+    // IPv4 tricks of the allowed sender towards ports it may not reach.
+    let fe = SocketAddr::new(Cluster::addr("frontend", false), 40001);
+    let db = Cluster::addr("db", false);
+    let to_closed = frame(L4::Udp, fe, SocketAddr::new(db, 9999), &payload[..32]);
+    // A UDP header cut short, and a TCP SYN whose first fragment holds 8 bytes of its header.
+    let syn = frame(SYN, fe, SocketAddr::new(db, 7777), &[]);
+    for (what, frames) in [
+        ("truncated UDP header", vec![truncated(&to_closed, 4)]),
+        ("tiny first fragment (TCP)", fragments(&syn, id(), 8)),
+    ] {
+        let (seen, _) = send("frontend", false, frames);
+        println!("frontend: {what}: {seen} seen at db");
+        assert_eq!(seen, 0, "frontend: {what}: nothing reaches db");
+    }
+    // Overlapping fragments: an allowed first fragment (to 5353), then another first fragment of
+    // the same datagram rewriting the header to the closed port 9999, then the rest.
+    let to_open = frame(L4::Udp, fe, SocketAddr::new(db, 5353), &payload[..32]);
+    let overlap_id = id();
+    let (open, closed) = (
+        fragments(&to_open, overlap_id, 16),
+        fragments(&to_closed, overlap_id, 16),
+    );
+    sniffer.take();
+    let before = closed_port.datagrams();
+    for frame in [&open[0], &closed[0], &open[1], &open[2]] {
+        inject(
+            c.ns("frontend"),
+            "eth0",
+            addressed(&c, "frontend", WORKLOADS[0].4, frame.clone()),
+        );
+    }
+    thread::sleep(Duration::from_millis(300));
+    let rewritten = from_source(&sniffer.take(), fe.ip())
+        .into_iter()
+        .filter(|f| f[20..22] == [0x20, 0x00] && f[36..38] == 9999u16.to_be_bytes())
+        .count();
+    assert_eq!(
+        rewritten, 0,
+        "the overlapping first fragment to 9999 never reaches db"
+    );
+    assert_eq!(closed_port.datagrams(), before, "nothing delivered to 9999");
 }

@@ -282,8 +282,10 @@ impl PolicyDatapath {
         Ok(())
     }
 
-    /// The map entries stored under `epoch`, with keys stamped epoch 0 as the compiler makes them.
-    fn read_epoch(&self, epoch: u8) -> Result<CompiledPolicy> {
+    /// The ipcache, endpoint and policy entries the kernel holds under `epoch`, keyed as the
+    /// compiler keys them (epoch 0), rules and identities left empty: equal to the
+    /// [`CompiledPolicy`] written under it, whatever the maps held before.
+    pub fn read_epoch(&self, epoch: u8) -> Result<CompiledPolicy> {
         let map = |name: &str| {
             self.ebpf
                 .map(name)

@@ -35,6 +35,7 @@
 //!         - {protocol: tcp, name: http}
 //!       default_deny: true             # false: the rule does not isolate its endpoints
 //!   network_policies: []               # Kubernetes NetworkPolicy manifests (networking.k8s.io/v1)
+//!   cidr_deny: [203.0.113.0/24, "2001:db8:bad::/48"]  # sources lb_xdp drops on the node's interfaces
 //! ```
 //!
 //! Semantics, as Kubernetes NetworkPolicy: a local endpoint that no rule selects in a direction is
@@ -78,6 +79,11 @@ pub struct PolicyConfig {
     /// Kubernetes NetworkPolicies, translated into rules after `rules` (see [`k8s`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network_policies: Vec<k8s::NetworkPolicyManifest>,
+    /// Sources `lb_xdp` drops on the node's interfaces (`--iface`) before an skb exists, whatever
+    /// the rules say: floods, known bad ranges. Counted (`cidr_deny`), not reported per packet. See
+    /// [`super::cidr_deny`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidr_deny: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -563,6 +569,24 @@ impl PolicyConfig {
             }
         }
 
+        let mut denied = HashMap::new();
+        for (i, cidr) in self.cidr_deny.iter().enumerate() {
+            let path = format!("policy.cidr_deny[{i}]");
+            if cidr.prefix_len() == 0 {
+                return err(path, format!("{cidr} would drop every packet"));
+            }
+            if let Some(first) = denied.insert(cidr, i) {
+                return err(path, format!("duplicate of policy.cidr_deny[{first}]"));
+            }
+        }
+        let limit = lb_common::policy::state_limits::CIDR_DENY_ENTRIES as usize;
+        if self.cidr_deny.len() > limit {
+            return err(
+                "policy.cidr_deny",
+                format!("{} prefixes, at most {limit}", self.cidr_deny.len()),
+            );
+        }
+
         let mut rule_names: HashMap<String, String> = HashMap::new();
         for (path, rule) in self.rules_with_paths()? {
             // Translated rules share their manifest's path; name the rule too.
@@ -813,6 +837,31 @@ rules:
         for (text, expected) in cases {
             assert_eq!(parse(&text).unwrap_err(), expected);
         }
+    }
+
+    #[test]
+    fn cidr_deny_list_is_checked() {
+        let with = |list: &str| parse(&format!("{GOOD}cidr_deny: {list}\n"));
+        let config = with("[203.0.113.0/24, \"2001:db8:bad::/48\", 192.0.2.9/32]").unwrap();
+        assert_eq!(config.cidr_deny.len(), 3);
+        let cases = [
+            (
+                "[203.0.113.0/24, 203.0.113.0/24]",
+                "policy.cidr_deny[1]: duplicate of policy.cidr_deny[0]",
+            ),
+            (
+                "[\"::/0\"]",
+                "policy.cidr_deny[0]: ::/0 would drop every packet",
+            ),
+        ];
+        for (list, expected) in cases {
+            assert_eq!(with(list).unwrap_err(), expected);
+        }
+        let e = with("[203.0.113.1/24]").unwrap_err();
+        assert!(
+            e.starts_with("cidr_deny[0]") && e.contains("did you mean 203.0.113.0/24?"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::{net::IpAddr, time::Instant};
 use lb_common::policy::{identity, Direction, Reason, Verdict};
 
 use super::{
-    compile, identity::IdentityAllocator, k8s::NetworkPolicyManifest, CompiledPolicy, Maps, Packet,
-    PolicyConfig,
+    compile, identity::IdentityAllocator, k8s::NetworkPolicyManifest, k8s_examples::*,
+    CompiledPolicy, Maps, Packet, PolicyConfig,
 };
 
 const TCP: u8 = 6;
@@ -134,127 +134,6 @@ const FRONTEND: &str = "198.51.100.20";
 const FRONTEND6: &str = "2001:db8::20";
 const FRONTEND_OTHER: &str = "198.51.100.21";
 const PROJ_POD: &str = "198.51.100.22";
-
-// ---- The examples of the Kubernetes NetworkPolicy documentation, verbatim. ----
-
-const TEST_NETWORK_POLICY: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: test-network-policy
-  namespace: default
-spec:
-  podSelector:
-    matchLabels:
-      role: db
-  policyTypes:
-  - Ingress
-  - Egress
-  ingress:
-  - from:
-    - ipBlock:
-        cidr: 172.17.0.0/16
-        except:
-        - 172.17.1.0/24
-    - namespaceSelector:
-        matchLabels:
-          project: myproject
-    - podSelector:
-        matchLabels:
-          role: frontend
-    ports:
-    - protocol: TCP
-      port: 6379
-  egress:
-  - to:
-    - ipBlock:
-        cidr: 10.0.0.0/24
-    ports:
-    - protocol: TCP
-      port: 5978
-";
-
-const DEFAULT_DENY_INGRESS: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: default-deny-ingress
-spec:
-  podSelector: {}
-  policyTypes:
-  - Ingress
-";
-
-const ALLOW_ALL_INGRESS: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: allow-all-ingress
-spec:
-  podSelector: {}
-  ingress:
-  - {}
-  policyTypes:
-  - Ingress
-";
-
-const DEFAULT_DENY_EGRESS: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: default-deny-egress
-spec:
-  podSelector: {}
-  policyTypes:
-  - Egress
-";
-
-const ALLOW_ALL_EGRESS: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: allow-all-egress
-spec:
-  podSelector: {}
-  egress:
-  - {}
-  policyTypes:
-  - Egress
-";
-
-const DEFAULT_DENY_ALL: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: default-deny-all
-spec:
-  podSelector: {}
-  policyTypes:
-  - Ingress
-  - Egress
-";
-
-const MULTI_PORT_EGRESS: &str = "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: multi-port-egress
-  namespace: default
-spec:
-  podSelector:
-    matchLabels:
-      role: db
-  policyTypes:
-    - Egress
-  egress:
-    - to:
-        - ipBlock:
-            cidr: 10.0.0.0/24
-      ports:
-        - protocol: TCP
-          port: 32000
-          endPort: 32768
-";
 
 /// The documentation's "namespaceSelector and podSelector" fragment, in a policy around `db`.
 fn and_or_policy(from: &str) -> String {

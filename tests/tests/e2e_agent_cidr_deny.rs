@@ -1,0 +1,142 @@
+//! The XDP CIDR deny list from the agent's config (`policy.cidr_deny`): the real `lb-agent run` in
+//! the node namespace of the three-workload topology, `lb_xdp` on the interfaces frontend's and
+//! other's packets arrive on. A listed source (frontend, IPv4 and IPv6) never reaches db's server
+//! and the drops are counted (`lb_policy_verdicts_total{verdict="deny",reason="cidr_deny"}`); an
+//! unlisted one (other) connects; an invalid edit is rejected with the list kept; an edit that
+//! removes the source lets it through. An agent started without a list refuses to add one (the
+//! check is not loaded) with an error saying so.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    agent::{metric_sum, scrape_metrics, AgentProcess, ConfigFile},
+    netns::Netns,
+    policy_topology::{PolicyTopology, WORKLOADS},
+    servers::{tcp_request, TcpCountingServer},
+};
+
+const METRICS: &str = "127.0.0.1:9472";
+const DB_PORT: u16 = 6379;
+
+fn config(cidr_deny: &str) -> String {
+    format!("services: []\npolicy:\n  cidr_deny: {cidr_deny}\n")
+}
+
+/// XDP CIDR drops as `/metrics` shows them, once at least `at_least` (the agent reads every 200 ms).
+fn cidr_drops(node: &Netns, at_least: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let scrape = scrape_metrics(node, METRICS.parse().unwrap()).expect("scrape /metrics");
+        let n = metric_sum(
+            &scrape,
+            "lb_policy_verdicts_total",
+            &[("verdict", "deny"), ("reason", "cidr_deny")],
+        );
+        if n >= at_least || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Does a TCP connection from `from` reach db's server (counted by the server)?
+fn reaches(
+    topology: &PolicyTopology,
+    from: &str,
+    servers: &[TcpCountingServer; 2],
+    v6: bool,
+) -> bool {
+    let server = &servers[v6 as usize];
+    let target = SocketAddr::new(PolicyTopology::addr("db", v6), DB_PORT);
+    let before = server.connections();
+    let result = tcp_request(topology.ns(from), target, b"x");
+    let counted = server.connections() > before;
+    assert_eq!(result.is_ok(), counted, "{from} -> {target}: {result:?}");
+    counted
+}
+
+fn start_agent(topology: &PolicyTopology, file: &ConfigFile) -> AgentProcess {
+    // `lb_xdp` on the node side of frontend's and other's veths: their "external" interfaces.
+    let interfaces = [WORKLOADS[0].4.to_string(), WORKLOADS[2].4.to_string()];
+    AgentProcess::start_with(
+        &topology.node,
+        file.path(),
+        &interfaces,
+        &["--metrics-addr", METRICS, "--stats-interval", "1"],
+    )
+    .expect("agent starts")
+}
+
+#[test]
+fn the_agent_drops_listed_sources_at_xdp_and_follows_edits() {
+    let topology = PolicyTopology::new().expect("topology");
+    let servers = [false, true].map(|v6| {
+        let db: IpAddr = PolicyTopology::addr("db", v6);
+        TcpCountingServer::start(topology.ns("db"), db, DB_PORT, "db")
+    });
+
+    let file = ConfigFile::new(&config("[192.0.2.2/32, \"2001:db8:1::/64\"]"));
+    let mut agent = start_agent(&topology, &file);
+    // Written before the agent reports ready.
+    assert!(
+        agent
+            .history
+            .iter()
+            .any(|l| l.contains("XDP CIDR deny list applied") && l.contains("prefixes=2")),
+        "{:#?}",
+        agent.history
+    );
+    for v6 in [false, true] {
+        assert!(
+            !reaches(&topology, "frontend", &servers, v6),
+            "listed source, v6 {v6}"
+        );
+        assert!(
+            reaches(&topology, "other", &servers, v6),
+            "unlisted source, v6 {v6}"
+        );
+    }
+    // Each refused connect is its SYN and the kernel's retransmissions: at least one per family.
+    let drops = cidr_drops(&topology.node, 2.0);
+    assert!(drops >= 2.0, "XDP CIDR drops counted: {drops}");
+    println!("XDP CIDR drops counted: {drops}");
+
+    // An invalid edit: rejected, naming the field; the list stays in force.
+    file.rewrite(&config("[192.0.2.2/24]"));
+    let rejected = agent
+        .wait_for_log("config rejected", Duration::from_secs(5))
+        .unwrap();
+    assert!(rejected.contains("policy.cidr_deny[0]"), "{rejected}");
+    assert!(
+        !reaches(&topology, "frontend", &servers, false),
+        "list kept"
+    );
+    let drops = cidr_drops(&topology.node, drops + 1.0);
+
+    // An edit that no longer lists frontend: through at once, both families.
+    file.rewrite(&config("[203.0.113.0/24]"));
+    agent
+        .wait_for_log("XDP CIDR deny list applied", Duration::from_secs(5))
+        .unwrap();
+    for v6 in [false, true] {
+        assert!(
+            reaches(&topology, "frontend", &servers, v6),
+            "unlisted now, v6 {v6}"
+        );
+    }
+    assert_eq!(cidr_drops(&topology.node, 0.0), drops, "no new drops");
+    drop(agent);
+
+    // Without a list at start the check is not loaded: adding one is refused, traffic flows.
+    let file = ConfigFile::new(&config("[]"));
+    let mut agent = start_agent(&topology, &file);
+    file.rewrite(&config("[192.0.2.2/32]"));
+    let refused = agent
+        .wait_for_log("XDP CIDR deny list not applied", Duration::from_secs(5))
+        .unwrap();
+    assert!(refused.contains("restart the agent"), "{refused}");
+    assert!(reaches(&topology, "frontend", &servers, false));
+}
