@@ -6,8 +6,9 @@
 //! - `LAYOUT`: a one-entry array holding the map layout version ([`MAP_LAYOUT_VERSION`]);
 //! - `maps/<NAME>`: every map of the datapath object (`SERVICES`, `BACKENDS`, `CONNTRACK`, ...);
 //! - `programs/<name>`: the XDP program last loaded (for inspection; the links hold it);
-//! - `links/xdp_<interface>`: the XDP `bpf_link` of each interface. The kernel keeps the program
-//!   attached as long as this pin exists, whatever happens to the agent (also `kill -9`).
+//! - `links/xdp_<interface>` or `links/tc_<interface>`: the XDP or TC (tcx) `bpf_link` of each
+//!   interface. The kernel keeps the program attached as long as this pin exists, whatever happens
+//!   to the agent (also `kill -9`).
 //!
 //! Compatibility: pinned maps are adopted only if the pinned layout version equals this agent's and
 //! every pinned map has the type, key size, value size, number of entries and flags of this
@@ -162,6 +163,10 @@ impl PinDir {
         self.root.join("links").join(format!("xdp_{interface}"))
     }
 
+    pub fn tc_link(&self, interface: &str) -> PathBuf {
+        self.root.join("links").join(format!("tc_{interface}"))
+    }
+
     fn layout(&self) -> PathBuf {
         self.root.join("LAYOUT")
     }
@@ -283,12 +288,19 @@ impl PinDir {
         entries(&self.root.join("maps"))
     }
 
-    /// Interfaces with a pinned XDP link.
+    /// Interfaces with a pinned XDP or TC link.
     pub fn linked_interfaces(&self) -> Result<Vec<String>> {
-        Ok(entries(&self.root.join("links"))?
+        let mut interfaces: Vec<String> = entries(&self.root.join("links"))?
             .into_iter()
-            .filter_map(|name| name.strip_prefix("xdp_").map(str::to_string))
-            .collect())
+            .filter_map(|name| {
+                name.strip_prefix("xdp_")
+                    .or_else(|| name.strip_prefix("tc_"))
+                    .map(str::to_string)
+            })
+            .collect();
+        interfaces.sort();
+        interfaces.dedup();
+        Ok(interfaces)
     }
 
     /// Unpins the maps, programs and layout version (links stay, so the datapath stays attached

@@ -117,6 +117,9 @@ counters! {
     FragmentTracked = 34 => "fragment_tracked",
     /// A later fragment of a tracked datagram, given the addresses of its first fragment.
     ForwardFragment = 35 => "forward_fragment",
+    /// `lb_tc` (the TC datapath, DNAT only) got a packet of an SNAT or DSR service, or the reply of
+    /// an SNAT flow: dropped. Attach XDP to the interfaces such services use.
+    DropTcModeUnsupported = 36 => "drop_tc_mode_unsupported",
 }
 
 impl Counter {
