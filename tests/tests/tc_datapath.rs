@@ -3,6 +3,10 @@
 //! refuses, and traffic it leaves alone. Outputs are compared byte for byte with frames built from
 //! scratch (so every checksum is verified); each case also checks the counter naming its path.
 //!
+//! Each test runs in a network namespace of its own, since `lb_tc` asks the FIB for the next hop:
+//! an empty one (no route: the stack gets the packet, `TC_ACT_OK`) or one that knows the backends
+//! (redirected to the backend's interface with its MAC addresses).
+//!
 //! BPF_PROG_TEST_RUN skbs carry full checksums (`CHECKSUM_NONE`); the partial checksums of locally
 //! sent segments on a veth are covered end to end (`e2e_tc`).
 
@@ -15,6 +19,7 @@ use lb_agent::{
 use lb_common::{counters::Counter, protocol, service::ServiceKey};
 use lb_tests::{
     frames::{frame, inspect, ACK, L4, SYN},
+    netns::{Netns, TEST_PREFIX},
     test_run::{expected_backend, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT},
 };
 
@@ -64,6 +69,18 @@ services:
     port: 80
     protocol: tcp
 ";
+
+/// `TC_ACT_REDIRECT`.
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// Runs `test` on a thread inside a fresh namespace set up by the `ip` commands `setup`.
+fn isolated(setup: &[&str], test: fn()) {
+    let ns = Netns::new(TEST_PREFIX, "tc").expect("namespace");
+    for command in setup {
+        ns.ip_cmd(command).expect(command);
+    }
+    ns.run(test);
+}
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -122,6 +139,13 @@ fn expect(
 
 #[test]
 fn forward_reply_and_conntrack_hit_for_each_family_and_protocol() {
+    isolated(
+        &[],
+        forward_reply_and_conntrack_hit_for_each_family_and_protocol_in_namespace,
+    );
+}
+
+fn forward_reply_and_conntrack_hit_for_each_family_and_protocol_in_namespace() {
     let mut datapath = load();
     for (l4, client, vip) in [
         (SYN, "192.0.2.2:40000", "198.51.100.10:80"),
@@ -163,6 +187,10 @@ fn forward_reply_and_conntrack_hit_for_each_family_and_protocol() {
 
 #[test]
 fn udp_without_checksum_keeps_none() {
+    isolated(&[], udp_without_checksum_keeps_none_in_namespace);
+}
+
+fn udp_without_checksum_keeps_none_in_namespace() {
     let mut datapath = load();
     let (client, vip) = (sa("192.0.2.3:40002"), sa("198.51.100.10:53"));
     let key = ServiceKey::new(vip.ip(), vip.port(), protocol::UDP);
@@ -182,6 +210,10 @@ fn udp_without_checksum_keeps_none() {
 
 #[test]
 fn refused_modes_and_other_traffic() {
+    isolated(&[], refused_modes_and_other_traffic_in_namespace);
+}
+
+fn refused_modes_and_other_traffic_in_namespace() {
     let mut datapath = load();
     let client = sa("192.0.2.2:40003");
     let snat = frame(SYN, client, sa("198.51.100.40:80"), b"");
@@ -219,5 +251,43 @@ fn refused_modes_and_other_traffic() {
         TC_ACT_OK,
         &untracked_reply,
         Counter::PassNotService,
+    );
+}
+
+const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+const EGRESS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+
+#[test]
+fn redirected_to_the_backend_when_the_fib_knows_it() {
+    isolated(
+        &[
+            "link add tcv0 address 02:00:00:00:00:0a type veth peer name tcv1",
+            "link set tcv0 up",
+            "link set tcv1 up",
+            "addr add 203.0.113.1/24 dev tcv0",
+            "neigh add 203.0.113.11 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+            "neigh add 203.0.113.12 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+            "neigh add 203.0.113.13 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+        ],
+        redirected_in_namespace,
+    );
+}
+
+fn redirected_in_namespace() {
+    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("forwarding");
+    let mut datapath = load();
+    let (client, vip) = (sa("192.0.2.2:40010"), sa("198.51.100.10:80"));
+    let key = ServiceKey::new(vip.ip(), vip.port(), protocol::TCP);
+    let backend = expected_backend(&datapath, &key, protocol::TCP, client, vip, false);
+    let mut expected = frame(SYN, client, backend, b"");
+    expected[..6].copy_from_slice(&NEXT_HOP_MAC);
+    expected[6..12].copy_from_slice(&EGRESS_MAC);
+    expect(
+        &mut datapath,
+        "new flow to a backend with a neighbour entry",
+        &frame(SYN, client, vip, b""),
+        TC_ACT_REDIRECT,
+        &expected,
+        Counter::XmitRedirect,
     );
 }

@@ -5,7 +5,9 @@
 //!
 //! Same parse, prefilter, service lookup, conntrack, Maglev choice and counters as `lb_xdp` (the
 //! shared modules, monomorphised for `TcContext`); the rewrite is `tc::nat` (checksum helpers, as
-//! skbs may carry partial checksums). After the rewrite the stack routes the packet (`TC_ACT_OK`).
+//! skbs may carry partial checksums). After the rewrite `tc::xmit` redirects the packet to the
+//! next hop the FIB names (skipping the stack's forwarding path), or leaves it to the stack
+//! (`TC_ACT_OK`) when the FIB cannot settle it.
 //!
 //! Only DNAT and its reverse: a packet of an SNAT or DSR service, or a reply of an SNAT flow, is
 //! dropped and counted `drop_tc_mode_unsupported` (the agent warns when such a service meets a
@@ -13,6 +15,7 @@
 //! (`pass_fragment`, `pass_icmp_error_untracked`); the XDP CIDR deny list is not checked here.
 
 mod nat;
+mod xmit;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -97,7 +100,7 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
                 };
                 let at = Offsets::of(&ctx, &flow);
                 let (old, old_port) = (flow.key.dst, flow.key.dst_port);
-                verdict(nat::rewrite(
+                match verdict(nat::rewrite(
                     &ctx,
                     &flow,
                     at,
@@ -106,7 +109,10 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
                     old_port,
                     port,
                     false,
-                ))
+                )) {
+                    TC_ACT_OK => xmit::forward(&ctx, &flow, &flow.key.src, &backend.addr),
+                    action => action,
+                }
             }
             Err(reason) => {
                 count(reason);
@@ -140,10 +146,11 @@ fn reply(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     let action = verdict(nat::rewrite(
         ctx, flow, at, &old, &vip, old_port, vip_port, true,
     ));
-    if action == TC_ACT_OK {
-        count(Counter::ReplyTranslated);
+    if action != TC_ACT_OK {
+        return Some(action);
     }
-    Some(action)
+    count(Counter::ReplyTranslated);
+    Some(xmit::forward(ctx, flow, &vip, &flow.key.dst))
 }
 
 /// A rewrite the helpers refused leaves a half-written packet: dropped, counted malformed.
