@@ -1,12 +1,13 @@
 //! Loads the embedded eBPF datapath, attaches it to interfaces, and reconciles its maps with the
 //! desired configuration: backends, weighted Maglev tables (swapped atomically) and services.
 //!
-//! Attached as XDP (`lb_xdp`, the default, best on physical NICs) or TC (`lb_tc` at tcx ingress, DNAT
-//! only, best on veths: see [`AttachMode`]).
+//! Attached as XDP (`lb_xdp`, the default, best on physical NICs) or TC (`lb_tc` at tcx ingress,
+//! DNAT only, best on veths: see [`AttachMode`]).
 //!
-//! With a pin directory (see [`crate::pins`]) maps, program and XDP/TC links are pinned: the datapath
-//! outlives the `Datapath` (and the agent), and the next load adopts the pinned maps, rebuilds its
-//! bookkeeping from their contents and replaces the program in the pinned links atomically.
+//! With a pin directory (see [`crate::pins`]) maps, program and XDP/TC links are pinned: the
+//! datapath outlives the `Datapath` (and the agent), and the next load adopts the pinned maps,
+//! rebuilds its bookkeeping from their contents and replaces the program in the pinned links
+//! atomically.
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, VecDeque},
@@ -397,7 +398,8 @@ impl Datapath {
         if other.exists() {
             std::fs::remove_file(&other)
                 .with_context(|| format!("removing {}", other.display()))?;
-            info!(interface, link = %other.display(), "removed the pinned link of the other attach mode");
+            info!(interface, link = %other.display(),
+                  "removed the pinned link of the other attach mode");
         }
         if path.exists() {
             match self.replace_program_in(&path, mode) {

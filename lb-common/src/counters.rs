@@ -74,8 +74,9 @@ counters! {
     XmitRedirect = 18 => "xmit_redirect",
     /// Sent back out of the interface it came in on (`XDP_TX`) after a `bpf_fib_lookup`.
     XmitTx = 19 => "xmit_tx",
-    /// SNAT, IPIP or `lb_tc` packet whose next hop has no neighbour entry yet: the finished packet goes to
-    /// the kernel, which resolves the neighbour and sends it (later packets take the fast path).
+    /// SNAT, IPIP or `lb_tc` packet whose next hop has no neighbour entry yet: the finished packet
+    /// goes to the kernel, which resolves the neighbour and sends it (later packets take the fast
+    /// path).
     PassFibNoNeigh = 20 => "pass_fib_no_neigh",
     /// SNAT, IPIP or `lb_tc` packet the fast path cannot send (no route, forwarding disabled, needs
     /// fragmenting, TTL expiring): the finished packet goes to the kernel, which routes it or

@@ -4,8 +4,8 @@
 //!
 //! Partial checksums are exercised for real: the client and the backends send through veths with
 //! checksum offload (`CHECKSUM_PARTIAL`: the TCP/UDP checksum field holds only the pseudo-header
-//! sum), and the balancer's interfaces have transmit checksumming turned off, so the kernel completes
-//! each checksum in software from the rewritten field as the packet leaves the balancer. A wrong
+//! sum), and the balancer's interfaces have transmit checksumming turned off, so the kernel
+//! completes each checksum in software from the rewritten field as the packet leaves the balancer. A wrong
 //! pseudo-header update arrives as a bad checksum, which the receiver drops: connections stall
 //! and bytes go missing.
 

@@ -1,7 +1,7 @@
 //! The DNAT rewrites of `nat` on an skb: the same fields, with the kernel's checksum helpers
-//! instead of `lb_common::checksum`. An skb's TCP/UDP checksum may be `CHECKSUM_PARTIAL` (a segment
-//! sent by a local socket through a veth, TSO/GSO): the field then holds only the pseudo-header sum,
-//! which the device or GSO completes. `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR` updates that
+//! instead of `lb_common::checksum`. An skb's TCP/UDP checksum may be `CHECKSUM_PARTIAL` (a
+//! segment sent by a local socket through a veth, TSO/GSO): the field then holds only the
+//! pseudo-header sum, which the device or GSO completes. `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR` updates that
 //! sum for an address change and leaves it alone for a port change; for a full checksum it updates
 //! the field (and `skb->csum` under `CHECKSUM_COMPLETE`). An incremental update done by hand would
 //! corrupt partial checksums.
