@@ -401,18 +401,22 @@ impl Datapath {
             info!(interface, link = %other.display(),
                   "removed the pinned link of the other attach mode");
         }
+        let kind = match mode {
+            AttachMode::Xdp => "XDP",
+            AttachMode::Tc => "TC",
+        };
         if path.exists() {
             match self.replace_program_in(&path, mode) {
                 Ok(()) => {
                     info!(interface, link = %path.display(),
-                          "adopted the pinned link: program replaced atomically");
+                          "adopted the pinned {kind} link: program replaced atomically");
                     self.attached
                         .push((interface.to_string(), Attachment::Pinned));
                     return Ok(());
                 }
                 Err(err) => {
                     warn!(interface, link = %path.display(), error = %format!("{err:#}"),
-                          "pinned link unusable (interface re-created?), attaching anew");
+                          "pinned {kind} link unusable (interface re-created?), attaching anew");
                     std::fs::remove_file(&path)
                         .with_context(|| format!("removing {}", path.display()))?;
                 }
