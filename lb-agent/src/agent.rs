@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::Config,
-    datapath::{Datapath, LoadOptions, PinOptions},
+    datapath::{AttachMode, Datapath, LoadOptions, PinOptions},
     desired::{Conflict, Desired},
     ebpf_log,
     grpc::{self, Event, EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig},
@@ -56,6 +56,8 @@ pub enum KubeApi {
 pub struct AgentOptions {
     pub config_path: PathBuf,
     pub interfaces: Vec<String>,
+    /// The program every interface gets (`lb_xdp` or `lb_tc`).
+    pub attach_mode: AttachMode,
     pub metrics_addr: Option<SocketAddr>,
     /// How often to refresh metrics and log counters (0 = never log).
     pub stats_interval: Duration,
@@ -194,7 +196,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
     }
     for interface in &options.interfaces {
-        datapath.attach(interface)?;
+        datapath.attach_with(interface, options.attach_mode)?;
     }
     datapath.release_links_except(&options.interfaces)?;
     readiness.set_ready();

@@ -1,9 +1,13 @@
 //! Loads the embedded eBPF datapath, attaches it to interfaces, and reconciles its maps with the
 //! desired configuration: backends, weighted Maglev tables (swapped atomically) and services.
 //!
-//! With a pin directory (see [`crate::pins`]) maps, program and XDP links are pinned: the datapath
-//! outlives the `Datapath` (and the agent), and the next load adopts the pinned maps, rebuilds its
-//! bookkeeping from their contents and replaces the program in the pinned links atomically.
+//! Attached as XDP (`lb_xdp`, the default, best on physical NICs) or TC (`lb_tc` at tcx ingress,
+//! DNAT only, best on veths: see [`AttachMode`]).
+//!
+//! With a pin directory (see [`crate::pins`]) maps, program and XDP/TC links are pinned: the
+//! datapath outlives the `Datapath` (and the agent), and the next load adopts the pinned maps,
+//! rebuilds its bookkeeping from their contents and replaces the program in the pinned links
+//! atomically.
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, VecDeque},
@@ -16,8 +20,9 @@ use aya::{
     maps::{Array, ArrayOfMaps, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink, SchedClassifierLinkId},
         xdp::{XdpLink, XdpLinkId},
-        Xdp, XdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -48,6 +53,33 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const XDP_PROGRAM: &str = "lb_xdp";
 /// A program that only returns XDP_PASS, the baseline of per-packet benchmarks.
 pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
+/// Name of the balancing TC program (DNAT only) in the object.
+pub const TC_PROGRAM: &str = "lb_tc";
+
+/// Which program an interface gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttachMode {
+    /// `lb_xdp`, native where the driver supports it: runs before an skb exists, every forwarding
+    /// mode. The choice for physical NICs.
+    #[default]
+    Xdp,
+    /// `lb_tc` at TC (tcx) ingress: DNAT only (SNAT/DSR packets are dropped, counted
+    /// `drop_tc_mode_unsupported`). The choice for veths, where XDP forces NAPI, copies cloned
+    /// skbs and disables TSO on the peer.
+    Tc,
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "xdp" => Ok(Self::Xdp),
+            "tc" => Ok(Self::Tc),
+            _ => bail!("attach mode {s:?}: expected `xdp` or `tc`"),
+        }
+    }
+}
 
 /// `BPF_F_INNER_MAP`: inner maps of `MAGLEV_TABLES` may have any number of entries.
 const BPF_F_INNER_MAP: u32 = 1 << 12;
@@ -90,6 +122,7 @@ pub struct PinOptions {
 enum Attachment {
     /// Detached by [`Datapath::detach_all`] and on drop.
     Owned(XdpLinkId),
+    OwnedTc(SchedClassifierLinkId),
     /// A pinned `bpf_link`: stays attached until its pin is removed.
     Pinned,
 }
@@ -149,6 +182,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: Option<PinDir>,
     attached: Vec<(String, Attachment)>,
+    /// Some interface runs `lb_tc`: services in other modes than DNAT are warned about.
+    tc_attached: bool,
     services: BTreeMap<ServiceKey, ProgrammedService>,
     backend_ids: StdHashMap<(IpAddr, u16), u32>,
     backends: StdHashMap<u32, Backend>,
@@ -225,6 +260,7 @@ impl Datapath {
             ebpf,
             pins,
             attached: Vec::new(),
+            tc_attached: false,
             services: BTreeMap::new(),
             backend_ids: StdHashMap::new(),
             backends: StdHashMap::new(),
@@ -331,40 +367,104 @@ impl Datapath {
         Ok(program)
     }
 
-    /// Attaches to `interface` (in the calling thread's network namespace): native (driver) mode
-    /// where the driver supports it, generic (skb) mode otherwise. With pins, a pinned link of the
-    /// interface gets this program atomically (no moment without a program) and a new link is
-    /// pinned.
+    /// The TC program, loaded (and pinned) on first use.
+    pub fn tc_program(&mut self) -> Result<&mut SchedClassifier> {
+        let pin = self.pins.as_ref().map(|pins| pins.program(TC_PROGRAM));
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_PROGRAM)
+            .context("lb_tc missing from the object")?
+            .try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .context("loading the TC program (verifier)")?;
+            if let Some(path) = pin {
+                let _ = std::fs::remove_file(&path);
+                program
+                    .pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+            }
+        }
+        Ok(program)
+    }
+
+    /// Attaches `lb_xdp` to `interface` (see [`Datapath::attach_with`]).
     pub fn attach(&mut self, interface: &str) -> Result<()> {
+        self.attach_with(interface, AttachMode::Xdp)
+    }
+
+    /// Attaches to `interface` (in the calling thread's network namespace). XDP: native (driver)
+    /// mode where the driver supports it, generic (skb) mode otherwise; TC: tcx ingress. With pins,
+    /// a pinned link of the interface in the same mode gets this program atomically (no moment
+    /// without a program), a new link is pinned, and a pinned link of the other mode is removed
+    /// (one balancing program per interface).
+    pub fn attach_with(&mut self, interface: &str, mode: AttachMode) -> Result<()> {
+        if mode == AttachMode::Tc {
+            self.tc_program()?;
+            self.tc_attached = true;
+            self.warn_xdp_only_services();
+        }
         let Some(pins) = self.pins.clone() else {
-            let link = self.attach_link(interface)?;
-            self.attached
-                .push((interface.to_string(), Attachment::Owned(link)));
+            let attachment = match mode {
+                AttachMode::Xdp => Attachment::Owned(self.attach_link(interface)?),
+                AttachMode::Tc => Attachment::OwnedTc(self.attach_tc_link(interface)?),
+            };
+            self.attached.push((interface.to_string(), attachment));
             return Ok(());
         };
-        let path = pins.link(interface);
+        let (path, other) = match mode {
+            AttachMode::Xdp => (pins.link(interface), pins.tc_ingress_link(interface)),
+            AttachMode::Tc => (pins.tc_ingress_link(interface), pins.link(interface)),
+        };
+        if other.exists() {
+            std::fs::remove_file(&other)
+                .with_context(|| format!("removing {}", other.display()))?;
+            info!(interface, link = %other.display(),
+                  "removed the pinned link of the other attach mode");
+        }
+        let kind = match mode {
+            AttachMode::Xdp => "XDP",
+            AttachMode::Tc => "TC",
+        };
         if path.exists() {
-            match self.replace_program_in(&path) {
+            match self.replace_program_in(&path, mode) {
                 Ok(()) => {
                     info!(interface, link = %path.display(),
-                          "adopted the pinned XDP link: program replaced atomically");
+                          "adopted the pinned {kind} link: program replaced atomically");
                     self.attached
                         .push((interface.to_string(), Attachment::Pinned));
                     return Ok(());
                 }
                 Err(err) => {
                     warn!(interface, link = %path.display(), error = %format!("{err:#}"),
-                          "pinned XDP link unusable (interface re-created?), attaching anew");
+                          "pinned {kind} link unusable (interface re-created?), attaching anew");
                     std::fs::remove_file(&path)
                         .with_context(|| format!("removing {}", path.display()))?;
                 }
             }
         }
-        let id = self.attach_link(interface)?;
-        let link = self.xdp_program().take_link(id)?;
-        let link = FdLink::try_from(link).with_context(|| {
-            format!("XDP on {interface} is attached through netlink, which cannot be pinned")
-        })?;
+        let link = match mode {
+            AttachMode::Xdp => {
+                let id = self.attach_link(interface)?;
+                let link = self.xdp_program().take_link(id)?;
+                FdLink::try_from(link).with_context(|| {
+                    format!(
+                        "XDP on {interface} is attached through netlink, which cannot be pinned"
+                    )
+                })?
+            }
+            AttachMode::Tc => {
+                let id = self.attach_tc_link(interface)?;
+                let link = self.tc_program()?.take_link(id)?;
+                FdLink::try_from(link).with_context(|| {
+                    format!(
+                        "TC on {interface} is attached through netlink (kernel before 6.6, no \
+                         tcx), which cannot be pinned"
+                    )
+                })?
+            }
+        };
         // The pin owns the link from now on: closing our descriptor leaves it attached.
         link.pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
@@ -374,14 +474,39 @@ impl Datapath {
     }
 
     /// Puts this program into the pinned link at `path` (`BPF_LINK_UPDATE`).
-    fn replace_program_in(&mut self, path: &std::path::Path) -> Result<()> {
+    fn replace_program_in(&mut self, path: &std::path::Path, mode: AttachMode) -> Result<()> {
         let link: FdLink = PinnedLink::from_pin(path)?.into();
-        let link = XdpLink::try_from(link)?;
-        let program = self.xdp_program();
-        let id = program.attach_to_link(link)?;
-        // The pin keeps the link; dropping our descriptor does not detach it.
-        drop(program.take_link(id)?);
+        match mode {
+            AttachMode::Xdp => {
+                let link = XdpLink::try_from(link)?;
+                let program = self.xdp_program();
+                let id = program.attach_to_link(link)?;
+                // The pin keeps the link; dropping our descriptor does not detach it.
+                drop(program.take_link(id)?);
+            }
+            AttachMode::Tc => {
+                let link = SchedClassifierLink::try_from(link)?;
+                let program = self.tc_program()?;
+                let id = program.attach_to_link(link)?;
+                drop(program.take_link(id)?);
+            }
+        }
         Ok(())
+    }
+
+    /// Logs every programmed service `lb_tc` cannot forward (SNAT, DSR), once TC is attached.
+    fn warn_xdp_only_services(&self) {
+        if !self.tc_attached {
+            return;
+        }
+        for (key, service) in &self.services {
+            if service.info.mode != mode::DNAT {
+                warn!(vip = %key.vip(), port = key.port_host(), protocol = key.protocol,
+                      mode = service.info.mode,
+                      "service needs XDP (SNAT/DSR): its packets arriving on TC-attached \
+                       interfaces are dropped (drop_tc_mode_unsupported); attach XDP there");
+            }
+        }
     }
 
     /// Removes the pinned links of interfaces other than `keep` (detaching the datapath there).
@@ -391,10 +516,13 @@ impl Datapath {
         };
         for interface in pins.linked_interfaces()? {
             if !keep.contains(&interface) {
-                let path = pins.link(&interface);
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
-                info!(interface, "XDP detached: interface no longer configured");
+                for path in [pins.link(&interface), pins.tc_ingress_link(&interface)] {
+                    if path.exists() {
+                        std::fs::remove_file(&path)
+                            .with_context(|| format!("removing {}", path.display()))?;
+                    }
+                }
+                info!(interface, "detached: interface no longer configured");
             }
         }
         Ok(())
@@ -424,16 +552,31 @@ impl Datapath {
         Ok(link)
     }
 
+    fn attach_tc_link(&mut self, interface: &str) -> Result<SchedClassifierLinkId> {
+        // Needed before tcx (kernel 6.6), harmless after; EEXIST: the qdisc is there already.
+        let _ = tc::qdisc_add_clsact(interface);
+        let link = self
+            .tc_program()?
+            .attach(interface, TcAttachType::Ingress)
+            .with_context(|| format!("attaching TC to {interface}"))?;
+        info!(interface, mode = "tc", "TC attached");
+        Ok(link)
+    }
+
     /// Detaches from every interface attached without pins (also done on drop). Pinned links stay:
     /// remove them with [`PinDir::remove_all`].
     pub fn detach_all(&mut self) {
         for (interface, attachment) in std::mem::take(&mut self.attached) {
-            let Attachment::Owned(link) = attachment else {
-                continue;
+            let detached = match attachment {
+                Attachment::Owned(link) => self.xdp_program().detach(link).map_err(Into::into),
+                Attachment::OwnedTc(link) => self
+                    .tc_program()
+                    .and_then(|program| program.detach(link).map_err(Into::into)),
+                Attachment::Pinned => continue,
             };
-            match self.xdp_program().detach(link) {
-                Ok(()) => info!(interface, "XDP detached"),
-                Err(err) => warn!(interface, error = %err, "XDP detach failed"),
+            match detached {
+                Ok(()) => info!(interface, "detached"),
+                Err(err) => warn!(interface, error = %format!("{err:#}"), "detach failed"),
             }
         }
     }
@@ -561,6 +704,9 @@ impl Datapath {
             }
         }
         self.write_address_filter(wanted_filter)?;
+        if report.services_written > 0 {
+            self.warn_xdp_only_services();
+        }
         Ok(report)
     }
 

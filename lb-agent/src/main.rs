@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use lb_agent::{
     agent::{self, AgentOptions, KubeApi},
     config::Config,
-    datapath::PinOptions,
+    datapath::{AttachMode, PinOptions},
     grpc::TlsConfig,
     pins::PinDir,
 };
@@ -44,6 +44,11 @@ enum Command {
         /// backend replies.
         #[arg(long = "iface", short, required = true)]
         interfaces: Vec<String>,
+        /// Program for every --iface: `xdp` (lb_xdp, every forwarding mode; best on physical
+        /// NICs) or `tc` (lb_tc at tcx ingress, DNAT only; best on veths, where XDP forces NAPI,
+        /// copies cloned skbs and turns TSO off on the peer).
+        #[arg(long = "attach", default_value = "xdp", value_name = "xdp|tc")]
+        attach_mode: AttachMode,
         /// Serve /metrics, /healthz and /readyz on this address.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_addr: Option<SocketAddr>,
@@ -128,6 +133,7 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             interfaces,
+            attach_mode,
             metrics_addr,
             stats_interval,
             conntrack_entries,
@@ -159,6 +165,7 @@ fn main() -> ExitCode {
             let options = AgentOptions {
                 config_path: config,
                 interfaces,
+                attach_mode,
                 metrics_addr,
                 stats_interval: Duration::from_secs(stats_interval),
                 conntrack_entries,

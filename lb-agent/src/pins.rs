@@ -6,8 +6,9 @@
 //! - `LAYOUT`: a one-entry array holding the map layout version ([`MAP_LAYOUT_VERSION`]);
 //! - `maps/<NAME>`: every map of the datapath object (`SERVICES`, `BACKENDS`, `CONNTRACK`, ...);
 //! - `programs/<name>`: the XDP program last loaded (for inspection; the links hold it);
-//! - `links/xdp_<interface>`: the XDP `bpf_link` of each interface. The kernel keeps the program
-//!   attached as long as this pin exists, whatever happens to the agent (also `kill -9`);
+//! - `links/xdp_<interface>` or `links/tc_<interface>`: the XDP or TC (tcx ingress) `bpf_link` of
+//!   each interface. The kernel keeps the program attached as long as this pin exists, whatever
+//!   happens to the agent (also `kill -9`);
 //! - `policy/`: the policy datapath (a separate instance of the object, see
 //!   `crate::policy::datapath`), laid out the same way with its own `LAYOUT`, `maps/`, `programs/`
 //!   and `links/tc_<interface>_<ingress|egress>` (its tcx links).
@@ -168,7 +169,12 @@ impl PinDir {
         self.root.join("links").join(format!("xdp_{interface}"))
     }
 
-    /// The tcx link of a TC program on `interface` in `direction` (`ingress` or `egress`).
+    /// The balancer's TC (tcx ingress) link on `interface` (`--attach tc`).
+    pub fn tc_ingress_link(&self, interface: &str) -> PathBuf {
+        self.root.join("links").join(format!("tc_{interface}"))
+    }
+
+    /// The tcx link of a policy TC program on `interface` in `direction` (`ingress` or `egress`).
     pub fn tc_link(&self, interface: &str, direction: &str) -> PathBuf {
         self.root
             .join("links")
@@ -348,12 +354,19 @@ impl PinDir {
         entries(&self.root.join("maps"))
     }
 
-    /// Interfaces with a pinned XDP link.
+    /// Interfaces with a pinned XDP or TC link.
     pub fn linked_interfaces(&self) -> Result<Vec<String>> {
-        Ok(entries(&self.root.join("links"))?
+        let mut interfaces: Vec<String> = entries(&self.root.join("links"))?
             .into_iter()
-            .filter_map(|name| name.strip_prefix("xdp_").map(str::to_string))
-            .collect())
+            .filter_map(|name| {
+                name.strip_prefix("xdp_")
+                    .or_else(|| name.strip_prefix("tc_"))
+                    .map(str::to_string)
+            })
+            .collect();
+        interfaces.sort();
+        interfaces.dedup();
+        Ok(interfaces)
     }
 
     /// Interfaces and directions (`ingress`, `egress`) with a pinned tcx link.

@@ -69,14 +69,16 @@ counters! {
     SnatPortReclaimed = 16 => "snat_port_reclaimed",
     /// A SNAT or DSR-IPIP service without a source address in `SERVICE_MODES`: dropped.
     DropModeUnconfigured = 17 => "drop_mode_unconfigured",
-    /// Sent out of another interface (`bpf_redirect`) after a `bpf_fib_lookup` (SNAT, DSR).
+    /// Sent out of another interface (`bpf_redirect`) after a `bpf_fib_lookup` (SNAT, DSR; every
+    /// packet `lb_tc` forwards when the FIB knows the next hop).
     XmitRedirect = 18 => "xmit_redirect",
     /// Sent back out of the interface it came in on (`XDP_TX`) after a `bpf_fib_lookup`.
     XmitTx = 19 => "xmit_tx",
-    /// SNAT or IPIP packet whose next hop has no neighbour entry yet: the finished packet goes to
-    /// the kernel, which resolves the neighbour and sends it (later packets take the fast path).
+    /// SNAT, IPIP or `lb_tc` packet whose next hop has no neighbour entry yet: the finished packet
+    /// goes to the kernel, which resolves the neighbour and sends it (later packets take the fast
+    /// path).
     PassFibNoNeigh = 20 => "pass_fib_no_neigh",
-    /// SNAT or IPIP packet the fast path cannot send (no route, forwarding disabled, needs
+    /// SNAT, IPIP or `lb_tc` packet the fast path cannot send (no route, forwarding disabled, needs
     /// fragmenting, TTL expiring): the finished packet goes to the kernel, which routes it or
     /// answers with ICMP.
     PassFibFailed = 21 => "pass_fib_failed",
@@ -117,6 +119,9 @@ counters! {
     FragmentTracked = 34 => "fragment_tracked",
     /// A later fragment of a tracked datagram, given the addresses of its first fragment.
     ForwardFragment = 35 => "forward_fragment",
+    /// `lb_tc` (the TC datapath, DNAT only) got a packet of an SNAT or DSR service, or the reply of
+    /// an SNAT flow: dropped. Attach XDP to the interfaces such services use.
+    DropTcModeUnsupported = 36 => "drop_tc_mode_unsupported",
 }
 
 impl Counter {

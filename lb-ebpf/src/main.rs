@@ -12,6 +12,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod conntrack;
+mod context;
 mod decap;
 mod dsr;
 mod fragments;
@@ -26,6 +27,7 @@ mod prefilter;
 mod reply;
 mod service;
 mod snat;
+mod tc;
 mod xmit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

@@ -20,7 +20,6 @@
 //! the same compares as before; the walks and the ICMP and fragment handling are separate BPF
 //! functions, so their stack does not add to `lb_xdp`'s.
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{
     conntrack::FlowKey,
     counters::Counter,
@@ -36,7 +35,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::fragments::Fragment;
+use crate::{context::PacketContext, fragments::Fragment};
 
 /// A TCP or UDP packet: its 5-tuple and where to rewrite it.
 pub struct Flow {
@@ -81,7 +80,7 @@ pub const MAX_IPV6_EXTENSION_HEADERS: usize = 4;
 
 /// Returns the address of a `T` at `offset`, or `None` if it does not fit in the packet.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<usize> {
+pub fn ptr_at<T>(ctx: &impl PacketContext, offset: usize) -> Option<usize> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -102,14 +101,8 @@ pub struct Extent {
 
 impl Extent {
     #[inline(always)]
-    pub fn of(ctx: &XdpContext) -> Self {
-        // SAFETY: `ctx.ctx` is the program's context, valid while it runs.
-        unsafe {
-            Self {
-                start: core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
-                end: core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
-            }
-        }
+    pub fn of<C: PacketContext>(ctx: &C) -> Self {
+        ctx.extent()
     }
 
     /// [`ptr_at`] within this extent.
@@ -126,7 +119,7 @@ impl Extent {
 const IPV4_NO_OPTIONS: u8 = 0x45;
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Parsed {
+pub fn parse<C: PacketContext>(ctx: &C) -> Parsed {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Parsed::Pass(Counter::PassNotIp);
     };
@@ -259,7 +252,7 @@ mod ipv4_option {
 /// Length of an IPv4 header that is not plain 20 bytes, after checking its options; `Err` is what
 /// to do with the packet instead.
 #[inline(always)]
-fn ipv4_header_len(ctx: &XdpContext, vihl: u8) -> Result<usize, Parsed> {
+fn ipv4_header_len<C: PacketContext>(ctx: &C, vihl: u8) -> Result<usize, Parsed> {
     let len = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || len < Ipv4Hdr::LEN {
         return Err(Parsed::Drop(Counter::DropMalformed));
@@ -372,7 +365,7 @@ impl Ipv6Walk {
 /// Walks IPv6 extension headers from `next` (the fixed header's next header) to the upper-layer
 /// header. Only reached when that is not TCP or UDP directly.
 #[inline(never)]
-pub fn ipv6_extension_headers(ctx: &XdpContext, mut next: u8) -> Ipv6Walk {
+pub fn ipv6_extension_headers<C: PacketContext>(ctx: &C, mut next: u8) -> Ipv6Walk {
     let packet = Extent::of(ctx);
     let mut offset = EthHdr::LEN + Ipv6Hdr::LEN;
     let mut first_fragment = None;

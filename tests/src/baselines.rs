@@ -358,7 +358,22 @@ pub fn leftover_state(ns: &Netns, vip: Ipv4Addr) -> Result<Vec<String>> {
             l.split(':').nth(1).unwrap_or("?").trim()
         ));
     }
+    if procs::have("bpftool") {
+        for iface in tc_ingress(ns)? {
+            found.push(format!("TC attached: {iface}"));
+        }
+    }
     Ok(found)
+}
+
+/// Interfaces of `ns` with a TC ingress program (tcx or clsact), as `bpftool net show` lists them.
+pub fn tc_ingress(ns: &Netns) -> Result<Vec<String>> {
+    let out = procs::run_ok(ns_cmd(ns, "bpftool", &["net", "show"]), SHORT)?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains("tcx/ingress") || l.contains("clsact/ingress"))
+        .filter_map(|l| Some(l.split('(').next()?.trim().to_string()))
+        .collect())
 }
 
 /// Interfaces of `ns` with an XDP program, and the mode (`xdp` = driver, `xdpgeneric`).

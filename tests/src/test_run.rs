@@ -30,14 +30,18 @@ pub fn run(program: &mut Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
 
 /// Runs the TC `program` once on `frame` (starting at its Ethernet header); returns the verdict.
 pub fn run_tc(program: &mut SchedClassifier, frame: &[u8]) -> u32 {
+    run_tc_frame(program, frame).0
+}
+
+/// Runs the TC `program` once on `frame`; returns the verdict and the output frame.
+pub fn run_tc_frame(program: &mut SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
     opts.data_out = Some(&mut out);
-    program
-        .test_run(opts)
-        .expect("BPF_PROG_TEST_RUN")
-        .return_value
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
 }
 
 /// Mean kernel-measured ns per run of `program` over `repeat` runs on `frame` (the kernel reruns

@@ -1,7 +1,7 @@
 //! End-to-end benchmark: the same traffic through the same veth topology (client — balancer node —
 //! N backends), balanced in turn by nothing (baseline: the client talks straight to one backend,
 //! routed by the balancer's kernel), kube-proxy's iptables mode, its nftables mode, HAProxy in TCP
-//! mode, and lb (the real `lb-agent`, DNAT mode). Workloads: TCP connections/s (wrk with
+//! mode, and lb (the real `lb-agent`, DNAT mode) attached as XDP (`lb`) and as TC (`lb-tc`). Workloads: TCP connections/s (wrk with
 //! `Connection: close` against nginx), bulk TCP throughput both ways (iperf3) and small-packet UDP
 //! (a `sendmmsg` sender; datagrams counted by `recvmmsg` receivers on the backends).
 //!
@@ -75,7 +75,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "iptables,nftables,haproxy,lb"
+        default_value = "iptables,nftables,haproxy,lb,lb-tc"
     )]
     contenders: Vec<String>,
     /// Workloads to run, comma-separated: cps, bulk-up, bulk-down, udp.
@@ -138,17 +138,20 @@ enum Contender {
     Nftables,
     Haproxy,
     Lb,
+    /// lb-agent with `--attach tc`: `lb_tc` at tcx ingress of every balancer interface.
+    LbTc,
     /// Diagnostic, not run by default: lb-agent attached with no service, and the baseline's
     /// traffic (straight to backend 1). Measures what XDP on veth costs by itself.
     LbIdle,
 }
 
-const ALL_CONTENDERS: [Contender; 6] = [
+const ALL_CONTENDERS: [Contender; 7] = [
     Contender::Baseline,
     Contender::Iptables,
     Contender::Nftables,
     Contender::Haproxy,
     Contender::Lb,
+    Contender::LbTc,
     Contender::LbIdle,
 ];
 
@@ -160,6 +163,7 @@ impl Contender {
             Contender::Nftables => "nftables",
             Contender::Haproxy => "haproxy",
             Contender::Lb => "lb",
+            Contender::LbTc => "lb-tc",
             Contender::LbIdle => "lb-idle",
         }
     }
@@ -624,19 +628,25 @@ fn activate(c: Contender, topo: &Topology, backends: &Backends, dir: &TempDir) -
                 dir.path(),
             )?))
         }
-        Contender::Lb | Contender::LbIdle => {
+        Contender::Lb | Contender::LbTc | Contender::LbIdle => {
             agent_binary()?;
             let file = dir.path().join("lb.yaml");
-            let config = if c == Contender::Lb {
+            let config = if c != Contender::LbIdle {
                 baselines::lb_config(VIP, &services, &backends.addrs)
             } else {
                 "services: []\n".to_string()
             };
             std::fs::write(&file, config)?;
-            Ok(Active::Lb(AgentProcess::start(
+            let attach: &[&str] = if c == Contender::LbTc {
+                &["--attach", "tc"]
+            } else {
+                &[]
+            };
+            Ok(Active::Lb(AgentProcess::start_with(
                 lb_ns,
                 &file,
                 &topo.balancer_interfaces(),
+                attach,
             )?))
         }
     }
@@ -693,7 +703,7 @@ fn run_contender(
     };
 
     let mut results = Vec::new();
-    match verify(c, topo, backends) {
+    match verify(c, topo, backends, &active) {
         Ok(v) => {
             check["probe"] = v;
             for &w in &applicable {
@@ -744,7 +754,7 @@ fn run_contender(
                 check["lb_exit_code"] = json!(code);
                 check["lb_counters"] = json!(counters);
                 let get = |k: &str| counters.get(k).copied().unwrap_or(0);
-                let (seen, what) = if c == Contender::Lb {
+                let (seen, what) = if c != Contender::LbIdle {
                     (
                         get("forward_new_flow") + get("forward_conntrack_hit"),
                         "forwarded",
@@ -824,7 +834,7 @@ fn parse_counters(lines: &[String]) -> BTreeMap<String, u64> {
 /// Probes: the baseline must find the VIP dead and the backend direct; every balancer must answer
 /// on the VIP from several backends, with the client's own address (DNAT) or the balancer's
 /// (HAProxy, a proxy) as the peer the backend saw.
-fn verify(c: Contender, topo: &Topology, backends: &Backends) -> Result<Value> {
+fn verify(c: Contender, topo: &Topology, backends: &Backends, active: &Active) -> Result<Value> {
     let vip_web = SocketAddr::from((VIP, WEB_PORT));
     let timeout = Duration::from_secs(2);
     let mut out = json!({});
@@ -908,6 +918,27 @@ fn verify(c: Contender, topo: &Topology, backends: &Backends) -> Result<Value> {
                 left.join("; ")
             );
             out["xdp_modes"] = json!(modes.into_iter().collect::<BTreeMap<String, String>>());
+        }
+        Contender::LbTc => {
+            // tcx links are not listed per namespace by every bpftool: the agent's pinned links
+            // are the evidence (the kernel keeps a pinned link attached).
+            let Active::Lb(agent) = active else {
+                bail!("lb-tc without an agent");
+            };
+            let links = agent.pins().path().join("links");
+            for iface in topo.balancer_interfaces() {
+                ensure!(
+                    links.join(format!("tc_{iface}")).exists(),
+                    "no pinned TC link for {iface}"
+                );
+            }
+            let left = baselines::leftover_state(&topo.balancer, VIP)?;
+            ensure!(
+                left.iter().all(|l| l.starts_with("TC attached")),
+                "other state alongside lb-tc: {}",
+                left.join("; ")
+            );
+            out["tc_links"] = json!(topo.balancer_interfaces());
         }
         _ => {}
     }
@@ -1206,13 +1237,21 @@ fn report(
         if w == Workload::Udp {
             println!("{udp_loss_line}");
         }
-        if let Some(&lb) = medians.get(&Contender::Lb) {
+        for ours in [Contender::Lb, Contender::LbTc] {
+            let Some(&lb) = medians.get(&ours) else {
+                continue;
+            };
             let best_other = medians
                 .iter()
-                .filter(|(c, _)| !matches!(c, Contender::Lb | Contender::Baseline))
+                .filter(|(c, _)| {
+                    !matches!(
+                        c,
+                        Contender::Lb | Contender::LbTc | Contender::LbIdle | Contender::Baseline
+                    )
+                })
                 .map(|(c, v)| (*c, *v))
                 .max_by(|a, b| a.1.total_cmp(&b.1));
-            let mut v = format!("{}: lb", w.id());
+            let mut v = format!("{}: {}", w.id(), ours.name());
             if let Some(b) = base {
                 v += &format!(" {:.2}x baseline", lb / b);
             }
@@ -1291,6 +1330,7 @@ fn report(
             "nftables": "kube-proxy nftables mode: service-ips vmap -> numgen random mod N vmap -> endpoint dnat; ClientIP affinity (dynamic set) on the iperf3 service",
             "haproxy": "HAProxy in TCP mode on the VIP (balance roundrobin; source for iperf3); UDP not applicable",
             "lb": "lb-agent, XDP on every balancer interface, DNAT mode (five-tuple Maglev; source-ip for iperf3)",
+            "lb-tc": "lb-agent --attach tc: lb_tc at tcx ingress of every balancer interface, DNAT mode, the stack forwards (TC_ACT_OK)",
             "rounds": "contender order reverses every round; each cell is the median over rounds",
         },
         "contenders": contenders.iter().map(|c| c.name()).collect::<Vec<_>>(),

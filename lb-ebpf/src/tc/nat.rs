@@ -1,0 +1,88 @@
+//! The DNAT rewrites of `nat` on an skb: the same fields, with the kernel's checksum helpers
+//! instead of `lb_common::checksum`. An skb's TCP/UDP checksum may be `CHECKSUM_PARTIAL` (a
+//! segment sent by a local socket through a veth, TSO/GSO): the field then holds only the
+//! pseudo-header sum, which the device or GSO completes. `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR` updates that
+//! sum for an address change and leaves it alone for a port change; for a full checksum it updates
+//! the field (and `skb->csum` under `CHECKSUM_COMPLETE`). An incremental update done by hand would
+//! corrupt partial checksums.
+//!
+//! Offsets, not packet pointers: every helper here may move the skb's data, which invalidates
+//! pointers taken before it.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use lb_common::{
+    protocol,
+    service::{family, Addr},
+};
+
+use crate::packet::Flow;
+
+const IPV4_CHECK: usize = 10;
+const IPV4_SRC: usize = 12;
+const IPV4_DST: usize = 16;
+const IPV6_SRC: usize = 8;
+const IPV6_DST: usize = 24;
+const TCP_CHECK: usize = 16;
+const UDP_CHECK: usize = 6;
+
+/// Where `flow`'s headers start, as offsets from the frame's start.
+#[derive(Clone, Copy)]
+pub struct Offsets {
+    l3: usize,
+    l4: usize,
+}
+
+impl Offsets {
+    /// Taken before any helper call (the pointers in `flow` are valid until then).
+    #[inline(always)]
+    pub fn of(ctx: &TcContext, flow: &Flow) -> Self {
+        let start = ctx.data();
+        Self {
+            l3: flow.l3 - start,
+            l4: flow.l4 - start,
+        }
+    }
+}
+
+/// Rewrites one address (source or destination) and its port. `Err` if a helper refused (the
+/// packet is then partly rewritten: the caller drops it).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn rewrite(
+    ctx: &TcContext,
+    flow: &Flow,
+    at: Offsets,
+    old: &Addr,
+    new: &Addr,
+    old_port: u16,
+    new_port: u16,
+    source: bool,
+) -> Result<(), i64> {
+    let udp = flow.key.protocol == protocol::UDP;
+    let l4_check = at.l4 + if udp { UDP_CHECK } else { TCP_CHECK };
+    // UDP over IPv4 may carry no checksum (0): MARK_MANGLED_0 leaves it at 0 and never writes a
+    // computed 0 (it becomes 0xffff).
+    let l4_flags = (if udp { BPF_F_MARK_MANGLED_0 } else { 0 }) as u64;
+    if flow.key.family == family::IPV4 {
+        let field = at.l3 + if source { IPV4_SRC } else { IPV4_DST };
+        let (old, new) = (old.0[0] as u64, new.0[0] as u64);
+        ctx.l4_csum_replace(l4_check, old, new, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4)?;
+        ctx.l3_csum_replace(at.l3 + IPV4_CHECK, old, new, 4)?;
+        ctx.store(field, &(new as u32), 0)?;
+    } else {
+        let field = at.l3 + if source { IPV6_SRC } else { IPV6_DST };
+        for i in 0..4 {
+            let (old, new) = (old.0[i] as u64, new.0[i] as u64);
+            ctx.l4_csum_replace(l4_check, old, new, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4)?;
+        }
+        ctx.store(field, new, 0)?;
+    }
+    if old_port != new_port {
+        ctx.l4_csum_replace(l4_check, old_port as u64, new_port as u64, l4_flags | 2)?;
+        ctx.store(at.l4 + if source { 0 } else { 2 }, &new_port, 0)?;
+    }
+    Ok(())
+}
