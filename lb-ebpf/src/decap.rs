@@ -29,9 +29,9 @@ use lb_common::{
 use crate::{
     maps::{count, DECAP_ENDPOINTS},
     mem,
+    packet::header::ETH_LEN,
 };
 
-const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPV4_MORE_FRAGMENTS_OR_OFFSET: u16 = 0x3fff;
