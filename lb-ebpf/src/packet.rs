@@ -36,7 +36,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::fragments::Fragment;
+use crate::{fragments::Fragment, prefilter};
 
 /// A TCP or UDP packet: its 5-tuple and where to rewrite it.
 pub struct Flow {
@@ -49,6 +49,8 @@ pub struct Flow {
     pub l4: usize,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// What the prefilter says the addresses may be (`prefilter::of_packet`, never 0).
+    pub roles: u8,
     /// Frame length, for byte counters.
     pub len: u64,
 }
@@ -92,6 +94,7 @@ pub mod header {
     pub const IPV4_ID: usize = 4;
     pub const IPV4_FLAGS: usize = 6;
     pub const IPV4_TTL: usize = 8;
+    pub const IPV4_PROTOCOL: usize = 9;
     pub const IPV4_CHECK: usize = 10;
     pub const IPV4_SRC: usize = 12;
     pub const IPV4_DST: usize = 16;
@@ -281,6 +284,17 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         return Parsed::Pass(Counter::PassNotIp);
     };
 
+    // Most traffic is neither to a VIP nor from a backend: the prefilter tells from the addresses,
+    // before the L4 header is read (one cut short then passes, as the stack would).
+    let roles = if proto == protocol::TCP || proto == protocol::UDP {
+        match prefilter::of_packet(&key.dst, &key.src, key.family) {
+            0 => return Parsed::Pass(Counter::PassNotService),
+            roles => roles,
+        }
+    } else {
+        0
+    };
+
     // The L4 address is the one bounds-checked here: the verifier tracks the check on that pointer,
     // and the offset is not a constant when options or extension headers precede the L4 header.
     let (l4, tcp_flags) = match proto {
@@ -325,6 +339,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         l3: ctx.data() + EthHdr::LEN,
         l4,
         tcp_flags,
+        roles,
         len: (ctx.data_end() - ctx.data()) as u64,
     })
 }
