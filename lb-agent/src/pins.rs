@@ -31,7 +31,7 @@ use aya::maps::{Array, Map, MapData, MapInfo};
 /// stored bytes: a field of an `lb-common` map type reordered or reinterpreted, a byte order
 /// changed, a flag or mode number redefined, a table indexed differently, an inner map definition
 /// changed. Pinned state of another version is refused.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 1;
 /// `f_type` of a BPF filesystem (`BPF_FS_MAGIC` in linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

@@ -30,32 +30,23 @@ pub mod role {
     pub const BACKEND: u8 = 1 << 2;
 }
 
-/// Multiplier of the slot hash: 2^64 / golden ratio, odd.
-const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
-
-/// The slot of `addr` (both families: an IPv4 address has words 1..4 zero). The address is folded
-/// to 64 bits (words 0 and 3, where addresses usually differ, share the low half; an IPv4 address
-/// folds to its word), its high bits are xor-shifted down, and it is hashed multiplicatively: the
-/// top bits of the product depend on every bit of the fold, so addresses differing in any bit spread
-/// over all slots. In BPF that is four instructions on 64-bit registers, without the masking that
-/// 32-bit arithmetic needs there (a 32-bit multiply-xorshift took 17).
+/// The slot of `addr` (both families: an IPv4 address has words 1..4 zero). Multiply-xorshift mixing
+/// so that addresses differing in any bit spread over all slots.
 #[inline(always)]
 pub fn slot(addr: &Addr) -> u32 {
-    let [a0, a1, a2, a3] = addr.0.map(u64::from);
-    slot_of_fold((a0 | a1 << 32) ^ (a3 | a2 << 32))
+    let a = addr.0;
+    slot_of_word(a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24))
 }
 
-/// [`slot`] of an IPv4 address word (the datapath's shortcut).
+/// [`slot`] of an address folded to one word; for IPv4 that is the address word itself (the
+/// datapath's shortcut).
 #[inline(always)]
-pub fn slot_of_word(word: u32) -> u32 {
-    slot_of_fold(word as u64)
-}
-
-#[inline(always)]
-fn slot_of_fold(fold: u64) -> u32 {
-    // Without the xor-shift, neighbouring IPv4 addresses (which differ in the word's top byte)
-    // fill only half the slots they should.
-    ((fold ^ fold >> 29).wrapping_mul(MULTIPLIER) >> (64 - SLOT_BITS)) as u32
+pub fn slot_of_word(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h >> (32 - SLOT_BITS)
 }
 
 /// Index in `ADDRESS_FILTER` of the word holding `slot`, and the shift of its role bits.
