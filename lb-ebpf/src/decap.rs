@@ -29,9 +29,9 @@ use lb_common::{
 use crate::{
     maps::{count, DECAP_ENDPOINTS},
     mem,
+    packet::header::{ETH_LEN, IPV4_PROTOCOL, IPV6_NEXT_HEADER},
 };
 
-const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPV4_MORE_FRAGMENTS_OR_OFFSET: u16 = 0x3fff;
@@ -57,7 +57,7 @@ fn decap(ctx: &XdpContext) -> (u32, Counter) {
         if l3 + IPV4_OUTER_LEN > ctx.data_end() {
             return pass;
         }
-        let protocol = unsafe { *((l3 + 9) as *const u8) };
+        let protocol = unsafe { *((l3 + IPV4_PROTOCOL) as *const u8) };
         if protocol != IPPROTO_IPIP && protocol != IPPROTO_IPV6 {
             return pass;
         }
@@ -74,7 +74,7 @@ fn decap(ctx: &XdpContext) -> (u32, Counter) {
         if l3 + IPV6_OUTER_LEN > ctx.data_end() {
             return pass;
         }
-        let next = unsafe { *((l3 + 6) as *const u8) };
+        let next = unsafe { *((l3 + IPV6_NEXT_HEADER) as *const u8) };
         if next != IPPROTO_IPIP && next != IPPROTO_IPV6 {
             return pass;
         }

@@ -38,11 +38,9 @@ use lb_common::{
 
 use crate::{
     maps::{count, SERVICE_MODES},
-    packet::Flow,
+    packet::{header::ETH_LEN, Flow},
     xmit::{self, fib_xmit, opts, Xmit},
 };
-
-const ETH_LEN: usize = 14;
 
 /// DSR on a shared segment: MAC rewrite towards `backend`, packet otherwise unchanged.
 // A function of its own (a BPF subprogram): its stack does not add to the other paths'.

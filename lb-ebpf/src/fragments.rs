@@ -21,13 +21,19 @@ use lb_common::{
     conntrack::FlowKey,
     counters::Counter,
     fragments::{field, limits, FragmentEntry, FragmentKey},
-    service::{family, Addr},
+    service::family,
 };
-use network_types::eth::EthHdr;
 
 use crate::{
     maps::{count, FRAGMENTS},
-    packet::{ipv6_extension_headers, Extent, Flow, Ipv6Walk},
+    packet::{
+        header::{
+            ETH_LEN, IPV4_CHECK, IPV4_DST, IPV4_FLAGS, IPV4_ID, IPV4_LEN, IPV4_SRC, IPV6_DST,
+            IPV6_LEN, IPV6_NEXT_HEADER, IPV6_SRC,
+        },
+        ipv6_extension_headers, load16, load_addr, store16, store32, store_addr6, Extent, Flow,
+        Ipv6Walk,
+    },
 };
 
 /// A fragment after the first of its datagram (its addresses are read from the packet).
@@ -38,17 +44,6 @@ pub struct Fragment {
     /// Identification as on the wire, read natively.
     pub id: u32,
 }
-
-const IPV4_ID: usize = 4;
-const IPV4_FLAGS: usize = 6;
-const IPV6_NEXT_HEADER: usize = 6;
-const IPV4_CHECK: usize = 10;
-const IPV4_SRC: usize = 12;
-const IPV4_DST: usize = 16;
-const IPV6_SRC: usize = 8;
-const IPV6_DST: usize = 24;
-const IPV4_HEADER: usize = 20;
-const IPV6_HEADER: usize = 40;
 
 /// After `flow` was rewritten (DNAT towards a backend, reverse DNAT towards a client, or any other
 /// address-and-port rewrite; never after an encapsulation, which moves the header): if it is a first
@@ -64,7 +59,7 @@ pub fn track_first(ctx: &XdpContext, flow: &Flow) {
     // SAFETY: bounds checked just above.
     let maybe_fragment = unsafe {
         if flow.key.family == family::IPV4 {
-            read16(flow.l3 + IPV4_FLAGS) & u16::to_be(field::IPV4_MORE_FRAGMENTS) != 0
+            load16(flow.l3 + IPV4_FLAGS) & u16::to_be(field::IPV4_MORE_FRAGMENTS) != 0
         } else {
             *((flow.l3 + IPV6_NEXT_HEADER) as *const u8) != flow.key.protocol
         }
@@ -79,14 +74,14 @@ pub fn track_first(ctx: &XdpContext, flow: &Flow) {
 #[inline(never)]
 fn record(ctx: &XdpContext, arrived: &FlowKey) {
     let packet = Extent::of(ctx);
-    let l3 = packet.start + EthHdr::LEN;
+    let l3 = packet.start + ETH_LEN;
     let v4 = arrived.family == family::IPV4;
-    if l3 + if v4 { IPV4_HEADER } else { IPV6_HEADER } > packet.end {
+    if l3 + if v4 { IPV4_LEN } else { IPV6_LEN } > packet.end {
         return;
     }
     let id = if v4 {
         // SAFETY: bounds checked just above.
-        unsafe { read16(l3 + IPV4_ID) as u32 }
+        unsafe { load16(l3 + IPV4_ID) as u32 }
     } else {
         let walk = ipv6_extension_headers(ctx, unsafe { *((l3 + IPV6_NEXT_HEADER) as *const u8) });
         match walk.first_fragment() {
@@ -97,8 +92,8 @@ fn record(ctx: &XdpContext, arrived: &FlowKey) {
     // SAFETY: bounds checked just above.
     let entry = unsafe {
         FragmentEntry {
-            src: read_addr(l3 + if v4 { IPV4_SRC } else { IPV6_SRC }, v4),
-            dst: read_addr(l3 + if v4 { IPV4_DST } else { IPV6_DST }, v4),
+            src: load_addr(l3 + if v4 { IPV4_SRC } else { IPV6_SRC }, v4),
+            dst: load_addr(l3 + if v4 { IPV4_DST } else { IPV6_DST }, v4),
             first_seen_ns: bpf_ktime_get_coarse_ns(),
         }
     };
@@ -119,17 +114,17 @@ fn record(ctx: &XdpContext, arrived: &FlowKey) {
 #[inline(never)]
 pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
     let packet = Extent::of(ctx);
-    let l3 = packet.start + EthHdr::LEN;
+    let l3 = packet.start + ETH_LEN;
     let v4 = fragment.family == family::IPV4;
-    if l3 + if v4 { IPV4_HEADER } else { IPV6_HEADER } > packet.end {
+    if l3 + if v4 { IPV4_LEN } else { IPV6_LEN } > packet.end {
         count(Counter::DropMalformed);
         return xdp_action::XDP_DROP;
     }
     // SAFETY: bounds checked just above.
     let (src, dst) = unsafe {
         (
-            read_addr(l3 + if v4 { IPV4_SRC } else { IPV6_SRC }, v4),
-            read_addr(l3 + if v4 { IPV4_DST } else { IPV6_DST }, v4),
+            load_addr(l3 + if v4 { IPV4_SRC } else { IPV6_SRC }, v4),
+            load_addr(l3 + if v4 { IPV4_DST } else { IPV6_DST }, v4),
         )
     };
     let key = FragmentKey::new(fragment.family, src, dst, fragment.id, fragment.protocol);
@@ -146,58 +141,26 @@ pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
     // SAFETY: inside the header checked above.
     unsafe {
         if v4 {
-            let mut check = read16(l3 + IPV4_CHECK);
+            let mut check = load16(l3 + IPV4_CHECK);
             for (field, old, new) in [
                 (IPV4_SRC, src.0[0], entry.src.0[0]),
                 (IPV4_DST, dst.0[0], entry.dst.0[0]),
             ] {
                 if old != new {
-                    write32(l3 + field, new);
+                    store32(l3 + field, new);
                     check = checksum::replace_u32(check, old, new);
                 }
             }
-            write16(l3 + IPV4_CHECK, check);
+            store16(l3 + IPV4_CHECK, check);
         } else {
             if src != entry.src {
-                write_addr6(l3 + IPV6_SRC, &entry.src);
+                store_addr6(l3 + IPV6_SRC, &entry.src);
             }
             if dst != entry.dst {
-                write_addr6(l3 + IPV6_DST, &entry.dst);
+                store_addr6(l3 + IPV6_DST, &entry.dst);
             }
         }
     }
     count(Counter::ForwardFragment);
     xdp_action::XDP_PASS
-}
-
-#[inline(always)]
-unsafe fn read_addr(at: usize, v4: bool) -> Addr {
-    let w = |i: usize| unsafe { core::ptr::read_unaligned((at + 4 * i) as *const u32) };
-    if v4 {
-        Addr::from_v4_word(w(0))
-    } else {
-        Addr([w(0), w(1), w(2), w(3)])
-    }
-}
-
-#[inline(always)]
-unsafe fn write_addr6(at: usize, addr: &Addr) {
-    for i in 0..4 {
-        unsafe { write32(at + 4 * i, addr.0[i]) };
-    }
-}
-
-#[inline(always)]
-unsafe fn read16(at: usize) -> u16 {
-    unsafe { core::ptr::read_unaligned(at as *const u16) }
-}
-
-#[inline(always)]
-unsafe fn write16(at: usize, value: u16) {
-    unsafe { core::ptr::write_unaligned(at as *mut u16, value) }
-}
-
-#[inline(always)]
-unsafe fn write32(at: usize, value: u32) {
-    unsafe { core::ptr::write_unaligned(at as *mut u32, value) }
 }

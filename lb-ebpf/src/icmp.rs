@@ -41,14 +41,17 @@ use lb_common::{
     protocol,
     service::{family, mode, Addr, ServiceKey},
 };
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     maps::{count, BACKENDS, CONNTRACK, NAT_REPLY},
-    packet::Extent,
+    packet::{
+        header::{
+            ETH_LEN, IPV4_CHECK, IPV4_DST, IPV4_LEN, IPV4_SRC, IPV6_DST, IPV6_LEN, IPV6_SRC,
+            TCP_CHECK, UDP_CHECK,
+        },
+        load16, load_addr, store16, store32, Extent,
+    },
     service,
 };
 
@@ -70,16 +73,6 @@ pub struct IcmpError {
     /// when it is a request the node sent to a backend. Ports in network byte order.
     pub flow: FlowKey,
 }
-
-const IPV4_CHECK: usize = 10;
-const IPV4_SRC: usize = 12;
-const IPV4_DST: usize = 16;
-const IPV6_SRC: usize = 8;
-const IPV6_DST: usize = 24;
-const IPV4_HEADER: usize = 20;
-const IPV6_HEADER: usize = 40;
-const TCP_CHECK: usize = 16;
-const UDP_CHECK: usize = 6;
 
 /// An ICMP (`ip_family` IPv4) or ICMPv6 message at `icmp_offset` of the frame: translated if it is an
 /// error about a DNAT flow, else passed; returns the verdict (counted).
@@ -119,42 +112,40 @@ fn parse(ctx: &XdpContext, ip_family: u8, icmp_offset: usize) -> Result<IcmpErro
         ..FlowKey::default()
     };
     let (inner_l4_offset, proto) = if ip_family == family::IPV4 {
-        let Some(ip) = packet.ptr_at::<Ipv4Hdr>(EthHdr::LEN) else {
+        let Some(outer) = packet.ptr_at::<Ipv4Hdr>(ETH_LEN) else {
             return Err(Counter::DropMalformed);
         };
-        let ip = unsafe { &*(ip as *const Ipv4Hdr) };
-        outer_src = Addr::from_v4_word(u32::from_ne_bytes(ip.src_addr));
-        outer_dst = Addr::from_v4_word(u32::from_ne_bytes(ip.dst_addr));
-        let Some(ip) = packet.ptr_at::<Ipv4Hdr>(inner_l3_offset) else {
+        outer_src = unsafe { load_addr(outer + IPV4_SRC, true) };
+        outer_dst = unsafe { load_addr(outer + IPV4_DST, true) };
+        let Some(inner) = packet.ptr_at::<Ipv4Hdr>(inner_l3_offset) else {
             return untracked;
         };
-        let ip = unsafe { &*(ip as *const Ipv4Hdr) };
+        let ip = unsafe { &*(inner as *const Ipv4Hdr) };
         let header_len = ((ip.vihl & 0x0f) as usize) * 4;
         // A quoted later fragment has no ports.
         if ip.vihl >> 4 != 4
-            || header_len < IPV4_HEADER
+            || header_len < IPV4_LEN
             || ipv4_position(u16::from_be_bytes(ip.frags)) == Position::Later
         {
             return untracked;
         }
-        flow.dst = Addr::from_v4_word(u32::from_ne_bytes(ip.src_addr));
-        flow.src = Addr::from_v4_word(u32::from_ne_bytes(ip.dst_addr));
+        flow.dst = unsafe { load_addr(inner + IPV4_SRC, true) };
+        flow.src = unsafe { load_addr(inner + IPV4_DST, true) };
         (inner_l3_offset + header_len, ip.proto)
     } else {
-        let Some(ip) = packet.ptr_at::<Ipv6Hdr>(EthHdr::LEN) else {
+        let Some(outer) = packet.ptr_at::<Ipv6Hdr>(ETH_LEN) else {
             return Err(Counter::DropMalformed);
         };
-        let ip = unsafe { &*(ip as *const Ipv6Hdr) };
-        outer_src = addr6(&ip.src_addr);
-        outer_dst = addr6(&ip.dst_addr);
-        let Some(ip) = packet.ptr_at::<Ipv6Hdr>(inner_l3_offset) else {
+        outer_src = unsafe { load_addr(outer + IPV6_SRC, false) };
+        outer_dst = unsafe { load_addr(outer + IPV6_DST, false) };
+        let Some(inner) = packet.ptr_at::<Ipv6Hdr>(inner_l3_offset) else {
             return untracked;
         };
-        let ip = unsafe { &*(ip as *const Ipv6Hdr) };
-        flow.dst = addr6(&ip.src_addr);
-        flow.src = addr6(&ip.dst_addr);
+        let ip = unsafe { &*(inner as *const Ipv6Hdr) };
+        flow.dst = unsafe { load_addr(inner + IPV6_SRC, false) };
+        flow.src = unsafe { load_addr(inner + IPV6_DST, false) };
         // Quoted extension headers are not walked: such quotes pass untranslated.
-        (inner_l3_offset + IPV6_HEADER, ip.next_hdr)
+        (inner_l3_offset + IPV6_LEN, ip.next_hdr)
     };
     // An error goes to the source of the packet it quotes; anything else is not ours to translate.
     if (proto != protocol::TCP && proto != protocol::UDP) || outer_dst != flow.dst {
@@ -163,12 +154,11 @@ fn parse(ctx: &XdpContext, ip_family: u8, icmp_offset: usize) -> Result<IcmpErro
     let Some(ports) = packet.ptr_at::<[u8; QUOTED_L4_LEN]>(inner_l4_offset) else {
         return untracked;
     };
-    let ports = unsafe { &*(ports as *const [[u8; 2]; 4]) };
-    flow.dst_port = u16::from_ne_bytes(ports[0]);
-    flow.src_port = u16::from_ne_bytes(ports[1]);
+    flow.dst_port = unsafe { load16(ports) };
+    flow.src_port = unsafe { load16(ports + 2) };
     flow.protocol = proto;
     Ok(IcmpError {
-        l3: packet.start + EthHdr::LEN,
+        l3: packet.start + ETH_LEN,
         icmp,
         inner_l3: packet.start + inner_l3_offset,
         inner_l4: packet.start + inner_l4_offset,
@@ -267,7 +257,7 @@ fn translate(
     let end = Extent::of(ctx).end;
     // `parse` checked these bounds already; the verifier cannot relate the family kept in `error`
     // to that check, so the extent written is proven again.
-    let ip_len = if v4 { IPV4_HEADER } else { IPV6_HEADER };
+    let ip_len = if v4 { IPV4_LEN } else { IPV6_LEN };
     if error.l3 + ip_len > end
         || error.icmp + HEADER_LEN > end
         || error.inner_l3 + ip_len > end
@@ -280,24 +270,24 @@ fn translate(
     let icmp_check = error.icmp + CHECKSUM_OFFSET;
     // SAFETY: every access below is inside the extents checked above.
     unsafe {
-        let mut icmp = read16(icmp_check);
-        let mut l4 = if has_l4_check { read16(l4_check) } else { 0 };
+        let mut icmp = load16(icmp_check);
+        let mut l4 = if has_l4_check { load16(l4_check) } else { 0 };
         if v4 {
             if outer_too {
                 let at = error.l3 + if quoted_source { IPV4_DST } else { IPV4_SRC };
-                write32(at, new.0[0]);
+                store32(at, new.0[0]);
                 let check = error.l3 + IPV4_CHECK;
-                write16(
+                store16(
                     check,
-                    checksum::replace_u32(read16(check), old.0[0], new.0[0]),
+                    checksum::replace_u32(load16(check), old.0[0], new.0[0]),
                 );
             }
             let at = error.inner_l3 + if quoted_source { IPV4_SRC } else { IPV4_DST };
-            write32(at, new.0[0]);
+            store32(at, new.0[0]);
             let check = error.inner_l3 + IPV4_CHECK;
-            let old_check = read16(check);
+            let old_check = load16(check);
             let new_check = checksum::replace_u32(old_check, old.0[0], new.0[0]);
-            write16(check, new_check);
+            store16(check, new_check);
             icmp = checksum::replace_u32(icmp, old.0[0], new.0[0]);
             icmp = checksum::replace_u16(icmp, old_check, new_check);
             l4 = l4_replace32(tcp, l4, old.0[0], new.0[0]);
@@ -307,16 +297,16 @@ fn translate(
             for i in 0..4 {
                 if outer_too {
                     // The ICMPv6 checksum covers the outer addresses (pseudo-header).
-                    write32(outer_at + 4 * i, new.0[i]);
+                    store32(outer_at + 4 * i, new.0[i]);
                     icmp = checksum::replace_u32(icmp, old.0[i], new.0[i]);
                 }
-                write32(inner_at + 4 * i, new.0[i]);
+                store32(inner_at + 4 * i, new.0[i]);
                 icmp = checksum::replace_u32(icmp, old.0[i], new.0[i]);
                 l4 = l4_replace32(tcp, l4, old.0[i], new.0[i]);
             }
         }
         let port_at = error.inner_l4 + if quoted_source { 0 } else { 2 };
-        write16(port_at, new_port);
+        store16(port_at, new_port);
         icmp = checksum::replace_u16(icmp, old_port, new_port);
         if has_l4_check {
             l4 = if tcp {
@@ -324,10 +314,10 @@ fn translate(
             } else {
                 checksum::replace_u16_udp(l4, old_port, new_port)
             };
-            icmp = checksum::replace_u16(icmp, read16(l4_check), l4);
-            write16(l4_check, l4);
+            icmp = checksum::replace_u16(icmp, load16(l4_check), l4);
+            store16(l4_check, l4);
         }
-        write16(icmp_check, icmp);
+        store16(icmp_check, icmp);
     }
 }
 
@@ -338,25 +328,4 @@ fn l4_replace32(tcp: bool, check: u16, old: u32, new: u32) -> u16 {
     } else {
         checksum::replace_u32_udp(check, old, new)
     }
-}
-
-#[inline(always)]
-fn addr6(bytes: &[u8; 16]) -> Addr {
-    let w = |i: usize| u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-    Addr([w(0), w(4), w(8), w(12)])
-}
-
-#[inline(always)]
-unsafe fn read16(at: usize) -> u16 {
-    unsafe { core::ptr::read_unaligned(at as *const u16) }
-}
-
-#[inline(always)]
-unsafe fn write16(at: usize, value: u16) {
-    unsafe { core::ptr::write_unaligned(at as *mut u16, value) }
-}
-
-#[inline(always)]
-unsafe fn write32(at: usize, value: u32) {
-    unsafe { core::ptr::write_unaligned(at as *mut u32, value) }
 }

@@ -1,5 +1,6 @@
-//! The XDP datapath. Follow a packet in file order: `packet` (parse) → `prefilter` (may it be VIP
-//! traffic or a reply? most traffic leaves here after two array reads) → `service` (VIP lookup; a
+//! The XDP datapath. Follow a packet in file order: `packet` (parse; it asks the `prefilter` whether
+//! the packet may be VIP traffic or a reply as soon as it has the addresses, and most traffic leaves
+//! there after two array reads) → `service` (VIP lookup; a
 //! tracked flow's service comes from its conntrack entry's id) → `conntrack` (existing flow?) →
 //! `maglev` (backend for a new flow) → `nat` (rewrite) → verdict here. Replies from backends take
 //! `reply` instead of `service`. Services in other forwarding modes leave through `snat` or `dsr`
@@ -61,15 +62,14 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         }
     };
 
-    // Most traffic is neither to a VIP nor from a backend: the prefilter tells from two array reads.
-    let to = prefilter::roles_of(&flow.key.dst, flow.key.family);
-    let (service, tracked) = if to & (role::VIP_PORT | role::VIP_ALL_PORTS) != 0 {
+    let roles = flow.roles;
+    let (service, tracked) = if roles & prefilter::VIP != 0 {
         // A tracked flow names its service in its entry: one hash lookup instead of two.
         let tracked = conntrack::entry_of(&flow);
         // SAFETY: LRU value of plain integers, read once.
         let service = tracked
-            .and_then(|entry| service::of_tracked(&flow, unsafe { (*entry).service_id }, to))
-            .or_else(|| service::lookup(&flow, to));
+            .and_then(|entry| service::of_tracked(&flow, unsafe { (*entry).service_id }, roles))
+            .or_else(|| service::lookup(&flow, roles));
         (service, tracked)
     } else {
         (None, None)
@@ -102,7 +102,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         };
     }
 
-    if prefilter::roles_of(&flow.key.src, flow.key.family) & role::BACKEND != 0 {
+    // The address of a VIP without a service on this port and protocol may still be a backend's.
+    let from_backend = roles & role::BACKEND != 0
+        || (roles & prefilter::VIP != 0
+            && prefilter::roles_of(&flow.key.src, flow.key.family) & role::BACKEND != 0);
+    if from_backend {
         if let Some(action) = reply::translate(&ctx, &flow) {
             fragments::track_first(&ctx, &flow);
             return action;

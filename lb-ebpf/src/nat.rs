@@ -10,19 +10,13 @@ use lb_common::{
     service::{family, Addr, Backend},
 };
 
-use crate::packet::Flow;
-
-const IPV4_CHECK: usize = 10;
-const IPV4_SRC: usize = 12;
-const IPV4_DST: usize = 16;
-const IPV6_SRC: usize = 8;
-const IPV6_DST: usize = 24;
-const TCP_CHECK: usize = 16;
-const UDP_CHECK: usize = 6;
-const IPV4_HEADER: usize = 20;
-const IPV6_HEADER: usize = 40;
-const TCP_HEADER: usize = 20;
-const UDP_HEADER: usize = 8;
+use crate::packet::{
+    header::{
+        IPV4_CHECK, IPV4_DST, IPV4_LEN, IPV4_SRC, IPV6_DST, IPV6_LEN, IPV6_SRC, TCP_CHECK, TCP_LEN,
+        UDP_CHECK, UDP_LEN,
+    },
+    load16, store16, store32, Flow,
+};
 
 /// DNAT: destination becomes the backend (its port, or the original one when the backend's is 0).
 #[inline(always)]
@@ -109,39 +103,39 @@ fn rewrite(
     let tcp = flow.key.protocol == protocol::TCP;
     // `parse` checked these bounds already, but the verifier cannot relate the family and protocol
     // kept in `flow` to that check, so the extent written here is proven again (two compares).
-    let l3_end = flow.l3 + if v4 { IPV4_HEADER } else { IPV6_HEADER };
-    let l4_end = flow.l4 + if tcp { TCP_HEADER } else { UDP_HEADER };
+    let l3_end = flow.l3 + if v4 { IPV4_LEN } else { IPV6_LEN };
+    let l4_end = flow.l4 + if tcp { TCP_LEN } else { UDP_LEN };
     if l3_end > ctx.data_end() || l4_end > ctx.data_end() {
         return;
     }
     let l4_check = flow.l4 + if tcp { TCP_CHECK } else { UDP_CHECK };
     // SAFETY: bounds checked just above.
     unsafe {
-        let mut l4 = read16(l4_check);
+        let mut l4 = load16(l4_check);
         if v4 {
             let field = flow.l3 + if source { IPV4_SRC } else { IPV4_DST };
-            write32(field, new.0[0]);
+            store32(field, new.0[0]);
             let ip_check = flow.l3 + IPV4_CHECK;
-            write16(
+            store16(
                 ip_check,
-                checksum::replace_u32(read16(ip_check), old.0[0], new.0[0]),
+                checksum::replace_u32(load16(ip_check), old.0[0], new.0[0]),
             );
             l4 = l4_replace32(flow, l4, old.0[0], new.0[0]);
         } else {
             let field = flow.l3 + if source { IPV6_SRC } else { IPV6_DST };
             for i in 0..4 {
-                write32(field + 4 * i, new.0[i]);
+                store32(field + 4 * i, new.0[i]);
                 l4 = l4_replace32(flow, l4, old.0[i], new.0[i]);
             }
         }
         let port_field = flow.l4 + if source { 0 } else { 2 };
-        write16(port_field, new_port);
+        store16(port_field, new_port);
         l4 = if flow.key.protocol == protocol::UDP {
             checksum::replace_u16_udp(l4, old_port, new_port)
         } else {
             checksum::replace_u16(l4, old_port, new_port)
         };
-        write16(l4_check, l4);
+        store16(l4_check, l4);
     }
 }
 
@@ -152,19 +146,4 @@ fn l4_replace32(flow: &Flow, check: u16, old: u32, new: u32) -> u16 {
     } else {
         checksum::replace_u32(check, old, new)
     }
-}
-
-#[inline(always)]
-unsafe fn read16(addr: usize) -> u16 {
-    unsafe { core::ptr::read_unaligned(addr as *const u16) }
-}
-
-#[inline(always)]
-unsafe fn write16(addr: usize, value: u16) {
-    unsafe { core::ptr::write_unaligned(addr as *mut u16, value) }
-}
-
-#[inline(always)]
-unsafe fn write32(addr: usize, value: u32) {
-    unsafe { core::ptr::write_unaligned(addr as *mut u32, value) }
 }

@@ -24,14 +24,20 @@ use lb_common::{
     service::{family, Addr},
 };
 
-use crate::maps::{count, scratch};
+use crate::{
+    maps::{count, scratch},
+    packet::{
+        header::{
+            ETH_LEN, IPV4_CHECK, IPV4_LEN, IPV4_TOTAL_LEN, IPV4_TTL, IPV6_HOP_LIMIT, IPV6_LEN,
+            IPV6_PAYLOAD_LEN,
+        },
+        load16, store16,
+    },
+};
 
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-const ETH_LEN: usize = 14;
-const IPV4_TTL: usize = 8;
-const IPV4_CHECK: usize = 10;
-const IPV6_HOP_LIMIT: usize = 7;
+/// Address families of `bpf_fib_lookup` (`AF_INET`, `AF_INET6`).
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
 
 /// Options of [`fib_xmit`].
 pub mod opts {
@@ -140,7 +146,7 @@ pub fn fib_xmit(
     }
 
     let data = ctx.data();
-    if data + ETH_LEN + if v4 { 20 } else { 40 } > ctx.data_end() {
+    if data + ETH_LEN + if v4 { IPV4_LEN } else { IPV6_LEN } > ctx.data_end() {
         return Xmit::NoRoute;
     }
     // SAFETY: the Ethernet header and the fixed IP header were bounds-checked just above.
@@ -149,16 +155,13 @@ pub fn fib_xmit(
             let l3 = data + ETH_LEN;
             if v4 {
                 // TTL and protocol form one 16-bit word of the header checksum.
-                let word = core::ptr::read_unaligned((l3 + IPV4_TTL) as *const u16);
+                let word = load16(l3 + IPV4_TTL);
                 let mut bytes = word.to_ne_bytes();
                 bytes[0] -= 1;
                 let new = u16::from_ne_bytes(bytes);
-                core::ptr::write_unaligned((l3 + IPV4_TTL) as *mut u16, new);
-                let check = core::ptr::read_unaligned((l3 + IPV4_CHECK) as *const u16);
-                core::ptr::write_unaligned(
-                    (l3 + IPV4_CHECK) as *mut u16,
-                    checksum::replace_u16(check, word, new),
-                );
+                store16(l3 + IPV4_TTL, new);
+                let check = load16(l3 + IPV4_CHECK);
+                store16(l3 + IPV4_CHECK, checksum::replace_u16(check, word, new));
             } else {
                 *((l3 + IPV6_HOP_LIMIT) as *mut u8) -= 1;
             }
@@ -186,9 +189,9 @@ pub fn ip_len(ctx: &XdpContext, family: u8) -> u16 {
     // SAFETY: bounds checked just above (both length fields are in the first 8 bytes).
     unsafe {
         if family == family::IPV4 {
-            u16::from_be(core::ptr::read_unaligned((l3 + 2) as *const u16))
+            u16::from_be(load16(l3 + IPV4_TOTAL_LEN))
         } else {
-            u16::from_be(core::ptr::read_unaligned((l3 + 4) as *const u16)).wrapping_add(40)
+            u16::from_be(load16(l3 + IPV6_PAYLOAD_LEN)).wrapping_add(IPV6_LEN as u16)
         }
     }
 }

@@ -18,15 +18,10 @@ use lb_common::{
     service::{family, Addr},
 };
 
-use crate::packet::Flow;
-
-const IPV4_CHECK: usize = 10;
-const IPV4_SRC: usize = 12;
-const IPV4_DST: usize = 16;
-const IPV6_SRC: usize = 8;
-const IPV6_DST: usize = 24;
-const TCP_CHECK: usize = 16;
-const UDP_CHECK: usize = 6;
+use crate::packet::{
+    header::{IPV4_CHECK, IPV4_DST, IPV4_SRC, IPV6_DST, IPV6_SRC, TCP_CHECK, UDP_CHECK},
+    Flow,
+};
 
 /// Where `flow`'s headers start, as offsets from the frame's start.
 #[derive(Clone, Copy)]

@@ -18,12 +18,9 @@ use lb_common::{counters::Counter, service::family};
 
 use crate::{
     maps::{count, scratch},
-    packet::Flow,
+    packet::{header::ETH_LEN, Flow},
+    xmit::{AF_INET, AF_INET6},
 };
-
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-const ETH_LEN: usize = 14;
 
 /// Sends the packet (already rewritten: `flow` holds its addresses before the rewrite, `dst` the
 /// destination after it) towards `dst`; returns the verdict.
