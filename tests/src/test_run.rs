@@ -15,6 +15,9 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 /// TC verdicts (`TC_ACT_OK`, `TC_ACT_SHOT`).
 pub const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_UNSPEC` (-1), which tcx reads as `TCX_NEXT`: what the policy programs return for a
+/// packet they let through, so the next program of the chain runs.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
 
 /// Runs `program` once on `frame`; returns the action and the output frame.

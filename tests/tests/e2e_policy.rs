@@ -57,7 +57,14 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Self {
+        Self::with(|_| ()).0
+    }
+
+    /// The cluster, with `before` run once the topology exists and before the policy programs
+    /// are attached (e.g. to attach other programs first).
+    fn with<T>(before: impl FnOnce(&PolicyTopology) -> T) -> (Self, T) {
         let topology = PolicyTopology::new().unwrap();
+        let done_before = before(&topology);
         let yaml = PolicyTopology::workloads_yaml(&["other"]) + RULES;
         let config: PolicyConfig = serde_yaml_ng::from_str(&yaml).unwrap();
         let ifindexes = topology.ifindexes();
@@ -72,11 +79,12 @@ impl Cluster {
             }
             datapath
         });
-        Self {
+        let cluster = Self {
             datapath,
             compiled,
             topology,
-        }
+        };
+        (cluster, done_before)
     }
 
     fn ns(&self, name: &str) -> &Netns {
@@ -371,4 +379,79 @@ fn fragment_and_header_tricks_do_not_bypass_a_deny() {
         "the overlapping first fragment to 9999 never reaches db"
     );
     assert_eq!(closed_port.datagrams(), before, "nothing delivered to 9999");
+}
+
+/// The balancer and the policy on the same workload veths: `lb_tc` (tcx, after the policy
+/// programs, which pass with `TCX_NEXT`) translates a VIP to its backend, and the policy checks the
+/// connection against that backend: frontend reaches db through the VIP, other is refused by db's
+/// ingress rule — the denial names db (the chosen backend), not the VIP. Replies pass the policy
+/// conntrack before `lb_tc` turns their source back into the VIP.
+#[test]
+fn a_vip_connection_is_checked_against_the_backend_it_chose() {
+    use lb_agent::{config::Config, datapath::AttachMode};
+    use lb_common::counters::Counter;
+    use lb_tests::test_run::counter;
+
+    let db = Cluster::addr("db", false);
+    let other = Cluster::addr("other", false);
+    let vip: IpAddr = "198.51.100.80".parse().unwrap();
+    // The balancer is attached first, as the agent does (services before policy): the policy
+    // programs still go to the head of each chain.
+    let (mut c, lb) = Cluster::with(|topology| {
+        let mut lb = Datapath::load_with(&LoadOptions::default()).unwrap();
+        lb.apply(
+            &Config::from_yaml(&format!(
+                "services:\n  - name: cache\n    vip: {vip}\n    port: 80\n    protocol: tcp\n    \
+                 backends:\n      - {{ address: {db}, port: 6379 }}\n"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        topology.node.run(move || {
+            for w in WORKLOADS {
+                lb.attach_with(w.4, AttachMode::Tc).unwrap();
+            }
+            lb
+        })
+    });
+    let _tcp = TcpCountingServer::start(c.ns("db"), db, 6379, "db");
+
+    let greeting = tcp_request(c.ns("frontend"), SocketAddr::new(vip, 80), b"hello")
+        .unwrap_or_else(|e| panic!("frontend -> VIP: {e}"));
+    assert_eq!(greeting, "db");
+    assert!(
+        counter(&lb, Counter::ForwardNewFlow) >= 1,
+        "the VIP was translated"
+    );
+    assert!(
+        counter(&lb, Counter::ReplyTranslated) >= 1,
+        "replies were translated back"
+    );
+    assert!(
+        c.events(|e| e.verdict == Verdict::Deny).is_empty(),
+        "nothing denied on the allowed connection"
+    );
+
+    assert!(tcp_request(c.ns("other"), SocketAddr::new(vip, 80), b"hello").is_err());
+    let denials = c.events(|e| e.verdict == Verdict::Deny && e.src == Some(other));
+    let e = denials
+        .first()
+        .unwrap_or_else(|| panic!("no denial of other -> VIP's backend: {denials:?}"));
+    assert_eq!(
+        (
+            e.direction,
+            e.reason,
+            e.dst,
+            e.dst_port,
+            c.rule_name(e.rule_id)
+        ),
+        (
+            Direction::Ingress,
+            Reason::DefaultDeny,
+            Some(db),
+            6379,
+            "db-from-frontend"
+        )
+    );
+    drop(lb);
 }

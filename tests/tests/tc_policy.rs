@@ -25,7 +25,7 @@ use lb_tests::{
         fragments, frame, icmp_error, ip_packet, with_ipv4_options, with_ipv6_extension_headers,
         IcmpError, ACK, L4, SYN,
     },
-    test_run::{run, run_tc, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
+    test_run::{run, run_tc, TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS},
 };
 
 const IN: Direction = Direction::Ingress;
@@ -174,7 +174,7 @@ impl Fixture {
         assert_eq!(event.protocol, protocol);
         assert_eq!(event.epoch, self.datapath.epoch());
         let passes = if want.verdict().passes() {
-            TC_ACT_OK
+            TC_ACT_UNSPEC
         } else {
             TC_ACT_SHOT
         };
@@ -378,7 +378,7 @@ fn replies_and_related_errors_pass_through_conntrack() {
         let (rc, events) = f.send(OUT, &frame(ACK, server, client, b"reply"));
         assert_eq!(
             (rc, events.len()),
-            (TC_ACT_OK, 0),
+            (TC_ACT_UNSPEC, 0),
             "reply of an allowed connection"
         );
         assert_eq!(
@@ -399,7 +399,7 @@ fn replies_and_related_errors_pass_through_conntrack() {
             &quoted,
         );
         let (rc, events) = f.send(OUT, &error);
-        assert_eq!((rc, events.len()), (TC_ACT_OK, 0), "related ICMP error");
+        assert_eq!((rc, events.len()), (TC_ACT_UNSPEC, 0), "related ICMP error");
         let stranger = ip_packet(&frame(ACK, sa(frontend, 41002), server, b"request"));
         let error = icmp_error(
             IcmpError::PortUnreachable,
@@ -420,7 +420,7 @@ fn replies_and_related_errors_pass_through_conntrack() {
         let resolver = sa(world, 53);
         assert_eq!(f.decide(OUT, UDP, local, resolver), allowed("db-dns"));
         let (rc, events) = f.send(IN, &frame(UDP, resolver, local, b"answer"));
-        assert_eq!((rc, events.len()), (TC_ACT_OK, 0), "UDP reply");
+        assert_eq!((rc, events.len()), (TC_ACT_UNSPEC, 0), "UDP reply");
         let db_in = default_deny(&f, IN, db);
         assert_eq!(f.decide(IN, UDP, resolver, sa(db, 45001)), db_in);
         // A reply is only a reply at the check opposite to the one that passed the connection:
@@ -442,14 +442,14 @@ fn later_fragments_follow_their_first_fragment() {
         );
         assert_eq!(pieces.len(), 3);
         let (rc, events) = f.send(IN, &pieces[0]);
-        assert_eq!(rc, TC_ACT_OK);
+        assert_eq!(rc, TC_ACT_UNSPEC);
         assert_eq!(
             (events[0].reason, f.rule_name(events[0].rule_id)),
             (Reason::AllowedByRule, "db-from-frontend")
         );
         let followed = f.counted(Verdict::Allow, Reason::Fragment);
         for piece in &pieces[1..] {
-            assert_eq!(f.send(IN, piece), (TC_ACT_OK, vec![]));
+            assert_eq!(f.send(IN, piece), (TC_ACT_UNSPEC, vec![]));
         }
         assert_eq!(f.counted(Verdict::Allow, Reason::Fragment), followed + 2);
 
@@ -478,7 +478,7 @@ fn later_fragments_follow_their_first_fragment() {
             24,
         )[1];
         let (rc, events) = f.send(IN, orphan);
-        assert_eq!((rc, events[0].reason), (TC_ACT_OK, Reason::NotSelected));
+        assert_eq!((rc, events[0].reason), (TC_ACT_UNSPEC, Reason::NotSelected));
     }
 }
 
@@ -506,7 +506,10 @@ fn header_tricks_do_not_get_around_a_deny() {
     let (rc, events) = f.send(IN, &with_ipv4_options(&telnet, &nops));
     assert_eq!((rc, events[0].reason), (TC_ACT_SHOT, Reason::DeniedByRule));
     let (rc, events) = f.send(IN, &with_ipv4_options(&redis, &nops));
-    assert_eq!((rc, events[0].reason), (TC_ACT_OK, Reason::AllowedByRule));
+    assert_eq!(
+        (rc, events[0].reason),
+        (TC_ACT_UNSPEC, Reason::AllowedByRule)
+    );
     // A loose source route: the header's destination is not the final one.
     let lsrr = [0x83, 7, 4, 192, 0, 2, 99, 0];
     f.refused(IN, &with_ipv4_options(&redis, &lsrr), Reason::SourceRoute);
@@ -525,7 +528,10 @@ fn header_tricks_do_not_get_around_a_deny() {
     let (rc, events) = f.send(IN, &with_ipv6_extension_headers(&telnet6, &hbh_dst));
     assert_eq!((rc, events[0].reason), (TC_ACT_SHOT, Reason::DeniedByRule));
     let (rc, events) = f.send(IN, &with_ipv6_extension_headers(&redis6, &hbh_dst));
-    assert_eq!((rc, events[0].reason), (TC_ACT_OK, Reason::AllowedByRule));
+    assert_eq!(
+        (rc, events[0].reason),
+        (TC_ACT_UNSPEC, Reason::AllowedByRule)
+    );
     // More headers than walked: the upper layer is never guessed.
     let many: Vec<(u8, Vec<u8>)> = (0..7).map(|_| (60u8, options.clone())).collect();
     f.refused(
@@ -558,7 +564,7 @@ fn header_tricks_do_not_get_around_a_deny() {
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     arp.extend_from_slice(&[0; 20]);
-    assert_eq!(f.send(IN, &arp), (TC_ACT_OK, vec![]));
+    assert_eq!(f.send(IN, &arp), (TC_ACT_UNSPEC, vec![]));
     assert!(f.counted(Verdict::Allow, Reason::Control) >= 1);
 
     // An unknown upper-layer protocol has no ports: only rules for all protocols could allow it.
@@ -571,7 +577,7 @@ fn header_tricks_do_not_get_around_a_deny() {
     );
     sctp[14 + 16..14 + 20].copy_from_slice(&[192, 0, 2, 11]);
     let (rc, events) = f.send(IN, &sctp);
-    assert_eq!((rc, events[0].reason), (TC_ACT_OK, Reason::NotSelected));
+    assert_eq!((rc, events[0].reason), (TC_ACT_UNSPEC, Reason::NotSelected));
 }
 
 #[test]
@@ -585,7 +591,7 @@ fn egress_from_an_address_not_the_workloads_own_is_dropped() {
     let web = frame(UDP, sa(WEB, 40000), sa(FRONTEND, 53), b"x");
     elsewhere.refused(OUT, &web, Reason::Spoofed);
     let mut here = Fixture::with(CONFIG, 1, PolicyLoadOptions::default());
-    assert_eq!(here.send(OUT, &web), (TC_ACT_OK, vec![]));
+    assert_eq!(here.send(OUT, &web), (TC_ACT_UNSPEC, vec![]));
 }
 
 #[test]

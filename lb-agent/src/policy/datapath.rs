@@ -25,8 +25,8 @@ use aya::{
         Array, HashMap, MapData, PerCpuArray, RingBuf,
     },
     programs::{
-        links::{FdLink, PinnedLink},
-        tc::{self, SchedClassifierLink, SchedClassifierLinkId},
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
         SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
@@ -382,11 +382,12 @@ impl PolicyDatapath {
         let _ = tc::qdisc_add_clsact(interface);
         for (name, attach_type, direction) in HOOKS {
             let attachment = match self.pins.clone() {
-                None => Attachment::Owned(
-                    self.program(name)?
-                        .attach(interface, attach_type)
-                        .with_context(|| format!("attaching {name} to {interface}"))?,
-                ),
+                None => Attachment::Owned(attach_first(
+                    self.program(name)?,
+                    name,
+                    interface,
+                    attach_type,
+                )?),
                 Some(pins) => {
                     self.attach_pinned(
                         name,
@@ -436,9 +437,7 @@ impl PolicyDatapath {
             }
         }
         let program = self.program(name)?;
-        let id = program
-            .attach(interface, attach_type)
-            .with_context(|| format!("attaching {name} to {interface}"))?;
+        let id = attach_first(program, name, interface, attach_type)?;
         let link = FdLink::try_from(program.take_link(id)?).with_context(|| {
             format!("{name} on {interface} is attached through netlink, which cannot be pinned")
         })?;
@@ -821,4 +820,23 @@ pub fn write_cidr_deny(ebpf: &mut Ebpf, previous: &[Cidr], cidrs: &[Cidr]) -> Re
         let _ = v6.remove(&Key::new(k.prefix_len, k.data));
     }
     Ok(())
+}
+
+/// Attaches `program` at the head of the interface's tcx chain: the policy runs before the
+/// balancer's `lb_tc`, so it sees a backend's reply from the backend's own address (before the
+/// reverse translation to the VIP), and passes with `TCX_NEXT` so `lb_tc` still runs. Kernels
+/// without tcx (before 6.6) get a clsact filter.
+fn attach_first(
+    program: &mut SchedClassifier,
+    name: &str,
+    interface: &str,
+    attach_type: TcAttachType,
+) -> Result<SchedClassifierLinkId> {
+    let first = TcAttachOptions::TcxOrder(LinkOrder::first());
+    match program.attach_with_options(interface, attach_type, first) {
+        Ok(id) => Ok(id),
+        Err(_) => program
+            .attach(interface, attach_type)
+            .with_context(|| format!("attaching {name} to {interface}")),
+    }
 }

@@ -26,7 +26,7 @@ mod state;
 pub mod xdp;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
@@ -39,6 +39,12 @@ use self::{
     parse::{parse, Parsed, Shape},
     report::{count, record, Verdicts},
 };
+
+/// The verdict for a packet the policy lets through: `TC_ACT_UNSPEC`, which tcx reads as
+/// `TCX_NEXT`, so the next program of the interface's chain still runs (the balancer's `lb_tc`
+/// after the policy on a workload veth); at the end of the chain, or with clsact, it passes.
+/// `TC_ACT_OK` would end the chain.
+const PASS: i32 = TC_ACT_UNSPEC;
 
 /// Packets a workload sends: its egress.
 #[classifier]
@@ -64,7 +70,7 @@ fn enforce(ctx: &TcContext, dir: Direction) -> i32 {
         Parsed::Packet(packet) => packet,
         Parsed::Pass(reason) => {
             count(Verdict::Allow, reason);
-            return TC_ACT_OK;
+            return PASS;
         }
         Parsed::Drop(reason) => {
             let refused = Verdicts {
@@ -89,7 +95,7 @@ fn enforce(ctx: &TcContext, dir: Direction) -> i32 {
         Shape::Later(id) => {
             if state::first_fragment_passed(&packet, id, dir) {
                 count(Verdict::Allow, Reason::Fragment);
-                return TC_ACT_OK;
+                return PASS;
             }
             true
         }
@@ -100,7 +106,7 @@ fn enforce(ctx: &TcContext, dir: Direction) -> i32 {
         if let Shape::First(id) = packet.shape {
             state::remember_first_fragment(&packet, id, dir);
         }
-        return TC_ACT_OK;
+        return PASS;
     }
 
     let check = check::check(&packet, dir);
@@ -155,5 +161,5 @@ fn enforce(ctx: &TcContext, dir: Direction) -> i32 {
         }
         Shape::Later(_) | Shape::IcmpError(_) => {}
     }
-    TC_ACT_OK
+    PASS
 }
