@@ -35,9 +35,9 @@ use crate::{
     },
 };
 
-/// Address families of `bpf_fib_lookup` (`AF_INET`, `AF_INET6`).
-pub const AF_INET: u8 = 2;
-pub const AF_INET6: u8 = 10;
+/// Address families of `bpf_fib_lookup`.
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Options of [`fib_xmit`].
 pub mod opts {
@@ -62,6 +62,40 @@ pub enum Xmit {
     /// No usable route (unreachable, blackhole, prohibited, forwarding disabled), or a TTL that
     /// would expire. Nothing rewritten.
     NoRoute,
+}
+
+/// The `bpf_fib_lookup` query for a packet from `src` to `dst` received on `ifindex`, in per-CPU
+/// scratch space (64 bytes the stack cannot spare). `tot_len` is the IP length for the MTU check
+/// (0 skips it). `None` if the scratch slot is unavailable.
+#[inline(always)]
+pub fn fib_query(
+    v4: bool,
+    l4_protocol: u8,
+    tot_len: u16,
+    ifindex: u32,
+    src: &Addr,
+    dst: &Addr,
+) -> Option<&'static mut FibParams> {
+    let params = &mut scratch()?.fib;
+    // An all-zero bpf_fib_lookup is valid input (no mark, no table id, no VLAN). Volatile 8-byte
+    // stores: LLVM would turn a plain loop or `write_bytes` into a call to a byte-wise `memset`.
+    let words = params as *mut FibParams as *mut u64;
+    for i in 0..core::mem::size_of::<FibParams>() / 8 {
+        // SAFETY: inside the 64-byte struct, 8-byte aligned (map values are).
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    params.family = if v4 { AF_INET } else { AF_INET6 };
+    params.l4_protocol = l4_protocol;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ifindex;
+    if v4 {
+        params.__bindgen_anon_3.ipv4_src = src.0[0];
+        params.__bindgen_anon_4.ipv4_dst = dst.0[0];
+    } else {
+        params.__bindgen_anon_3.ipv6_src = src.0;
+        params.__bindgen_anon_4.ipv6_dst = dst.0;
+    }
+    Some(params)
 }
 
 /// Routes the packet at `ctx` (an IP packet of `family` behind a 14-byte Ethernet header) from `src`
@@ -89,29 +123,16 @@ pub fn fib_xmit(
         }
     }
 
-    // The parameters live in per-CPU scratch space: 64 bytes the stack cannot spare.
-    let Some(scratch) = scratch() else {
+    let Some(params) = fib_query(
+        v4,
+        l4_protocol,
+        tot_len,
+        ctx.ingress_ifindex() as u32,
+        src,
+        dst,
+    ) else {
         return Xmit::NoRoute;
     };
-    let params = &mut scratch.fib;
-    // An all-zero bpf_fib_lookup is valid input (no mark, no table id, no VLAN). Volatile 8-byte
-    // stores: LLVM would turn a plain loop or `write_bytes` into a call to a byte-wise `memset`.
-    let words = params as *mut FibParams as *mut u64;
-    for i in 0..core::mem::size_of::<FibParams>() / 8 {
-        // SAFETY: inside the 64-byte struct, 8-byte aligned (map values are).
-        unsafe { core::ptr::write_volatile(words.add(i), 0) };
-    }
-    params.family = if v4 { AF_INET } else { AF_INET6 };
-    params.l4_protocol = l4_protocol;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    if v4 {
-        params.__bindgen_anon_3.ipv4_src = src.0[0];
-        params.__bindgen_anon_4.ipv4_dst = dst.0[0];
-    } else {
-        params.__bindgen_anon_3.ipv6_src = src.0;
-        params.__bindgen_anon_4.ipv6_dst = dst.0;
-    }
     // SAFETY: params is a valid, fully sized struct.
     let rc = unsafe {
         bpf_fib_lookup(

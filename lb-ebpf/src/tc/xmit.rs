@@ -17,9 +17,9 @@ use aya_ebpf::{
 use lb_common::{counters::Counter, service::family};
 
 use crate::{
-    maps::{count, scratch},
+    maps::count,
     packet::{header::ETH_LEN, Flow},
-    xmit::{AF_INET, AF_INET6},
+    xmit::fib_query,
 };
 
 /// Sends the packet (already rewritten: `flow` holds its addresses before the rewrite, `dst` the
@@ -31,34 +31,18 @@ pub fn forward(
     src: &lb_common::service::Addr,
     dst: &lb_common::service::Addr,
 ) -> i32 {
-    let Some(scratch) = scratch() else {
-        return TC_ACT_OK;
-    };
-    let params = &mut scratch.fib;
-    let words = params as *mut FibParams as *mut u64;
-    for i in 0..core::mem::size_of::<FibParams>() / 8 {
-        // SAFETY: inside the 64-byte struct, 8-byte aligned (map values are).
-        unsafe { core::ptr::write_volatile(words.add(i), 0) };
-    }
     let v4 = flow.key.family == family::IPV4;
     // SAFETY: the program's context.
     let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size) };
-    params.family = if v4 { AF_INET } else { AF_INET6 };
-    params.l4_protocol = flow.key.protocol;
     // A GSO packet is segmented for the egress device; anything else must fit its MTU.
-    params.__bindgen_anon_1.tot_len = if gso_size == 0 {
+    let tot_len = if gso_size == 0 {
         (ctx.len() as usize - ETH_LEN) as u16
     } else {
         0
     };
-    params.ifindex = ifindex;
-    if v4 {
-        params.__bindgen_anon_3.ipv4_src = src.0[0];
-        params.__bindgen_anon_4.ipv4_dst = dst.0[0];
-    } else {
-        params.__bindgen_anon_3.ipv6_src = src.0;
-        params.__bindgen_anon_4.ipv6_dst = dst.0;
-    }
+    let Some(params) = fib_query(v4, flow.key.protocol, tot_len, ifindex, src, dst) else {
+        return TC_ACT_OK;
+    };
     // SAFETY: params is a valid, fully sized struct.
     let rc = unsafe {
         bpf_fib_lookup(
