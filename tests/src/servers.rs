@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use crate::netns::Netns;
+use crate::{netns::Netns, topology::Topology};
 
 /// A TCP server in a namespace: every connection gets `"<name>\n"` back, then the server reads until
 /// the client closes. Counts accepted connections and received bytes.
@@ -250,4 +250,15 @@ pub fn udp_requests(
             })
             .collect()
     })
+}
+
+/// A [`TcpCountingServer`] on every backend of `topology` (IPv4 address, `port`), greeting with
+/// `backend-<N>` (1-based).
+pub fn tcp_servers_on_backends(topology: &Topology, port: u16) -> Vec<TcpCountingServer> {
+    topology
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, port, &format!("backend-{}", i + 1)))
+        .collect()
 }

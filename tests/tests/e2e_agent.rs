@@ -11,7 +11,7 @@ use std::{
 use lb_tests::{
     agent::{AgentProcess, ConfigFile},
     netns::{Netns, TEST_PREFIX},
-    servers::{tcp_requests, TcpCountingServer},
+    servers::{tcp_requests, tcp_servers_on_backends, TcpCountingServer},
     topology::{Topology, VIP},
 };
 
@@ -72,12 +72,7 @@ fn http_get(balancer: &Netns, path: &'static str) -> (u16, String) {
 #[test]
 fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
     let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
-    let _servers: Vec<_> = topology
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, PORT, &format!("backend-{}", i + 1)))
-        .collect();
+    let _servers: Vec<_> = tcp_servers_on_backends(&topology, PORT);
     let file = ConfigFile::new(&config(&topology, &[1, 2], false));
     let mut agent = AgentProcess::start_with(
         &topology.balancer,

@@ -29,7 +29,7 @@ use lb_common::{
 use lb_tests::{
     agent::{AgentProcess, ConfigFile, TestPins},
     netns::{Netns, TEST_PREFIX},
-    servers::{tcp_connect, tcp_request, TcpCountingServer},
+    servers::{tcp_connect, tcp_request, tcp_servers_on_backends, TcpCountingServer},
     test_run::flow_key,
     topology::{Topology, BALANCER_CLIENT_IFACE, VIP},
 };
@@ -90,12 +90,7 @@ impl Drop for StopOnDrop<'_> {
 /// pinned and attached).
 fn restart_under_traffic(stop: impl FnOnce(AgentProcess)) {
     let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
-    let servers: Vec<_> = topology
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, PORT, &format!("backend-{}", i + 1)))
-        .collect();
+    let servers: Vec<_> = tcp_servers_on_backends(&topology, PORT);
     let config = ConfigFile::new(&config(&topology));
     let interfaces = topology.balancer_interfaces();
     let first = AgentProcess::start(&topology.balancer, config.path(), &interfaces)
@@ -341,12 +336,7 @@ fn a_restart_keeps_the_pinned_kubernetes_services_until_the_api_server_is_listed
     };
 
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
-    let _servers: Vec<_> = topology
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, PORT, &format!("backend-{}", i + 1)))
-        .collect();
+    let _servers: Vec<_> = tcp_servers_on_backends(&topology, PORT);
     // Bound in the balancer's namespace: the agent reaches it on its own loopback.
     let api = topology
         .balancer

@@ -43,7 +43,7 @@ use lb_tests::{
     loadgen::{self, TempDir, UdpSink},
     netns::{Netns, BENCH_PREFIX},
     procs::{self, Server},
-    servers::{tcp_requests, TcpCountingServer},
+    servers::{tcp_requests, tcp_servers_on_backends, TcpCountingServer},
     topology::{Topology, CLIENT_ADDR, VIP},
 };
 use serde_json::{json, Value};
@@ -1381,14 +1381,7 @@ fn edit_to_move(edits: usize) -> Result<Value> {
             .map(String::from)
             .collect(),
     );
-    let _servers: Vec<TcpCountingServer> = topo
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            TcpCountingServer::start(&b.ns, b.addr, NGINX_PORT, &format!("backend-{}", i + 1))
-        })
-        .collect();
+    let _servers: Vec<TcpCountingServer> = tcp_servers_on_backends(&topo, NGINX_PORT);
     let dir = TempDir::new("bench-edit")?;
     let path = dir.path().join("lb.yaml");
     let save = |i: usize| -> Result<()> {

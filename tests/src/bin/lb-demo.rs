@@ -13,7 +13,7 @@ use lb_agent::config::Config;
 use lb_tests::{
     agent::AgentProcess,
     netns::DEMO_PREFIX,
-    servers::{tcp_requests, TcpCountingServer},
+    servers::{tcp_requests, tcp_servers_on_backends},
     topology::{Topology, VIP},
 };
 
@@ -51,14 +51,7 @@ fn main() -> Result<()> {
             "demo.yaml and the topology disagree on backend addresses"
         );
     }
-    let servers: Vec<_> = topology
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            TcpCountingServer::start(&b.ns, b.addr, BACKEND_PORT, &format!("backend-{}", i + 1))
-        })
-        .collect();
+    let servers: Vec<_> = tcp_servers_on_backends(&topology, BACKEND_PORT);
 
     let config_path = std::env::temp_dir().join(format!("lb-demo-{}.yaml", std::process::id()));
     std::fs::write(&config_path, config.to_yaml())?;
