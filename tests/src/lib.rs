@@ -13,6 +13,7 @@
 //! - [`policy_bench`]: the policy check's per-packet cost against rule and ipcache sizes.
 //! - [`modes`]: namespaced test runs, IP-in-IP frames, DSR backends and peer-recording servers
 //!   for the forwarding-mode tests.
+//! - [`modes_bench`]: the forwarding modes' per-packet cost, inside a topology's balancer namespace.
 //! - [`memory`]: resident set and BPF map memory, for the benchmarks.
 //! - [`procs`], [`loadgen`], [`baselines`]: the end-to-end benchmark's bounded child processes,
 //!   traffic (nginx/wrk, iperf3, a `sendmmsg` UDP sender) and the contenders lb is compared with
@@ -27,6 +28,7 @@ pub mod k8s_objects;
 pub mod loadgen;
 pub mod memory;
 pub mod modes;
+pub mod modes_bench;
 pub mod netns;
 pub mod policy_bench;
 pub mod policy_topology;

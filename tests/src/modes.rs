@@ -22,7 +22,10 @@ use aya::{
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header};
 use lb_agent::datapath::EBPF_OBJECT;
 
-use crate::netns::{self, Netns};
+use crate::{
+    netns::{self, Netns},
+    test_run::xdp_md,
+};
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_TX: u32 = 3;
@@ -45,9 +48,7 @@ pub fn in_netns<R: Send>(ns: &Netns, f: impl FnOnce() -> R + Send) -> R {
 /// One `BPF_PROG_TEST_RUN` of `program` on `frame` as if received on interface `ingress_ifindex`
 /// (0: the loopback of the calling thread's namespace). Returns the action and the output frame.
 pub fn run_on(program: &mut Xdp, frame: &[u8], ingress_ifindex: u32) -> (u32, Vec<u8>) {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let md: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
-    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ctx = xdp_md(frame, ingress_ifindex);
     let mut out = vec![0u8; frame.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);

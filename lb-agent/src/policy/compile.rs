@@ -282,7 +282,7 @@ pub fn compile(
     }
     out.policy = builder.finish();
 
-    check_capacity(&out)?;
+    out.check_capacity()?;
     Ok(out)
 }
 
@@ -591,39 +591,43 @@ impl Ipcache {
     }
 }
 
-fn check_capacity(out: &CompiledPolicy) -> Result<(), PolicyError> {
-    let checks = [
-        (
-            "ipcache (IPv4)",
-            out.ipcache_v4.len(),
-            limits::MAX_IPCACHE_ENTRIES,
-        ),
-        (
-            "ipcache (IPv6)",
-            out.ipcache_v6.len(),
-            limits::MAX_IPCACHE_ENTRIES,
-        ),
-        (
-            "endpoints (IPv4)",
-            out.endpoints_v4.len(),
-            limits::MAX_ENDPOINTS,
-        ),
-        (
-            "endpoints (IPv6)",
-            out.endpoints_v6.len(),
-            limits::MAX_ENDPOINTS,
-        ),
-        ("policy", out.policy.len(), limits::MAX_POLICY_ENTRIES),
-    ];
-    for (map, used, max) in checks {
-        if used > max as usize {
-            return Err(PolicyError::new(
-                "policy",
-                format!("needs {used} {map} entries, the datapath holds {max}"),
-            ));
+impl CompiledPolicy {
+    /// Refuses a rule set that needs more entries than the datapath's maps hold (checked when
+    /// compiling and again before writing, for rule sets built by other means).
+    pub fn check_capacity(&self) -> Result<(), PolicyError> {
+        let checks = [
+            (
+                "ipcache (IPv4)",
+                self.ipcache_v4.len(),
+                limits::MAX_IPCACHE_ENTRIES,
+            ),
+            (
+                "ipcache (IPv6)",
+                self.ipcache_v6.len(),
+                limits::MAX_IPCACHE_ENTRIES,
+            ),
+            (
+                "endpoints (IPv4)",
+                self.endpoints_v4.len(),
+                limits::MAX_ENDPOINTS,
+            ),
+            (
+                "endpoints (IPv6)",
+                self.endpoints_v6.len(),
+                limits::MAX_ENDPOINTS,
+            ),
+            ("policy", self.policy.len(), limits::MAX_POLICY_ENTRIES),
+        ];
+        for (map, used, max) in checks {
+            if used > max as usize {
+                return Err(PolicyError::new(
+                    "policy",
+                    format!("needs {used} {map} entries, the datapath holds {max}"),
+                ));
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]

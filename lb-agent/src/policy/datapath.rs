@@ -498,7 +498,9 @@ impl PolicyDatapath {
     /// Makes `compiled` the rule set in force, atomically for every packet. On error the previous
     /// rule set stays in force, unchanged.
     pub fn apply(&mut self, compiled: &CompiledPolicy) -> Result<()> {
-        check_capacity(compiled)?;
+        if let Err(e) = compiled.check_capacity() {
+            bail!("{}; the previous rule set stays in force", e.message);
+        }
         let next = 1 - self.epoch;
         // Outcomes cached under this epoch number belong to the rule set before the previous one;
         // no packet looks them up until the flip.
@@ -709,37 +711,6 @@ fn from_key<K: aya::Pod, T>(k: &Key<K>, data: T) -> Lpm<T> {
         prefix_len: k.prefix_len(),
         data,
     }
-}
-
-fn check_capacity(compiled: &CompiledPolicy) -> Result<()> {
-    for (map, used, max) in [
-        (
-            "IPCACHE_V4",
-            compiled.ipcache_v4.len(),
-            limits::MAX_IPCACHE_ENTRIES,
-        ),
-        (
-            "IPCACHE_V6",
-            compiled.ipcache_v6.len(),
-            limits::MAX_IPCACHE_ENTRIES,
-        ),
-        (
-            "ENDPOINTS_V4",
-            compiled.endpoints_v4.len(),
-            limits::MAX_ENDPOINTS,
-        ),
-        (
-            "ENDPOINTS_V6",
-            compiled.endpoints_v6.len(),
-            limits::MAX_ENDPOINTS,
-        ),
-        ("POLICY", compiled.policy.len(), limits::MAX_POLICY_ENTRIES),
-    ] {
-        if used > max as usize {
-            bail!("{map}: the rule set needs {used} entries, the limit is {max}; the previous rule set stays in force");
-        }
-    }
-    Ok(())
 }
 
 fn counter_sum(ebpf: &Ebpf, slot: u32) -> Result<u64> {

@@ -2,7 +2,8 @@
 //! ratio to a trivial XDP_PASS program measured in the same run, Maglev table build times, and the
 //! agent's reconcile time and memory for a datapath full of services (`--only reconcile`; see
 //! [`reconcile`]), and the policy check's cost against rule counts (`lb_tests::policy_bench`;
-//! `--only policy`). Prints tables and writes JSON to target/bench/bench.json.
+//! `--only policy`), and the forwarding modes' per-packet cost inside a topology
+//! (`lb_tests::modes_bench`; `--only modes`). Prints tables and writes JSON to target/bench/bench.json.
 //!
 //! How the per-packet figures are made. With `repeat` > 1 the kernel reruns the program on the
 //! buffer the previous iteration rewrote, so only paths that do not rewrite (non-VIP pass) are timed
@@ -23,7 +24,6 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::{Parser, ValueEnum};
 use lb_agent::{
     config::{self, Config},
@@ -35,7 +35,7 @@ use lb_common::counters::Counter;
 use lb_tests::{
     frames::{frame, ACK, SYN},
     memory,
-    test_run::{counter, sa},
+    test_run::{counter, median, sa, xdp_repeated_ns, xdp_single_call_ns},
 };
 use serde_json::{json, Value};
 
@@ -65,6 +65,7 @@ struct Args {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Section {
     PerPacket,
+    Modes,
     Maglev,
     Reconcile,
     Policy,
@@ -87,53 +88,6 @@ services:
 const CALLS: u32 = 20_000;
 const REPEAT: u32 = 1_000_000;
 
-/// This thread's CPU time in ns: unlike wall-clock time, it stops while other processes run.
-fn thread_cpu_ns() -> u128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
-}
-
-/// Fastest of three long `repeat` runs, in ns per iteration. Timed as this thread's CPU time
-/// around the call: the kernel reports whole nanoseconds per iteration, too coarse for a 5 ns
-/// program. The call's own setup (a few microseconds) is nothing next to a million iterations, and
-/// CPU time leaves out what other processes take, as the kernel's own timer does.
-fn repeated_ns(program: &mut Xdp, input: &[u8], repeat: u32) -> f64 {
-    let mut out = vec![0u8; input.len() + 256];
-    (0..3)
-        .map(|_| {
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(input);
-            opts.data_out = Some(&mut out);
-            opts.repeat = repeat;
-            let start = thread_cpu_ns();
-            program.test_run(opts).expect("test run");
-            (thread_cpu_ns() - start) as f64 / repeat as f64
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
-/// Mean kernel-measured ns of `repeat = 1` calls, one per frame (frames cycle).
-fn single_call_ns(program: &mut Xdp, frames: &[Vec<u8>], calls: u32) -> f64 {
-    let mut total = 0u128;
-    let mut out = vec![0u8; 2048];
-    for i in 0..calls as usize {
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(&frames[i % frames.len()]);
-        opts.data_out = Some(&mut out);
-        total += program
-            .test_run(opts)
-            .expect("test run")
-            .duration
-            .as_nanos();
-    }
-    total as f64 / calls as f64
-}
-
 /// One round's measured rows (path, ns per packet, method).
 type Rows = Vec<(&'static str, f64, &'static str)>;
 
@@ -142,16 +96,6 @@ struct Round {
     pass_ns: f64,
     overhead_ns: f64,
     rows: Rows,
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
 }
 
 fn machine() -> String {
@@ -180,6 +124,9 @@ fn main() -> Result<()> {
     let mut report = json!({ "machine": machine });
     if run(Section::PerPacket) {
         report["per_packet"] = per_packet(args.rounds as usize)?;
+    }
+    if run(Section::Modes) {
+        report["modes"] = lb_tests::modes_bench::run(args.rounds as usize)?;
     }
     if run(Section::Maglev) {
         report["maglev_build"] = maglev_build()?;
@@ -258,15 +205,15 @@ fn measure_round(datapath: &mut Datapath, round: usize) -> Result<Round> {
     // Baseline: XDP_PASS, both ways.
     let non_vip = frame(SYN, sa("192.0.2.2:40000"), sa("198.51.100.99:80"), b"");
     let pass = datapath.xdp_pass_program()?;
-    let pass_repeat = repeated_ns(pass, &non_vip, REPEAT);
-    let pass_single = single_call_ns(pass, std::slice::from_ref(&non_vip), CALLS);
+    let pass_repeat = xdp_repeated_ns(pass, &non_vip, REPEAT);
+    let pass_single = xdp_single_call_ns(pass, std::slice::from_ref(&non_vip), CALLS, 0);
     let overhead = pass_single - pass_repeat;
 
     let mut rows = Rows::new();
 
     // Non-VIP traffic (no rewrite): one long repeat.
     let before = counter(datapath, Counter::PassNotService);
-    let ns = repeated_ns(datapath.xdp_program(), &non_vip, REPEAT);
+    let ns = xdp_repeated_ns(datapath.xdp_program(), &non_vip, REPEAT);
     ensure!(
         counter(datapath, Counter::PassNotService) - before == 3 * REPEAT as u64,
         "non-VIP path not taken every time"
@@ -280,7 +227,7 @@ fn measure_round(datapath: &mut Datapath, round: usize) -> Result<Round> {
         b"",
     );
     let before = counter(datapath, Counter::PassNotService);
-    let ns = repeated_ns(datapath.xdp_program(), &non_vip6, REPEAT);
+    let ns = xdp_repeated_ns(datapath.xdp_program(), &non_vip6, REPEAT);
     ensure!(
         counter(datapath, Counter::PassNotService) - before == 3 * REPEAT as u64,
         "non-VIP path not taken every time"
@@ -311,7 +258,7 @@ fn measure_round(datapath: &mut Datapath, round: usize) -> Result<Round> {
         })
         .collect();
     let before = counter(datapath, Counter::ForwardNewFlow);
-    let ns = single_call_ns(datapath.xdp_program(), &new_flows, CALLS) - overhead;
+    let ns = xdp_single_call_ns(datapath.xdp_program(), &new_flows, CALLS, 0) - overhead;
     ensure!(
         counter(datapath, Counter::ForwardNewFlow) - before == CALLS as u64,
         "new-flow path not taken every time"
@@ -328,7 +275,7 @@ fn measure_round(datapath: &mut Datapath, round: usize) -> Result<Round> {
     let mut total = 0.0;
     for _ in 0..CALLS {
         datapath.forget_flow(&flow, &reply_key)?;
-        total += single_call_ns(datapath.xdp_program(), std::slice::from_ref(&syn), 1);
+        total += xdp_single_call_ns(datapath.xdp_program(), std::slice::from_ref(&syn), 1, 0);
     }
     ensure!(
         counter(datapath, Counter::ForwardNewFlow) - before == CALLS as u64,
@@ -342,7 +289,8 @@ fn measure_round(datapath: &mut Datapath, round: usize) -> Result<Round> {
 
     // VIP, conntrack hit: the same ACK each call.
     let before = counter(datapath, Counter::ForwardConntrackHit);
-    let ns = single_call_ns(datapath.xdp_program(), std::slice::from_ref(&ack), CALLS) - overhead;
+    let ns =
+        xdp_single_call_ns(datapath.xdp_program(), std::slice::from_ref(&ack), CALLS, 0) - overhead;
     ensure!(
         counter(datapath, Counter::ForwardConntrackHit) - before == CALLS as u64,
         "conntrack-hit path not taken every time"
@@ -352,7 +300,12 @@ fn measure_round(datapath: &mut Datapath, round: usize) -> Result<Round> {
     // Reply path: backend → client of that flow.
     let reply = frame(ACK, backend, client, b"");
     let before = counter(datapath, Counter::ReplyTranslated);
-    let ns = single_call_ns(datapath.xdp_program(), std::slice::from_ref(&reply), CALLS) - overhead;
+    let ns = xdp_single_call_ns(
+        datapath.xdp_program(),
+        std::slice::from_ref(&reply),
+        CALLS,
+        0,
+    ) - overhead;
     ensure!(
         counter(datapath, Counter::ReplyTranslated) - before == CALLS as u64,
         "reply path not taken every time"
@@ -374,7 +327,7 @@ fn measure_round(datapath: &mut Datapath, round: usize) -> Result<Round> {
         lb_tests::test_run::run(datapath.xdp_program(), f);
     }
     let before = counter(datapath, Counter::ForwardConntrackHit);
-    let ns = single_call_ns(datapath.xdp_program(), &many, CALLS) - overhead;
+    let ns = xdp_single_call_ns(datapath.xdp_program(), &many, CALLS, 0) - overhead;
     ensure!(
         counter(datapath, Counter::ForwardConntrackHit) - before == CALLS as u64,
         "conntrack-hit path not taken every time"
