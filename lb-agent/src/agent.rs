@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::Config,
+    config_watch::{self, ConfigWatch},
     datapath::{AttachMode, Datapath, LoadOptions, PinOptions},
     desired::{Conflict, Desired},
     ebpf_log,
@@ -67,7 +68,7 @@ pub struct AgentOptions {
     pub kubernetes: Option<KubeApi>,
     pub node_name: Option<String>,
     pub node_addresses: Vec<IpAddr>,
-    /// How often the config file is checked for changes.
+    /// How often the config file is checked for changes besides the watch (`crate::config_watch`).
     pub watch_interval: Duration,
     /// Serve the gRPC API on this unix socket (mode 0600).
     pub grpc_socket: Option<PathBuf>,
@@ -203,6 +204,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     info!(services = applied.services.len(), interfaces = ?options.interfaces, "ready");
 
     let mut file_stamp = stamp(&options.config_path);
+    // Edits are noticed at once; the poll below stays as the fallback.
+    let mut config_watch = ConfigWatch::new(&options.config_path)
+        .inspect_err(|err| warn!("config file changes are only polled: {err:#}"))
+        .ok();
     let mut watch_tick = tokio::time::interval(options.watch_interval);
     let mut stats_tick = tokio::time::interval(options.stats_interval.max(Duration::from_secs(1)));
     stats_tick.tick().await;
@@ -213,6 +218,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             _ = sigint.recv() => { info!("SIGINT received"); break; }
             _ = sigterm.recv() => { info!("SIGTERM received"); break; }
             _ = sighup.recv() => true,
+            () = config_watch::next_change(&mut config_watch) => {
+                let now = stamp(&options.config_path);
+                let changed = now != file_stamp;
+                file_stamp = now;
+                changed
+            }
             _ = watch_tick.tick() => {
                 let now = stamp(&options.config_path);
                 let changed = now != file_stamp;

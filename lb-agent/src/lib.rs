@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod config_watch;
 pub mod datapath;
 pub mod decap;
 pub mod desired;

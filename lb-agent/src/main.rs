@@ -52,6 +52,11 @@ enum Command {
         /// Serve /metrics, /healthz and /readyz on this address.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_addr: Option<SocketAddr>,
+        /// How often to check the config file for changes, besides watching its directory with
+        /// inotify (which notices an edit at once): the fallback for filesystems without inotify.
+        #[arg(long, default_value = "2000", value_name = "MILLISECONDS",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        config_poll_ms: u64,
         /// How often to refresh metrics and log the datapath counters (0 = do not log).
         #[arg(long, default_value = "10", value_name = "SECONDS")]
         stats_interval: u64,
@@ -135,6 +140,7 @@ fn main() -> ExitCode {
             interfaces,
             attach_mode,
             metrics_addr,
+            config_poll_ms,
             stats_interval,
             conntrack_entries,
             kubernetes,
@@ -176,7 +182,7 @@ fn main() -> ExitCode {
                 kubernetes,
                 node_name,
                 node_addresses,
-                watch_interval: Duration::from_millis(500),
+                watch_interval: Duration::from_millis(config_poll_ms),
                 grpc_socket,
                 grpc_tcp,
             };

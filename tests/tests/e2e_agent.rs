@@ -78,7 +78,15 @@ fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
         &topology.balancer,
         file.path(),
         &topology.balancer_interfaces(),
-        &["--metrics-addr", METRICS, "--stats-interval", "1"],
+        // An hour between polls: only the watch on the file's directory can notice the edit.
+        &[
+            "--metrics-addr",
+            METRICS,
+            "--stats-interval",
+            "1",
+            "--config-poll-ms",
+            "3600000",
+        ],
     )
     .expect("agent starts");
 
@@ -90,7 +98,7 @@ fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
         ["backend-1", "backend-2"]
     );
 
-    // Edit the file (no signal): new flows move to backend 3 only.
+    // Edit the file (no signal, no poll): new flows move to backend 3 only.
     let edited = Instant::now();
     file.rewrite(&config(&topology, &[3], false));
     let deadline = edited + Duration::from_secs(10);

@@ -1385,10 +1385,17 @@ fn edit_to_move(edits: usize) -> Result<Value> {
     let dir = TempDir::new("bench-edit")?;
     let path = dir.path().join("lb.yaml");
     let save = |i: usize| -> Result<()> {
+        // Both backends stay; the other one is drained (weight 0: no new flows, its connections
+        // finish), as an operator moves traffic without breaking it.
+        let weight = |b: usize| u32::from(b == i);
         let yaml = format!(
             "services:\n  - {{ name: web, vip: {VIP}, port: {WEB_PORT}, protocol: tcp, \
-             backends: [{{ address: {}, port: {NGINX_PORT} }}] }}\n",
-            topo.backends[i - 1].addr
+             backends: [{{ address: {}, port: {NGINX_PORT}, weight: {} }}, \
+             {{ address: {}, port: {NGINX_PORT}, weight: {} }}] }}\n",
+            topo.backends[0].addr,
+            weight(1),
+            topo.backends[1].addr,
+            weight(2)
         );
         // As editors save: a new file renamed over the old one.
         let tmp = dir.path().join("lb.yaml.tmp");
@@ -1421,8 +1428,7 @@ fn edit_to_move(edits: usize) -> Result<Value> {
             match tcp_requests(&topo.client, vip, 1, b"x").pop().expect("one") {
                 Ok(greeting) if greeting == name => break,
                 Ok(_) => {}
-                // A connection the old backend accepted just before the switch is re-balanced
-                // (the old backend is removed, not drained) and reset.
+                // The old backend is drained, not removed: its connections finish.
                 Err(_) => failed_during_switch += 1,
             }
             ensure!(
@@ -1439,7 +1445,7 @@ fn edit_to_move(edits: usize) -> Result<Value> {
             );
         }
         times.push(moved.as_secs_f64() * 1000.0);
-        // Saves at varying offsets from the agent's 500 ms file check.
+        // Saves at varying offsets from the agent's file poll (the fallback of its watch).
         std::thread::sleep(Duration::from_millis(100 + (edit as u64 * 137) % 400));
     }
     let mut sorted = times.clone();
@@ -1460,6 +1466,6 @@ fn edit_to_move(edits: usize) -> Result<Value> {
         "p99_ms": p99,
         "samples_ms": times,
         "failed_during_switch": failed_during_switch,
-        "file_check_interval_ms": 500,
+        "file_poll_interval_ms": 2000,
     }))
 }
