@@ -750,7 +750,7 @@ fn run_contender(
     if let Active::Lb(agent) = std::mem::replace(&mut active, Active::Nothing) {
         match agent.stop() {
             Ok((code, lines)) => {
-                let counters = parse_counters(&lines);
+                let counters = lb_tests::agent::logged_counters(&lines);
                 check["lb_exit_code"] = json!(code);
                 check["lb_counters"] = json!(counters);
                 let get = |k: &str| counters.get(k).copied().unwrap_or(0);
@@ -810,25 +810,6 @@ fn conntrack_count(ns: &Netns) -> Option<u64> {
     ns.exec("cat", &["/proc/sys/net/netfilter/nf_conntrack_count"])
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-}
-
-/// `name=value` pairs of the agent's last "datapath counters" log line.
-fn parse_counters(lines: &[String]) -> BTreeMap<String, u64> {
-    let names: BTreeSet<&str> = lb_common::counters::Counter::ALL
-        .iter()
-        .map(|c| c.name())
-        .collect();
-    let Some(line) = lines.iter().rev().find(|l| l.contains("datapath counters")) else {
-        return BTreeMap::new();
-    };
-    line.split_whitespace()
-        .filter_map(|tok| {
-            let (key, value) = tok.rsplit_once('=')?;
-            let key = key.rsplit('=').next()?;
-            let value: u64 = value.trim_matches('"').parse().ok()?;
-            names.contains(key).then(|| (key.to_string(), value))
-        })
-        .collect()
 }
 
 /// Probes: the baseline must find the VIP dead and the backend direct; every balancer must answer
