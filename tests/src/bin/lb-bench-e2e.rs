@@ -75,7 +75,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "iptables,nftables,haproxy,lb,lb-tc"
+        default_value = "baseline-spread,iptables,nftables,haproxy,lb,lb-tc"
     )]
     contenders: Vec<String>,
     /// Workloads to run, comma-separated: cps, bulk-up, bulk-down, udp.
@@ -134,6 +134,10 @@ struct Args {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Contender {
     Baseline,
+    /// No balancer either, but the client spreads over every backend itself (wrk thread i to
+    /// backend i mod n, UDP flow i likewise): the same backend processes at work as behind a
+    /// balancer. Bulk is one stream, to backend 1 as in the baseline.
+    BaselineSpread,
     Iptables,
     Nftables,
     Haproxy,
@@ -145,8 +149,9 @@ enum Contender {
     LbIdle,
 }
 
-const ALL_CONTENDERS: [Contender; 7] = [
+const ALL_CONTENDERS: [Contender; 8] = [
     Contender::Baseline,
+    Contender::BaselineSpread,
     Contender::Iptables,
     Contender::Nftables,
     Contender::Haproxy,
@@ -159,6 +164,7 @@ impl Contender {
     fn name(self) -> &'static str {
         match self {
             Contender::Baseline => "baseline",
+            Contender::BaselineSpread => "baseline-spread",
             Contender::Iptables => "iptables",
             Contender::Nftables => "nftables",
             Contender::Haproxy => "haproxy",
@@ -168,9 +174,12 @@ impl Contender {
         }
     }
 
-    /// Traffic goes straight to backend 1, not to the VIP.
+    /// Traffic goes straight to the backends (backend 1 unless spread), not to the VIP.
     fn direct(self) -> bool {
-        matches!(self, Contender::Baseline | Contender::LbIdle)
+        matches!(
+            self,
+            Contender::Baseline | Contender::BaselineSpread | Contender::LbIdle
+        )
     }
 }
 
@@ -595,7 +604,7 @@ fn activate(c: Contender, topo: &Topology, backends: &Backends, dir: &TempDir) -
     let services = services();
     let lb_ns = &topo.balancer;
     match c {
-        Contender::Baseline => Ok(Active::Nothing),
+        Contender::Baseline | Contender::BaselineSpread => Ok(Active::Nothing),
         Contender::Iptables => {
             require("iptables-restore", "iptables")?;
             let file = dir.path().join("kube-proxy.iptables");
@@ -826,7 +835,7 @@ fn verify(c: Contender, topo: &Topology, backends: &Backends, active: &Active) -
         );
         out["vip"] = json!("no answer, as expected");
     }
-    if c == Contender::Baseline {
+    if matches!(c, Contender::Baseline | Contender::BaselineSpread) {
         return Ok(out);
     }
     let probes = 24;
@@ -976,6 +985,18 @@ fn measure_once(
             SocketAddr::from((VIP, vip_port))
         }
     };
+    // Connections and datagrams: every backend for the spread baseline, else the one target.
+    let targets = |vip_port: u16, backend_port: u16| -> Vec<SocketAddr> {
+        if c == Contender::BaselineSpread {
+            backends
+                .addrs
+                .iter()
+                .map(|&a| SocketAddr::from((a, backend_port)))
+                .collect()
+        } else {
+            vec![target(vip_port, backend_port)]
+        }
+    };
     match w {
         Workload::Cps => {
             require("wrk", "wrk")?;
@@ -985,10 +1006,12 @@ fn measure_once(
             let tcp_before = loadgen::tcp_counters(&topo.client);
             let b1_before = loadgen::tcp_counters(&topo.backends[0].ns);
             let drops_before = loadgen::link_drops(&topo.balancer);
+            let web = targets(WEB_PORT, NGINX_PORT);
             let r = loadgen::run_wrk(
                 &topo.client,
-                target(WEB_PORT, NGINX_PORT),
-                args.wrk_threads,
+                &web,
+                // One thread per target at least, so every backend gets connections.
+                args.wrk_threads.max(web.len()),
                 args.wrk_connections,
                 settings.seconds,
             )?;
@@ -1051,7 +1074,7 @@ fn measure_once(
             let before: Vec<u64> = backends.udp.iter().map(UdpSink::datagrams).collect();
             let sent = loadgen::udp_blast(
                 &topo.client,
-                target(UDP_PORT, UDP_PORT),
+                &targets(UDP_PORT, UDP_PORT),
                 args.udp_flows,
                 args.udp_batch,
                 args.udp_payload,
@@ -1227,7 +1250,11 @@ fn report(
                 .filter(|(c, _)| {
                     !matches!(
                         c,
-                        Contender::Lb | Contender::LbTc | Contender::LbIdle | Contender::Baseline
+                        Contender::Lb
+                            | Contender::LbTc
+                            | Contender::LbIdle
+                            | Contender::Baseline
+                            | Contender::BaselineSpread
                     )
                 })
                 .map(|(c, v)| (*c, *v))
@@ -1235,6 +1262,27 @@ fn report(
             let mut v = format!("{}: {}", w.id(), ours.name());
             if let Some(b) = base {
                 v += &format!(" {:.2}x baseline", lb / b);
+            }
+            if let Some(b) = medians.get(&Contender::BaselineSpread) {
+                v += &format!(", {:.2}x baseline-spread", lb / b);
+            }
+            // The rounds' own spread: each round's value against that round's baseline.
+            let per_round = |c: Contender| -> Vec<Option<f64>> {
+                samples
+                    .get(&(w, c))
+                    .map(|s| s.iter().map(|r| r.as_ref().ok().map(|x| x.value)).collect())
+                    .unwrap_or_default()
+            };
+            let ratios: Vec<f64> = per_round(ours)
+                .iter()
+                .zip(per_round(Contender::Baseline))
+                .filter_map(|(a, b)| Some(a.as_ref()? / b?))
+                .collect();
+            if let (Some(lo), Some(hi)) = (
+                ratios.iter().copied().reduce(f64::min),
+                ratios.iter().copied().reduce(f64::max),
+            ) {
+                v += &format!(" (rounds {lo:.2}-{hi:.2}x baseline)");
             }
             if let Some((c, o)) = best_other {
                 v += &format!(", {:.2}x the best other ({})", lb / o, c.name());
