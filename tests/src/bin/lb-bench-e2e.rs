@@ -1,9 +1,11 @@
 //! End-to-end benchmark: the same traffic through the same veth topology (client — balancer node —
 //! N backends), balanced in turn by nothing (baseline: the client talks straight to one backend,
-//! routed by the balancer's kernel), kube-proxy's iptables mode, its nftables mode, HAProxy in TCP
-//! mode, and lb (the real `lb-agent`, DNAT mode) attached as XDP (`lb`) and as TC (`lb-tc`). Workloads: TCP connections/s (wrk with
-//! `Connection: close` against nginx), bulk TCP throughput both ways (iperf3) and small-packet UDP
-//! (a `sendmmsg` sender; datagrams counted by `recvmmsg` receivers on the backends).
+//! routed by the balancer's kernel; baseline-spread: the same, with the client spreading over every
+//! backend itself), kube-proxy's iptables mode, its nftables mode, HAProxy in TCP mode, and lb (the
+//! real `lb-agent`, DNAT mode) attached as XDP (`lb`) and as TC (`lb-tc`). Workloads: TCP
+//! connections/s (wrk with `Connection: close` against nginx), bulk TCP throughput both ways
+//! (iperf3) and small-packet UDP (a `sendmmsg` sender; datagrams counted by `recvmmsg` receivers on
+//! the backends).
 //!
 //! Every figure is also given as a ratio to the baseline measured in the same run. Rounds are
 //! interleaved (the order reverses every round) and each cell reports the median over rounds.
