@@ -87,8 +87,9 @@ struct Args {
         default_value = "cps,bulk-up,bulk-down,udp"
     )]
     workloads: Vec<String>,
-    /// wrk threads.
-    #[arg(long, default_value_t = 2)]
+    /// wrk threads (baseline-spread takes at least one per backend; the default gives every
+    /// contender that many with 4 backends).
+    #[arg(long, default_value_t = 4)]
     wrk_threads: usize,
     /// wrk concurrent connections.
     #[arg(long, default_value_t = 50)]
