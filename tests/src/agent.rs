@@ -325,3 +325,23 @@ impl Drop for AgentProcess {
         }
     }
 }
+
+/// The datapath counters of the agent's last "datapath counters" log line, by name (counters at
+/// zero are not logged).
+pub fn logged_counters(log: &[String]) -> std::collections::BTreeMap<String, u64> {
+    let names: std::collections::BTreeSet<&str> = lb_common::counters::Counter::ALL
+        .iter()
+        .map(|c| c.name())
+        .collect();
+    let Some(line) = log.iter().rev().find(|l| l.contains("datapath counters")) else {
+        return Default::default();
+    };
+    line.split_whitespace()
+        .filter_map(|tok| {
+            let (key, value) = tok.rsplit_once('=')?;
+            let key = key.rsplit('=').next()?;
+            let value: u64 = value.trim_matches(|c| c == '"' || c == ',').parse().ok()?;
+            names.contains(key).then(|| (key.to_string(), value))
+        })
+        .collect()
+}

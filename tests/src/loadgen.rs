@@ -219,14 +219,15 @@ pub struct WrkResult {
 }
 
 /// `wrk` from `ns` against `http://target/` with `Connection: close`, so every request is a new TCP
-/// connection: requests/s = connections/s.
+/// connection: requests/s = connections/s. With several targets thread i uses target i mod n.
 pub fn run_wrk(
     ns: &Netns,
-    target: SocketAddr,
+    targets: &[SocketAddr],
     threads: usize,
     connections: usize,
     seconds: u64,
 ) -> Result<WrkResult> {
+    let first = *targets.first().context("wrk without a target")?;
     let mut cmd = ns.command("wrk");
     cmd.args([
         &format!("-t{threads}"),
@@ -236,8 +237,34 @@ pub fn run_wrk(
         "2s",
         "-H",
         "Connection: close",
-        &format!("http://{target}/"),
     ]);
+    // Several targets: thread i connects to target i mod n (wrk's per-thread address), so the
+    // client itself spreads its connections without anything balancing in between.
+    let _script = if targets.len() > 1 {
+        let dir = TempDir::new("wrk")?;
+        let list: Vec<String> = targets
+            .iter()
+            .map(|t| format!("{{\"{}\", \"{}\"}}", t.ip(), t.port()))
+            .collect();
+        let path = dir.path().join("spread.lua");
+        std::fs::write(
+            &path,
+            format!(
+                "local targets = {{ {} }}\nlocal n = 0\n\
+                 function setup(thread)\n\
+                 \x20 local t = targets[n % #targets + 1]\n\
+                 \x20 n = n + 1\n\
+                 \x20 thread.addr = wrk.lookup(t[1], t[2])[1]\n\
+                 end\n",
+                list.join(", ")
+            ),
+        )?;
+        cmd.arg("-s").arg(&path);
+        Some(dir)
+    } else {
+        None
+    };
+    cmd.arg(format!("http://{first}/"));
     let done = procs::run_bounded(cmd, Duration::from_secs(seconds + 15))?;
     ensure!(
         done.status.success(),
@@ -608,27 +635,30 @@ pub struct UdpSent {
     pub errors: u64,
 }
 
-/// Sends `payload`-byte datagrams to `target` from inside `ns` for `duration`: `flows` connected
-/// sockets (one source port each, so flows spread over backends), `batch` datagrams per `sendmmsg`,
+/// Sends `payload`-byte datagrams to `targets` from inside `ns` for `duration`: `flows` connected
+/// sockets (one source port each, so flows spread over backends; flow i to target i mod n), `batch` datagrams per `sendmmsg`,
 /// cycling through the sockets. Runs as fast as the sockets take them.
 pub fn udp_blast(
     ns: &Netns,
-    target: SocketAddr,
+    targets: &[SocketAddr],
     flows: usize,
     batch: usize,
     payload: usize,
     duration: Duration,
 ) -> Result<UdpSent> {
+    let targets = targets.to_vec();
     ns.run(move || -> Result<UdpSent> {
-        let bind: SocketAddr = if target.is_ipv4() {
+        let first = *targets.first().context("UDP without a target")?;
+        let bind: SocketAddr = if first.is_ipv4() {
             "0.0.0.0:0".parse()?
         } else {
             "[::]:0".parse()?
         };
+        // Flow i goes to target i mod n.
         let sockets = (0..flows.max(1))
-            .map(|_| {
+            .map(|i| {
                 let s = UdpSocket::bind(bind)?;
-                s.connect(target)?;
+                s.connect(targets[i % targets.len()])?;
                 Ok(s)
             })
             .collect::<std::io::Result<Vec<_>>>()?;

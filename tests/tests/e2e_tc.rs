@@ -12,7 +12,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use lb_tests::{
-    agent::{AgentProcess, ConfigFile},
+    agent::{logged_counters, AgentProcess, ConfigFile},
     netns::TEST_PREFIX,
     servers::{tcp_requests, udp_requests, TcpCountingServer, UdpCountingServer},
     topology::{Topology, VIP, VIP6},
@@ -154,6 +154,28 @@ fn tcp_bulk_and_udp_through_lb_tc_over_ipv4_and_ipv6() {
         .expect("final counters logged");
     assert!(counters.contains("reply_translated="), "{counters}");
     assert!(!counters.contains("drop_malformed="), "{counters}");
+    // Every next hop (client, backends) is a veth whose peer is in another namespace: every packet
+    // forwarded went into the peer's ingress (`bpf_redirect_peer`), none through `bpf_redirect`
+    // (the stack sends those still waiting for a neighbour entry).
+    let counted = logged_counters(&log);
+    let sum = |keys: &[&str]| -> u64 {
+        keys.iter()
+            .map(|k| counted.get(*k).copied().unwrap_or(0))
+            .sum()
+    };
+    let forwarded = sum(&[
+        "forward_new_flow",
+        "forward_conntrack_hit",
+        "reply_translated",
+    ]);
+    let peer = sum(&["xmit_redirect_peer"]);
+    assert!(peer > 2 * CONNECTIONS as u64 * 16, "{counters}");
+    assert_eq!(
+        peer + sum(&["pass_fib_no_neigh", "pass_fib_failed"]),
+        forwarded,
+        "{counters}"
+    );
+    assert_eq!(sum(&["xmit_redirect"]), 0, "{counters}");
     // The pins are gone with the agent's test directory (as `lb-agent detach` removes them): the
     // VIP no longer answers.
     // The kernel releases a link shortly after its last pin goes.

@@ -1,9 +1,11 @@
 //! End-to-end benchmark: the same traffic through the same veth topology (client — balancer node —
 //! N backends), balanced in turn by nothing (baseline: the client talks straight to one backend,
-//! routed by the balancer's kernel), kube-proxy's iptables mode, its nftables mode, HAProxy in TCP
-//! mode, and lb (the real `lb-agent`, DNAT mode) attached as XDP (`lb`) and as TC (`lb-tc`). Workloads: TCP connections/s (wrk with
-//! `Connection: close` against nginx), bulk TCP throughput both ways (iperf3) and small-packet UDP
-//! (a `sendmmsg` sender; datagrams counted by `recvmmsg` receivers on the backends).
+//! routed by the balancer's kernel; baseline-spread: the same, with the client spreading over every
+//! backend itself), kube-proxy's iptables mode, its nftables mode, HAProxy in TCP mode, and lb (the
+//! real `lb-agent`, DNAT mode) attached as XDP (`lb`) and as TC (`lb-tc`). Workloads: TCP
+//! connections/s (wrk with `Connection: close` against nginx), bulk TCP throughput both ways
+//! (iperf3) and small-packet UDP (a `sendmmsg` sender; datagrams counted by `recvmmsg` receivers on
+//! the backends).
 //!
 //! Every figure is also given as a ratio to the baseline measured in the same run. Rounds are
 //! interleaved (the order reverses every round) and each cell reports the median over rounds.
@@ -75,7 +77,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "iptables,nftables,haproxy,lb,lb-tc"
+        default_value = "baseline-spread,iptables,nftables,haproxy,lb,lb-tc"
     )]
     contenders: Vec<String>,
     /// Workloads to run, comma-separated: cps, bulk-up, bulk-down, udp.
@@ -85,8 +87,9 @@ struct Args {
         default_value = "cps,bulk-up,bulk-down,udp"
     )]
     workloads: Vec<String>,
-    /// wrk threads.
-    #[arg(long, default_value_t = 2)]
+    /// wrk threads (baseline-spread takes at least one per backend; the default gives every
+    /// contender that many with 4 backends).
+    #[arg(long, default_value_t = 4)]
     wrk_threads: usize,
     /// wrk concurrent connections.
     #[arg(long, default_value_t = 50)]
@@ -134,6 +137,10 @@ struct Args {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Contender {
     Baseline,
+    /// No balancer either, but the client spreads over every backend itself (wrk thread i to
+    /// backend i mod n, UDP flow i likewise): the same backend processes at work as behind a
+    /// balancer. Bulk is one stream, to backend 1 as in the baseline.
+    BaselineSpread,
     Iptables,
     Nftables,
     Haproxy,
@@ -145,8 +152,9 @@ enum Contender {
     LbIdle,
 }
 
-const ALL_CONTENDERS: [Contender; 7] = [
+const ALL_CONTENDERS: [Contender; 8] = [
     Contender::Baseline,
+    Contender::BaselineSpread,
     Contender::Iptables,
     Contender::Nftables,
     Contender::Haproxy,
@@ -159,6 +167,7 @@ impl Contender {
     fn name(self) -> &'static str {
         match self {
             Contender::Baseline => "baseline",
+            Contender::BaselineSpread => "baseline-spread",
             Contender::Iptables => "iptables",
             Contender::Nftables => "nftables",
             Contender::Haproxy => "haproxy",
@@ -168,9 +177,12 @@ impl Contender {
         }
     }
 
-    /// Traffic goes straight to backend 1, not to the VIP.
+    /// Traffic goes straight to the backends (backend 1 unless spread), not to the VIP.
     fn direct(self) -> bool {
-        matches!(self, Contender::Baseline | Contender::LbIdle)
+        matches!(
+            self,
+            Contender::Baseline | Contender::BaselineSpread | Contender::LbIdle
+        )
     }
 }
 
@@ -595,7 +607,7 @@ fn activate(c: Contender, topo: &Topology, backends: &Backends, dir: &TempDir) -
     let services = services();
     let lb_ns = &topo.balancer;
     match c {
-        Contender::Baseline => Ok(Active::Nothing),
+        Contender::Baseline | Contender::BaselineSpread => Ok(Active::Nothing),
         Contender::Iptables => {
             require("iptables-restore", "iptables")?;
             let file = dir.path().join("kube-proxy.iptables");
@@ -750,7 +762,7 @@ fn run_contender(
     if let Active::Lb(agent) = std::mem::replace(&mut active, Active::Nothing) {
         match agent.stop() {
             Ok((code, lines)) => {
-                let counters = parse_counters(&lines);
+                let counters = lb_tests::agent::logged_counters(&lines);
                 check["lb_exit_code"] = json!(code);
                 check["lb_counters"] = json!(counters);
                 let get = |k: &str| counters.get(k).copied().unwrap_or(0);
@@ -812,25 +824,6 @@ fn conntrack_count(ns: &Netns) -> Option<u64> {
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
 }
 
-/// `name=value` pairs of the agent's last "datapath counters" log line.
-fn parse_counters(lines: &[String]) -> BTreeMap<String, u64> {
-    let names: BTreeSet<&str> = lb_common::counters::Counter::ALL
-        .iter()
-        .map(|c| c.name())
-        .collect();
-    let Some(line) = lines.iter().rev().find(|l| l.contains("datapath counters")) else {
-        return BTreeMap::new();
-    };
-    line.split_whitespace()
-        .filter_map(|tok| {
-            let (key, value) = tok.rsplit_once('=')?;
-            let key = key.rsplit('=').next()?;
-            let value: u64 = value.trim_matches('"').parse().ok()?;
-            names.contains(key).then(|| (key.to_string(), value))
-        })
-        .collect()
-}
-
 /// Probes: the baseline must find the VIP dead and the backend direct; every balancer must answer
 /// on the VIP from several backends, with the client's own address (DNAT) or the balancer's
 /// (HAProxy, a proxy) as the peer the backend saw.
@@ -845,7 +838,7 @@ fn verify(c: Contender, topo: &Topology, backends: &Backends, active: &Active) -
         );
         out["vip"] = json!("no answer, as expected");
     }
-    if c == Contender::Baseline {
+    if matches!(c, Contender::Baseline | Contender::BaselineSpread) {
         return Ok(out);
     }
     let probes = 24;
@@ -995,6 +988,18 @@ fn measure_once(
             SocketAddr::from((VIP, vip_port))
         }
     };
+    // Connections and datagrams: every backend for the spread baseline, else the one target.
+    let targets = |vip_port: u16, backend_port: u16| -> Vec<SocketAddr> {
+        if c == Contender::BaselineSpread {
+            backends
+                .addrs
+                .iter()
+                .map(|&a| SocketAddr::from((a, backend_port)))
+                .collect()
+        } else {
+            vec![target(vip_port, backend_port)]
+        }
+    };
     match w {
         Workload::Cps => {
             require("wrk", "wrk")?;
@@ -1004,10 +1009,12 @@ fn measure_once(
             let tcp_before = loadgen::tcp_counters(&topo.client);
             let b1_before = loadgen::tcp_counters(&topo.backends[0].ns);
             let drops_before = loadgen::link_drops(&topo.balancer);
+            let web = targets(WEB_PORT, NGINX_PORT);
             let r = loadgen::run_wrk(
                 &topo.client,
-                target(WEB_PORT, NGINX_PORT),
-                args.wrk_threads,
+                &web,
+                // One thread per target at least, so every backend gets connections.
+                args.wrk_threads.max(web.len()),
                 args.wrk_connections,
                 settings.seconds,
             )?;
@@ -1070,7 +1077,7 @@ fn measure_once(
             let before: Vec<u64> = backends.udp.iter().map(UdpSink::datagrams).collect();
             let sent = loadgen::udp_blast(
                 &topo.client,
-                target(UDP_PORT, UDP_PORT),
+                &targets(UDP_PORT, UDP_PORT),
                 args.udp_flows,
                 args.udp_batch,
                 args.udp_payload,
@@ -1246,7 +1253,11 @@ fn report(
                 .filter(|(c, _)| {
                     !matches!(
                         c,
-                        Contender::Lb | Contender::LbTc | Contender::LbIdle | Contender::Baseline
+                        Contender::Lb
+                            | Contender::LbTc
+                            | Contender::LbIdle
+                            | Contender::Baseline
+                            | Contender::BaselineSpread
                     )
                 })
                 .map(|(c, v)| (*c, *v))
@@ -1254,6 +1265,27 @@ fn report(
             let mut v = format!("{}: {}", w.id(), ours.name());
             if let Some(b) = base {
                 v += &format!(" {:.2}x baseline", lb / b);
+            }
+            if let Some(b) = medians.get(&Contender::BaselineSpread) {
+                v += &format!(", {:.2}x baseline-spread", lb / b);
+            }
+            // The rounds' own spread: each round's value against that round's baseline.
+            let per_round = |c: Contender| -> Vec<Option<f64>> {
+                samples
+                    .get(&(w, c))
+                    .map(|s| s.iter().map(|r| r.as_ref().ok().map(|x| x.value)).collect())
+                    .unwrap_or_default()
+            };
+            let ratios: Vec<f64> = per_round(ours)
+                .iter()
+                .zip(per_round(Contender::Baseline))
+                .filter_map(|(a, b)| Some(a.as_ref()? / b?))
+                .collect();
+            if let (Some(lo), Some(hi)) = (
+                ratios.iter().copied().reduce(f64::min),
+                ratios.iter().copied().reduce(f64::max),
+            ) {
+                v += &format!(" (rounds {lo:.2}-{hi:.2}x baseline)");
             }
             if let Some((c, o)) = best_other {
                 v += &format!(", {:.2}x the best other ({})", lb / o, c.name());
