@@ -1052,15 +1052,7 @@ impl Datapath {
 
     /// Sum over CPUs of every datapath counter.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map")?)?;
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let per_cpu = counters.get(&(*c as u32), 0)?;
-                Ok((*c, per_cpu.iter().sum()))
-            })
-            .collect()
+        read_counters(&self.ebpf)
     }
 
     /// Traffic of one service (summed over CPUs).
@@ -1196,4 +1188,18 @@ impl Drop for Datapath {
     fn drop(&mut self) {
         self.detach_all();
     }
+}
+
+/// Every counter of the `COUNTERS` map of `ebpf` (the balancer's or `lb_decap`'s object), summed
+/// over CPUs.
+pub(crate) fn read_counters(ebpf: &Ebpf) -> Result<Vec<(Counter, u64)>> {
+    let counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(ebpf.map("COUNTERS").context("COUNTERS map")?)?;
+    Counter::ALL
+        .iter()
+        .map(|c| {
+            let per_cpu = counters.get(&(*c as u32), 0)?;
+            Ok((*c, per_cpu.iter().sum()))
+        })
+        .collect()
 }

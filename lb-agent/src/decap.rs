@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData},
     programs::{xdp::XdpLinkId, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
@@ -141,15 +141,7 @@ impl Decap {
 
     /// Sum over CPUs of every counter (only the decap reasons move here).
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map")?)?;
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let per_cpu = counters.get(&(*c as u32), 0)?;
-                Ok((*c, per_cpu.iter().sum()))
-            })
-            .collect()
+        crate::datapath::read_counters(&self.ebpf)
     }
 }
 

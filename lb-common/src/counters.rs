@@ -129,9 +129,18 @@ counters! {
 }
 
 impl Counter {
-    /// Number of slots in the counters map.
+    /// Number of counters.
     pub const COUNT: u32 = Self::ALL.len() as u32;
+    /// Slots of the `COUNTERS` map: more than there are counters, so that adding one keeps the
+    /// map's definition and an upgraded agent adopts the pinned map (a hitless upgrade) instead of
+    /// refusing it as an incompatible layout.
+    pub const SLOTS: u32 = 64;
 }
+
+const _: () = assert!(
+    Counter::COUNT <= Counter::SLOTS,
+    "grow Counter::SLOTS (a layout change)"
+);
 
 #[cfg(test)]
 mod tests {
