@@ -58,6 +58,9 @@ pub struct AgentOptions {
     pub interfaces: Vec<String>,
     /// The program every interface gets (`lb_xdp` or `lb_tc`).
     pub attach_mode: AttachMode,
+    /// Host sides of workload veths: TC split around the policy programs
+    /// ([`AttachMode::Workload`]), whatever `attach_mode` says.
+    pub workload_interfaces: Vec<String>,
     pub metrics_addr: Option<SocketAddr>,
     /// How often to refresh metrics and log counters (0 = never log).
     pub stats_interval: Duration,
@@ -198,9 +201,18 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     for interface in &options.interfaces {
         datapath.attach_with(interface, options.attach_mode)?;
     }
-    datapath.release_links_except(&options.interfaces)?;
+    for interface in &options.workload_interfaces {
+        datapath.attach_with(interface, AttachMode::Workload)?;
+    }
+    let attached: Vec<String> = options
+        .interfaces
+        .iter()
+        .chain(&options.workload_interfaces)
+        .cloned()
+        .collect();
+    datapath.release_links_except(&attached)?;
     readiness.set_ready();
-    info!(services = applied.services.len(), interfaces = ?options.interfaces, "ready");
+    info!(services = applied.services.len(), interfaces = ?attached, "ready");
 
     let mut file_stamp = stamp(&options.config_path);
     let mut watch_tick = tokio::time::interval(options.watch_interval);
