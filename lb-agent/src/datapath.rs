@@ -426,10 +426,15 @@ impl Datapath {
     /// and a pinned link of the other mode is removed (one balancing program per interface).
     pub fn attach_with(&mut self, interface: &str, mode: AttachMode) -> Result<()> {
         if mode == AttachMode::Workload {
-            self.attach_with(interface, AttachMode::Tc)?;
+            self.attach_balancer(interface, AttachMode::Tc)?;
             return self.attach_workload_hooks(interface);
         }
         self.release_workload_hooks(interface)?;
+        self.attach_balancer(interface, mode)
+    }
+
+    /// [`Self::attach_with`] for `lb_xdp` or `lb_tc` (ingress) alone.
+    fn attach_balancer(&mut self, interface: &str, mode: AttachMode) -> Result<()> {
         if mode == AttachMode::Tc {
             self.tc_program()?;
             self.tc_attached = true;

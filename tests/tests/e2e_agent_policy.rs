@@ -861,6 +861,17 @@ fn workload_interfaces_split_the_balancer_around_the_policy() {
             "{iface} after the restart"
         );
     }
+    for program in ["lb_tc_request", "lb_tc_reply"] {
+        let adopted = again
+            .history
+            .iter()
+            .filter(|l| l.contains("adopted the pinned tcx link") && l.contains(program));
+        assert_eq!(
+            adopted.count(),
+            kept.len(),
+            "{program} replaced in its pinned links"
+        );
+    }
     assert_eq!(
         tcx_chain(&topology.node, "wl-other"),
         split(&["policy_from_endpoint"], &["policy_to_endpoint"]),
