@@ -204,6 +204,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     for interface in &options.workload_interfaces {
         datapath.attach_with(interface, AttachMode::Workload)?;
     }
+    if options.attach_mode == AttachMode::Tc {
+        warn_policy_endpoints_on_plain_tc(&options.interfaces, &desired.merged_policy());
+    }
     let attached: Vec<String> = options
         .interfaces
         .iter()
@@ -571,4 +574,20 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
+/// Policy endpoints' interfaces attached with plain `lb_tc`: there the policy runs before the
+/// translation, so a client's egress rules see the VIP, not the backend it balances to.
+fn warn_policy_endpoints_on_plain_tc(interfaces: &[String], policy: &PolicyConfig) {
+    for workload in &policy.workloads {
+        if let Some(interface) = workload
+            .interface
+            .as_ref()
+            .filter(|i| interfaces.contains(i))
+        {
+            warn!(interface, workload = %workload.name,
+                  "policy endpoint attached with --attach tc: its egress rules see VIPs, not the \
+                   backends they balance to; name it with --workload-iface instead");
+        }
+    }
 }

@@ -766,7 +766,8 @@ fn tcx_chain(node: &Netns, iface: &'static str) -> (Vec<String>, Vec<String>) {
 /// `--workload-iface`: on each workload veth the agent puts `lb_tc_request` before
 /// `policy_from_endpoint` and `lb_tc` after it at ingress, and `lb_tc_reply` after
 /// `policy_to_endpoint` at egress, and pins the new links; a restart keeps the chains (programs
-/// replaced in the pinned links), and an interface no longer named loses the balancer's links.
+/// replaced in the pinned links), and an interface switched to plain `--attach tc` loses the
+/// request and reply programs, with a warning.
 /// Through the VIP, frontend (whose egress denies other) reaches db only.
 #[test]
 fn workload_interfaces_split_the_balancer_around_the_policy() {
@@ -842,18 +843,29 @@ fn workload_interfaces_split_the_balancer_around_the_policy() {
         "other reached through the VIP"
     );
 
-    // A restart adopts the pinned links in place; wl-other, no longer named, loses them.
+    // A restart adopts the pinned links in place; wl-other, now a plain `--attach tc` interface,
+    // loses the request and reply programs (with a warning: its egress rules see VIPs).
     let (code, _) = agent.stop().expect("agent stops");
     assert_eq!(code, 0);
     let kept: Vec<&'static str> = all.iter().copied().filter(|i| *i != "wl-other").collect();
+    let mut args = args_for(&kept);
+    args.extend(["--attach", "tc"]);
     let again = AgentProcess::start_pinned(
         &topology.node,
         file.path(),
-        &[EXTERNAL.to_string()],
-        &args_for(&kept),
+        &[EXTERNAL.to_string(), "wl-other".to_string()],
+        &args,
         pins.clone(),
     )
     .expect("second agent starts");
+    assert!(
+        again
+            .history
+            .iter()
+            .any(|l| l.contains("policy endpoint attached with --attach tc")
+                && l.contains("wl-other")),
+        "warned about wl-other"
+    );
     for iface in &kept {
         assert_eq!(
             tcx_chain(&topology.node, iface),
@@ -873,12 +885,12 @@ fn workload_interfaces_split_the_balancer_around_the_policy() {
         );
     }
     // The kernel releases a link shortly after its last pin goes, not at once.
-    let policy_only = split(&["policy_from_endpoint"], &["policy_to_endpoint"]);
+    let plain_tc = split(&["policy_from_endpoint", "lb_tc"], &["policy_to_endpoint"]);
     let started = Instant::now();
-    while tcx_chain(&topology.node, "wl-other") != policy_only {
+    while tcx_chain(&topology.node, "wl-other") != plain_tc {
         assert!(
             started.elapsed() < Duration::from_secs(3),
-            "wl-other: the policy only: {:?}",
+            "wl-other: the policy and lb_tc: {:?}",
             tcx_chain(&topology.node, "wl-other")
         );
         thread::sleep(Duration::from_millis(100));
