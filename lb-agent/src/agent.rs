@@ -59,6 +59,9 @@ pub struct AgentOptions {
     pub interfaces: Vec<String>,
     /// The program every interface gets (`lb_xdp` or `lb_tc`).
     pub attach_mode: AttachMode,
+    /// Host sides of workload veths: TC split around the policy programs
+    /// ([`AttachMode::Workload`]), whatever `attach_mode` says.
+    pub workload_interfaces: Vec<String>,
     pub metrics_addr: Option<SocketAddr>,
     /// How often to refresh metrics and log counters (0 = never log).
     pub stats_interval: Duration,
@@ -199,9 +202,21 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     for interface in &options.interfaces {
         datapath.attach_with(interface, options.attach_mode)?;
     }
-    datapath.release_links_except(&options.interfaces)?;
+    for interface in &options.workload_interfaces {
+        datapath.attach_with(interface, AttachMode::Workload)?;
+    }
+    if options.attach_mode == AttachMode::Tc {
+        warn_policy_endpoints_on_plain_tc(&options.interfaces, &desired.merged_policy());
+    }
+    let attached: Vec<String> = options
+        .interfaces
+        .iter()
+        .chain(&options.workload_interfaces)
+        .cloned()
+        .collect();
+    datapath.release_links_except(&attached)?;
     readiness.set_ready();
-    info!(services = applied.services.len(), interfaces = ?options.interfaces, "ready");
+    info!(services = applied.services.len(), interfaces = ?attached, "ready");
 
     let mut file_stamp = stamp(&options.config_path);
     // Edits are noticed at once; the poll below stays as the fallback.
@@ -570,4 +585,20 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
+/// Policy endpoints' interfaces attached with plain `lb_tc`: there the policy runs before the
+/// translation, so a client's egress rules see the VIP, not the backend it balances to.
+fn warn_policy_endpoints_on_plain_tc(interfaces: &[String], policy: &PolicyConfig) {
+    for workload in &policy.workloads {
+        if let Some(interface) = workload
+            .interface
+            .as_ref()
+            .filter(|i| interfaces.contains(i))
+        {
+            warn!(interface, workload = %workload.name,
+                  "policy endpoint attached with --attach tc: its egress rules see VIPs, not the \
+                   backends they balance to; name it with --workload-iface instead");
+        }
+    }
 }

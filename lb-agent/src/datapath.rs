@@ -2,7 +2,8 @@
 //! desired configuration: backends, weighted Maglev tables (swapped atomically) and services.
 //!
 //! Attached as XDP (`lb_xdp`, the default, best on physical NICs) or TC (`lb_tc` at tcx ingress,
-//! DNAT only, best on veths: see [`AttachMode`]).
+//! DNAT only, best on veths), or on a workload's veth where the policy also runs, TC split around
+//! the policy programs (see [`AttachMode`]).
 //!
 //! With a pin directory (see [`crate::pins`]) maps, program and XDP/TC links are pinned: the
 //! datapath outlives the `Datapath` (and the agent), and the next load adopts the pinned maps,
@@ -19,8 +20,9 @@ use anyhow::{bail, Context, Result};
 use aya::{
     maps::{Array, ArrayOfMaps, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{
+        links::LinkOrder,
         links::{FdLink, PinnedLink},
-        tc::{self, SchedClassifierLink, SchedClassifierLinkId},
+        tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
         xdp::{XdpLink, XdpLinkId},
         SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
@@ -55,6 +57,17 @@ pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
 /// Name of the balancing TC program (DNAT only) in the object.
 pub const TC_PROGRAM: &str = "lb_tc";
+/// Translates requests at the head of a workload veth's TC ingress, before the policy.
+pub const TC_REQUEST_PROGRAM: &str = "lb_tc_request";
+/// Translates replies at the end of a workload veth's TC egress, after the policy.
+pub const TC_REPLY_PROGRAM: &str = "lb_tc_reply";
+
+/// The programs a workload's veth gets besides `lb_tc`: hook, and whether it goes to the head of
+/// the tcx chain (else the end).
+const WORKLOAD_HOOKS: [(&str, TcAttachType, bool); 2] = [
+    (TC_REQUEST_PROGRAM, TcAttachType::Ingress, true),
+    (TC_REPLY_PROGRAM, TcAttachType::Egress, false),
+];
 
 /// Which program an interface gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,6 +80,12 @@ pub enum AttachMode {
     /// `drop_tc_mode_unsupported`). The choice for veths, where XDP forces NAPI, copies cloned
     /// skbs and disables TSO on the peer.
     Tc,
+    /// A workload's veth (host side), where the policy programs also run: `lb_tc` at the end of tcx
+    /// ingress, `lb_tc_request` at its head (translates requests to VIPs before
+    /// `policy_from_endpoint`, so the client's egress rules see the chosen backend) and
+    /// `lb_tc_reply` at the end of tcx egress (turns the replies' source back into the VIP after
+    /// `policy_to_endpoint` matched them). DNAT only, like `Tc`.
+    Workload,
 }
 
 impl std::str::FromStr for AttachMode {
@@ -122,7 +141,7 @@ pub struct PinOptions {
 enum Attachment {
     /// Detached by [`Datapath::detach_all`] and on drop.
     Owned(XdpLinkId),
-    OwnedTc(SchedClassifierLinkId),
+    OwnedTc(&'static str, SchedClassifierLinkId),
     /// A pinned `bpf_link`: stays attached until its pin is removed.
     Pinned,
 }
@@ -367,18 +386,24 @@ impl Datapath {
         Ok(program)
     }
 
-    /// The TC program, loaded (and pinned) on first use.
+    /// The TC program `lb_tc`, loaded (and pinned) on first use.
     pub fn tc_program(&mut self) -> Result<&mut SchedClassifier> {
-        let pin = self.pins.as_ref().map(|pins| pins.program(TC_PROGRAM));
+        self.tc_program_named(TC_PROGRAM)
+    }
+
+    /// A TC program of the object ([`TC_PROGRAM`], [`TC_REQUEST_PROGRAM`], [`TC_REPLY_PROGRAM`]),
+    /// loaded (and pinned) on first use.
+    pub fn tc_program_named(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        let pin = self.pins.as_ref().map(|pins| pins.program(name));
         let program: &mut SchedClassifier = self
             .ebpf
-            .program_mut(TC_PROGRAM)
-            .context("lb_tc missing from the object")?
+            .program_mut(name)
+            .with_context(|| format!("{name} missing from the object"))?
             .try_into()?;
         if program.fd().is_err() {
             program
                 .load()
-                .context("loading the TC program (verifier)")?;
+                .with_context(|| format!("loading {name} (verifier)"))?;
             if let Some(path) = pin {
                 let _ = std::fs::remove_file(&path);
                 program
@@ -395,11 +420,21 @@ impl Datapath {
     }
 
     /// Attaches to `interface` (in the calling thread's network namespace). XDP: native (driver)
-    /// mode where the driver supports it, generic (skb) mode otherwise; TC: tcx ingress. With pins,
-    /// a pinned link of the interface in the same mode gets this program atomically (no moment
-    /// without a program), a new link is pinned, and a pinned link of the other mode is removed
-    /// (one balancing program per interface).
+    /// mode where the driver supports it, generic (skb) mode otherwise; TC: tcx ingress; workload:
+    /// TC plus the request and reply programs. With pins, a pinned link of the interface in the
+    /// same mode gets this program atomically (no moment without a program), a new link is pinned,
+    /// and a pinned link of the other mode is removed (one balancing program per interface).
     pub fn attach_with(&mut self, interface: &str, mode: AttachMode) -> Result<()> {
+        if mode == AttachMode::Workload {
+            self.attach_balancer(interface, AttachMode::Tc)?;
+            return self.attach_workload_hooks(interface);
+        }
+        self.release_workload_hooks(interface)?;
+        self.attach_balancer(interface, mode)
+    }
+
+    /// [`Self::attach_with`] for `lb_xdp` or `lb_tc` (ingress) alone.
+    fn attach_balancer(&mut self, interface: &str, mode: AttachMode) -> Result<()> {
         if mode == AttachMode::Tc {
             self.tc_program()?;
             self.tc_attached = true;
@@ -412,14 +447,14 @@ impl Datapath {
         let Some(pins) = self.pins.clone() else {
             let attachment = match mode {
                 AttachMode::Xdp => Attachment::Owned(self.attach_link(interface)?),
-                AttachMode::Tc => Attachment::OwnedTc(self.attach_tc_link(interface)?),
+                _ => Attachment::OwnedTc(TC_PROGRAM, self.attach_tc_link(interface)?),
             };
             self.attached.push((interface.to_string(), attachment));
             return Ok(());
         };
         let (path, other) = match mode {
             AttachMode::Xdp => (pins.link(interface), pins.tc_ingress_link(interface)),
-            AttachMode::Tc => (pins.tc_ingress_link(interface), pins.link(interface)),
+            _ => (pins.tc_ingress_link(interface), pins.link(interface)),
         };
         if other.exists() {
             std::fs::remove_file(&other)
@@ -429,7 +464,7 @@ impl Datapath {
         }
         let kind = match mode {
             AttachMode::Xdp => "XDP",
-            AttachMode::Tc => "TC",
+            _ => "TC",
         };
         if path.exists() {
             match self.replace_program_in(&path, mode) {
@@ -458,7 +493,7 @@ impl Datapath {
                     )
                 })?
             }
-            AttachMode::Tc => {
+            _ => {
                 let id = self.attach_tc_link(interface)?;
                 let link = self.tc_program()?.take_link(id)?;
                 FdLink::try_from(link).with_context(|| {
@@ -488,11 +523,88 @@ impl Datapath {
                 // The pin keeps the link; dropping our descriptor does not detach it.
                 drop(program.take_link(id)?);
             }
-            AttachMode::Tc => {
-                let link = SchedClassifierLink::try_from(link)?;
-                let program = self.tc_program()?;
-                let id = program.attach_to_link(link)?;
-                drop(program.take_link(id)?);
+            _ => self.replace_tc_program_in(link, TC_PROGRAM)?,
+        }
+        Ok(())
+    }
+
+    /// Puts TC program `name` into the pinned tcx `link` (`BPF_LINK_UPDATE`).
+    fn replace_tc_program_in(&mut self, link: FdLink, name: &str) -> Result<()> {
+        let link = SchedClassifierLink::try_from(link)?;
+        let program = self.tc_program_named(name)?;
+        let id = program.attach_to_link(link)?;
+        // The pin keeps the link; dropping our descriptor does not detach it.
+        drop(program.take_link(id)?);
+        Ok(())
+    }
+
+    /// Attaches `lb_tc_request` (head of tcx ingress) and `lb_tc_reply` (end of tcx egress) to a
+    /// workload's veth, next to `lb_tc`. The policy's `policy_from_endpoint` goes after
+    /// `lb_tc_request` whichever is attached first (see `crate::policy::datapath`). With pins, as
+    /// [`Self::attach_with`]: a pinned link keeps its place and gets this program atomically.
+    fn attach_workload_hooks(&mut self, interface: &str) -> Result<()> {
+        for (name, attach_type, first) in WORKLOAD_HOOKS {
+            let order = if first {
+                LinkOrder::first()
+            } else {
+                LinkOrder::last()
+            };
+            let Some(pins) = self.pins.clone() else {
+                let id = self.attach_tc_ordered(interface, name, attach_type, order)?;
+                self.attached
+                    .push((interface.to_string(), Attachment::OwnedTc(name, id)));
+                continue;
+            };
+            let path = pins.tc_workload_link(interface, name);
+            if path.exists() {
+                let link: Result<FdLink> = PinnedLink::from_pin(&path)
+                    .map(Into::into)
+                    .map_err(Into::into);
+                match link.and_then(|link| self.replace_tc_program_in(link, name)) {
+                    Ok(()) => {
+                        info!(interface, program = name, link = %path.display(),
+                              "adopted the pinned tcx link: program replaced atomically");
+                        self.attached
+                            .push((interface.to_string(), Attachment::Pinned));
+                        continue;
+                    }
+                    Err(err) => {
+                        warn!(interface, link = %path.display(), error = %format!("{err:#}"),
+                              "pinned tcx link unusable (interface re-created?), attaching anew");
+                        std::fs::remove_file(&path)
+                            .with_context(|| format!("removing {}", path.display()))?;
+                    }
+                }
+            }
+            let id = self.attach_tc_ordered(interface, name, attach_type, order)?;
+            let link = FdLink::try_from(self.tc_program_named(name)?.take_link(id)?).with_context(
+                || {
+                    format!(
+                        "{name} on {interface} is attached through netlink, which cannot be pinned"
+                    )
+                },
+            )?;
+            // The pin owns the link from now on: closing our descriptor leaves it attached.
+            link.pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+            self.attached
+                .push((interface.to_string(), Attachment::Pinned));
+        }
+        Ok(())
+    }
+
+    /// Removes the pinned `lb_tc_request`/`lb_tc_reply` links of `interface` (it is no longer
+    /// attached as a workload's veth).
+    fn release_workload_hooks(&self, interface: &str) -> Result<()> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        for (name, _, _) in WORKLOAD_HOOKS {
+            let path = pins.tc_workload_link(interface, name);
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                info!(interface, link = %path.display(), "removed the pinned workload tcx link");
             }
         }
         Ok(())
@@ -519,6 +631,32 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches TC program `name` to `interface` at `order` in its tcx chain.
+    fn attach_tc_ordered(
+        &mut self,
+        interface: &str,
+        name: &str,
+        attach_type: TcAttachType,
+        order: LinkOrder,
+    ) -> Result<SchedClassifierLinkId> {
+        // Needed before tcx (kernel 6.6), harmless after; EEXIST: the qdisc is there already.
+        let _ = tc::qdisc_add_clsact(interface);
+        let program = self.tc_program_named(name)?;
+        let id = match program.attach_with_options(
+            interface,
+            attach_type,
+            TcAttachOptions::TcxOrder(order),
+        ) {
+            Ok(id) => id,
+            // No tcx (before 6.6): a clsact filter.
+            Err(_) => program
+                .attach(interface, attach_type)
+                .with_context(|| format!("attaching {name} to {interface}"))?,
+        };
+        info!(interface, program = name, "TC attached");
+        Ok(id)
+    }
+
     /// Logs every programmed service `lb_tc` cannot forward (SNAT, DSR), once TC is attached.
     fn warn_xdp_only_services(&self) {
         if !self.tc_attached {
@@ -541,7 +679,12 @@ impl Datapath {
         };
         for interface in pins.linked_interfaces()? {
             if !keep.contains(&interface) {
-                for path in [pins.link(&interface), pins.tc_ingress_link(&interface)] {
+                let workload_links =
+                    WORKLOAD_HOOKS.map(|(name, _, _)| pins.tc_workload_link(&interface, name));
+                for path in [pins.link(&interface), pins.tc_ingress_link(&interface)]
+                    .into_iter()
+                    .chain(workload_links)
+                {
                     if path.exists() {
                         std::fs::remove_file(&path)
                             .with_context(|| format!("removing {}", path.display()))?;
@@ -594,8 +737,8 @@ impl Datapath {
         for (interface, attachment) in std::mem::take(&mut self.attached) {
             let detached = match attachment {
                 Attachment::Owned(link) => self.xdp_program().detach(link).map_err(Into::into),
-                Attachment::OwnedTc(link) => self
-                    .tc_program()
+                Attachment::OwnedTc(name, link) => self
+                    .tc_program_named(name)
                     .and_then(|program| program.detach(link).map_err(Into::into)),
                 Attachment::Pinned => continue,
             };

@@ -42,13 +42,20 @@ enum Command {
         config: PathBuf,
         /// Interface to attach to; repeat for every interface that receives client traffic or
         /// backend replies.
-        #[arg(long = "iface", short, required = true)]
+        #[arg(long = "iface", short, required_unless_present = "workload_interfaces")]
         interfaces: Vec<String>,
         /// Program for every --iface: `xdp` (lb_xdp, every forwarding mode; best on physical
         /// NICs) or `tc` (lb_tc at tcx ingress, DNAT only; best on veths, where XDP forces NAPI,
         /// copies cloned skbs and turns TSO off on the peer).
         #[arg(long = "attach", default_value = "xdp", value_name = "xdp|tc")]
         attach_mode: AttachMode,
+        /// Host side of a workload's veth (a pod interface, where the policy programs also run);
+        /// repeat for each. Gets TC split around the policy (whatever --attach says): requests to
+        /// a VIP are translated before the policy checks the workload's egress, so its rules see
+        /// the backend chosen, not the VIP; replies are turned back into the VIP at its veth's
+        /// egress, after the policy. DNAT only.
+        #[arg(long = "workload-iface", value_name = "IFACE")]
+        workload_interfaces: Vec<String>,
         /// Serve /metrics, /healthz and /readyz on this address.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_addr: Option<SocketAddr>,
@@ -139,6 +146,7 @@ fn main() -> ExitCode {
             config,
             interfaces,
             attach_mode,
+            workload_interfaces,
             metrics_addr,
             config_poll_ms,
             stats_interval,
@@ -172,6 +180,7 @@ fn main() -> ExitCode {
                 config_path: config,
                 interfaces,
                 attach_mode,
+                workload_interfaces,
                 metrics_addr,
                 stats_interval: Duration::from_secs(stats_interval),
                 conntrack_entries,

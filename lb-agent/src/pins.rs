@@ -8,7 +8,9 @@
 //! - `programs/<name>`: the XDP program last loaded (for inspection; the links hold it);
 //! - `links/xdp_<interface>` or `links/tc_<interface>`: the XDP or TC (tcx ingress) `bpf_link` of
 //!   each interface. The kernel keeps the program attached as long as this pin exists, whatever
-//!   happens to the agent (also `kill -9`);
+//!   happens to the agent (also `kill -9`); a workload's veth also has
+//!   `links/lb_tc_request_<interface>` (head of tcx ingress) and `links/lb_tc_reply_<interface>`
+//!   (tcx egress);
 //! - `policy/`: the policy datapath (a separate instance of the object, see
 //!   `crate::policy::datapath`), laid out the same way with its own `LAYOUT`, `maps/`, `programs/`
 //!   and `links/tc_<interface>_<ingress|egress>` (its tcx links).
@@ -172,6 +174,14 @@ impl PinDir {
     /// The balancer's TC (tcx ingress) link on `interface` (`--attach tc`).
     pub fn tc_ingress_link(&self, interface: &str) -> PathBuf {
         self.root.join("links").join(format!("tc_{interface}"))
+    }
+
+    /// The tcx link of the balancer's workload-veth program `program` (`lb_tc_request`,
+    /// `lb_tc_reply`) on `interface`.
+    pub fn tc_workload_link(&self, interface: &str, program: &str) -> PathBuf {
+        self.root
+            .join("links")
+            .join(format!("{program}_{interface}"))
     }
 
     /// The tcx link of a policy TC program on `interface` in `direction` (`ingress` or `egress`).
@@ -361,6 +371,8 @@ impl PinDir {
             .filter_map(|name| {
                 name.strip_prefix("xdp_")
                     .or_else(|| name.strip_prefix("tc_"))
+                    .or_else(|| name.strip_prefix("lb_tc_request_"))
+                    .or_else(|| name.strip_prefix("lb_tc_reply_"))
                     .map(str::to_string)
             })
             .collect();

@@ -56,13 +56,23 @@ pub struct NatReply {
     pub vip_port: u16,
     /// `service::mode::DNAT` or `service::mode::SNAT`.
     pub mode: u8,
-    pub _pad: u8,
+    /// [`reply_flags`].
+    pub flags: u8,
     pub service_id: u32,
     /// SNAT: the client address and port the reply goes back to (unused for DNAT: the reply is
     /// already addressed to the client).
     pub client: Addr,
     pub client_port: u16,
     pub _pad2: [u8; 6],
+}
+
+/// Bits of [`NatReply::flags`].
+pub mod reply_flags {
+    /// The request was translated on its client's workload veth (`lb_tc_request`, before the
+    /// policy checked the client's egress against the chosen backend): the reply is translated
+    /// back only at that veth's egress (`lb_tc_reply`, after the policy matched it to the
+    /// connection client → backend); the balancer's ingress programs pass it untranslated.
+    pub const AT_CLIENT_VETH: u8 = 1;
 }
 
 #[cfg(feature = "user")]

@@ -33,13 +33,15 @@ pub fn entry_of(flow: &Flow) -> Option<*mut ConntrackEntry> {
 }
 
 /// The backend for `flow` (`tracked`: its [`entry_of`]): the tracked one while the entry is live,
-/// else a new choice (tracked from now on; a new SNAT flow also gets its source port). `Err` names
+/// else a new choice (tracked from now on; a new SNAT flow also gets its source port; a new DNAT
+/// flow's reply entry gets `reply_flags`, see `lb_common::conntrack::reply_flags`). `Err` names
 /// the drop reason.
 #[inline(always)]
 pub fn backend_for(
     flow: &Flow,
     service: &ServiceInfo,
     tracked: Option<*mut ConntrackEntry>,
+    reply_flags: u8,
 ) -> Result<Chosen, Counter> {
     // The coarse clock (updated every tick) is plenty for idle timeouts of seconds, and much cheaper.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -122,6 +124,7 @@ pub fn backend_for(
         reply.vip = flow.key.dst;
         reply.vip_port = flow.key.dst_port;
         reply.mode = mode::DNAT;
+        reply.flags = reply_flags;
         reply.service_id = service.id;
         let _ = NAT_REPLY.insert(&*reply_key, &*reply, 0);
     }

@@ -75,7 +75,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         (None, None)
     };
     if let Some(service) = service {
-        return match conntrack::backend_for(&flow, &service, tracked) {
+        return match conntrack::backend_for(&flow, &service, tracked, 0) {
             Ok(chosen) if service.mode == mode::DNAT => {
                 nat::to_backend(&ctx, &flow, &chosen.backend);
                 fragments::track_first(&ctx, &flow);

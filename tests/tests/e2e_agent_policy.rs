@@ -30,7 +30,7 @@ use lb_tests::{
     agent::{metric_sum, scrape_metrics, AgentProcess, ConfigFile, TestPins},
     grpc_client::connect_unix,
     netns::Netns,
-    policy_topology::PolicyTopology,
+    policy_topology::{PolicyTopology, WORKLOADS},
     servers::{tcp_connect, tcp_request, TcpCountingServer},
     test_run::flow_key,
 };
@@ -723,4 +723,193 @@ fn a_restart_keeps_the_pinned_rule_set_until_kubernetes_is_listed() {
     assert!(allowed() && denied());
     assert_eq!(second.stop().expect("stops").0, 0);
     drop(api);
+}
+
+/// A VIP over db:6379 and other:7000; frontend's egress allows db and the service range but denies
+/// other (deny wins); db accepts frontend on 6379.
+fn workload_config(vip: IpAddr) -> String {
+    let policy = PolicyTopology::workloads_yaml(&["other"])
+        + "rules:\n\
+           \x20 - {name: db-from-frontend, endpoints: {match_labels: {app: db}}, direction: ingress,\n\
+           \x20    action: allow, peers: [{selector: {match_labels: {app: frontend}}}], ports: [{port: 6379}]}\n\
+           \x20 - {name: frontend-to-db-and-services, endpoints: {match_labels: {app: frontend}},\n\
+           \x20    direction: egress, action: allow,\n\
+           \x20    peers: [{selector: {match_labels: {app: db}}}, {cidr: 198.51.100.0/24}]}\n\
+           \x20 - {name: frontend-not-to-other, endpoints: {match_labels: {app: frontend}},\n\
+           \x20    direction: egress, action: deny, peers: [{selector: {match_labels: {app: other}}}]}\n";
+    let indented: Vec<String> = policy.lines().map(|l| format!("  {l}")).collect();
+    format!(
+        "services:\n  - name: mixed\n    vip: {vip}\n    port: 80\n    protocol: tcp\n    backends:\n      \
+         - {{ address: {}, port: {DB_PORT} }}\n      - {{ address: {}, port: {OTHER_PORT} }}\n\
+         policy:\n{}\n",
+        PolicyTopology::addr("db", false),
+        PolicyTopology::addr("other", false),
+        indented.join("\n")
+    )
+}
+
+/// Names of the tcx programs on `iface` (ingress, egress), in chain order (as the kernel reports
+/// them: at most 15 characters).
+fn tcx_chain(node: &Netns, iface: &'static str) -> (Vec<String>, Vec<String>) {
+    node.run(move || {
+        let names = |direction| {
+            let (_, programs) = SchedClassifier::query_tcx(iface, direction).expect("query tcx");
+            programs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("").to_string())
+                .collect()
+        };
+        (names(TcAttachType::Ingress), names(TcAttachType::Egress))
+    })
+}
+
+/// `--workload-iface`: on each workload veth the agent puts `lb_tc_request` before
+/// `policy_from_endpoint` and `lb_tc` after it at ingress, and `lb_tc_reply` after
+/// `policy_to_endpoint` at egress, and pins the new links; a restart keeps the chains (programs
+/// replaced in the pinned links), and an interface switched to plain `--attach tc` loses the
+/// request and reply programs, with a warning.
+/// Through the VIP, frontend (whose egress denies other) reaches db only.
+#[test]
+fn workload_interfaces_split_the_balancer_around_the_policy() {
+    /// Half go to each backend: all to one is a 2^-11 chance.
+    const ATTEMPTS: usize = 12;
+    let topology = topology();
+    let vip: IpAddr = "198.51.100.80".parse().unwrap();
+    let (db, other) = (
+        PolicyTopology::addr("db", false),
+        PolicyTopology::addr("other", false),
+    );
+    let db_server = TcpCountingServer::start(topology.ns("db"), db, DB_PORT, "db");
+    let other_server = TcpCountingServer::start(topology.ns("other"), other, OTHER_PORT, "other");
+    let file = ConfigFile::new(&workload_config(vip));
+    let args_for = |workloads: &[&'static str]| -> Vec<&'static str> {
+        workloads
+            .iter()
+            .flat_map(|iface| ["--workload-iface", *iface])
+            .collect()
+    };
+    let all: Vec<&'static str> = WORKLOADS.iter().map(|w| w.4).collect();
+    // The kernel keeps 15 characters of a program's name.
+    let split = |ingress: &[&str], egress: &[&str]| {
+        let short = |names: &[&str]| -> Vec<String> {
+            names
+                .iter()
+                .map(|n| n.get(..15).unwrap_or(n).to_string())
+                .collect()
+        };
+        (short(ingress), short(egress))
+    };
+    let expected = split(
+        &["lb_tc_request", "policy_from_endpoint", "lb_tc"],
+        &["policy_to_endpoint", "lb_tc_reply"],
+    );
+
+    let agent = AgentProcess::start_with(
+        &topology.node,
+        file.path(),
+        &[EXTERNAL.to_string()],
+        &args_for(&all),
+    )
+    .expect("agent starts");
+    let pins = agent.pins();
+    for iface in &all {
+        assert_eq!(tcx_chain(&topology.node, iface), expected, "{iface}");
+        for program in ["lb_tc_request", "lb_tc_reply"] {
+            let pin = pins.path().join("links").join(format!("{program}_{iface}"));
+            assert!(pin.exists(), "{} pinned", pin.display());
+        }
+    }
+
+    let results: Vec<_> = thread::scope(|scope| {
+        let attempts: Vec<_> = (0..ATTEMPTS)
+            .map(|_| {
+                let ns = topology.ns("frontend");
+                scope.spawn(move || tcp_request(ns, SocketAddr::new(vip, 80), b"hello"))
+            })
+            .collect();
+        attempts.into_iter().map(|a| a.join().unwrap()).collect()
+    });
+    let greeted = results
+        .iter()
+        .filter(|r| r.as_deref().ok() == Some("db"))
+        .count();
+    let refused = results.iter().filter(|r| r.is_err()).count();
+    assert_eq!(greeted + refused, ATTEMPTS, "only db answers: {results:?}");
+    assert!(greeted > 0 && refused > 0, "Maglev used both: {results:?}");
+    assert_eq!(db_server.bytes(), 5 * greeted as u64, "bytes db received");
+    assert_eq!(
+        other_server.connections(),
+        0,
+        "other reached through the VIP"
+    );
+
+    // A restart adopts the pinned links in place; wl-other, now a plain `--attach tc` interface,
+    // loses the request and reply programs (with a warning: its egress rules see VIPs).
+    let (code, _) = agent.stop().expect("agent stops");
+    assert_eq!(code, 0);
+    let kept: Vec<&'static str> = all.iter().copied().filter(|i| *i != "wl-other").collect();
+    let mut args = args_for(&kept);
+    args.extend(["--attach", "tc"]);
+    let again = AgentProcess::start_pinned(
+        &topology.node,
+        file.path(),
+        &[EXTERNAL.to_string(), "wl-other".to_string()],
+        &args,
+        pins.clone(),
+    )
+    .expect("second agent starts");
+    assert!(
+        again
+            .history
+            .iter()
+            .any(|l| l.contains("policy endpoint attached with --attach tc")
+                && l.contains("wl-other")),
+        "warned about wl-other"
+    );
+    for iface in &kept {
+        assert_eq!(
+            tcx_chain(&topology.node, iface),
+            expected,
+            "{iface} after the restart"
+        );
+    }
+    for program in ["lb_tc_request", "lb_tc_reply"] {
+        let adopted = again
+            .history
+            .iter()
+            .filter(|l| l.contains("adopted the pinned tcx link") && l.contains(program));
+        assert_eq!(
+            adopted.count(),
+            kept.len(),
+            "{program} replaced in its pinned links"
+        );
+    }
+    // The kernel releases a link shortly after its last pin goes, not at once.
+    let plain_tc = split(&["policy_from_endpoint", "lb_tc"], &["policy_to_endpoint"]);
+    let started = Instant::now();
+    while tcx_chain(&topology.node, "wl-other") != plain_tc {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "wl-other: the policy and lb_tc: {:?}",
+            tcx_chain(&topology.node, "wl-other")
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    for program in ["lb_tc_request", "lb_tc_reply"] {
+        assert!(!pins
+            .path()
+            .join("links")
+            .join(format!("{program}_wl-other"))
+            .exists());
+    }
+    assert_eq!(
+        tcp_request(
+            topology.ns("frontend"),
+            SocketAddr::new(db, DB_PORT),
+            b"hello"
+        )
+        .expect("frontend -> db after the restart"),
+        "db"
+    );
+    drop(again);
 }

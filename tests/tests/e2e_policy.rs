@@ -63,9 +63,14 @@ impl Cluster {
     /// The cluster, with `before` run once the topology exists and before the policy programs
     /// are attached (e.g. to attach other programs first).
     fn with<T>(before: impl FnOnce(&PolicyTopology) -> T) -> (Self, T) {
+        Self::with_rules(RULES, before)
+    }
+
+    /// [`Self::with`] under `rules` instead of [`RULES`].
+    fn with_rules<T>(rules: &str, before: impl FnOnce(&PolicyTopology) -> T) -> (Self, T) {
         let topology = PolicyTopology::new().unwrap();
         let done_before = before(&topology);
-        let yaml = PolicyTopology::workloads_yaml(&["other"]) + RULES;
+        let yaml = PolicyTopology::workloads_yaml(&["other"]) + rules;
         let config: PolicyConfig = serde_yaml_ng::from_str(&yaml).unwrap();
         let ifindexes = topology.ifindexes();
         let ifindex_of = |name: &str| ifindexes.iter().find(|(n, _)| n == name).map(|(_, i)| *i);
@@ -453,5 +458,183 @@ fn a_vip_connection_is_checked_against_the_backend_it_chose() {
             "db-from-frontend"
         )
     );
+    drop(lb);
+}
+
+/// frontend's egress: db and the service range allowed, other denied (deny wins).
+const FRONTEND_EGRESS_RULES: &str = "
+  - {name: frontend-to-db-and-services, endpoints: {match_labels: {app: frontend}},
+     direction: egress, action: allow,
+     peers: [{selector: {match_labels: {app: db}}}, {cidr: 198.51.100.0/24},
+             {cidr: \"2001:db8:100::/48\"}]}
+  - {name: frontend-not-to-other, endpoints: {match_labels: {app: frontend}}, direction: egress,
+     action: deny, peers: [{selector: {match_labels: {app: other}}}]}
+";
+
+/// With the balancer attached to the workload veths as `AttachMode::Workload` (`lb_tc_request`
+/// before the policy, `lb_tc` after it, `lb_tc_reply` at egress after it), a client's egress
+/// rules see the backend Maglev chose, not the VIP: frontend may reach db but not other, and a VIP
+/// over db:6379 and other:7000 cannot be used to reach other. Connections Maglev sends to other
+/// are refused (nothing reaches other's server) and each denial names other:7000 and the deny
+/// rule; those it sends to db succeed, with replies turned back into the VIP at frontend's veth
+/// egress after the policy matched them. Direct connections get the same verdicts. With `lb_tc`
+/// alone after the policy (the arrangement before `AttachMode::Workload`) the policy saw the VIP,
+/// which the service range allows, and frontend reached other through it.
+#[test]
+fn a_client_egress_deny_holds_for_the_backend_a_vip_chose() {
+    use lb_agent::{config::Config, datapath::AttachMode};
+    use lb_common::{counters::Counter, protocol, service::ServiceKey};
+    use lb_tests::test_run::{counter, expected_backend};
+
+    /// Connections to the VIP per family, opened at once: each goes to db or other (half each),
+    /// so all going to one of them is a 2^-11 chance.
+    const ATTEMPTS: usize = 12;
+    let rules = format!("{RULES}{FRONTEND_EGRESS_RULES}");
+    let vips: [IpAddr; 2] = [
+        "198.51.100.80".parse().unwrap(),
+        "2001:db8:100::80".parse().unwrap(),
+    ];
+    let services: String = vips
+        .iter()
+        .enumerate()
+        .map(|(i, vip)| {
+            let v6 = i == 1;
+            format!(
+                "  - name: mixed{i}\n    vip: \"{vip}\"\n    port: 80\n    protocol: tcp\n    \
+                 backends:\n      - {{ address: \"{}\", port: 6379 }}\n      \
+                 - {{ address: \"{}\", port: 7000 }}\n",
+                Cluster::addr("db", v6),
+                Cluster::addr("other", v6)
+            )
+        })
+        .collect();
+    // The balancer is attached first, as the agent does on a fresh node; the policy's ingress
+    // program still goes right after `lb_tc_request`.
+    let (mut c, lb) = Cluster::with_rules(&rules, |topology| {
+        let mut lb = Datapath::load_with(&LoadOptions::default()).unwrap();
+        lb.apply(&Config::from_yaml(&format!("services:\n{services}")).unwrap())
+            .unwrap();
+        topology.node.run(move || {
+            for w in WORKLOADS {
+                lb.attach_with(w.4, AttachMode::Workload).unwrap();
+            }
+            lb
+        })
+    });
+
+    for (i, vip) in vips.into_iter().enumerate() {
+        let v6 = i == 1;
+        let (frontend, db, other) = (
+            Cluster::addr("frontend", v6),
+            Cluster::addr("db", v6),
+            Cluster::addr("other", v6),
+        );
+        let db_server = TcpCountingServer::start(c.ns("db"), db, 6379, "db");
+        let other_server = TcpCountingServer::start(c.ns("other"), other, 7000, "other");
+        let translated = counter(&lb, Counter::ReplyTranslated);
+
+        let results: Vec<_> = thread::scope(|scope| {
+            let attempts: Vec<_> = (0..ATTEMPTS)
+                .map(|_| {
+                    let ns = c.ns("frontend");
+                    scope.spawn(move || tcp_request(ns, SocketAddr::new(vip, 80), b"hello"))
+                })
+                .collect();
+            attempts.into_iter().map(|a| a.join().unwrap()).collect()
+        });
+        let greeted = results
+            .iter()
+            .filter(|r| r.as_deref().ok() == Some("db"))
+            .count();
+        let refused = results.iter().filter(|r| r.is_err()).count();
+        assert_eq!(
+            greeted + refused,
+            ATTEMPTS,
+            "v6 {v6}: only db answers: {results:?}"
+        );
+        assert!(
+            greeted > 0 && refused > 0,
+            "v6 {v6}: Maglev used both: {results:?}"
+        );
+
+        // What crossed the wire: db got every greeted connection and its payload, other nothing.
+        assert_eq!(db_server.connections(), greeted as u64, "v6 {v6}");
+        assert_eq!(db_server.bytes(), 5 * greeted as u64, "v6 {v6}: db's bytes");
+        assert_eq!(
+            other_server.connections(),
+            0,
+            "v6 {v6}: other reached through the VIP"
+        );
+        assert!(
+            counter(&lb, Counter::ReplyTranslated) > translated,
+            "v6 {v6}: replies turned back into the VIP"
+        );
+
+        // Every refused connection was one Maglev sent to other, denied by frontend's egress rule
+        // naming other:7000.
+        let denials = c.events(|e| e.verdict == Verdict::Deny && e.src == Some(frontend));
+        let mut ports: Vec<u16> = denials.iter().map(|e| e.src_port).collect();
+        ports.sort();
+        ports.dedup();
+        assert_eq!(
+            ports.len(),
+            refused,
+            "v6 {v6}: one denied connection each: {denials:?}"
+        );
+        let key = ServiceKey::new(vip, 80, protocol::TCP);
+        for e in &denials {
+            assert_eq!(
+                (
+                    e.direction,
+                    e.reason,
+                    e.dst,
+                    e.dst_port,
+                    c.rule_name(e.rule_id)
+                ),
+                (
+                    Direction::Egress,
+                    Reason::DeniedByRule,
+                    Some(other),
+                    7000,
+                    "frontend-not-to-other"
+                ),
+                "v6 {v6}"
+            );
+            let client = SocketAddr::new(frontend, e.src_port);
+            let chosen = expected_backend(
+                &lb,
+                &key,
+                protocol::TCP,
+                client,
+                SocketAddr::new(vip, 80),
+                false,
+            );
+            assert_eq!(
+                chosen,
+                SocketAddr::new(other, 7000),
+                "v6 {v6}: Maglev's choice"
+            );
+        }
+
+        // Direct connections: the same verdicts.
+        let greeting = tcp_request(c.ns("frontend"), SocketAddr::new(db, 6379), b"hello")
+            .unwrap_or_else(|e| panic!("frontend -> db (v6 {v6}): {e}"));
+        assert_eq!(greeting, "db");
+        assert!(tcp_request(c.ns("frontend"), SocketAddr::new(other, 7000), b"hello").is_err());
+        assert_eq!(
+            other_server.connections(),
+            0,
+            "v6 {v6}: other reached directly"
+        );
+        let direct = c.events(|e| e.verdict == Verdict::Deny && e.src == Some(frontend));
+        assert!(
+            !direct.is_empty()
+                && direct
+                    .iter()
+                    .all(|e| (e.dst, e.dst_port, c.rule_name(e.rule_id))
+                        == (Some(other), 7000, "frontend-not-to-other")),
+            "v6 {v6}: {direct:?}"
+        );
+    }
     drop(lb);
 }

@@ -1,6 +1,7 @@
 //! `lb_tc`, the TC datapath (DNAT only), on crafted frames through BPF_PROG_TEST_RUN: forward and
 //! reply for IPv4 and IPv6, TCP and UDP, conntrack hits, UDP without a checksum, the modes it
-//! refuses, and traffic it leaves alone. Outputs are compared byte for byte with frames built from
+//! refuses, and traffic it leaves alone; and the workload-veth split (`lb_tc_request` before the
+//! policy, `lb_tc_reply` after it at egress). Outputs are compared byte for byte with frames built from
 //! scratch (so every checksum is verified); each case also checks the counter naming its path.
 //!
 //! Each test runs in a network namespace of its own, since `lb_tc` asks the FIB for the next hop:
@@ -14,13 +15,18 @@ use std::net::SocketAddr;
 
 use lb_agent::{
     config::Config,
-    datapath::{AttachMode, Datapath, LoadOptions},
+    datapath::{
+        AttachMode, Datapath, LoadOptions, TC_PROGRAM, TC_REPLY_PROGRAM, TC_REQUEST_PROGRAM,
+    },
 };
 use lb_common::{counters::Counter, protocol, service::ServiceKey};
 use lb_tests::{
     frames::{frame, inspect, ACK, L4, SYN},
     netns::{Netns, TEST_PREFIX},
-    test_run::{expected_backend, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT},
+    test_run::{
+        expected_backend, run as run_xdp, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        XDP_PASS,
+    },
 };
 
 const CONFIG: &str = "
@@ -105,7 +111,16 @@ fn counter(datapath: &Datapath, which: Counter) -> u64 {
 }
 
 fn run(datapath: &mut Datapath, input: &[u8]) -> (u32, Vec<u8>) {
-    run_tc_frame(datapath.tc_program().expect("lb_tc loads"), input)
+    run_program(datapath, TC_PROGRAM, input)
+}
+
+fn run_program(datapath: &mut Datapath, program: &str, input: &[u8]) -> (u32, Vec<u8>) {
+    run_tc_frame(
+        datapath
+            .tc_program_named(program)
+            .unwrap_or_else(|e| panic!("{program} loads: {e:#}")),
+        input,
+    )
 }
 
 fn proto(l4: L4) -> u8 {
@@ -115,7 +130,8 @@ fn proto(l4: L4) -> u8 {
     }
 }
 
-/// Runs `input` and checks verdict, output frame and that `which` counted exactly one packet.
+/// Runs `input` through `lb_tc` and checks verdict, output frame and that `which` counted exactly
+/// one packet.
 fn expect(
     datapath: &mut Datapath,
     what: &str,
@@ -124,8 +140,21 @@ fn expect(
     output: &[u8],
     which: Counter,
 ) {
+    expect_of(datapath, TC_PROGRAM, what, input, verdict, output, which);
+}
+
+/// [`expect`] for TC program `program`.
+fn expect_of(
+    datapath: &mut Datapath,
+    program: &str,
+    what: &str,
+    input: &[u8],
+    verdict: u32,
+    output: &[u8],
+    which: Counter,
+) {
     let before = counter(datapath, which);
-    let (got, out) = run(datapath, input);
+    let (got, out) = run_program(datapath, program, input);
     assert_eq!(got, verdict, "{what}: verdict");
     assert_eq!(out, output, "{what}: output frame");
     assert!(inspect(&out).checksums_ok, "{what}: checksums");
@@ -323,4 +352,143 @@ fn redirected_in_namespace(how: Counter) {
         how,
     );
     assert_eq!(counter(&datapath, other), other_before, "{}", other.name());
+}
+
+/// The sum of every counter: a program that passes a packet on "uncounted" leaves it unchanged.
+fn all_counters(datapath: &Datapath) -> u64 {
+    datapath.counters().unwrap().iter().map(|(_, n)| n).sum()
+}
+
+/// On a workload's veth: `lb_tc_request` translates a request and passes it on with `TCX_NEXT`
+/// (never redirected, though the FIB knows the backend: the policy after it must see it) and marks
+/// the flow, so `lb_tc` and `lb_xdp` leave its reply untranslated; `lb_tc_reply` (egress, after the
+/// policy) translates it. Other traffic passes both uncounted (counted once by `lb_tc`).
+#[test]
+fn workload_veth_requests_before_the_policy_replies_after_it() {
+    isolated(
+        &[
+            "link add tcv0 address 02:00:00:00:00:0a type veth peer name tcv1",
+            "link set tcv0 up",
+            "link set tcv1 up",
+            "addr add 203.0.113.1/24 dev tcv0",
+            "addr add 2001:db8:203::1/64 dev tcv0 nodad",
+            "neigh add 203.0.113.11 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+            "neigh add 203.0.113.12 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+            "neigh add 203.0.113.13 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+        ],
+        workload_veth_in_namespace,
+    );
+}
+
+fn workload_veth_in_namespace() {
+    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("forwarding");
+    let mut datapath = load();
+    for (l4, client, vip) in [
+        (SYN, "192.0.2.2:40020", "198.51.100.10:80"),
+        (L4::Udp, "[2001:db8:2::2]:40021", "[2001:db8:100::10]:53"),
+    ] {
+        let (client, vip) = (sa(client), sa(vip));
+        let key = ServiceKey::new(vip.ip(), vip.port(), proto(l4));
+        let backend = expected_backend(&datapath, &key, proto(l4), client, vip, false);
+        let what = format!("{l4:?} {client} -> {vip}");
+        let next = if l4 == SYN { ACK } else { l4 };
+        expect_of(
+            &mut datapath,
+            TC_REQUEST_PROGRAM,
+            &format!("{what}: new flow"),
+            &frame(l4, client, vip, b"hello"),
+            TC_ACT_UNSPEC,
+            &frame(l4, client, backend, b"hello"),
+            Counter::ForwardNewFlow,
+        );
+        expect_of(
+            &mut datapath,
+            TC_REQUEST_PROGRAM,
+            &format!("{what}: tracked"),
+            &frame(next, client, vip, b"more"),
+            TC_ACT_UNSPEC,
+            &frame(next, client, backend, b"more"),
+            Counter::ForwardConntrackHit,
+        );
+        let reply = frame(next, backend, client, b"answer");
+        expect(
+            &mut datapath,
+            &format!("{what}: reply at the backend's veth ingress (lb_tc)"),
+            &reply,
+            TC_ACT_OK,
+            &reply,
+            Counter::PassNotService,
+        );
+        let before = counter(&datapath, Counter::PassNotService);
+        let (verdict, out) = run_xdp(datapath.xdp_program(), &reply);
+        assert_eq!(
+            (verdict, out == reply),
+            (XDP_PASS, true),
+            "{what}: reply through lb_xdp: passed untranslated"
+        );
+        assert_eq!(counter(&datapath, Counter::PassNotService), before + 1);
+        expect_of(
+            &mut datapath,
+            TC_REPLY_PROGRAM,
+            &format!("{what}: reply at the client's veth egress"),
+            &reply,
+            TC_ACT_UNSPEC,
+            &frame(next, vip, client, b"answer"),
+            Counter::ReplyTranslated,
+        );
+    }
+
+    // A flow `lb_tc` translated (its client is not on a workload veth) has its reply translated by
+    // `lb_tc` as before, and by `lb_tc_reply` too, should it leave through a workload veth.
+    let (client, vip) = (sa("192.0.2.3:40022"), sa("198.51.100.10:80"));
+    let key = ServiceKey::new(vip.ip(), vip.port(), protocol::TCP);
+    let backend = expected_backend(&datapath, &key, protocol::TCP, client, vip, false);
+    let (verdict, _) = run(&mut datapath, &frame(SYN, client, vip, b""));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "lb_tc redirects a request");
+    expect_of(
+        &mut datapath,
+        TC_REPLY_PROGRAM,
+        "reply of a flow lb_tc translated",
+        &frame(ACK, backend, client, b"x"),
+        TC_ACT_UNSPEC,
+        &frame(ACK, vip, client, b"x"),
+        Counter::ReplyTranslated,
+    );
+
+    // Refused at the head of the chain, as by `lb_tc`.
+    let snat = frame(SYN, client, sa("198.51.100.40:80"), b"");
+    expect_of(
+        &mut datapath,
+        TC_REQUEST_PROGRAM,
+        "SNAT service (XDP only)",
+        &snat,
+        TC_ACT_SHOT,
+        &snat,
+        Counter::DropTcModeUnsupported,
+    );
+
+    // Anything else goes on unchanged and uncounted.
+    for (program, input) in [
+        (
+            TC_REQUEST_PROGRAM,
+            frame(SYN, client, sa("198.51.100.99:80"), b""),
+        ),
+        (
+            TC_REQUEST_PROGRAM,
+            frame(ACK, sa("203.0.113.11:8080"), sa("192.0.2.9:1234"), b""),
+        ),
+        (
+            TC_REPLY_PROGRAM,
+            frame(ACK, client, sa("203.0.113.11:8080"), b""),
+        ),
+        (
+            TC_REPLY_PROGRAM,
+            frame(ACK, sa("203.0.113.11:8080"), sa("192.0.2.9:1234"), b""),
+        ),
+    ] {
+        let before = all_counters(&datapath);
+        let (verdict, out) = run_program(&mut datapath, program, &input);
+        assert_eq!((verdict, out == input), (TC_ACT_UNSPEC, true), "{program}");
+        assert_eq!(all_counters(&datapath), before, "{program}: uncounted");
+    }
 }

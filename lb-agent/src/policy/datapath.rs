@@ -27,7 +27,7 @@ use aya::{
     programs::{
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
-        SchedClassifier, TcAttachType,
+        ProgramId, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -44,7 +44,7 @@ use tracing::{info, warn};
 
 use super::{compile::CompiledPolicy, model::Cidr};
 use crate::{
-    datapath::{PinOptions, EBPF_OBJECT},
+    datapath::{PinOptions, EBPF_OBJECT, TC_REQUEST_PROGRAM},
     pins::{self, PinDir},
 };
 
@@ -795,19 +795,37 @@ pub fn write_cidr_deny(ebpf: &mut Ebpf, previous: &[Cidr], cidrs: &[Cidr]) -> Re
 
 /// Attaches `program` at the head of the interface's tcx chain: the policy runs before the
 /// balancer's `lb_tc`, so it sees a backend's reply from the backend's own address (before the
-/// reverse translation to the VIP), and passes with `TCX_NEXT` so `lb_tc` still runs. Kernels
-/// without tcx (before 6.6) get a clsact filter.
+/// reverse translation to the VIP), and passes with `TCX_NEXT` so `lb_tc` still runs. On a
+/// workload's veth (`AttachMode::Workload`) it goes right after the balancer's `lb_tc_request`
+/// at ingress, whichever is attached first, so the client's egress rules see the backend a request
+/// to a VIP was translated to. Kernels without tcx (before 6.6) get a clsact filter.
 fn attach_first(
     program: &mut SchedClassifier,
     name: &str,
     interface: &str,
     attach_type: TcAttachType,
 ) -> Result<SchedClassifierLinkId> {
-    let first = TcAttachOptions::TcxOrder(LinkOrder::first());
-    match program.attach_with_options(interface, attach_type, first) {
+    let order = match request_translator(interface, attach_type) {
+        // SAFETY: an id the kernel just listed; an id gone since makes the attach fail.
+        Some(id) => LinkOrder::after_program_id(unsafe { ProgramId::new(id) }),
+        None => LinkOrder::first(),
+    };
+    match program.attach_with_options(interface, attach_type, TcAttachOptions::TcxOrder(order)) {
         Ok(id) => Ok(id),
         Err(_) => program
             .attach(interface, attach_type)
             .with_context(|| format!("attaching {name} to {interface}")),
     }
+}
+
+/// The id of the balancer's `lb_tc_request` in the interface's tcx chain, if attached there.
+fn request_translator(interface: &str, attach_type: TcAttachType) -> Option<u32> {
+    if attach_type != TcAttachType::Ingress {
+        return None;
+    }
+    let (_, programs) = SchedClassifier::query_tcx(interface, attach_type).ok()?;
+    programs
+        .iter()
+        .find(|p| p.name_as_str() == Some(TC_REQUEST_PROGRAM))
+        .map(|p| p.id())
 }
