@@ -80,6 +80,13 @@ pub struct AgentOptions {
 }
 
 pub async fn run(options: AgentOptions) -> Result<()> {
+    // Stamp and watch before the first read: an edit saved while the agent starts is then seen
+    // as a change (at worst the same content is read twice), never lost.
+    let mut file_stamp = stamp(&options.config_path);
+    // Edits are noticed at once; the poll below stays as the fallback.
+    let mut config_watch = ConfigWatch::new(&options.config_path)
+        .inspect_err(|err| warn!("config file changes are only polled: {err:#}"))
+        .ok();
     // Validate before touching the kernel: a bad file never half-programs the datapath.
     let file = Config::from_file(&options.config_path)
         .with_context(|| format!("invalid config {}", options.config_path.display()))?;
@@ -218,11 +225,6 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     readiness.set_ready();
     info!(services = applied.services.len(), interfaces = ?attached, "ready");
 
-    let mut file_stamp = stamp(&options.config_path);
-    // Edits are noticed at once; the poll below stays as the fallback.
-    let mut config_watch = ConfigWatch::new(&options.config_path)
-        .inspect_err(|err| warn!("config file changes are only polled: {err:#}"))
-        .ok();
     let mut watch_tick = tokio::time::interval(options.watch_interval);
     let mut stats_tick = tokio::time::interval(options.stats_interval.max(Duration::from_secs(1)));
     stats_tick.tick().await;
