@@ -439,10 +439,6 @@ impl Datapath {
             self.tc_program()?;
             self.tc_attached = true;
             self.warn_xdp_only_services();
-            if let Err(err) = self.write_peer_veths() {
-                warn!(error = %format!("{err:#}"),
-                      "veths with a peer elsewhere unknown: lb_tc forwards with bpf_redirect only");
-            }
         }
         let Some(pins) = self.pins.clone() else {
             let attachment = match mode {
@@ -607,27 +603,6 @@ impl Datapath {
                 info!(interface, link = %path.display(), "removed the pinned workload tcx link");
             }
         }
-        Ok(())
-    }
-
-    /// Makes `PEER_VETHS` list this namespace's veths whose peer is in another namespace (as
-    /// they are now: read again at every TC attach), for `lb_tc`'s `bpf_redirect_peer`.
-    fn write_peer_veths(&mut self) -> Result<()> {
-        let wanted = crate::peer_veths::peer_veths()?;
-        let mut map: HashMap<&mut MapData, u32, u8> =
-            HashMap::try_from(self.ebpf.map_mut("PEER_VETHS").context("PEER_VETHS map")?)?;
-        let stale: Vec<u32> = map
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !wanted.contains(k))
-            .collect();
-        for ifindex in stale {
-            map.remove(&ifindex).context("removing from PEER_VETHS")?;
-        }
-        for &ifindex in &wanted {
-            map.insert(ifindex, 1, 0).context("writing PEER_VETHS")?;
-        }
-        debug!(?wanted, "veths with a peer in another namespace");
         Ok(())
     }
 

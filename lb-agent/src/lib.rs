@@ -15,7 +15,6 @@ pub mod k8s;
 pub mod maglev;
 pub mod map_batch;
 pub mod metrics;
-pub mod peer_veths;
 pub mod pins;
 pub mod policy;
 pub mod prefilter;

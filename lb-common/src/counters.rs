@@ -70,7 +70,7 @@ counters! {
     /// A SNAT or DSR-IPIP service without a source address in `SERVICE_MODES`: dropped.
     DropModeUnconfigured = 17 => "drop_mode_unconfigured",
     /// Sent out of another interface (`bpf_redirect`) after a `bpf_fib_lookup` (SNAT, DSR; every
-    /// packet `lb_tc` forwards when the FIB knows the next hop, unless `xmit_redirect_peer`).
+    /// packet `lb_tc` forwards when the FIB knows the next hop).
     XmitRedirect = 18 => "xmit_redirect",
     /// Sent back out of the interface it came in on (`XDP_TX`) after a `bpf_fib_lookup`.
     XmitTx = 19 => "xmit_tx",
@@ -122,10 +122,6 @@ counters! {
     /// `lb_tc` (the TC datapath, DNAT only) got a packet of an SNAT or DSR service, or the reply of
     /// an SNAT flow: dropped. Attach XDP to the interfaces such services use.
     DropTcModeUnsupported = 36 => "drop_tc_mode_unsupported",
-    /// `lb_tc` packet whose next hop is a veth with its peer in another network namespace (a pod,
-    /// a backend namespace): handed straight to the peer's ingress (`bpf_redirect_peer`), without
-    /// the veth's transmit and the backlog queue. Counted instead of `xmit_redirect`.
-    XmitRedirectPeer = 37 => "xmit_redirect_peer",
 }
 
 impl Counter {

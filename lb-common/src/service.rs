@@ -16,8 +16,6 @@ pub mod limits {
     pub const MAGLEV_TABLE_SLOTS: u32 = 2 * MAX_SERVICES;
     /// Default entries of the `CONNTRACK` and `NAT_REPLY` LRU maps (configurable at load time).
     pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
-    /// Entries of the `PEER_VETHS` map: veths of the node's namespace with a peer elsewhere (pods).
-    pub const MAX_PEER_VETHS: u32 = 4096;
 }
 
 /// Address family tags used in keys.

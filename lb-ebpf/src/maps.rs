@@ -66,12 +66,6 @@ pub static SERVICE_MODES: Array<ModeInfo> = Array::with_max_entries(limits::MAX_
 pub static DECAP_ENDPOINTS: HashMap<EndpointKey, u8> =
     HashMap::with_max_entries(decap::MAX_ENDPOINTS, 0);
 
-/// Ifindexes of this namespace's veths whose peer is in another network namespace (written by the
-/// agent): `lb_tc` hands a packet for one of them to the peer's ingress (`bpf_redirect_peer`).
-/// The kernel drops a peer redirect to any other device, so only listed devices get one.
-#[map(name = "PEER_VETHS")]
-pub static PEER_VETHS: HashMap<u32, u8> = HashMap::with_max_entries(limits::MAX_PEER_VETHS, 0);
-
 /// Per-CPU scratch space of the SNAT and DSR paths: structures too big for the 512-byte BPF stack,
 /// which the main path mostly uses already. One entry; a program run never changes CPU.
 #[map(name = "MODE_SCRATCH")]

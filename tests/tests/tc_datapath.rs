@@ -15,9 +15,7 @@ use std::net::SocketAddr;
 
 use lb_agent::{
     config::Config,
-    datapath::{
-        AttachMode, Datapath, LoadOptions, TC_PROGRAM, TC_REPLY_PROGRAM, TC_REQUEST_PROGRAM,
-    },
+    datapath::{Datapath, LoadOptions, TC_PROGRAM, TC_REPLY_PROGRAM, TC_REQUEST_PROGRAM},
 };
 use lb_common::{counters::Counter, protocol, service::ServiceKey};
 use lb_tests::{
@@ -286,72 +284,39 @@ fn refused_modes_and_other_traffic_in_namespace() {
 const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
 const EGRESS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 
-/// The FIB's next hop for the backends (203.0.113.11-13) on `tcv0`, whose peer `tcv1` is created
-/// with `peer` (`""`: in the same namespace).
-fn next_hop_setup(peer: &str) -> Vec<String> {
-    vec![
-        format!("link add tcv0 address 02:00:00:00:00:0a type veth peer name tcv1 {peer}"),
-        "link set tcv0 up".into(),
-        "addr add 203.0.113.1/24 dev tcv0".into(),
-        "neigh add 203.0.113.11 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent".into(),
-        "neigh add 203.0.113.12 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent".into(),
-        "neigh add 203.0.113.13 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent".into(),
-    ]
-}
-
 #[test]
 fn redirected_to_the_backend_when_the_fib_knows_it() {
-    let mut setup = next_hop_setup("");
-    setup.push("link set tcv1 up".into());
     isolated(
-        &setup.iter().map(String::as_str).collect::<Vec<_>>(),
-        || redirected_in_namespace(Counter::XmitRedirect),
+        &[
+            "link add tcv0 address 02:00:00:00:00:0a type veth peer name tcv1",
+            "link set tcv0 up",
+            "link set tcv1 up",
+            "addr add 203.0.113.1/24 dev tcv0",
+            "neigh add 203.0.113.11 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+            "neigh add 203.0.113.12 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+            "neigh add 203.0.113.13 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+        ],
+        redirected_in_namespace,
     );
 }
 
-/// A veth whose peer is in another namespace (a pod's, a backend's) gets the packet straight into
-/// the peer's ingress: `bpf_redirect_peer`, counted `xmit_redirect_peer` instead of
-/// `xmit_redirect`. The same-namespace pair above must not (the kernel would drop the packet).
-#[test]
-fn redirected_into_the_peer_namespace_when_the_next_hop_is_a_veth_to_it() {
-    let peer = Netns::new(TEST_PREFIX, "tcpeer").expect("peer namespace");
-    peer.ip_cmd("link set lo up").expect("lo up");
-    let setup = next_hop_setup(&format!("netns {}", peer.name()));
-    isolated(
-        &setup.iter().map(String::as_str).collect::<Vec<_>>(),
-        || redirected_in_namespace(Counter::XmitRedirectPeer),
-    );
-}
-
-/// A new flow's SYN is rewritten for the FIB's next hop and redirected, counted as `how`. The
-/// program is attached to `tcv0` first: attaching is when the agent lists the veths whose peer is
-/// elsewhere.
-fn redirected_in_namespace(how: Counter) {
+fn redirected_in_namespace() {
     std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("forwarding");
     let mut datapath = load();
-    datapath
-        .attach_with("tcv0", AttachMode::Tc)
-        .expect("attach lb_tc");
     let (client, vip) = (sa("192.0.2.2:40010"), sa("198.51.100.10:80"));
     let key = ServiceKey::new(vip.ip(), vip.port(), protocol::TCP);
     let backend = expected_backend(&datapath, &key, protocol::TCP, client, vip, false);
     let mut expected = frame(SYN, client, backend, b"");
     expected[..6].copy_from_slice(&NEXT_HOP_MAC);
     expected[6..12].copy_from_slice(&EGRESS_MAC);
-    let other = match how {
-        Counter::XmitRedirect => Counter::XmitRedirectPeer,
-        _ => Counter::XmitRedirect,
-    };
-    let other_before = counter(&datapath, other);
     expect(
         &mut datapath,
         "new flow to a backend with a neighbour entry",
         &frame(SYN, client, vip, b""),
         TC_ACT_REDIRECT,
         &expected,
-        how,
+        Counter::XmitRedirect,
     );
-    assert_eq!(counter(&datapath, other), other_before, "{}", other.name());
 }
 
 /// The sum of every counter: a program that passes a packet on "uncounted" leaves it unchanged.

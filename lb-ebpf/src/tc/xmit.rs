@@ -1,10 +1,6 @@
 //! The next hop of a rewritten packet without the stack's forwarding path: `bpf_fib_lookup` gives
 //! the egress interface and the MAC addresses, and `bpf_redirect` hands the skb to that interface's
-//! transmit path (no second routing decision, no netfilter hooks, no `ip_forward`). When the egress
-//! interface is a veth whose peer lives in another namespace (a pod, a backend; listed by the agent
-//! in `PEER_VETHS`), `bpf_redirect_peer` puts the skb straight into the peer's ingress instead:
-//! no veth transmit, no backlog queue and no second softirq pass (the hop Cilium uses towards
-//! pods). Anything the
+//! transmit path (no second routing decision, no netfilter hooks, no `ip_forward`). Anything the
 //! lookup cannot settle (no neighbour entry yet, no route, forwarding disabled, too big for the
 //! egress MTU) goes to the stack with `TC_ACT_OK`, counted, and the stack does what it always does.
 //!
@@ -14,14 +10,14 @@ use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_peer},
+    helpers::{bpf_fib_lookup, bpf_redirect},
     programs::TcContext,
     EbpfContext,
 };
 use lb_common::{counters::Counter, service::family};
 
 use crate::{
-    maps::{count, PEER_VETHS},
+    maps::count,
     packet::{header::ETH_LEN, Flow},
     xmit::fib_query,
 };
@@ -74,15 +70,7 @@ pub fn forward(
         count(Counter::PassFibFailed);
         return TC_ACT_OK;
     }
-    let ifindex = params.ifindex;
-    // SAFETY: plain map lookup of a plain value.
-    if unsafe { PEER_VETHS.get(&ifindex) }.is_some() {
-        count(Counter::XmitRedirectPeer);
-        // SAFETY: plain helper call; returns TC_ACT_REDIRECT (lb_tc runs at ingress, which a peer
-        // redirect requires).
-        return unsafe { bpf_redirect_peer(ifindex, 0) as i32 };
-    }
     count(Counter::XmitRedirect);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT on bad flags.
-    unsafe { bpf_redirect(ifindex, 0) as i32 }
+    unsafe { bpf_redirect(params.ifindex, 0) as i32 }
 }
