@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod pins;
 pub mod policy;
 pub mod prefilter;
+pub mod reply_routes;

@@ -98,8 +98,10 @@ pub fn backend_for(
     // An LRU insert evicts the least recently used entry when full, so it only fails on memory
     // pressure; the flow is still forwarded (by the table) either way.
     let _ = CONNTRACK.insert(&flow.key, &entry, 0);
-    // The reply entry is built in per-CPU scratch space: the stack is needed by the other paths.
-    let dnat_scratch = if service.mode == mode::DNAT {
+    // A backend serving one frontend has its replies translated from `BACKEND_REPLY`; one that
+    // several share needs the flow's own reply entry, built in per-CPU scratch space (the stack is
+    // needed by the other paths).
+    let dnat_scratch = if service.mode == mode::DNAT && backend.has_shared_replies() {
         scratch()
     } else {
         None

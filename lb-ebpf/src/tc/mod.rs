@@ -28,9 +28,11 @@ use self::nat::Offsets;
 use crate::{
     conntrack,
     context::PacketContext,
-    maps::{count, NAT_REPLY},
+    maps::count,
     packet::{parse, Flow, Parsed},
-    prefilter, service,
+    prefilter,
+    reply::{self, Origin},
+    service,
 };
 
 /// Headers pulled into an skb's linear part when they are not there: enough for Ethernet, IPv6
@@ -134,13 +136,10 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
 /// The reply of a tracked DNAT flow leaves with the VIP as its source; `None` if `flow` is not one.
 #[inline(always)]
 fn reply(ctx: &TcContext, flow: &Flow) -> Option<i32> {
-    // SAFETY: plain integers, copied out at once.
-    let reply = unsafe { NAT_REPLY.get(&flow.key) }?;
-    if reply.mode != mode::DNAT {
+    let Origin::Dnat(vip, vip_port) = reply::origin(&flow.key)? else {
         count(Counter::DropTcModeUnsupported);
         return Some(TC_ACT_SHOT);
-    }
-    let (vip, vip_port) = (reply.vip, reply.vip_port);
+    };
     let at = Offsets::of(ctx, flow);
     let (old, old_port) = (flow.key.src, flow.key.src_port);
     let action = verdict(nat::rewrite(
