@@ -29,10 +29,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    conntrack::{ConntrackEntry, FlowKey, NatReply},
+    conntrack::{BackendReply, ConntrackEntry, FlowKey, NatReply},
     counters::Counter,
     modes::ModeInfo,
-    prefilter,
+    prefilter, protocol,
     service::{
         limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey, ServiceSlot,
         TrafficStats,
@@ -46,6 +46,7 @@ use crate::{
     map_batch,
     pins::{self, PinDir},
     prefilter::AddressFilter,
+    reply_routes::ReplyRoute,
 };
 
 /// The datapath object built from `lb-ebpf` by build.rs.
@@ -206,6 +207,8 @@ pub struct Datapath {
     services: BTreeMap<ServiceKey, ProgrammedService>,
     backend_ids: StdHashMap<(IpAddr, u16), u32>,
     backends: StdHashMap<u32, Backend>,
+    /// Per backend id: how its replies find their VIP (`BACKEND_REPLY`, its `SHARED_REPLIES` flag).
+    reply_routes: StdHashMap<u32, ReplyRoute>,
     /// Freed backend ids, reused oldest first so conntrack entries naming a removed backend are
     /// long gone before its id means another backend.
     free_backend_ids: VecDeque<u32>,
@@ -282,6 +285,7 @@ impl Datapath {
             tc_attached: false,
             services: BTreeMap::new(),
             backend_ids: StdHashMap::new(),
+            reply_routes: StdHashMap::new(),
             backends: StdHashMap::new(),
             free_backend_ids: VecDeque::new(),
             // Id 0 is never used: a zeroed BACKENDS slot means "no backend".
@@ -302,11 +306,29 @@ impl Datapath {
     fn adopt_programmed_state(&mut self) -> Result<()> {
         let backends: Array<&MapData, Backend> =
             Array::try_from(self.ebpf.map("BACKENDS").context("BACKENDS map")?)?;
+        let backend_replies: HashMap<&MapData, ServiceKey, BackendReply> = HashMap::try_from(
+            self.ebpf
+                .map("BACKEND_REPLY")
+                .context("BACKEND_REPLY map")?,
+        )?;
         let mut highest = 0;
         let all = map_batch::read_array(&backends).context("reading BACKENDS")?;
         for (id, backend) in all.into_iter().enumerate().skip(1) {
             let id = id as u32;
             if backend != Backend::default() {
+                let entry = [protocol::TCP, protocol::UDP]
+                    .into_iter()
+                    .find_map(|protocol| {
+                        let key = ServiceKey {
+                            addr: backend.addr,
+                            port: backend.port,
+                            protocol,
+                            family: backend.family,
+                        };
+                        backend_replies.get(&key, 0).ok().map(|reply| (key, reply))
+                    });
+                self.reply_routes
+                    .insert(id, ReplyRoute::adopted(&backend, entry));
                 self.backends.insert(id, backend);
                 self.backend_ids
                     .insert((backend.ip(), backend.port_host()), id);
@@ -742,13 +764,30 @@ impl Datapath {
     ) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
 
-        // 1. Backend ids and BACKENDS entries for every backend of the desired state.
-        let mut wanted_backends: StdHashMap<u32, Backend> = StdHashMap::new();
+        // 1. Backend ids, BACKENDS and BACKEND_REPLY entries for every backend of the desired
+        // state (a backend's reply route before the tables that send it new flows).
+        let mut frontends: StdHashMap<u32, (Backend, Vec<(ServiceKey, u8)>)> = StdHashMap::new();
         for service in &config.services {
+            let frontend = (
+                ServiceKey::new(service.vip, service.port, service.protocol.number()),
+                mode_of(service.mode),
+            );
             for b in &service.backends {
                 let id = self.backend_id_for(b.address, b.port)?;
-                wanted_backends.insert(id, Backend::new(b.address, b.port));
+                let (_, served) = frontends
+                    .entry(id)
+                    .or_insert_with(|| (Backend::new(b.address, b.port), Vec::new()));
+                if !served.contains(&frontend) {
+                    served.push(frontend);
+                }
             }
+        }
+        let mut wanted_backends: StdHashMap<u32, Backend> = StdHashMap::new();
+        let mut wanted_routes: StdHashMap<u32, ReplyRoute> = StdHashMap::new();
+        for (id, (backend, served)) in &frontends {
+            let route = ReplyRoute::next(self.reply_routes.get(id).copied(), backend, served);
+            wanted_backends.insert(*id, route.flagged(*backend));
+            wanted_routes.insert(*id, route);
         }
         {
             let mut backends: Array<&mut MapData, Backend> =
@@ -759,6 +798,26 @@ impl Datapath {
                     self.backends.insert(*id, *backend);
                     report.backends_written += 1;
                 }
+            }
+        }
+        {
+            let mut replies: HashMap<&mut MapData, ServiceKey, BackendReply> = HashMap::try_from(
+                self.ebpf
+                    .map_mut("BACKEND_REPLY")
+                    .context("BACKEND_REPLY map")?,
+            )?;
+            for (id, route) in &wanted_routes {
+                let backend = &wanted_backends[id];
+                let Some((key, reply)) = route.entry(backend) else {
+                    continue;
+                };
+                let programmed = self.reply_routes.get(id).and_then(|r| r.entry(backend));
+                if programmed != Some((key, reply)) {
+                    replies
+                        .insert(key, reply, 0)
+                        .context("writing BACKEND_REPLY")?;
+                }
+                self.reply_routes.insert(*id, *route);
             }
         }
 
@@ -825,7 +884,8 @@ impl Datapath {
             }
         }
 
-        // 4. Backends no service names any more: zeroed, so conntrack entries re-balance.
+        // 4. Backends no service names any more: zeroed, so conntrack entries re-balance; then
+        // their reply routes go.
         let unused: Vec<u32> = self
             .backends
             .keys()
@@ -835,11 +895,24 @@ impl Datapath {
         if !unused.is_empty() {
             let mut backends: Array<&mut MapData, Backend> =
                 Array::try_from(self.ebpf.map_mut("BACKENDS").context("BACKENDS map")?)?;
-            for id in unused {
+            for id in &unused {
                 backends
-                    .set(id, Backend::default(), 0)
+                    .set(*id, Backend::default(), 0)
                     .context("clearing BACKENDS")?;
+            }
+            let mut replies: HashMap<&mut MapData, ServiceKey, BackendReply> = HashMap::try_from(
+                self.ebpf
+                    .map_mut("BACKEND_REPLY")
+                    .context("BACKEND_REPLY map")?,
+            )?;
+            for id in unused {
                 let removed = self.backends.remove(&id).expect("listed above");
+                let route = self.reply_routes.remove(&id).unwrap_or_default();
+                if let Some((key, _)) = route.entry(&removed) {
+                    replies
+                        .remove(&key)
+                        .context("removing from BACKEND_REPLY")?;
+                }
                 self.backend_ids
                     .remove(&(removed.ip(), removed.port_host()));
                 self.free_backend_ids.push_back(id);
@@ -1160,7 +1233,8 @@ impl Datapath {
         Ok(conntrack.keys().filter(|k| k.is_ok()).count() as u64)
     }
 
-    /// Number of reply translations (`NAT_REPLY` entries: DNAT and SNAT flows; DSR writes none).
+    /// Number of per-flow reply translations (`NAT_REPLY` entries: SNAT flows and DNAT flows to
+    /// backends several frontends share; DSR writes none).
     /// Walks the keys, like [`Datapath::conntrack_entries`].
     pub fn nat_reply_entries(&self) -> Result<u64> {
         let replies: HashMap<&MapData, FlowKey, NatReply> =

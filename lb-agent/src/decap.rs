@@ -31,9 +31,10 @@ pub const DECAP_PROGRAM: &str = "lb_decap";
 
 /// Maps of the object that `lb_decap` does not use, shrunk to one entry so that a backend does not
 /// pay for the balancer's conntrack and statistics.
-const UNUSED_MAPS: [&str; 6] = [
+const UNUSED_MAPS: [&str; 7] = [
     "CONNTRACK",
     "NAT_REPLY",
+    "BACKEND_REPLY",
     "BACKENDS",
     "SERVICE_STATS",
     "BACKEND_STATS",

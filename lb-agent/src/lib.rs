@@ -18,3 +18,4 @@ pub mod metrics;
 pub mod pins;
 pub mod policy;
 pub mod prefilter;
+pub mod reply_routes;

@@ -40,7 +40,8 @@ pub struct ConntrackEntry {
     /// `bpf_ktime_get_ns` of the last packet.
     pub last_seen_ns: u64,
     pub state: u8,
-    pub _pad0: u8,
+    /// [`reply_flags`] of the flow (also in its `NAT_REPLY` entry when it has one).
+    pub flags: u8,
     /// SNAT flows: the node's source port allocated to the flow (network byte order); 0 otherwise.
     pub snat_port: u16,
     pub _pad: [u8; 4],
@@ -66,13 +67,36 @@ pub struct NatReply {
     pub _pad2: [u8; 6],
 }
 
-/// Bits of [`NatReply::flags`].
+/// Bits of [`NatReply::flags`] and [`ConntrackEntry::flags`].
 pub mod reply_flags {
     /// The request was translated on its client's workload veth (`lb_tc_request`, before the
     /// policy checked the client's egress against the chosen backend): the reply is translated
     /// back only at that veth's egress (`lb_tc_reply`, after the policy matched it to the
     /// connection client → backend); the balancer's ingress programs pass it untranslated.
     pub const AT_CLIENT_VETH: u8 = 1;
+}
+
+/// Value of the `BACKEND_REPLY` hash map, keyed by a backend's address, port, protocol and family
+/// (a [`crate::service::ServiceKey`] of the backend, never port 0): the frontend its DNAT replies
+/// come from. A backend serving one DNAT frontend (VIP, port, protocol) needs nothing per flow: its
+/// replies leave as that VIP and port, and a new flow to it writes no `NAT_REPLY` entry. A backend
+/// several frontends share (or a SNAT one, or one with port 0) is marked
+/// `service::backend_flags::SHARED_REPLIES`: its new flows write `NAT_REPLY` entries, and
+/// [`backend_reply_flags::SHARED`] here makes the reply path look there first; `vip` then is the
+/// frontend it served alone before, for the flows of that time (they have no `NAT_REPLY` entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendReply {
+    pub vip: Addr,
+    pub vip_port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Flags of a [`BackendReply`].
+pub mod backend_reply_flags {
+    /// The backend is shared now: a reply's `NAT_REPLY` entry decides, `vip` is the fallback.
+    pub const SHARED: u8 = 1 << 0;
 }
 
 #[cfg(feature = "user")]
@@ -82,6 +106,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ConntrackEntry {}
     unsafe impl aya::Pod for NatReply {}
+    unsafe impl aya::Pod for BackendReply {}
 }
 
 #[cfg(test)]
@@ -93,5 +118,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<ConntrackEntry>(), 24);
         assert_eq!(core::mem::size_of::<NatReply>(), 48);
+        assert_eq!(core::mem::size_of::<BackendReply>(), 20);
     }
 }

@@ -144,6 +144,9 @@ pub mod backend_flags {
     /// The slot holds a backend (removed backends are zeroed, so conntrack entries that still
     /// name them pick a new backend).
     pub const ACTIVE: u8 = 1 << 0;
+    /// New DNAT flows to this backend write a `NAT_REPLY` entry: its replies cannot be told apart
+    /// by its address and port alone (see `conntrack::BackendReply`).
+    pub const SHARED_REPLIES: u8 = 1 << 1;
 }
 
 /// Entry of the `BACKENDS` array, indexed by backend id.
@@ -177,6 +180,10 @@ impl Backend {
 
     pub fn is_active(&self) -> bool {
         self.flags & backend_flags::ACTIVE != 0
+    }
+
+    pub fn has_shared_replies(&self) -> bool {
+        self.flags & backend_flags::SHARED_REPLIES != 0
     }
 }
 

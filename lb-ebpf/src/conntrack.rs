@@ -34,7 +34,7 @@ pub fn entry_of(flow: &Flow) -> Option<*mut ConntrackEntry> {
 
 /// The backend for `flow` (`tracked`: its [`entry_of`]): the tracked one while the entry is live,
 /// else a new choice (tracked from now on; a new SNAT flow also gets its source port; a new DNAT
-/// flow's reply entry gets `reply_flags`, see `lb_common::conntrack::reply_flags`). `Err` names
+/// flow gets `reply_flags` in its entries, see `lb_common::conntrack::reply_flags`). `Err` names
 /// the drop reason.
 #[inline(always)]
 pub fn backend_for(
@@ -93,15 +93,17 @@ pub fn backend_for(
         service_id: service.id,
         last_seen_ns: now,
         state: if closing { state::CLOSING } else { state::OPEN },
-        _pad0: 0,
+        flags: reply_flags,
         snat_port,
         _pad: [0; 4],
     };
     // An LRU insert evicts the least recently used entry when full, so it only fails on memory
     // pressure; the flow is still forwarded (by the table) either way.
     let _ = CONNTRACK.insert(&flow.key, &entry, 0);
-    // The reply entry is built in per-CPU scratch space: the stack is needed by the other paths.
-    let dnat_scratch = if service.mode == mode::DNAT {
+    // A backend serving one frontend has its replies translated from `BACKEND_REPLY`; one that
+    // several share needs the flow's own reply entry, built in per-CPU scratch space (the stack is
+    // needed by the other paths).
+    let dnat_scratch = if service.mode == mode::DNAT && backend.has_shared_replies() {
         scratch()
     } else {
         None

@@ -11,7 +11,7 @@
 //! **To the client.** Quote `client:port → backend:port`: the node sent it (a translated request) and
 //! the backend, or a router on its path, answered to the client — e.g. "port unreachable" from a
 //! backend with nothing listening. The reply translation of that flow, the quote reversed
-//! (`backend → client`), is in `NAT_REPLY`. Rewritten: quoted destination backend:port → VIP:port;
+//! (`backend → client`), is the reply path's (`reply::origin`). Rewritten: quoted destination backend:port → VIP:port;
 //! outer source backend → VIP when the backend itself sent the error (a router's own address is
 //! left: it is true, and stacks match errors by the quote, not by who sent them).
 //!
@@ -44,7 +44,7 @@ use lb_common::{
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    maps::{count, BACKENDS, CONNTRACK, NAT_REPLY},
+    maps::{count, BACKENDS, CONNTRACK},
     packet::{
         header::{
             ETH_LEN, IPV4_CHECK, IPV4_DST, IPV4_LEN, IPV4_SRC, IPV6_DST, IPV6_LEN, IPV6_SRC,
@@ -52,6 +52,7 @@ use crate::{
         },
         load16, load_addr, store16, store32, Extent,
     },
+    reply::{self, Origin},
     service,
 };
 
@@ -216,10 +217,7 @@ fn forward(ctx: &XdpContext, error: &IcmpError) -> (u32, Counter) {
     }
 
     // The quote is a translated request to a backend: the error is for the client.
-    // SAFETY: plain integers, read at once.
-    let Some((vip, vip_port)) = (unsafe { NAT_REPLY.get(flow) })
-        .and_then(|reply| (reply.mode == mode::DNAT).then_some((reply.vip, reply.vip_port)))
-    else {
+    let Some(Origin::Dnat(vip, vip_port, _)) = reply::origin(flow) else {
         return untracked;
     };
     let backend = flow.src;

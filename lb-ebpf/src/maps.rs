@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    conntrack::{ConntrackEntry, FlowKey, NatReply},
+    conntrack::{BackendReply, ConntrackEntry, FlowKey, NatReply},
     counters::Counter,
     modes::{
         decap::{self, EndpointKey},
@@ -50,10 +50,17 @@ pub static MAGLEV_TABLES: ArrayOfMaps<
 pub static CONNTRACK: LruHashMap<FlowKey, ConntrackEntry> =
     LruHashMap::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, 0);
 
-/// Backend → client flow of a DNAT connection → the VIP and port its replies come from.
+/// Backend → client flow of a DNAT connection to a backend marked `SHARED_REPLIES` → the VIP and
+/// port its replies come from; SNAT flows' replies (see `snat`).
 #[map(name = "NAT_REPLY")]
 pub static NAT_REPLY: LruHashMap<FlowKey, NatReply> =
     LruHashMap::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Backend address, port, protocol → the frontend its DNAT replies come from, for backends that
+/// serve one (`lb_common::conntrack::BackendReply`): their flows need no `NAT_REPLY` entry.
+#[map(name = "BACKEND_REPLY")]
+pub static BACKEND_REPLY: HashMap<ServiceKey, BackendReply> =
+    HashMap::with_max_entries(limits::MAX_BACKENDS, 0);
 
 /// Service id → what SNAT and DSR-IPIP need beyond `ServiceInfo` (source address, port range).
 /// Written by the agent before the service's `SERVICES` entry; read only by those modes.
@@ -66,7 +73,7 @@ pub static SERVICE_MODES: Array<ModeInfo> = Array::with_max_entries(limits::MAX_
 pub static DECAP_ENDPOINTS: HashMap<EndpointKey, u8> =
     HashMap::with_max_entries(decap::MAX_ENDPOINTS, 0);
 
-/// Per-CPU scratch space of the SNAT and DSR paths: structures too big for the 512-byte BPF stack,
+/// Per-CPU scratch space of the SNAT, DSR and reply paths: structures too big for the 512-byte BPF stack,
 /// which the main path mostly uses already. One entry; a program run never changes CPU.
 #[map(name = "MODE_SCRATCH")]
 pub static MODE_SCRATCH: PerCpuArray<ModeScratch> = PerCpuArray::with_max_entries(1, 0);
@@ -80,6 +87,8 @@ pub struct ModeScratch {
     pub reply_key: FlowKey,
     pub reply: NatReply,
     pub owner: FlowKey,
+    /// The conntrack key of a reply's flow (reply.rs).
+    pub flow: FlowKey,
 }
 
 /// This CPU's scratch space.

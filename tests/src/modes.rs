@@ -180,6 +180,7 @@ pub fn load_small(program: &str) -> Result<Ebpf> {
     for map in [
         "CONNTRACK",
         "NAT_REPLY",
+        "BACKEND_REPLY",
         "BACKENDS",
         "SERVICE_STATS",
         "BACKEND_STATS",

@@ -789,3 +789,70 @@ fn a_failed_apply_keeps_the_previous_table_of_services_not_yet_placed() {
         sa("203.0.113.3:8080")
     );
 }
+
+/// Replies of a backend that serves one frontend are translated from its address and port (no
+/// per-flow `NAT_REPLY` entry), and only for tracked flows; once a second frontend shares it, new
+/// flows get their own entry, its flows from before keep the first VIP, and it stays shared after
+/// the second frontend leaves (that frontend's flows still reach it).
+#[test]
+fn replies_of_exclusive_and_shared_backends_keep_their_vip() {
+    let first = "  - { name: first, vip: 198.51.100.50, port: 80, protocol: tcp, backends: [{ address: 203.0.113.51, port: 8080 }] }\n";
+    let second = "  - { name: second, vip: 198.51.100.51, port: 81, protocol: tcp, backends: [{ address: 203.0.113.51, port: 8080 }] }\n";
+    let backend = sa("203.0.113.51:8080");
+    let (vip1, vip2) = (sa("198.51.100.50:80"), sa("198.51.100.51:81"));
+    let mut datapath = load(&format!("services:\n{first}"));
+    let reply_of = |datapath: &mut Datapath, client: SocketAddr| {
+        let translated = counter(datapath, Counter::ReplyTranslated);
+        let (action, out) = run(datapath.xdp_program(), &frame(ACK, backend, client, b"r"));
+        assert_eq!(action, XDP_PASS);
+        let got = inspect(&out);
+        assert_eq!(got.dst, client, "reply still to the client");
+        let moved = counter(datapath, Counter::ReplyTranslated) - translated;
+        assert_eq!(
+            moved,
+            u64::from(got.src != backend),
+            "counted iff translated"
+        );
+        got.src
+    };
+
+    let a = sa("192.0.2.2:40000");
+    assert_eq!(send_to_vip(&mut datapath, SYN, a, vip1), backend);
+    assert_eq!(
+        datapath.nat_reply_entries().unwrap(),
+        0,
+        "served alone: no entry"
+    );
+    assert_eq!(reply_of(&mut datapath, a), vip1);
+    let stranger = sa("192.0.2.9:40000");
+    assert_eq!(
+        reply_of(&mut datapath, stranger),
+        backend,
+        "no tracked flow: untouched"
+    );
+
+    datapath
+        .apply(&Config::from_yaml(&format!("services:\n{first}{second}")).unwrap())
+        .unwrap();
+    let b = sa("192.0.2.3:40001");
+    assert_eq!(send_to_vip(&mut datapath, SYN, b, vip2), backend);
+    assert_eq!(
+        datapath.nat_reply_entries().unwrap(),
+        1,
+        "shared: the new flow's entry"
+    );
+    assert_eq!(reply_of(&mut datapath, b), vip2);
+    assert_eq!(
+        reply_of(&mut datapath, a),
+        vip1,
+        "flow from before the sharing"
+    );
+    assert_eq!(reply_of(&mut datapath, stranger), backend);
+
+    // The second frontend leaves; its flow still reaches the backend (tracked while it exists).
+    datapath
+        .apply(&Config::from_yaml(&format!("services:\n{first}")).unwrap())
+        .unwrap();
+    assert_eq!(reply_of(&mut datapath, b), vip2, "sharing is sticky");
+    assert_eq!(reply_of(&mut datapath, a), vip1);
+}

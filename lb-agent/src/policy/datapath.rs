@@ -181,6 +181,7 @@ impl PolicyDatapath {
             // The balancer's state is not used by the policy programs: keep it small.
             ("CONNTRACK", 1),
             ("NAT_REPLY", 1),
+            ("BACKEND_REPLY", 1),
             ("FRAGMENTS", 1),
         ];
         let mut loader = EbpfLoader::new();

@@ -41,9 +41,11 @@ use self::nat::Offsets;
 use crate::{
     conntrack,
     context::PacketContext,
-    maps::{count, NAT_REPLY},
+    maps::count,
     packet::{parse, Flow, Parsed},
-    prefilter, service,
+    prefilter,
+    reply::{self, Origin},
+    service,
 };
 
 /// Headers pulled into an skb's linear part when they are not there: enough for Ethernet, IPv6
@@ -206,16 +208,13 @@ fn to_backend(ctx: &TcContext, flow: &Flow, flags: u8) -> Result<Option<Addr>, i
 /// veth the packet goes on in the chain, elsewhere to the FIB's next hop.
 #[inline(always)]
 fn reply(ctx: &TcContext, flow: &Flow, at_client_veth: bool) -> Option<i32> {
-    // SAFETY: plain integers, copied out at once.
-    let reply = unsafe { NAT_REPLY.get(&flow.key) }?;
-    if reply.mode != mode::DNAT {
+    let Origin::Dnat(vip, vip_port, flags) = reply::origin(&flow.key)? else {
         count(Counter::DropTcModeUnsupported);
         return Some(TC_ACT_SHOT);
-    }
-    if !at_client_veth && reply.flags & reply_flags::AT_CLIENT_VETH != 0 {
+    };
+    if !at_client_veth && flags & reply_flags::AT_CLIENT_VETH != 0 {
         return None;
     }
-    let (vip, vip_port) = (reply.vip, reply.vip_port);
     let at = Offsets::of(ctx, flow);
     let (old, old_port) = (flow.key.src, flow.key.src_port);
     let action = verdict(nat::rewrite(
