@@ -86,9 +86,12 @@ pub fn run(rounds: usize) -> Result<Value> {
         } else {
             b1.addr.into()
         };
+        // DNAT's backend port is its own: a backend serving one frontend needs no reply entry per
+        // flow (SNAT's always has one; DSR's port is the VIP's).
+        let backend_port = if mode == "dnat" { 8080 } else { 80 };
         yaml += &format!(
             "  - {{ name: {mode}-{vip}, vip: \"{vip}\", port: 80, protocol: tcp, mode: {mode},\n      \
-             backends: [ {{ address: \"{backend}\", port: 80 }} ] }}\n"
+             backends: [ {{ address: \"{backend}\", port: {backend_port} }} ] }}\n"
         );
     }
     let interfaces = topology.balancer_interfaces();
