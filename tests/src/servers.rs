@@ -136,6 +136,23 @@ pub fn tcp_requests(
     })
 }
 
+/// Opens `count` connections at once from inside `ns` (a thread each), each as [`tcp_request`]
+/// does, and returns each greeting or error: refused connections time out together, not one after
+/// another.
+pub fn parallel_tcp_requests(
+    ns: &Netns,
+    target: SocketAddr,
+    count: usize,
+    payload: &'static [u8],
+) -> Vec<std::io::Result<String>> {
+    std::thread::scope(|scope| {
+        let attempts: Vec<_> = (0..count)
+            .map(|_| scope.spawn(move || tcp_request(ns, target, payload)))
+            .collect();
+        attempts.into_iter().map(|a| a.join().unwrap()).collect()
+    })
+}
+
 /// Opens one connection from inside `ns` and returns it with the server's greeting; the stream can be
 /// used from any thread and stays open until dropped.
 pub fn tcp_connect(ns: &Netns, target: SocketAddr) -> std::io::Result<(TcpStream, String)> {

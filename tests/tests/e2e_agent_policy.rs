@@ -31,7 +31,7 @@ use lb_tests::{
     grpc_client::connect_unix,
     netns::Netns,
     policy_topology::{PolicyTopology, WORKLOADS},
-    servers::{tcp_connect, tcp_request, TcpCountingServer},
+    servers::{parallel_tcp_requests, tcp_connect, tcp_request, TcpCountingServer},
     test_run::flow_key,
 };
 
@@ -820,15 +820,12 @@ fn workload_interfaces_split_the_balancer_around_the_policy() {
         }
     }
 
-    let results: Vec<_> = thread::scope(|scope| {
-        let attempts: Vec<_> = (0..ATTEMPTS)
-            .map(|_| {
-                let ns = topology.ns("frontend");
-                scope.spawn(move || tcp_request(ns, SocketAddr::new(vip, 80), b"hello"))
-            })
-            .collect();
-        attempts.into_iter().map(|a| a.join().unwrap()).collect()
-    });
+    let results = parallel_tcp_requests(
+        topology.ns("frontend"),
+        SocketAddr::new(vip, 80),
+        ATTEMPTS,
+        b"hello",
+    );
     let greeted = results
         .iter()
         .filter(|r| r.as_deref().ok() == Some("db"))

@@ -32,7 +32,9 @@ use lb_tests::{
     },
     netns::Netns,
     policy_topology::{PolicyTopology, WORKLOADS},
-    servers::{tcp_request, udp_requests, TcpCountingServer, UdpCountingServer},
+    servers::{
+        parallel_tcp_requests, tcp_request, udp_requests, TcpCountingServer, UdpCountingServer,
+    },
 };
 
 const RULES: &str = "
@@ -533,15 +535,12 @@ fn a_client_egress_deny_holds_for_the_backend_a_vip_chose() {
         let other_server = TcpCountingServer::start(c.ns("other"), other, 7000, "other");
         let translated = counter(&lb, Counter::ReplyTranslated);
 
-        let results: Vec<_> = thread::scope(|scope| {
-            let attempts: Vec<_> = (0..ATTEMPTS)
-                .map(|_| {
-                    let ns = c.ns("frontend");
-                    scope.spawn(move || tcp_request(ns, SocketAddr::new(vip, 80), b"hello"))
-                })
-                .collect();
-            attempts.into_iter().map(|a| a.join().unwrap()).collect()
-        });
+        let results = parallel_tcp_requests(
+            c.ns("frontend"),
+            SocketAddr::new(vip, 80),
+            ATTEMPTS,
+            b"hello",
+        );
         let greeted = results
             .iter()
             .filter(|r| r.as_deref().ok() == Some("db"))
