@@ -284,20 +284,22 @@ fn refused_modes_and_other_traffic_in_namespace() {
 const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
 const EGRESS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 
+/// `ip` commands of a namespace whose veth `tcv0` (MAC `EGRESS_MAC`) has the IPv4 backends of
+/// `CONFIG` behind it, with permanent neighbour entries (`NEXT_HOP_MAC`): the FIB knows them.
+const BACKENDS_ON_A_VETH: [&str; 8] = [
+    "link add tcv0 address 02:00:00:00:00:0a type veth peer name tcv1",
+    "link set tcv0 up",
+    "link set tcv1 up",
+    "addr add 203.0.113.1/24 dev tcv0",
+    "addr add 2001:db8:203::1/64 dev tcv0 nodad",
+    "neigh add 203.0.113.11 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+    "neigh add 203.0.113.12 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+    "neigh add 203.0.113.13 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
+];
+
 #[test]
 fn redirected_to_the_backend_when_the_fib_knows_it() {
-    isolated(
-        &[
-            "link add tcv0 address 02:00:00:00:00:0a type veth peer name tcv1",
-            "link set tcv0 up",
-            "link set tcv1 up",
-            "addr add 203.0.113.1/24 dev tcv0",
-            "neigh add 203.0.113.11 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
-            "neigh add 203.0.113.12 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
-            "neigh add 203.0.113.13 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
-        ],
-        redirected_in_namespace,
-    );
+    isolated(&BACKENDS_ON_A_VETH, redirected_in_namespace);
 }
 
 fn redirected_in_namespace() {
@@ -330,19 +332,7 @@ fn all_counters(datapath: &Datapath) -> u64 {
 /// policy) translates it. Other traffic passes both uncounted (counted once by `lb_tc`).
 #[test]
 fn workload_veth_requests_before_the_policy_replies_after_it() {
-    isolated(
-        &[
-            "link add tcv0 address 02:00:00:00:00:0a type veth peer name tcv1",
-            "link set tcv0 up",
-            "link set tcv1 up",
-            "addr add 203.0.113.1/24 dev tcv0",
-            "addr add 2001:db8:203::1/64 dev tcv0 nodad",
-            "neigh add 203.0.113.11 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
-            "neigh add 203.0.113.12 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
-            "neigh add 203.0.113.13 lladdr 02:00:00:00:00:0b dev tcv0 nud permanent",
-        ],
-        workload_veth_in_namespace,
-    );
+    isolated(&BACKENDS_ON_A_VETH, workload_veth_in_namespace);
 }
 
 fn workload_veth_in_namespace() {
