@@ -103,9 +103,11 @@ fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
     file.rewrite(&config(&topology, &[3], false));
     let deadline = edited + Duration::from_secs(10);
     // Backends 1 and 2 are removed (not drained): a connection they accepted just before the
-    // switch is re-balanced to backend 3 and reset (counted as conntrack_backend_gone). Such
-    // resets are allowed during the switch only; every request after it must succeed.
-    let mut reset_during_switch = 0;
+    // switch is re-balanced to backend 3 and reset (counted as conntrack_backend_gone) when the
+    // client sends; a client still waiting for the greeting waits until its read timeout (the
+    // removed backend's packets are no longer translated; see "Draining" in the README). Such
+    // failures are allowed during the switch only; every request after it must succeed.
+    let mut failed_during_switch = 0;
     loop {
         match tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"x")
             .pop()
@@ -113,14 +115,18 @@ fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
         {
             Ok(name) if name == "backend-3" => break,
             Ok(_) => {}
-            // A reset that arrives before the request is written surfaces as "not connected".
+            // A reset that arrives before the request is written surfaces as "not connected", a
+            // read timeout as "would block".
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::NotConnected
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::NotConnected
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                reset_during_switch += 1
+                failed_during_switch += 1
             }
             Err(e) => {
                 while let Ok(line) = agent.log.try_recv() {
@@ -137,8 +143,8 @@ fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
             "the edit was not applied within 10 s"
         );
         assert!(
-            reset_during_switch <= 2,
-            "more resets than connections in flight at the switch"
+            failed_during_switch <= 2,
+            "more failures than connections in flight at the switch"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
