@@ -190,3 +190,43 @@ pub fn counter_in(counters: &[(Counter, u64)], which: Counter) -> u64 {
 pub fn counter(datapath: &Datapath, which: Counter) -> u64 {
     counter_in(&datapath.counters().expect("read counters"), which)
 }
+
+/// Services the datapath fixture suites share (`xdp_datapath`, `tc_datapath`), as YAML list items
+/// for a `services:` list, so that a suite's config is `concat!`ed from them and its own services.
+/// web (TCP, 3 backends, M = 251) and dns (UDP) on 198.51.100.10, web6 and dns6 (UDP, all ports
+/// of one backend) on 2001:db8:100::10.
+#[macro_export]
+macro_rules! web_and_dns_services {
+    () => {
+        "  - name: web
+    vip: 198.51.100.10
+    port: 80
+    protocol: tcp
+    maglev_table_size: 251
+    backends:
+      - { address: 203.0.113.11, port: 8080 }
+      - { address: 203.0.113.12, port: 8080 }
+      - { address: 203.0.113.13, port: 8080 }
+  - name: dns
+    vip: 198.51.100.10
+    port: 53
+    protocol: udp
+    backends:
+      - { address: 203.0.113.11, port: 5353 }
+      - { address: 203.0.113.12, port: 5353 }
+  - name: web6
+    vip: 2001:db8:100::10
+    port: 443
+    protocol: tcp
+    backends:
+      - { address: 2001:db8:203::11, port: 8443 }
+      - { address: 2001:db8:203::12, port: 8443 }
+  - name: dns6
+    vip: 2001:db8:100::10
+    port: 53
+    protocol: udp
+    backends:
+      - { address: 2001:db8:203::11, port: 0 }
+"
+    };
+}

@@ -27,40 +27,10 @@ use lb_tests::{
     },
 };
 
-const CONFIG: &str = "
-node:
-  ipv4: 192.0.2.1
-  ipv6: 2001:db8:2::1
-services:
-  - name: web
-    vip: 198.51.100.10
-    port: 80
-    protocol: tcp
-    maglev_table_size: 251
-    backends:
-      - { address: 203.0.113.11, port: 8080 }
-      - { address: 203.0.113.12, port: 8080 }
-      - { address: 203.0.113.13, port: 8080 }
-  - name: dns
-    vip: 198.51.100.10
-    port: 53
-    protocol: udp
-    backends:
-      - { address: 203.0.113.11, port: 5353 }
-      - { address: 203.0.113.12, port: 5353 }
-  - name: web6
-    vip: 2001:db8:100::10
-    port: 443
-    protocol: tcp
-    backends:
-      - { address: 2001:db8:203::11, port: 8443 }
-      - { address: 2001:db8:203::12, port: 8443 }
-  - name: dns6
-    vip: 2001:db8:100::10
-    port: 53
-    protocol: udp
-    backends:
-      - { address: 2001:db8:203::11, port: 0 }
+const CONFIG: &str = concat!(
+    "node:\n  ipv4: 192.0.2.1\n  ipv6: 2001:db8:2::1\nservices:\n",
+    lb_tests::web_and_dns_services!(),
+    "
   - name: snat
     vip: 198.51.100.40
     port: 80
@@ -72,7 +42,8 @@ services:
     vip: 198.51.100.11
     port: 80
     protocol: tcp
-";
+",
+);
 
 /// `TC_ACT_REDIRECT`.
 const TC_ACT_REDIRECT: u32 = 7;

@@ -20,37 +20,10 @@ use lb_tests::{
     test_run::{counter, expected_backend, run, sa, XDP_DROP, XDP_PASS},
 };
 
-const CONFIG: &str = "
-services:
-  - name: web
-    vip: 198.51.100.10
-    port: 80
-    protocol: tcp
-    maglev_table_size: 251
-    backends:
-      - { address: 203.0.113.11, port: 8080 }
-      - { address: 203.0.113.12, port: 8080 }
-      - { address: 203.0.113.13, port: 8080 }
-  - name: dns
-    vip: 198.51.100.10
-    port: 53
-    protocol: udp
-    backends:
-      - { address: 203.0.113.11, port: 5353 }
-      - { address: 203.0.113.12, port: 5353 }
-  - name: web6
-    vip: 2001:db8:100::10
-    port: 443
-    protocol: tcp
-    backends:
-      - { address: 2001:db8:203::11, port: 8443 }
-      - { address: 2001:db8:203::12, port: 8443 }
-  - name: dns6
-    vip: 2001:db8:100::10
-    port: 53
-    protocol: udp
-    backends:
-      - { address: 2001:db8:203::11, port: 0 }
+const CONFIG: &str = concat!(
+    "services:\n",
+    lb_tests::web_and_dns_services!(),
+    "
   - name: all-ports
     vip: 198.51.100.20
     port: 0
@@ -70,7 +43,8 @@ services:
     vip: 198.51.100.11
     port: 80
     protocol: tcp
-";
+",
+);
 
 fn load(config: &str) -> Datapath {
     let mut datapath = Datapath::load().expect("load datapath");
