@@ -11,7 +11,7 @@
 //! forwards between them. VIPs (198.51.100.0/24) are routed to the balancer by the client and answered
 //! by nobody but the datapath.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{ensure, Context, Result};
 
@@ -27,6 +27,9 @@ pub const BALANCER_CLIENT_SIDE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2,
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x10);
 /// Interface of the balancer that faces the client.
 pub const BALANCER_CLIENT_IFACE: &str = "to-client";
+/// Backend ports of [`Topology::dual_stack_services`].
+pub const SERVICE_TCP_PORT: u16 = 8080;
+pub const SERVICE_UDP_PORT: u16 = 5353;
 /// Most backends a topology supports (their /30s must fit in 203.0.113.0/24).
 pub const MAX_BACKENDS: usize = 62;
 
@@ -124,6 +127,42 @@ impl Topology {
             balancer,
             backends: list,
         })
+    }
+
+    /// Agent config: web (TCP 80 → [`SERVICE_TCP_PORT`]) and dns (UDP 53 → [`SERVICE_UDP_PORT`])
+    /// on [`VIP`] and [`VIP6`], over the given backends (1-based indexes) of the matching family.
+    pub fn dual_stack_services(&self, backends: &[usize]) -> String {
+        let mut yaml = String::from("services:\n");
+        for (name, vip, port, proto, v6, backend_port) in [
+            ("web", IpAddr::from(VIP), 80, "tcp", false, SERVICE_TCP_PORT),
+            ("dns", IpAddr::from(VIP), 53, "udp", false, SERVICE_UDP_PORT),
+            (
+                "web6",
+                IpAddr::from(VIP6),
+                80,
+                "tcp",
+                true,
+                SERVICE_TCP_PORT,
+            ),
+            (
+                "dns6",
+                IpAddr::from(VIP6),
+                53,
+                "udp",
+                true,
+                SERVICE_UDP_PORT,
+            ),
+        ] {
+            yaml += &format!(
+                "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    backends:\n"
+            );
+            for &i in backends {
+                let b = &self.backends[i - 1];
+                let addr: IpAddr = if v6 { b.addr6.into() } else { b.addr.into() };
+                yaml += &format!("      - {{ address: \"{addr}\", port: {backend_port} }}\n");
+            }
+        }
+        yaml
     }
 
     /// Every balancer interface the datapath must be attached to: the client side (VIP traffic)

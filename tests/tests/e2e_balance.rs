@@ -13,37 +13,9 @@ use lb_tests::{
     agent::{AgentProcess, ConfigFile},
     netns::TEST_PREFIX,
     servers::{tcp_connect, tcp_requests, udp_requests, TcpCountingServer, UdpCountingServer},
-    topology::{Topology, VIP, VIP6},
+    topology::{Topology, SERVICE_TCP_PORT, SERVICE_UDP_PORT, VIP, VIP6},
 };
 use nix::sys::signal::Signal;
-
-const TCP_PORT: u16 = 8080;
-const UDP_PORT: u16 = 5353;
-
-/// Services on both VIPs, TCP and UDP, over the given backends (1-based indexes into the topology).
-fn config_for(topology: &Topology, backends: &[usize]) -> String {
-    let mut yaml = String::from("services:\n");
-    for (name, vip, port, proto, family6, backend_port) in [
-        ("web", IpAddr::from(VIP), 80, "tcp", false, TCP_PORT),
-        ("dns", IpAddr::from(VIP), 53, "udp", false, UDP_PORT),
-        ("web6", IpAddr::from(VIP6), 80, "tcp", true, TCP_PORT),
-        ("dns6", IpAddr::from(VIP6), 53, "udp", true, UDP_PORT),
-    ] {
-        yaml += &format!(
-            "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    backends:\n"
-        );
-        for &i in backends {
-            let b = &topology.backends[i - 1];
-            let addr: IpAddr = if family6 {
-                b.addr6.into()
-            } else {
-                b.addr.into()
-            };
-            yaml += &format!("      - {{ address: \"{addr}\", port: {backend_port} }}\n");
-        }
-    }
-    yaml
-}
 
 struct Servers {
     tcp: Vec<TcpCountingServer>,
@@ -59,12 +31,18 @@ fn start_servers(topology: &Topology) -> Servers {
     for (i, b) in topology.backends.iter().enumerate() {
         let name = format!("backend-{}", i + 1);
         for addr in [IpAddr::from(b.addr), IpAddr::from(b.addr6)] {
-            servers
-                .tcp
-                .push(TcpCountingServer::start(&b.ns, addr, TCP_PORT, &name));
-            servers
-                .udp
-                .push(UdpCountingServer::start(&b.ns, addr, UDP_PORT, &name));
+            servers.tcp.push(TcpCountingServer::start(
+                &b.ns,
+                addr,
+                SERVICE_TCP_PORT,
+                &name,
+            ));
+            servers.udp.push(UdpCountingServer::start(
+                &b.ns,
+                addr,
+                SERVICE_UDP_PORT,
+                &name,
+            ));
         }
     }
     servers
@@ -85,7 +63,7 @@ fn tally(results: &[std::io::Result<String>], what: &str) -> BTreeMap<String, us
 fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_backend() {
     let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
     let servers = start_servers(&topology);
-    let config = ConfigFile::new(&config_for(&topology, &[1, 2, 3]));
+    let config = ConfigFile::new(&topology.dual_stack_services(&[1, 2, 3]));
 
     // Before the agent runs, nothing answers on the VIP.
     let before = tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"");
@@ -171,7 +149,7 @@ fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_backend() {
 fn removing_one_of_four_backends_keeps_existing_connections_and_spreads_new_ones() {
     let topology = Topology::new(TEST_PREFIX, 4).expect("topology");
     let servers = start_servers(&topology);
-    let config = ConfigFile::new(&config_for(&topology, &[1, 2, 3, 4]));
+    let config = ConfigFile::new(&topology.dual_stack_services(&[1, 2, 3, 4]));
     let mut agent = AgentProcess::start(
         &topology.balancer,
         config.path(),
@@ -191,7 +169,7 @@ fn removing_one_of_four_backends_keeps_existing_connections_and_spreads_new_ones
     assert_eq!(before.len(), 4, "{before:?}");
 
     // Remove backend 4 and reload.
-    config.rewrite(&config_for(&topology, &[1, 2, 3]));
+    config.rewrite(&topology.dual_stack_services(&[1, 2, 3]));
     agent.signal(Signal::SIGHUP);
     agent
         .wait_for_log("config reloaded", Duration::from_secs(10))

@@ -15,33 +15,11 @@ use lb_tests::{
     agent::{logged_counters, AgentProcess, ConfigFile},
     netns::TEST_PREFIX,
     servers::{tcp_requests, udp_requests, TcpCountingServer, UdpCountingServer},
-    topology::{Topology, VIP, VIP6},
+    topology::{Topology, SERVICE_TCP_PORT, SERVICE_UDP_PORT, VIP, VIP6},
 };
 
-const TCP_PORT: u16 = 8080;
-const UDP_PORT: u16 = 5353;
 const CONNECTIONS: usize = 8;
 const BULK: usize = 1 << 20;
-
-fn config(topology: &Topology) -> String {
-    let mut yaml = String::from("services:\n");
-    for (name, vip, port, proto, v6, backend_port) in [
-        ("web", IpAddr::from(VIP), 80, "tcp", false, TCP_PORT),
-        ("dns", IpAddr::from(VIP), 53, "udp", false, UDP_PORT),
-        ("web6", IpAddr::from(VIP6), 80, "tcp", true, TCP_PORT),
-        ("dns6", IpAddr::from(VIP6), 53, "udp", true, UDP_PORT),
-    ] {
-        yaml += &format!(
-            "  - {{ name: {name}, vip: \"{vip}\", port: {port}, protocol: {proto}, backends: [\n"
-        );
-        for b in &topology.backends {
-            let addr: IpAddr = if v6 { b.addr6.into() } else { b.addr.into() };
-            yaml += &format!("      {{ address: \"{addr}\", port: {backend_port} }},\n");
-        }
-        yaml += "    ] }\n";
-    }
-    yaml
-}
 
 #[test]
 fn tcp_bulk_and_udp_through_lb_tc_over_ipv4_and_ipv6() {
@@ -51,8 +29,18 @@ fn tcp_bulk_and_udp_through_lb_tc_over_ipv4_and_ipv6() {
     for (i, b) in topology.backends.iter().enumerate() {
         let name = format!("backend-{}", i + 1);
         for addr in [IpAddr::from(b.addr), IpAddr::from(b.addr6)] {
-            tcp_servers.push(TcpCountingServer::start(&b.ns, addr, TCP_PORT, &name));
-            udp_servers.push(UdpCountingServer::start(&b.ns, addr, UDP_PORT, &name));
+            tcp_servers.push(TcpCountingServer::start(
+                &b.ns,
+                addr,
+                SERVICE_TCP_PORT,
+                &name,
+            ));
+            udp_servers.push(UdpCountingServer::start(
+                &b.ns,
+                addr,
+                SERVICE_UDP_PORT,
+                &name,
+            ));
         }
     }
     // The topology makes senders checksum in software (XDP cannot handle partial checksums); here
@@ -74,7 +62,7 @@ fn tcp_bulk_and_udp_through_lb_tc_over_ipv4_and_ipv6() {
     for iface in &interfaces {
         ethtool(&topology.balancer, iface, "off");
     }
-    let config = ConfigFile::new(&config(&topology));
+    let config = ConfigFile::new(&topology.dual_stack_services(&[1, 2]));
     let agent = AgentProcess::start_with(
         &topology.balancer,
         config.path(),
