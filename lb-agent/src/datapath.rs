@@ -1138,30 +1138,29 @@ impl Datapath {
         slots.set(id, slot, 0).context("writing SERVICE_SLOTS")
     }
 
-    /// Makes `ADDRESS_FILTER` hold `filter`, writing the words that differ.
+    /// Makes `ADDRESS_FILTER` hold `filter` (written only when it changes).
     fn write_address_filter(&mut self, filter: AddressFilter) -> Result<()> {
         if self.address_filter.as_ref() == Some(&filter) {
             return Ok(());
         }
-        let mut map: Array<&mut MapData, u64> = Array::try_from(
+        let mut map: Array<&mut MapData, prefilter::Words> = Array::try_from(
             self.ebpf
                 .map_mut("ADDRESS_FILTER")
                 .context("ADDRESS_FILTER map")?,
         )?;
-        filter.write(&mut map, self.address_filter.as_ref())?;
+        filter.write(&mut map)?;
         self.address_filter = Some(filter);
         Ok(())
     }
 
     /// The prefilter roles (`lb_common::prefilter::role` bits) the datapath holds for `address`.
     pub fn address_filter_roles(&self, address: IpAddr) -> Result<u8> {
-        let map: Array<&MapData, u64> = Array::try_from(
+        let map: Array<&MapData, prefilter::Words> = Array::try_from(
             self.ebpf
                 .map("ADDRESS_FILTER")
                 .context("ADDRESS_FILTER map")?,
         )?;
-        let (index, shift) = prefilter::position(prefilter::slot(&Addr::from_ip(address)));
-        Ok(prefilter::roles(map.get(&index, 0)?, shift))
+        Ok(AddressFilter::read(&map)?.roles_of(&Addr::from_ip(address)))
     }
 
     fn backend_id_for(&mut self, address: IpAddr, port: u16) -> Result<u32> {

@@ -38,7 +38,7 @@ use tracing::{info, warn};
 /// stored bytes: a field of an `lb-common` map type reordered or reinterpreted, a byte order
 /// changed, a flag or mode number redefined, a table indexed differently, an inner map definition
 /// changed. Pinned state of another version is refused.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 /// Subdirectory of the policy datapath's pins.
 const POLICY_SUBDIR: &str = "policy";
 /// `f_type` of a BPF filesystem (`BPF_FS_MAGIC` in linux/magic.h).

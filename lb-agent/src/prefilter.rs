@@ -9,7 +9,7 @@
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData};
 use lb_common::{
-    prefilter::{position, role, slot, WORDS},
+    prefilter::{position, role, roles, slot, Words, WORDS},
     service::{Addr, ServiceKey},
 };
 
@@ -54,23 +54,24 @@ impl AddressFilter {
         Self(self.0.iter().zip(&other.0).map(|(a, b)| a | b).collect())
     }
 
-    /// Writes the words of `self` that differ from `programmed` (every word when `None`: what the
-    /// map holds is unknown) and returns how many it wrote.
-    pub fn write(
-        &self,
-        map: &mut Array<&mut MapData, u64>,
-        programmed: Option<&Self>,
-    ) -> Result<usize> {
-        let mut written = 0;
-        for (index, word) in self.0.iter().enumerate() {
-            if programmed.is_some_and(|p| p.0[index] == *word) {
-                continue;
-            }
-            map.set(index as u32, word, 0)
-                .context("writing ADDRESS_FILTER")?;
-            written += 1;
-        }
-        Ok(written)
+    /// Writes `self` as the map's one value. A reader racing the write sees each byte old or
+    /// new, so the bits that stay the same are never wrong.
+    pub fn write(&self, map: &mut Array<&mut MapData, Words>) -> Result<()> {
+        let words: &Words = self.0.as_slice().try_into().expect("WORDS words");
+        map.set(0, words, 0).context("writing ADDRESS_FILTER")
+    }
+
+    /// The filter the map holds.
+    pub fn read(map: &Array<&MapData, Words>) -> Result<Self> {
+        Ok(Self(
+            map.get(&0, 0).context("reading ADDRESS_FILTER")?.to_vec(),
+        ))
+    }
+
+    /// The roles this filter holds for `addr`.
+    pub fn roles_of(&self, addr: &Addr) -> u8 {
+        let (index, shift) = position(slot(addr));
+        roles(self.0[index as usize], shift)
     }
 }
 
@@ -84,10 +85,7 @@ mod tests {
         let all = ServiceKey::new("198.51.100.20".parse().unwrap(), 0, 6);
         let backend = Addr::from_ip("203.0.113.11".parse().unwrap());
         let filter = AddressFilter::of([&vip, &all], [&backend]);
-        let roles_of = |f: &AddressFilter, a: &Addr| {
-            let (index, shift) = position(slot(a));
-            lb_common::prefilter::roles(f.0[index as usize], shift)
-        };
+        let roles_of = |f: &AddressFilter, a: &Addr| f.roles_of(a);
         assert_eq!(roles_of(&filter, &vip.addr), role::VIP_PORT);
         assert_eq!(roles_of(&filter, &all.addr), role::VIP_ALL_PORTS);
         assert_eq!(roles_of(&filter, &backend), role::BACKEND);

@@ -6,8 +6,9 @@
 //! which decide; a clear bit means "certainly not".
 //!
 //! Layout: [`SLOTS`] slots of [`ROLE_BITS`] bits each (one bit per [`role`]), packed
-//! [`SLOTS_PER_WORD`] to a `u64` word of the `ADDRESS_FILTER` array ([`WORDS`] words, 32 KiB, fits in
-//! L1/L2 next to the program's other hot data).
+//! [`SLOTS_PER_WORD`] to a `u64` word; the [`WORDS`] words (32 KiB, fits in L1/L2 next to the
+//! program's other hot data) are the one value of the `ADDRESS_FILTER` array, so the datapath finds
+//! the filter with one lookup and reads each slot's word directly.
 
 use crate::service::Addr;
 
@@ -17,8 +18,11 @@ pub const SLOTS: u32 = 1 << SLOT_BITS;
 /// Bits per slot: one per role.
 pub const ROLE_BITS: u32 = 4;
 pub const SLOTS_PER_WORD: u32 = 64 / ROLE_BITS;
-/// Entries (`u64` words) of the `ADDRESS_FILTER` array.
+/// `u64` words of the filter.
 pub const WORDS: u32 = SLOTS / SLOTS_PER_WORD;
+
+/// The filter: the one value of the `ADDRESS_FILTER` array.
+pub type Words = [u64; WORDS as usize];
 
 /// What an address may be: the bits of a slot.
 pub mod role {
@@ -30,32 +34,47 @@ pub mod role {
     pub const BACKEND: u8 = 1 << 2;
 }
 
-/// The slot of `addr` (both families: an IPv4 address has words 1..4 zero). Multiply-xorshift mixing
-/// so that addresses differing in any bit spread over all slots.
+/// The slot of `addr` (both families): its four words folded into one (an IPv4 address has words
+/// 1..4 zero, so its fold is the address word itself: the datapath's shortcut), then
+/// [`slot_of_word`].
 #[inline(always)]
 pub fn slot(addr: &Addr) -> u32 {
-    let a = addr.0;
-    slot_of_word(a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24))
+    slot_of_word(fold(addr))
 }
 
-/// [`slot`] of an address folded to one word; for IPv4 that is the address word itself (the
-/// datapath's shortcut).
+/// The words of `addr` XORed together: what [`slot_of_word`] hashes.
 #[inline(always)]
-pub fn slot_of_word(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x7feb_352d);
-    h ^= h >> 15;
-    h = h.wrapping_mul(0x846c_a68b);
-    h >> (32 - SLOT_BITS)
+pub fn fold(addr: &Addr) -> u32 {
+    let a = addr.0;
+    a[0] ^ a[1] ^ a[2] ^ a[3]
 }
 
-/// Index in `ADDRESS_FILTER` of the word holding `slot`, and the shift of its role bits.
+/// The slot of a folded address: multiplicative (Fibonacci) hashing, the top [`SLOT_BITS`] bits of
+/// the word times an odd constant. One multiply and one shift, since the datapath computes it for
+/// every packet's destination and most packets' source. An input bit changes the product from its
+/// own position up, so the slot sees every bit of the address; consecutive addresses (how VIPs and
+/// backends are numbered) get distinct slots: a /24 never shares a slot. Collisions only cost the
+/// exact lookups.
+#[inline(always)]
+pub fn slot_of_word(word: u32) -> u32 {
+    word.wrapping_mul(0x9e37_79b1) >> (32 - SLOT_BITS)
+}
+
+/// The roles `words` holds for the address whose [`fold`] is `folded`.
+#[inline(always)]
+pub fn roles_of_folded(words: &Words, folded: u32) -> u8 {
+    let (index, shift) = position(slot_of_word(folded));
+    // The mask changes nothing (a slot's word is below `WORDS`) but proves it: no bounds check.
+    roles(words[(index & (WORDS - 1)) as usize], shift)
+}
+
+/// Index in [`Words`] of the word holding `slot`, and the shift of its role bits.
 #[inline(always)]
 pub fn position(slot: u32) -> (u32, u32) {
     (slot / SLOTS_PER_WORD, (slot % SLOTS_PER_WORD) * ROLE_BITS)
 }
 
-/// The roles `word` (the `ADDRESS_FILTER` entry of [`position`]) holds for the slot at `shift`.
+/// The roles `word` (the word of [`position`]) holds for the slot at `shift`.
 #[inline(always)]
 pub fn roles(word: u64, shift: u32) -> u8 {
     ((word >> shift) & ((1 << ROLE_BITS) - 1)) as u8
@@ -89,14 +108,17 @@ mod tests {
 
     #[test]
     fn neighbouring_addresses_spread_over_slots() {
-        // A /20 of consecutive addresses (how VIPs and backends are usually numbered): few
-        // collisions, like a random spread (expected about 4096^2 / 2 / 65536 = 128 pairs).
+        // A /20 of consecutive addresses (how VIPs and backends are usually numbered): at most the
+        // collisions of a random spread (about 4096^2 / 2 / 65536 = 128 pairs).
         let mut seen = std::collections::HashSet::new();
         for i in 0..4096u32 {
             let b = i.to_be_bytes();
             seen.insert(slot(&v4([10, b[1], b[2], b[3]])));
         }
         assert!(seen.len() > 3900, "only {} distinct slots", seen.len());
+        let slash24: std::collections::HashSet<u32> =
+            (0..=255).map(|i| slot(&v4([198, 51, 100, i]))).collect();
+        assert_eq!(slash24.len(), 256, "a /24 shares no slot");
         let v6 = |i: u32| Addr([0xb80d_0120, 0, 0, i.to_be()]);
         let distinct: std::collections::HashSet<u32> = (0..4096).map(|i| slot(&v6(i))).collect();
         assert!(

@@ -18,9 +18,10 @@ use lb_common::{
 };
 
 /// The address prefilter (`lb_common::prefilter`): what an address may be (VIP, backend), by slot,
-/// checked before the hash lookups so that other traffic leaves after two array reads.
+/// checked before the hash lookups so that other traffic leaves after two word reads. One entry:
+/// the whole filter.
 #[map(name = "ADDRESS_FILTER")]
-pub static ADDRESS_FILTER: Array<u64> = Array::with_max_entries(lb_common::prefilter::WORDS, 0);
+pub static ADDRESS_FILTER: Array<lb_common::prefilter::Words> = Array::with_max_entries(1, 0);
 
 /// VIP, port, protocol → service. Port 0 entries match every port of their VIP.
 #[map(name = "SERVICES")]

@@ -5,7 +5,7 @@
 //! header: traffic that is neither to a VIP nor from a backend (most of a node's) leaves there.
 
 use lb_common::{
-    prefilter::{position, role, roles, slot, slot_of_word},
+    prefilter::{fold, role, Words},
     service::{family, Addr},
 };
 
@@ -18,24 +18,39 @@ pub const VIP: u8 = role::VIP_PORT | role::VIP_ALL_PORTS;
 /// `family` picks the shortcut: an IPv4 address is its first word.
 #[inline(always)]
 pub fn roles_of(addr: &Addr, family: u8) -> u8 {
-    let slot = if family == family::IPV4 {
-        slot_of_word(addr.0[0])
+    roles_of_folded(if family == family::IPV4 {
+        addr.0[0]
     } else {
-        slot(addr)
-    };
-    let (index, shift) = position(slot);
-    ADDRESS_FILTER
-        .get(index)
-        .map_or(0, |word| roles(*word, shift))
+        fold(addr)
+    })
 }
 
-/// The roles that may make a packet the datapath's: its destination's [`VIP`] roles, or, when it
-/// has none, `role::BACKEND` if its source may be a backend (a reply to translate). 0: neither.
+/// [`roles_of`] an address already folded (`lb_common::prefilter::fold`).
 #[inline(always)]
-pub fn of_packet(dst: &Addr, src: &Addr, family: u8) -> u8 {
-    let to = roles_of(dst, family) & VIP;
+pub fn roles_of_folded(folded: u32) -> u8 {
+    filter().map_or(0, |words| {
+        lb_common::prefilter::roles_of_folded(words, folded)
+    })
+}
+
+/// The filter's words (`None` only if the map cannot be read, which the verifier requires us to
+/// handle: then nothing is a VIP or backend, as before the agent writes the filter).
+#[inline(always)]
+pub fn filter() -> Option<&'static Words> {
+    ADDRESS_FILTER.get(0)
+}
+
+/// The roles that may make a packet the datapath's, from its folded destination and source: the
+/// destination's [`VIP`] roles, or, when it has none, `role::BACKEND` if its source may be a
+/// backend (a reply to translate). 0: neither.
+#[inline(always)]
+pub fn of_packet(dst_folded: u32, src_folded: u32) -> u8 {
+    let Some(words) = filter() else {
+        return 0;
+    };
+    let to = lb_common::prefilter::roles_of_folded(words, dst_folded) & VIP;
     if to != 0 {
         return to;
     }
-    roles_of(src, family) & role::BACKEND
+    lb_common::prefilter::roles_of_folded(words, src_folded) & role::BACKEND
 }

@@ -558,8 +558,6 @@ fn address_prefilter_follows_the_services_and_collisions_still_pass() {
         .iter()
         .flat_map(|net| (1..=254).map(move |i| v4(*net, i)))
         .collect();
-    // Three /24s give a few colliding pairs (about 762^2 / 2 / 65536).
-    let (vip4, collides4) = colliding_pair(&test_net_v4, &test_net_v4);
     let v6 = |prefix: u16, j: u16, i: u16| IpAddr::from([0x2001, 0xdb8, prefix, 0, 0, 0, j, i]);
     // 2^20 addresses of a /64: about 16 share a given address's slot.
     let many_v6 = |prefix: u16| -> Vec<IpAddr> {
@@ -567,29 +565,34 @@ fn address_prefilter_follows_the_services_and_collisions_still_pass() {
             .flat_map(|j| (0..=u16::MAX).map(move |i| v6(prefix, j, i)))
             .collect()
     };
+    // TEST-NET's three /24s share no slot (a /24's addresses never do), so the IPv4 destination
+    // that collides is one sharing an IPv6 VIP's slot.
+    let (collides4, vip_near4) = colliding_pair(&test_net_v4, &many_v6(0x101));
     let (vip6, collides6) = colliding_pair(&[v6(0x100, 0, 0x10)], &many_v6(0x100));
     let backend6 = v6(0x203, 0, 0x11);
     let (_, client_collides6) = colliding_pair(&[backend6], &many_v6(2));
     let config = format!(
         "
 services:
-  - {{ name: v4, vip: {vip4}, port: 80, protocol: tcp, backends: [{{ address: 203.0.113.11, port: 8080 }}] }}
+  - {{ name: near4, vip: {vip_near4}, port: 80, protocol: tcp, backends: [{{ address: 2001:db8:203::12, port: 8080 }}] }}
   - {{ name: v6, vip: {vip6}, port: 80, protocol: tcp, backends: [{{ address: {backend6}, port: 8080 }}] }}
 "
     );
     let mut datapath = load(&config);
 
     // Destinations sharing a VIP's slot, and a source sharing a backend's: the exact lookups decide.
-    for (vip, other) in [(vip4, collides4), (vip6, collides6)] {
-        let roles = datapath.address_filter_roles(other).unwrap();
-        assert_eq!(roles, role::VIP_PORT, "{other} shares {vip}'s slot");
-        let client = if vip.is_ipv4() {
+    let client_of = |ip: IpAddr| {
+        if ip.is_ipv4() {
             sa("192.0.2.2:40000")
         } else {
             sa("[2001:db8:2::2]:40000")
-        };
-        send_to_vip(&mut datapath, SYN, client, SocketAddr::new(vip, 80));
-        let input = frame(SYN, client, SocketAddr::new(other, 80), b"");
+        }
+    };
+    for (vip, other) in [(vip_near4, collides4), (vip6, collides6)] {
+        let roles = datapath.address_filter_roles(other).unwrap();
+        assert_eq!(roles, role::VIP_PORT, "{other} shares {vip}'s slot");
+        send_to_vip(&mut datapath, SYN, client_of(vip), SocketAddr::new(vip, 80));
+        let input = frame(SYN, client_of(other), SocketAddr::new(other, 80), b"");
         assert_passed_as_non_service(&mut datapath, &input, &format!("to {other}"));
     }
     assert_eq!(
