@@ -52,8 +52,7 @@ pub mod snat {
     /// that port's reply entry still names it.
     #[inline(always)]
     pub fn port_hash(flow: &FlowKey) -> u32 {
-        let ports = ((flow.src_port as u32) << 16) | flow.dst_port as u32;
-        flow_hash(&flow.src.0, &flow.dst.0, ports, flow.protocol, SEED)
+        flow_hash(flow, SEED)
     }
 
     /// The `attempt`-th candidate port (host byte order) in `first .. first + count`. Double
@@ -89,8 +88,7 @@ pub mod encap {
     /// and the backend's RSS spread flows although every outer header has the same addresses.
     #[inline(always)]
     pub fn flow_label(flow: &FlowKey) -> u32 {
-        let ports = ((flow.src_port as u32) << 16) | flow.dst_port as u32;
-        flow_hash(&flow.src.0, &flow.dst.0, ports, flow.protocol, SEED) & 0x000f_ffff
+        flow_hash(flow, SEED) & 0x000f_ffff
     }
 }
 

@@ -7,7 +7,7 @@ use lb_agent::datapath::Datapath;
 use lb_common::{
     conntrack::FlowKey,
     counters::Counter,
-    flow_hash::{flow_hash, source_hash},
+    flow_hash::maglev_slot,
     service::{family_of, Addr, ServiceKey},
 };
 
@@ -149,13 +149,8 @@ pub fn expected_backend(
 ) -> SocketAddr {
     let table = datapath.table_of(key).expect("service programmed");
     let flow = flow_key(protocol, src, dst);
-    let hash = if source_ip_only {
-        source_hash(&flow.src.0, 0)
-    } else {
-        let ports = ((flow.src_port as u32) << 16) | flow.dst_port as u32;
-        flow_hash(&flow.src.0, &flow.dst.0, ports, protocol, 0)
-    };
-    let (ip, port): (IpAddr, u16) = table[(hash % table.len() as u32) as usize];
+    let slot = maglev_slot(&flow, source_ip_only, table.len() as u32);
+    let (ip, port): (IpAddr, u16) = table[slot as usize];
     SocketAddr::new(ip, if port == 0 { dst.port() } else { port })
 }
 
