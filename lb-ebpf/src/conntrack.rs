@@ -3,8 +3,8 @@
 //!
 //! Entries live in one LRU map per family (`CONNTRACK_V4` keyed by the 16-byte
 //! `lb_common::conntrack::FlowKeyV4`, `CONNTRACK_V6` by the 40-byte `FlowKey`: the kernel hashes
-//! and compares the whole key). [`lookup`] and [`track`] pick the map; every other module reads
-//! and writes conntrack through them, with the flow's `FlowKey`.
+//! and compares the whole key). [`lookup`], [`lookup_via`] and [`track`] pick the map; every other
+//! module reads and writes conntrack through them, with the flow's `FlowKey`.
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
@@ -51,7 +51,8 @@ pub fn lookup(key: &FlowKey) -> Option<*mut ConntrackEntry> {
 /// [`lookup`] for callers short of stack: an IPv4 key is built in `v4`, per-CPU scratch space.
 /// (`lb_xdp` calls the ICMP path, and both inline the reply path and `lb_xdp` the new flow's
 /// [`track`]: with a 16-byte key more on the stack of each, they no longer fit the 512 bytes of
-/// BPF stack together.)
+/// BPF stack together. They fill it exactly now: frames of 248 and 256 bytes, which the verifier
+/// rounds up to 16.)
 #[inline(always)]
 pub fn lookup_via(key: &FlowKey, v4: &mut FlowKeyV4) -> Option<*mut ConntrackEntry> {
     if key.family == family::IPV4 {
