@@ -29,12 +29,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    conntrack::{BackendReply, ConntrackEntry, FlowKey, NatReply},
+    conntrack::{BackendReply, ConntrackEntry, FlowKey, FlowKeyV4, NatReply},
     counters::Counter,
     modes::ModeInfo,
     prefilter, protocol,
     service::{
-        limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey, ServiceSlot,
+        family, limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey, ServiceSlot,
         TrafficStats,
     },
 };
@@ -113,7 +113,7 @@ const TABLE_FLIP_BATCH: usize = 256;
 /// Load-time settings.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Entries of the `CONNTRACK` and `NAT_REPLY` LRU maps.
+    /// Entries of each of the `CONNTRACK_V4`, `CONNTRACK_V6` and `NAT_REPLY` LRU maps.
     pub conntrack_entries: u32,
     /// Pin everything here and adopt what is pinned; `None`: nothing is pinned and the datapath
     /// goes away with the `Datapath`.
@@ -238,7 +238,8 @@ impl Datapath {
     /// it the verifier removes the check from the program.
     pub fn load_with_cidr_deny(options: &LoadOptions, cidr_deny: bool) -> Result<Self> {
         let max_entries = [
-            ("CONNTRACK", options.conntrack_entries),
+            ("CONNTRACK_V4", options.conntrack_entries),
+            ("CONNTRACK_V6", options.conntrack_entries),
             ("NAT_REPLY", options.conntrack_entries),
         ];
         let cidr_deny = cidr_deny as u32;
@@ -390,7 +391,8 @@ impl Datapath {
             .expect("checked in load")
     }
 
-    /// The loaded object, for the policy maps `lb_xdp` reads (`policy::datapath::write_cidr_deny`).
+    /// The loaded object: for the policy maps `lb_xdp` reads (`policy::datapath::write_cidr_deny`),
+    /// and for tests that read the maps.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
@@ -1215,21 +1217,38 @@ impl Datapath {
     /// Forgets one tracked flow (client → VIP) and its reply translation, if present; the flow's
     /// next packet is balanced as new. Returns whether an entry existed.
     pub fn forget_flow(&mut self, flow: &FlowKey, reply: &FlowKey) -> Result<bool> {
-        let mut conntrack: HashMap<&mut MapData, FlowKey, ConntrackEntry> =
-            HashMap::try_from(self.ebpf.map_mut("CONNTRACK").context("CONNTRACK map")?)?;
-        let existed = conntrack.remove(flow).is_ok();
+        let existed = if flow.family == family::IPV4 {
+            let mut conntrack: HashMap<&mut MapData, FlowKeyV4, ConntrackEntry> =
+                HashMap::try_from(
+                    self.ebpf
+                        .map_mut("CONNTRACK_V4")
+                        .context("CONNTRACK_V4 map")?,
+                )?;
+            conntrack.remove(&FlowKeyV4::of(flow)).is_ok()
+        } else {
+            let mut conntrack: HashMap<&mut MapData, FlowKey, ConntrackEntry> = HashMap::try_from(
+                self.ebpf
+                    .map_mut("CONNTRACK_V6")
+                    .context("CONNTRACK_V6 map")?,
+            )?;
+            conntrack.remove(flow).is_ok()
+        };
         let mut replies: HashMap<&mut MapData, FlowKey, NatReply> =
             HashMap::try_from(self.ebpf.map_mut("NAT_REPLY").context("NAT_REPLY map")?)?;
         let _ = replies.remove(reply);
         Ok(existed)
     }
 
-    /// Number of tracked flows (walks the `CONNTRACK` keys: about one syscall per entry, so call it
-    /// every few seconds, not per packet or per scrape).
+    /// Number of tracked flows, both families (walks the `CONNTRACK_V4` and `CONNTRACK_V6` keys:
+    /// about one syscall per entry, so call it every few seconds, not per packet or per scrape).
     pub fn conntrack_entries(&self) -> Result<u64> {
-        let conntrack: HashMap<&MapData, FlowKey, ConntrackEntry> =
-            HashMap::try_from(self.ebpf.map("CONNTRACK").context("CONNTRACK map")?)?;
-        Ok(conntrack.keys().filter(|k| k.is_ok()).count() as u64)
+        let v4: HashMap<&MapData, FlowKeyV4, ConntrackEntry> =
+            HashMap::try_from(self.ebpf.map("CONNTRACK_V4").context("CONNTRACK_V4 map")?)?;
+        let v6: HashMap<&MapData, FlowKey, ConntrackEntry> =
+            HashMap::try_from(self.ebpf.map("CONNTRACK_V6").context("CONNTRACK_V6 map")?)?;
+        let v4_entries = v4.keys().filter(|k| k.is_ok()).count();
+        let v6_entries = v6.keys().filter(|k| k.is_ok()).count();
+        Ok((v4_entries + v6_entries) as u64)
     }
 
     /// Number of per-flow reply translations (`NAT_REPLY` entries: SNAT flows and DNAT flows to

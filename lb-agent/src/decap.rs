@@ -31,8 +31,9 @@ pub const DECAP_PROGRAM: &str = "lb_decap";
 
 /// Maps of the object that `lb_decap` does not use, shrunk to one entry so that a backend does not
 /// pay for the balancer's conntrack and statistics.
-const UNUSED_MAPS: [&str; 7] = [
-    "CONNTRACK",
+const UNUSED_MAPS: [&str; 8] = [
+    "CONNTRACK_V4",
+    "CONNTRACK_V6",
     "NAT_REPLY",
     "BACKEND_REPLY",
     "BACKENDS",

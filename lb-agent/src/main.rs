@@ -67,7 +67,8 @@ enum Command {
         /// How often to refresh metrics and log the datapath counters (0 = do not log).
         #[arg(long, default_value = "10", value_name = "SECONDS")]
         stats_interval: u64,
-        /// Entries of the connection tracking tables.
+        /// Entries of each connection tracking table (IPv4 flows, IPv6 flows, per-flow reply
+        /// translations).
         #[arg(long, default_value_t = limits::DEFAULT_CONNTRACK_ENTRIES)]
         conntrack_entries: u32,
         /// Also take services from Kubernetes (in-cluster account or $KUBECONFIG).

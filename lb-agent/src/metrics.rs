@@ -127,7 +127,8 @@ pub struct DatapathSnapshot {
     pub counters: Vec<(Counter, u64)>,
     pub services: Vec<ServiceTraffic>,
     pub backends: Vec<BackendTraffic>,
-    /// Live entries of the `CONNTRACK` map; `None` = not known (no series is exported).
+    /// Live entries of the `CONNTRACK_V4` and `CONNTRACK_V6` maps together; `None` = not known (no
+    /// series is exported).
     pub conntrack_entries: Option<u64>,
     pub map_fill: Vec<MapFill>,
     /// Kept across [`Metrics::update_datapath`] calls; see [`Metrics::update_policy_verdicts`].
@@ -139,7 +140,7 @@ impl DatapathSnapshot {
     /// programmed in `datapath` (a service that failed to program is skipped), and the fill of
     /// `SERVICES` and `BACKENDS` as implied by them. `config` must be the config last applied.
     ///
-    /// Not read here (the `Datapath` API does not expose them yet): the `CONNTRACK` entry count
+    /// Not read here (the `Datapath` API does not expose them yet): the conntrack entry count
     /// and its fill, and the Maglev table slots in use. The caller may set
     /// [`conntrack_entries`](Self::conntrack_entries) and push to [`map_fill`](Self::map_fill).
     pub fn read(datapath: &Datapath, config: &Config) -> Result<Self> {
@@ -411,7 +412,7 @@ const POLICY_VERDICTS: Family = Family {
 };
 const CONNTRACK_ENTRIES: Family = Family {
     name: "lb_conntrack_entries",
-    help: "Live entries of the CONNTRACK map.",
+    help: "Live entries of the CONNTRACK_V4 and CONNTRACK_V6 maps (tracked flows).",
     labels: &[],
 };
 const MAP_FILL: Family = Family {
@@ -748,7 +749,7 @@ pub(crate) mod tests {
                     capacity: 4096,
                 },
                 MapFill {
-                    map: "CONNTRACK".into(),
+                    map: "CONNTRACK_V4".into(),
                     entries: 42,
                     capacity: 168,
                 },
@@ -837,7 +838,7 @@ pub(crate) mod tests {
             Value::Gauge(42.0)
         );
         assert_eq!(
-            value(&scrape, "lb_map_fill_ratio", &[("map", "CONNTRACK")]),
+            value(&scrape, "lb_map_fill_ratio", &[("map", "CONNTRACK_V4")]),
             Value::Gauge(0.25)
         );
         // No policy verdicts fed: the family has no series; no health fed: neither.

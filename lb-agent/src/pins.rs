@@ -4,7 +4,7 @@
 //!
 //! Layout of the pin directory (default `/sys/fs/bpf/lb`):
 //! - `LAYOUT`: a one-entry array holding the map layout version ([`MAP_LAYOUT_VERSION`]);
-//! - `maps/<NAME>`: every map of the datapath object (`SERVICES`, `BACKENDS`, `CONNTRACK`, ...);
+//! - `maps/<NAME>`: every map of the datapath object (`SERVICES`, `BACKENDS`, `CONNTRACK_V4`, ...);
 //! - `programs/<name>`: the XDP program last loaded (for inspection; the links hold it);
 //! - `links/xdp_<interface>` or `links/tc_<interface>`: the XDP or TC (tcx ingress) `bpf_link` of
 //!   each interface. The kernel keeps the program attached as long as this pin exists, whatever
@@ -508,11 +508,12 @@ mod tests {
 
     #[test]
     fn object_maps_are_the_named_maps_with_overrides() {
-        let maps = object_maps(crate::datapath::EBPF_OBJECT, &[("CONNTRACK", 1234)]).unwrap();
+        let maps = object_maps(crate::datapath::EBPF_OBJECT, &[("CONNTRACK_V4", 1234)]).unwrap();
         let names: Vec<&str> = maps.iter().map(|(n, _)| n.as_str()).collect();
         for name in [
             "BACKENDS",
-            "CONNTRACK",
+            "CONNTRACK_V4",
+            "CONNTRACK_V6",
             "MAGLEV_TABLES",
             "NAT_REPLY",
             "SERVICES",
@@ -521,12 +522,27 @@ mod tests {
         }
         assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
         assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted");
-        let conntrack = maps.iter().find(|(n, _)| n == "CONNTRACK").unwrap().1;
-        assert_eq!(conntrack.max_entries, 1234);
+        let definition = |name: &str| maps.iter().find(|(n, _)| n == name).unwrap().1;
+        let (v4, v6) = (definition("CONNTRACK_V4"), definition("CONNTRACK_V6"));
+        assert_eq!(v4.max_entries, 1234);
         assert_eq!(
-            conntrack.value_size as usize,
-            size_of::<lb_common::conntrack::ConntrackEntry>()
+            v6.max_entries,
+            lb_common::service::limits::DEFAULT_CONNTRACK_ENTRIES
         );
+        assert_eq!(
+            v4.key_size as usize,
+            size_of::<lb_common::conntrack::FlowKeyV4>()
+        );
+        assert_eq!(
+            v6.key_size as usize,
+            size_of::<lb_common::conntrack::FlowKey>()
+        );
+        for conntrack in [v4, v6] {
+            assert_eq!(
+                conntrack.value_size as usize,
+                size_of::<lb_common::conntrack::ConntrackEntry>()
+            );
+        }
     }
 
     #[test]

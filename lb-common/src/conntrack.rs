@@ -1,9 +1,14 @@
 //! Connection tracking entries: which backend a flow uses, and how replies are translated back.
+//!
+//! Tracked flows live in two LRU maps of [`ConntrackEntry`], one per family: `CONNTRACK_V4`, keyed
+//! by the 16-byte [`FlowKeyV4`], and `CONNTRACK_V6`, keyed by the 40-byte [`FlowKey`]. The kernel
+//! hashes (jhash) and compares the whole key on every lookup and insert, so an IPv4 flow keyed by
+//! 16 bytes instead of 40 costs one jhash round instead of three.
 
-use crate::service::Addr;
+use crate::service::{family, Addr};
 
-/// A flow as the datapath sees it on the way in: client → VIP. Also the key of `NAT_REPLY`, there
-/// as backend → client.
+/// A flow as the datapath sees it on the way in: client → VIP. The key of `CONNTRACK_V6` (IPv6
+/// flows; IPv4 ones are keyed by their [`FlowKeyV4`]) and of `NAT_REPLY`, there as backend → client.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -14,6 +19,59 @@ pub struct FlowKey {
     pub protocol: u8,
     pub family: u8,
     pub _pad: [u8; 2],
+}
+
+/// Key of the `CONNTRACK_V4` map: an IPv4 [`FlowKey`] without the 12 zero bytes of each address
+/// and the family. Addresses and ports as on the wire, like [`Addr::from_v4_word`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKeyV4 {
+    pub src: u32,
+    pub dst: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKeyV4 {
+    /// The key of `flow`, which must be of family IPv4 (only the first word of each address is
+    /// read).
+    #[inline(always)]
+    pub fn of(flow: &FlowKey) -> Self {
+        // Built as four words, one stack store each (this is the datapath's per-packet path):
+        // field by field, the BPF backend zeroes the 3 padding bytes with a call to `memset`.
+        let (src_port, dst_port) = (u32::from(flow.src_port), u32::from(flow.dst_port));
+        // The source port's two bytes first in memory.
+        let ports = if cfg!(target_endian = "little") {
+            src_port | dst_port << 16
+        } else {
+            src_port << 16 | dst_port
+        };
+        let words: [u32; 4] = [
+            flow.src.0[0],
+            flow.dst.0[0],
+            ports,
+            u32::from_ne_bytes([flow.protocol, 0, 0, 0]),
+        ];
+        // SAFETY: `Self` is #[repr(C)], 16 bytes of integers without hidden padding (tested), in
+        // the order of these words' bytes.
+        unsafe { core::mem::transmute::<[u32; 4], Self>(words) }
+    }
+}
+
+impl From<FlowKeyV4> for FlowKey {
+    fn from(key: FlowKeyV4) -> Self {
+        Self {
+            src: Addr::from_v4_word(key.src),
+            dst: Addr::from_v4_word(key.dst),
+            src_port: key.src_port,
+            dst_port: key.dst_port,
+            protocol: key.protocol,
+            family: family::IPV4,
+            _pad: [0; 2],
+        }
+    }
 }
 
 /// Connection states kept in [`ConntrackEntry::state`].
@@ -31,7 +89,7 @@ pub mod timeouts {
     pub const UDP_NS: u64 = 60 * 1_000_000_000;
 }
 
-/// Value of the `CONNTRACK` LRU map, keyed by the client → VIP [`FlowKey`].
+/// Value of the `CONNTRACK_V4` and `CONNTRACK_V6` LRU maps, keyed by the client → VIP flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackEntry {
@@ -104,6 +162,7 @@ mod pod {
     use super::*;
     // SAFETY: #[repr(C)], Copy, integers only, explicit padding.
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowKeyV4 {}
     unsafe impl aya::Pod for ConntrackEntry {}
     unsafe impl aya::Pod for NatReply {}
     unsafe impl aya::Pod for BackendReply {}
@@ -116,8 +175,30 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<FlowKeyV4>(), 16);
         assert_eq!(core::mem::size_of::<ConntrackEntry>(), 24);
         assert_eq!(core::mem::size_of::<NatReply>(), 48);
         assert_eq!(core::mem::size_of::<BackendReply>(), 20);
+    }
+
+    #[test]
+    fn v4_key_keeps_the_wire_bytes_and_converts_back() {
+        let flow = FlowKey {
+            src: Addr::from_v4_word(u32::from_ne_bytes([192, 0, 2, 7])),
+            dst: Addr::from_v4_word(u32::from_ne_bytes([198, 51, 100, 10])),
+            src_port: 40000u16.to_be(),
+            dst_port: 80u16.to_be(),
+            protocol: crate::protocol::TCP,
+            family: family::IPV4,
+            _pad: [0; 2],
+        };
+        let key = FlowKeyV4::of(&flow);
+        // SAFETY: repr(C), 16 bytes of integers, no hidden padding (checked above).
+        let bytes: [u8; 16] = unsafe { core::mem::transmute(key) };
+        assert_eq!(
+            bytes,
+            [192, 0, 2, 7, 198, 51, 100, 10, 0x9c, 0x40, 0, 80, 6, 0, 0, 0]
+        );
+        assert_eq!(FlowKey::from(key), flow);
     }
 }

@@ -14,7 +14,8 @@ pub mod limits {
     pub const MAX_BACKENDS: u32 = 131_072;
     /// Slots of the `MAGLEV_TABLES` array of maps: two per service, one live, one being rebuilt.
     pub const MAGLEV_TABLE_SLOTS: u32 = 2 * MAX_SERVICES;
-    /// Default entries of the `CONNTRACK` and `NAT_REPLY` LRU maps (configurable at load time).
+    /// Default entries of each of the `CONNTRACK_V4`, `CONNTRACK_V6` and `NAT_REPLY` LRU maps
+    /// (configurable at load time).
     pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 }
 

@@ -1,18 +1,24 @@
 //! Connection tracking: a flow keeps its backend while it lives, whatever happens to the Maglev table
 //! (backends added, removed, or draining with weight 0).
+//!
+//! Entries live in one LRU map per family (`CONNTRACK_V4` keyed by the 16-byte
+//! `lb_common::conntrack::FlowKeyV4`, `CONNTRACK_V6` by the 40-byte `FlowKey`: the kernel hashes
+//! and compares the whole key). [`lookup`], [`lookup_via`] and [`track`] pick the map; every other
+//! module reads and writes conntrack through them, with the flow's `FlowKey`.
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    conntrack::{state, timeouts, ConntrackEntry},
+    conntrack::{state, timeouts, ConntrackEntry, FlowKey, FlowKeyV4},
     counters::Counter,
     protocol,
-    service::{mode, Backend, ServiceInfo},
+    service::{family, mode, Backend, ServiceInfo},
 };
 
 use crate::{
     maglev,
     maps::{
-        add_traffic, count, scratch, BACKENDS, BACKEND_STATS, CONNTRACK, NAT_REPLY, SERVICE_STATS,
+        add_traffic, count, scratch, BACKENDS, BACKEND_STATS, CONNTRACK_V4, CONNTRACK_V6,
+        NAT_REPLY, SERVICE_STATS,
     },
     mem,
     packet::{tcp_flags, Flow},
@@ -29,7 +35,46 @@ pub struct Chosen {
 /// service comes from the id in its entry).
 #[inline(always)]
 pub fn entry_of(flow: &Flow) -> Option<*mut ConntrackEntry> {
-    CONNTRACK.get_ptr_mut(&flow.key)
+    lookup(&flow.key)
+}
+
+/// The conntrack entry of the client → VIP flow `key`, in its family's map.
+#[inline(always)]
+pub fn lookup(key: &FlowKey) -> Option<*mut ConntrackEntry> {
+    if key.family == family::IPV4 {
+        CONNTRACK_V4.get_ptr_mut(&FlowKeyV4::of(key))
+    } else {
+        CONNTRACK_V6.get_ptr_mut(key)
+    }
+}
+
+/// [`lookup`] for callers short of stack: an IPv4 key is built in `v4`, per-CPU scratch space.
+/// (`lb_xdp` calls the ICMP path, and both inline the reply path and `lb_xdp` the new flow's
+/// [`track`]: with a 16-byte key more on the stack of each, they no longer fit the 512 bytes of
+/// BPF stack together. They fill it exactly now: frames of 248 and 256 bytes, which the verifier
+/// rounds up to 16.)
+#[inline(always)]
+pub fn lookup_via(key: &FlowKey, v4: &mut FlowKeyV4) -> Option<*mut ConntrackEntry> {
+    if key.family == family::IPV4 {
+        *v4 = FlowKeyV4::of(key);
+        CONNTRACK_V4.get_ptr_mut(v4)
+    } else {
+        CONNTRACK_V6.get_ptr_mut(key)
+    }
+}
+
+/// Tracks the client → VIP flow `key` with `entry`, in its family's map; an IPv4 key is built in
+/// `v4`, per-CPU scratch space (see [`lookup_via`]). An LRU insert evicts the least recently used
+/// entry when full, so it only fails on memory pressure; the flow is still forwarded (by the
+/// table) either way, hence no result.
+#[inline(always)]
+pub fn track(key: &FlowKey, entry: &ConntrackEntry, v4: &mut FlowKeyV4) {
+    let _ = if key.family == family::IPV4 {
+        *v4 = FlowKeyV4::of(key);
+        CONNTRACK_V4.insert(v4, entry, 0)
+    } else {
+        CONNTRACK_V6.insert(key, entry, 0)
+    };
 }
 
 /// The backend for `flow` (`tracked`: its [`entry_of`]): the tracked one while the entry is live,
@@ -97,14 +142,15 @@ pub fn backend_for(
         snat_port,
         _pad: [0; 4],
     };
-    // An LRU insert evicts the least recently used entry when full, so it only fails on memory
-    // pressure; the flow is still forwarded (by the table) either way.
-    let _ = CONNTRACK.insert(&flow.key, &entry, 0);
+    let mut scratch = scratch();
+    if let Some(scratch) = scratch.as_deref_mut() {
+        track(&flow.key, &entry, &mut scratch.flow_v4);
+    }
     // A backend serving one frontend has its replies translated from `BACKEND_REPLY`; one that
     // several share needs the flow's own reply entry, built in per-CPU scratch space (the stack is
     // needed by the other paths).
     let dnat_scratch = if service.mode == mode::DNAT && backend.has_shared_replies() {
-        scratch()
+        scratch
     } else {
         None
     };

@@ -5,7 +5,7 @@
 //! **To the backend.** Quote `VIP:port → client:port`: the node sent it (a translated reply) and a
 //! router on the client's path answered to the VIP — typically "fragmentation needed" / "packet too
 //! big", which the backend must see or its path MTU towards the client never shrinks. The flow is
-//! the quote reversed, `client → VIP`, in `CONNTRACK`; its service must be DNAT. Rewritten: outer
+//! the quote reversed, `client → VIP`, in conntrack; its service must be DNAT. Rewritten: outer
 //! destination VIP → backend; quoted source VIP:port → backend:port (what the backend sent).
 //!
 //! **To the client.** Quote `client:port → backend:port`: the node sent it (a translated request) and
@@ -44,7 +44,8 @@ use lb_common::{
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    maps::{count, BACKENDS, CONNTRACK},
+    conntrack,
+    maps::{count, BACKENDS},
     packet::{
         header::{
             ETH_LEN, IPV4_CHECK, IPV4_DST, IPV4_LEN, IPV4_SRC, IPV6_DST, IPV6_LEN, IPV6_SRC,
@@ -187,7 +188,7 @@ fn forward(ctx: &XdpContext, error: &IcmpError) -> (u32, Counter) {
             return untracked;
         }
         // SAFETY: plain integers, read at once.
-        let Some(backend_id) = (unsafe { CONNTRACK.get(flow) }).map(|entry| entry.backend_id)
+        let Some(backend_id) = conntrack::lookup(flow).map(|entry| unsafe { (*entry).backend_id })
         else {
             return untracked;
         };

@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    conntrack::{BackendReply, ConntrackEntry, FlowKey, NatReply},
+    conntrack::{BackendReply, ConntrackEntry, FlowKey, FlowKeyV4, NatReply},
     counters::Counter,
     modes::{
         decap::{self, EndpointKey},
@@ -46,9 +46,15 @@ pub static MAGLEV_TABLES: ArrayOfMaps<
     { limits::MAGLEV_TABLE_SLOTS as usize },
 > = ArrayOfMaps::new();
 
-/// Client → VIP flow → its backend.
-#[map(name = "CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, ConntrackEntry> =
+/// Client → VIP IPv4 flow → its backend. Read and written through `conntrack::lookup` and
+/// `conntrack::track`, which pick the family's map.
+#[map(name = "CONNTRACK_V4")]
+pub static CONNTRACK_V4: LruHashMap<FlowKeyV4, ConntrackEntry> =
+    LruHashMap::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Client → VIP IPv6 flow → its backend (see [`CONNTRACK_V4`]).
+#[map(name = "CONNTRACK_V6")]
+pub static CONNTRACK_V6: LruHashMap<FlowKey, ConntrackEntry> =
     LruHashMap::with_max_entries(limits::DEFAULT_CONNTRACK_ENTRIES, 0);
 
 /// Backend → client flow of a DNAT connection to a backend marked `SHARED_REPLIES` → the VIP and
@@ -90,6 +96,9 @@ pub struct ModeScratch {
     pub owner: FlowKey,
     /// The conntrack key of a reply's flow (reply.rs).
     pub flow: FlowKey,
+    /// A `CONNTRACK_V4` key: of a reply's flow (reply.rs) or of a new flow (conntrack.rs), built
+    /// here for lack of stack (see `conntrack::lookup_via`).
+    pub flow_v4: FlowKeyV4,
 }
 
 /// This CPU's scratch space.

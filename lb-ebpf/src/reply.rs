@@ -2,11 +2,11 @@
 //! source; one to the node's SNAT address and port (SNAT) also goes back to the client's address and
 //! port. DSR replies never come here: backends send them to the client directly. Replies of flows
 //! translated on their client's workload veth are left to `lb_tc_reply` there (see
-//! `lb_common::conntrack::reply_flags::AT_CLIENT_VETH`, in the flow's `CONNTRACK` entry and, when
+//! `lb_common::conntrack::reply_flags::AT_CLIENT_VETH`, in the flow's conntrack entry and, when
 //! it has one, its `NAT_REPLY` entry).
 //!
 //! A DNAT reply finds its VIP from its source (`BACKEND_REPLY`) when the backend serves one frontend,
-//! and is translated only if that names a tracked flow to this backend (`CONNTRACK`, the key
+//! and is translated only if that names a tracked flow to this backend (`conntrack::lookup`, the key
 //! reversed): a new flow then writes one LRU entry instead of two. When several frontends share the
 //! backend, the flow's own `NAT_REPLY` entry says (`lb_common::conntrack::BackendReply` has the
 //! rules).
@@ -19,7 +19,8 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{count, scratch, BACKENDS, BACKEND_REPLY, CONNTRACK, NAT_REPLY},
+    conntrack,
+    maps::{count, scratch, BACKENDS, BACKEND_REPLY, NAT_REPLY},
     nat,
     packet::Flow,
     snat,
@@ -66,7 +67,8 @@ pub fn origin(key: &FlowKey) -> Option<Origin> {
 fn tracked(key: &FlowKey, frontend: &BackendReply) -> Option<Origin> {
     let (vip, vip_port) = (frontend.vip, frontend.vip_port);
     // Built in per-CPU scratch space: the stack is needed by the paths around.
-    let flow = &mut scratch()?.flow;
+    let scratch = scratch()?;
+    let flow = &mut scratch.flow;
     flow.src = key.dst;
     flow.dst = vip;
     flow.src_port = key.dst_port;
@@ -75,7 +77,7 @@ fn tracked(key: &FlowKey, frontend: &BackendReply) -> Option<Origin> {
     flow.family = key.family;
     flow._pad = [0; 2];
     // SAFETY: plain integers, read at once.
-    let entry = unsafe { CONNTRACK.get(&*flow) }?;
+    let entry = unsafe { &*conntrack::lookup_via(flow, &mut scratch.flow_v4)? };
     let backend = BACKENDS.get(entry.backend_id)?;
     (backend.addr == key.src && backend.port == key.src_port).then_some(Origin::Dnat(
         vip,

@@ -37,8 +37,8 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack::expired,
-    maps::{count, scratch, CONNTRACK, NAT_REPLY, SERVICE_MODES},
+    conntrack::{self, expired},
+    maps::{count, scratch, NAT_REPLY, SERVICE_MODES},
     mem, nat,
     packet::Flow,
     xmit::{self, fib_xmit, opts, Xmit},
@@ -130,9 +130,10 @@ fn owner_alive(entry: &NatReply, key: &FlowKey, owner: &mut FlowKey, now: u64) -
     owner.protocol = key.protocol;
     owner.family = key.family;
     owner._pad = [0; 2];
-    // SAFETY: plain integers, read at once.
-    match unsafe { CONNTRACK.get(&*owner) } {
+    match conntrack::lookup(owner) {
         Some(tracked) => {
+            // SAFETY: plain integers, read at once.
+            let tracked = unsafe { &*tracked };
             tracked.snat_port == key.dst_port
                 && !expired(tracked, now, key.protocol == protocol::TCP)
         }

@@ -178,7 +178,8 @@ pub fn decapsulated(inner: &[u8], macs: ([u8; 6], [u8; 6])) -> Vec<u8> {
 pub fn load_small(program: &str) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     for map in [
-        "CONNTRACK",
+        "CONNTRACK_V4",
+        "CONNTRACK_V6",
         "NAT_REPLY",
         "BACKEND_REPLY",
         "BACKENDS",

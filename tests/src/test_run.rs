@@ -1,11 +1,17 @@
 //! `BPF_PROG_TEST_RUN` helpers shared by the datapath tests and the benchmarks.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::HashMap as StdHashMap,
+    net::{IpAddr, SocketAddr},
+};
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use aya::{
+    maps::{HashMap, Map},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
 use lb_agent::datapath::Datapath;
 use lb_common::{
-    conntrack::FlowKey,
+    conntrack::{ConntrackEntry, FlowKey, FlowKeyV4},
     counters::Counter,
     flow_hash::maglev_slot,
     service::{family_of, Addr, ServiceKey},
@@ -164,6 +170,40 @@ pub fn flow_key(protocol: u8, src: SocketAddr, dst: SocketAddr) -> FlowKey {
         protocol,
         family: family_of(src.ip()),
         _pad: [0; 2],
+    }
+}
+
+/// Tracked flows, one map per family as the datapath keeps them.
+pub struct Conntrack {
+    /// `CONNTRACK_V4`'s entries (keys as the `FlowKey` they were built from).
+    pub v4: StdHashMap<FlowKey, ConntrackEntry>,
+    /// `CONNTRACK_V6`'s entries.
+    pub v6: StdHashMap<FlowKey, ConntrackEntry>,
+}
+
+impl Conntrack {
+    /// Reads the `CONNTRACK_V4` map `v4` and the `CONNTRACK_V6` map `v6`.
+    pub fn read(v4: &Map, v6: &Map) -> Self {
+        let v4: HashMap<_, FlowKeyV4, ConntrackEntry> =
+            HashMap::try_from(v4).expect("CONNTRACK_V4 is a hash map of FlowKeyV4");
+        let v6: HashMap<_, FlowKey, ConntrackEntry> =
+            HashMap::try_from(v6).expect("CONNTRACK_V6 is a hash map of FlowKey");
+        Self {
+            v4: v4
+                .iter()
+                .map(|entry| entry.expect("CONNTRACK_V4 entry"))
+                .map(|(key, entry)| (key.into(), entry))
+                .collect(),
+            v6: v6
+                .iter()
+                .map(|entry| entry.expect("CONNTRACK_V6 entry"))
+                .collect(),
+        }
+    }
+
+    /// Both families' entries, by flow.
+    pub fn all(self) -> StdHashMap<FlowKey, ConntrackEntry> {
+        self.v4.into_iter().chain(self.v6).collect()
     }
 }
 

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, Map, MapData};
 use lb_agent::pins::PinDir;
 use lb_common::{
     conntrack::{ConntrackEntry, FlowKey},
@@ -30,7 +30,7 @@ use lb_tests::{
     agent::{AgentProcess, ConfigFile, TestPins},
     netns::{Netns, TEST_PREFIX},
     servers::{tcp_connect, tcp_request, tcp_servers_on_backends, TcpCountingServer},
-    test_run::flow_key,
+    test_run::{flow_key, Conntrack},
     topology::{Topology, BALANCER_CLIENT_IFACE, VIP},
 };
 
@@ -64,12 +64,14 @@ fn xdp_program_id(ns: &Netns, iface: &str) -> u32 {
         .unwrap_or_else(|| panic!("no XDP program on {iface}: {text}"))
 }
 
-/// The pinned `CONNTRACK` map's entries.
+/// The entries of the pinned `CONNTRACK_V4` and `CONNTRACK_V6` maps, by flow.
 fn conntrack(pins: &TestPins) -> StdHashMap<FlowKey, ConntrackEntry> {
-    let data = MapData::from_pin(PinDir::new(pins.path()).map("CONNTRACK")).expect("CONNTRACK pin");
-    let map: HashMap<MapData, FlowKey, ConntrackEntry> =
-        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
-    map.iter().map(|entry| entry.unwrap()).collect()
+    let pinned = |name: &str| {
+        let data = MapData::from_pin(PinDir::new(pins.path()).map(name))
+            .unwrap_or_else(|err| panic!("{name} pin: {err}"));
+        Map::from_map_data(data).unwrap()
+    };
+    Conntrack::read(&pinned("CONNTRACK_V4"), &pinned("CONNTRACK_V6")).all()
 }
 
 fn pinned_backend(pins: &TestPins, id: u32) -> Backend {
@@ -289,7 +291,7 @@ fn an_incompatible_layout_is_refused_until_its_replacement_is_asked_for() {
     let message = format!("{refused:#}");
     assert!(
         message.contains("is incompatible with this agent")
-            && message.contains("map CONNTRACK")
+            && message.contains("map CONNTRACK_V4")
             && message.contains("--replace-incompatible-state"),
         "{message}"
     );

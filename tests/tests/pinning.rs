@@ -143,7 +143,8 @@ fn incompatible_state_is_refused_or_replaced() {
         .expect("refused");
     let message = format!("{err:#}");
     assert!(
-        message.contains("map CONNTRACK: pinned type 9, key 40 B")
+        message.contains("map CONNTRACK_V4: pinned type 9, key 16 B")
+            && message.contains("map CONNTRACK_V6: pinned type 9, key 40 B")
             && message.contains("4096 entries")
             && message.contains("8192 entries")
             && message.contains("--replace-incompatible-state"),

@@ -17,7 +17,7 @@ use lb_common::{
 };
 use lb_tests::{
     frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
-    test_run::{counter, expected_backend, run, sa, XDP_DROP, XDP_PASS},
+    test_run::{counter, expected_backend, flow_key, run, sa, Conntrack, XDP_DROP, XDP_PASS},
 };
 
 const CONFIG: &str = concat!(
@@ -406,6 +406,83 @@ fn conntrack_keeps_a_flow_on_its_backend_through_table_changes() {
     let moved = send_to_vip(&mut datapath, ACK, client, vip);
     assert_ne!(moved, first);
     assert_eq!(counter(&datapath, Counter::ConntrackBackendGone), gone + 1);
+}
+
+/// The tracked flows of `datapath`, per family map.
+fn conntrack(datapath: &mut Datapath) -> Conntrack {
+    let ebpf = datapath.ebpf_mut();
+    Conntrack::read(
+        ebpf.map("CONNTRACK_V4").expect("CONNTRACK_V4"),
+        ebpf.map("CONNTRACK_V6").expect("CONNTRACK_V6"),
+    )
+}
+
+#[test]
+fn each_family_is_tracked_in_its_own_map_and_keeps_its_backend() {
+    let mut datapath = load(CONFIG);
+    let (vip4, client4) = (sa("198.51.100.10:80"), sa("192.0.2.2:48000"));
+    let (vip6, client6) = (sa("[2001:db8:100::10]:443"), sa("[2001:db8:1::2]:48000"));
+    let (flow4, flow6) = (
+        flow_key(protocol::TCP, client4, vip4),
+        flow_key(protocol::TCP, client6, vip6),
+    );
+    let first4 = send_to_vip(&mut datapath, SYN, client4, vip4);
+    let first6 = send_to_vip(&mut datapath, SYN, client6, vip6);
+
+    let tracked = conntrack(&mut datapath);
+    assert_eq!(
+        tracked.v4.keys().collect::<Vec<_>>(),
+        [&flow4],
+        "the IPv4 flow, alone in CONNTRACK_V4"
+    );
+    assert_eq!(
+        tracked.v6.keys().collect::<Vec<_>>(),
+        [&flow6],
+        "the IPv6 flow, alone in CONNTRACK_V6"
+    );
+    assert_ne!(
+        tracked.v4[&flow4].backend_id, tracked.v6[&flow6].backend_id,
+        "each entry names its own family's backend"
+    );
+
+    // Drain both backends: only the entries keep the flows on them.
+    let drained = CONFIG
+        .replace(
+            &format!("      - {{ address: {}, port: 8080 }}\n", first4.ip()),
+            &format!(
+                "      - {{ address: {}, port: 8080, weight: 0 }}\n",
+                first4.ip()
+            ),
+        )
+        .replace(
+            &format!("      - {{ address: {}, port: 8443 }}\n", first6.ip()),
+            &format!(
+                "      - {{ address: {}, port: 8443, weight: 0 }}\n",
+                first6.ip()
+            ),
+        );
+    let report = datapath
+        .apply(&Config::from_yaml(&drained).unwrap())
+        .unwrap();
+    assert_eq!(report.tables_swapped, 2, "web and web6 drained: {report:?}");
+    assert_eq!(send_to_vip(&mut datapath, ACK, client4, vip4), first4);
+    assert_eq!(send_to_vip(&mut datapath, ACK, client6, vip6), first6);
+
+    // Forgetting the IPv4 flow empties CONNTRACK_V4 alone: that flow moves, the IPv6 one stays.
+    assert!(
+        datapath.forget_flow(&flow4, &flow4).unwrap(),
+        "IPv4 entry found"
+    );
+    let tracked = conntrack(&mut datapath);
+    assert!(tracked.v4.is_empty(), "{:?}", tracked.v4);
+    assert_eq!(tracked.v6.len(), 1);
+    assert_ne!(send_to_vip(&mut datapath, ACK, client4, vip4), first4);
+    assert_eq!(send_to_vip(&mut datapath, ACK, client6, vip6), first6);
+    assert!(
+        datapath.forget_flow(&flow6, &flow6).unwrap(),
+        "IPv6 entry found"
+    );
+    assert_ne!(send_to_vip(&mut datapath, ACK, client6, vip6), first6);
 }
 
 #[test]

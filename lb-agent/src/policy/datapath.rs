@@ -179,7 +179,8 @@ impl PolicyDatapath {
             ("POLICY_CONNTRACK", options.conntrack_entries),
             ("POLICY", options.policy_map_entries),
             // The balancer's state is not used by the policy programs: keep it small.
-            ("CONNTRACK", 1),
+            ("CONNTRACK_V4", 1),
+            ("CONNTRACK_V6", 1),
             ("NAT_REPLY", 1),
             ("BACKEND_REPLY", 1),
             ("FRAGMENTS", 1),

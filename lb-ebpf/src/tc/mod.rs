@@ -18,7 +18,7 @@
 //! them so that the policy sees the chosen backend on both sides (as Cilium does):
 //! - `lb_tc_request` (head of tcx ingress, before `policy_from_endpoint`) translates a request to a
 //!   VIP and passes it on with `TCX_NEXT` (no redirect: the policy after it must see it), marking
-//!   the flow `AT_CLIENT_VETH` (its `CONNTRACK` entry, and its `NAT_REPLY` entry when it has one);
+//!   the flow `AT_CLIENT_VETH` (its conntrack entry, and its `NAT_REPLY` entry when it has one);
 //!   everything else it passes untouched and uncounted;
 //! - `lb_tc` (end of tcx ingress) translates the replies of other flows, as on any interface; a
 //!   reply marked `AT_CLIENT_VETH` it leaves to the stack untranslated, so the backend's policy and
