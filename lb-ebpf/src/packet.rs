@@ -16,9 +16,11 @@
 //!   [`Parsed::Fragment`]. Fragments of other protocols pass, counted `pass_fragment`.
 //! - ICMP/ICMPv6 are [`Parsed::Icmp`]: `icmp` translates errors about DNAT flows and passes the rest.
 //!
-//! The fast path (TCP/UDP right after a 20-byte IPv4 or 40-byte IPv6 header, not fragmented) costs
-//! the same compares as before; the walks and the ICMP and fragment handling are separate BPF
-//! functions, so their stack does not add to `lb_xdp`'s.
+//! The fast path is the screen of plain packets (TCP/UDP right after a 20-byte IPv4 or 40-byte IPv6
+//! header, not fragmented): it asks the prefilter straight from the frame, and builds the flow of
+//! one the prefilter does not rule out without checking anything twice. Everything else takes the
+//! full parse; its walks and the ICMP and fragment handling are separate BPF functions, so their
+//! stack does not add to `lb_xdp`'s.
 
 use lb_common::{
     conntrack::FlowKey,
@@ -206,27 +208,42 @@ const IPV4_NO_OPTIONS: u8 = 0x45;
 /// (network order) sees them: tested without a byte swap.
 const IPV4_FRAGMENT_BITS_AS_LOADED: u16 = (field::IPV4_MORE_FRAGMENTS | field::IPV4_OFFSET).to_be();
 
-/// [`screen`]'s answer for a packet it leaves to the full parse (never a set of roles: those use
-/// the low bits).
-const NOT_SCREENED: u8 = 0xff;
+/// What [`screen`] found.
+#[derive(Clone, Copy)]
+struct Screen {
+    /// The family of a plain TCP/UDP packet; 0: not plain, left to the full parse.
+    family: u8,
+    /// Its protocol (TCP or UDP).
+    protocol: u8,
+    /// What the prefilter says its addresses may be (`prefilter::of_packet`); 0: neither to a VIP
+    /// nor from a backend.
+    roles: u8,
+}
 
-/// The prefilter's roles (`prefilter::of_packet`; 0: neither to a VIP nor from a backend) of a
-/// plain TCP/UDP packet: IPv4 without options and not fragmented, or IPv6 with TCP/UDP right after
-/// the fixed header. Read straight from the frame, apart from the full parse, so that most of a
-/// node's traffic leaves after a short straight line: a few compares, two multiplies, two array
-/// reads. [`NOT_SCREENED`] for anything else, which the full parse looks at.
+impl Screen {
+    const NOT_PLAIN: Self = Self {
+        family: 0,
+        protocol: 0,
+        roles: 0,
+    };
+}
+
+/// Screens a plain TCP/UDP packet, the common case: IPv4 without options and not fragmented, or
+/// IPv6 with TCP/UDP right after the fixed header. Read straight from the frame, apart from the
+/// full parse, so that most of a node's traffic leaves after a short straight line: a few
+/// compares, two multiplies, two word reads.
 #[inline(always)]
-fn screen<C: PacketContext>(ctx: &C) -> u8 {
+fn screen<C: PacketContext>(ctx: &C) -> Screen {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + header::ETH_LEN + header::IPV4_LEN > end {
-        return NOT_SCREENED;
+        return Screen::NOT_PLAIN;
     }
     let l3 = start + header::ETH_LEN;
     // SAFETY (all reads): within the bounds checked before each.
     let ether_type = unsafe { load16(start + header::ETH_LEN - 2) };
     if ether_type == EtherType::Ipv4 as u16 {
-        let (vihl, proto, fragment) = unsafe {
+        let (vihl, protocol, fragment) = unsafe {
             (
                 *(l3 as *const u8),
                 *((l3 + header::IPV4_PROTOCOL) as *const u8),
@@ -235,34 +252,118 @@ fn screen<C: PacketContext>(ctx: &C) -> u8 {
         };
         if vihl != IPV4_NO_OPTIONS
             || fragment & IPV4_FRAGMENT_BITS_AS_LOADED != 0
-            || (proto != protocol::TCP && proto != protocol::UDP)
+            || (protocol != protocol::TCP && protocol != protocol::UDP)
         {
-            return NOT_SCREENED;
+            return Screen::NOT_PLAIN;
         }
         // An IPv4 address is its own fold (`lb_common::prefilter::fold`).
-        return unsafe {
+        let roles = unsafe {
             prefilter::of_packet(load32(l3 + header::IPV4_DST), load32(l3 + header::IPV4_SRC))
+        };
+        return Screen {
+            family: family::IPV4,
+            protocol,
+            roles,
         };
     }
     if ether_type == EtherType::Ipv6 as u16 && start + header::ETH_LEN + header::IPV6_LEN <= end {
-        let next = unsafe { *((l3 + header::IPV6_NEXT_HEADER) as *const u8) };
-        if next != protocol::TCP && next != protocol::UDP {
-            return NOT_SCREENED;
+        let protocol = unsafe { *((l3 + header::IPV6_NEXT_HEADER) as *const u8) };
+        if protocol != protocol::TCP && protocol != protocol::UDP {
+            return Screen::NOT_PLAIN;
         }
         let folded =
             |at: usize| unsafe { load32(at) ^ load32(at + 4) ^ load32(at + 8) ^ load32(at + 12) };
-        return prefilter::of_packet(folded(l3 + header::IPV6_DST), folded(l3 + header::IPV6_SRC));
+        let roles =
+            prefilter::of_packet(folded(l3 + header::IPV6_DST), folded(l3 + header::IPV6_SRC));
+        return Screen {
+            family: family::IPV6,
+            protocol,
+            roles,
+        };
     }
-    NOT_SCREENED
+    Screen::NOT_PLAIN
+}
+
+/// The flow of a plain packet the prefilter did not rule out: its TCP/UDP header is at a fixed
+/// offset, and nothing the screen checked is checked again.
+#[inline(always)]
+fn plain_flow<C: PacketContext>(ctx: &C, screen: Screen) -> Parsed {
+    let v4 = screen.family == family::IPV4;
+    let ip_len = if v4 {
+        header::IPV4_LEN
+    } else {
+        header::IPV6_LEN
+    };
+    let Some((l4, tcp_flags)) = l4_header(ctx, header::ETH_LEN + ip_len, screen.protocol) else {
+        return Parsed::Drop(Counter::DropMalformed);
+    };
+    // The IP header precedes the L4 header checked above (addressed from it, for the verifier).
+    let l3 = l4 - ip_len;
+    let (src, dst) = if v4 {
+        (header::IPV4_SRC, header::IPV4_DST)
+    } else {
+        (header::IPV6_SRC, header::IPV6_DST)
+    };
+    // SAFETY: within the IP header.
+    let key = unsafe {
+        FlowKey {
+            src: load_addr(l3 + src, v4),
+            dst: load_addr(l3 + dst, v4),
+            family: screen.family,
+            ..FlowKey::default()
+        }
+    };
+    flow(ctx, key, l4, screen.protocol, tcp_flags, screen.roles)
+}
+
+/// The TCP or UDP header (`protocol`) at `offset`, and its TCP flags (0 for UDP); `None` if it is
+/// cut short. The L4 address is the one bounds-checked here: the verifier tracks the check on that
+/// pointer, and the offset is not a constant when options or extension headers precede it.
+#[inline(always)]
+fn l4_header<C: PacketContext>(ctx: &C, offset: usize, protocol: u8) -> Option<(usize, u8)> {
+    if protocol == protocol::TCP {
+        let tcp = ptr_at::<TcpHdr>(ctx, offset)?;
+        // SAFETY: bounds checked by ptr_at.
+        Some((tcp, unsafe { *((tcp + header::TCP_FLAGS) as *const u8) }))
+    } else {
+        Some((ptr_at::<UdpHdr>(ctx, offset)?, 0))
+    }
+}
+
+/// The [`Flow`] of `key` (addresses and family set) with its TCP/UDP header at `l4`.
+#[inline(always)]
+fn flow<C: PacketContext>(
+    ctx: &C,
+    mut key: FlowKey,
+    l4: usize,
+    protocol: u8,
+    tcp_flags: u8,
+    roles: u8,
+) -> Parsed {
+    // SAFETY: the ports are the first 4 bytes of the TCP/UDP header, bounds-checked by the caller.
+    key.src_port = unsafe { load16(l4) };
+    key.dst_port = unsafe { load16(l4 + 2) };
+    key.protocol = protocol;
+    Parsed::Flow(Flow {
+        key,
+        l3: ctx.data() + EthHdr::LEN,
+        l4,
+        tcp_flags,
+        roles,
+        len: (ctx.data_end() - ctx.data()) as u64,
+    })
 }
 
 #[inline(always)]
 pub fn parse<C: PacketContext>(ctx: &C) -> Parsed {
     // Most traffic is neither to a VIP nor from a backend: the prefilter tells from the addresses,
     // before the L4 header is read (one cut short then passes, as the stack would).
-    let screened = screen(ctx);
-    if screened == 0 {
-        return Parsed::Pass(Counter::PassNotService);
+    let screen = screen(ctx);
+    if screen.family != 0 {
+        if screen.roles == 0 {
+            return Parsed::Pass(Counter::PassNotService);
+        }
+        return plain_flow(ctx, screen);
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Parsed::Pass(Counter::PassNotIp);
@@ -338,11 +439,9 @@ pub fn parse<C: PacketContext>(ctx: &C) -> Parsed {
         return Parsed::Pass(Counter::PassNotIp);
     };
 
-    // Packets the screen did not judge (IPv4 options, IPv6 extension headers, first fragments) are
-    // asked here, with the same answers.
-    let roles = if screened != NOT_SCREENED {
-        screened
-    } else if proto == protocol::TCP || proto == protocol::UDP {
+    // Packets the screen left here (IPv4 options, IPv6 extension headers, first fragments) ask the
+    // prefilter once their addresses are known, with the same answers.
+    let roles = if proto == protocol::TCP || proto == protocol::UDP {
         match prefilter::of_packet(fold(&key.dst), fold(&key.src)) {
             0 => return Parsed::Pass(Counter::PassNotService),
             roles => roles,
@@ -351,21 +450,11 @@ pub fn parse<C: PacketContext>(ctx: &C) -> Parsed {
         0
     };
 
-    // The L4 address is the one bounds-checked here: the verifier tracks the check on that pointer,
-    // and the offset is not a constant when options or extension headers precede the L4 header.
     let (l4, tcp_flags) = match proto {
-        protocol::TCP => {
-            let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_offset) else {
-                return Parsed::Drop(Counter::DropMalformed);
-            };
-            (tcp, unsafe { *((tcp + header::TCP_FLAGS) as *const u8) })
-        }
-        protocol::UDP => {
-            let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_offset) else {
-                return Parsed::Drop(Counter::DropMalformed);
-            };
-            (udp, 0)
-        }
+        protocol::TCP | protocol::UDP => match l4_header(ctx, l4_offset, proto) {
+            Some(header) => header,
+            None => return Parsed::Drop(Counter::DropMalformed),
+        },
         // A fragmented ICMP message (never an error in practice: errors are small) is not
         // translated; neither is anything else that is fragmented and not TCP/UDP.
         _ if first_fragment.is_some() => return Parsed::Pass(Counter::PassFragment),
@@ -386,18 +475,7 @@ pub fn parse<C: PacketContext>(ctx: &C) -> Parsed {
         }
         _ => return Parsed::Pass(Counter::PassNotTcpUdp),
     };
-    // SAFETY: the ports are the first 4 bytes of the TCP/UDP header, bounds-checked above.
-    key.src_port = unsafe { load16(l4) };
-    key.dst_port = unsafe { load16(l4 + 2) };
-    key.protocol = proto;
-    Parsed::Flow(Flow {
-        key,
-        l3: ctx.data() + EthHdr::LEN,
-        l4,
-        tcp_flags,
-        roles,
-        len: (ctx.data_end() - ctx.data()) as u64,
-    })
+    flow(ctx, key, l4, proto, tcp_flags, roles)
 }
 
 /// IPv4 option kinds (RFC 791).
