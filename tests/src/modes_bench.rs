@@ -27,7 +27,10 @@ use crate::{
     frames::{frame, frame_via, inspect, ACK, SYN},
     modes::{encapsulated, in_netns, link_of, run_on, static_neighbour},
     netns::BENCH_PREFIX,
-    test_run::{counter_in, median, xdp_repeated_ns, xdp_single_call_ns},
+    test_run::{
+        attach_both_as_in_production, attach_on_new_veth, counter_in, median, xdp_repeated_ns,
+        xdp_single_call_ns,
+    },
     topology::{
         Topology, BALANCER_CLIENT_IFACE, BALANCER_CLIENT_SIDE_ADDR, CLIENT_ADDR, CLIENT_ADDR6,
     },
@@ -107,7 +110,9 @@ pub fn run(rounds: usize) -> Result<Value> {
         for iface in &interfaces {
             datapath.attach(iface)?;
         }
+        attach_both_as_in_production(&mut datapath, lb)?;
         let mut decap = Decap::load(&DecapOptions::default())?;
+        attach_on_new_veth(lb, "bench-decap", |iface| decap.attach(iface))?;
         (0..rounds)
             .map(|round| measure_round(&mut datapath, &mut decap, &links, round, fresh_flows))
             .collect()

@@ -11,7 +11,8 @@
 //! duration includes a fixed per-call overhead (timer reads, setup) which is measured on the
 //! XDP_PASS program both ways (repeat = 1 calls vs one long repeat) and subtracted. Each path's
 //! counter must have grown by exactly the number of calls, or the bench fails: the figure is for the
-//! path it claims.
+//! path it claims. Both programs are attached to interfaces while measured, so the kernel calls
+//! them as it calls an attached XDP program (`test_run::attach_both_as_in_production`).
 //!
 //! The machine is shared, so the per-packet measurement runs `--rounds N` times (default 3), each
 //! round with its own baseline, and the tables show per-path medians of the rounds' ratios.
@@ -35,7 +36,10 @@ use lb_common::counters::Counter;
 use lb_tests::{
     frames::{frame, ACK, SYN},
     memory,
-    test_run::{counter, median, sa, xdp_repeated_ns, xdp_single_call_ns},
+    netns::{Netns, BENCH_PREFIX},
+    test_run::{
+        attach_both_as_in_production, counter, median, sa, xdp_repeated_ns, xdp_single_call_ns,
+    },
 };
 use serde_json::{json, Value};
 
@@ -153,6 +157,8 @@ fn per_packet(rounds: usize) -> Result<Value> {
         ..Default::default()
     })?;
     datapath.apply(&Config::from_yaml(CONFIG)?)?;
+    let namespace = Netns::new(BENCH_PREFIX, "per-packet")?;
+    attach_both_as_in_production(&mut datapath, &namespace)?;
 
     println!("Per-packet cost, BPF_PROG_TEST_RUN ({REPEAT} repeats / {CALLS} single calls), {rounds} rounds:");
     let mut all = Vec::new();
