@@ -486,8 +486,48 @@ impl Datapath {
             AttachMode::Xdp => "XDP",
             _ => "TC",
         };
+        self.adopt_or_attach_pinned(
+            interface,
+            &path,
+            kind,
+            |this| this.replace_program_in(&path, mode),
+            |this| match mode {
+                AttachMode::Xdp => {
+                    let id = this.attach_link(interface)?;
+                    let link = this.xdp_program().take_link(id)?;
+                    FdLink::try_from(link).with_context(|| {
+                        format!(
+                            "XDP on {interface} is attached through netlink, which cannot be pinned"
+                        )
+                    })
+                }
+                _ => {
+                    let id = this.attach_tc_link(interface)?;
+                    let link = this.tc_program()?.take_link(id)?;
+                    FdLink::try_from(link).with_context(|| {
+                        format!(
+                            "TC on {interface} is attached through netlink (kernel before 6.6, no \
+                             tcx), which cannot be pinned"
+                        )
+                    })
+                }
+            },
+        )
+    }
+
+    /// With pins: puts this agent's program into the pinned link at `path` if that link is still
+    /// usable (`replace`, atomic: no moment without a program), else removes the pin, attaches anew
+    /// (`attach` returns the new link) and pins the new link. `kind` names the link in the log.
+    fn adopt_or_attach_pinned(
+        &mut self,
+        interface: &str,
+        path: &std::path::Path,
+        kind: &str,
+        replace: impl FnOnce(&mut Self) -> Result<()>,
+        attach: impl FnOnce(&mut Self) -> Result<FdLink>,
+    ) -> Result<()> {
         if path.exists() {
-            match self.replace_program_in(&path, mode) {
+            match replace(self) {
                 Ok(()) => {
                     info!(interface, link = %path.display(),
                           "adopted the pinned {kind} link: program replaced atomically");
@@ -498,34 +538,14 @@ impl Datapath {
                 Err(err) => {
                     warn!(interface, link = %path.display(), error = %format!("{err:#}"),
                           "pinned {kind} link unusable (interface re-created?), attaching anew");
-                    std::fs::remove_file(&path)
+                    std::fs::remove_file(path)
                         .with_context(|| format!("removing {}", path.display()))?;
                 }
             }
         }
-        let link = match mode {
-            AttachMode::Xdp => {
-                let id = self.attach_link(interface)?;
-                let link = self.xdp_program().take_link(id)?;
-                FdLink::try_from(link).with_context(|| {
-                    format!(
-                        "XDP on {interface} is attached through netlink, which cannot be pinned"
-                    )
-                })?
-            }
-            _ => {
-                let id = self.attach_tc_link(interface)?;
-                let link = self.tc_program()?.take_link(id)?;
-                FdLink::try_from(link).with_context(|| {
-                    format!(
-                        "TC on {interface} is attached through netlink (kernel before 6.6, no \
-                         tcx), which cannot be pinned"
-                    )
-                })?
-            }
-        };
+        let link = attach(self)?;
         // The pin owns the link from now on: closing our descriptor leaves it attached.
-        link.pin(&path)
+        link.pin(path)
             .with_context(|| format!("pinning {}", path.display()))?;
         self.attached
             .push((interface.to_string(), Attachment::Pinned));
@@ -576,39 +596,26 @@ impl Datapath {
                 continue;
             };
             let path = pins.tc_workload_link(interface, name);
-            if path.exists() {
-                let link: Result<FdLink> = PinnedLink::from_pin(&path)
-                    .map(Into::into)
-                    .map_err(Into::into);
-                match link.and_then(|link| self.replace_tc_program_in(link, name)) {
-                    Ok(()) => {
-                        info!(interface, program = name, link = %path.display(),
-                              "adopted the pinned tcx link: program replaced atomically");
-                        self.attached
-                            .push((interface.to_string(), Attachment::Pinned));
-                        continue;
-                    }
-                    Err(err) => {
-                        warn!(interface, link = %path.display(), error = %format!("{err:#}"),
-                              "pinned tcx link unusable (interface re-created?), attaching anew");
-                        std::fs::remove_file(&path)
-                            .with_context(|| format!("removing {}", path.display()))?;
-                    }
-                }
-            }
-            let id = self.attach_tc_ordered(interface, name, attach_type, order)?;
-            let link = FdLink::try_from(self.tc_program_named(name)?.take_link(id)?).with_context(
-                || {
-                    format!(
-                        "{name} on {interface} is attached through netlink, which cannot be pinned"
+            self.adopt_or_attach_pinned(
+                interface,
+                &path,
+                "tcx",
+                |this| {
+                    let link: FdLink = PinnedLink::from_pin(&path)?.into();
+                    this.replace_tc_program_in(link, name)
+                },
+                |this| {
+                    let id = this.attach_tc_ordered(interface, name, attach_type, order)?;
+                    FdLink::try_from(this.tc_program_named(name)?.take_link(id)?).with_context(
+                        || {
+                            format!(
+                                "{name} on {interface} is attached through netlink, which cannot \
+                                 be pinned"
+                            )
+                        },
                     )
                 },
             )?;
-            // The pin owns the link from now on: closing our descriptor leaves it attached.
-            link.pin(&path)
-                .with_context(|| format!("pinning {}", path.display()))?;
-            self.attached
-                .push((interface.to_string(), Attachment::Pinned));
         }
         Ok(())
     }
