@@ -136,6 +136,32 @@ pub fn tcp_requests(
     })
 }
 
+/// Counts the connections of `results` greeted by the backend `greeter` and the refused ones
+/// (failed), for connections through a VIP whose other backend the policy denies: checks that each
+/// is one or the other and that there are both (Maglev used both backends). `what` prefixes the
+/// assertion messages.
+pub fn greeted_and_refused(
+    results: &[std::io::Result<String>],
+    greeter: &str,
+    what: &str,
+) -> (usize, usize) {
+    let greeted = results
+        .iter()
+        .filter(|r| r.as_deref().ok() == Some(greeter))
+        .count();
+    let refused = results.iter().filter(|r| r.is_err()).count();
+    assert_eq!(
+        greeted + refused,
+        results.len(),
+        "{what}: only {greeter} answers: {results:?}"
+    );
+    assert!(
+        greeted > 0 && refused > 0,
+        "{what}: Maglev used both backends: {results:?}"
+    );
+    (greeted, refused)
+}
+
 /// Opens `count` connections at once from inside `ns` (a thread each), each as [`tcp_request`]
 /// does, and returns each greeting or error: refused connections time out together, not one after
 /// another.

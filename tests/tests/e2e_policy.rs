@@ -33,7 +33,8 @@ use lb_tests::{
     netns::Netns,
     policy_topology::{PolicyTopology, WORKLOADS},
     servers::{
-        parallel_tcp_requests, tcp_request, udp_requests, TcpCountingServer, UdpCountingServer,
+        greeted_and_refused, parallel_tcp_requests, tcp_request, udp_requests, TcpCountingServer,
+        UdpCountingServer,
     },
 };
 
@@ -541,20 +542,7 @@ fn a_client_egress_deny_holds_for_the_backend_a_vip_chose() {
             ATTEMPTS,
             b"hello",
         );
-        let greeted = results
-            .iter()
-            .filter(|r| r.as_deref().ok() == Some("db"))
-            .count();
-        let refused = results.iter().filter(|r| r.is_err()).count();
-        assert_eq!(
-            greeted + refused,
-            ATTEMPTS,
-            "v6 {v6}: only db answers: {results:?}"
-        );
-        assert!(
-            greeted > 0 && refused > 0,
-            "v6 {v6}: Maglev used both: {results:?}"
-        );
+        let (greeted, refused) = greeted_and_refused(&results, "db", &format!("v6 {v6}"));
 
         // What crossed the wire: db got every greeted connection and its payload, other nothing.
         assert_eq!(db_server.connections(), greeted as u64, "v6 {v6}");
