@@ -2,9 +2,9 @@
 //! programmed services and backends: which slots may hold a VIP (with ports, or all ports) and
 //! which a backend whose replies the node translates (DNAT and SNAT; DSR replies bypass the node).
 //!
-//! Only words that differ are written. New roles are written before the map entries they guard and
-//! stale ones cleared after those are gone (see `Datapath::apply_with`), so a packet to a VIP being
-//! added is never passed by a stale filter.
+//! The filter is one map value, written whole when it changes. New roles are written before the map
+//! entries they guard and stale ones cleared after those are gone (see `Datapath::apply_with`), so
+//! a packet to a VIP being added is never passed by a stale filter.
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData};

@@ -271,6 +271,8 @@ fn screen<C: PacketContext>(ctx: &C) -> Screen {
         if protocol != protocol::TCP && protocol != protocol::UDP {
             return Screen::NOT_PLAIN;
         }
+        // `lb_common::prefilter::fold` of the address at `at`, read straight from the packet: going
+        // through an `Addr` measured about 0.06x XDP_PASS slower on this path.
         let folded =
             |at: usize| unsafe { load32(at) ^ load32(at + 4) ^ load32(at + 8) ^ load32(at + 12) };
         let roles =

@@ -1,8 +1,10 @@
-//! The address prefilter: what an address may be (a VIP, a backend), from one array read; a clear
-//! role is certain, a set one is checked by the exact lookup that follows (`lb_common::prefilter`).
+//! The address prefilter: what an address may be (a VIP, a backend), from one read of the filter; a
+//! clear role is certain, a set one is checked by the exact lookup that follows
+//! (`lb_common::prefilter`).
 //!
-//! `packet::parse` asks it as soon as it has a TCP/UDP packet's addresses, before it reads the L4
-//! header: traffic that is neither to a VIP nor from a backend (most of a node's) leaves there.
+//! `packet::parse` asks it first, from the frame of a plain TCP/UDP packet (its screen), else once
+//! the full parse has the addresses; either way before the L4 header is read: traffic that is
+//! neither to a VIP nor from a backend (most of a node's) leaves there.
 
 use lb_common::{
     prefilter::{fold, role, Words},
@@ -18,16 +20,11 @@ pub const VIP: u8 = role::VIP_PORT | role::VIP_ALL_PORTS;
 /// `family` picks the shortcut: an IPv4 address is its first word.
 #[inline(always)]
 pub fn roles_of(addr: &Addr, family: u8) -> u8 {
-    roles_of_folded(if family == family::IPV4 {
+    let folded = if family == family::IPV4 {
         addr.0[0]
     } else {
         fold(addr)
-    })
-}
-
-/// [`roles_of`] an address already folded (`lb_common::prefilter::fold`).
-#[inline(always)]
-pub fn roles_of_folded(folded: u32) -> u8 {
+    };
     filter().map_or(0, |words| {
         lb_common::prefilter::roles_of_folded(words, folded)
     })
@@ -36,7 +33,7 @@ pub fn roles_of_folded(folded: u32) -> u8 {
 /// The filter's words (`None` only if the map cannot be read, which the verifier requires us to
 /// handle: then nothing is a VIP or backend, as before the agent writes the filter).
 #[inline(always)]
-pub fn filter() -> Option<&'static Words> {
+fn filter() -> Option<&'static Words> {
     ADDRESS_FILTER.get(0)
 }
 
