@@ -298,6 +298,7 @@ impl Datapath {
         if adopt {
             datapath.adopt_programmed_state()?;
         }
+        datapath.carry_over_address_filter(adopt)?;
         Ok(datapath)
     }
 
@@ -1147,15 +1148,46 @@ impl Datapath {
         slots.set(id, slot, 0).context("writing SERVICE_SLOTS")
     }
 
-    /// Makes `ADDRESS_FILTER` hold `filter` (written only when it changes).
+    /// With pins: copies the pinned filter's words (those an earlier agent's program reads) into
+    /// this load's filter, before any of its programs is attached, and pins this load's filter in
+    /// its place (see `crate::prefilter`). The bookkeeping stays `None`, so the first apply still
+    /// rewrites every word.
+    fn carry_over_address_filter(&mut self, adopt: bool) -> Result<()> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        let path = pins.map(AddressFilter::PIN_NAME);
+        if adopt && path.exists() {
+            let pinned =
+                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            let pinned: Array<MapData, prefilter::Words> =
+                Array::try_from(aya::maps::Map::from_map_data(pinned)?)
+                    .with_context(|| format!("{} is not an address filter", path.display()))?;
+            let words = AddressFilter::read(&pinned)?;
+            let mut map: Array<&mut MapData, prefilter::Words> = Array::try_from(
+                self.ebpf
+                    .map_mut(AddressFilter::MAP)
+                    .context("address filter map")?,
+            )?;
+            words.write(&mut map)?;
+        }
+        pins::remove_if_present(&path)?;
+        self.ebpf
+            .map(AddressFilter::MAP)
+            .context("address filter map")?
+            .pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))
+    }
+
+    /// Makes the filter map hold `filter` (written only when it changes).
     fn write_address_filter(&mut self, filter: AddressFilter) -> Result<()> {
         if self.address_filter.as_ref() == Some(&filter) {
             return Ok(());
         }
         let mut map: Array<&mut MapData, prefilter::Words> = Array::try_from(
             self.ebpf
-                .map_mut("ADDRESS_FILTER")
-                .context("ADDRESS_FILTER map")?,
+                .map_mut(AddressFilter::MAP)
+                .context("address filter map")?,
         )?;
         filter.write(&mut map)?;
         self.address_filter = Some(filter);
@@ -1166,8 +1198,8 @@ impl Datapath {
     pub fn address_filter_roles(&self, address: IpAddr) -> Result<u8> {
         let map: Array<&MapData, prefilter::Words> = Array::try_from(
             self.ebpf
-                .map("ADDRESS_FILTER")
-                .context("ADDRESS_FILTER map")?,
+                .map(AddressFilter::MAP)
+                .context("address filter map")?,
         )?;
         Ok(AddressFilter::read(&map)?.roles_of(&Addr::from_ip(address)))
     }

@@ -4,7 +4,9 @@
 //!
 //! Layout of the pin directory (default `/sys/fs/bpf/lb`):
 //! - `LAYOUT`: a one-entry array holding the map layout version ([`MAP_LAYOUT_VERSION`]);
-//! - `maps/<NAME>`: every map of the datapath object (`SERVICES`, `BACKENDS`, `CONNTRACK_V4`, ...);
+//! - `maps/<NAME>`: every map of the datapath object (`SERVICES`, `BACKENDS`, `CONNTRACK_V4`, ...),
+//!   and `ADDRESS_FILTER`, the address prefilter, a global of the object that the datapath pins by
+//!   hand (`crate::prefilter`);
 //! - `programs/<name>`: the XDP program last loaded (for inspection; the links hold it);
 //! - `links/xdp_<interface>` or `links/tc_<interface>`: the XDP or TC (tcx ingress) `bpf_link` of
 //!   each interface. The kernel keeps the program attached as long as this pin exists, whatever
@@ -65,7 +67,7 @@ impl fmt::Display for MapDefinition {
 }
 
 /// The named maps of an eBPF object (data sections such as `.rodata` excluded: they are not
-/// state), with `max_entries` overridden as the loader will, sorted by name.
+/// state, or, the address filter's, pinned by hand), with `max_entries` overridden as the loader will, sorted by name.
 pub fn object_maps(
     object: &[u8],
     max_entries: &[(&str, u32)],
@@ -484,7 +486,7 @@ fn entries(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-fn remove_if_present(path: &Path) -> Result<()> {
+pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(err) if err.kind() != ErrorKind::NotFound => {
             Err(err).with_context(|| format!("removing {}", path.display()))

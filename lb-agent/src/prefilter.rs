@@ -1,10 +1,19 @@
-//! Writes the datapath's address prefilter (`lb_common::prefilter`, map `ADDRESS_FILTER`) from the
-//! programmed services and backends: which slots may hold a VIP (with ports, or all ports) and
-//! which a backend whose replies the node translates (DNAT and SNAT; DSR replies bypass the node).
+//! Writes the datapath's address prefilter (`lb_common::prefilter`) from the programmed services
+//! and backends: which slots may hold a VIP (with ports, or all ports) and which a backend whose
+//! replies the node translates (DNAT and SNAT; DSR replies bypass the node).
 //!
 //! The filter is one map value, written whole when it changes. New roles are written before the map
 //! entries they guard and stale ones cleared after those are gone (see `Datapath::apply_with`), so
 //! a packet to a VIP being added is never passed by a stale filter.
+//!
+//! It is the datapath's global `ADDRESS_FILTER` (read without a map lookup), which aya makes the
+//! map [`AddressFilter::MAP`] and creates zeroed at every load: it cannot adopt a pinned one, since writing the
+//! section's zeros into it would empty the filter of the program still running. So
+//! `Datapath::carry_over_address_filter` copies the pinned words into the new map before any program
+//! of the new load is attached, then pins the new map in place of the old one, as
+//! [`AddressFilter::PIN_NAME`].
+
+use std::borrow::Borrow;
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData};
@@ -24,6 +33,13 @@ impl Default for AddressFilter {
 }
 
 impl AddressFilter {
+    /// The filter's map: the data section `lb-ebpf/src/maps.rs` puts `ADDRESS_FILTER` in.
+    pub const MAP: &str = ".data.address_filter";
+    /// Its pin in the pin directory's `maps/`: the name, definition and contents of the map the
+    /// filter was before it became a global, so agents on either side of that change adopt each
+    /// other's.
+    pub const PIN_NAME: &str = "ADDRESS_FILTER";
+
     /// The filter for these services (keys) and reply-translated backend addresses.
     pub fn of<'a>(
         services: impl IntoIterator<Item = &'a ServiceKey>,
@@ -62,7 +78,7 @@ impl AddressFilter {
     }
 
     /// The filter the map holds.
-    pub fn read(map: &Array<&MapData, Words>) -> Result<Self> {
+    pub fn read(map: &Array<impl Borrow<MapData>, Words>) -> Result<Self> {
         Ok(Self(
             map.get(&0, 0).context("reading ADDRESS_FILTER")?.to_vec(),
         ))

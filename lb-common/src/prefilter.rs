@@ -7,8 +7,8 @@
 //!
 //! Layout: [`SLOTS`] slots of [`ROLE_BITS`] bits each (one bit per [`role`]), packed
 //! [`SLOTS_PER_WORD`] to a `u64` word; the [`WORDS`] words (32 KiB, fits in L1/L2 next to the
-//! program's other hot data) are the one value of the `ADDRESS_FILTER` array, so the datapath finds
-//! the filter with one lookup and reads each slot's word directly.
+//! program's other hot data) are the datapath's global `ADDRESS_FILTER`, which it addresses
+//! directly (no map lookup) and indexes by slot.
 
 use crate::service::Addr;
 
@@ -21,7 +21,8 @@ pub const SLOTS_PER_WORD: u32 = 64 / ROLE_BITS;
 /// `u64` words of the filter.
 pub const WORDS: u32 = SLOTS / SLOTS_PER_WORD;
 
-/// The filter: the one value of the `ADDRESS_FILTER` array.
+/// The filter: the datapath's global `ADDRESS_FILTER` (to userspace, the one value of the map
+/// `.data.address_filter`).
 pub type Words = [u64; WORDS as usize];
 
 /// What an address may be: the bits of a slot.

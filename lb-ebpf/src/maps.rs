@@ -18,10 +18,18 @@ use lb_common::{
 };
 
 /// The address prefilter (`lb_common::prefilter`): what an address may be (VIP, backend), by slot,
-/// checked before the hash lookups so that other traffic leaves after two word reads. One entry:
-/// the whole filter.
-#[map(name = "ADDRESS_FILTER")]
-pub static ADDRESS_FILTER: Array<lb_common::prefilter::Words> = Array::with_max_entries(1, 0);
+/// checked before the hash lookups so that other traffic leaves after two word reads.
+///
+/// A global, not a map: the program addresses a global directly (one instruction), where an array
+/// lookup costs about a dozen on every packet. Its data section of its own becomes a one-entry
+/// array map named after the section, `.data.address_filter`, which the agent writes whole and pins
+/// by hand as `ADDRESS_FILTER` (aya recreates data sections zeroed at every load; see
+/// `lb-agent/src/prefilter.rs`). `no_mangle` keeps it external, so the compiler never assumes the
+/// zeros it starts with.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".data.address_filter")]
+pub static mut ADDRESS_FILTER: lb_common::prefilter::Words =
+    [0; lb_common::prefilter::WORDS as usize];
 
 /// VIP, port, protocol → service. Port 0 entries match every port of their VIP.
 #[map(name = "SERVICES")]

@@ -25,16 +25,15 @@ pub fn roles_of(addr: &Addr, family: u8) -> u8 {
     } else {
         fold(addr)
     };
-    filter().map_or(0, |words| {
-        lb_common::prefilter::roles_of_folded(words, folded)
-    })
+    lb_common::prefilter::roles_of_folded(filter(), folded)
 }
 
-/// The filter's words (`None` only if the map cannot be read, which the verifier requires us to
-/// handle: then nothing is a VIP or backend, as before the agent writes the filter).
+/// The filter's words (all zero until the agent writes them: then nothing is a VIP or backend).
 #[inline(always)]
-fn filter() -> Option<&'static Words> {
-    ADDRESS_FILTER.get(0)
+fn filter() -> &'static Words {
+    // SAFETY: a global only userspace writes, whole; a read racing a write sees each byte old or
+    // new, and the bits that stay the same are never wrong (`lb-agent/src/prefilter.rs`).
+    unsafe { &*core::ptr::addr_of!(ADDRESS_FILTER) }
 }
 
 /// The roles that may make a packet the datapath's, from its folded destination and source: the
@@ -42,9 +41,7 @@ fn filter() -> Option<&'static Words> {
 /// backend (a reply to translate). 0: neither.
 #[inline(always)]
 pub fn of_packet(dst_folded: u32, src_folded: u32) -> u8 {
-    let Some(words) = filter() else {
-        return 0;
-    };
+    let words = filter();
     let to = lb_common::prefilter::roles_of_folded(words, dst_folded) & VIP;
     if to != 0 {
         return to;

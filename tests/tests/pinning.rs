@@ -1,6 +1,6 @@
 //! Pinned datapath state, in process with real packets (BPF_PROG_TEST_RUN): a second load adopts
-//! the first one's maps (connection tracking, backend ids, tables) and its first reconcile writes
-//! nothing; an incompatible layout is refused with both sides named, or replaced on request
+//! the first one's maps (connection tracking, backend ids, tables, the address filter) and balances
+//! before any reconcile, and its first reconcile writes nothing; an incompatible layout is refused with both sides named, or replaced on request
 //! (flushing connection tracking); uninstalling removes every pin.
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -94,6 +94,18 @@ fn adoption_keeps_flows_backend_ids_and_tables() {
     drop(first);
 
     let mut second = load(&pins);
+    // Before any reconcile: the address prefilter, a global the new load starts zeroed, holds the
+    // pinned words (a zero filter would pass the flow untranslated, to the VIP).
+    assert_ne!(
+        second.address_filter_roles(web_key().vip()).unwrap(),
+        0,
+        "the pinned address filter is carried over"
+    );
+    assert_eq!(
+        send(&mut second, ACK, client),
+        backend,
+        "balanced before any reconcile"
+    );
     assert_eq!(second.conntrack_entries().unwrap(), 1, "conntrack survives");
     assert_eq!(second.table_of(&web_key()).unwrap(), table);
     assert_eq!(
