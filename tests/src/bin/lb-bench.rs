@@ -86,6 +86,14 @@ services:
       - { address: 203.0.113.12, port: 8080 }
       - { address: 203.0.113.13, port: 8080 }
       - { address: 203.0.113.14, port: 8080 }
+  # Its own backend: a conntrack hit rewrites the frame to what it was, so a long repeat reruns
+  # the same hit (the steady-state row).
+  - name: identity
+    vip: 198.51.100.20
+    port: 80
+    protocol: tcp
+    backends:
+      - { address: 198.51.100.20, port: 80 }
 ";
 
 /// Calls for the `repeat = 1` measurements and iterations of the long repeats.
@@ -302,6 +310,26 @@ fn measure_round(datapath: &mut Datapath, round: usize) -> Result<Round> {
         "conntrack-hit path not taken every time"
     );
     rows.push(("VIP conntrack hit (DNAT)", ns, "repeat=1 calls"));
+
+    // The same hit in a long repeat, as back-to-back packets run: the `identity` service's
+    // backend is its VIP, so the rewrite writes the frame's own bytes and every rerun is the
+    // same hit. The repeat=1 calls above run after a syscall each, with colder caches.
+    let identity = frame(ACK, client, sa("198.51.100.20:80"), b"");
+    lb_tests::test_run::run(
+        datapath.xdp_program(),
+        &frame(SYN, client, sa("198.51.100.20:80"), b""),
+    );
+    let before = counter(datapath, Counter::ForwardConntrackHit);
+    let ns = xdp_repeated_ns(datapath.xdp_program(), &identity, REPEAT);
+    ensure!(
+        counter(datapath, Counter::ForwardConntrackHit) - before == 3 * REPEAT as u64,
+        "steady-state conntrack-hit path not taken every time"
+    );
+    rows.push((
+        "VIP conntrack hit, steady state (identity DNAT)",
+        ns,
+        "repeat",
+    ));
 
     // Reply path: backend → client of that flow.
     let reply = frame(ACK, backend, client, b"");
