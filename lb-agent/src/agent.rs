@@ -28,14 +28,14 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::Config,
     config_watch::{self, ConfigWatch},
-    datapath::{AttachMode, Datapath, LoadOptions, PinOptions},
+    datapath::{AttachMode, Datapath, LoadOptions, PinOptions, TableFill},
     desired::{Conflict, Desired},
     ebpf_log,
     grpc::{self, Event, EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig},
     health::{self, HealthChecker, Target},
     http::{HttpServer, Readiness},
     k8s::{K8sOptions, K8sSource, NodeOptions},
-    metrics::{self, DatapathSnapshot, Metrics},
+    metrics::{self, DatapathSnapshot, MapFill, Metrics},
     policy::{
         cidr_deny::{self, CidrDenyList},
         enforcer::{self, PolicyEnforcer},
@@ -66,6 +66,8 @@ pub struct AgentOptions {
     /// How often to refresh metrics and log counters (0 = never log).
     pub stats_interval: Duration,
     pub conntrack_entries: u32,
+    /// `CONNTRACK_V6` entries; `None`: `conntrack_entries` (see `LoadOptions`).
+    pub conntrack_entries_v6: Option<u32>,
     /// Pin the datapath here and adopt what an earlier agent pinned (see `crate::pins`).
     pub pins: Option<PinOptions>,
     pub kubernetes: Option<KubeApi>,
@@ -159,6 +161,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut datapath = Datapath::load_with_cidr_deny(
         &LoadOptions {
             conntrack_entries: options.conntrack_entries,
+            conntrack_entries_v6: options.conntrack_entries_v6,
             pins: options.pins.clone(),
         },
         cidr_deny.enabled(),
@@ -229,7 +232,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut stats_tick = tokio::time::interval(options.stats_interval.max(Duration::from_secs(1)));
     stats_tick.tick().await;
     let mut policy_tick = tokio::time::interval(enforcer::DRAIN_INTERVAL);
-    let mut last_conntrack_count = Instant::now() - Duration::from_secs(3600);
+    // Counting conntrack walks every entry, so it is done at most every 10 s and the last count
+    // is shown in between.
+    let mut conntrack = ConntrackCount {
+        fill: None,
+        counted: Instant::now() - Duration::from_secs(3600),
+    };
     loop {
         let file_changed = tokio::select! {
             _ = sigint.recv() => { info!("SIGINT received"); break; }
@@ -304,11 +312,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                         reconcile_policy(&mut policy, &desired, &metrics, &events);
                     }
                 }
-                let count = last_conntrack_count.elapsed() >= Duration::from_secs(10);
-                if count {
-                    last_conntrack_count = Instant::now();
-                }
-                refresh_metrics(&datapath, &applied, &checker, &metrics, count, !options.stats_interval.is_zero());
+                conntrack.refresh(&datapath);
+                refresh_metrics(&datapath, &applied, &checker, &metrics, &conntrack, !options.stats_interval.is_zero());
                 continue;
             }
         };
@@ -369,7 +374,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         info!(dir = %pins.root().display(),
               "datapath left attached and pinned for the next agent (`lb-agent detach` removes it)");
     }
-    refresh_metrics(&datapath, &applied, &checker, &metrics, false, true);
+    refresh_metrics(&datapath, &applied, &checker, &metrics, &conntrack, true);
     checker.shutdown().await;
     for server in grpc_servers {
         server.shutdown().await;
@@ -552,18 +557,44 @@ fn drain_policy(
     }
 }
 
+/// The last count of the conntrack tables (`Datapath::conntrack_fill`) and when it was taken.
+struct ConntrackCount {
+    fill: Option<[TableFill; 2]>,
+    counted: Instant,
+}
+
+impl ConntrackCount {
+    /// Counts again if the last count is 10 s old (about 9 s with a 10 s stats tick, whose ticks
+    /// may come a little early).
+    fn refresh(&mut self, datapath: &Datapath) {
+        if self.counted.elapsed() < Duration::from_secs(9) {
+            return;
+        }
+        self.counted = Instant::now();
+        match datapath.conntrack_fill() {
+            Ok(fill) => self.fill = Some(fill),
+            Err(err) => warn!("counting conntrack entries: {err:#}"),
+        }
+    }
+}
+
 fn refresh_metrics(
     datapath: &Datapath,
     applied: &Config,
     checker: &HealthChecker,
     metrics: &Metrics,
-    count_conntrack: bool,
+    conntrack: &ConntrackCount,
     log: bool,
 ) {
     match DatapathSnapshot::read(datapath, applied) {
         Ok(mut snapshot) => {
-            if count_conntrack {
-                snapshot.conntrack_entries = datapath.conntrack_entries().ok();
+            if let Some(tables) = &conntrack.fill {
+                snapshot.conntrack_entries = Some(tables.iter().map(|t| t.entries).sum());
+                snapshot.map_fill.extend(tables.iter().map(|t| MapFill {
+                    map: t.map.into(),
+                    entries: t.entries,
+                    capacity: u64::from(t.capacity),
+                }));
             }
             if log {
                 let summary: Vec<String> = snapshot

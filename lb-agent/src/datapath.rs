@@ -110,11 +110,23 @@ const BPF_F_INNER_MAP: u32 = 1 << 12;
 /// the usual 1024-descriptor limit.
 const TABLE_FLIP_BATCH: usize = 256;
 
+/// How full a map is: its live entries and the entries it was created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableFill {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u32,
+}
+
 /// Load-time settings.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Entries of each of the `CONNTRACK_V4`, `CONNTRACK_V6` and `NAT_REPLY` LRU maps.
+    /// Entries of each of the `CONNTRACK_V4` (IPv4 flows) and `NAT_REPLY` LRU maps, and of
+    /// `CONNTRACK_V6` unless [`conntrack_entries_v6`](Self::conntrack_entries_v6) says otherwise.
     pub conntrack_entries: u32,
+    /// Entries of `CONNTRACK_V6` (IPv6 flows); `None`: `conntrack_entries`. LRU maps are
+    /// allocated whole at load, so a node with few IPv6 flows can keep this one small.
+    pub conntrack_entries_v6: Option<u32>,
     /// Pin everything here and adopt what is pinned; `None`: nothing is pinned and the datapath
     /// goes away with the `Datapath`.
     pub pins: Option<PinOptions>,
@@ -124,6 +136,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             conntrack_entries: limits::DEFAULT_CONNTRACK_ENTRIES,
+            conntrack_entries_v6: None,
             pins: None,
         }
     }
@@ -239,7 +252,12 @@ impl Datapath {
     pub fn load_with_cidr_deny(options: &LoadOptions, cidr_deny: bool) -> Result<Self> {
         let max_entries = [
             ("CONNTRACK_V4", options.conntrack_entries),
-            ("CONNTRACK_V6", options.conntrack_entries),
+            (
+                "CONNTRACK_V6",
+                options
+                    .conntrack_entries_v6
+                    .unwrap_or(options.conntrack_entries),
+            ),
             ("NAT_REPLY", options.conntrack_entries),
         ];
         let cidr_deny = cidr_deny as u32;
@@ -1278,16 +1296,31 @@ impl Datapath {
         Ok(existed)
     }
 
-    /// Number of tracked flows, both families (walks the `CONNTRACK_V4` and `CONNTRACK_V6` keys:
-    /// about one syscall per entry, so call it every few seconds, not per packet or per scrape).
+    /// Number of tracked flows, both families (see [`Datapath::conntrack_fill`]).
     pub fn conntrack_entries(&self) -> Result<u64> {
+        Ok(self.conntrack_fill()?.iter().map(|t| t.entries).sum())
+    }
+
+    /// Live entries and capacity of `CONNTRACK_V4` and `CONNTRACK_V6`, in that order. Walks the
+    /// keys: about one syscall per entry, so call it every few seconds, not per packet or per
+    /// scrape.
+    pub fn conntrack_fill(&self) -> Result<[TableFill; 2]> {
         let v4: HashMap<&MapData, FlowKeyV4, ConntrackEntry> =
             HashMap::try_from(self.ebpf.map("CONNTRACK_V4").context("CONNTRACK_V4 map")?)?;
         let v6: HashMap<&MapData, FlowKey, ConntrackEntry> =
             HashMap::try_from(self.ebpf.map("CONNTRACK_V6").context("CONNTRACK_V6 map")?)?;
-        let v4_entries = v4.keys().filter(|k| k.is_ok()).count();
-        let v6_entries = v6.keys().filter(|k| k.is_ok()).count();
-        Ok((v4_entries + v6_entries) as u64)
+        Ok([
+            TableFill {
+                map: "CONNTRACK_V4",
+                entries: v4.keys().filter(|k| k.is_ok()).count() as u64,
+                capacity: v4.map().info()?.max_entries(),
+            },
+            TableFill {
+                map: "CONNTRACK_V6",
+                entries: v6.keys().filter(|k| k.is_ok()).count() as u64,
+                capacity: v6.map().info()?.max_entries(),
+            },
+        ])
     }
 
     /// Number of per-flow reply translations (`NAT_REPLY` entries: SNAT flows and DNAT flows to

@@ -67,10 +67,15 @@ enum Command {
         /// How often to refresh metrics and log the datapath counters (0 = do not log).
         #[arg(long, default_value = "10", value_name = "SECONDS")]
         stats_interval: u64,
-        /// Entries of each connection tracking table (IPv4 flows, IPv6 flows, per-flow reply
-        /// translations).
-        #[arg(long, default_value_t = limits::DEFAULT_CONNTRACK_ENTRIES)]
+        /// Entries of each connection tracking table (IPv4 flows, IPv6 flows unless
+        /// --conntrack-entries-v6 is given, per-flow reply translations).
+        #[arg(long, default_value_t = limits::DEFAULT_CONNTRACK_ENTRIES,
+              value_parser = clap::value_parser!(u32).range(1..))]
         conntrack_entries: u32,
+        /// Entries of the IPv6 flow table [default: --conntrack-entries]. The tables are
+        /// allocated whole at start, so a node with few IPv6 flows can keep this one small.
+        #[arg(long, value_name = "ENTRIES", value_parser = clap::value_parser!(u32).range(1..))]
+        conntrack_entries_v6: Option<u32>,
         /// Also take services from Kubernetes (in-cluster account or $KUBECONFIG).
         #[arg(long)]
         kubernetes: bool,
@@ -152,6 +157,7 @@ fn main() -> ExitCode {
             config_poll_ms,
             stats_interval,
             conntrack_entries,
+            conntrack_entries_v6,
             kubernetes,
             kubeconfig,
             kube_api_url,
@@ -185,6 +191,7 @@ fn main() -> ExitCode {
                 metrics_addr,
                 stats_interval: Duration::from_secs(stats_interval),
                 conntrack_entries,
+                conntrack_entries_v6,
                 pins: Some(PinOptions {
                     dir: bpffs_dir,
                     replace_incompatible_state,

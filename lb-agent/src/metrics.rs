@@ -140,9 +140,10 @@ impl DatapathSnapshot {
     /// programmed in `datapath` (a service that failed to program is skipped), and the fill of
     /// `SERVICES` and `BACKENDS` as implied by them. `config` must be the config last applied.
     ///
-    /// Not read here (the `Datapath` API does not expose them yet): the conntrack entry count
-    /// and its fill, and the Maglev table slots in use. The caller may set
-    /// [`conntrack_entries`](Self::conntrack_entries) and push to [`map_fill`](Self::map_fill).
+    /// Not read here: the conntrack entry count and the fill of its tables (a walk of every
+    /// entry, which the agent does every 10 s: `Datapath::conntrack_fill`), and the Maglev table
+    /// slots in use. The caller may set [`conntrack_entries`](Self::conntrack_entries) and push
+    /// to [`map_fill`](Self::map_fill).
     pub fn read(datapath: &Datapath, config: &Config) -> Result<Self> {
         let counters = datapath.counters().context("reading datapath counters")?;
         let mut services = Vec::new();

@@ -86,6 +86,8 @@ fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
             "1",
             "--config-poll-ms",
             "3600000",
+            "--conntrack-entries-v6",
+            "1024",
         ],
     )
     .expect("agent starts");
@@ -194,6 +196,17 @@ fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
         value("lb_reconcile_duration_seconds_count", None) >= 2.0,
         "{body}"
     );
+    // Each family's conntrack table shows its fill (counted every 10 s: the values may predate
+    // the traffic).
+    for map in ["CONNTRACK_V4", "CONNTRACK_V6"] {
+        assert!(
+            scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == "lb_map_fill_ratio" && s.labels.get("map") == Some(map)),
+            "no fill of {map}\n{body}"
+        );
+    }
 }
 
 #[test]

@@ -45,6 +45,7 @@ const VIP: &str = "198.51.100.10:80";
 fn options(pins: &TestPins, conntrack_entries: u32, replace: bool) -> LoadOptions {
     LoadOptions {
         conntrack_entries,
+        conntrack_entries_v6: None,
         pins: Some(PinOptions {
             dir: pins.path().into(),
             replace_incompatible_state: replace,

@@ -514,8 +514,10 @@ fn midflow_packet_without_entry_is_balanced_by_the_table_and_counted() {
 
 #[test]
 fn full_conntrack_still_forwards_consistently_and_counts_pressure() {
+    // Each family's table has its own size.
     let mut datapath = Datapath::load_with(&LoadOptions {
         conntrack_entries: 64,
+        conntrack_entries_v6: Some(16),
         ..Default::default()
     })
     .unwrap();
@@ -541,6 +543,31 @@ fn full_conntrack_still_forwards_consistently_and_counts_pressure() {
         counter(&datapath, Counter::ConntrackMidflowMiss) >= 1,
         "the eviction shows as pressure"
     );
+
+    // The IPv4 table is full; 40 IPv6 flows fill the 16 entries of theirs.
+    let vip6 = sa("[2001:db8:100::10]:443");
+    for port in 45000..45040u16 {
+        send_to_vip(
+            &mut datapath,
+            SYN,
+            sa(&format!("[2001:db8:2::2]:{port}")),
+            vip6,
+        );
+    }
+    let fill = datapath.conntrack_fill().unwrap();
+    assert_eq!(
+        fill.map(|t| (t.map, t.capacity)),
+        [("CONNTRACK_V4", 64), ("CONNTRACK_V6", 16)]
+    );
+    // Full, though an LRU map may hold fewer entries than its size (it keeps free nodes per
+    // CPU: 50 of 64 were seen).
+    for table in fill {
+        assert!(
+            table.entries > u64::from(table.capacity) / 2
+                && table.entries <= u64::from(table.capacity),
+            "{fill:?}"
+        );
+    }
 }
 
 #[test]
