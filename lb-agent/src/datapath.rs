@@ -534,9 +534,7 @@ impl Datapath {
         )
     }
 
-    /// With pins: puts this agent's program into the pinned link at `path` if that link is still
-    /// usable (`replace`, atomic: no moment without a program), else removes the pin, attaches anew
-    /// (`attach` returns the new link) and pins the new link. `kind` names the link in the log.
+    /// [`pins::replace_or_attach_pinned`] for this datapath, which then keeps the link as pinned.
     fn adopt_or_attach_pinned(
         &mut self,
         interface: &str,
@@ -545,27 +543,7 @@ impl Datapath {
         replace: impl FnOnce(&mut Self) -> Result<()>,
         attach: impl FnOnce(&mut Self) -> Result<FdLink>,
     ) -> Result<()> {
-        if path.exists() {
-            match replace(self) {
-                Ok(()) => {
-                    info!(interface, link = %path.display(),
-                          "adopted the pinned {kind} link: program replaced atomically");
-                    self.attached
-                        .push((interface.to_string(), Attachment::Pinned));
-                    return Ok(());
-                }
-                Err(err) => {
-                    warn!(interface, link = %path.display(), error = %format!("{err:#}"),
-                          "pinned {kind} link unusable (interface re-created?), attaching anew");
-                    std::fs::remove_file(path)
-                        .with_context(|| format!("removing {}", path.display()))?;
-                }
-            }
-        }
-        let link = attach(self)?;
-        // The pin owns the link from now on: closing our descriptor leaves it attached.
-        link.pin(path)
-            .with_context(|| format!("pinning {}", path.display()))?;
+        pins::replace_or_attach_pinned(self, path, interface, kind, replace, attach)?;
         self.attached
             .push((interface.to_string(), Attachment::Pinned));
         Ok(())

@@ -31,7 +31,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{Array, Map, MapData, MapInfo};
+use aya::{
+    maps::{Array, Map, MapData, MapInfo},
+    programs::links::FdLink,
+};
 use tracing::{info, warn};
 
 /// Version of what the datapath's map entries mean. Map definitions (type, key and value sizes,
@@ -484,6 +487,41 @@ fn entries(dir: &Path) -> Result<Vec<String>> {
     }
     names.sort();
     Ok(names)
+}
+
+/// Puts a new program into the pinned link at `path` if that link is still usable (`replace`,
+/// atomic: no moment without a program), else removes the pin (its interface was re-created, or
+/// there was none), attaches anew (`attach` returns the new link) and pins that link, which then
+/// outlives the agent. `target` is what both closures work on; `kind` names the link in the log.
+/// Shared by the balancer's and the policy's datapaths.
+pub(crate) fn replace_or_attach_pinned<T>(
+    target: &mut T,
+    path: &Path,
+    interface: &str,
+    kind: &str,
+    replace: impl FnOnce(&mut T) -> Result<()>,
+    attach: impl FnOnce(&mut T) -> Result<FdLink>,
+) -> Result<()> {
+    if path.exists() {
+        match replace(target) {
+            Ok(()) => {
+                info!(interface, link = %path.display(),
+                      "adopted the pinned {kind} link: program replaced atomically");
+                return Ok(());
+            }
+            Err(err) => {
+                warn!(interface, link = %path.display(), error = %format!("{err:#}"),
+                      "pinned {kind} link unusable (interface re-created?), attaching anew");
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+    }
+    let link = attach(target)?;
+    // The pin owns the link from now on: closing our descriptor leaves it attached.
+    link.pin(path)
+        .with_context(|| format!("pinning {}", path.display()))?;
+    Ok(())
 }
 
 pub(crate) fn remove_if_present(path: &Path) -> Result<()> {

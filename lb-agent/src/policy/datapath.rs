@@ -407,7 +407,7 @@ impl PolicyDatapath {
     }
 
     /// Puts program `name` into the pinned link at `path`, or attaches it anew and pins the link
-    /// there (no link yet, or one the kernel no longer attaches: its interface was re-created).
+    /// there (see [`pins::replace_or_attach_pinned`]).
     fn attach_pinned(
         &mut self,
         name: &str,
@@ -415,38 +415,30 @@ impl PolicyDatapath {
         attach_type: TcAttachType,
         path: &std::path::Path,
     ) -> Result<()> {
-        if path.exists() {
-            let replaced = (|| -> Result<()> {
+        pins::replace_or_attach_pinned(
+            self,
+            path,
+            interface,
+            // The link's path names the interface and direction, hence the program.
+            "tcx",
+            |this| {
                 let link: FdLink = PinnedLink::from_pin(path)?.into();
-                let program = self.program(name)?;
+                let program = this.program(name)?;
                 let id = program.attach_to_link(SchedClassifierLink::try_from(link)?)?;
                 // The pin keeps the link; dropping our descriptor does not detach it.
                 drop(program.take_link(id)?);
                 Ok(())
-            })();
-            match replaced {
-                Ok(()) => {
-                    info!(interface, program = name, link = %path.display(),
-                          "adopted the pinned tcx link: program replaced atomically");
-                    return Ok(());
-                }
-                Err(err) => {
-                    warn!(interface, link = %path.display(), error = %format!("{err:#}"),
-                          "pinned tcx link unusable (interface re-created?), attaching anew");
-                    std::fs::remove_file(path)
-                        .with_context(|| format!("removing {}", path.display()))?;
-                }
-            }
-        }
-        let program = self.program(name)?;
-        let id = attach_first(program, name, interface, attach_type)?;
-        let link = FdLink::try_from(program.take_link(id)?).with_context(|| {
-            format!("{name} on {interface} is attached through netlink, which cannot be pinned")
-        })?;
-        // The pin owns the link from now on: closing our descriptor leaves it attached.
-        link.pin(path)
-            .with_context(|| format!("pinning {}", path.display()))?;
-        Ok(())
+            },
+            |this| {
+                let program = this.program(name)?;
+                let id = attach_first(program, name, interface, attach_type)?;
+                FdLink::try_from(program.take_link(id)?).with_context(|| {
+                    format!(
+                        "{name} on {interface} is attached through netlink, which cannot be pinned"
+                    )
+                })
+            },
+        )
     }
 
     /// Detaches every program from `interface`, pinned links included (also those of an earlier
