@@ -232,8 +232,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut stats_tick = tokio::time::interval(options.stats_interval.max(Duration::from_secs(1)));
     stats_tick.tick().await;
     let mut policy_tick = tokio::time::interval(enforcer::DRAIN_INTERVAL);
-    // Counting conntrack walks every entry, so it is done at most every 10 s and the last count
-    // is shown in between.
+    // Counting conntrack walks every entry, so it is done about every 10 s and the last count is
+    // shown in between.
     let mut conntrack = ConntrackCount {
         fill: None,
         counted: Instant::now() - Duration::from_secs(3600),
@@ -564,8 +564,8 @@ struct ConntrackCount {
 }
 
 impl ConntrackCount {
-    /// Counts again if the last count is 10 s old (about 9 s with a 10 s stats tick, whose ticks
-    /// may come a little early).
+    /// Counts again when the last count is 9 s old or more: on every tick of the default 10 s
+    /// stats interval (a tick may come a little early), every 9 s or so with shorter intervals.
     fn refresh(&mut self, datapath: &Datapath) {
         if self.counted.elapsed() < Duration::from_secs(9) {
             return;

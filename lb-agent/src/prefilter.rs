@@ -7,11 +7,13 @@
 //! a packet to a VIP being added is never passed by a stale filter.
 //!
 //! It is the datapath's global `ADDRESS_FILTER` (read without a map lookup), which aya makes the
-//! map [`AddressFilter::MAP`] and creates zeroed at every load: it cannot adopt a pinned one, since writing the
-//! section's zeros into it would empty the filter of the program still running. So
-//! `Datapath::carry_over_address_filter` copies the pinned words into the new map before any program
-//! of the new load is attached, then pins the new map in place of the old one, as
-//! [`AddressFilter::PIN_NAME`].
+//! map [`AddressFilter::MAP`] and creates zeroed at every load. It cannot adopt a pinned one:
+//! writing the section's zeros into it would empty the filter of the program still running. So
+//! `Datapath::carry_over_address_filter` copies the pinned words into the new map before any
+//! program of the new load is attached, then pins the new map in place of the old one, as
+//! [`AddressFilter::PIN_NAME`]. The programs still attached keep reading the filter they were
+//! loaded with until the new ones replace them in their links, right after the first reconcile: a
+//! VIP that reconcile adds is balanced from then on.
 
 use std::borrow::Borrow;
 
