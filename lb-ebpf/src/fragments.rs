@@ -12,6 +12,9 @@
 //! routed traffic, which must not be dropped. For a VIP datagram this is a loss (no socket on the
 //! VIP reassembles it), as it would be without the datapath; the sender retransmits. Linux and
 //! most stacks send fragments in order, so the first fragment is seen first.
+//!
+//! `lb_tc` uses [`maybe_first`], [`record`] and [`recorded`] too; `tc::fragments` rewrites later
+//! fragments on an skb.
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
@@ -21,10 +24,11 @@ use lb_common::{
     conntrack::FlowKey,
     counters::Counter,
     fragments::{field, limits, FragmentEntry, FragmentKey},
-    service::family,
+    service::{family, Addr},
 };
 
 use crate::{
+    context::PacketContext,
     maps::{count, FRAGMENTS},
     packet::{
         header::{
@@ -50,29 +54,37 @@ pub struct Fragment {
 /// fragment, records the addresses it now carries for the rest of its datagram.
 #[inline(always)]
 pub fn track_first(ctx: &XdpContext, flow: &Flow) {
-    // Told from the header rather than carried in `Flow`, whose every byte is `lb_xdp` stack that
-    // its BPF function calls cannot use: IPv4 "more fragments" (a `Flow` is never a later
-    // fragment), or IPv6 with anything but the L4 header after the fixed one.
-    if flow.l3 + 8 > ctx.data_end() {
-        return;
+    if maybe_first(flow, ctx.data_end()) {
+        record(ctx, &flow.key);
+    }
+}
+
+/// Whether `flow` may be the first fragment of a datagram (`data_end`: the packet's end, for the
+/// bounds check; `flow`'s header pointers must still be valid). Told from the header rather than
+/// carried in `Flow`, whose every byte is `lb_xdp` stack that its BPF function calls cannot use:
+/// IPv4 "more fragments" (a `Flow` is never a later fragment), or IPv6 with anything but the L4
+/// header after the fixed one ([`record`] walks the headers to be sure).
+#[inline(always)]
+pub fn maybe_first(flow: &Flow, data_end: usize) -> bool {
+    if flow.l3 + 8 > data_end {
+        return false;
     }
     // SAFETY: bounds checked just above.
-    let maybe_fragment = unsafe {
+    unsafe {
         if flow.key.family == family::IPV4 {
             load16(flow.l3 + IPV4_FLAGS) & u16::to_be(field::IPV4_MORE_FRAGMENTS) != 0
         } else {
             *((flow.l3 + IPV6_NEXT_HEADER) as *const u8) != flow.key.protocol
         }
-    };
-    if maybe_fragment {
-        record(ctx, &flow.key);
     }
 }
 
-/// A separate BPF function, like [`forward`]: the key and entry live in its own stack frame, not in
-/// `lb_xdp`'s.
+/// Records the addresses a first fragment now carries (read from the packet, after its rewrite)
+/// for its datagram, keyed by those it `arrived` with. A separate BPF function, like [`forward`]:
+/// the key and entry live in its own stack frame, not in the caller's. Also used by `lb_tc`, whose
+/// rewrites move the skb's data: the packet is read afresh here.
 #[inline(never)]
-fn record(ctx: &XdpContext, arrived: &FlowKey) {
+pub fn record<C: PacketContext>(ctx: &C, arrived: &FlowKey) {
     let packet = Extent::of(ctx);
     let l3 = packet.start + ETH_LEN;
     let v4 = arrived.family == family::IPV4;
@@ -110,15 +122,27 @@ fn record(ctx: &XdpContext, arrived: &FlowKey) {
     count(Counter::FragmentTracked);
 }
 
-/// A later fragment: gets its datagram's recorded addresses, or goes to the stack untouched.
-#[inline(never)]
-pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
+/// What a later fragment's datagram recorded.
+pub enum Recorded {
+    /// The fragment carries `arrived` (source, destination); its first fragment left with `entry`'s.
+    Found {
+        arrived: (Addr, Addr),
+        entry: FragmentEntry,
+    },
+    /// No live entry: the fragment goes to the stack untouched (counted `pass_fragment`).
+    None,
+    /// Shorter than its IP header (counted `drop_malformed`).
+    Malformed,
+}
+
+/// The addresses recorded for the datagram of the later `fragment` at `ctx`.
+#[inline(always)]
+pub fn recorded<C: PacketContext>(ctx: &C, fragment: &Fragment) -> Recorded {
     let packet = Extent::of(ctx);
     let l3 = packet.start + ETH_LEN;
     let v4 = fragment.family == family::IPV4;
     if l3 + if v4 { IPV4_LEN } else { IPV6_LEN } > packet.end {
-        count(Counter::DropMalformed);
-        return xdp_action::XDP_DROP;
+        return Recorded::Malformed;
     }
     // SAFETY: bounds checked just above.
     let (src, dst) = unsafe {
@@ -130,13 +154,38 @@ pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
     let key = FragmentKey::new(fragment.family, src, dst, fragment.id, fragment.protocol);
     // SAFETY: plain integers, copied out at once.
     let Some(entry) = (unsafe { FRAGMENTS.get(&key) }).copied() else {
-        count(Counter::PassFragment);
-        return xdp_action::XDP_PASS;
+        return Recorded::None;
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if now.wrapping_sub(entry.first_seen_ns) > limits::TIMEOUT_NS {
-        count(Counter::PassFragment);
-        return xdp_action::XDP_PASS;
+        return Recorded::None;
+    }
+    Recorded::Found {
+        arrived: (src, dst),
+        entry,
+    }
+}
+
+/// A later fragment: gets its datagram's recorded addresses, or goes to the stack untouched.
+#[inline(never)]
+pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
+    let ((src, dst), entry) = match recorded(ctx, fragment) {
+        Recorded::Found { arrived, entry } => (arrived, entry),
+        Recorded::None => {
+            count(Counter::PassFragment);
+            return xdp_action::XDP_PASS;
+        }
+        Recorded::Malformed => {
+            count(Counter::DropMalformed);
+            return xdp_action::XDP_DROP;
+        }
+    };
+    let packet = Extent::of(ctx);
+    let l3 = packet.start + ETH_LEN;
+    let v4 = fragment.family == family::IPV4;
+    if l3 + if v4 { IPV4_LEN } else { IPV6_LEN } > packet.end {
+        count(Counter::DropMalformed);
+        return xdp_action::XDP_DROP;
     }
     // SAFETY: inside the header checked above.
     unsafe {

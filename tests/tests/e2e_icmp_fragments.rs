@@ -203,13 +203,25 @@ fn learnt_mtu(ns: &Netns, dst: IpAddr) -> Option<u32> {
 
 #[test]
 fn large_udp_datagrams_cross_the_vip_in_fragments_both_ways() {
+    fragments_both_ways(&[]);
+}
+
+/// The same through `lb_tc` (`--attach tc`): first fragments redirected to the next hop, later ones
+/// rewritten and left to the stack's forwarding.
+#[test]
+fn large_udp_datagrams_cross_the_vip_in_fragments_both_ways_through_tc() {
+    fragments_both_ways(&["--attach", "tc"]);
+}
+
+fn fragments_both_ways(agent_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
     let servers = echo_servers(&topology);
     let config = ConfigFile::new(&config(&topology));
-    let agent = AgentProcess::start(
+    let agent = AgentProcess::start_with(
         &topology.balancer,
         config.path(),
         &topology.balancer_interfaces(),
+        agent_args,
     )
     .expect("agent starts");
 

@@ -1,6 +1,6 @@
 //! `lb_tc`, the TC datapath (DNAT only), on crafted frames through BPF_PROG_TEST_RUN: forward and
-//! reply for IPv4 and IPv6, TCP and UDP, conntrack hits, UDP without a checksum, the modes it
-//! refuses, and traffic it leaves alone; and the workload-veth split (`lb_tc_request` before the
+//! reply for IPv4 and IPv6, TCP and UDP, conntrack hits, fragmented datagrams both ways, UDP
+//! without a checksum, the modes it refuses, and traffic it leaves alone; and the workload-veth split (`lb_tc_request` before the
 //! policy, `lb_tc_reply` after it at egress). Outputs are compared byte for byte with frames built from
 //! scratch (so every checksum is verified); each case also checks the counter naming its path.
 //!
@@ -19,7 +19,7 @@ use lb_agent::{
 };
 use lb_common::{counters::Counter, protocol, service::ServiceKey};
 use lb_tests::{
-    frames::{frame, inspect, ACK, L4, SYN},
+    frames::{fragments, frame, inspect, ACK, L4, SYN},
     netns::{Netns, TEST_PREFIX},
     test_run::{
         expected_backend, run as run_xdp, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
@@ -181,6 +181,63 @@ fn forward_reply_and_conntrack_hit_for_each_family_and_protocol_in_namespace() {
             Counter::ReplyTranslated,
         );
     }
+}
+
+#[test]
+fn fragments_of_a_datagram_all_reach_the_backend_of_its_first() {
+    isolated(&[], fragments_in_namespace);
+}
+
+/// As `xdp_icmp_fragments` for `lb_xdp`: the first fragment of a 3000-byte UDP datagram is balanced
+/// and recorded, the later ones (no ports) get the same addresses; the same for a fragmented reply.
+fn fragments_in_namespace() {
+    let mut datapath = load();
+    let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+    let pieces = |from, to, id| fragments(&frame(L4::Udp, from, to, &payload), id, 1480);
+    for (client, vip, id) in [
+        ("192.0.2.2:6000", "198.51.100.10:53", 0x1234),
+        ("[2001:db8:2::2]:6000", "[2001:db8:100::10]:53", 0xabcd_0001),
+    ] {
+        let (client, vip) = (sa(client), sa(vip));
+        let key = ServiceKey::new(vip.ip(), vip.port(), protocol::UDP);
+        let backend = expected_backend(&datapath, &key, protocol::UDP, client, vip, false);
+        let requests = pieces(client, vip, id)
+            .into_iter()
+            .zip(pieces(client, backend, id));
+        let replies = pieces(backend, client, id + 1)
+            .into_iter()
+            .zip(pieces(vip, client, id + 1));
+        for (direction, pairs, first_counter) in [
+            (
+                "request",
+                requests.collect::<Vec<_>>(),
+                Counter::ForwardNewFlow,
+            ),
+            ("reply", replies.collect(), Counter::ReplyTranslated),
+        ] {
+            assert_eq!(pairs.len(), 3);
+            for (i, (input, output)) in pairs.into_iter().enumerate() {
+                let what = format!("{client} -> {vip}: {direction} fragment {} of 3", i + 1);
+                let counters: &[Counter] = if i == 0 {
+                    &[first_counter, Counter::FragmentTracked]
+                } else {
+                    &[Counter::ForwardFragment]
+                };
+                let before: Vec<u64> = counters.iter().map(|c| counter(&datapath, *c)).collect();
+                let (verdict, out) = run(&mut datapath, &input);
+                assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+                assert_eq!(out, output, "{what}: output frame");
+                for (c, before) in counters.iter().zip(before) {
+                    assert_eq!(counter(&datapath, *c), before + 1, "{what}: {}", c.name());
+                }
+            }
+        }
+    }
+    // A later fragment of a datagram never seen goes to the stack untouched.
+    let lone = pieces(sa("192.0.2.2:6001"), sa("198.51.100.10:53"), 0x77);
+    let before = counter(&datapath, Counter::PassFragment);
+    assert_eq!(run(&mut datapath, &lone[1]), (TC_ACT_OK, lone[1].clone()));
+    assert_eq!(counter(&datapath, Counter::PassFragment), before + 1);
 }
 
 #[test]

@@ -11,8 +11,10 @@
 //!
 //! Only DNAT and its reverse: a packet of an SNAT or DSR service, or a reply of an SNAT flow, is
 //! dropped and counted `drop_tc_mode_unsupported` (the agent warns when such a service meets a
-//! TC-attached interface). Later fragments and ICMP errors are passed untranslated
-//! (`pass_fragment`, `pass_icmp_error_untracked`); the XDP CIDR deny list is not checked here.
+//! TC-attached interface). Fragmented datagrams are handled as in `lb_xdp`: a first fragment is
+//! recorded after its rewrite, later ones get the same addresses (`tc::fragments`). ICMP errors
+//! are passed untranslated (`pass_icmp_error_untracked`); the XDP CIDR deny list is not checked
+//! here.
 //!
 //! On a workload's veth, where the policy programs also run, the same translation is split around
 //! them so that the policy sees the chosen backend on both sides (as Cilium does):
@@ -26,6 +28,7 @@
 //! - `lb_tc_reply` (end of tcx egress, after `policy_to_endpoint`) turns the source of a reply
 //!   reaching its client back into the VIP.
 
+mod fragments;
 mod nat;
 mod xmit;
 
@@ -42,6 +45,7 @@ use self::nat::Offsets;
 use crate::{
     conntrack,
     context::PacketContext,
+    fragments::Fragment,
     maps::count,
     packet::{parse, Flow, Parsed},
     prefilter,
@@ -71,6 +75,7 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
             count(reason);
             return TC_ACT_OK;
         }
+        Err(NotFlow::Fragment(fragment)) => return fragments::forward(&ctx, &fragment),
     };
     match to_backend(&ctx, &flow, 0) {
         Ok(Some(backend)) => return xmit::forward(&ctx, &flow, &flow.key.src, &backend),
@@ -125,6 +130,8 @@ pub fn lb_tc_reply(ctx: TcContext) -> i32 {
 enum NotFlow {
     Pass(Counter),
     Drop(Counter),
+    /// A later fragment (only `lb_tc` translates them: see `tc::fragments`).
+    Fragment(Fragment),
 }
 
 /// The packet's TCP/UDP flow, or why not (uncounted: each entry point decides).
@@ -147,7 +154,7 @@ fn flow_of(ctx: &TcContext) -> Result<Flow, NotFlow> {
             flow.len = ctx.len() as u64;
             Ok(flow)
         }
-        Parsed::Fragment(_) => Err(NotFlow::Pass(Counter::PassFragment)),
+        Parsed::Fragment(fragment) => Err(NotFlow::Fragment(fragment)),
         Parsed::Icmp { .. } => Err(NotFlow::Pass(Counter::PassIcmpErrorUntracked)),
         Parsed::Pass(reason) => Err(NotFlow::Pass(reason)),
         Parsed::Drop(reason) => Err(NotFlow::Drop(reason)),
@@ -188,6 +195,9 @@ fn to_backend(ctx: &TcContext, flow: &Flow, flags: u8) -> Result<Option<Addr>, i
         backend.port
     };
     let at = Offsets::of(ctx, flow);
+    // Before the rewrite: its helpers void the packet pointers in `flow`.
+    let first_fragment = flags & reply_flags::AT_CLIENT_VETH == 0
+        && crate::fragments::maybe_first(flow, PacketContext::data_end(ctx));
     let (old, old_port) = (flow.key.dst, flow.key.dst_port);
     match verdict(nat::rewrite(
         ctx,
@@ -199,7 +209,12 @@ fn to_backend(ctx: &TcContext, flow: &Flow, flags: u8) -> Result<Option<Addr>, i
         port,
         false,
     )) {
-        TC_ACT_OK => Ok(Some(backend.addr)),
+        TC_ACT_OK => {
+            if first_fragment {
+                crate::fragments::record(ctx, &flow.key);
+            }
+            Ok(Some(backend.addr))
+        }
         action => Err(action),
     }
 }
@@ -217,12 +232,18 @@ fn reply(ctx: &TcContext, flow: &Flow, at_client_veth: bool) -> Option<i32> {
         return None;
     }
     let at = Offsets::of(ctx, flow);
+    // As in `to_backend`; at the client's veth fragments are left alone (see `tc::fragments`).
+    let first_fragment =
+        !at_client_veth && crate::fragments::maybe_first(flow, PacketContext::data_end(ctx));
     let (old, old_port) = (flow.key.src, flow.key.src_port);
     let action = verdict(nat::rewrite(
         ctx, flow, at, &old, &vip, old_port, vip_port, true,
     ));
     if action != TC_ACT_OK {
         return Some(action);
+    }
+    if first_fragment {
+        crate::fragments::record(ctx, &flow.key);
     }
     count(Counter::ReplyTranslated);
     Some(if at_client_veth {
