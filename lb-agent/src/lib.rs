@@ -11,6 +11,7 @@ pub mod ebpf_log;
 pub mod grpc;
 pub mod health;
 pub mod http;
+pub mod inspect;
 pub mod k8s;
 pub mod maglev;
 pub mod map_batch;

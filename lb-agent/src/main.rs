@@ -17,11 +17,9 @@ use lb_agent::{
     config::Config,
     datapath::{AttachMode, PinOptions},
     grpc::TlsConfig,
-    pins::PinDir,
+    pins::{PinDir, DEFAULT_BPFFS_DIR},
 };
 use lb_common::service::limits;
-
-const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/lb";
 
 #[derive(Parser)]
 #[command(version, about = "eBPF/XDP load balancer node agent")]

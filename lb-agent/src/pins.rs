@@ -44,6 +44,8 @@ use tracing::{info, warn};
 /// changed, a flag or mode number redefined, a table indexed differently, an inner map definition
 /// changed. Pinned state of another version is refused.
 pub const MAP_LAYOUT_VERSION: u32 = 3;
+/// Where the agent pins by default (`--bpffs-dir`).
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/lb";
 /// Subdirectory of the policy datapath's pins.
 const POLICY_SUBDIR: &str = "policy";
 /// `f_type` of a BPF filesystem (`BPF_FS_MAGIC` in linux/magic.h).

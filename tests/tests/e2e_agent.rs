@@ -290,3 +290,63 @@ fn datapath_log_records_reach_the_agent_log() {
         .expect("the datapath's drop reaches the agent's log");
     assert!(line.contains("(no backend)"), "{line}");
 }
+
+/// `lbctl` (found next to the `lb-agent` binary) reads the pinned maps of a running agent: the service, each
+/// connection made through the VIP with the backend that served it, and the counters.
+#[test]
+fn lbctl_shows_the_services_flows_and_counters() {
+    let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
+    let _servers: Vec<_> = tcp_servers_on_backends(&topology, PORT);
+    let file = ConfigFile::new(&config(&topology, &[1, 2], false));
+    let agent = AgentProcess::start(
+        &topology.balancer,
+        file.path(),
+        &topology.balancer_interfaces(),
+    )
+    .expect("agent starts");
+    let served = tally(&topology.client, 10);
+
+    let pins = agent.pins();
+    let lbctl = |args: &[&str]| -> String {
+        let lbctl = lb_tests::agent::agent_binary().with_file_name("lbctl");
+        let out = std::process::Command::new(&lbctl)
+            .arg("--bpffs-dir")
+            .arg(pins.path())
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", lbctl.display()));
+        assert!(out.status.success(), "lbctl {args:?}: {out:?}");
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+
+    let services = lbctl(&["services"]);
+    assert!(
+        services.contains(&format!("{VIP}:80"))
+            && services.contains("tcp")
+            && services.contains("dnat"),
+        "{services}"
+    );
+    // Every connection is tracked (closing after its FIN), through the VIP, via the backend whose
+    // server counted it.
+    let flows = lbctl(&["flows"]);
+    let lines: Vec<&str> = flows.lines().collect();
+    assert_eq!(lines.len(), 10, "{flows}");
+    let mut via = BTreeMap::<String, usize>::new();
+    for line in &lines {
+        assert!(line.contains(&format!("-> {VIP}:80")), "{line}");
+        let backend = topology
+            .backends
+            .iter()
+            .position(|b| line.contains(&format!("via {}:{PORT}", b.addr)))
+            .unwrap_or_else(|| panic!("no backend named: {line}"));
+        *via.entry(format!("backend-{}", backend + 1)).or_default() += 1;
+    }
+    assert_eq!(via, served, "the backends named are those that served");
+    let counters = lbctl(&["counters"]);
+    assert!(
+        counters
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["forward_new_flow", "10"]),
+        "{counters}"
+    );
+}
