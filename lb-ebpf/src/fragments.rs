@@ -13,7 +13,7 @@
 //! VIP reassembles it), as it would be without the datapath; the sender retransmits. Linux and
 //! most stacks send fragments in order, so the first fragment is seen first.
 //!
-//! `lb_tc` uses [`maybe_first`], [`record`] and [`recorded`] too; `tc::fragments` rewrites later
+//! `lb_tc` uses [`maybe_first`], [`record`], [`header_of`] and [`recorded`] too; `tc::fragments` rewrites later
 //! fragments on an skb.
 
 use aya_ebpf::{
@@ -122,29 +122,29 @@ pub fn record<C: PacketContext>(ctx: &C, arrived: &FlowKey) {
     count(Counter::FragmentTracked);
 }
 
-/// What a later fragment's datagram recorded.
-pub enum Recorded {
-    /// The fragment carries `arrived` (source, destination); its first fragment left with `entry`'s.
-    Found {
-        arrived: (Addr, Addr),
-        entry: FragmentEntry,
-    },
-    /// No live entry: the fragment goes to the stack untouched (counted `pass_fragment`).
-    None,
-    /// Shorter than its IP header (counted `drop_malformed`).
-    Malformed,
-}
-
-/// The addresses recorded for the datagram of the later `fragment` at `ctx`.
+/// The start of a later fragment's IP header, if its fixed header is inside the packet (else the
+/// fragment is malformed).
 #[inline(always)]
-pub fn recorded<C: PacketContext>(ctx: &C, fragment: &Fragment) -> Recorded {
+pub fn header_of<C: PacketContext>(ctx: &C, fragment: &Fragment) -> Option<usize> {
     let packet = Extent::of(ctx);
     let l3 = packet.start + ETH_LEN;
+    let len = if fragment.family == family::IPV4 {
+        IPV4_LEN
+    } else {
+        IPV6_LEN
+    };
+    (l3 + len <= packet.end).then_some(l3)
+}
+
+/// The addresses the later `fragment` (IP header at `l3`) carries, and the entry its datagram's
+/// first fragment recorded; `None` without a live entry (the fragment goes to the stack untouched).
+///
+/// # Safety
+/// `l3` must come from [`header_of`] for this packet: its fixed header is inside the packet.
+#[inline(always)]
+pub unsafe fn recorded(l3: usize, fragment: &Fragment) -> Option<((Addr, Addr), FragmentEntry)> {
     let v4 = fragment.family == family::IPV4;
-    if l3 + if v4 { IPV4_LEN } else { IPV6_LEN } > packet.end {
-        return Recorded::Malformed;
-    }
-    // SAFETY: bounds checked just above.
+    // SAFETY: the caller's bounds check.
     let (src, dst) = unsafe {
         (
             load_addr(l3 + if v4 { IPV4_SRC } else { IPV6_SRC }, v4),
@@ -153,40 +153,24 @@ pub fn recorded<C: PacketContext>(ctx: &C, fragment: &Fragment) -> Recorded {
     };
     let key = FragmentKey::new(fragment.family, src, dst, fragment.id, fragment.protocol);
     // SAFETY: plain integers, copied out at once.
-    let Some(entry) = (unsafe { FRAGMENTS.get(&key) }).copied() else {
-        return Recorded::None;
-    };
+    let entry = (unsafe { FRAGMENTS.get(&key) }).copied()?;
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if now.wrapping_sub(entry.first_seen_ns) > limits::TIMEOUT_NS {
-        return Recorded::None;
-    }
-    Recorded::Found {
-        arrived: (src, dst),
-        entry,
-    }
+    (now.wrapping_sub(entry.first_seen_ns) <= limits::TIMEOUT_NS).then_some(((src, dst), entry))
 }
 
 /// A later fragment: gets its datagram's recorded addresses, or goes to the stack untouched.
 #[inline(never)]
 pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
-    let ((src, dst), entry) = match recorded(ctx, fragment) {
-        Recorded::Found { arrived, entry } => (arrived, entry),
-        Recorded::None => {
-            count(Counter::PassFragment);
-            return xdp_action::XDP_PASS;
-        }
-        Recorded::Malformed => {
-            count(Counter::DropMalformed);
-            return xdp_action::XDP_DROP;
-        }
-    };
-    let packet = Extent::of(ctx);
-    let l3 = packet.start + ETH_LEN;
-    let v4 = fragment.family == family::IPV4;
-    if l3 + if v4 { IPV4_LEN } else { IPV6_LEN } > packet.end {
+    let Some(l3) = header_of(ctx, fragment) else {
         count(Counter::DropMalformed);
         return xdp_action::XDP_DROP;
-    }
+    };
+    // SAFETY: `l3` from `header_of`.
+    let Some(((src, dst), entry)) = (unsafe { recorded(l3, fragment) }) else {
+        count(Counter::PassFragment);
+        return xdp_action::XDP_PASS;
+    };
+    let v4 = fragment.family == family::IPV4;
     // SAFETY: inside the header checked above.
     unsafe {
         if v4 {

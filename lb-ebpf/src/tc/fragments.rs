@@ -14,7 +14,7 @@ use aya_ebpf::{
 use lb_common::{counters::Counter, service::family};
 
 use crate::{
-    fragments::{recorded, Fragment, Recorded},
+    fragments::{header_of, recorded, Fragment},
     maps::count,
     packet::header::{ETH_LEN, IPV4_CHECK, IPV4_DST, IPV4_SRC, IPV6_DST, IPV6_SRC},
 };
@@ -23,16 +23,15 @@ use crate::{
 // A BPF function of its own: its stack does not add to `lb_tc`'s.
 #[inline(never)]
 pub fn forward(ctx: &TcContext, fragment: &Fragment) -> i32 {
-    let ((src, dst), entry) = match recorded(ctx, fragment) {
-        Recorded::Found { arrived, entry } => (arrived, entry),
-        Recorded::None => {
-            count(Counter::PassFragment);
-            return TC_ACT_OK;
-        }
-        Recorded::Malformed => {
-            count(Counter::DropMalformed);
-            return TC_ACT_SHOT;
-        }
+    let Some(l3) = header_of(ctx, fragment) else {
+        count(Counter::DropMalformed);
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: `l3` from `header_of`. The rewrite below goes by offset: its helpers may move the
+    // skb's data.
+    let Some(((src, dst), entry)) = (unsafe { recorded(l3, fragment) }) else {
+        count(Counter::PassFragment);
+        return TC_ACT_OK;
     };
     let rewritten = (|| -> Result<(), i64> {
         if fragment.family == family::IPV4 {
