@@ -1453,8 +1453,16 @@ impl Drop for Datapath {
 /// Every counter of the `COUNTERS` map of `ebpf` (the balancer's or `lb_decap`'s object), summed
 /// over CPUs.
 pub(crate) fn read_counters(ebpf: &Ebpf) -> Result<Vec<(Counter, u64)>> {
-    let counters: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(ebpf.map("COUNTERS").context("COUNTERS map")?)?;
+    sum_counters(&PerCpuArray::try_from(
+        ebpf.map("COUNTERS").context("COUNTERS map")?,
+    )?)
+}
+
+/// Every counter of the `COUNTERS` map `counters`, summed over CPUs (also for a pinned map:
+/// `crate::inspect`).
+pub(crate) fn sum_counters(
+    counters: &PerCpuArray<impl std::borrow::Borrow<MapData>, u64>,
+) -> Result<Vec<(Counter, u64)>> {
     Counter::ALL
         .iter()
         .map(|c| {

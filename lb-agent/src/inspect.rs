@@ -16,7 +16,7 @@ use lb_common::{
     service::{mode, Addr, Backend, ServiceInfo, ServiceKey},
 };
 
-use crate::pins::PinDir;
+use crate::{datapath::sum_counters, pins::PinDir};
 
 /// One `SERVICES` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,10 +126,7 @@ impl Pinned {
     /// Every counter with its sum over CPUs.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(self.map("COUNTERS")?)?;
-        Counter::ALL
-            .iter()
-            .map(|c| Ok((*c, counters.get(&(*c as u32), 0)?.iter().sum())))
-            .collect()
+        sum_counters(&counters)
     }
 }
 

@@ -71,8 +71,9 @@ impl fmt::Display for MapDefinition {
     }
 }
 
-/// The named maps of an eBPF object (data sections such as `.rodata` excluded: they are not
-/// state, or, the address filter's, pinned by hand), with `max_entries` overridden as the loader will, sorted by name.
+/// The named maps of an eBPF object, with `max_entries` overridden as the loader will, sorted by
+/// name. Data sections are left out: `.rodata` is not state, and the address filter's section is
+/// pinned by hand (`Datapath::carry_over_address_filter`).
 pub fn object_maps(
     object: &[u8],
     max_entries: &[(&str, u32)],

@@ -11,14 +11,14 @@ use aya::{
     programs::{xdp::XdpMode, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use lb_agent::datapath::Datapath;
-
-use crate::netns::Netns;
 use lb_common::{
     conntrack::{ConntrackEntry, FlowKey, FlowKeyV4},
     counters::Counter,
     flow_hash::maglev_slot,
     service::{family_of, Addr, ServiceKey},
 };
+
+use crate::netns::Netns;
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
