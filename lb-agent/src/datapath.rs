@@ -247,8 +247,8 @@ impl Datapath {
         Self::load_with_cidr_deny(options, false)
     }
 
-    /// `cidr_deny`: enables `lb_xdp`'s CIDR deny list (`policy::datapath::write_cidr_deny`); without
-    /// it the verifier removes the check from the program.
+    /// `cidr_deny`: enables the CIDR deny list of `lb_xdp` and `lb_tc`
+    /// (`policy::datapath::write_cidr_deny`); without it the verifier removes the check from both.
     pub fn load_with_cidr_deny(options: &LoadOptions, cidr_deny: bool) -> Result<Self> {
         let max_entries = [
             ("CONNTRACK_V4", options.conntrack_entries),

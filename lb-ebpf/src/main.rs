@@ -45,13 +45,18 @@ use crate::{
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     // Before parsing: it reads only the source address, and nothing parsed is live across it.
-    if policy::xdp::cidr_denied(&ctx) {
+    if policy::cidr_deny::cidr_denied(&ctx) {
         return xdp_action::XDP_DROP;
     }
     let flow = match parse(&ctx) {
         Parsed::Flow(flow) => flow,
         Parsed::Fragment(fragment) => return fragments::forward(&ctx, &fragment),
-        Parsed::Icmp { family, offset } => return icmp::handle(&ctx, family, offset),
+        Parsed::Icmp { family, offset } => {
+            return match icmp::handle(&ctx, family, offset, icmp::Scope::Node) {
+                icmp::Verdict::GoesOn => xdp_action::XDP_PASS,
+                icmp::Verdict::Drop => xdp_action::XDP_DROP,
+            }
+        }
         Parsed::Pass(reason) => {
             count(reason);
             return xdp_action::XDP_PASS;

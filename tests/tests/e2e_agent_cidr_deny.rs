@@ -4,7 +4,8 @@
 //! and the drops are counted (`lb_policy_verdicts_total{verdict="deny",reason="cidr_deny"}`); an
 //! unlisted one (other) connects; an invalid edit is rejected with the list kept; an edit that
 //! removes the source lets it through. An agent started without a list refuses to add one (the
-//! check is not loaded) with an error saying so.
+//! check is not loaded) with an error saying so. The listed source is also dropped when the
+//! balancer is attached as TC (`--attach tc`: `lb_tc` checks the same list).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -59,15 +60,15 @@ fn reaches(
 }
 
 fn start_agent(topology: &PolicyTopology, file: &ConfigFile) -> AgentProcess {
-    // `lb_xdp` on the node side of frontend's and other's veths: their "external" interfaces.
+    start_agent_with(topology, file, &[])
+}
+
+fn start_agent_with(topology: &PolicyTopology, file: &ConfigFile, extra: &[&str]) -> AgentProcess {
+    // The balancer on the node side of frontend's and other's veths: their "external" interfaces.
     let interfaces = [WORKLOADS[0].4.to_string(), WORKLOADS[2].4.to_string()];
-    AgentProcess::start_with(
-        &topology.node,
-        file.path(),
-        &interfaces,
-        &["--metrics-addr", METRICS, "--stats-interval", "1"],
-    )
-    .expect("agent starts")
+    let mut args = vec!["--metrics-addr", METRICS, "--stats-interval", "1"];
+    args.extend_from_slice(extra);
+    AgentProcess::start_with(&topology.node, file.path(), &interfaces, &args).expect("agent starts")
 }
 
 #[test]
@@ -139,4 +140,27 @@ fn the_agent_drops_listed_sources_at_xdp_and_follows_edits() {
         .unwrap();
     assert!(refused.contains("restart the agent"), "{refused}");
     assert!(reaches(&topology, "frontend", &servers, false));
+}
+
+#[test]
+fn the_agent_drops_listed_sources_at_tc_when_attached_as_tc() {
+    let topology = PolicyTopology::new().expect("topology");
+    let servers = [false, true].map(|v6| {
+        let db: IpAddr = PolicyTopology::addr("db", v6);
+        TcpCountingServer::start(topology.ns("db"), db, DB_PORT, "db")
+    });
+    let file = ConfigFile::new(&config("[192.0.2.2/32, \"2001:db8:1::/64\"]"));
+    let _agent = start_agent_with(&topology, &file, &["--attach", "tc"]);
+    for v6 in [false, true] {
+        assert!(
+            !reaches(&topology, "frontend", &servers, v6),
+            "listed source, v6 {v6}"
+        );
+        assert!(
+            reaches(&topology, "other", &servers, v6),
+            "unlisted source, v6 {v6}"
+        );
+    }
+    let drops = cidr_drops(&topology.node, 2.0);
+    assert!(drops >= 2.0, "TC CIDR drops counted: {drops}");
 }

@@ -9,6 +9,8 @@
 //!   which it only does for a valid ICMP checksum and a quote naming its own socket.
 //! - A backend's "port unreachable" about a client's datagram reaches the client translated: its
 //!   connected UDP socket (connected to the VIP) gets "connection refused".
+//!
+//! Each runs with the balancer attached as XDP (the default) and as TC (`--attach tc`).
 
 use std::{
     collections::BTreeMap,
@@ -274,13 +276,25 @@ fn fragments_both_ways(agent_args: &[&str]) {
 
 #[test]
 fn fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it() {
+    fragmentation_needed_about_a_reply(&[]);
+}
+
+/// The same through `lb_tc` (`--attach tc`), which translates the error on the skb and leaves it to
+/// the stack's forwarding.
+#[test]
+fn fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it_through_tc() {
+    fragmentation_needed_about_a_reply(&["--attach", "tc"]);
+}
+
+fn fragmentation_needed_about_a_reply(agent_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
     let _servers = echo_servers(&topology);
     let config = ConfigFile::new(&config(&topology));
-    let agent = AgentProcess::start(
+    let agent = AgentProcess::start_with(
         &topology.balancer,
         config.path(),
         &topology.balancer_interfaces(),
+        agent_args,
     )
     .expect("agent starts");
     let client_mac = mac_of(&topology.client, "eth0");
@@ -348,12 +362,23 @@ fn fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it() {
 
 #[test]
 fn port_unreachable_from_a_backend_reaches_the_client_as_the_vips() {
+    port_unreachable_from_a_backend(&[]);
+}
+
+/// The same through `lb_tc` (`--attach tc`).
+#[test]
+fn port_unreachable_from_a_backend_reaches_the_client_as_the_vips_through_tc() {
+    port_unreachable_from_a_backend(&["--attach", "tc"]);
+}
+
+fn port_unreachable_from_a_backend(agent_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
     let config = ConfigFile::new(&config(&topology));
-    let agent = AgentProcess::start(
+    let agent = AgentProcess::start_with(
         &topology.balancer,
         config.path(),
         &topology.balancer_interfaces(),
+        agent_args,
     )
     .expect("agent starts");
 

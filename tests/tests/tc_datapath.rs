@@ -1,8 +1,10 @@
 //! `lb_tc`, the TC datapath (DNAT only), on crafted frames through BPF_PROG_TEST_RUN: forward and
 //! reply for IPv4 and IPv6, TCP and UDP, conntrack hits, fragmented datagrams both ways, UDP
-//! without a checksum, the modes it refuses, and traffic it leaves alone; and the workload-veth split (`lb_tc_request` before the
-//! policy, `lb_tc_reply` after it at egress). Outputs are compared byte for byte with frames built from
-//! scratch (so every checksum is verified); each case also checks the counter naming its path.
+//! without a checksum, the modes it refuses, and traffic it leaves alone; and the workload-veth
+//! split (`lb_tc_request` before the policy, `lb_tc_reply` after it at egress), ICMP errors of its
+//! flows included. Outputs are compared byte for byte with frames built from scratch (so every
+//! checksum is verified); each case also checks the counter naming its path. `lb_tc`'s ICMP error
+//! fixtures are `xdp_icmp_fragments`'s, run through both programs.
 //!
 //! Each test runs in a network namespace of its own, since `lb_tc` asks the FIB for the next hop:
 //! an empty one (no route: the stack gets the packet, `TC_ACT_OK`) or one that knows the backends
@@ -19,7 +21,7 @@ use lb_agent::{
 };
 use lb_common::{counters::Counter, protocol, service::ServiceKey};
 use lb_tests::{
-    frames::{fragments, frame, inspect, ACK, L4, SYN},
+    frames::{fragments, frame, icmp_error, inspect, ip_packet, IcmpError, ACK, L4, SYN},
     netns::{Netns, TEST_PREFIX},
     test_run::{
         expected_backend, run as run_xdp, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
@@ -350,6 +352,31 @@ fn redirected_in_namespace() {
 }
 
 /// The sum of every counter: a program that passes a packet on "uncounted" leaves it unchanged.
+/// Runs an ICMP message through `program`: verdict and byte-exact output (built from scratch, so
+/// every checksum is checked), and `which` counted once, or (`None`) no counter moved.
+fn icmp_case(
+    datapath: &mut Datapath,
+    program: &str,
+    what: &str,
+    input: &[u8],
+    (verdict, output): (u32, &[u8]),
+    which: Option<Counter>,
+) {
+    let before = (which.map(|c| counter(datapath, c)), all_counters(datapath));
+    let (got, out) = run_program(datapath, program, input);
+    assert_eq!(got, verdict, "{what}: verdict");
+    assert_eq!(out, output, "{what}: output frame");
+    match which {
+        Some(c) => assert_eq!(
+            counter(datapath, c),
+            before.0.unwrap() + 1,
+            "{what}: {}",
+            c.name()
+        ),
+        None => assert_eq!(all_counters(datapath), before.1, "{what}: uncounted"),
+    }
+}
+
 fn all_counters(datapath: &Datapath) -> u64 {
     datapath.counters().unwrap().iter().map(|(_, n)| n).sum()
 }
@@ -418,6 +445,61 @@ fn workload_veth_in_namespace() {
             TC_ACT_UNSPEC,
             &frame(next, vip, client, b"answer"),
             Counter::ReplyTranslated,
+        );
+
+        // ICMP errors cross the policy as the flow does: between client and backend.
+        let unreachable = IcmpError::PortUnreachable;
+        let request_quote = |to| ip_packet(&frame(next, client, to, b"more"));
+        let from_backend = icmp_error(
+            unreachable,
+            backend.ip(),
+            client.ip(),
+            &request_quote(backend),
+        );
+        icmp_case(
+            &mut datapath,
+            TC_PROGRAM,
+            &format!("{what}: backend's error at its veth ingress (lb_tc), left"),
+            &from_backend,
+            (TC_ACT_OK, &from_backend),
+            Some(Counter::PassIcmpErrorUntracked),
+        );
+        icmp_case(
+            &mut datapath,
+            TC_REPLY_PROGRAM,
+            &format!("{what}: backend's error at the client's veth egress, from the VIP"),
+            &from_backend,
+            (
+                TC_ACT_UNSPEC,
+                &icmp_error(unreachable, vip.ip(), client.ip(), &request_quote(vip)),
+            ),
+            Some(Counter::IcmpErrorToClient),
+        );
+        let reply_quote = |from| ip_packet(&frame(next, from, client, b"answer"));
+        let from_client = icmp_error(unreachable, client.ip(), vip.ip(), &reply_quote(vip));
+        icmp_case(
+            &mut datapath,
+            TC_REQUEST_PROGRAM,
+            &format!("{what}: client's error about a reply, before the policy, to the backend"),
+            &from_client,
+            (
+                TC_ACT_UNSPEC,
+                &icmp_error(
+                    unreachable,
+                    client.ip(),
+                    backend.ip(),
+                    &reply_quote(backend),
+                ),
+            ),
+            Some(Counter::IcmpErrorToBackend),
+        );
+        icmp_case(
+            &mut datapath,
+            TC_REPLY_PROGRAM,
+            &format!("{what}: client's error at egress (not for a client), uncounted"),
+            &from_client,
+            (TC_ACT_UNSPEC, &from_client),
+            None,
         );
     }
 

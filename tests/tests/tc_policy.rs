@@ -1,5 +1,5 @@
 //! The TC policy programs (`policy_from_endpoint`: a workload's egress, `policy_to_endpoint`: its
-//! ingress) and the XDP CIDR deny list through BPF_PROG_TEST_RUN on crafted frames, in three steps
+//! ingress) and the CIDR deny list (in `lb_xdp` and `lb_tc`) through BPF_PROG_TEST_RUN on crafted frames, in three steps
 //! per case: the frame, the maps (a compiled rule set written by `PolicyDatapath::apply`), the
 //! verdict and the verdict event. Rule decisions are compared field by field with the userspace
 //! reference evaluator (`Maps::check`) and with an expectation written here, so the kernel, the
@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 
 use lb_agent::{
-    datapath::{Datapath, LoadOptions},
+    datapath::{Datapath, LoadOptions, TC_PROGRAM},
     policy::{
         compile,
         datapath::{
@@ -25,7 +25,7 @@ use lb_tests::{
         fragments, frame, icmp_error, ip_packet, with_ipv4_options, with_ipv6_extension_headers,
         IcmpError, ACK, L4, SYN,
     },
-    test_run::{run, run_tc, TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS},
+    test_run::{run, run_tc, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS},
 };
 
 const IN: Direction = Direction::Ingress;
@@ -656,7 +656,7 @@ fn rule_set_swaps_are_atomic_and_a_failed_one_changes_nothing() {
 }
 
 #[test]
-fn xdp_cidr_deny_drops_listed_sources_only_when_enabled() {
+fn cidr_deny_drops_listed_sources_in_xdp_and_tc_only_when_enabled() {
     let listed: Vec<Cidr> = ["203.0.113.0/24", "2001:db8:bad::/48"]
         .iter()
         .map(|c| c.parse().unwrap())
@@ -669,13 +669,16 @@ fn xdp_cidr_deny_drops_listed_sources_only_when_enabled() {
 
     let mut datapath = Datapath::load_with_cidr_deny(&LoadOptions::default(), true).unwrap();
     write_cidr_deny(datapath.ebpf_mut(), &[], &listed).unwrap();
-    for (frame, want) in [
-        (&bad, XDP_DROP),
-        (&bad6, XDP_DROP),
-        (&good, XDP_PASS),
-        (&good6, XDP_PASS),
+    for (frame, xdp, tc) in [
+        (&bad, XDP_DROP, TC_ACT_SHOT),
+        (&bad6, XDP_DROP, TC_ACT_SHOT),
+        (&good, XDP_PASS, TC_ACT_OK),
+        (&good6, XDP_PASS, TC_ACT_OK),
     ] {
-        assert_eq!(run(datapath.xdp_program(), frame).0, want);
+        assert_eq!(run(datapath.xdp_program(), frame).0, xdp);
+        // `lb_tc`, when the balancer is attached as TC: the same list, the same counter.
+        let lb_tc = datapath.tc_program_named(TC_PROGRAM).unwrap();
+        assert_eq!(run_tc(lb_tc, frame), tc);
     }
     let cidr_denied = |dp: &mut Datapath| {
         read_counters(dp.ebpf_mut())
@@ -685,14 +688,18 @@ fn xdp_cidr_deny_drops_listed_sources_only_when_enabled() {
             .unwrap()
             .2
     };
-    assert_eq!(cidr_denied(&mut datapath), 2);
+    assert_eq!(cidr_denied(&mut datapath), 4);
     // Emptied list: nothing dropped.
     write_cidr_deny(datapath.ebpf_mut(), &listed, &[]).unwrap();
     assert_eq!(run(datapath.xdp_program(), &bad).0, XDP_PASS);
+    let lb_tc = datapath.tc_program_named(TC_PROGRAM).unwrap();
+    assert_eq!(run_tc(lb_tc, &bad), TC_ACT_OK);
 
     // Not enabled at load time: the list is not consulted at all.
     let mut plain = Datapath::load().unwrap();
     write_cidr_deny(plain.ebpf_mut(), &[], &listed).unwrap();
     assert_eq!(run(plain.xdp_program(), &bad).0, XDP_PASS);
+    let lb_tc = plain.tc_program_named(TC_PROGRAM).unwrap();
+    assert_eq!(run_tc(lb_tc, &bad), TC_ACT_OK);
     assert_eq!(cidr_denied(&mut plain), 0);
 }

@@ -3,17 +3,25 @@
 //! so every checksum in it is computed in full), and the exact set of counters the packet moves.
 //! Rows run in order against one datapath: the fragment rows are the pieces of datagrams, sent one
 //! after the other as a sender would.
+//!
+//! The ICMP error fixtures also run through `lb_tc` (the same translation on an skb, after its
+//! flows were opened by `lb_xdp`: both programs share the conntrack maps).
 
 use std::net::{IpAddr, SocketAddr};
 
-use lb_agent::{config::Config, datapath::Datapath};
+use lb_agent::{
+    config::Config,
+    datapath::{Datapath, TC_PROGRAM},
+};
 use lb_common::{counters::Counter, protocol, service::ServiceKey};
 use lb_tests::{
     frames::{
         echo_request, fragments, frame, icmp_error, inspect, ip_packet, with_ipv4_options,
         with_ipv6_extension_headers, IcmpError, ACK, L4, SYN,
     },
-    test_run::{expected_backend, run, sa, XDP_DROP, XDP_PASS},
+    test_run::{
+        expected_backend, run, run_tc_frame, sa, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
+    },
 };
 
 const CONFIG: &str = "
@@ -131,21 +139,50 @@ fn fixture(
     }
 }
 
+/// The program a fixture runs through.
+#[derive(Clone, Copy, Debug)]
+enum Program {
+    Xdp,
+    Tc,
+}
+
+impl Program {
+    fn run(self, datapath: &mut Datapath, input: &[u8]) -> (u32, Vec<u8>) {
+        match self {
+            Program::Xdp => run(datapath.xdp_program(), input),
+            Program::Tc => run_tc_frame(datapath.tc_program_named(TC_PROGRAM).unwrap(), input),
+        }
+    }
+
+    /// The verdicts of a packet that goes on and of a dropped one.
+    fn verdicts(self) -> (u32, u32) {
+        match self {
+            Program::Xdp => (XDP_PASS, XDP_DROP),
+            Program::Tc => (TC_ACT_OK, TC_ACT_SHOT),
+        }
+    }
+}
+
 fn run_fixtures(datapath: &mut Datapath, fixtures: Vec<Fixture>) {
+    run_fixtures_through(datapath, Program::Xdp, fixtures)
+}
+
+fn run_fixtures_through(datapath: &mut Datapath, program: Program, fixtures: Vec<Fixture>) {
+    let (goes_on, dropped) = program.verdicts();
     for f in fixtures {
-        let what = &f.what;
+        let what = format!("{program:?}: {}", f.what);
         let before = counters(datapath);
-        let (action, out) = run(datapath.xdp_program(), &f.input);
+        let (action, out) = program.run(datapath, &f.input);
         match f.expect {
             Expect::Frame(want) => {
-                assert_eq!(action, XDP_PASS, "{what}: action");
+                assert_eq!(action, goes_on, "{what}: action");
                 assert_eq!(out, want, "{what}: byte-exact output");
             }
             Expect::Unchanged => {
-                assert_eq!(action, XDP_PASS, "{what}: action");
+                assert_eq!(action, goes_on, "{what}: action");
                 assert_eq!(out, f.input, "{what}: untouched");
             }
-            Expect::Dropped => assert_eq!(action, XDP_DROP, "{what}: action"),
+            Expect::Dropped => assert_eq!(action, dropped, "{what}: action"),
         }
         let want: Vec<(Counter, u64)> = f.counters.iter().map(|c| (*c, 1)).collect();
         let mut got = moved(&before, &counters(datapath));
@@ -163,6 +200,15 @@ fn cut(quoted: Vec<u8>, len: usize) -> Vec<u8> {
 
 #[test]
 fn icmp_errors_reach_the_side_that_holds_the_flow() {
+    icmp_errors_through(Program::Xdp);
+}
+
+#[test]
+fn icmp_errors_reach_the_side_that_holds_the_flow_through_tc() {
+    icmp_errors_through(Program::Tc);
+}
+
+fn icmp_errors_through(program: Program) {
     let mut datapath = load();
     let client = sa("192.0.2.2:40000");
     let client_udp = sa("192.0.2.2:5000");
@@ -406,7 +452,7 @@ fn icmp_errors_reach_the_side_that_holds_the_flow() {
             &[Counter::DropMalformed],
         ),
     ]);
-    run_fixtures(&mut datapath, rows);
+    run_fixtures_through(&mut datapath, program, rows);
 }
 
 #[test]

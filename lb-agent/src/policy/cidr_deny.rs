@@ -1,6 +1,8 @@
-//! The XDP CIDR deny list as the agent runs it: `policy.cidr_deny` of the merged desired state,
-//! written into `lb_xdp`'s `CIDR_DENY_V4` / `CIDR_DENY_V6` tries (maps of the balancer's object,
-//! pinned with it), so listed sources are dropped on the node's interfaces before an skb exists.
+//! The CIDR deny list as the agent runs it: `policy.cidr_deny` of the merged desired state,
+//! written into the `CIDR_DENY_V4` / `CIDR_DENY_V6` tries of the balancer's object (pinned with
+//! it), so listed sources are dropped on the node's interfaces by `lb_xdp` before an skb exists,
+//! or by `lb_tc` with `--attach tc`. Its log lines keep the name "XDP CIDR deny list" from when
+//! only `lb_xdp` checked it.
 //!
 //! The check is compiled into `lb_xdp` only when it is enabled at load time (a read-only global:
 //! without it the verifier removes the lookup, and the fast path pays nothing). The agent enables it

@@ -5,8 +5,8 @@
 //! host side: packets the workload sends) checks the workload's **egress**;
 //! `policy_to_endpoint` (TC egress of the host side: packets going into the workload) checks its
 //! **ingress**. Each packet crossing the node between two local workloads is thus checked once
-//! per direction, at its source's and its destination's interface. `xdp::cidr_denied` drops
-//! sources of a configured CIDR deny list in `lb_xdp`, before an skb exists.
+//! per direction, at its source's and its destination's interface. `cidr_deny::cidr_denied` drops
+//! sources of a configured CIDR deny list in `lb_xdp`, before an skb exists, and in `lb_tc`.
 //!
 //! Follow a packet: `parse` (what it is, or why it is refused) → `state` (reply of an allowed
 //! connection? later fragment of an allowed datagram?) → `check` (the rules) → `report` (counters
@@ -19,11 +19,11 @@
 //! source.
 
 mod check;
+pub mod cidr_deny;
 mod maps;
 mod parse;
 mod report;
 mod state;
-pub mod xdp;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},

@@ -13,8 +13,10 @@
 //! dropped and counted `drop_tc_mode_unsupported` (the agent warns when such a service meets a
 //! TC-attached interface). Fragmented datagrams are handled as in `lb_xdp`: a first fragment is
 //! recorded after its rewrite, later ones get the same addresses (`tc::fragments`). ICMP errors
-//! are passed untranslated (`pass_icmp_error_untracked`); the XDP CIDR deny list is not checked
-//! here.
+//! about DNAT flows are translated by `icmp`, the same code as in `lb_xdp`, then go to the stack
+//! (on a workload veth around the policy, as the flows are: see `icmp`).
+//! Sources in the CIDR deny list are dropped first, as `lb_xdp` drops them
+//! (`policy::cidr_deny`).
 //!
 //! On a workload's veth, where the policy programs also run, the same translation is split around
 //! them so that the policy sees the chosen backend on both sides (as Cilium does):
@@ -46,8 +48,10 @@ use crate::{
     conntrack,
     context::PacketContext,
     fragments::Fragment,
+    icmp,
     maps::count,
     packet::{parse, Flow, Parsed},
+    policy::cidr_deny,
     prefilter,
     reply::{self, Origin},
     service,
@@ -65,6 +69,9 @@ const NEXT: i32 = TC_ACT_UNSPEC;
 /// workload veth: after the policy).
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
+    if cidr_denied(&ctx) {
+        return TC_ACT_SHOT;
+    }
     let flow = match flow_of(&ctx) {
         Ok(flow) => flow,
         Err(NotFlow::Drop(reason)) => {
@@ -76,23 +83,43 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
             return TC_ACT_OK;
         }
         Err(NotFlow::Fragment(fragment)) => return fragments::forward(&ctx, &fragment),
+        Err(NotFlow::Icmp { family, offset }) => {
+            return match icmp::handle(&ctx, family, offset, icmp::Scope::Node) {
+                icmp::Verdict::GoesOn => TC_ACT_OK,
+                icmp::Verdict::Drop => TC_ACT_SHOT,
+            }
+        }
     };
-    match to_backend(&ctx, &flow, 0) {
-        Ok(Some(backend)) => return xmit::forward(&ctx, &flow, &flow.key.src, &backend),
+    let at = Offsets::of(&ctx, &flow);
+    match to_backend(&ctx, &flow, &at, 0) {
+        Ok(Some(backend)) => return onwards(&ctx, &flow, &at, &flow.key.src, &backend),
         Ok(None) => {}
         Err(action) => return action,
     }
     if prefilter::roles_of(&flow.key.src, flow.key.family) & role::BACKEND != 0 {
-        if let Some(action) = reply(&ctx, &flow, false) {
-            return action;
+        match reply(&ctx, &flow, &at, false) {
+            Ok(Some(vip)) => return onwards(&ctx, &flow, &at, &vip, &flow.key.dst),
+            Ok(None) => {}
+            Err(action) => return action,
         }
     }
     count(Counter::PassNotService);
     TC_ACT_OK
 }
 
-/// Entry point at the head of TC ingress of a workload's veth: requests to a VIP are translated
-/// before `policy_from_endpoint` checks them, then go through the stack.
+/// A packet `lb_tc` rewrote (now `src` → `dst`): a first fragment is recorded for the later
+/// fragments of its datagram, then the packet goes to the FIB's next hop.
+#[inline(always)]
+fn onwards(ctx: &TcContext, flow: &Flow, at: &Offsets, src: &Addr, dst: &Addr) -> i32 {
+    if at.maybe_first_fragment {
+        crate::fragments::record(ctx, &flow.key);
+    }
+    xmit::forward(ctx, flow, src, dst)
+}
+
+/// Entry point at the head of TC ingress of a workload's veth: requests to a VIP, and ICMP errors
+/// the client sends about their replies, are translated before `policy_from_endpoint` checks them,
+/// then go through the stack.
 #[classifier]
 pub fn lb_tc_request(ctx: TcContext) -> i32 {
     let flow = match flow_of(&ctx) {
@@ -101,25 +128,36 @@ pub fn lb_tc_request(ctx: TcContext) -> i32 {
             count(reason);
             return TC_ACT_SHOT;
         }
+        Err(NotFlow::Icmp { family, offset }) => {
+            icmp::handle(&ctx, family, offset, icmp::Scope::ClientRequests);
+            return NEXT;
+        }
         // Counted by `lb_tc` at the end of the chain.
         Err(_) => return NEXT,
     };
-    match to_backend(&ctx, &flow, reply_flags::AT_CLIENT_VETH) {
+    let at = Offsets::of(&ctx, &flow);
+    match to_backend(&ctx, &flow, &at, reply_flags::AT_CLIENT_VETH) {
         Ok(_) => NEXT,
         Err(action) => action,
     }
 }
 
 /// Entry point at the end of TC egress of a workload's veth: a reply reaching its client leaves
-/// with the VIP as its source, after `policy_to_endpoint` matched it. Anything else passes
-/// untouched and uncounted (the ingress programs counted it).
+/// with the VIP as its source, after `policy_to_endpoint` matched it, and so does an ICMP error
+/// about the client's requests. Anything else passes untouched and uncounted (the ingress programs
+/// counted it).
 #[classifier]
 pub fn lb_tc_reply(ctx: TcContext) -> i32 {
-    let Ok(flow) = flow_of(&ctx) else {
-        return NEXT;
+    let flow = match flow_of(&ctx) {
+        Ok(flow) => flow,
+        Err(NotFlow::Icmp { family, offset }) => {
+            icmp::handle(&ctx, family, offset, icmp::Scope::ClientReplies);
+            return NEXT;
+        }
+        Err(_) => return NEXT,
     };
     if prefilter::roles_of(&flow.key.src, flow.key.family) & role::BACKEND != 0 {
-        if let Some(action) = reply(&ctx, &flow, true) {
+        if let Err(action) = reply(&ctx, &flow, &Offsets::of(&ctx, &flow), true) {
             return action;
         }
     }
@@ -132,15 +170,38 @@ enum NotFlow {
     Drop(Counter),
     /// A later fragment (only `lb_tc` translates them: see `tc::fragments`).
     Fragment(Fragment),
+    /// An ICMP/ICMPv6 message at `offset` (only `lb_tc` translates errors: see `icmp`).
+    Icmp {
+        family: u8,
+        offset: usize,
+    },
+}
+
+/// Whether the packet's source is in the CIDR deny list (counted if so). The check reads the
+/// fixed IP header, pulled into the linear part first if a driver left it outside: otherwise such
+/// a packet would pass unchecked.
+#[inline(always)]
+fn cidr_denied(ctx: &TcContext) -> bool {
+    if !cidr_deny::enabled() {
+        return false;
+    }
+    if (linear_len(ctx) as usize) < cidr_deny::HEADER_BYTES && linear_len(ctx) < ctx.len() {
+        // A failed pull leaves the packet as it was: checked on what is there.
+        let _ = ctx.pull_data(ctx.len().min(PULL_BYTES));
+    }
+    cidr_deny::source_denied(ctx)
 }
 
 /// The packet's TCP/UDP flow, or why not (uncounted: each entry point decides).
 #[inline(always)]
 fn flow_of(ctx: &TcContext) -> Result<Flow, NotFlow> {
     let parsed = match parse(ctx) {
-        // Headers beyond the linear part (rare: a driver or GRO left them in fragments). Pulling
-        // only here keeps the common case free of the copy.
-        Parsed::Drop(Counter::DropMalformed) if linear_len(ctx) < ctx.len() => {
+        // Headers beyond the linear part (rare: a driver or GRO left them in fragments), or an
+        // ICMP message, whose quoted headers `icmp` reads directly too. Pulling only here keeps
+        // the common case free of the copy.
+        Parsed::Drop(Counter::DropMalformed) | Parsed::Icmp { .. }
+            if linear_len(ctx) < ctx.len() =>
+        {
             if ctx.pull_data(ctx.len().min(PULL_BYTES)).is_err() {
                 return Err(NotFlow::Drop(Counter::DropMalformed));
             }
@@ -155,7 +216,7 @@ fn flow_of(ctx: &TcContext) -> Result<Flow, NotFlow> {
             Ok(flow)
         }
         Parsed::Fragment(fragment) => Err(NotFlow::Fragment(fragment)),
-        Parsed::Icmp { .. } => Err(NotFlow::Pass(Counter::PassIcmpErrorUntracked)),
+        Parsed::Icmp { family, offset } => Err(NotFlow::Icmp { family, offset }),
         Parsed::Pass(reason) => Err(NotFlow::Pass(reason)),
         Parsed::Drop(reason) => Err(NotFlow::Drop(reason)),
     }
@@ -164,8 +225,13 @@ fn flow_of(ctx: &TcContext) -> Result<Flow, NotFlow> {
 /// A request to a VIP gets its backend (conntrack, else Maglev; a new DNAT flow's reply entry gets
 /// `flags`) and is rewritten to it: `Ok(Some(backend address))`. `Ok(None)`: not a request to a
 /// service. `Err`: the verdict of a packet that cannot go on (counted).
-#[inline(always)]
-fn to_backend(ctx: &TcContext, flow: &Flow, flags: u8) -> Result<Option<Addr>, i32> {
+///
+/// This, [`reply`] and `xmit::forward` are BPF functions of their own, so that `lb_tc`'s frame
+/// holds little more than the parsed flow: the deepest chain of frames must fit in 512 bytes,
+/// and `lb_tc` also calls `icmp::handle`. For the same reason they call nothing that has a large
+/// frame: the entry points record first fragments ([`onwards`]).
+#[inline(never)]
+fn to_backend(ctx: &TcContext, flow: &Flow, at: &Offsets, flags: u8) -> Result<Option<Addr>, i32> {
     let to = prefilter::roles_of(&flow.key.dst, flow.key.family);
     if to & (role::VIP_PORT | role::VIP_ALL_PORTS) == 0 {
         return Ok(None);
@@ -194,63 +260,52 @@ fn to_backend(ctx: &TcContext, flow: &Flow, flags: u8) -> Result<Option<Addr>, i
     } else {
         backend.port
     };
-    let at = Offsets::of(ctx, flow);
-    // Before the rewrite: its helpers void the packet pointers in `flow`.
-    let first_fragment = flags & reply_flags::AT_CLIENT_VETH == 0
-        && crate::fragments::maybe_first(flow, PacketContext::data_end(ctx));
     let (old, old_port) = (flow.key.dst, flow.key.dst_port);
     match verdict(nat::rewrite(
         ctx,
         flow,
-        at,
+        *at,
         &old,
         &backend.addr,
         old_port,
         port,
         false,
     )) {
-        TC_ACT_OK => {
-            if first_fragment {
-                crate::fragments::record(ctx, &flow.key);
-            }
-            Ok(Some(backend.addr))
-        }
+        TC_ACT_OK => Ok(Some(backend.addr)),
         action => Err(action),
     }
 }
 
-/// The reply of a tracked DNAT flow leaves with the VIP as its source; `None` if `flow` is not one,
-/// or (`at_client_veth` false) if it is left to `lb_tc_reply` at its client's veth. At the client's
-/// veth the packet goes on in the chain, elsewhere to the FIB's next hop.
-#[inline(always)]
-fn reply(ctx: &TcContext, flow: &Flow, at_client_veth: bool) -> Option<i32> {
-    let Origin::Dnat(vip, vip_port, flags) = reply::origin(&flow.key)? else {
+/// The reply of a tracked DNAT flow gets the VIP as its source: `Ok(Some(VIP))`. `Ok(None)`: `flow`
+/// is not one, or (`at_client_veth` false) it is left to `lb_tc_reply` at its client's veth.
+/// `Err`: the verdict of a packet that cannot go on (counted).
+#[inline(never)]
+fn reply(
+    ctx: &TcContext,
+    flow: &Flow,
+    at: &Offsets,
+    at_client_veth: bool,
+) -> Result<Option<Addr>, i32> {
+    let Some(origin) = reply::origin(&flow.key) else {
+        return Ok(None);
+    };
+    let Origin::Dnat(vip, vip_port, flags) = origin else {
         count(Counter::DropTcModeUnsupported);
-        return Some(TC_ACT_SHOT);
+        return Err(TC_ACT_SHOT);
     };
     if !at_client_veth && flags & reply_flags::AT_CLIENT_VETH != 0 {
-        return None;
+        return Ok(None);
     }
-    let at = Offsets::of(ctx, flow);
-    // As in `to_backend`; at the client's veth fragments are left alone (see `tc::fragments`).
-    let first_fragment =
-        !at_client_veth && crate::fragments::maybe_first(flow, PacketContext::data_end(ctx));
     let (old, old_port) = (flow.key.src, flow.key.src_port);
-    let action = verdict(nat::rewrite(
-        ctx, flow, at, &old, &vip, old_port, vip_port, true,
-    ));
-    if action != TC_ACT_OK {
-        return Some(action);
+    match verdict(nat::rewrite(
+        ctx, flow, *at, &old, &vip, old_port, vip_port, true,
+    )) {
+        TC_ACT_OK => {
+            count(Counter::ReplyTranslated);
+            Ok(Some(vip))
+        }
+        action => Err(action),
     }
-    if first_fragment {
-        crate::fragments::record(ctx, &flow.key);
-    }
-    count(Counter::ReplyTranslated);
-    Some(if at_client_veth {
-        NEXT
-    } else {
-        xmit::forward(ctx, flow, &vip, &flow.key.dst)
-    })
 }
 
 /// A rewrite the helpers refused leaves a half-written packet: dropped, counted malformed.

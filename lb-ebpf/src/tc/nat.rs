@@ -23,21 +23,28 @@ use crate::packet::{
     Flow,
 };
 
-/// Where `flow`'s headers start, as offsets from the frame's start.
+/// Where `flow`'s headers start, as offsets from the frame's start, and what else the rewrite
+/// needs to know of the packet's headers.
 #[derive(Clone, Copy)]
 pub struct Offsets {
     l3: usize,
     l4: usize,
+    /// The packet may be the first fragment of a datagram (`crate::fragments::maybe_first`).
+    pub maybe_first_fragment: bool,
 }
 
 impl Offsets {
-    /// Taken before any helper call (the pointers in `flow` are valid until then).
+    /// Taken by the entry point that parsed `flow`, before any helper call: the packet pointers
+    /// in `flow` are valid only until then, and only in that BPF function (a callee reading them
+    /// from its caller's frame sees plain numbers, which the verifier does not let it add to the
+    /// packet's start).
     #[inline(always)]
     pub fn of(ctx: &TcContext, flow: &Flow) -> Self {
         let start = ctx.data();
         Self {
             l3: flow.l3 - start,
             l4: flow.l4 - start,
+            maybe_first_fragment: crate::fragments::maybe_first(flow, ctx.data_end()),
         }
     }
 }

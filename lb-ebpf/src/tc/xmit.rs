@@ -24,7 +24,10 @@ use crate::{
 
 /// Sends the packet (already rewritten: `flow` holds its addresses before the rewrite, `dst` the
 /// destination after it) towards `dst`; returns the verdict.
-#[inline(always)]
+///
+/// A separate BPF function: the FIB query's 64 bytes stay off its callers' stack frames (see
+/// `tc::to_backend`).
+#[inline(never)]
 pub fn forward(
     ctx: &TcContext,
     flow: &Flow,

@@ -1,10 +1,12 @@
-//! The XDP CIDR deny list: packets whose source is in `CIDR_DENY_V4` / `CIDR_DENY_V6` are dropped
-//! by `lb_xdp` before it parses them, before an skb is allocated. Costs nothing unless enabled at
-//! load time: `POLICY_XDP_CIDR_DENY` is a read-only global, so with it 0 the verifier removes the
-//! lookup from the program. Drops are counted (`cidr_deny`), not reported one by one: the list is
-//! meant for floods, where per-packet events would only fill the ring buffer.
+//! The CIDR deny list: packets whose source is in `CIDR_DENY_V4` / `CIDR_DENY_V6` are dropped
+//! before they are parsed, by `lb_xdp` (before an skb is allocated) and by `lb_tc` (when the
+//! balancer is attached as TC, where the list would otherwise not be checked at all). Costs nothing
+//! unless enabled at load time: `POLICY_XDP_CIDR_DENY` (named when only XDP checked it) is a
+//! read-only global, so with it 0 the verifier removes the lookup from both programs. Drops are
+//! counted (`cidr_deny`), not reported one by one: the list is meant for floods, where per-packet
+//! events would only fill the ring buffer.
 
-use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::policy::{IpKeyV4, IpKeyV6, Reason, Verdict};
 use network_types::eth::EtherType;
 
@@ -12,6 +14,7 @@ use super::{
     maps::{CIDR_DENY_V4, CIDR_DENY_V6},
     report::count,
 };
+use crate::context::PacketContext;
 
 /// Set at load time (`EbpfLoader::set_global`): non-zero when a CIDR deny list is configured.
 #[unsafe(no_mangle)]
@@ -19,25 +22,30 @@ static POLICY_XDP_CIDR_DENY: u32 = 0;
 
 const ETH_LEN: usize = 14;
 
-/// Whether the packet's source is denied (counted if so).
+/// The bytes the check reads: Ethernet and a fixed IPv6 header (`lb_tc` pulls them into an skb's
+/// linear part when they are not there).
+pub const HEADER_BYTES: usize = ETH_LEN + 40;
+
+/// Whether a CIDR deny list was configured at load time.
 #[inline(always)]
-pub fn cidr_denied(ctx: &XdpContext) -> bool {
+pub fn enabled() -> bool {
     // SAFETY: a global of this program.
-    unsafe { core::ptr::read_volatile(&POLICY_XDP_CIDR_DENY) != 0 && source_denied(ctx) }
+    unsafe { core::ptr::read_volatile(&POLICY_XDP_CIDR_DENY) != 0 }
 }
 
-/// A separate BPF function, so its keys take nothing from `lb_xdp`'s stack frame.
+/// Whether the packet's source is denied (counted if so).
+#[inline(always)]
+pub fn cidr_denied<C: PacketContext>(ctx: &C) -> bool {
+    enabled() && source_denied(ctx)
+}
+
+/// A separate BPF function, so its keys take nothing from the caller's stack frame.
 #[inline(never)]
-fn source_denied(ctx: &XdpContext) -> bool {
+pub fn source_denied<C: PacketContext>(ctx: &C) -> bool {
     // Volatile: see `packet::Extent`.
-    // SAFETY: the program's context.
-    let (start, end) = unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
-            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
-        )
-    };
-    // Too short for an IPv4 header: `lb_xdp` passes or drops it as it does without the list.
+    let packet = ctx.extent();
+    let (start, end) = (packet.start, packet.end);
+    // Too short for an IPv4 header: passed or dropped as without the list.
     if start + ETH_LEN + 20 > end {
         return false;
     }
