@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod config;
 pub mod config_watch;
+pub mod ctl;
 pub mod datapath;
 pub mod decap;
 pub mod desired;

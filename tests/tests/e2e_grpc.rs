@@ -555,3 +555,145 @@ fn grpc_over_tcp_with_tls_requires_client_certificates() {
     let (code, _) = agent.stop().expect("agent stops");
     assert_eq!(code, 0);
 }
+
+/// `lbctl`'s commands that change state, run as a user would against a real agent's socket: the
+/// service it adds is balanced (counted by the backends), a backend it drains gets no new
+/// connection, a request the agent refuses names the field and changes nothing, a config-file
+/// `services:` list replaces the service, and a delete stops the balancing.
+#[test]
+fn lbctl_changes_services_through_the_agent() {
+    let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
+    let servers: Vec<TcpCountingServer> = tcp_servers_on_backends(&topology, PORT);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "services: []\n");
+    let socket = dir.path().join("api.sock");
+    let mut agent = AgentProcess::start_with(
+        &topology.balancer,
+        &config,
+        &topology.balancer_interfaces(),
+        &["--grpc-socket", socket.to_str().unwrap()],
+    )
+    .expect("agent starts");
+    let lbctl = |args: &[&str]| -> (bool, String, String) {
+        let binary = lb_tests::agent::agent_binary().with_file_name("lbctl");
+        let out = std::process::Command::new(&binary)
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let ok = |args: &[&str]| -> String {
+        let (success, stdout, stderr) = lbctl(args);
+        assert!(success, "lbctl {args:?}: {stdout}{stderr}");
+        stdout
+    };
+    let b = |i: usize| format!("{}:{PORT}", topology.backends[i - 1].addr);
+    let vip = format!("{VIP}:80/tcp");
+
+    let added = ok(&[
+        "service",
+        "add",
+        "web",
+        &vip,
+        &b(1),
+        &b(2),
+        "--table-size",
+        "1021",
+    ]);
+    assert_eq!(added.trim(), format!("service {vip} (web) created"));
+    until_lands_on(&topology, "backend-1", &mut agent);
+    let both = traffic(&topology, &servers, 60);
+    assert_eq!(
+        both.keys().cloned().collect::<Vec<_>>(),
+        ["backend-1", "backend-2"],
+        "{both:?}"
+    );
+
+    // Drain backend 1: new connections all go to backend 2.
+    let drained = ok(&["backend", "weight", &vip, &b(1), "0"]);
+    assert!(drained.contains("draining"), "{drained}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while traffic(&topology, &servers, 20).contains_key("backend-1") {
+        assert!(Instant::now() < deadline, "backend-1 was not drained");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        traffic(&topology, &servers, 40)
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        ["backend-2"]
+    );
+    let state = ok(&["state"]);
+    assert!(
+        state.contains(&format!(
+            "{vip} web mode=dnat backends: {}=0 {}=1",
+            b(1),
+            b(2)
+        )),
+        "{state}"
+    );
+
+    // Refused by the agent (an IPv6 backend for an IPv4 VIP), or unknown to the API: an error
+    // that says why, and nothing changes.
+    let (success, _, stderr) = lbctl(&["service", "add", "bad", &vip, "[2001:db8::1]:80"]);
+    assert!(!success);
+    assert!(
+        stderr.contains("refused") && stderr.contains("backends[0]"),
+        "{stderr}"
+    );
+    let (success, _, stderr) = lbctl(&["backend", "weight", "198.51.100.99:80/tcp", &b(1), "1"]);
+    assert!(!success);
+    assert!(stderr.contains("not defined through the API"), "{stderr}");
+    let (success, _, stderr) = lbctl(&["service", "delete", "198.51.100.10:80"]);
+    assert!(!success);
+    assert!(stderr.contains("VIP:PORT/PROTOCOL"), "{stderr}");
+    assert_eq!(
+        traffic(&topology, &servers, 20)
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        ["backend-2"],
+        "refused requests changed nothing"
+    );
+
+    // A config-file `services:` list replaces the service: backend 3 alone.
+    let file = dir.path().join("web.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  - {{ name: web, vip: {VIP}, port: 80, protocol: tcp, \
+             maglev_table_size: 1021, backends: [{{ address: {}, port: {PORT} }}] }}\n",
+            topology.backends[2].addr
+        ),
+    )
+    .unwrap();
+    let upserted = ok(&["service", "upsert", file.to_str().unwrap()]);
+    assert_eq!(upserted.trim(), format!("service {vip} (web) replaced"));
+    until_lands_on(&topology, "backend-3", &mut agent);
+    assert_eq!(
+        traffic(&topology, &servers, 20)
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        ["backend-3"]
+    );
+
+    // Delete: the VIP is no longer balanced.
+    assert_eq!(
+        ok(&["service", "delete", &vip]).trim(),
+        format!("service {vip} deleted")
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"x")[0].is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the VIP is still balanced 10 s after lbctl service delete"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ok(&["state"]).contains("0 services"));
+}

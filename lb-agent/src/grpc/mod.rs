@@ -8,6 +8,7 @@
 //! - [`convert`]: protobuf messages ↔ the model, with errors naming the request field;
 //! - [`server`]: the tonic service and its listeners, [`serve_unix`] (mode 0600) and
 //!   [`serve_tcp_tls`] (TLS with required client certificates);
+//! - [`client`]: a client on the unix socket (`lbctl`, tests);
 //! - [`pb`]: the generated messages, client and server. The generated code is committed (no
 //!   `protoc` or build-time codegen); a unit test regenerates it with protox and tonic-prost-build
 //!   and fails if it is stale.
@@ -24,6 +25,7 @@
 //! An invalid request returns `INVALID_ARGUMENT` with `field: message` (e.g.
 //! `service.maglev_table_size: maglev table size 1000 is not prime`) and changes nothing.
 
+pub mod client;
 pub mod convert;
 pub mod events;
 pub mod server;

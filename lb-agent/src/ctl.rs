@@ -1,0 +1,372 @@
+//! `lbctl`'s commands that change state. They go through the agent's gRPC API on its unix socket,
+//! never to the maps directly: the agent owns the maps and would reconcile a hand-edited entry
+//! back. So a change made here is validated as a config file edit would be, merged with the other
+//! sources (the config file's services shadow the API's with the same key, the API's shadow
+//! Kubernetes'), applied with the same ordering guarantees, and kept by the agent across restarts
+//! of `lbctl`. Services the API did not create (file, Kubernetes) cannot be changed from here.
+//!
+//! Arguments name services as `VIP:PORT/PROTOCOL` (`198.51.100.10:80/tcp`, `[2001:db8::10]:53/udp`)
+//! and backends as `ADDRESS:PORT[=WEIGHT]` (`203.0.113.11:8080=2`; weight 0 drains).
+
+use std::{fmt, net::SocketAddr, str::FromStr};
+
+use anyhow::{bail, Context, Result};
+use tonic::{transport::Channel, Code};
+
+use crate::{
+    config::{self, BackendConfig, ForwardingMode, HashFields, Protocol},
+    grpc::{
+        convert::{key_to_pb, service_to_pb},
+        pb::{self, load_balancer_client::LoadBalancerClient},
+        source::ServiceKey,
+    },
+    maglev,
+};
+
+type Client = LoadBalancerClient<Channel>;
+
+/// A service as `VIP:PORT/PROTOCOL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceArg(pub ServiceKey);
+
+impl FromStr for ServiceArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (address, protocol) = text.rsplit_once('/').ok_or_else(|| {
+            format!("{text:?}: expected VIP:PORT/PROTOCOL, e.g. 198.51.100.10:80/tcp")
+        })?;
+        let address: SocketAddr = address
+            .parse()
+            .map_err(|_| format!("{address:?}: expected VIP:PORT ([VIP]:PORT for IPv6)"))?;
+        let protocol = match protocol {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => return Err(format!("{other:?}: the protocol is tcp or udp")),
+        };
+        Ok(Self(ServiceKey::new(
+            address.ip(),
+            address.port(),
+            protocol,
+        )))
+    }
+}
+
+impl fmt::Display for ServiceArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = &self.0;
+        let protocol = match key.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        write!(f, "{}/{protocol}", SocketAddr::new(key.vip, key.port))
+    }
+}
+
+/// A backend as `ADDRESS:PORT[=WEIGHT]` (weight 1 when absent, as in the config file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendArg(pub BackendConfig);
+
+impl FromStr for BackendArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (address, weight) = match text.split_once('=') {
+            Some((address, weight)) => (
+                address,
+                weight
+                    .parse()
+                    .map_err(|_| format!("{weight:?}: the weight is a whole number (0 drains)"))?,
+            ),
+            None => (text, 1),
+        };
+        let address: SocketAddr = address.parse().map_err(|_| {
+            format!("{address:?}: expected ADDRESS:PORT[=WEIGHT] ([ADDRESS]:PORT for IPv6)")
+        })?;
+        Ok(Self(BackendConfig {
+            address: address.ip(),
+            port: address.port(),
+            weight,
+        }))
+    }
+}
+
+/// What `lbctl service add` sets besides the key and the backends.
+pub struct ServiceOptions {
+    pub name: String,
+    pub mode: ForwardingMode,
+    pub hash: HashFields,
+    pub table_size: Option<u32>,
+}
+
+/// A request the agent refused: its message names the offending field, as the API's do.
+fn refused(what: &str, status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        Code::InvalidArgument => anyhow::anyhow!("{what} refused: {}", status.message()),
+        Code::NotFound => anyhow::anyhow!(
+            "{what}: {} (only services created through the API can be changed here)",
+            status.message()
+        ),
+        _ => anyhow::anyhow!("{what}: {status}"),
+    }
+}
+
+/// Creates or replaces a service with these backends. Returns what changed, for the user.
+pub async fn add_service(
+    client: &mut Client,
+    key: ServiceArg,
+    options: ServiceOptions,
+    backends: &[BackendArg],
+) -> Result<String> {
+    let service = config::Service {
+        name: options.name,
+        vip: key.0.vip,
+        port: key.0.port,
+        protocol: key.0.protocol,
+        mode: options.mode,
+        snat_address: None,
+        hash: options.hash,
+        maglev_table_size: options.table_size.unwrap_or(maglev::DEFAULT_TABLE_SIZE),
+        backends: backends.iter().map(|b| b.0).collect(),
+        health_check: None,
+    };
+    upsert(client, &service).await
+}
+
+/// Creates or replaces every service of a config file's `services:` list (the file's format,
+/// health checks included), one request each; stops at the first refusal.
+pub async fn upsert_file(client: &mut Client, yaml: &str) -> Result<Vec<String>> {
+    let file = config::Config::from_yaml(yaml)?;
+    if file.services.is_empty() {
+        bail!("no services in the file (expected a `services:` list as in the config file)");
+    }
+    let mut done = Vec::new();
+    for service in &file.services {
+        done.push(upsert(client, service).await?);
+    }
+    Ok(done)
+}
+
+async fn upsert(client: &mut Client, service: &config::Service) -> Result<String> {
+    let key = ServiceArg(ServiceKey::new(service.vip, service.port, service.protocol));
+    let response = client
+        .upsert_service(pb::UpsertServiceRequest {
+            service: Some(service_to_pb(service)),
+        })
+        .await
+        .map_err(|status| refused(&format!("service {key}"), status))?
+        .into_inner();
+    let outcome = match (response.created, response.changed) {
+        (true, _) => "created",
+        (false, true) => "replaced",
+        (false, false) => "unchanged",
+    };
+    Ok(format!("service {key} ({}) {outcome}", service.name))
+}
+
+pub async fn delete_service(client: &mut Client, key: ServiceArg) -> Result<String> {
+    client
+        .delete_service(pb::DeleteServiceRequest {
+            key: Some(key_to_pb(key.0)),
+        })
+        .await
+        .map_err(|status| refused(&format!("service {key}"), status))?;
+    Ok(format!("service {key} deleted"))
+}
+
+/// Replaces the backends (and weights) of a service.
+pub async fn set_backends(
+    client: &mut Client,
+    key: ServiceArg,
+    backends: &[BackendArg],
+) -> Result<String> {
+    let request = pb::SetBackendsRequest {
+        key: Some(key_to_pb(key.0)),
+        backends: backends
+            .iter()
+            .map(|b| crate::grpc::convert::backend_to_pb(&b.0))
+            .collect(),
+    };
+    let response = client
+        .set_backends(request)
+        .await
+        .map_err(|status| refused(&format!("service {key}"), status))?
+        .into_inner();
+    Ok(format!(
+        "service {key}: {} backends{}",
+        backends.len(),
+        if response.changed { "" } else { " (unchanged)" }
+    ))
+}
+
+/// Sets one backend's weight (0: drain it: no new flows, its connections continue), keeping the
+/// service's other backends as the API holds them.
+pub async fn set_weight(
+    client: &mut Client,
+    key: ServiceArg,
+    backend: SocketAddr,
+    weight: u32,
+) -> Result<String> {
+    let state = client
+        .list_state(pb::ListStateRequest {})
+        .await
+        .map_err(|status| refused("listing the API's services", status))?
+        .into_inner();
+    let wanted = key_to_pb(key.0);
+    let service = state
+        .services
+        .into_iter()
+        .find(|s| s.vip == wanted.vip && s.port == wanted.port && s.protocol == wanted.protocol)
+        .with_context(|| {
+            format!("service {key}: not defined through the API (file and Kubernetes services are changed at their source)")
+        })?;
+    let mut backends = service.backends;
+    let address = backend.ip().to_string();
+    let Some(entry) = backends
+        .iter_mut()
+        .find(|b| b.address == address && b.port == u32::from(backend.port()))
+    else {
+        bail!("service {key}: no backend {backend}");
+    };
+    entry.weight = Some(weight);
+    client
+        .set_backends(pb::SetBackendsRequest {
+            key: Some(wanted),
+            backends,
+        })
+        .await
+        .map_err(|status| refused(&format!("service {key}"), status))?;
+    Ok(format!(
+        "service {key}: backend {backend} weight {weight}{}",
+        if weight == 0 { " (draining)" } else { "" }
+    ))
+}
+
+/// The API's services, one line each with their backends, and how many services the agent last
+/// applied from every source.
+pub async fn state(client: &mut Client) -> Result<Vec<String>> {
+    let state = client
+        .list_state(pb::ListStateRequest {})
+        .await
+        .map_err(|status| refused("listing the state", status))?
+        .into_inner();
+    let mut lines: Vec<String> = state.services.iter().map(describe).collect();
+    if let Some(applied) = state.applied {
+        lines.push(format!(
+            "applied (file, API and Kubernetes merged): {} services",
+            applied.services.len()
+        ));
+    }
+    Ok(lines)
+}
+
+fn describe(service: &pb::Service) -> String {
+    let protocol = if service.protocol == pb::Protocol::Udp as i32 {
+        "udp"
+    } else {
+        "tcp"
+    };
+    let vip = service
+        .vip
+        .parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, service.port as u16).to_string())
+        .unwrap_or_else(|_| format!("{}:{}", service.vip, service.port));
+    let backends: Vec<String> = service
+        .backends
+        .iter()
+        .map(|b| {
+            let addr = b
+                .address
+                .parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, b.port as u16).to_string())
+                .unwrap_or_else(|_| format!("{}:{}", b.address, b.port));
+            format!("{addr}={}", b.weight.unwrap_or(1))
+        })
+        .collect();
+    format!(
+        "{vip}/{protocol} {} mode={} backends: {}",
+        service.name,
+        pb::ForwardingMode::try_from(service.mode)
+            .map(|m| m
+                .as_str_name()
+                .trim_start_matches("FORWARDING_MODE_")
+                .to_lowercase())
+            .unwrap_or_else(|_| service.mode.to_string()),
+        if backends.is_empty() {
+            "none".to_string()
+        } else {
+            backends.join(" ")
+        }
+    )
+}
+
+/// Prints the agent's events as they come (`count`: stop after that many).
+pub async fn events(client: &mut Client, count: Option<usize>) -> Result<()> {
+    let mut stream = client
+        .stream_events(pb::StreamEventsRequest {})
+        .await
+        .map_err(|status| refused("streaming events", status))?
+        .into_inner();
+    let mut seen = 0;
+    while count.is_none_or(|n| seen < n) {
+        let Some(event) = stream.message().await.context("reading the event stream")? else {
+            break;
+        };
+        let kind = pb::EventKind::try_from(event.kind)
+            .map(|k| {
+                k.as_str_name()
+                    .trim_start_matches("EVENT_KIND_")
+                    .to_lowercase()
+            })
+            .unwrap_or_else(|_| event.kind.to_string());
+        println!("{} {kind} {}", event.unix_time_ms, event.text);
+        seen += 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_and_backend_arguments_parse_both_families() {
+        let key: ServiceArg = "198.51.100.10:80/tcp".parse().unwrap();
+        assert_eq!(
+            key.0,
+            ServiceKey::new("198.51.100.10".parse().unwrap(), 80, Protocol::Tcp)
+        );
+        assert_eq!(key.to_string(), "198.51.100.10:80/tcp");
+        let key6: ServiceArg = "[2001:db8::10]:53/udp".parse().unwrap();
+        assert_eq!(key6.to_string(), "[2001:db8::10]:53/udp");
+
+        let b: BackendArg = "203.0.113.11:8080=0".parse().unwrap();
+        assert_eq!((b.0.port, b.0.weight), (8080, 0));
+        let b6: BackendArg = "[2001:db8::11]:8443".parse().unwrap();
+        assert_eq!(
+            (b6.0.address.to_string(), b6.0.weight),
+            ("2001:db8::11".into(), 1)
+        );
+    }
+
+    #[test]
+    fn malformed_arguments_say_what_was_expected() {
+        for (text, says) in [
+            ("198.51.100.10:80", "VIP:PORT/PROTOCOL"),
+            ("198.51.100.10/tcp", "VIP:PORT"),
+            ("198.51.100.10:80/sctp", "tcp or udp"),
+            ("2001:db8::10:53/udp", "[VIP]:PORT"),
+        ] {
+            let err = text.parse::<ServiceArg>().unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+        for (text, says) in [
+            ("203.0.113.11", "ADDRESS:PORT"),
+            ("203.0.113.11:8080=heavy", "whole number"),
+            ("203.0.113.11:80800", "ADDRESS:PORT"),
+        ] {
+            let err = text.parse::<BackendArg>().unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
+}
