@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::Config,
     config_watch::{self, ConfigWatch},
-    datapath::{AttachMode, Datapath, LoadOptions, PinOptions, TableFill},
+    datapath::{AttachMode, Capacity, Datapath, LoadOptions, PinOptions, TableFill},
     desired::{Conflict, Desired},
     ebpf_log,
     grpc::{self, Event, EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig},
@@ -68,6 +68,8 @@ pub struct AgentOptions {
     pub conntrack_entries: u32,
     /// `CONNTRACK_V6` entries; `None`: `conntrack_entries` (see `LoadOptions`).
     pub conntrack_entries_v6: Option<u32>,
+    /// Services and backends the maps hold.
+    pub capacity: Capacity,
     /// Pin the datapath here and adopt what an earlier agent pinned (see `crate::pins`).
     pub pins: Option<PinOptions>,
     pub kubernetes: Option<KubeApi>,
@@ -163,6 +165,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             conntrack_entries: options.conntrack_entries,
             conntrack_entries_v6: options.conntrack_entries_v6,
             pins: options.pins.clone(),
+            capacity: options.capacity,
         },
         cidr_deny.enabled(),
     )?;

@@ -130,6 +130,8 @@ pub struct LoadOptions {
     /// Pin everything here and adopt what is pinned; `None`: nothing is pinned and the datapath
     /// goes away with the `Datapath`.
     pub pins: Option<PinOptions>,
+    /// How many services and backends the maps hold (see [`Capacity`]).
+    pub capacity: Capacity,
 }
 
 impl Default for LoadOptions {
@@ -138,7 +140,67 @@ impl Default for LoadOptions {
             conntrack_entries: limits::DEFAULT_CONNTRACK_ENTRIES,
             conntrack_entries_v6: None,
             pins: None,
+            capacity: Capacity::default(),
         }
+    }
+}
+
+/// How many services and backends the datapath holds, chosen at load time. Every map indexed by
+/// service or backend id is sized from it, the per-CPU statistics too: those cost 24 bytes per
+/// service and per backend on every CPU (3.4 MiB per CPU at the defaults, 216 MiB on a 64-CPU
+/// node), so a node with many CPUs and few services keeps them small. At most the compiled-in
+/// sizes (`lb_common::service::limits`), which the config's own limits follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// `SERVICES`, `SERVICE_SLOTS`, `SERVICE_MODES` and `SERVICE_STATS` entries (service ids
+    /// `0..services`); `MAGLEV_TABLES` has two slots per service.
+    pub services: u32,
+    /// Backends of all services together: ids `1..=backends` (id 0 means "no backend"), so
+    /// `BACKENDS` and `BACKEND_STATS` have one entry more; `BACKEND_REPLY` as many.
+    pub backends: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            services: limits::MAX_SERVICES,
+            backends: limits::MAX_BACKENDS - 1,
+        }
+    }
+}
+
+impl Capacity {
+    /// `max_entries` of each map the capacity sizes.
+    fn map_sizes(self) -> [(&'static str, u32); 8] {
+        [
+            ("SERVICES", self.services),
+            ("SERVICE_SLOTS", self.services),
+            ("SERVICE_MODES", self.services),
+            ("SERVICE_STATS", self.services),
+            ("MAGLEV_TABLES", 2 * self.services),
+            ("BACKENDS", self.backends + 1),
+            ("BACKEND_STATS", self.backends + 1),
+            ("BACKEND_REPLY", self.backends + 1),
+        ]
+    }
+
+    /// Refuses sizes beyond the compiled-in ones, or zero.
+    pub fn check(self) -> Result<Self> {
+        if !(1..=limits::MAX_SERVICES).contains(&self.services) {
+            bail!(
+                "capacity: {} services; 1 to {} are possible",
+                self.services,
+                limits::MAX_SERVICES
+            );
+        }
+        if !(1..limits::MAX_BACKENDS).contains(&self.backends) {
+            bail!(
+                "capacity: {} backends; 1 to {} are possible",
+                self.backends,
+                limits::MAX_BACKENDS - 1
+            );
+        }
+        Ok(self)
     }
 }
 
@@ -232,6 +294,7 @@ pub struct Datapath {
     /// The `ADDRESS_FILTER` words as written; `None` before the first write (also after adopting
     /// pinned maps: the first apply rewrites every word).
     address_filter: Option<AddressFilter>,
+    capacity: Capacity,
 }
 
 impl Datapath {
@@ -267,7 +330,12 @@ impl Datapath {
             &cidr_deny,
             true,
         );
-        for (name, entries) in max_entries {
+        let capacity = options.capacity.check()?;
+        let max_entries: Vec<(&str, u32)> = max_entries
+            .into_iter()
+            .chain(capacity.map_sizes())
+            .collect();
+        for &(name, entries) in &max_entries {
             loader.map_max_entries(name, entries);
         }
         let pins = options.pins.as_ref().map(|p| PinDir::new(&p.dir));
@@ -312,6 +380,7 @@ impl Datapath {
             neighbours: Neighbours::default(),
             _pin_lock: pin_lock,
             address_filter: None,
+            capacity,
         };
         if adopt {
             datapath.adopt_programmed_state()?;
@@ -769,6 +838,7 @@ impl Datapath {
         weight_of: impl Fn(&Service, &crate::config::BackendConfig) -> u32,
     ) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
+        self.check_capacity(config)?;
 
         // 1. Backend ids, BACKENDS and BACKEND_REPLY entries for every backend of the desired
         // state (a backend's reply route before the tables that send it new flows).
@@ -851,24 +921,15 @@ impl Datapath {
         };
         self.write_address_filter(transition)?;
 
-        // 2. Maglev tables and services. A changed table is filled into a new inner map here and
-        // placed with others in one batch (see TABLE_FLIP_BATCH); the service entry naming it is
-        // written after that.
-        let mut pending = PendingFlips::default();
-        let wanted_keys = match self.program_services(config, &weight_of, &mut pending, &mut report)
-        {
-            Ok(keys) => keys,
-            Err(err) => {
-                // Tables not placed yet are dropped with `pending`; their services keep
-                // what the maps hold.
-                for service in std::mem::take(&mut pending.services) {
-                    self.restore(service);
-                }
-                return Err(err);
-            }
-        };
-
-        // 3. Services no longer wanted.
+        // 2. Services no longer wanted go first: their ids are free for the new services (a node
+        // at its --max-services can swap a service for another). Their traffic would stop being
+        // balanced at the end of this apply anyway; a flow tracked under a reused id is not
+        // taken for the new service (`service::of_tracked` compares the key).
+        let wanted_keys: std::collections::HashSet<ServiceKey> = config
+            .services
+            .iter()
+            .map(|s| ServiceKey::new(s.vip, s.port, s.protocol.number()))
+            .collect();
         let stale: Vec<ServiceKey> = self
             .services
             .keys()
@@ -888,6 +949,19 @@ impl Datapath {
             for id in freed {
                 self.write_service_slot(id, ServiceSlot::default())?;
             }
+        }
+
+        // 3. Maglev tables and services. A changed table is filled into a new inner map here and
+        // placed with others in one batch (see TABLE_FLIP_BATCH); the service entry naming it is
+        // written after that.
+        let mut pending = PendingFlips::default();
+        if let Err(err) = self.program_services(config, &weight_of, &mut pending, &mut report) {
+            // Tables not placed yet are dropped with `pending`; their services keep what the
+            // maps hold.
+            for service in std::mem::take(&mut pending.services) {
+                self.restore(service);
+            }
+            return Err(err);
         }
 
         // 4. Backends no service names any more: zeroed, so conntrack entries re-balance; then
@@ -932,21 +1006,60 @@ impl Datapath {
         Ok(report)
     }
 
-    /// Step 2 of [`Self::apply_with`]: every service's table and entries. Returns the keys of
-    /// the desired services. On an error, `pending` holds the services whose tables were not
-    /// placed.
+    /// Refuses a config the maps cannot hold, before anything is written or an id allocated, so
+    /// that the last good state stays whole.
+    fn check_capacity(&self, config: &Config) -> Result<()> {
+        if config.services.len() > self.capacity.services as usize {
+            bail!(
+                "{} services, the datapath holds {} (--max-services)",
+                config.services.len(),
+                self.capacity.services
+            );
+        }
+        let wanted: std::collections::HashSet<(IpAddr, u16)> = config
+            .services
+            .iter()
+            .flat_map(|s| &s.backends)
+            .map(|b| (b.address, b.port))
+            .collect();
+        if wanted.len() > self.capacity.backends as usize {
+            bail!(
+                "{} distinct backends, the datapath holds {} (--max-backends)",
+                wanted.len(),
+                self.capacity.backends
+            );
+        }
+        // Backends being replaced keep their ids until no table names them (the end of the
+        // apply), so old and new need room together.
+        let leaving = self
+            .backend_ids
+            .keys()
+            .filter(|b| !wanted.contains(b))
+            .count();
+        if wanted.len() + leaving > self.capacity.backends as usize {
+            bail!(
+                "{} distinct backends and {} they replace, which serve until the new tables are \
+                 in place: the datapath holds {} (--max-backends; or replace them in two steps)",
+                wanted.len(),
+                leaving,
+                self.capacity.backends
+            );
+        }
+        Ok(())
+    }
+
+    /// Step 3 of [`Self::apply_with`]: every service's table and entries. On an error, `pending`
+    /// holds the services whose tables were not placed.
     fn program_services(
         &mut self,
         config: &Config,
         weight_of: &impl Fn(&Service, &crate::config::BackendConfig) -> u32,
         pending: &mut PendingFlips,
         report: &mut ApplyReport,
-    ) -> Result<Vec<ServiceKey>> {
-        let mut wanted_keys = Vec::with_capacity(config.services.len());
+    ) -> Result<()> {
         let mut free_ids = self.free_service_ids();
         for service in &config.services {
             let key = ServiceKey::new(service.vip, service.port, service.protocol.number());
-            wanted_keys.push(key);
             let inputs = TableInputs {
                 backends: service
                     .backends
@@ -985,9 +1098,12 @@ impl Datapath {
 
             let id = match previous {
                 Some(p) => p.info.id,
-                None => free_ids
-                    .next()
-                    .with_context(|| format!("more than {} services", limits::MAX_SERVICES))?,
+                None => free_ids.next().with_context(|| {
+                    format!(
+                        "more than {} services (--max-services)",
+                        self.capacity.services
+                    )
+                })?,
             };
             let previous_info = previous.map(|p| p.info);
             let previous_mode = previous.map(|p| p.mode);
@@ -1069,8 +1185,7 @@ impl Datapath {
                 self.flip_tables(pending)?;
             }
         }
-        self.flip_tables(pending)?;
-        Ok(wanted_keys)
+        self.flip_tables(pending)
     }
 
     /// Places the pending tables into `MAGLEV_TABLES` with one batch update, then writes the
@@ -1206,13 +1321,13 @@ impl Datapath {
         }
         let id = match self.free_backend_ids.pop_front() {
             Some(id) => id,
-            None if self.next_backend_id < limits::MAX_BACKENDS => {
+            None if self.next_backend_id <= self.capacity.backends => {
                 self.next_backend_id += 1;
                 self.next_backend_id - 1
             }
             None => bail!(
-                "more than {} backends in total: BACKENDS is full",
-                limits::MAX_BACKENDS - 1
+                "more than {} backends in total: BACKENDS is full (--max-backends)",
+                self.capacity.backends
             ),
         };
         self.backend_ids.insert((address, port), id);
@@ -1223,10 +1338,15 @@ impl Datapath {
     fn free_service_ids(&self) -> std::vec::IntoIter<u32> {
         let used: std::collections::BTreeSet<u32> =
             self.services.values().map(|p| p.info.id).collect();
-        (0..limits::MAX_SERVICES)
+        (0..self.capacity.services)
             .filter(|id| !used.contains(id))
             .collect::<Vec<u32>>()
             .into_iter()
+    }
+
+    /// How many services and backends the maps hold.
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
     }
 
     /// Services in the maps (after adopting pinned maps: those an earlier agent programmed).

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use lb_agent::{
     agent::{self, AgentOptions, KubeApi},
     config::Config,
-    datapath::{AttachMode, PinOptions},
+    datapath::{AttachMode, Capacity, PinOptions},
     grpc::TlsConfig,
     pins::{PinDir, DEFAULT_BPFFS_DIR},
 };
@@ -74,6 +74,16 @@ enum Command {
         /// allocated whole at start, so a node with few IPv6 flows can keep this one small.
         #[arg(long, value_name = "ENTRIES", value_parser = clap::value_parser!(u32).range(1..))]
         conntrack_entries_v6: Option<u32>,
+        /// Services the datapath holds (at most 16384). Each costs 24 bytes of statistics per
+        /// CPU: lower it on nodes with many CPUs and few services.
+        #[arg(long, default_value_t = limits::MAX_SERVICES,
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(limits::MAX_SERVICES)))]
+        max_services: u32,
+        /// Backends of all services together the datapath holds (at most 131071); 24 bytes of
+        /// statistics per CPU each, as for services.
+        #[arg(long, default_value_t = limits::MAX_BACKENDS - 1,
+              value_parser = clap::value_parser!(u32).range(1..i64::from(limits::MAX_BACKENDS)))]
+        max_backends: u32,
         /// Also take services from Kubernetes (in-cluster account or $KUBECONFIG).
         #[arg(long)]
         kubernetes: bool,
@@ -156,6 +166,8 @@ fn main() -> ExitCode {
             stats_interval,
             conntrack_entries,
             conntrack_entries_v6,
+            max_services,
+            max_backends,
             kubernetes,
             kubeconfig,
             kube_api_url,
@@ -190,6 +202,10 @@ fn main() -> ExitCode {
                 stats_interval: Duration::from_secs(stats_interval),
                 conntrack_entries,
                 conntrack_entries_v6,
+                capacity: Capacity {
+                    services: max_services,
+                    backends: max_backends,
+                },
                 pins: Some(PinOptions {
                     dir: bpffs_dir,
                     replace_incompatible_state,

@@ -45,7 +45,7 @@ use std::{
 use anyhow::{Context, Result};
 use lb_common::{
     counters::Counter,
-    service::{limits, ServiceKey, TrafficStats},
+    service::{ServiceKey, TrafficStats},
 };
 use prometheus::{
     core::{Collector, Desc},
@@ -188,13 +188,12 @@ impl DatapathSnapshot {
             MapFill {
                 map: "SERVICES".into(),
                 entries: programmed.len() as u64,
-                capacity: u64::from(limits::MAX_SERVICES),
+                capacity: u64::from(datapath.capacity().services),
             },
             MapFill {
                 map: "BACKENDS".into(),
                 entries: backend_services.len() as u64,
-                // Id 0 is never used.
-                capacity: u64::from(limits::MAX_BACKENDS - 1),
+                capacity: u64::from(datapath.capacity().backends),
             },
         ];
         Ok(DatapathSnapshot {
@@ -616,6 +615,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::health::Health;
+    use lb_common::service::limits;
 
     /// Parses an exposition with `prometheus-parse`, first checking every line strictly: the
     /// parser skips lines it does not understand, so a malformed line would otherwise go unseen.

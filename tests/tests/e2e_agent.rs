@@ -88,6 +88,10 @@ fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
             "3600000",
             "--conntrack-entries-v6",
             "1024",
+            "--max-services",
+            "64",
+            "--max-backends",
+            "256",
         ],
     )
     .expect("agent starts");
@@ -207,6 +211,17 @@ fn editing_the_config_file_moves_new_flows_and_metrics_count_real_traffic() {
             "no fill of {map}\n{body}"
         );
     }
+    // The capacity the agent was started with: one service of 64.
+    let services_fill = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "lb_map_fill_ratio" && s.labels.get("map") == Some("SERVICES"))
+        .map(|s| s.value.clone());
+    assert_eq!(
+        services_fill,
+        Some(prometheus_parse::Value::Gauge(1.0 / 64.0)),
+        "{body}"
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use aya::maps::{Array, Map, MapData};
 use lb_agent::{
     config::Config,
-    datapath::{ApplyReport, Datapath, LoadOptions, PinOptions},
+    datapath::{ApplyReport, Capacity, Datapath, LoadOptions, PinOptions},
     pins::{PinDir, MAP_LAYOUT_VERSION},
 };
 use lb_common::{protocol, service::ServiceKey};
@@ -50,6 +50,7 @@ fn options(pins: &TestPins, conntrack_entries: u32, replace: bool) -> LoadOption
             dir: pins.path().into(),
             replace_incompatible_state: replace,
         }),
+        ..Default::default()
     }
 }
 
@@ -160,6 +161,26 @@ fn incompatible_state_is_refused_or_replaced() {
             && message.contains("map CONNTRACK_V6: pinned type 9, key 40 B")
             && message.contains("4096 entries")
             && message.contains("8192 entries")
+            && message.contains("--replace-incompatible-state"),
+        "{message}"
+    );
+
+    // Another capacity (--max-services, --max-backends): the maps it sizes are other definitions.
+    let err = Datapath::load_with(&LoadOptions {
+        capacity: Capacity {
+            services: 64,
+            backends: 256,
+        },
+        ..options(&pins, 4096, false)
+    })
+    .err()
+    .expect("refused");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("map SERVICE_STATS: pinned type 6")
+            && message.contains("64 entries")
+            && message.contains("map BACKENDS: pinned type 2")
+            && message.contains("257 entries")
             && message.contains("--replace-incompatible-state"),
         "{message}"
     );

@@ -813,11 +813,11 @@ fn a_failed_apply_keeps_the_previous_table_of_services_not_yet_placed() {
         sa("203.0.113.1:8080")
     );
 
-    // `kept` and `changed` hold ids 0 and 1: 16382 new services take the rest, `changed` moves to
-    // another backend after them (its table waits in the last, partial batch), and the next new
-    // service finds no id left. (Validation refuses such a config; it is built past it here, as
-    // the stand-in for a write the kernel refuses part-way.)
-    let new_services = limits::MAX_SERVICES as usize - 2;
+    // 300 new services, then `changed` moves to another backend (its table waits in the last,
+    // partial batch: the first 256 tables are placed), then a service whose table cannot be built
+    // fails the apply. (Validation refuses its table size; it is built past it here, as the
+    // stand-in for a write the kernel refuses part-way.)
+    let new_services = 300;
     let mut yaml = String::from("services:\n");
     yaml += &service("kept", "198.51.100.11", "203.0.113.1");
     for i in 0..new_services {
@@ -825,15 +825,19 @@ fn a_failed_apply_keeps_the_previous_table_of_services_not_yet_placed() {
         yaml += &service(&format!("s{i}"), &vip, "2001:db8:1::2");
     }
     yaml += &service("changed", "198.51.100.10", "203.0.113.3");
-    let mut too_many = Config::from_yaml(&yaml).unwrap();
-    let mut extra = too_many.services.last().unwrap().clone();
-    extra.name = "one-too-many".into();
-    extra.vip = "198.51.100.12".parse().unwrap();
-    too_many.services.push(extra);
+    let mut failing = Config::from_yaml(&yaml).unwrap();
+    let mut broken = failing.services.last().unwrap().clone();
+    broken.name = "broken".into();
+    broken.vip = "198.51.100.12".parse().unwrap();
+    broken.maglev_table_size = 4;
+    failing.services.push(broken);
     let error = datapath
-        .apply(&too_many)
-        .expect_err("more services than ids");
-    assert!(format!("{error:#}").contains("more than"), "{error:#}");
+        .apply(&failing)
+        .expect_err("a table that cannot be built");
+    assert!(
+        format!("{error:#}").contains("service broken: Maglev table"),
+        "{error:#}"
+    );
     let backend_of_changed = datapath
         .table_of(&key(changed, protocol::TCP))
         .expect("still programmed");
@@ -936,4 +940,141 @@ fn replies_of_exclusive_and_shared_backends_keep_their_vip() {
         .unwrap();
     assert_eq!(reply_of(&mut datapath, b), vip2, "sharing is sticky");
     assert_eq!(reply_of(&mut datapath, a), vip1);
+}
+
+/// `n` services 198.51.100.(10+i):80, each with backends 203.0.113.(10+i):8080 and, when
+/// `backends` > 1, more on ports 8081...
+fn many_services(n: u8, backends: u16) -> Config {
+    let mut yaml = String::from("services:\n");
+    for i in 0..n {
+        yaml += &format!(
+            "  - {{ name: s{i}, vip: 198.51.100.{}, port: 80, protocol: tcp, maglev_table_size: 251, backends: [",
+            10 + i
+        );
+        for b in 0..backends {
+            yaml += &format!("{{ address: 203.0.113.{}, port: {} }},", 10 + i, 8080 + b);
+        }
+        yaml += "] }\n";
+    }
+    Config::from_yaml(&yaml).unwrap()
+}
+
+#[test]
+fn capacity_sizes_the_id_maps_and_a_config_beyond_it_is_refused_whole() {
+    use aya::maps::{Array, PerCpuArray};
+    use lb_agent::datapath::Capacity;
+    use lb_common::service::{Backend, ServiceSlot, TrafficStats};
+
+    let capacity = Capacity {
+        services: 4,
+        backends: 8,
+    };
+    let mut datapath = Datapath::load_with(&LoadOptions {
+        capacity,
+        ..Default::default()
+    })
+    .unwrap();
+    let ebpf = datapath.ebpf_mut();
+    let len = |name: &str, ebpf: &mut aya::Ebpf| -> u32 {
+        let map = ebpf.map(name).unwrap();
+        match name {
+            "SERVICE_STATS" | "BACKEND_STATS" => {
+                PerCpuArray::<_, TrafficStats>::try_from(map).unwrap().len()
+            }
+            "SERVICE_SLOTS" => Array::<_, ServiceSlot>::try_from(map).unwrap().len(),
+            _ => Array::<_, Backend>::try_from(map).unwrap().len(),
+        }
+    };
+    assert_eq!(len("SERVICE_STATS", ebpf), 4);
+    assert_eq!(len("SERVICE_SLOTS", ebpf), 4);
+    assert_eq!(len("BACKENDS", ebpf), 9, "ids 1..=8, 0 unused");
+    assert_eq!(len("BACKEND_STATS", ebpf), 9);
+    assert_eq!(datapath.capacity(), capacity);
+
+    // Full: 4 services with 2 backends each.
+    datapath.apply(&many_services(4, 2)).unwrap();
+    let vip = sa("198.51.100.13:80");
+    let backend = send_to_vip(&mut datapath, SYN, sa("192.0.2.2:40000"), vip);
+    assert_eq!(backend.ip(), "203.0.113.13".parse::<IpAddr>().unwrap());
+
+    // One service more, or one backend more: refused before anything is written, naming the
+    // option; what was programmed keeps balancing.
+    for (config, says) in [
+        (
+            many_services(5, 1),
+            "5 services, the datapath holds 4 (--max-services)",
+        ),
+        (
+            many_services(3, 3),
+            "9 distinct backends, the datapath holds 8 (--max-backends)",
+        ),
+    ] {
+        let err = datapath.apply(&config).expect_err("beyond capacity");
+        assert!(format!("{err:#}").contains(says), "{err:#}");
+        assert_eq!(
+            send_to_vip(&mut datapath, SYN, sa("192.0.2.2:40001"), vip).ip(),
+            backend.ip(),
+            "the last good state stays"
+        );
+    }
+    assert_eq!(
+        datapath
+            .apply(&many_services(4, 2))
+            .unwrap()
+            .services_written,
+        0
+    );
+
+    // At capacity, a service swapped for another: the leaving one frees its id first.
+    let mut swapped = many_services(4, 2);
+    swapped.services[0].vip = "198.51.100.99".parse().unwrap();
+    let report = datapath.apply(&swapped).unwrap();
+    assert_eq!((report.services_removed, report.services_written), (1, 1));
+    let moved = send_to_vip(
+        &mut datapath,
+        SYN,
+        sa("192.0.2.2:40002"),
+        sa("198.51.100.99:80"),
+    );
+    assert_eq!(moved.ip(), "203.0.113.10".parse::<IpAddr>().unwrap());
+
+    // Backends being replaced serve until the new tables are in place: at capacity, replacing
+    // one needs two steps (take it out, then add the new one).
+    let mut replaced = swapped.clone();
+    replaced.services[3].backends[1].port = 9000;
+    let err = datapath
+        .apply(&replaced)
+        .expect_err("no room for old and new");
+    assert!(
+        format!("{err:#}").contains("8 distinct backends and 1 they replace"),
+        "{err:#}"
+    );
+    let mut step = swapped.clone();
+    step.services[3].backends.pop();
+    datapath.apply(&step).unwrap();
+    datapath.apply(&replaced).unwrap();
+
+    // Beyond the compiled-in sizes, or zero: refused at load.
+    for capacity in [
+        Capacity {
+            services: limits::MAX_SERVICES + 1,
+            backends: 8,
+        },
+        Capacity {
+            services: 4,
+            backends: limits::MAX_BACKENDS,
+        },
+        Capacity {
+            services: 0,
+            backends: 8,
+        },
+    ] {
+        let err = Datapath::load_with(&LoadOptions {
+            capacity,
+            ..Default::default()
+        })
+        .err()
+        .expect("refused");
+        assert!(format!("{err:#}").contains("are possible"), "{err:#}");
+    }
 }
