@@ -295,6 +295,11 @@ pub struct Datapath {
     /// pinned maps: the first apply rewrites every word).
     address_filter: Option<AddressFilter>,
     capacity: Capacity,
+    /// The config and effective weights of the last apply that succeeded. The agent is the maps'
+    /// only writer, so the same again would write nothing: it is skipped without walking the
+    /// services (most reconciles are triggered by events that change nothing). Cleared while an
+    /// apply runs, so a failed one is redone in full.
+    last_applied: Option<(Config, Vec<u32>)>,
 }
 
 impl Datapath {
@@ -381,6 +386,7 @@ impl Datapath {
             _pin_lock: pin_lock,
             address_filter: None,
             capacity,
+            last_applied: None,
         };
         if adopt {
             datapath.adopt_programmed_state()?;
@@ -838,6 +844,17 @@ impl Datapath {
         weight_of: impl Fn(&Service, &crate::config::BackendConfig) -> u32,
     ) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
+        let weights: Vec<u32> = config
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| weight_of(s, b)))
+            .collect();
+        if let Some((last, last_weights)) = self.last_applied.take() {
+            if last == *config && last_weights == weights {
+                self.last_applied = Some((last, last_weights));
+                return Ok(report);
+            }
+        }
         self.check_capacity(config)?;
 
         // 1. Backend ids, BACKENDS and BACKEND_REPLY entries for every backend of the desired
@@ -1003,6 +1020,7 @@ impl Datapath {
         if report.services_written > 0 {
             self.warn_xdp_only_services();
         }
+        self.last_applied = Some((config.clone(), weights));
         Ok(report)
     }
 

@@ -1078,3 +1078,66 @@ fn capacity_sizes_the_id_maps_and_a_config_beyond_it_is_refused_whole() {
         assert!(format!("{err:#}").contains("are possible"), "{err:#}");
     }
 }
+
+/// The same config and weights as the last successful apply are skipped (nothing to write); a
+/// weight change is not; after a failed apply the same good config is applied in full again.
+#[test]
+fn an_unchanged_state_is_skipped_and_a_failed_apply_is_redone() {
+    let config = many_services(3, 2);
+    let mut datapath = Datapath::load().unwrap();
+    let first = datapath.apply(&config).unwrap();
+    assert_eq!(first.services_written, 3);
+    let again = datapath.apply(&config).unwrap();
+    assert_eq!(
+        (
+            again.services_written,
+            again.backends_written,
+            again.tables_swapped
+        ),
+        (0, 0, 0)
+    );
+
+    // Backend 203.0.113.11:8081 drained through the effective weight (as a health check does).
+    let drained = |_: &lb_agent::config::Service, b: &lb_agent::config::BackendConfig| {
+        if b.port == 8081 && b.address == "203.0.113.11".parse::<IpAddr>().unwrap() {
+            0
+        } else {
+            b.weight
+        }
+    };
+    let report = datapath.apply_with(&config, drained).unwrap();
+    assert_eq!(report.tables_swapped, 1, "{report:?}");
+    let vip = sa("198.51.100.11:80");
+    for port in 40000..40020 {
+        let backend = send_to_vip(
+            &mut datapath,
+            SYN,
+            SocketAddr::new("192.0.2.2".parse().unwrap(), port),
+            vip,
+        );
+        assert_eq!(backend.port(), 8080, "drained backend avoided");
+    }
+
+    // A failed apply (a table that cannot be built), then the drained state again: redone in
+    // full, so the service the failed apply added is removed.
+    let mut failing = config.clone();
+    let mut broken = failing.services[0].clone();
+    broken.name = "broken".into();
+    broken.vip = "198.51.100.50".parse().unwrap();
+    broken.maglev_table_size = 4;
+    failing.services.insert(0, broken);
+    failing
+        .services
+        .push(many_services(5, 1).services[4].clone());
+    datapath
+        .apply_with(&failing, drained)
+        .expect_err("unbuildable table");
+    let report = datapath.apply_with(&config, drained).unwrap();
+    // Its backend was written before the failure: removed now (a skipped apply would leave it).
+    assert_eq!(report.backends_removed, 1, "{report:?}");
+    assert_passed_as_non_service(
+        &mut datapath,
+        &frame(SYN, sa("192.0.2.2:40100"), sa("198.51.100.14:80"), b""),
+        "the failed apply's service is gone",
+    );
+}
