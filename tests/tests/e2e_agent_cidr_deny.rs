@@ -59,6 +59,20 @@ fn reaches(
     counted
 }
 
+/// frontend (listed) reaches db over neither family; other (unlisted) over both.
+fn only_the_listed_source_is_dropped(topology: &PolicyTopology, servers: &[TcpCountingServer; 2]) {
+    for v6 in [false, true] {
+        assert!(
+            !reaches(topology, "frontend", servers, v6),
+            "listed source, v6 {v6}"
+        );
+        assert!(
+            reaches(topology, "other", servers, v6),
+            "unlisted source, v6 {v6}"
+        );
+    }
+}
+
 fn start_agent(topology: &PolicyTopology, file: &ConfigFile) -> AgentProcess {
     start_agent_with(topology, file, &[])
 }
@@ -90,16 +104,7 @@ fn the_agent_drops_listed_sources_at_xdp_and_follows_edits() {
         "{:#?}",
         agent.history
     );
-    for v6 in [false, true] {
-        assert!(
-            !reaches(&topology, "frontend", &servers, v6),
-            "listed source, v6 {v6}"
-        );
-        assert!(
-            reaches(&topology, "other", &servers, v6),
-            "unlisted source, v6 {v6}"
-        );
-    }
+    only_the_listed_source_is_dropped(&topology, &servers);
     // Each refused connect is its SYN and the kernel's retransmissions: at least one per family.
     let drops = cidr_drops(&topology.node, 2.0);
     assert!(drops >= 2.0, "XDP CIDR drops counted: {drops}");
@@ -151,16 +156,7 @@ fn the_agent_drops_listed_sources_at_tc_when_attached_as_tc() {
     });
     let file = ConfigFile::new(&config("[192.0.2.2/32, \"2001:db8:1::/64\"]"));
     let _agent = start_agent_with(&topology, &file, &["--attach", "tc"]);
-    for v6 in [false, true] {
-        assert!(
-            !reaches(&topology, "frontend", &servers, v6),
-            "listed source, v6 {v6}"
-        );
-        assert!(
-            reaches(&topology, "other", &servers, v6),
-            "unlisted source, v6 {v6}"
-        );
-    }
+    only_the_listed_source_is_dropped(&topology, &servers);
     let drops = cidr_drops(&topology.node, 2.0);
     assert!(drops >= 2.0, "TC CIDR drops counted: {drops}");
 }

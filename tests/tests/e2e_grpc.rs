@@ -99,6 +99,19 @@ fn until_lands_on(topology: &Topology, name: &str, agent: &mut AgentProcess) -> 
     }
 }
 
+/// Polls single connections until the VIP no longer answers (`after`: what removed it).
+/// Unbalanced SYNs to the VIP go unanswered: each attempt waits for its 3 s timeout.
+fn until_unbalanced(topology: &Topology, after: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"x")[0].is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the VIP is still balanced 10 s after {after}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn call<T>(
     rt: &Runtime,
     what: &str,
@@ -126,20 +139,47 @@ fn set_backends(
     assert!(response.changed);
 }
 
-#[test]
-fn grpc_client_drives_real_traffic_through_the_agent() {
+/// Three backends with counting servers, and the agent with no service and its API on a socket
+/// at `socket` (relative to the test's directory, which holds its config file).
+struct Setup {
+    topology: Topology,
+    servers: Vec<TcpCountingServer>,
+    dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    agent: AgentProcess,
+}
+
+fn setup(socket: &str) -> Setup {
     let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
-    let servers: Vec<TcpCountingServer> = tcp_servers_on_backends(&topology, PORT);
+    let servers = tcp_servers_on_backends(&topology, PORT);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "services: []\n");
-    let socket = dir.path().join("run/api.sock");
-    let mut agent = AgentProcess::start_with(
+    let socket = dir.path().join(socket);
+    let agent = AgentProcess::start_with(
         &topology.balancer,
         &config,
         &topology.balancer_interfaces(),
         &["--grpc-socket", socket.to_str().unwrap()],
     )
     .expect("agent starts");
+    Setup {
+        topology,
+        servers,
+        dir,
+        socket,
+        agent,
+    }
+}
+
+#[test]
+fn grpc_client_drives_real_traffic_through_the_agent() {
+    let Setup {
+        topology,
+        servers,
+        dir,
+        socket,
+        mut agent,
+    } = setup("run/api.sock");
     let meta = std::fs::symlink_metadata(&socket).expect("the agent's socket");
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
@@ -288,15 +328,7 @@ fn grpc_client_drives_real_traffic_through_the_agent() {
         "DeleteService",
         client.delete_service(pb::DeleteServiceRequest { key: Some(key()) }),
     );
-    // (Unbalanced SYNs to the VIP go unanswered: each attempt waits for its 3 s timeout.)
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"x")[0].is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "the VIP is still balanced 10 s after DeleteService"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    until_unbalanced(&topology, "DeleteService");
     let before = accepted(&servers);
     let results = tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 2, b"x");
     assert!(results.iter().all(|r| r.is_err()), "{results:?}");
@@ -562,18 +594,13 @@ fn grpc_over_tcp_with_tls_requires_client_certificates() {
 /// `services:` list replaces the service, and a delete stops the balancing.
 #[test]
 fn lbctl_changes_services_through_the_agent() {
-    let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
-    let servers: Vec<TcpCountingServer> = tcp_servers_on_backends(&topology, PORT);
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "services: []\n");
-    let socket = dir.path().join("api.sock");
-    let mut agent = AgentProcess::start_with(
-        &topology.balancer,
-        &config,
-        &topology.balancer_interfaces(),
-        &["--grpc-socket", socket.to_str().unwrap()],
-    )
-    .expect("agent starts");
+    let Setup {
+        topology,
+        servers,
+        dir,
+        socket,
+        mut agent,
+    } = setup("api.sock");
     let lbctl = |args: &[&str]| -> (bool, String, String) {
         let binary = lb_tests::agent::agent_binary().with_file_name("lbctl");
         let out = std::process::Command::new(&binary)
@@ -687,13 +714,6 @@ fn lbctl_changes_services_through_the_agent() {
         ok(&["service", "delete", &vip]).trim(),
         format!("service {vip} deleted")
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tcp_requests(&topology.client, SocketAddr::from((VIP, 80)), 1, b"x")[0].is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "the VIP is still balanced 10 s after lbctl service delete"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    until_unbalanced(&topology, "lbctl service delete");
     assert!(ok(&["state"]).contains("0 services"));
 }
