@@ -5,6 +5,8 @@
 //! Kubernetes'), applied with the same ordering guarantees, and kept by the agent across restarts
 //! of `lbctl`. Services the API did not create (file, Kubernetes) cannot be changed from here.
 //!
+//! The policy is set whole, as YAML of the config file's `policy:` section.
+//!
 //! Arguments name services as `VIP:PORT/PROTOCOL` (`198.51.100.10:80/tcp`, `[2001:db8::10]:53/udp`)
 //! and backends as `ADDRESS:PORT[=WEIGHT]` (`203.0.113.11:8080=2`; weight 0 drains).
 
@@ -298,6 +300,32 @@ fn describe(service: &pb::Service) -> String {
             backends.join(" ")
         }
     )
+}
+
+/// Sets the API's policy: `yaml` is the config file's `policy:` section (its content, not the
+/// `policy:` key); empty text clears it.
+pub async fn set_policy(client: &mut Client, yaml: String) -> Result<String> {
+    let clearing = yaml.trim().is_empty();
+    let response = client
+        .set_policy(pb::SetPolicyRequest { yaml })
+        .await
+        .map_err(|status| refused("policy", status))?
+        .into_inner();
+    Ok(match (clearing, response.changed) {
+        (_, false) => "policy unchanged".to_string(),
+        (true, true) => "policy cleared".to_string(),
+        (false, true) => "policy set".to_string(),
+    })
+}
+
+/// The policy set through the API, as YAML (empty when none).
+pub async fn policy(client: &mut Client) -> Result<String> {
+    let state = client
+        .list_state(pb::ListStateRequest {})
+        .await
+        .map_err(|status| refused("listing the state", status))?
+        .into_inner();
+    Ok(state.policy_yaml)
 }
 
 /// Prints the agent's events as they come (`count`: stop after that many).

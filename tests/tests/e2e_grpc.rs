@@ -591,7 +591,8 @@ fn grpc_over_tcp_with_tls_requires_client_certificates() {
 /// `lbctl`'s commands that change state, run as a user would against a real agent's socket: the
 /// service it adds is balanced (counted by the backends), a backend it drains gets no new
 /// connection, a request the agent refuses names the field and changes nothing, a config-file
-/// `services:` list replaces the service, and a delete stops the balancing.
+/// `services:` list replaces the service, the API's policy is set, shown and cleared, and a delete
+/// stops the balancing.
 #[test]
 fn lbctl_changes_services_through_the_agent() {
     let Setup {
@@ -708,6 +709,25 @@ fn lbctl_changes_services_through_the_agent() {
             .collect::<Vec<_>>(),
         ["backend-3"]
     );
+
+    // The API's policy: set from a file, shown back, refused when invalid (the agent names the
+    // field, the policy stays), cleared.
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "namespaces: [{name: prod}]\n").unwrap();
+    assert_eq!(
+        ok(&["policy", "set", policy.to_str().unwrap()]).trim(),
+        "policy set"
+    );
+    std::fs::write(&policy, "namespaces: [{name: prod}, {name: prod}]\n").unwrap();
+    let (success, _, stderr) = lbctl(&["policy", "set", policy.to_str().unwrap()]);
+    assert!(!success);
+    assert!(
+        stderr.contains("policy.namespaces[1]: duplicate of policy.namespaces[0]"),
+        "{stderr}"
+    );
+    assert!(ok(&["policy", "show"]).contains("prod"));
+    assert_eq!(ok(&["policy", "clear"]).trim(), "policy cleared");
+    assert_eq!(ok(&["policy", "show"]).trim(), "");
 
     // Delete: the VIP is no longer balanced.
     assert_eq!(

@@ -14,6 +14,8 @@
 //! lbctl service delete VIP:PORT/PROTO
 //! lbctl backends set VIP:PORT/PROTO ADDR:PORT[=WEIGHT]...
 //! lbctl backend weight VIP:PORT/PROTO ADDR:PORT WEIGHT    # 0 drains
+//! lbctl policy set FILE       # the API's policy: YAML of the config file's `policy:` section
+//! lbctl policy show | clear
 //! lbctl state                 # the services defined through the API
 //! lbctl events [--count N]    # the agent's events as they happen
 //! ```
@@ -69,6 +71,9 @@ enum Command {
     /// Change one backend of a service defined through the API.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Set, show or clear the policy defined through the API.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// The services defined through the API, and how many the agent applied from all sources.
     State,
     /// The agent's events (changes, reconciles, health, policy verdicts) as they happen.
@@ -120,6 +125,17 @@ enum BackendCommand {
         backend: SocketAddr,
         weight: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Set it from FILE: YAML of the config file's `policy:` section (its content), validated
+    /// and merged with the file's and Kubernetes' policy as a config edit would be.
+    Set { file: PathBuf },
+    /// Print it (YAML; nothing when none).
+    Show,
+    /// Remove it.
+    Clear,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -215,6 +231,18 @@ async fn change(socket: &std::path::Path, command: Command) -> Result<()> {
             backend,
             weight,
         }) => vec![ctl::set_weight(&mut client, service, backend, weight).await?],
+        Command::Policy(PolicyCommand::Set { file }) => {
+            let yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            vec![ctl::set_policy(&mut client, yaml).await?]
+        }
+        Command::Policy(PolicyCommand::Show) => {
+            print!("{}", ctl::policy(&mut client).await?);
+            Vec::new()
+        }
+        Command::Policy(PolicyCommand::Clear) => {
+            vec![ctl::set_policy(&mut client, String::new()).await?]
+        }
         Command::State => ctl::state(&mut client).await?,
         Command::Events { count } => {
             ctl::events(&mut client, count).await?;
