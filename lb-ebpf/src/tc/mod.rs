@@ -30,8 +30,10 @@
 //! - `lb_tc_reply` (end of tcx egress, after `policy_to_endpoint`) turns the source of a reply
 //!   reaching its client back into the VIP.
 
+mod dsr;
 mod fragments;
 mod nat;
+mod snat;
 mod xmit;
 
 use aya_ebpf::{
@@ -40,7 +42,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    conntrack::reply_flags, counters::Counter, prefilter::role, service::mode, service::Addr,
+    conntrack::{reply_flags, NatReply},
+    counters::Counter,
+    prefilter::role,
+    service::mode,
+    service::Addr,
 };
 
 use self::nat::Offsets;
@@ -91,14 +97,27 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
         }
     };
     let at = Offsets::of(&ctx, &flow);
-    match to_backend(&ctx, &flow, &at, 0) {
-        Ok(Some(backend)) => return onwards(&ctx, &flow, &at, &flow.key.src, &backend),
+    // Each mode's work is a BPF function of its own called from here, next to (not under)
+    // `to_backend` and `reply`: chained, their frames would not fit the 512 bytes of stack.
+    match to_backend(&flow) {
+        Ok(Some(chosen)) => {
+            return match chosen.mode {
+                mode::DNAT => match nat::to_backend(&ctx, &flow, &at, &chosen) {
+                    TC_ACT_OK => onwards(&ctx, &flow, &at, &flow.key.src, &chosen.backend),
+                    action => action,
+                },
+                mode::SNAT => snat::forward(&ctx, &flow, &at, &chosen),
+                mode::DSR_L2 => dsr::l2(&ctx, &flow, &chosen.backend),
+                _ => dsr::ipip(&ctx, &flow, &chosen),
+            }
+        }
         Ok(None) => {}
         Err(action) => return action,
     }
     if prefilter::roles_of(&flow.key.src, flow.key.family) & role::BACKEND != 0 {
         match reply(&ctx, &flow, &at, false) {
-            Ok(Some(vip)) => return onwards(&ctx, &flow, &at, &vip, &flow.key.dst),
+            Ok(Some(Reply::Dnat(vip))) => return onwards(&ctx, &flow, &at, &vip, &flow.key.dst),
+            Ok(Some(Reply::Snat(entry))) => return snat::reply(&ctx, &flow, &at, entry),
             Ok(None) => {}
             Err(action) => return action,
         }
@@ -135,10 +154,9 @@ pub fn lb_tc_request(ctx: TcContext) -> i32 {
         // Counted by `lb_tc` at the end of the chain.
         Err(_) => return NEXT,
     };
-    let at = Offsets::of(&ctx, &flow);
-    match to_backend(&ctx, &flow, &at, reply_flags::AT_CLIENT_VETH) {
-        Ok(_) => NEXT,
-        Err(action) => action,
+    match request(&ctx, &flow, &Offsets::of(&ctx, &flow)) {
+        TC_ACT_OK => NEXT,
+        action => action,
     }
 }
 
@@ -222,16 +240,50 @@ fn flow_of(ctx: &TcContext) -> Result<Flow, NotFlow> {
     }
 }
 
-/// A request to a VIP gets its backend (conntrack, else Maglev; a new DNAT flow's reply entry gets
-/// `flags`) and is rewritten to it: `Ok(Some(backend address))`. `Ok(None)`: not a request to a
-/// service. `Err`: the verdict of a packet that cannot go on (counted).
+/// Where [`to_backend`] sends a request: the backend and what its service's mode needs.
+#[derive(Clone, Copy)]
+pub struct Chosen {
+    pub backend: Addr,
+    /// The backend's port (network byte order): its own, or the request's when it has none.
+    pub port: u16,
+    /// SNAT: the flow's source port on the node (network byte order).
+    pub snat_port: u16,
+    pub service_id: u32,
+    /// `lb_common::service::mode`.
+    pub mode: u8,
+}
+
+/// A request to a VIP gets its backend (conntrack, else Maglev; a new SNAT flow also gets its
+/// port): `Ok(Some(Chosen))`, for `lb_tc` to rewrite and send as its mode says. `Ok(None)`: not
+/// a request to a service. `Err`: the verdict of a packet that cannot go on (counted).
 ///
-/// This, [`reply`] and `xmit::forward` are BPF functions of their own, so that `lb_tc`'s frame
-/// holds little more than the parsed flow: the deepest chain of frames must fit in 512 bytes,
-/// and `lb_tc` also calls `icmp::handle`. For the same reason they call nothing that has a large
-/// frame: the entry points record first fragments ([`onwards`]).
+/// This, [`request`], [`reply`] and each mode's work are BPF functions of their own, so that the
+/// entry points' frames hold little more than the parsed flow: the deepest chain of frames must
+/// fit in 512 bytes, and they also call `icmp::handle` (and this one `snat::allocate`). For the
+/// same reason they call nothing that has a large frame: the entry points record first fragments
+/// ([`onwards`]) and call the modes.
 #[inline(never)]
-fn to_backend(ctx: &TcContext, flow: &Flow, at: &Offsets, flags: u8) -> Result<Option<Addr>, i32> {
+fn to_backend(flow: &Flow) -> Result<Option<Chosen>, i32> {
+    choose(flow, true, 0)
+}
+
+/// `lb_tc_request`'s [`to_backend`]: DNAT only (SNAT and DSR are refused, dropped and counted
+/// `drop_tc_mode_unsupported`, before a flow is tracked or a port allocated), its flows marked
+/// `AT_CLIENT_VETH`, and the rewrite done here. Returns the verdict (`TC_ACT_OK` for a packet
+/// that goes on, rewritten or not).
+#[inline(never)]
+fn request(ctx: &TcContext, flow: &Flow, at: &Offsets) -> i32 {
+    match choose(flow, false, reply_flags::AT_CLIENT_VETH) {
+        Ok(Some(chosen)) => nat::to_backend(ctx, flow, at, &chosen),
+        Ok(None) => TC_ACT_OK,
+        Err(action) => action,
+    }
+}
+
+/// The backend of a request to a VIP (see [`to_backend`]); with `all_modes` false, services in
+/// other modes than DNAT are refused. A new DNAT flow's reply entry gets `flags`.
+#[inline(always)]
+fn choose(flow: &Flow, all_modes: bool, flags: u8) -> Result<Option<Chosen>, i32> {
     let to = prefilter::roles_of(&flow.key.dst, flow.key.family);
     if to & (role::VIP_PORT | role::VIP_ALL_PORTS) == 0 {
         return Ok(None);
@@ -244,54 +296,59 @@ fn to_backend(ctx: &TcContext, flow: &Flow, at: &Offsets, flags: u8) -> Result<O
     else {
         return Ok(None);
     };
-    if service.mode != mode::DNAT {
+    if !all_modes && service.mode != mode::DNAT {
         count(Counter::DropTcModeUnsupported);
         return Err(TC_ACT_SHOT);
     }
-    let backend = match conntrack::backend_for(flow, &service, tracked, flags) {
-        Ok(chosen) => chosen.backend,
+    match conntrack::backend_for(flow, &service, tracked, flags) {
+        Ok(chosen) => Ok(Some(Chosen {
+            backend: chosen.backend.addr,
+            port: if chosen.backend.port == 0 {
+                flow.key.dst_port
+            } else {
+                chosen.backend.port
+            },
+            snat_port: chosen.snat_port,
+            service_id: service.id,
+            mode: service.mode,
+        })),
         Err(reason) => {
             count(reason);
-            return Err(TC_ACT_SHOT);
+            Err(TC_ACT_SHOT)
         }
-    };
-    let port = if backend.port == 0 {
-        flow.key.dst_port
-    } else {
-        backend.port
-    };
-    let (old, old_port) = (flow.key.dst, flow.key.dst_port);
-    match verdict(nat::rewrite(
-        ctx,
-        flow,
-        *at,
-        &old,
-        &backend.addr,
-        old_port,
-        port,
-        false,
-    )) {
-        TC_ACT_OK => Ok(Some(backend.addr)),
-        action => Err(action),
     }
 }
 
-/// The reply of a tracked DNAT flow gets the VIP as its source: `Ok(Some(VIP))`. `Ok(None)`: `flow`
-/// is not one, or (`at_client_veth` false) it is left to `lb_tc_reply` at its client's veth.
-/// `Err`: the verdict of a packet that cannot go on (counted).
+/// What a packet from a backend is the reply of (see [`reply`]).
+enum Reply {
+    /// A DNAT flow, rewritten: the VIP it now comes from.
+    Dnat(Addr),
+    /// A SNAT flow, not rewritten yet: its `NAT_REPLY` entry, for `snat::reply`.
+    Snat(&'static NatReply),
+}
+
+/// The reply of a tracked DNAT flow gets the VIP as its source: `Ok(Some(Reply::Dnat(VIP)))`. The
+/// reply of a SNAT flow is left to `snat::reply` (`lb_tc`; `lb_tc_reply` refuses it: dropped,
+/// counted `drop_tc_mode_unsupported`). `Ok(None)`: `flow` is not a reply, or (`at_client_veth`
+/// false) it is left to `lb_tc_reply` at its client's veth. `Err`: the verdict of a packet that
+/// cannot go on (counted).
 #[inline(never)]
 fn reply(
     ctx: &TcContext,
     flow: &Flow,
     at: &Offsets,
     at_client_veth: bool,
-) -> Result<Option<Addr>, i32> {
+) -> Result<Option<Reply>, i32> {
     let Some(origin) = reply::origin(&flow.key) else {
         return Ok(None);
     };
-    let Origin::Dnat(vip, vip_port, flags) = origin else {
-        count(Counter::DropTcModeUnsupported);
-        return Err(TC_ACT_SHOT);
+    let (vip, vip_port, flags) = match origin {
+        Origin::Dnat(vip, vip_port, flags) => (vip, vip_port, flags),
+        Origin::Snat(entry) if !at_client_veth => return Ok(Some(Reply::Snat(entry))),
+        Origin::Snat(_) => {
+            count(Counter::DropTcModeUnsupported);
+            return Err(TC_ACT_SHOT);
+        }
     };
     if !at_client_veth && flags & reply_flags::AT_CLIENT_VETH != 0 {
         return Ok(None);
@@ -302,7 +359,7 @@ fn reply(
     )) {
         TC_ACT_OK => {
             count(Counter::ReplyTranslated);
-            Ok(Some(vip))
+            Ok(Some(Reply::Dnat(vip)))
         }
         action => Err(action),
     }
@@ -313,11 +370,15 @@ fn reply(
 fn verdict(rewritten: Result<(), i64>) -> i32 {
     match rewritten {
         Ok(()) => TC_ACT_OK,
-        Err(_) => {
-            count(Counter::DropMalformed);
-            TC_ACT_SHOT
-        }
+        Err(_) => refused(),
     }
+}
+
+/// The verdict of a packet whose rewrite the helpers refused (see [`verdict`]).
+#[inline(always)]
+fn refused() -> i32 {
+    count(Counter::DropMalformed);
+    TC_ACT_SHOT
 }
 
 #[inline(always)]
