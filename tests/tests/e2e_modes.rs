@@ -455,9 +455,19 @@ fn dsr_ipip(attach: Attach) {
         );
     }
     assert_eq!(decapsulated(Counter::DecapDropUnknownEndpoint), 0);
+    let total = decapsulated(Counter::DecapOuterIpv4) + decapsulated(Counter::DecapOuterIpv6);
     eprintln!(
         "decapsulated: {} IPv4, {} IPv6",
         decapsulated(Counter::DecapOuterIpv4),
         decapsulated(Counter::DecapOuterIpv6)
     );
+    if attach == Attach::Tc {
+        // GSO packets were encapsulated whole and segmented on the way out: the backends
+        // decapsulated several packets per packet `lb_tc` sent (every one of them encapsulated).
+        let sent = count(&counters, Counter::XmitRedirect) + count(&counters, Counter::XmitTx);
+        assert!(
+            total > 2 * sent,
+            "GSO through IPIP: {total} packets decapsulated for {sent} redirected"
+        );
+    }
 }

@@ -1,22 +1,31 @@
-//! `lb_tc`: the DNAT datapath of `lb_xdp` as a TC (tcx/clsact ingress) program, for interfaces
-//! where XDP costs more than it saves. On a veth, an XDP program makes the kernel receive through a
-//! NAPI ring, copy every cloned skb (all TCP segments) and turn TSO off on the peer; a TC program
-//! runs on the skb the stack already has. On a physical NIC XDP stays the better choice.
+//! `lb_tc`: the datapath of `lb_xdp` as a TC (tcx/clsact ingress) program, for interfaces where
+//! XDP costs more than it saves. On a veth, an XDP program makes the kernel receive through a NAPI
+//! ring, copy every cloned skb (all TCP segments) and turn TSO off on the peer; a TC program runs
+//! on the skb the stack already has. On a physical NIC XDP stays the better choice.
 //!
-//! Same parse, prefilter, service lookup, conntrack, Maglev choice and counters as `lb_xdp` (the
-//! shared modules, monomorphised for `TcContext`); the rewrite is `tc::nat` (checksum helpers, as
-//! skbs may carry partial checksums). After the rewrite `tc::xmit` redirects the packet to the
-//! next hop the FIB names (skipping the stack's forwarding path), or leaves it to the stack
-//! (`TC_ACT_OK`) when the FIB cannot settle it.
+//! Same parse, prefilter, service lookup, conntrack, Maglev choice, SNAT port allocation and
+//! counters as `lb_xdp` (the shared modules, monomorphised for `TcContext`). Every forwarding mode,
+//! each in a module of its own, as in `lb_xdp`:
+//! - DNAT: `tc::nat` rewrites the destination (and a reply's source) with the checksum helpers, as
+//!   skbs may carry partial checksums;
+//! - SNAT, both directions: `tc::snat`, the same rewrites on both ends (TTL decremented, as by
+//!   `lb_xdp`);
+//! - DSR L2 and DSR IPIP: `tc::dsr` (MACs only; an outer header opened with
+//!   `bpf_skb_adjust_room`, so GSO packets are segmented as IP-in-IP).
 //!
-//! Only DNAT and its reverse: a packet of an SNAT or DSR service, or a reply of an SNAT flow, is
-//! dropped and counted `drop_tc_mode_unsupported` (the agent warns when such a service meets a
-//! TC-attached interface). Fragmented datagrams are handled as in `lb_xdp`: a first fragment is
-//! recorded after its rewrite, later ones get the same addresses (`tc::fragments`). ICMP errors
-//! about DNAT flows are translated by `icmp`, the same code as in `lb_xdp`, then go to the stack
-//! (on a workload veth around the policy, as the flows are: see `icmp`).
-//! Sources in the CIDR deny list are dropped first, as `lb_xdp` drops them
-//! (`policy::cidr_deny`).
+//! Then `tc::xmit` redirects the packet to the next hop the FIB names (skipping the stack's
+//! forwarding path); what the FIB cannot settle each mode settles as `lb_xdp` does
+//! (`crate::xmit::Unsent`: a translated packet goes to the stack with `TC_ACT_OK`, a DSR L2 one is
+//! dropped, ...), counted. Fragmented datagrams are handled as in `lb_xdp`: a first fragment of a
+//! DNAT flow is recorded after its rewrite, later ones get the same addresses (`tc::fragments`).
+//! ICMP errors about DNAT flows are translated by `icmp`, the same code as in `lb_xdp`, then go to
+//! the stack (on a workload veth around the policy, as the flows are: see `icmp`). Sources in the
+//! CIDR deny list are dropped first, as `lb_xdp` drops them (`policy::cidr_deny`).
+//!
+//! Stack: the deepest chains of BPF frames, `lb_tc` → `icmp::handle` and `lb_tc` → [`to_backend`]
+//! → `snat::allocate`, take the 512 bytes exactly; hence the small `Offsets` and `Chosen`, and
+//! each mode's work called from `lb_tc` itself. The verifier refuses the program if a change
+//! makes either longer (`combined stack size ... Too large`).
 //!
 //! On a workload's veth, where the policy programs also run, the same translation is split around
 //! them so that the policy sees the chosen backend on both sides (as Cilium does):
@@ -29,6 +38,11 @@
 //!   the client's policy both match it to the connection client → backend;
 //! - `lb_tc_reply` (end of tcx egress, after `policy_to_endpoint`) turns the source of a reply
 //!   reaching its client back into the VIP.
+//!
+//! The split programs translate DNAT only: a workload client's request to a SNAT or DSR service
+//! (`lb_tc_request`), or a SNAT reply leaving through a workload veth (`lb_tc_reply`), is dropped
+//! and counted `drop_tc_mode_unsupported` (the agent warns about such services once a workload
+//! veth is attached). Clients behind `--iface` interfaces get every mode.
 
 mod dsr;
 mod fragments;
