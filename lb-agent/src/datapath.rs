@@ -2,7 +2,7 @@
 //! desired configuration: backends, weighted Maglev tables (swapped atomically) and services.
 //!
 //! Attached as XDP (`lb_xdp`, the default, best on physical NICs) or TC (`lb_tc` at tcx ingress,
-//! DNAT only, best on veths), or on a workload's veth where the policy also runs, TC split around
+//! best on veths), both with every forwarding mode, or on a workload's veth where the policy also runs, TC split around
 //! the policy programs (see [`AttachMode`]).
 //!
 //! With a pin directory (see [`crate::pins`]) maps, program and XDP/TC links are pinned: the
@@ -56,7 +56,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const XDP_PROGRAM: &str = "lb_xdp";
 /// A program that only returns XDP_PASS, the baseline of per-packet benchmarks.
 pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
-/// Name of the balancing TC program (DNAT only) in the object.
+/// Name of the balancing TC program (every forwarding mode) in the object.
 pub const TC_PROGRAM: &str = "lb_tc";
 /// Translates requests at the head of a workload veth's TC ingress, before the policy.
 pub const TC_REQUEST_PROGRAM: &str = "lb_tc_request";
@@ -77,15 +77,16 @@ pub enum AttachMode {
     /// mode. The choice for physical NICs.
     #[default]
     Xdp,
-    /// `lb_tc` at TC (tcx) ingress: DNAT only (SNAT/DSR packets are dropped, counted
-    /// `drop_tc_mode_unsupported`). The choice for veths, where XDP forces NAPI, copies cloned
-    /// skbs and disables TSO on the peer.
+    /// `lb_tc` at TC (tcx) ingress: every forwarding mode, as `lb_xdp`. The choice for veths,
+    /// where XDP forces NAPI, copies cloned skbs and disables TSO on the peer.
     Tc,
     /// A workload's veth (host side), where the policy programs also run: `lb_tc` at the end of tcx
     /// ingress, `lb_tc_request` at its head (translates requests to VIPs before
     /// `policy_from_endpoint`, so the client's egress rules see the chosen backend) and
     /// `lb_tc_reply` at the end of tcx egress (turns the replies' source back into the VIP after
-    /// `policy_to_endpoint` matched them). DNAT only, like `Tc`.
+    /// `policy_to_endpoint` matched them). The request and reply programs translate DNAT only
+    /// (requests of SNAT/DSR services from a workload client are dropped, counted
+    /// `drop_tc_mode_unsupported`); `lb_tc` every mode, as with `Tc`.
     Workload,
 }
 
@@ -277,8 +278,9 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: Option<PinDir>,
     attached: Vec<(String, Attachment)>,
-    /// Some interface runs `lb_tc`: services in other modes than DNAT are warned about.
-    tc_attached: bool,
+    /// Some workload veth runs `lb_tc_request`, which translates DNAT only: services in other
+    /// modes are warned about.
+    workload_attached: bool,
     services: BTreeMap<ServiceKey, ProgrammedService>,
     backend_ids: StdHashMap<(IpAddr, u16), u32>,
     backends: StdHashMap<u32, Backend>,
@@ -374,7 +376,7 @@ impl Datapath {
             ebpf,
             pins,
             attached: Vec::new(),
-            tc_attached: false,
+            workload_attached: false,
             services: BTreeMap::new(),
             backend_ids: StdHashMap::new(),
             reply_routes: StdHashMap::new(),
@@ -545,7 +547,10 @@ impl Datapath {
     pub fn attach_with(&mut self, interface: &str, mode: AttachMode) -> Result<()> {
         if mode == AttachMode::Workload {
             self.attach_balancer(interface, AttachMode::Tc)?;
-            return self.attach_workload_hooks(interface);
+            self.attach_workload_hooks(interface)?;
+            self.workload_attached = true;
+            self.warn_xdp_only_services();
+            return Ok(());
         }
         self.release_workload_hooks(interface)?;
         self.attach_balancer(interface, mode)
@@ -555,8 +560,6 @@ impl Datapath {
     fn attach_balancer(&mut self, interface: &str, mode: AttachMode) -> Result<()> {
         if mode == AttachMode::Tc {
             self.tc_program()?;
-            self.tc_attached = true;
-            self.warn_xdp_only_services();
         }
         let Some(pins) = self.pins.clone() else {
             let attachment = match mode {
@@ -736,16 +739,18 @@ impl Datapath {
     }
 
     /// Logs every programmed service `lb_tc` cannot forward (SNAT, DSR), once TC is attached.
+    /// `lb_xdp` and `lb_tc` forward every mode; on workload veths, `lb_tc_request` only DNAT.
     fn warn_xdp_only_services(&self) {
-        if !self.tc_attached {
+        if !self.workload_attached {
             return;
         }
         for (key, service) in &self.services {
             if service.info.mode != mode::DNAT {
                 warn!(vip = %key.vip(), port = key.port_host(), protocol = key.protocol,
                       mode = service.info.mode,
-                      "service needs XDP (SNAT/DSR): its packets arriving on TC-attached \
-                       interfaces are dropped (drop_tc_mode_unsupported); attach XDP there");
+                      "SNAT/DSR service: its requests from clients on workload veths \
+                       (--workload-iface) are dropped (drop_tc_mode_unsupported); clients \
+                       behind --iface interfaces (XDP or TC) are served");
             }
         }
     }

@@ -43,15 +43,16 @@ enum Command {
         #[arg(long = "iface", short, required_unless_present = "workload_interfaces")]
         interfaces: Vec<String>,
         /// Program for every --iface: `xdp` (lb_xdp, every forwarding mode; best on physical
-        /// NICs) or `tc` (lb_tc at tcx ingress, DNAT only; best on veths, where XDP forces NAPI,
-        /// copies cloned skbs and turns TSO off on the peer).
+        /// NICs) or `tc` (lb_tc at tcx ingress, every forwarding mode too; best on veths, where
+        /// XDP forces NAPI, copies cloned skbs and turns TSO off on the peer).
         #[arg(long = "attach", default_value = "xdp", value_name = "xdp|tc")]
         attach_mode: AttachMode,
         /// Host side of a workload's veth (a pod interface, where the policy programs also run);
         /// repeat for each. Gets TC split around the policy (whatever --attach says): requests to
         /// a VIP are translated before the policy checks the workload's egress, so its rules see
         /// the backend chosen, not the VIP; replies are turned back into the VIP at its veth's
-        /// egress, after the policy. DNAT only.
+        /// egress, after the policy. DNAT only there: requests of SNAT/DSR services from such a
+        /// workload are dropped (drop_tc_mode_unsupported).
         #[arg(long = "workload-iface", value_name = "IFACE")]
         workload_interfaces: Vec<String>,
         /// Serve /metrics, /healthz and /readyz on this address.

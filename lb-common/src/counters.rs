@@ -69,10 +69,11 @@ counters! {
     SnatPortReclaimed = 16 => "snat_port_reclaimed",
     /// A SNAT or DSR-IPIP service without a source address in `SERVICE_MODES`: dropped.
     DropModeUnconfigured = 17 => "drop_mode_unconfigured",
-    /// Sent out of another interface (`bpf_redirect`) after a `bpf_fib_lookup` (SNAT, DSR; every
-    /// packet `lb_tc` forwards when the FIB knows the next hop).
+    /// Sent out of another interface (`bpf_redirect`) after a `bpf_fib_lookup` (SNAT, DSR; with
+    /// `lb_tc` DNAT too: every packet it forwards when the FIB knows the next hop).
     XmitRedirect = 18 => "xmit_redirect",
-    /// Sent back out of the interface it came in on (`XDP_TX`) after a `bpf_fib_lookup`.
+    /// Sent back out of the interface it came in on (`XDP_TX`; `lb_tc`: `bpf_redirect` to it) after
+    /// a `bpf_fib_lookup`.
     XmitTx = 19 => "xmit_tx",
     /// SNAT, IPIP or `lb_tc` packet whose next hop has no neighbour entry yet: the finished packet
     /// goes to the kernel, which resolves the neighbour and sends it (later packets take the fast
@@ -92,7 +93,8 @@ counters! {
     /// DSR IPIP: the encapsulated packet exceeds the egress MTU: dropped. Give the links to
     /// backends 20 (IPv4) / 40 (IPv6) bytes of MTU headroom, or clamp the TCP MSS.
     DropEncapTooBig = 25 => "drop_encap_too_big",
-    /// DSR IPIP: no headroom for the outer header (`bpf_xdp_adjust_head` failed): dropped.
+    /// DSR IPIP: no headroom for the outer header (`bpf_xdp_adjust_head` failed; `lb_tc`:
+    /// `bpf_skb_adjust_room` failed, e.g. on an skb already encapsulated): dropped.
     DropEncapFailed = 26 => "drop_encap_failed",
     /// `lb_decap`: outer IPv4 header removed.
     DecapOuterIpv4 = 27 => "decap_outer_ipv4",
@@ -119,8 +121,9 @@ counters! {
     FragmentTracked = 34 => "fragment_tracked",
     /// A later fragment of a tracked datagram, given the addresses of its first fragment.
     ForwardFragment = 35 => "forward_fragment",
-    /// `lb_tc` (the TC datapath, DNAT only) got a packet of an SNAT or DSR service, or the reply of
-    /// an SNAT flow: dropped. Attach XDP to the interfaces such services use.
+    /// `lb_tc_request` or `lb_tc_reply` (the workload-veth split, DNAT only) got a request of an
+    /// SNAT or DSR service, or the reply of an SNAT flow: dropped. Such clients need an
+    /// interface attached with `--iface` (`lb_tc` and `lb_xdp` forward every mode).
     DropTcModeUnsupported = 36 => "drop_tc_mode_unsupported",
 }
 

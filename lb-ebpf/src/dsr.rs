@@ -33,13 +33,13 @@ use lb_common::{
     checksum,
     counters::Counter,
     modes::encap::{self, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_OUTER_LEN, IPV6_OUTER_LEN, OUTER_TTL},
-    service::{family, Backend, ServiceInfo},
+    service::{family, Addr, Backend, ServiceInfo},
 };
 
 use crate::{
     maps::{count, SERVICE_MODES},
     packet::{header::ETH_LEN, Flow},
-    xmit::{self, fib_xmit, opts, Xmit},
+    xmit::{self, fib_xmit, opts, Unsent, Xmit},
 };
 
 /// DSR on a shared segment: MAC rewrite towards `backend`, packet otherwise unchanged.
@@ -55,27 +55,19 @@ pub fn l2(ctx: &XdpContext, flow: &Flow, backend: &Backend) -> u32 {
         0,
         opts::ON_LINK_ONLY,
     ) {
-        Xmit::Sent(action) => return action,
-        Xmit::NoNeigh => count(Counter::DropDsrNoNeigh),
-        Xmit::NotOnLink => count(Counter::DropDsrNotOnLink),
-        Xmit::TooBig | Xmit::NoRoute => count(Counter::DropDsrNoRoute),
+        Xmit::Sent(action) => action,
+        unsent => Unsent::dsr_l2(unsent).xdp_action(),
     }
-    xdp_action::XDP_DROP
 }
 
 /// DSR through IP-in-IP / IPv6-in-IPv6 towards `backend`.
 // A function of its own (a BPF subprogram): its stack does not add to the other paths'.
 #[inline(never)]
 pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Backend) -> u32 {
-    let Some(info) = SERVICE_MODES.get(service.id) else {
+    let Some(source) = encap_source(service.id) else {
         count(Counter::DropModeUnconfigured);
         return xdp_action::XDP_DROP;
     };
-    if !info.has_source() {
-        count(Counter::DropModeUnconfigured);
-        return xdp_action::XDP_DROP;
-    }
-    let source = &info.source;
     let v4 = flow.key.family == family::IPV4;
     // Everything needed from `flow` is read now: its packet offsets are void once the head moves.
     let label = if v4 { 0 } else { encap::flow_label(&flow.key) };
@@ -121,19 +113,16 @@ pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Back
         0,
     ) {
         Xmit::Sent(action) => action,
-        Xmit::TooBig => {
-            count(Counter::DropEncapTooBig);
-            xdp_action::XDP_DROP
-        }
-        Xmit::NoNeigh => {
-            count(Counter::PassFibNoNeigh);
-            xdp_action::XDP_PASS
-        }
-        Xmit::NotOnLink | Xmit::NoRoute => {
-            count(Counter::PassFibFailed);
-            xdp_action::XDP_PASS
-        }
+        unsent => Unsent::dsr_ipip(unsent).xdp_action(),
     }
+}
+
+/// The outer source address of service `service_id`'s encapsulated packets (`SERVICE_MODES`), or
+/// `None` if it has none (dropped, counted `drop_mode_unconfigured`).
+#[inline(always)]
+pub fn encap_source(service_id: u32) -> Option<&'static Addr> {
+    let info = SERVICE_MODES.get(service_id)?;
+    info.has_source().then_some(&info.source)
 }
 
 /// Copies the Ethernet header from `data + by` (where it was before the head moved) to `data`; the
@@ -160,7 +149,7 @@ unsafe fn move_ethernet(data: usize, by: usize) {
 /// # Safety
 /// `outer .. outer + 40` must be inside the packet.
 #[inline(always)]
-unsafe fn write_outer_ipv4(outer: usize, src: &[u32; 4], dst: &[u32; 4]) {
+pub unsafe fn write_outer_ipv4(outer: usize, src: &[u32; 4], dst: &[u32; 4]) {
     unsafe {
         let inner = outer + IPV4_OUTER_LEN;
         let tos = *((inner + 1) as *const u8);
@@ -207,7 +196,7 @@ unsafe fn write16(at: usize, value: u16) {
 /// # Safety
 /// `outer .. outer + 80` must be inside the packet.
 #[inline(always)]
-unsafe fn write_outer_ipv6(outer: usize, src: &[u32; 4], dst: &[u32; 4], label: u32) {
+pub unsafe fn write_outer_ipv6(outer: usize, src: &[u32; 4], dst: &[u32; 4], label: u32) {
     unsafe {
         let inner = outer + IPV6_OUTER_LEN;
         let first = u32::from_be(core::ptr::read_unaligned(inner as *const u32));

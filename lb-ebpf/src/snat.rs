@@ -41,7 +41,7 @@ use crate::{
     maps::{count, scratch, NAT_REPLY, SERVICE_MODES},
     mem, nat,
     packet::Flow,
-    xmit::{self, fib_xmit, opts, Xmit},
+    xmit::{self, fib_xmit, opts, Unsent, Xmit},
 };
 
 /// Chooses the source port (network byte order) of a new SNAT flow to `backend` and records the
@@ -182,13 +182,6 @@ fn send(ctx: &XdpContext, flow: &Flow, src: &Addr, dst: &Addr) -> u32 {
         opts::DECREMENT_TTL,
     ) {
         Xmit::Sent(action) => action,
-        Xmit::NoNeigh => {
-            count(Counter::PassFibNoNeigh);
-            xdp_action::XDP_PASS
-        }
-        _ => {
-            count(Counter::PassFibFailed);
-            xdp_action::XDP_PASS
-        }
+        unsent => Unsent::translated(unsent).xdp_action(),
     }
 }

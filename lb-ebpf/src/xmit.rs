@@ -1,6 +1,8 @@
 //! Next hop without the stack: `bpf_fib_lookup` finds the egress interface and the MAC addresses, the
 //! Ethernet header is rewritten, and the packet leaves by `XDP_TX` (same interface) or `bpf_redirect`
 //! (another one). Used by SNAT (both directions), DSR L2 and DSR IPIP; DNAT stays on `XDP_PASS`.
+//! `tc::xmit` is the same on an skb: it shares the query ([`fib_query`]), the reading of the answer
+//! ([`unsendable`]) and what each mode does with a packet it cannot send ([`Unsent`]).
 //!
 //! The lookup runs as the kernel's forwarding path would for a packet received on the ingress
 //! interface: forwarding must be enabled on it (`net.ipv4.ip_forward`, `net.ipv6.conf.*.forwarding`)
@@ -51,7 +53,8 @@ pub mod opts {
 
 /// Outcome of [`fib_xmit`].
 pub enum Xmit {
-    /// Ethernet header rewritten; return this action (`XDP_TX` or `XDP_REDIRECT`). Counted.
+    /// Ethernet header rewritten; return this action (`XDP_TX` or `XDP_REDIRECT`; `lb_tc`:
+    /// `TC_ACT_REDIRECT`). Counted.
     Sent(u32),
     /// Route found, next hop's MAC not known (yet). Nothing rewritten.
     NoNeigh,
@@ -142,28 +145,8 @@ pub fn fib_xmit(
             0,
         )
     } as u32;
-    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
-        return Xmit::TooBig;
-    }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return Xmit::NoRoute;
-    }
-    // The lookup replaces the destination by the gateway when there is one.
-    if options & opts::ON_LINK_ONLY != 0 {
-        // SAFETY: union fields of plain integers, written by the helper for this family.
-        let next_hop_is_dst = unsafe {
-            if v4 {
-                params.__bindgen_anon_4.ipv4_dst == dst.0[0]
-            } else {
-                params.__bindgen_anon_4.ipv6_dst == dst.0
-            }
-        };
-        if !next_hop_is_dst {
-            return Xmit::NotOnLink;
-        }
-    }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-        return Xmit::NoNeigh;
+    if let Some(unsent) = unsendable(rc, params, v4, dst, options) {
+        return unsent;
     }
 
     let data = ctx.data();
@@ -197,6 +180,90 @@ pub fn fib_xmit(
         count(Counter::XmitRedirect);
         // SAFETY: plain helper call; returns XDP_REDIRECT, or XDP_ABORTED on bad flags.
         Xmit::Sent(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
+    }
+}
+
+/// Why the answer `rc` of `bpf_fib_lookup` on `params` (a query for `dst`) does not let the
+/// packet go out, or `None` if it does (the MACs and egress interface are in `params`). Shared by
+/// `lb_xdp` ([`fib_xmit`]) and `lb_tc` (`tc::xmit`).
+#[inline(always)]
+pub fn unsendable(rc: u32, params: &FibParams, v4: bool, dst: &Addr, options: u8) -> Option<Xmit> {
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        return Some(Xmit::TooBig);
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Some(Xmit::NoRoute);
+    }
+    // The lookup replaces the destination by the gateway when there is one.
+    if options & opts::ON_LINK_ONLY != 0 {
+        // SAFETY: union fields of plain integers, written by the helper for this family.
+        let next_hop_is_dst = unsafe {
+            if v4 {
+                params.__bindgen_anon_4.ipv4_dst == dst.0[0]
+            } else {
+                params.__bindgen_anon_4.ipv6_dst == dst.0
+            }
+        };
+        if !next_hop_is_dst {
+            return Some(Xmit::NotOnLink);
+        }
+    }
+    (rc == BPF_FIB_LKUP_RET_NO_NEIGH).then_some(Xmit::NoNeigh)
+}
+
+/// What becomes of a packet [`fib_xmit`] (or `tc::xmit`) did not send, by forwarding mode: the
+/// counter that says why, and whether the stack may have it. One table for both programs.
+pub enum Unsent {
+    /// The finished packet goes to the stack, which resolves, routes or answers with ICMP.
+    Pass(Counter),
+    Drop(Counter),
+}
+
+impl Unsent {
+    /// A translated packet (SNAT both ways, DNAT on `lb_tc`): the stack can route it.
+    #[inline(always)]
+    pub fn translated(unsent: Xmit) -> Self {
+        match unsent {
+            Xmit::NoNeigh => Unsent::Pass(Counter::PassFibNoNeigh),
+            _ => Unsent::Pass(Counter::PassFibFailed),
+        }
+    }
+
+    /// DSR L2: the unchanged packet is addressed to the VIP, which the stack would route back or
+    /// answer itself: never passed.
+    #[inline(always)]
+    pub fn dsr_l2(unsent: Xmit) -> Self {
+        Unsent::Drop(match unsent {
+            Xmit::NoNeigh => Counter::DropDsrNoNeigh,
+            Xmit::NotOnLink => Counter::DropDsrNotOnLink,
+            _ => Counter::DropDsrNoRoute,
+        })
+    }
+
+    /// DSR IPIP: the encapsulated packet is routable, unless it is too big (the stack would
+    /// fragment the outer packet or answer nobody useful).
+    #[inline(always)]
+    pub fn dsr_ipip(unsent: Xmit) -> Self {
+        match unsent {
+            Xmit::TooBig => Unsent::Drop(Counter::DropEncapTooBig),
+            Xmit::NoNeigh => Unsent::Pass(Counter::PassFibNoNeigh),
+            _ => Unsent::Pass(Counter::PassFibFailed),
+        }
+    }
+
+    /// The XDP action, counted.
+    #[inline(always)]
+    pub fn xdp_action(self) -> u32 {
+        match self {
+            Unsent::Pass(reason) => {
+                count(reason);
+                xdp_action::XDP_PASS
+            }
+            Unsent::Drop(reason) => {
+                count(reason);
+                xdp_action::XDP_DROP
+            }
+        }
     }
 }
 

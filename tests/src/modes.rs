@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::{
-    programs::{xdp::XdpLinkId, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{xdp::XdpLinkId, SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header};
@@ -30,6 +30,8 @@ use crate::{
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
+/// `TC_ACT_REDIRECT`: what `lb_tc` returns for a packet it sends to the FIB's next hop.
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// Runs `f` on a thread that has entered `ns`, borrowing from the caller (unlike [`Netns::run`]).
 pub fn in_netns<R: Send>(ns: &Netns, f: impl FnOnce() -> R + Send) -> R {
@@ -59,6 +61,29 @@ pub fn run_on(program: &mut Xdp, frame: &[u8], ingress_ifindex: u32) -> (u32, Ve
     let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
+}
+
+/// [`run_on`] for the TC `program`: the skb's device is interface `ifindex` of the calling
+/// thread's namespace (what `lb_tc` asks the FIB from, as at that interface's ingress).
+pub fn run_tc_on(program: &mut SchedClassifier, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    let ctx = sk_buff_on(ifindex);
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.ctx_in = Some(&ctx);
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// The start of a `struct __sk_buff` up to `ifindex` (the 11th word), all else zero, as a test
+/// run's context: the kernel gives the skb that device (`BPF_PROG_TEST_RUN` accepts a context
+/// shorter than the struct).
+fn sk_buff_on(ifindex: u32) -> Vec<u8> {
+    let mut words = [0u32; 11];
+    words[10] = ifindex;
+    words.iter().flat_map(|w| w.to_ne_bytes()).collect()
 }
 
 /// Index and MAC address of `iface` in `ns`.

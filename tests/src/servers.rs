@@ -9,7 +9,7 @@ use std::{
         Arc,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{netns::Netns, topology::Topology};
@@ -123,12 +123,24 @@ pub fn tcp_requests(
             .map(|_| {
                 let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
                 stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+                stream.set_write_timeout(Some(Duration::from_secs(3)))?;
                 let mut greeting = Vec::new();
                 let mut byte = [0u8; 1];
                 while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
                     greeting.push(byte[0]);
                 }
-                stream.write_all(payload)?;
+                // A path that loses most of the payload fails the request in bounded time, not
+                // after TCP has crawled through it one retransmission at a time.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                for chunk in payload.chunks(64 * 1024) {
+                    if Instant::now() > deadline {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "payload not sent within 10 s",
+                        ));
+                    }
+                    stream.write_all(chunk)?;
+                }
                 stream.shutdown(std::net::Shutdown::Write)?;
                 Ok(String::from_utf8_lossy(&greeting).into_owned())
             })

@@ -14,6 +14,14 @@
 //!
 //! Redirected frames enter a veth only when its peer runs XDP: the client's and backends' `eth0` get
 //! `xdp_pass` (or `lb_decap`), as a NIC needs nothing.
+//!
+//! Each runs with the balancer attached as XDP (the default) and as TC (`--attach tc`, `lb_tc`).
+//! Through TC the traffic is what veths really carry: the client and the backends send with
+//! checksum offload and TSO (partial checksums, GSO packets of many segments, which `lb_tc`
+//! rewrites, redirects and, for IPIP, encapsulates as one skb), the balancer's interfaces
+//! finish checksums and segment in software on the way out (a wrong checksum update or
+//! encapsulation shows as lost bytes), and every TCP connection carries 256 KiB. No `xdp_pass`
+//! there: `bpf_redirect` of an skb needs nothing from the peer.
 
 use std::{
     collections::BTreeMap,
@@ -38,6 +46,33 @@ const REQUESTS: usize = 30;
 const SMALL: &[u8] = b"0123456789abcdef";
 /// Two full-sized TCP segments and a bit: needs the MTU headroom once encapsulated.
 static LARGE: [u8; 3000] = [7; 3000];
+/// TCP payload per connection through TC: bulk, sent as GSO packets of many segments.
+static BULK: [u8; 256 * 1024] = [7; 256 * 1024];
+
+/// How the agent attaches the datapath: `lb-agent run` arguments.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Attach {
+    Xdp,
+    Tc,
+}
+
+impl Attach {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Attach::Xdp => &[],
+            Attach::Tc => &["--attach", "tc"],
+        }
+    }
+
+    /// The TCP payload of each connection in `mode`.
+    fn payload(self, mode: Mode) -> &'static [u8] {
+        match (self, mode) {
+            (Attach::Tc, _) => &BULK,
+            (Attach::Xdp, Mode::DsrIpip) => &LARGE,
+            (Attach::Xdp, _) => SMALL,
+        }
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -90,6 +125,7 @@ fn config(topology: &Topology, mode: Mode) -> String {
 /// Everything a mode's test runs on; torn down in reverse order on drop.
 struct Setup {
     mode: Mode,
+    attach: Attach,
     servers: Vec<RecordingServer>,
     decaps: Vec<Decap>,
     _xdp_pass: Vec<XdpPass>,
@@ -99,13 +135,18 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(mode: Mode) -> Self {
+    fn new(mode: Mode, attach: Attach) -> Self {
         let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
         let vips = [IpAddr::from(VIP), IpAddr::from(VIP6)];
         let (tcp_port, udp_port) = mode.backend_ports();
         let mut servers = Vec::new();
         let mut decaps = Vec::new();
-        let mut xdp_pass = vec![XdpPass::attach(&topology.client, "eth0")];
+        let mut xdp_pass = Vec::new();
+        if attach == Attach::Xdp {
+            xdp_pass.push(XdpPass::attach(&topology.client, "eth0"));
+        } else {
+            offloads(&topology);
+        }
         if mode == Mode::Snat {
             // The SNAT address is one of the node's own: packets the fast path hands to the stack
             // (next hop not resolved yet) must not be taken for spoofed.
@@ -148,19 +189,21 @@ impl Setup {
                 .expect("load lb_decap");
                 in_netns(&b.ns, || decap.attach("eth0")).expect("attach lb_decap");
                 decaps.push(decap);
-            } else {
+            } else if attach == Attach::Xdp {
                 xdp_pass.push(XdpPass::attach(&b.ns, "eth0"));
             }
         }
         let file = ConfigFile::new(&config(&topology, mode));
-        let agent = AgentProcess::start(
+        let agent = AgentProcess::start_with(
             &topology.balancer,
             file.path(),
             &topology.balancer_interfaces(),
+            attach.args(),
         )
         .expect("agent starts");
         Self {
             mode,
+            attach,
             servers,
             decaps,
             _xdp_pass: xdp_pass,
@@ -172,7 +215,8 @@ impl Setup {
 
     /// TCP connections and UDP datagrams through both VIPs: every one answered (from the VIP, for
     /// UDP), both backends used. Returns TCP bytes sent.
-    fn traffic(&self, payload: &'static [u8]) -> u64 {
+    fn traffic(&self) -> u64 {
+        let payload = self.attach.payload(self.mode);
         let client = &self.topology.client;
         for vip in [IpAddr::from(VIP), IpAddr::from(VIP6)] {
             for (what, results) in [
@@ -189,8 +233,9 @@ impl Setup {
                 for r in results {
                     let name = r.unwrap_or_else(|e| {
                         panic!(
-                            "{} {what} to {vip}: a request through the VIP failed: {e}",
-                            self.mode.name()
+                            "{} ({:?}) {what} to {vip}: a request through the VIP failed: {e}",
+                            self.mode.name(),
+                            self.attach
                         )
                     });
                     *by_backend.entry(name).or_default() += 1;
@@ -234,8 +279,33 @@ impl Setup {
                 Some((name.to_string(), value.parse().ok()?))
             })
             .collect();
-        eprintln!("{}: balancer counters {counters:?}", self.mode.name());
+        eprintln!(
+            "{} ({:?}): balancer counters {counters:?}",
+            self.mode.name(),
+            self.attach
+        );
         counters
+    }
+}
+
+/// As on veths in production (see the module doc): the client and the backends leave checksums
+/// (and segmentation) to the "hardware", the balancer's interfaces finish them in software.
+fn offloads(topology: &Topology) {
+    let ethtool = |ns: &lb_tests::netns::Netns, iface: &str, on_off: &str| {
+        let out = ns
+            .exec("ethtool", &["-K", iface, "tx", on_off])
+            .expect("ethtool");
+        assert!(
+            out.status.success(),
+            "ethtool -K {iface} tx {on_off}: {out:?}"
+        );
+    };
+    ethtool(&topology.client, "eth0", "on");
+    for b in &topology.backends {
+        ethtool(&b.ns, "eth0", "on");
+    }
+    for iface in topology.balancer_interfaces() {
+        ethtool(&topology.balancer, &iface, "off");
     }
 }
 
@@ -245,8 +315,17 @@ fn count(counters: &BTreeMap<String, u64>, which: Counter) -> u64 {
 
 #[test]
 fn snat_tcp_and_udp_over_ipv4_and_ipv6() {
-    let mut setup = Setup::new(Mode::Snat);
-    let sent = setup.traffic(SMALL);
+    snat(Attach::Xdp);
+}
+
+#[test]
+fn snat_tcp_and_udp_over_ipv4_and_ipv6_through_tc() {
+    snat(Attach::Tc);
+}
+
+fn snat(attach: Attach) {
+    let mut setup = Setup::new(Mode::Snat, attach);
+    let sent = setup.traffic();
     let peers = setup.peers();
     assert_eq!(
         peers.len(),
@@ -317,15 +396,33 @@ fn check_dsr(setup: &mut Setup, sent: u64) -> BTreeMap<String, u64> {
 
 #[test]
 fn dsr_l2_tcp_and_udp_over_ipv4_and_ipv6() {
-    let mut setup = Setup::new(Mode::DsrL2);
-    let sent = setup.traffic(SMALL);
+    dsr_l2(Attach::Xdp);
+}
+
+#[test]
+fn dsr_l2_tcp_and_udp_over_ipv4_and_ipv6_through_tc() {
+    dsr_l2(Attach::Tc);
+}
+
+fn dsr_l2(attach: Attach) {
+    let mut setup = Setup::new(Mode::DsrL2, attach);
+    let sent = setup.traffic();
     check_dsr(&mut setup, sent);
 }
 
 #[test]
 fn dsr_ipip_tcp_and_udp_over_ipv4_and_ipv6() {
-    let mut setup = Setup::new(Mode::DsrIpip);
-    let sent = setup.traffic(&LARGE);
+    dsr_ipip(Attach::Xdp);
+}
+
+#[test]
+fn dsr_ipip_tcp_and_udp_over_ipv4_and_ipv6_through_tc() {
+    dsr_ipip(Attach::Tc);
+}
+
+fn dsr_ipip(attach: Attach) {
+    let mut setup = Setup::new(Mode::DsrIpip, attach);
+    let sent = setup.traffic();
     let counters = check_dsr(&mut setup, sent);
     assert_eq!(
         count(&counters, Counter::DropEncapTooBig),
@@ -358,9 +455,19 @@ fn dsr_ipip_tcp_and_udp_over_ipv4_and_ipv6() {
         );
     }
     assert_eq!(decapsulated(Counter::DecapDropUnknownEndpoint), 0);
+    let total = decapsulated(Counter::DecapOuterIpv4) + decapsulated(Counter::DecapOuterIpv6);
     eprintln!(
         "decapsulated: {} IPv4, {} IPv6",
         decapsulated(Counter::DecapOuterIpv4),
         decapsulated(Counter::DecapOuterIpv6)
     );
+    if attach == Attach::Tc {
+        // GSO packets were encapsulated whole and segmented on the way out: the backends
+        // decapsulated several packets per packet `lb_tc` sent (every one of them encapsulated).
+        let sent = count(&counters, Counter::XmitRedirect) + count(&counters, Counter::XmitTx);
+        assert!(
+            total > 2 * sent,
+            "GSO through IPIP: {total} packets decapsulated for {sent} redirected"
+        );
+    }
 }

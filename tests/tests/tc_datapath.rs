@@ -1,10 +1,11 @@
-//! `lb_tc`, the TC datapath (DNAT only), on crafted frames through BPF_PROG_TEST_RUN: forward and
-//! reply for IPv4 and IPv6, TCP and UDP, conntrack hits, fragmented datagrams both ways, UDP
-//! without a checksum, the modes it refuses, and traffic it leaves alone; and the workload-veth
-//! split (`lb_tc_request` before the policy, `lb_tc_reply` after it at egress), ICMP errors of its
-//! flows included. Outputs are compared byte for byte with frames built from scratch (so every
-//! checksum is verified); each case also checks the counter naming its path. `lb_tc`'s ICMP error
-//! fixtures are `xdp_icmp_fragments`'s, run through both programs.
+//! `lb_tc`, the TC datapath, on crafted frames through BPF_PROG_TEST_RUN: DNAT forward and reply
+//! for IPv4 and IPv6, TCP and UDP, conntrack hits, fragmented datagrams both ways, UDP without a
+//! checksum, SNAT without a route, and traffic it leaves alone; and the workload-veth split
+//! (`lb_tc_request` before the policy, `lb_tc_reply` after it at egress; DNAT only, SNAT refused),
+//! ICMP errors of its flows included. Outputs are compared byte for byte with frames built from
+//! scratch (so every checksum is verified); each case also checks the counter naming its path.
+//! `lb_tc`'s ICMP error fixtures are `xdp_icmp_fragments`'s, and its SNAT, DSR L2 and DSR IPIP
+//! fixtures `xdp_modes`'s, run through both programs.
 //!
 //! Each test runs in a network namespace of its own, since `lb_tc` asks the FIB for the next hop:
 //! an empty one (no route: the stack gets the packet, `TC_ACT_OK`) or one that knows the backends
@@ -19,13 +20,13 @@ use lb_agent::{
     config::Config,
     datapath::{Datapath, LoadOptions, TC_PROGRAM, TC_REPLY_PROGRAM, TC_REQUEST_PROGRAM},
 };
-use lb_common::{counters::Counter, protocol, service::ServiceKey};
+use lb_common::{counters::Counter, modes::snat, protocol, service::ServiceKey};
 use lb_tests::{
     frames::{fragments, frame, icmp_error, inspect, ip_packet, IcmpError, ACK, L4, SYN},
     netns::{Netns, TEST_PREFIX},
     test_run::{
-        expected_backend, run as run_xdp, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
-        XDP_PASS,
+        expected_backend, flow_key, run as run_xdp, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT,
+        TC_ACT_UNSPEC, XDP_PASS,
     },
 };
 
@@ -265,22 +266,49 @@ fn udp_without_checksum_keeps_none_in_namespace() {
     assert_eq!(out, zero_checksum(frame(L4::Udp, client, backend, b"x")));
 }
 
-#[test]
-fn refused_modes_and_other_traffic() {
-    isolated(&[], refused_modes_and_other_traffic_in_namespace);
+/// The SNAT port the datapath picks first for `client → vip` (the default range).
+fn snat_port(client: SocketAddr, vip: SocketAddr) -> u16 {
+    let hash = snat::port_hash(&flow_key(protocol::TCP, client, vip));
+    snat::candidate_port(
+        hash,
+        snat::DEFAULT_PORT_FIRST,
+        (snat::DEFAULT_PORT_LAST - snat::DEFAULT_PORT_FIRST) as u32 + 1,
+        0,
+    )
 }
 
-fn refused_modes_and_other_traffic_in_namespace() {
+#[test]
+fn snat_without_a_route_no_backend_and_other_traffic() {
+    isolated(
+        &[],
+        snat_without_a_route_no_backend_and_other_traffic_in_namespace,
+    );
+}
+
+/// In a namespace without routes: a SNAT flow is translated both ways and left to the stack
+/// (`xdp_modes` has every mode redirected); a service without backends drops; other traffic
+/// passes untouched.
+fn snat_without_a_route_no_backend_and_other_traffic_in_namespace() {
     let mut datapath = load();
     let client = sa("192.0.2.2:40003");
-    let snat = frame(SYN, client, sa("198.51.100.40:80"), b"");
+    let vip = sa("198.51.100.40:80");
+    let node = SocketAddr::new("192.0.2.1".parse().unwrap(), snat_port(client, vip));
+    let backend = sa("203.0.113.41:8080");
     expect(
         &mut datapath,
-        "SNAT service (XDP only)",
-        &snat,
-        TC_ACT_SHOT,
-        &snat,
-        Counter::DropTcModeUnsupported,
+        "SNAT service, no route to the backend: translated, to the stack",
+        &frame(SYN, client, vip, b""),
+        TC_ACT_OK,
+        &frame(SYN, node, backend, b""),
+        Counter::PassFibFailed,
+    );
+    expect(
+        &mut datapath,
+        "SNAT reply, no route to the client: translated, to the stack",
+        &frame(ACK, backend, node, b"r"),
+        TC_ACT_OK,
+        &frame(ACK, vip, client, b"r"),
+        Counter::SnatReplyTranslated,
     );
     let empty = frame(SYN, client, sa("198.51.100.11:80"), b"");
     expect(
@@ -520,15 +548,33 @@ fn workload_veth_in_namespace() {
         Counter::ReplyTranslated,
     );
 
-    // Refused at the head of the chain, as by `lb_tc`.
-    let snat = frame(SYN, client, sa("198.51.100.40:80"), b"");
+    // SNAT (and DSR) are refused at the head of the chain (DNAT only on workload veths), and so
+    // is a SNAT reply leaving through one (a flow `lb_tc` translated).
+    let snat_vip = sa("198.51.100.40:80");
+    let snat = frame(SYN, client, snat_vip, b"");
     expect_of(
         &mut datapath,
         TC_REQUEST_PROGRAM,
-        "SNAT service (XDP only)",
+        "SNAT service, client on a workload veth",
         &snat,
         TC_ACT_SHOT,
         &snat,
+        Counter::DropTcModeUnsupported,
+    );
+    let node = SocketAddr::new("192.0.2.1".parse().unwrap(), snat_port(client, snat_vip));
+    let (verdict, _) = run(&mut datapath, &snat);
+    assert_eq!(
+        verdict, TC_ACT_OK,
+        "lb_tc translates a SNAT request (no route)"
+    );
+    let snat_reply = frame(ACK, sa("203.0.113.41:8080"), node, b"");
+    expect_of(
+        &mut datapath,
+        TC_REPLY_PROGRAM,
+        "SNAT reply at a workload veth's egress",
+        &snat_reply,
+        TC_ACT_SHOT,
+        &snat_reply,
         Counter::DropTcModeUnsupported,
     );
 

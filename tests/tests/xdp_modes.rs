@@ -1,7 +1,9 @@
 //! The forwarding modes (SNAT, DSR L2, DSR IPIP) and the decapsulation program on crafted frames
 //! through BPF_PROG_TEST_RUN. Each fixture is a description, an input frame and the interface it
 //! arrives on, the expected action, the expected output frame (built from scratch, full checksums,
-//! compared byte for byte) and the counters that name the path.
+//! compared byte for byte) and the counters that name the path. The balancer's fixtures run
+//! through `lb_xdp` and through `lb_tc` (the TC datapath): the same frames and counters, each
+//! program's verdicts.
 //!
 //! `bpf_fib_lookup` answers from the namespace of the thread that runs the test, so the balancer's
 //! fixtures run inside the balancer namespace of a real topology (routes, interfaces, and permanent
@@ -12,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use lb_agent::{
     config::Config,
-    datapath::Datapath,
+    datapath::{AttachMode, Datapath, TC_PROGRAM},
     decap::{Decap, DecapOptions},
 };
 use lb_common::{
@@ -23,11 +25,11 @@ use lb_common::{
 use lb_tests::{
     frames::{frame, frame_via, inspect, ACK, FIN_ACK, L4, SYN},
     modes::{
-        decapsulated, encapsulated, in_netns, link_of, run_on, static_neighbour, XDP_REDIRECT,
-        XDP_TX,
+        decapsulated, encapsulated, in_netns, link_of, run_on, run_tc_on, static_neighbour,
+        TC_ACT_REDIRECT, XDP_REDIRECT, XDP_TX,
     },
     netns::TEST_PREFIX,
-    test_run::{counter_in, flow_key, run, sa, XDP_DROP, XDP_PASS},
+    test_run::{counter_in, flow_key, run, sa, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
     topology::{
         Topology, BALANCER_CLIENT_IFACE, BALANCER_CLIENT_SIDE_ADDR, BALANCER_CLIENT_SIDE_ADDR6,
         CLIENT_ADDR, CLIENT_ADDR6,
@@ -94,9 +96,66 @@ fn config(b1: Ipv4Addr, b1_6: Ipv6Addr) -> String {
 }
 
 enum Expect {
-    /// This action and exactly this output frame.
-    Frame(u32, Vec<u8>),
+    /// This verdict and exactly this output frame.
+    Frame(Verdict, Vec<u8>),
     Dropped,
+}
+
+/// What becomes of a packet that goes on, in terms of either program.
+#[derive(Clone, Copy, Debug)]
+enum Verdict {
+    /// To the FIB's next hop on another interface.
+    Redirect,
+    /// Back out of the interface it came in on.
+    Tx,
+    /// To the stack.
+    Pass,
+}
+
+/// The program a fixture runs through.
+#[derive(Clone, Copy, Debug)]
+enum Program {
+    Xdp,
+    Tc,
+}
+
+impl Program {
+    /// Runs `input` as received on interface `ingress`.
+    fn run(self, datapath: &mut Datapath, input: &[u8], ingress: u32) -> (u32, Vec<u8>) {
+        match self {
+            Program::Xdp => run_on(datapath.xdp_program(), input, ingress),
+            Program::Tc => run_tc_on(
+                datapath.tc_program_named(TC_PROGRAM).expect("lb_tc loads"),
+                input,
+                ingress,
+            ),
+        }
+    }
+
+    /// The program's action for `verdict` (`lb_tc` redirects to the ingress interface as to any).
+    fn action(self, verdict: Verdict) -> u32 {
+        match (self, verdict) {
+            (Program::Xdp, Verdict::Redirect) => XDP_REDIRECT,
+            (Program::Xdp, Verdict::Tx) => XDP_TX,
+            (Program::Xdp, Verdict::Pass) => XDP_PASS,
+            (Program::Tc, Verdict::Redirect | Verdict::Tx) => TC_ACT_REDIRECT,
+            (Program::Tc, Verdict::Pass) => TC_ACT_OK,
+        }
+    }
+
+    fn dropped(self) -> u32 {
+        match self {
+            Program::Xdp => XDP_DROP,
+            Program::Tc => TC_ACT_SHOT,
+        }
+    }
+
+    fn attach_mode(self) -> AttachMode {
+        match self {
+            Program::Xdp => AttachMode::Xdp,
+            Program::Tc => AttachMode::Tc,
+        }
+    }
 }
 
 struct Fixture {
@@ -120,6 +179,16 @@ fn snat_port(proto: u8, client: SocketAddr, vip: SocketAddr) -> u16 {
 
 #[test]
 fn balancer_fixtures_for_every_mode_family_and_protocol() {
+    balancer_fixtures(Program::Xdp);
+}
+
+/// The same fixtures through `lb_tc`: every mode forwarded on the skb as `lb_xdp` forwards it.
+#[test]
+fn balancer_fixtures_for_every_mode_family_and_protocol_through_tc() {
+    balancer_fixtures(Program::Tc);
+}
+
+fn balancer_fixtures(program: Program) {
     let topology = Topology::new(TEST_PREFIX, 1).expect("topology");
     let (lb, b1) = (&topology.balancer, &topology.backends[0]);
     let (_, client_mac) = link_of(&topology.client, "eth0");
@@ -181,7 +250,7 @@ fn balancer_fixtures_for_every_mode_family_and_protocol() {
                 input: frame_via(l4, client, snat_vip, PAYLOAD, from_client, 64),
                 ingress: to_client,
                 expect: Expect::Frame(
-                    XDP_REDIRECT,
+                    Verdict::Redirect,
                     frame_via(l4, node_end, backend, PAYLOAD, to_backend, 63),
                 ),
                 counters: vec![Counter::ForwardNewFlow, Counter::XmitRedirect],
@@ -191,7 +260,7 @@ fn balancer_fixtures_for_every_mode_family_and_protocol() {
                 input: frame_via(reply_l4, backend, node_end, PAYLOAD, from_b1, 64),
                 ingress: to_b1,
                 expect: Expect::Frame(
-                    XDP_REDIRECT,
+                    Verdict::Redirect,
                     frame_via(reply_l4, snat_vip, client, PAYLOAD, to_client_macs, 63),
                 ),
                 counters: vec![Counter::SnatReplyTranslated, Counter::XmitRedirect],
@@ -204,7 +273,7 @@ fn balancer_fixtures_for_every_mode_family_and_protocol() {
                 input: frame_via(l4, client, l2_vip, PAYLOAD, from_client, 64),
                 ingress: to_client,
                 expect: Expect::Frame(
-                    XDP_REDIRECT,
+                    Verdict::Redirect,
                     frame_via(l4, client, l2_vip, PAYLOAD, to_backend, 64),
                 ),
                 counters: vec![Counter::ForwardNewFlow, Counter::XmitRedirect],
@@ -215,7 +284,7 @@ fn balancer_fixtures_for_every_mode_family_and_protocol() {
                 input: frame_via(l4, one_armed, l2_vip, PAYLOAD, from_b1, 64),
                 ingress: to_b1,
                 expect: Expect::Frame(
-                    XDP_TX,
+                    Verdict::Tx,
                     frame_via(l4, one_armed, l2_vip, PAYLOAD, to_backend, 64),
                 ),
                 counters: vec![Counter::ForwardNewFlow, Counter::XmitTx],
@@ -234,7 +303,7 @@ fn balancer_fixtures_for_every_mode_family_and_protocol() {
                 input: inner.clone(),
                 ingress: to_client,
                 expect: Expect::Frame(
-                    XDP_REDIRECT,
+                    Verdict::Redirect,
                     encapsulated(&inner, node, b1_ip, label, to_backend),
                 ),
                 counters: vec![Counter::ForwardNewFlow, Counter::XmitRedirect],
@@ -284,7 +353,7 @@ fn balancer_fixtures_for_every_mode_family_and_protocol() {
         input: frame_via(SYN, client, fail(46), PAYLOAD, from_client, 64),
         ingress: to_client,
         expect: Expect::Frame(
-            XDP_PASS,
+            Verdict::Pass,
             frame_via(
                 SYN,
                 SocketAddr::new(NODE4.into(), port),
@@ -302,7 +371,7 @@ fn balancer_fixtures_for_every_mode_family_and_protocol() {
         input: inner.clone(),
         ingress: to_client,
         expect: Expect::Frame(
-            XDP_PASS,
+            Verdict::Pass,
             encapsulated(&inner, NODE4.into(), unresolved.ip(), 0, from_client),
         ),
         counters: vec![Counter::PassFibNoNeigh],
@@ -330,7 +399,7 @@ fn balancer_fixtures_for_every_mode_family_and_protocol() {
         input: frame_via(SYN, ttl_client, snat_vip, PAYLOAD, from_client, 1),
         ingress: to_client,
         expect: Expect::Frame(
-            XDP_PASS,
+            Verdict::Pass,
             frame_via(
                 SYN,
                 SocketAddr::new(NODE4.into(), port),
@@ -350,25 +419,28 @@ fn balancer_fixtures_for_every_mode_family_and_protocol() {
             .apply(&Config::from_yaml(&yaml).expect("config"))
             .expect("apply");
         for iface in &interfaces {
-            datapath.attach(iface).expect("attach");
+            datapath
+                .attach_with(iface, program.attach_mode())
+                .expect("attach");
         }
         let mut failures = Vec::new();
         for fixture in &fixtures {
             let before = datapath.counters().unwrap();
-            let (action, out) = run_on(datapath.xdp_program(), &fixture.input, fixture.ingress);
+            let (action, out) = program.run(&mut datapath, &fixture.input, fixture.ingress);
             let after = datapath.counters().unwrap();
-            let what = &fixture.what;
+            let what = format!("{program:?}: {}", fixture.what);
             match &fixture.expect {
-                Expect::Frame(want_action, want) => {
-                    if action != *want_action || out != *want {
+                Expect::Frame(verdict, want) => {
+                    let want_action = program.action(*verdict);
+                    if action != want_action || out != *want {
                         failures.push(format!(
-                            "{what}: got action {action}, want {want_action}\n  got  {out:02x?}\n  want {want:02x?}"
+                            "{what}: got action {action}, want {want_action} ({verdict:?})\n  got  {out:02x?}\n  want {want:02x?}"
                         ));
                     }
                 }
                 Expect::Dropped => {
-                    if action != XDP_DROP {
-                        failures.push(format!("{what}: got action {action}, want XDP_DROP"));
+                    if action != program.dropped() {
+                        failures.push(format!("{what}: got action {action}, want a drop"));
                     }
                 }
             }

@@ -1,22 +1,31 @@
-//! `lb_tc`: the DNAT datapath of `lb_xdp` as a TC (tcx/clsact ingress) program, for interfaces
-//! where XDP costs more than it saves. On a veth, an XDP program makes the kernel receive through a
-//! NAPI ring, copy every cloned skb (all TCP segments) and turn TSO off on the peer; a TC program
-//! runs on the skb the stack already has. On a physical NIC XDP stays the better choice.
+//! `lb_tc`: the datapath of `lb_xdp` as a TC (tcx/clsact ingress) program, for interfaces where
+//! XDP costs more than it saves. On a veth, an XDP program makes the kernel receive through a NAPI
+//! ring, copy every cloned skb (all TCP segments) and turn TSO off on the peer; a TC program runs
+//! on the skb the stack already has. On a physical NIC XDP stays the better choice.
 //!
-//! Same parse, prefilter, service lookup, conntrack, Maglev choice and counters as `lb_xdp` (the
-//! shared modules, monomorphised for `TcContext`); the rewrite is `tc::nat` (checksum helpers, as
-//! skbs may carry partial checksums). After the rewrite `tc::xmit` redirects the packet to the
-//! next hop the FIB names (skipping the stack's forwarding path), or leaves it to the stack
-//! (`TC_ACT_OK`) when the FIB cannot settle it.
+//! Same parse, prefilter, service lookup, conntrack, Maglev choice, SNAT port allocation and
+//! counters as `lb_xdp` (the shared modules, monomorphised for `TcContext`). Every forwarding mode,
+//! each in a module of its own, as in `lb_xdp`:
+//! - DNAT: `tc::nat` rewrites the destination (and a reply's source) with the checksum helpers, as
+//!   skbs may carry partial checksums;
+//! - SNAT, both directions: `tc::snat`, the same rewrites on both ends (TTL decremented, as by
+//!   `lb_xdp`);
+//! - DSR L2 and DSR IPIP: `tc::dsr` (MACs only; an outer header opened with
+//!   `bpf_skb_adjust_room`, so GSO packets are segmented as IP-in-IP).
 //!
-//! Only DNAT and its reverse: a packet of an SNAT or DSR service, or a reply of an SNAT flow, is
-//! dropped and counted `drop_tc_mode_unsupported` (the agent warns when such a service meets a
-//! TC-attached interface). Fragmented datagrams are handled as in `lb_xdp`: a first fragment is
-//! recorded after its rewrite, later ones get the same addresses (`tc::fragments`). ICMP errors
-//! about DNAT flows are translated by `icmp`, the same code as in `lb_xdp`, then go to the stack
-//! (on a workload veth around the policy, as the flows are: see `icmp`).
-//! Sources in the CIDR deny list are dropped first, as `lb_xdp` drops them
-//! (`policy::cidr_deny`).
+//! Then `tc::xmit` redirects the packet to the next hop the FIB names (skipping the stack's
+//! forwarding path); what the FIB cannot settle each mode settles as `lb_xdp` does
+//! (`crate::xmit::Unsent`: a translated packet goes to the stack with `TC_ACT_OK`, a DSR L2 one is
+//! dropped, ...), counted. Fragmented datagrams are handled as in `lb_xdp`: a first fragment of a
+//! DNAT flow is recorded after its rewrite, later ones get the same addresses (`tc::fragments`).
+//! ICMP errors about DNAT flows are translated by `icmp`, the same code as in `lb_xdp`, then go to
+//! the stack (on a workload veth around the policy, as the flows are: see `icmp`). Sources in the
+//! CIDR deny list are dropped first, as `lb_xdp` drops them (`policy::cidr_deny`).
+//!
+//! Stack: the deepest chains of BPF frames, `lb_tc` → `icmp::handle` and `lb_tc` → [`to_backend`]
+//! → `snat::allocate`, take the 512 bytes exactly; hence the small `Offsets` and `Chosen`, and
+//! each mode's work called from `lb_tc` itself. The verifier refuses the program if a change
+//! makes either longer (`combined stack size ... Too large`).
 //!
 //! On a workload's veth, where the policy programs also run, the same translation is split around
 //! them so that the policy sees the chosen backend on both sides (as Cilium does):
@@ -29,9 +38,16 @@
 //!   the client's policy both match it to the connection client → backend;
 //! - `lb_tc_reply` (end of tcx egress, after `policy_to_endpoint`) turns the source of a reply
 //!   reaching its client back into the VIP.
+//!
+//! The split programs translate DNAT only: a workload client's request to a SNAT or DSR service
+//! (`lb_tc_request`), or a SNAT reply leaving through a workload veth (`lb_tc_reply`), is dropped
+//! and counted `drop_tc_mode_unsupported` (the agent warns about such services once a workload
+//! veth is attached). Clients behind `--iface` interfaces get every mode.
 
+mod dsr;
 mod fragments;
 mod nat;
+mod snat;
 mod xmit;
 
 use aya_ebpf::{
@@ -40,7 +56,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    conntrack::reply_flags, counters::Counter, prefilter::role, service::mode, service::Addr,
+    conntrack::{reply_flags, NatReply},
+    counters::Counter,
+    prefilter::role,
+    service::mode,
+    service::Addr,
 };
 
 use self::nat::Offsets;
@@ -91,14 +111,27 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
         }
     };
     let at = Offsets::of(&ctx, &flow);
-    match to_backend(&ctx, &flow, &at, 0) {
-        Ok(Some(backend)) => return onwards(&ctx, &flow, &at, &flow.key.src, &backend),
+    // Each mode's work is a BPF function of its own called from here, next to (not under)
+    // `to_backend` and `reply`: chained, their frames would not fit the 512 bytes of stack.
+    match to_backend(&flow) {
+        Ok(Some(chosen)) => {
+            return match chosen.mode {
+                mode::DNAT => match nat::to_backend(&ctx, &flow, &at, &chosen) {
+                    TC_ACT_OK => onwards(&ctx, &flow, &at, &flow.key.src, &chosen.backend),
+                    action => action,
+                },
+                mode::SNAT => snat::forward(&ctx, &flow, &at, &chosen),
+                mode::DSR_L2 => dsr::l2(&ctx, &flow, &chosen.backend),
+                _ => dsr::ipip(&ctx, &flow, &chosen),
+            }
+        }
         Ok(None) => {}
         Err(action) => return action,
     }
     if prefilter::roles_of(&flow.key.src, flow.key.family) & role::BACKEND != 0 {
         match reply(&ctx, &flow, &at, false) {
-            Ok(Some(vip)) => return onwards(&ctx, &flow, &at, &vip, &flow.key.dst),
+            Ok(Some(Reply::Dnat(vip))) => return onwards(&ctx, &flow, &at, &vip, &flow.key.dst),
+            Ok(Some(Reply::Snat(entry))) => return snat::reply(&ctx, &flow, &at, entry),
             Ok(None) => {}
             Err(action) => return action,
         }
@@ -135,10 +168,9 @@ pub fn lb_tc_request(ctx: TcContext) -> i32 {
         // Counted by `lb_tc` at the end of the chain.
         Err(_) => return NEXT,
     };
-    let at = Offsets::of(&ctx, &flow);
-    match to_backend(&ctx, &flow, &at, reply_flags::AT_CLIENT_VETH) {
-        Ok(_) => NEXT,
-        Err(action) => action,
+    match request(&ctx, &flow, &Offsets::of(&ctx, &flow)) {
+        TC_ACT_OK => NEXT,
+        action => action,
     }
 }
 
@@ -222,16 +254,50 @@ fn flow_of(ctx: &TcContext) -> Result<Flow, NotFlow> {
     }
 }
 
-/// A request to a VIP gets its backend (conntrack, else Maglev; a new DNAT flow's reply entry gets
-/// `flags`) and is rewritten to it: `Ok(Some(backend address))`. `Ok(None)`: not a request to a
-/// service. `Err`: the verdict of a packet that cannot go on (counted).
+/// Where [`to_backend`] sends a request: the backend and what its service's mode needs.
+#[derive(Clone, Copy)]
+pub struct Chosen {
+    pub backend: Addr,
+    /// The backend's port (network byte order): its own, or the request's when it has none.
+    pub port: u16,
+    /// SNAT: the flow's source port on the node (network byte order).
+    pub snat_port: u16,
+    pub service_id: u32,
+    /// `lb_common::service::mode`.
+    pub mode: u8,
+}
+
+/// A request to a VIP gets its backend (conntrack, else Maglev; a new SNAT flow also gets its
+/// port): `Ok(Some(Chosen))`, for `lb_tc` to rewrite and send as its mode says. `Ok(None)`: not
+/// a request to a service. `Err`: the verdict of a packet that cannot go on (counted).
 ///
-/// This, [`reply`] and `xmit::forward` are BPF functions of their own, so that `lb_tc`'s frame
-/// holds little more than the parsed flow: the deepest chain of frames must fit in 512 bytes,
-/// and `lb_tc` also calls `icmp::handle`. For the same reason they call nothing that has a large
-/// frame: the entry points record first fragments ([`onwards`]).
+/// This, [`request`], [`reply`] and each mode's work are BPF functions of their own, so that the
+/// entry points' frames hold little more than the parsed flow: the deepest chain of frames must
+/// fit in 512 bytes, and they also call `icmp::handle` (and this one `snat::allocate`). For the
+/// same reason they call nothing that has a large frame: the entry points record first fragments
+/// ([`onwards`]) and call the modes.
 #[inline(never)]
-fn to_backend(ctx: &TcContext, flow: &Flow, at: &Offsets, flags: u8) -> Result<Option<Addr>, i32> {
+fn to_backend(flow: &Flow) -> Result<Option<Chosen>, i32> {
+    choose(flow, true, 0)
+}
+
+/// `lb_tc_request`'s [`to_backend`]: DNAT only (SNAT and DSR are refused, dropped and counted
+/// `drop_tc_mode_unsupported`, before a flow is tracked or a port allocated), its flows marked
+/// `AT_CLIENT_VETH`, and the rewrite done here. Returns the verdict (`TC_ACT_OK` for a packet
+/// that goes on, rewritten or not).
+#[inline(never)]
+fn request(ctx: &TcContext, flow: &Flow, at: &Offsets) -> i32 {
+    match choose(flow, false, reply_flags::AT_CLIENT_VETH) {
+        Ok(Some(chosen)) => nat::to_backend(ctx, flow, at, &chosen),
+        Ok(None) => TC_ACT_OK,
+        Err(action) => action,
+    }
+}
+
+/// The backend of a request to a VIP (see [`to_backend`]); with `all_modes` false, services in
+/// other modes than DNAT are refused. A new DNAT flow's reply entry gets `flags`.
+#[inline(always)]
+fn choose(flow: &Flow, all_modes: bool, flags: u8) -> Result<Option<Chosen>, i32> {
     let to = prefilter::roles_of(&flow.key.dst, flow.key.family);
     if to & (role::VIP_PORT | role::VIP_ALL_PORTS) == 0 {
         return Ok(None);
@@ -244,54 +310,59 @@ fn to_backend(ctx: &TcContext, flow: &Flow, at: &Offsets, flags: u8) -> Result<O
     else {
         return Ok(None);
     };
-    if service.mode != mode::DNAT {
+    if !all_modes && service.mode != mode::DNAT {
         count(Counter::DropTcModeUnsupported);
         return Err(TC_ACT_SHOT);
     }
-    let backend = match conntrack::backend_for(flow, &service, tracked, flags) {
-        Ok(chosen) => chosen.backend,
+    match conntrack::backend_for(flow, &service, tracked, flags) {
+        Ok(chosen) => Ok(Some(Chosen {
+            backend: chosen.backend.addr,
+            port: if chosen.backend.port == 0 {
+                flow.key.dst_port
+            } else {
+                chosen.backend.port
+            },
+            snat_port: chosen.snat_port,
+            service_id: service.id,
+            mode: service.mode,
+        })),
         Err(reason) => {
             count(reason);
-            return Err(TC_ACT_SHOT);
+            Err(TC_ACT_SHOT)
         }
-    };
-    let port = if backend.port == 0 {
-        flow.key.dst_port
-    } else {
-        backend.port
-    };
-    let (old, old_port) = (flow.key.dst, flow.key.dst_port);
-    match verdict(nat::rewrite(
-        ctx,
-        flow,
-        *at,
-        &old,
-        &backend.addr,
-        old_port,
-        port,
-        false,
-    )) {
-        TC_ACT_OK => Ok(Some(backend.addr)),
-        action => Err(action),
     }
 }
 
-/// The reply of a tracked DNAT flow gets the VIP as its source: `Ok(Some(VIP))`. `Ok(None)`: `flow`
-/// is not one, or (`at_client_veth` false) it is left to `lb_tc_reply` at its client's veth.
-/// `Err`: the verdict of a packet that cannot go on (counted).
+/// What a packet from a backend is the reply of (see [`reply`]).
+enum Reply {
+    /// A DNAT flow, rewritten: the VIP it now comes from.
+    Dnat(Addr),
+    /// A SNAT flow, not rewritten yet: its `NAT_REPLY` entry, for `snat::reply`.
+    Snat(&'static NatReply),
+}
+
+/// The reply of a tracked DNAT flow gets the VIP as its source: `Ok(Some(Reply::Dnat(VIP)))`. The
+/// reply of a SNAT flow is left to `snat::reply` (`lb_tc`; `lb_tc_reply` refuses it: dropped,
+/// counted `drop_tc_mode_unsupported`). `Ok(None)`: `flow` is not a reply, or (`at_client_veth`
+/// false) it is left to `lb_tc_reply` at its client's veth. `Err`: the verdict of a packet that
+/// cannot go on (counted).
 #[inline(never)]
 fn reply(
     ctx: &TcContext,
     flow: &Flow,
     at: &Offsets,
     at_client_veth: bool,
-) -> Result<Option<Addr>, i32> {
+) -> Result<Option<Reply>, i32> {
     let Some(origin) = reply::origin(&flow.key) else {
         return Ok(None);
     };
-    let Origin::Dnat(vip, vip_port, flags) = origin else {
-        count(Counter::DropTcModeUnsupported);
-        return Err(TC_ACT_SHOT);
+    let (vip, vip_port, flags) = match origin {
+        Origin::Dnat(vip, vip_port, flags) => (vip, vip_port, flags),
+        Origin::Snat(entry) if !at_client_veth => return Ok(Some(Reply::Snat(entry))),
+        Origin::Snat(_) => {
+            count(Counter::DropTcModeUnsupported);
+            return Err(TC_ACT_SHOT);
+        }
     };
     if !at_client_veth && flags & reply_flags::AT_CLIENT_VETH != 0 {
         return Ok(None);
@@ -302,7 +373,7 @@ fn reply(
     )) {
         TC_ACT_OK => {
             count(Counter::ReplyTranslated);
-            Ok(Some(vip))
+            Ok(Some(Reply::Dnat(vip)))
         }
         action => Err(action),
     }
@@ -313,11 +384,15 @@ fn reply(
 fn verdict(rewritten: Result<(), i64>) -> i32 {
     match rewritten {
         Ok(()) => TC_ACT_OK,
-        Err(_) => {
-            count(Counter::DropMalformed);
-            TC_ACT_SHOT
-        }
+        Err(_) => refused(),
     }
+}
+
+/// The verdict of a packet whose rewrite the helpers refused (see [`verdict`]).
+#[inline(always)]
+fn refused() -> i32 {
+    count(Counter::DropMalformed);
+    TC_ACT_SHOT
 }
 
 #[inline(always)]

@@ -18,6 +18,7 @@ use lb_common::{
     service::{family, Addr},
 };
 
+use super::Chosen;
 use crate::packet::{
     header::{IPV4_CHECK, IPV4_DST, IPV4_SRC, IPV6_DST, IPV6_SRC, TCP_CHECK, UDP_CHECK},
     Flow,
@@ -27,8 +28,10 @@ use crate::packet::{
 /// needs to know of the packet's headers.
 #[derive(Clone, Copy)]
 pub struct Offsets {
-    l3: usize,
-    l4: usize,
+    // 16 bits are plenty for header offsets, and keep `lb_tc`'s frame small (see
+    // `tc::to_backend`).
+    l3: u16,
+    l4: u16,
     /// The packet may be the first fragment of a datagram (`crate::fragments::maybe_first`).
     pub maybe_first_fragment: bool,
 }
@@ -42,11 +45,44 @@ impl Offsets {
     pub fn of(ctx: &TcContext, flow: &Flow) -> Self {
         let start = ctx.data();
         Self {
-            l3: flow.l3 - start,
-            l4: flow.l4 - start,
+            l3: (flow.l3 - start) as u16,
+            l4: (flow.l4 - start) as u16,
             maybe_first_fragment: crate::fragments::maybe_first(flow, ctx.data_end()),
         }
     }
+}
+
+impl Offsets {
+    /// Start of the IP header.
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        self.l3 as usize
+    }
+
+    /// Start of the TCP/UDP header.
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        self.l4 as usize
+    }
+}
+
+/// DNAT: the destination becomes the backend `chosen` names, and its port. Returns the verdict
+/// (`TC_ACT_OK`, or a counted drop if a helper refused).
+// A BPF function of its own, called from the entry points: its stack does not add to
+// `to_backend`'s.
+#[inline(never)]
+pub fn to_backend(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i32 {
+    let key = &flow.key;
+    super::verdict(rewrite(
+        ctx,
+        flow,
+        *at,
+        &key.dst,
+        &chosen.backend,
+        key.dst_port,
+        chosen.port,
+        false,
+    ))
 }
 
 /// Rewrites one address (source or destination) and its port. `Err` if a helper refused (the
@@ -64,18 +100,18 @@ pub fn rewrite(
     source: bool,
 ) -> Result<(), i64> {
     let udp = flow.key.protocol == protocol::UDP;
-    let l4_check = at.l4 + if udp { UDP_CHECK } else { TCP_CHECK };
+    let l4_check = at.l4() + if udp { UDP_CHECK } else { TCP_CHECK };
     // UDP over IPv4 may carry no checksum (0): MARK_MANGLED_0 leaves it at 0 and never writes a
     // computed 0 (it becomes 0xffff).
     let l4_flags = (if udp { BPF_F_MARK_MANGLED_0 } else { 0 }) as u64;
     if flow.key.family == family::IPV4 {
-        let field = at.l3 + if source { IPV4_SRC } else { IPV4_DST };
+        let field = at.l3() + if source { IPV4_SRC } else { IPV4_DST };
         let (old, new) = (old.0[0] as u64, new.0[0] as u64);
         ctx.l4_csum_replace(l4_check, old, new, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4)?;
-        ctx.l3_csum_replace(at.l3 + IPV4_CHECK, old, new, 4)?;
+        ctx.l3_csum_replace(at.l3() + IPV4_CHECK, old, new, 4)?;
         ctx.store(field, &(new as u32), 0)?;
     } else {
-        let field = at.l3 + if source { IPV6_SRC } else { IPV6_DST };
+        let field = at.l3() + if source { IPV6_SRC } else { IPV6_DST };
         for i in 0..4 {
             let (old, new) = (old.0[i] as u64, new.0[i] as u64);
             ctx.l4_csum_replace(l4_check, old, new, l4_flags | BPF_F_PSEUDO_HDR as u64 | 4)?;
@@ -84,7 +120,7 @@ pub fn rewrite(
     }
     if old_port != new_port {
         ctx.l4_csum_replace(l4_check, old_port as u64, new_port as u64, l4_flags | 2)?;
-        ctx.store(at.l4 + if source { 0 } else { 2 }, &new_port, 0)?;
+        ctx.store(at.l4() + if source { 0 } else { 2 }, &new_port, 0)?;
     }
     Ok(())
 }

@@ -1,40 +1,87 @@
 //! The next hop of a rewritten packet without the stack's forwarding path: `bpf_fib_lookup` gives
 //! the egress interface and the MAC addresses, and `bpf_redirect` hands the skb to that interface's
-//! transmit path (no second routing decision, no netfilter hooks, no `ip_forward`). Anything the
+//! transmit path (no second routing decision, no netfilter hooks, no `ip_forward`). What the
 //! lookup cannot settle (no neighbour entry yet, no route, forwarding disabled, too big for the
-//! egress MTU) goes to the stack with `TC_ACT_OK`, counted, and the stack does what it always does.
+//! egress MTU) each mode settles as in `lb_xdp` (`crate::xmit::Unsent`): a translated packet goes
+//! to the stack with `TC_ACT_OK`, counted, and the stack does what it always does.
 //!
-//! Like a NAT device and unlike a router, the TTL / hop limit is not decremented.
+//! The skb counterpart of `crate::xmit::fib_xmit`, sharing its query and the reading of the answer.
+//! Like a NAT device and unlike a router, DNAT does not decrement the TTL / hop limit; SNAT does,
+//! as in `lb_xdp` ([`opts::DECREMENT_TTL`]).
 
 use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
-    },
+    bindings::{bpf_fib_lookup as FibParams, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::TcContext,
     EbpfContext,
 };
-use lb_common::{counters::Counter, service::family};
+use lb_common::{
+    counters::Counter,
+    service::{family, Addr},
+};
 
 use crate::{
     maps::count,
-    packet::{header::ETH_LEN, Flow},
-    xmit::fib_query,
+    packet::{
+        header::{ETH_LEN, IPV4_CHECK, IPV4_TTL, IPV6_HOP_LIMIT},
+        Flow,
+    },
+    xmit::{fib_query, opts, unsendable, Unsent, Xmit},
 };
 
-/// Sends the packet (already rewritten: `flow` holds its addresses before the rewrite, `dst` the
-/// destination after it) towards `dst`; returns the verdict.
+/// Sends a DNAT packet (already rewritten: `flow` holds its addresses before the rewrite, `src`
+/// and `dst` after it) towards `dst`; returns the verdict.
 ///
-/// A separate BPF function: the FIB query's 64 bytes stay off its callers' stack frames (see
+/// A separate BPF function: the FIB query stays off its callers' stack frames (see
 /// `tc::to_backend`).
 #[inline(never)]
-pub fn forward(
-    ctx: &TcContext,
-    flow: &Flow,
-    src: &lb_common::service::Addr,
-    dst: &lb_common::service::Addr,
-) -> i32 {
+pub fn forward(ctx: &TcContext, flow: &Flow, src: &Addr, dst: &Addr) -> i32 {
     let v4 = flow.key.family == family::IPV4;
+    match fib_redirect(ctx, v4, flow.key.protocol, src, dst, 0, 0) {
+        Xmit::Sent(action) => action as i32,
+        unsent => verdict(Unsent::translated(unsent)),
+    }
+}
+
+/// The TC verdict of a packet the fast path did not send, counted.
+#[inline(always)]
+pub fn verdict(unsent: Unsent) -> i32 {
+    match unsent {
+        Unsent::Pass(reason) => {
+            count(reason);
+            TC_ACT_OK
+        }
+        Unsent::Drop(reason) => {
+            count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Routes the packet (an IP packet of the family `v4` says, behind a 14-byte Ethernet header) from
+/// `src` to `dst` (`l4_protocol`: what the IP header carries): on success, the MACs are written and
+/// the verdict is `TC_ACT_REDIRECT` (`Xmit::Sent`, counted `xmit_redirect`, or `xmit_tx` when the
+/// egress is the interface it came in on). `options` as for `crate::xmit::fib_xmit`; with
+/// `DECREMENT_TTL`, `l3` is the IP header's offset.
+#[inline(always)]
+pub fn fib_redirect(
+    ctx: &TcContext,
+    v4: bool,
+    l4_protocol: u8,
+    src: &Addr,
+    dst: &Addr,
+    l3: usize,
+    options: u8,
+) -> Xmit {
+    let ttl_at = l3 + if v4 { IPV4_TTL } else { IPV6_HOP_LIMIT };
+    let ttl = if options & opts::DECREMENT_TTL != 0 {
+        match ctx.load::<u8>(ttl_at) {
+            Ok(ttl) if ttl > 1 => ttl,
+            _ => return Xmit::NoRoute,
+        }
+    } else {
+        0
+    };
     // SAFETY: the program's context.
     let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size) };
     // A GSO packet is segmented for the egress device; anything else must fit its MTU.
@@ -43,8 +90,8 @@ pub fn forward(
     } else {
         0
     };
-    let Some(params) = fib_query(v4, flow.key.protocol, tot_len, ifindex, src, dst) else {
-        return TC_ACT_OK;
+    let Some(params) = fib_query(v4, l4_protocol, tot_len, ifindex, src, dst) else {
+        return Xmit::NoRoute;
     };
     // SAFETY: params is a valid, fully sized struct.
     let rc = unsafe {
@@ -55,13 +102,11 @@ pub fn forward(
             0,
         )
     } as u32;
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        count(if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-            Counter::PassFibNoNeigh
-        } else {
-            Counter::PassFibFailed
-        });
-        return TC_ACT_OK;
+    if let Some(unsent) = unsendable(rc, params, v4, dst, options) {
+        return unsent;
+    }
+    if options & opts::DECREMENT_TTL != 0 && decrement_ttl(ctx, v4, l3, ttl).is_err() {
+        return Xmit::NoRoute;
     }
     let macs: [u8; 12] = {
         let mut m = [0u8; 12];
@@ -70,10 +115,34 @@ pub fn forward(
         m
     };
     if ctx.store(0, &macs, 0).is_err() {
-        count(Counter::PassFibFailed);
-        return TC_ACT_OK;
+        return Xmit::NoRoute;
     }
-    count(Counter::XmitRedirect);
+    count(if params.ifindex == ifindex {
+        Counter::XmitTx
+    } else {
+        Counter::XmitRedirect
+    });
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT, or TC_ACT_SHOT on bad flags.
-    unsafe { bpf_redirect(params.ifindex, 0) as i32 }
+    Xmit::Sent(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
+}
+
+/// TTL (IPv4, with the header checksum) or hop limit (IPv6) one less than `ttl`, written with the
+/// skb helpers. The IPv4 header's sum does not change (its checksum compensates), so an skb's
+/// `CHECKSUM_COMPLETE` sum stays right; the IPv6 hop limit has no checksum, so the helper updates
+/// that sum (`BPF_F_RECOMPUTE_CSUM`).
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, v4: bool, l3: usize, ttl: u8) -> Result<(), i64> {
+    let new = ttl - 1;
+    if v4 {
+        // The TTL is the high byte of the 16-bit word it forms with the protocol.
+        ctx.l3_csum_replace(
+            l3 + IPV4_CHECK,
+            ((ttl as u16) << 8).to_be() as u64,
+            ((new as u16) << 8).to_be() as u64,
+            2,
+        )?;
+        ctx.store(l3 + IPV4_TTL, &new, 0)
+    } else {
+        ctx.store(l3 + IPV6_HOP_LIMIT, &new, BPF_F_RECOMPUTE_CSUM as u64)
+    }
 }

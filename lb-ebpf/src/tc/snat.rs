@@ -1,0 +1,113 @@
+//! SNAT on an skb (`lb_tc`), both directions, as `crate::snat` does it in `lb_xdp`: the same port
+//! allocation (`crate::snat::allocate`, through `conntrack::backend_for`) and `NAT_REPLY` entries,
+//! the same fields rewritten, here with the checksum helpers of `tc::nat`, and the same next hop
+//! (`tc::xmit`, TTL decremented as a router does).
+//!
+//! Client → VIP: the source becomes the service's SNAT address and the flow's port, the
+//! destination the backend. Backend → node:port (the reply): the source becomes the VIP and its
+//! port, the destination the client and its port.
+
+use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use lb_common::{
+    conntrack::NatReply,
+    counters::Counter,
+    service::{family, Addr},
+};
+
+use super::{nat, nat::Offsets, xmit, Chosen};
+use crate::{
+    maps::{count, SERVICE_MODES},
+    packet::Flow,
+    xmit::{opts, Unsent, Xmit},
+};
+
+/// Client → VIP packet of a SNAT flow (`chosen`: its backend and port): rewritten and sent to the
+/// backend.
+// A BPF function of its own, called from `lb_tc`: its stack does not add to `to_backend`'s.
+#[inline(never)]
+pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i32 {
+    let Some(info) = SERVICE_MODES.get(chosen.service_id) else {
+        count(Counter::DropModeUnconfigured);
+        return TC_ACT_SHOT;
+    };
+    let key = &flow.key;
+    let rewritten = nat::rewrite(
+        ctx,
+        flow,
+        *at,
+        &key.src,
+        &info.source,
+        key.src_port,
+        chosen.snat_port,
+        true,
+    )
+    .and_then(|()| {
+        nat::rewrite(
+            ctx,
+            flow,
+            *at,
+            &key.dst,
+            &chosen.backend,
+            key.dst_port,
+            chosen.port,
+            false,
+        )
+    });
+    if rewritten.is_err() {
+        return super::refused();
+    }
+    send(ctx, flow, at, &info.source, &chosen.backend)
+}
+
+/// Backend → node:port packet of a SNAT flow (`entry`: its `NAT_REPLY` entry): rewritten and sent
+/// to the client.
+// A BPF function of its own, called from `lb_tc`: its stack does not add to `reply`'s.
+#[inline(never)]
+pub fn reply(ctx: &TcContext, flow: &Flow, at: &Offsets, entry: &NatReply) -> i32 {
+    let key = &flow.key;
+    let rewritten = nat::rewrite(
+        ctx,
+        flow,
+        *at,
+        &key.src,
+        &entry.vip,
+        key.src_port,
+        entry.vip_port,
+        true,
+    )
+    .and_then(|()| {
+        nat::rewrite(
+            ctx,
+            flow,
+            *at,
+            &key.dst,
+            &entry.client,
+            key.dst_port,
+            entry.client_port,
+            false,
+        )
+    });
+    if rewritten.is_err() {
+        return super::refused();
+    }
+    count(Counter::SnatReplyTranslated);
+    send(ctx, flow, at, &entry.vip, &entry.client)
+}
+
+/// To the FIB's next hop, TTL decremented, or (counted) to the stack.
+#[inline(always)]
+fn send(ctx: &TcContext, flow: &Flow, at: &Offsets, src: &Addr, dst: &Addr) -> i32 {
+    let v4 = flow.key.family == family::IPV4;
+    match xmit::fib_redirect(
+        ctx,
+        v4,
+        flow.key.protocol,
+        src,
+        dst,
+        at.l3(),
+        opts::DECREMENT_TTL,
+    ) {
+        Xmit::Sent(action) => action as i32,
+        unsent => xmit::verdict(Unsent::translated(unsent)),
+    }
+}
