@@ -124,11 +124,7 @@ pub fn tcp_requests(
                 let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
                 stream.set_read_timeout(Some(Duration::from_secs(3)))?;
                 stream.set_write_timeout(Some(Duration::from_secs(3)))?;
-                let mut greeting = Vec::new();
-                let mut byte = [0u8; 1];
-                while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
-                    greeting.push(byte[0]);
-                }
+                let greeting = read_greeting(&mut stream)?;
                 // A path that loses most of the payload fails the request in bounded time, not
                 // after TCP has crawled through it one retransmission at a time.
                 let deadline = Instant::now() + Duration::from_secs(10);
@@ -197,11 +193,7 @@ pub fn tcp_connect(ns: &Netns, target: SocketAddr) -> std::io::Result<(TcpStream
     ns.run(move || {
         let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-        let mut greeting = Vec::new();
-        let mut byte = [0u8; 1];
-        while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
-            greeting.push(byte[0]);
-        }
+        let greeting = read_greeting(&mut stream)?;
         Ok((stream, String::from_utf8_lossy(&greeting).into_owned()))
     })
 }
@@ -295,7 +287,7 @@ pub fn udp_requests(
                 socket.set_read_timeout(Some(Duration::from_secs(2)))?;
                 socket.send_to(payload, target)?;
                 let mut buf = [0u8; 256];
-                let (n, from) = socket.recv_from(&mut buf)?;
+                let (n, from) = recv_from(&socket, &mut buf)?;
                 if from != target {
                     return Err(std::io::Error::other(format!(
                         "answer from {from}, not {target}"
@@ -316,4 +308,32 @@ pub fn tcp_servers_on_backends(topology: &Topology, port: u16) -> Vec<TcpCountin
         .enumerate()
         .map(|(i, b)| TcpCountingServer::start(&b.ns, b.addr, port, &format!("backend-{}", i + 1)))
         .collect()
+}
+
+/// `recv_from` that waits on through signals: a socket read with a timeout (`SO_RCVTIMEO`) is
+/// never restarted after a signal handler ran (signal(7)), so a signal meant for another test's
+/// thread or child process would otherwise fail it with `EINTR`. The timeout still applies to each
+/// attempt.
+pub fn recv_from(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    loop {
+        match socket.recv_from(buf) {
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            result => return result,
+        }
+    }
+}
+
+/// The server's greeting line (without its newline), read a byte at a time so nothing after it is
+/// consumed; through signals, as [`recv_from`].
+fn read_greeting(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut greeting = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(1) if byte[0] != b'\n' => greeting.push(byte[0]),
+            Ok(_) => return Ok(greeting),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
 }

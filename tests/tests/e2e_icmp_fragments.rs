@@ -149,8 +149,7 @@ fn client_socket(ns: &Netns, target: SocketAddr) -> UdpSocket {
 fn ask(socket: &UdpSocket, target: SocketAddr, payload: &[u8]) -> String {
     socket.send_to(payload, target).expect("send");
     let mut buf = vec![0u8; 65536];
-    let (n, from) = socket
-        .recv_from(&mut buf)
+    let (n, from) = lb_tests::servers::recv_from(socket, &mut buf)
         .unwrap_or_else(|e| panic!("no answer from {target} to {} bytes: {e}", payload.len()));
     assert_eq!(from, target, "the answer comes from the VIP");
     let answer = &buf[..n];
