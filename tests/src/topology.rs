@@ -172,6 +172,29 @@ impl Topology {
             .chain(self.backends.iter().map(|b| b.balancer_iface.clone()))
             .collect()
     }
+
+    /// As on veths in production: the client and the backends leave checksums (and segmentation)
+    /// to the "hardware" again (the topology makes senders checksum in software, which XDP needs),
+    /// and the balancer's interfaces finish them in software on the way out. For the TC datapath,
+    /// which must handle partial checksums.
+    pub fn offload_checksums_to_the_edges(&self) {
+        let ethtool = |ns: &Netns, iface: &str, on_off: &str| {
+            let out = ns
+                .exec("ethtool", &["-K", iface, "tx", on_off])
+                .expect("ethtool");
+            assert!(
+                out.status.success(),
+                "ethtool -K {iface} tx {on_off}: {out:?}"
+            );
+        };
+        ethtool(&self.client, "eth0", "on");
+        for b in &self.backends {
+            ethtool(&b.ns, "eth0", "on");
+        }
+        for iface in self.balancer_interfaces() {
+            ethtool(&self.balancer, &iface, "off");
+        }
+    }
 }
 
 /// A veth pair with one end in each namespace.

@@ -145,7 +145,7 @@ impl Setup {
         if attach == Attach::Xdp {
             xdp_pass.push(XdpPass::attach(&topology.client, "eth0"));
         } else {
-            offloads(&topology);
+            topology.offload_checksums_to_the_edges();
         }
         if mode == Mode::Snat {
             // The SNAT address is one of the node's own: packets the fast path hands to the stack
@@ -285,27 +285,6 @@ impl Setup {
             self.attach
         );
         counters
-    }
-}
-
-/// As on veths in production (see the module doc): the client and the backends leave checksums
-/// (and segmentation) to the "hardware", the balancer's interfaces finish them in software.
-fn offloads(topology: &Topology) {
-    let ethtool = |ns: &lb_tests::netns::Netns, iface: &str, on_off: &str| {
-        let out = ns
-            .exec("ethtool", &["-K", iface, "tx", on_off])
-            .expect("ethtool");
-        assert!(
-            out.status.success(),
-            "ethtool -K {iface} tx {on_off}: {out:?}"
-        );
-    };
-    ethtool(&topology.client, "eth0", "on");
-    for b in &topology.backends {
-        ethtool(&b.ns, "eth0", "on");
-    }
-    for iface in topology.balancer_interfaces() {
-        ethtool(&topology.balancer, &iface, "off");
     }
 }
 

@@ -45,25 +45,8 @@ fn tcp_bulk_and_udp_through_lb_tc_over_ipv4_and_ipv6() {
             ));
         }
     }
-    // The topology makes senders checksum in software (XDP cannot handle partial checksums); here
-    // they leave it to the "hardware" again, and the balancer finishes it on the way out.
-    let ethtool = |ns: &lb_tests::netns::Netns, iface: &str, on_off: &str| {
-        let out = ns
-            .exec("ethtool", &["-K", iface, "tx", on_off])
-            .expect("ethtool");
-        assert!(
-            out.status.success(),
-            "ethtool -K {iface} tx {on_off}: {out:?}"
-        );
-    };
-    ethtool(&topology.client, "eth0", "on");
-    for b in &topology.backends {
-        ethtool(&b.ns, "eth0", "on");
-    }
+    topology.offload_checksums_to_the_edges();
     let interfaces = topology.balancer_interfaces();
-    for iface in &interfaces {
-        ethtool(&topology.balancer, iface, "off");
-    }
     let config = ConfigFile::new(&topology.dual_stack_services(&[1, 2]));
     let agent = AgentProcess::start_with(
         &topology.balancer,

@@ -30,30 +30,11 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
         count(Counter::DropModeUnconfigured);
         return TC_ACT_SHOT;
     };
-    let key = &flow.key;
-    let rewritten = nat::rewrite(
-        ctx,
-        flow,
-        *at,
-        &key.src,
-        &info.source,
-        key.src_port,
-        chosen.snat_port,
-        true,
-    )
-    .and_then(|()| {
-        nat::rewrite(
-            ctx,
-            flow,
-            *at,
-            &key.dst,
-            &chosen.backend,
-            key.dst_port,
-            chosen.port,
-            false,
-        )
-    });
-    if rewritten.is_err() {
+    let (source, backend) = (
+        (&info.source, chosen.snat_port),
+        (&chosen.backend, chosen.port),
+    );
+    if rewrite_both_ends(ctx, flow, at, source, backend).is_err() {
         return super::refused();
     }
     send(ctx, flow, at, &info.source, &chosen.backend)
@@ -64,34 +45,31 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
 // A BPF function of its own, called from `lb_tc`: its stack does not add to `reply`'s.
 #[inline(never)]
 pub fn reply(ctx: &TcContext, flow: &Flow, at: &Offsets, entry: &NatReply) -> i32 {
-    let key = &flow.key;
-    let rewritten = nat::rewrite(
-        ctx,
-        flow,
-        *at,
-        &key.src,
-        &entry.vip,
-        key.src_port,
-        entry.vip_port,
-        true,
-    )
-    .and_then(|()| {
-        nat::rewrite(
-            ctx,
-            flow,
-            *at,
-            &key.dst,
-            &entry.client,
-            key.dst_port,
-            entry.client_port,
-            false,
-        )
-    });
-    if rewritten.is_err() {
+    let (vip, client) = (
+        (&entry.vip, entry.vip_port),
+        (&entry.client, entry.client_port),
+    );
+    if rewrite_both_ends(ctx, flow, at, vip, client).is_err() {
         return super::refused();
     }
     count(Counter::SnatReplyTranslated);
     send(ctx, flow, at, &entry.vip, &entry.client)
+}
+
+/// Rewrites both ends of `flow`'s packet: the source to `src` and the destination to `dst`
+/// (address and port, the port in network byte order). `Err` if a helper refused: the packet may be
+/// partly rewritten, and the caller drops it.
+#[inline(always)]
+fn rewrite_both_ends(
+    ctx: &TcContext,
+    flow: &Flow,
+    at: &Offsets,
+    (src, src_port): (&Addr, u16),
+    (dst, dst_port): (&Addr, u16),
+) -> Result<(), i64> {
+    let key = &flow.key;
+    nat::rewrite(ctx, flow, *at, &key.src, src, key.src_port, src_port, true)?;
+    nat::rewrite(ctx, flow, *at, &key.dst, dst, key.dst_port, dst_port, false)
 }
 
 /// To the FIB's next hop, TTL decremented, or (counted) to the stack.
