@@ -227,6 +227,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         .chain(&options.workload_interfaces)
         .cloned()
         .collect();
+    // Every link runs the new programs now: maps of another size than the pinned ones take the
+    // flows started meanwhile and the pins (see `crate::resize`).
+    datapath.finish_resize()?;
     datapath.release_links_except(&attached)?;
     readiness.set_ready();
     info!(services = applied.services.len(), interfaces = ?attached, "ready");

@@ -47,6 +47,7 @@ use crate::{
     pins::{self, PinDir},
     prefilter::AddressFilter,
     reply_routes::ReplyRoute,
+    resize::Resize,
 };
 
 /// The datapath object built from `lb-ebpf` by build.rs.
@@ -302,6 +303,8 @@ pub struct Datapath {
     /// services (most reconciles are triggered by events that change nothing). Cleared while an
     /// apply runs, so a failed one is redone in full.
     last_applied: Option<(Config, Vec<u32>)>,
+    /// Pinned maps of another size carried over at load, pinned by [`Datapath::finish_resize`].
+    resize: Option<Resize>,
 }
 
 impl Datapath {
@@ -371,6 +374,12 @@ impl Datapath {
                 .pin(&path)
                 .with_context(|| format!("pinning {}", path.display()))?;
         }
+        let resize = match (&pins, &prepared) {
+            (Some(pins), Some(prepared)) if !prepared.resized.is_empty() => {
+                Some(Resize::start(pins, &prepared.resized, &ebpf)?)
+            }
+            _ => None,
+        };
         let (pin_lock, adopt) = prepared.map_or((None, false), |p| (Some(p.lock), p.adopt));
         let mut datapath = Self {
             ebpf,
@@ -389,6 +398,7 @@ impl Datapath {
             address_filter: None,
             capacity,
             last_applied: None,
+            resize,
         };
         if adopt {
             datapath.adopt_programmed_state()?;
@@ -777,6 +787,16 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Completes the load's resize of pinned maps, if it had one (see `crate::resize`): call it
+    /// once the new programs are attached to every interface. Until then the pins name the maps
+    /// the previous programs used.
+    pub fn finish_resize(&mut self) -> Result<()> {
+        match self.resize.take() {
+            Some(resize) => resize.finish(&self.ebpf),
+            None => Ok(()),
+        }
     }
 
     /// The pin directory, if the datapath is pinned.
@@ -1495,6 +1515,8 @@ struct PreparedPins {
     adopt: bool,
     /// Where the loader finds or pins each map of the object.
     map_paths: Vec<(String, PathBuf)>,
+    /// Pinned maps of another size, carried over into new ones (`crate::resize`).
+    resized: Vec<String>,
 }
 
 /// Locks the pin directory and decides what to do with what it holds: start fresh, adopt it,
@@ -1513,18 +1535,21 @@ fn prepare_pins(
     max_entries: &[(&str, u32)],
 ) -> Result<PreparedPins> {
     let wanted = pins::object_maps(EBPF_OBJECT, max_entries)?;
-    let (lock, adopt) = pins.claim(&wanted, options.replace_incompatible_state, "datapath")?;
+    let claim = pins.claim(&wanted, options.replace_incompatible_state, "datapath")?;
+    // A resized map is created by the load and pinned once the new programs are attached.
     let map_paths = wanted
         .into_iter()
+        .filter(|(name, _)| !claim.resized.contains(name))
         .map(|(name, _)| {
             let path = pins.map(&name);
             (name, path)
         })
         .collect();
     Ok(PreparedPins {
-        lock,
-        adopt,
+        lock: claim.lock,
+        adopt: claim.adopt,
         map_paths,
+        resized: claim.resized,
     })
 }
 

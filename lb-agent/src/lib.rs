@@ -21,3 +21,4 @@ pub mod pins;
 pub mod policy;
 pub mod prefilter;
 pub mod reply_routes;
+pub mod resize;

@@ -20,8 +20,11 @@
 //! Compatibility: pinned maps are adopted only if the pinned layout version equals this agent's and
 //! every pinned map has the type, key size, value size, number of entries and flags of this
 //! agent's definition, as the kernel reports them for the pinned map. Maps new in this agent's
-//! object are created next to the adopted ones. Anything else is refused with both sides named,
-//! unless the operator asks to replace the state (which flushes connection tracking).
+//! object are created next to the adopted ones. A hash or array map that differs only in its
+//! number of entries (another `--conntrack-entries`, `--max-services`, `--max-backends`) is
+//! resized: created anew and its entries copied over (`crate::resize`). Anything else is refused
+//! with both sides named, unless the operator asks to replace the state (which flushes connection
+//! tracking).
 
 use std::{
     collections::HashMap,
@@ -59,6 +62,30 @@ pub struct MapDefinition {
     pub value_size: u32,
     pub max_entries: u32,
     pub flags: u32,
+}
+
+impl MapDefinition {
+    /// Whether a pinned map of this definition can be carried over into a map of `wanted`: the
+    /// same but for the number of entries, and of a type whose entries `crate::resize` copies.
+    pub fn resizes_to(&self, wanted: &MapDefinition) -> bool {
+        use aya_obj::generated::bpf_map_type::{
+            BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_ARRAY_OF_MAPS, BPF_MAP_TYPE_HASH,
+            BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
+        };
+        let copyable = [
+            BPF_MAP_TYPE_HASH,
+            BPF_MAP_TYPE_LRU_HASH,
+            BPF_MAP_TYPE_ARRAY,
+            BPF_MAP_TYPE_PERCPU_ARRAY,
+            BPF_MAP_TYPE_ARRAY_OF_MAPS,
+        ];
+        *self != *wanted
+            && MapDefinition {
+                max_entries: wanted.max_entries,
+                ..*self
+            } == *wanted
+            && copyable.iter().any(|t| *t as u32 == self.map_type)
+    }
 }
 
 impl fmt::Display for MapDefinition {
@@ -143,13 +170,26 @@ fn nr_cpus() -> Result<u32> {
 pub enum PinnedState {
     /// Nothing pinned yet.
     Fresh,
-    /// Same layout: `adopted` maps are reused, `created` ones are new in this agent.
+    /// Same layout: `adopted` maps are reused, `created` ones are new in this agent, `resized`
+    /// ones are created with another number of entries and their entries copied over.
     Compatible {
         adopted: Vec<String>,
         created: Vec<String>,
+        resized: Vec<String>,
     },
     /// Not adoptable; one line per reason.
     Incompatible(Vec<String>),
+}
+
+/// What [`PinDir::claim`] decided.
+#[derive(Debug)]
+pub struct Claim {
+    /// The directory's lock, held until dropped.
+    pub lock: std::fs::File,
+    /// Whether pinned maps are reused (their contents then tell the bookkeeping).
+    pub adopt: bool,
+    /// Pinned maps to carry over into maps of another size (see `crate::resize`).
+    pub resized: Vec<String>,
 }
 
 /// A pin directory on a BPF filesystem.
@@ -255,27 +295,32 @@ impl PinDir {
 
     /// Prepares and locks the directory and decides what to do with pinned state of the maps
     /// `wanted` (see [`object_maps`]) of `what` (e.g. "datapath", named in logs and errors):
-    /// nothing pinned starts fresh, a compatible layout is adopted (returns `true`), an
-    /// incompatible one is refused, or removed when `replace_incompatible` is set. The lock is held
-    /// until the returned file is dropped.
+    /// nothing pinned starts fresh, a compatible layout is adopted (`adopt`, some maps maybe
+    /// `resized`), an incompatible one is refused, or removed when `replace_incompatible` is set.
     pub fn claim(
         &self,
         wanted: &[(String, MapDefinition)],
         replace_incompatible: bool,
         what: &str,
-    ) -> Result<(std::fs::File, bool)> {
+    ) -> Result<Claim> {
         self.prepare()?;
         let lock = self.lock()?;
         let dir = self.root.display();
+        let mut resized_maps = Vec::new();
         let adopt = match self.inspect(wanted)? {
             PinnedState::Fresh => {
                 info!(%dir, "no pinned {what} state: starting fresh");
                 self.write_layout_version()?;
                 false
             }
-            PinnedState::Compatible { adopted, created } => {
-                info!(%dir, ?adopted, ?created,
+            PinnedState::Compatible {
+                adopted,
+                created,
+                resized,
+            } => {
+                info!(%dir, ?adopted, ?created, ?resized,
                       "adopting pinned {what} maps (connection tracking kept)");
+                resized_maps = resized;
                 true
             }
             PinnedState::Incompatible(problems) if replace_incompatible => {
@@ -297,7 +342,11 @@ impl PinDir {
                 problems = problems.join("; ")
             ),
         };
-        Ok((lock, adopt))
+        Ok(Claim {
+            lock,
+            adopt,
+            resized: resized_maps,
+        })
     }
 
     /// Compares the pinned state with `wanted` (see [`object_maps`]).
@@ -319,7 +368,7 @@ impl PinDir {
                 self.layout().display()
             )),
         }
-        let (mut adopted, mut created) = (Vec::new(), Vec::new());
+        let (mut adopted, mut created, mut resized) = (Vec::new(), Vec::new(), Vec::new());
         for (name, definition) in wanted {
             if !pinned_maps.contains(name) {
                 created.push(name.clone());
@@ -328,6 +377,8 @@ impl PinDir {
             let pinned = pinned_definition(&self.map(name))?;
             if pinned == *definition {
                 adopted.push(name.clone());
+            } else if pinned.resizes_to(definition) {
+                resized.push(name.clone());
             } else {
                 problems.push(format!(
                     "map {name}: pinned {pinned}; this agent needs {definition}"
@@ -337,7 +388,11 @@ impl PinDir {
         if !problems.is_empty() {
             return Ok(PinnedState::Incompatible(problems));
         }
-        Ok(PinnedState::Compatible { adopted, created })
+        Ok(PinnedState::Compatible {
+            adopted,
+            created,
+            resized,
+        })
     }
 
     /// Records this agent's layout version (before any map is pinned, so that maps are never

@@ -90,7 +90,8 @@ impl Drop for StopOnDrop<'_> {
 
 /// Runs the traffic through a restart; `stop` ends the first agent (which must leave the datapath
 /// pinned and attached).
-fn restart_under_traffic(stop: impl FnOnce(AgentProcess)) {
+/// `second_args`: more options of the second agent (other map sizes are carried over).
+fn restart_under_traffic(stop: impl FnOnce(AgentProcess), second_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
     let servers: Vec<_> = tcp_servers_on_backends(&topology, PORT);
     let config = ConfigFile::new(&config(&topology));
@@ -159,7 +160,7 @@ fn restart_under_traffic(stop: impl FnOnce(AgentProcess)) {
             &topology.balancer,
             config.path(),
             &interfaces,
-            &[],
+            second_args,
             pins.clone(),
         )
         .expect("second agent starts");
@@ -203,6 +204,14 @@ fn restart_under_traffic(stop: impl FnOnce(AgentProcess)) {
         "{:#?}",
         second.history
     );
+    if !second_args.is_empty() {
+        let carried = second
+            .history
+            .iter()
+            .filter(|l| l.contains("pinned map carried over into its new size"))
+            .count();
+        assert!(carried >= 3, "{:#?}", second.history);
+    }
     assert!(
         !second
             .history
@@ -249,20 +258,38 @@ fn restart_under_traffic(stop: impl FnOnce(AgentProcess)) {
 
 #[test]
 fn kill_9_of_the_agent_loses_no_connection_and_no_byte() {
-    restart_under_traffic(|agent| agent.kill9().expect("SIGKILL"));
+    restart_under_traffic(|agent| agent.kill9().expect("SIGKILL"), &[]);
+}
+
+/// Another conntrack size and capacity than the pinned maps': carried over into maps of the new
+/// sizes (`lb_agent::resize`), still without losing a connection or a byte.
+#[test]
+fn a_restart_with_other_map_sizes_loses_no_connection_and_no_byte() {
+    let resized = &[
+        "--conntrack-entries",
+        "131072",
+        "--max-services",
+        "512",
+        "--max-backends",
+        "4096",
+    ];
+    restart_under_traffic(|agent| agent.kill9().expect("SIGKILL"), resized);
 }
 
 #[test]
 fn sigterm_leaves_the_datapath_running_for_the_next_agent() {
-    restart_under_traffic(|agent| {
-        let (code, log) = agent.stop().expect("agent stops");
-        assert_eq!(code, 0);
-        assert!(
-            log.iter()
-                .any(|l| l.contains("datapath left attached and pinned")),
-            "{log:#?}"
-        );
-    });
+    restart_under_traffic(
+        |agent| {
+            let (code, log) = agent.stop().expect("agent stops");
+            assert_eq!(code, 0);
+            assert!(
+                log.iter()
+                    .any(|l| l.contains("datapath left attached and pinned")),
+                "{log:#?}"
+            );
+        },
+        &[],
+    );
 }
 
 #[test]
@@ -278,12 +305,18 @@ fn an_incompatible_layout_is_refused_until_its_replacement_is_asked_for() {
     let pins = first.pins();
     assert_eq!(first.stop().expect("first agent stops").0, 0);
 
-    // Another conntrack size: refused before anything changes; the pinned datapath keeps serving.
+    // Another layout version (another agent's meaning of the same bytes): refused before anything
+    // changes; the pinned datapath keeps serving.
+    let layout = MapData::from_pin(pins.path().join("LAYOUT")).unwrap();
+    let mut layout: Array<MapData, u32> =
+        Array::try_from(Map::from_map_data(layout).unwrap()).unwrap();
+    let version = layout.get(&0, 0).unwrap();
+    layout.set(0, version + 1, 0).unwrap();
     let refused = AgentProcess::start_pinned(
         &topology.balancer,
         config.path(),
         &interfaces,
-        &["--conntrack-entries", "8192"],
+        &[],
         pins.clone(),
     )
     .err()
@@ -291,7 +324,7 @@ fn an_incompatible_layout_is_refused_until_its_replacement_is_asked_for() {
     let message = format!("{refused:#}");
     assert!(
         message.contains("is incompatible with this agent")
-            && message.contains("map CONNTRACK_V4")
+            && message.contains(&format!("pinned map layout version {}", version + 1))
             && message.contains("--replace-incompatible-state"),
         "{message}"
     );
@@ -304,11 +337,7 @@ fn an_incompatible_layout_is_refused_until_its_replacement_is_asked_for() {
         &topology.balancer,
         config.path(),
         &interfaces,
-        &[
-            "--conntrack-entries",
-            "8192",
-            "--replace-incompatible-state",
-        ],
+        &["--replace-incompatible-state"],
         pins,
     )
     .expect("replacing agent starts");

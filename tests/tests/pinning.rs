@@ -1,11 +1,17 @@
 //! Pinned datapath state, in process with real packets (BPF_PROG_TEST_RUN): a second load adopts
 //! the first one's maps (connection tracking, backend ids, tables, the address filter) and balances
-//! before any reconcile, and its first reconcile writes nothing; an incompatible layout is refused with both sides named, or replaced on request
-//! (flushing connection tracking); uninstalling removes every pin.
+//! before any reconcile, and its first reconcile writes nothing; maps of another size (conntrack,
+//! capacity) are carried over into the new sizes; an incompatible layout is refused with both
+//! sides named, or replaced on request (flushing connection tracking); uninstalling removes every
+//! pin.
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use aya::maps::{Array, Map, MapData};
+use aya::{
+    maps::{Array, Map, MapData},
+    programs::Xdp,
+};
+use aya_obj::programs::XdpAttachType;
 use lb_agent::{
     config::Config,
     datapath::{ApplyReport, Capacity, Datapath, LoadOptions, PinOptions},
@@ -151,36 +157,19 @@ fn incompatible_state_is_refused_or_replaced() {
     send(&mut first, SYN, "192.0.2.7:40000".parse().unwrap());
     drop(first);
 
-    // Another conntrack size is another map definition.
-    let err = Datapath::load_with(&options(&pins, 8192, false))
+    // Another value size is another map definition (another agent's `Backend`, say).
+    let path = pins.path().join("maps/BACKENDS");
+    std::fs::remove_file(&path).unwrap();
+    Array::<MapData, u64>::create(4096, 0)
+        .unwrap()
+        .pin(&path)
+        .unwrap();
+    let err = Datapath::load_with(&options(&pins, 4096, false))
         .err()
         .expect("refused");
     let message = format!("{err:#}");
     assert!(
-        message.contains("map CONNTRACK_V4: pinned type 9, key 16 B")
-            && message.contains("map CONNTRACK_V6: pinned type 9, key 40 B")
-            && message.contains("4096 entries")
-            && message.contains("8192 entries")
-            && message.contains("--replace-incompatible-state"),
-        "{message}"
-    );
-
-    // Another capacity (--max-services, --max-backends): the maps it sizes are other definitions.
-    let err = Datapath::load_with(&LoadOptions {
-        capacity: Capacity {
-            services: 64,
-            backends: 256,
-        },
-        ..options(&pins, 4096, false)
-    })
-    .err()
-    .expect("refused");
-    let message = format!("{err:#}");
-    assert!(
-        message.contains("map SERVICE_STATS: pinned type 6")
-            && message.contains("64 entries")
-            && message.contains("map BACKENDS: pinned type 2")
-            && message.contains("257 entries")
+        message.contains("map BACKENDS: pinned type 2, key 4 B, value 8 B")
             && message.contains("--replace-incompatible-state"),
         "{message}"
     );
@@ -217,4 +206,120 @@ fn incompatible_state_is_refused_or_replaced() {
     let dir: PathBuf = pins.path().into();
     assert!(PinDir::new(&dir).remove_all().unwrap() > 10);
     assert!(!dir.exists(), "{} removed", dir.display());
+}
+
+/// The pinned maps' number of entries, as the kernel reports it.
+fn pinned_entries(pins: &TestPins, map: &str) -> u32 {
+    aya::maps::MapInfo::from_pin(pins.path().join("maps").join(map))
+        .unwrap()
+        .max_entries()
+}
+
+/// An agent started with another `--conntrack-entries`, `--max-services` and `--max-backends` than
+/// the pinned maps carries them over: tracked flows keep their backends (also a flow the previous
+/// program started between the load and the attach), service and backend ids, tables and
+/// statistics stay, and the pins name the new maps once `finish_resize` ran. Shrinking below what
+/// is in use is refused and changes nothing.
+#[test]
+fn maps_of_another_size_are_carried_over() {
+    let pins = TestPins::new();
+    let config = Config::from_yaml(CONFIG).unwrap();
+    let sized = |conntrack, services, backends| LoadOptions {
+        capacity: Capacity { services, backends },
+        ..options(&pins, conntrack, false)
+    };
+    let client: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+    let late: SocketAddr = "192.0.2.8:40000".parse().unwrap();
+
+    let mut first = Datapath::load_with(&sized(4096, 64, 256)).unwrap();
+    first.apply(&config).unwrap();
+    let backend = send(&mut first, SYN, client);
+    let stats = first.service_stats(&web_key()).unwrap().unwrap();
+    let table = first.table_of(&web_key()).unwrap();
+    drop(first);
+    // What the links still run until the new programs replace it.
+    let mut previous = Xdp::from_pin(
+        pins.path().join("programs/lb_xdp"),
+        XdpAttachType::Interface,
+    )
+    .unwrap();
+
+    let mut second = Datapath::load_with(&sized(8192, 128, 512)).expect("resized");
+    assert_eq!(second.conntrack_entries().unwrap(), 1, "the tracked flow");
+    assert_eq!(second.table_of(&web_key()).unwrap(), table);
+    assert_eq!(
+        second.service_stats(&web_key()).unwrap().unwrap(),
+        stats,
+        "statistics carried over"
+    );
+    // A flow the previous program starts before the new one is attached.
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let (action, out) = run(&mut previous, &frame(SYN, late, vip, b"x"));
+    assert_eq!(action, XDP_PASS);
+    let late_backend = inspect(&out).dst;
+    assert_eq!(
+        second.conntrack_entries().unwrap(),
+        1,
+        "the late flow is in the pinned map only"
+    );
+    assert_eq!(
+        pinned_entries(&pins, "CONNTRACK_V4"),
+        4096,
+        "pins unchanged until the finish"
+    );
+    second.finish_resize().unwrap();
+    assert_eq!(second.conntrack_entries().unwrap(), 2, "the late flow too");
+    for (map, entries) in [
+        ("CONNTRACK_V4", 8192),
+        ("CONNTRACK_V6", 8192),
+        ("NAT_REPLY", 8192),
+        ("SERVICES", 128),
+        ("MAGLEV_TABLES", 256),
+        ("BACKENDS", 513),
+        ("BACKEND_STATS", 513),
+    ] {
+        assert_eq!(pinned_entries(&pins, map), entries, "{map}");
+    }
+    assert_eq!(
+        second.apply(&config).unwrap(),
+        ApplyReport::default(),
+        "ids and tables carried over: nothing to write"
+    );
+
+    // Drain both flows' backends: new flows avoid them, the tracked flows stay on them, which only
+    // the carried-over entries can explain.
+    let mut drained = CONFIG.to_string();
+    for b in [backend, late_backend] {
+        let entry = format!("address: {}, port: {}", b.ip(), b.port());
+        if !drained.contains(&format!("{entry}, weight: 0")) {
+            drained = drained.replace(&entry, &format!("{entry}, weight: 0"));
+        }
+    }
+    second.apply(&Config::from_yaml(&drained).unwrap()).unwrap();
+    assert_eq!(send(&mut second, ACK, client), backend);
+    assert_eq!(send(&mut second, ACK, late), late_backend);
+    for port in 41000..41030 {
+        let other: SocketAddr = format!("192.0.2.7:{port}").parse().unwrap();
+        let chosen = send(&mut second, SYN, other);
+        assert!(
+            chosen != backend && chosen != late_backend,
+            "new flow to a drained backend"
+        );
+    }
+    drop(second);
+
+    // One service for two in use (their tables' slots too): refused, nothing pinned changes.
+    let err = Datapath::load_with(&sized(8192, 1, 512))
+        .err()
+        .expect("refused");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("carrying MAGLEV_TABLES over from 256 to 2 entries")
+            && message.contains("is in use, beyond the new size 2"),
+        "{message}"
+    );
+    assert_eq!(pinned_entries(&pins, "SERVICE_SLOTS"), 128);
+    let mut third = Datapath::load_with(&sized(8192, 128, 512)).expect("adopted as it was");
+    assert_eq!(third.conntrack_entries().unwrap(), 32);
+    assert_eq!(send(&mut third, ACK, client), backend);
 }

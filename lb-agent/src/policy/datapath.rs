@@ -197,11 +197,19 @@ impl PolicyDatapath {
         let mut map_paths = Vec::new();
         if let (Some(pins), Some(options)) = (&pins, &options.pins) {
             let wanted = pins::object_maps(EBPF_OBJECT, &max_entries)?;
-            pin_lock = Some(pins.claim(
+            let claim = pins.claim(
                 &wanted,
                 options.replace_incompatible_state,
                 "policy datapath",
-            )?);
+            )?;
+            // Its map sizes are compiled in: another size is another agent's layout.
+            anyhow::ensure!(
+                claim.resized.is_empty(),
+                "pinned policy maps {:?} have other sizes than this agent's; restart with \
+                 --replace-incompatible-state to replace them",
+                claim.resized
+            );
+            pin_lock = Some((claim.lock, claim.adopt));
             map_paths = wanted
                 .into_iter()
                 .map(|(name, _)| {
