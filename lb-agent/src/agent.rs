@@ -144,6 +144,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             let node = NodeOptions {
                 node_name: options.node_name.clone(),
                 addresses: options.node_addresses.clone(),
+                capacity: options.capacity,
             };
             Some(K8sSource::start(
                 client,

@@ -298,13 +298,14 @@ impl Config {
         if let Err(err) = self.policy.validate() {
             return invalid(err.path, err.message);
         }
-        if self.services.len() > limits::MAX_SERVICES as usize {
+        // The datapath's own capacity (`--max-services`) is checked when it applies the config.
+        if self.services.len() > limits::SERVICES_LIMIT as usize {
             return invalid(
                 "services".into(),
                 format!(
                     "{} services, at most {} fit the datapath",
                     self.services.len(),
-                    limits::MAX_SERVICES
+                    limits::SERVICES_LIMIT
                 ),
             );
         }

@@ -150,8 +150,9 @@ impl Default for LoadOptions {
 /// How many services and backends the datapath holds, chosen at load time. Every map indexed by
 /// service or backend id is sized from it, the per-CPU statistics too: those cost 24 bytes per
 /// service and per backend on every CPU (3.4 MiB per CPU at the defaults, 216 MiB on a 64-CPU
-/// node), so a node with many CPUs and few services keeps them small. At most the compiled-in
-/// sizes (`lb_common::service::limits`), which the config's own limits follow.
+/// node), so a node with many CPUs and few services keeps them small. The defaults are the
+/// compiled-in sizes, the most `SERVICES_LIMIT` and `BACKENDS_LIMIT - 1`
+/// (`lb_common::service::limits`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
     /// `SERVICES`, `SERVICE_SLOTS`, `SERVICE_MODES` and `SERVICE_STATS` entries (service ids
@@ -165,8 +166,8 @@ pub struct Capacity {
 impl Default for Capacity {
     fn default() -> Self {
         Self {
-            services: limits::MAX_SERVICES,
-            backends: limits::MAX_BACKENDS - 1,
+            services: limits::DEFAULT_SERVICES,
+            backends: limits::DEFAULT_BACKENDS - 1,
         }
     }
 }
@@ -188,18 +189,18 @@ impl Capacity {
 
     /// Refuses sizes beyond the compiled-in ones, or zero.
     pub fn check(self) -> Result<Self> {
-        if !(1..=limits::MAX_SERVICES).contains(&self.services) {
+        if !(1..=limits::SERVICES_LIMIT).contains(&self.services) {
             bail!(
                 "capacity: {} services; 1 to {} are possible",
                 self.services,
-                limits::MAX_SERVICES
+                limits::SERVICES_LIMIT
             );
         }
-        if !(1..limits::MAX_BACKENDS).contains(&self.backends) {
+        if !(1..limits::BACKENDS_LIMIT).contains(&self.backends) {
             bail!(
                 "capacity: {} backends; 1 to {} are possible",
                 self.backends,
-                limits::MAX_BACKENDS - 1
+                limits::BACKENDS_LIMIT - 1
             );
         }
         Ok(self)
@@ -1287,7 +1288,7 @@ impl Datapath {
         services.insert(key, info, 0).with_context(|| {
             format!(
                 "writing SERVICES for {name} (map full? {} services max)",
-                limits::MAX_SERVICES
+                self.capacity.services
             )
         })
     }

@@ -75,15 +75,16 @@ enum Command {
         /// allocated whole at start, so a node with few IPv6 flows can keep this one small.
         #[arg(long, value_name = "ENTRIES", value_parser = clap::value_parser!(u32).range(1..))]
         conntrack_entries_v6: Option<u32>,
-        /// Services the datapath holds (at most 16384). Each costs 24 bytes of statistics per
-        /// CPU: lower it on nodes with many CPUs and few services.
-        #[arg(long, default_value_t = limits::MAX_SERVICES,
-              value_parser = clap::value_parser!(u32).range(1..=i64::from(limits::MAX_SERVICES)))]
+        /// Services the datapath holds (default 16384, at most 65536). Each costs 24 bytes of
+        /// statistics per CPU: lower it on nodes with many CPUs and few services. Another value
+        /// than the pinned maps' carries them over into maps of the new size.
+        #[arg(long, default_value_t = limits::DEFAULT_SERVICES,
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(limits::SERVICES_LIMIT)))]
         max_services: u32,
-        /// Backends of all services together the datapath holds (at most 131071); 24 bytes of
-        /// statistics per CPU each, as for services.
-        #[arg(long, default_value_t = limits::MAX_BACKENDS - 1,
-              value_parser = clap::value_parser!(u32).range(1..i64::from(limits::MAX_BACKENDS)))]
+        /// Backends of all services together the datapath holds (default 131071, at most
+        /// 1048575); 24 bytes of statistics per CPU each, as for services.
+        #[arg(long, default_value_t = limits::DEFAULT_BACKENDS - 1,
+              value_parser = clap::value_parser!(u32).range(1..i64::from(limits::BACKENDS_LIMIT)))]
         max_backends: u32,
         /// Also take services from Kubernetes (in-cluster account or $KUBECONFIG).
         #[arg(long)]

@@ -1192,11 +1192,11 @@ services:
         assert!(first.iter().all(|n| *n > 0.0), "{first:?}");
         assert_eq!(
             value(&scrape, "lb_map_fill_ratio", &[("map", "SERVICES")]),
-            Value::Gauge(2.0 / f64::from(limits::MAX_SERVICES))
+            Value::Gauge(2.0 / f64::from(limits::DEFAULT_SERVICES))
         );
         assert_eq!(
             value(&scrape, "lb_map_fill_ratio", &[("map", "BACKENDS")]),
-            Value::Gauge(2.0 / f64::from(limits::MAX_BACKENDS - 1))
+            Value::Gauge(2.0 / f64::from(limits::DEFAULT_BACKENDS - 1))
         );
 
         // Ten more packets of tracked flows: conntrack hits, no new flows; the next scrape reads

@@ -5,15 +5,23 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Capacity of the datapath, in one place so an operator reads it at a glance.
 pub mod limits {
-    /// Entries in the `SERVICES` map: distinct (VIP, port, protocol) triples.
-    pub const MAX_SERVICES: u32 = 16384;
+    /// Entries in the `SERVICES` map (distinct (VIP, port, protocol) triples) as compiled in: the
+    /// default of `--max-services`, which sizes it and the other maps indexed by service id at load.
+    pub const DEFAULT_SERVICES: u32 = 16384;
+    /// The most services `--max-services` accepts (ids are 32-bit; this bounds the memory a typo
+    /// could ask for: two Maglev table slots and a per-CPU statistics entry per service).
+    pub const SERVICES_LIMIT: u32 = 65_536;
     /// Backends one service may have.
     pub const MAX_BACKENDS_PER_SERVICE: u32 = 256;
-    /// Entries in the `BACKENDS` array: backends of all services together (ids `1..MAX_BACKENDS`;
-    /// id 0 is never used, so a zeroed slot means "no backend").
-    pub const MAX_BACKENDS: u32 = 131_072;
-    /// Slots of the `MAGLEV_TABLES` array of maps: two per service, one live, one being rebuilt.
-    pub const MAGLEV_TABLE_SLOTS: u32 = 2 * MAX_SERVICES;
+    /// Entries in the `BACKENDS` array as compiled in: backends of all services together (ids
+    /// `1..DEFAULT_BACKENDS`; id 0 is never used, so a zeroed slot means "no backend"). The default
+    /// of `--max-backends` (plus one), which sizes it at load.
+    pub const DEFAULT_BACKENDS: u32 = 131_072;
+    /// `BACKENDS` entries `--max-backends` may ask for at most (ids `1..BACKENDS_LIMIT`).
+    pub const BACKENDS_LIMIT: u32 = 1 << 20;
+    /// Slots of the `MAGLEV_TABLES` array of maps as compiled in: two per service, one live, one
+    /// being rebuilt.
+    pub const MAGLEV_TABLE_SLOTS: u32 = 2 * DEFAULT_SERVICES;
     /// Default entries of each of the `CONNTRACK_V4`, `CONNTRACK_V6` and `NAT_REPLY` LRU maps
     /// (configurable at load time).
     pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;

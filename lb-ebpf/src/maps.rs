@@ -34,16 +34,16 @@ pub static mut ADDRESS_FILTER: lb_common::prefilter::Words =
 /// VIP, port, protocol → service. Port 0 entries match every port of their VIP.
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceInfo> =
-    HashMap::with_max_entries(limits::MAX_SERVICES, 0);
+    HashMap::with_max_entries(limits::DEFAULT_SERVICES, 0);
 
 /// Service id → its `SERVICES` key and value (`ServiceSlot`), for tracked flows: written by the
 /// agent with every `SERVICES` change, zeroed when the service goes.
 #[map(name = "SERVICE_SLOTS")]
-pub static SERVICE_SLOTS: Array<ServiceSlot> = Array::with_max_entries(limits::MAX_SERVICES, 0);
+pub static SERVICE_SLOTS: Array<ServiceSlot> = Array::with_max_entries(limits::DEFAULT_SERVICES, 0);
 
 /// Backend id → backend. Array: the lookup is a bounds check and an offset.
 #[map(name = "BACKENDS")]
-pub static BACKENDS: Array<Backend> = Array::with_max_entries(limits::MAX_BACKENDS, 0);
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(limits::DEFAULT_BACKENDS, 0);
 
 /// Maglev lookup tables (slot → backend id), one inner array per table. Userspace fills a new table
 /// in the service's spare slot and then flips `ServiceInfo::table_slot`, so a packet never sees a
@@ -75,12 +75,12 @@ pub static NAT_REPLY: LruHashMap<FlowKey, NatReply> =
 /// serve one (`lb_common::conntrack::BackendReply`): their flows need no `NAT_REPLY` entry.
 #[map(name = "BACKEND_REPLY")]
 pub static BACKEND_REPLY: HashMap<ServiceKey, BackendReply> =
-    HashMap::with_max_entries(limits::MAX_BACKENDS, 0);
+    HashMap::with_max_entries(limits::DEFAULT_BACKENDS, 0);
 
 /// Service id → what SNAT and DSR-IPIP need beyond `ServiceInfo` (source address, port range).
 /// Written by the agent before the service's `SERVICES` entry; read only by those modes.
 #[map(name = "SERVICE_MODES")]
-pub static SERVICE_MODES: Array<ModeInfo> = Array::with_max_entries(limits::MAX_SERVICES, 0);
+pub static SERVICE_MODES: Array<ModeInfo> = Array::with_max_entries(limits::DEFAULT_SERVICES, 0);
 
 /// `lb_decap` (backends): the balancers it accepts encapsulated packets from and the local
 /// addresses it decapsulates for; an all-zero address is the wildcard of its family and role.
@@ -121,11 +121,11 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::S
 
 #[map(name = "SERVICE_STATS")]
 pub static SERVICE_STATS: PerCpuArray<TrafficStats> =
-    PerCpuArray::with_max_entries(limits::MAX_SERVICES, 0);
+    PerCpuArray::with_max_entries(limits::DEFAULT_SERVICES, 0);
 
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
-    PerCpuArray::with_max_entries(limits::MAX_BACKENDS, 0);
+    PerCpuArray::with_max_entries(limits::DEFAULT_BACKENDS, 0);
 
 /// Adds one to this CPU's slot for `counter`.
 #[inline(always)]

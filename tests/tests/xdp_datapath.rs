@@ -1054,15 +1054,28 @@ fn capacity_sizes_the_id_maps_and_a_config_beyond_it_is_refused_whole() {
     datapath.apply(&step).unwrap();
     datapath.apply(&replaced).unwrap();
 
-    // Beyond the compiled-in sizes, or zero: refused at load.
+    // Above the compiled-in sizes: the maps are made bigger at load.
+    let bigger = Capacity {
+        services: 2 * limits::DEFAULT_SERVICES,
+        backends: 2 * limits::DEFAULT_BACKENDS,
+    };
+    let big = Datapath::load_with(&LoadOptions {
+        capacity: bigger,
+        ..Default::default()
+    })
+    .expect("a capacity above the compiled-in sizes");
+    assert_eq!(big.capacity(), bigger);
+    drop(big);
+
+    // Beyond the limits, or zero: refused at load.
     for capacity in [
         Capacity {
-            services: limits::MAX_SERVICES + 1,
+            services: limits::SERVICES_LIMIT + 1,
             backends: 8,
         },
         Capacity {
             services: 4,
-            backends: limits::MAX_BACKENDS,
+            backends: limits::BACKENDS_LIMIT,
         },
         Capacity {
             services: 0,

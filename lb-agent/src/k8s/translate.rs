@@ -42,11 +42,13 @@
 //!   by two Services — keep one: cluster IP before load-balancer IP before external IP before
 //!   node port, then the lowest `<ns>/<name>`; the other gets a note.
 //! - **Order**: the output is sorted by (VIP, port, protocol), so equal inputs give equal outputs
-//!   whatever order the objects came in. At most [`limits::MAX_SERVICES`] are kept, with a note.
+//!   whatever order the objects came in. Services beyond the datapath's capacity
+//!   ([`NodeOptions::capacity`]: services, and distinct backends of the services kept before) are
+//!   left out in that order, with a note.
 
 use std::{
     borrow::Borrow,
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::IpAddr,
 };
@@ -60,6 +62,7 @@ use tracing::debug;
 
 use crate::{
     config::{self, BackendConfig, ForwardingMode, HashFields, Protocol},
+    datapath::Capacity,
     maglev,
 };
 
@@ -73,6 +76,9 @@ pub struct NodeOptions {
     pub node_name: Option<String>,
     /// Addresses that NodePort services are served on.
     pub addresses: Vec<IpAddr>,
+    /// What the datapath holds (`--max-services`, `--max-backends`): services beyond it are left
+    /// out, with a note.
+    pub capacity: Capacity,
 }
 
 /// The kind of address a frontend is, in order of precedence when two collide.
@@ -325,23 +331,40 @@ pub fn translate(
         }
         out.push(service);
     }
-    if out.len() > limits::MAX_SERVICES as usize {
-        for dropped in &out[limits::MAX_SERVICES as usize..] {
+    // A desired state beyond the datapath's capacity would be refused whole, so that no change of
+    // the cluster would apply any more: the services that do not fit are left out instead.
+    let capacity = node.capacity;
+    let mut backends = HashSet::new();
+    let mut kept = Vec::with_capacity(out.len());
+    for service in out {
+        let added: HashSet<(IpAddr, u16)> = service
+            .backends
+            .iter()
+            .map(|b| (b.address, b.port))
+            .filter(|b| !backends.contains(b))
+            .collect();
+        if kept.len() >= capacity.services as usize
+            || backends.len() + added.len() > capacity.backends as usize
+        {
             note(
-                &dropped.name,
+                &service.name,
                 format!(
-                    "{}:{}/{} left out: the datapath holds at most {} services",
-                    dropped.vip,
-                    dropped.port,
-                    dropped.protocol,
-                    limits::MAX_SERVICES
+                    "{}:{}/{} left out: the datapath holds {} services and {} backends \
+                     (--max-services, --max-backends)",
+                    service.vip,
+                    service.port,
+                    service.protocol,
+                    capacity.services,
+                    capacity.backends
                 ),
             );
+            continue;
         }
-        out.truncate(limits::MAX_SERVICES as usize);
+        backends.extend(added);
+        kept.push(service);
     }
     Translation {
-        services: out,
+        services: kept,
         notes: notes.into_iter().collect(),
     }
 }

@@ -422,6 +422,7 @@ fn load_balancer_external_ips_and_node_ports() {
     let node = NodeOptions {
         node_name: Some("node-a".into()),
         addresses: vec![ip("192.0.2.10"), ip("2001:db8::10")],
+        ..Default::default()
     };
     let translation = translate(&services, &slices, &node);
     let out = &translation.services;
@@ -467,6 +468,7 @@ fn node_ports_only_for_node_port_and_load_balancer_types() {
     let node = NodeOptions {
         node_name: None,
         addresses: vec![ip("192.0.2.10"), ip("192.0.2.11")],
+        ..Default::default()
     };
     let nodeport = services_from(&[svc("default", "np", spec("NodePort"))], NO_SLICES, &node);
     assert_eq!(
@@ -597,6 +599,7 @@ fn local_traffic_policies_keep_only_this_nodes_endpoints() {
     let node = NodeOptions {
         node_name: Some("node-a".into()),
         addresses: vec![ip("192.0.2.10")],
+        ..Default::default()
     };
     let out = services_from(&services, &slices, &node);
     // The cluster IP (internalTrafficPolicy: Cluster by default) balances to all.
@@ -774,6 +777,79 @@ fn backends_beyond_the_datapath_limit_are_cut_keeping_ready_ones() {
         .iter()
         .any(|n| n.reason.contains("at most 256")));
     assert_valid(&translation.services);
+}
+
+/// Services beyond the datapath's capacity (`--max-services`, `--max-backends`) are left out in
+/// (VIP, port, protocol) order with a note, so that the rest applies (a state beyond the capacity
+/// would be refused whole).
+#[test]
+fn services_beyond_the_datapath_capacity_are_left_out() {
+    let services: Vec<Service> = (0..4)
+        .map(|i| {
+            svc(
+                "default",
+                &format!("web{i}"),
+                json!({ "clusterIP": format!("10.96.0.{}", 10 + i), "ports": [{ "port": 80 }] }),
+            )
+        })
+        .collect();
+    // Each service has two backends of its own and shares 10.1.0.1.
+    let slices: Vec<EndpointSlice> = (0..4)
+        .map(|i| {
+            eps(
+                "default",
+                &format!("web{i}-1"),
+                &format!("web{i}"),
+                "IPv4",
+                json!([{ "port": 8080 }]),
+                json!([
+                    ready("10.1.0.1"),
+                    ready(&format!("10.1.1.{}", i + 1)),
+                    ready(&format!("10.1.2.{}", i + 1))
+                ]),
+            )
+        })
+        .collect();
+    let with = |services, backends| NodeOptions {
+        capacity: Capacity { services, backends },
+        ..Default::default()
+    };
+    let names =
+        |t: &Translation| -> Vec<String> { t.services.iter().map(|s| s.name.clone()).collect() };
+
+    let all = translate(&services, &slices, &with(4, 9));
+    assert_eq!(
+        names(&all),
+        [
+            "default/web0:80",
+            "default/web1:80",
+            "default/web2:80",
+            "default/web3:80"
+        ]
+    );
+    assert!(all.notes.is_empty(), "{:?}", all.notes);
+
+    let three = translate(&services, &slices, &with(3, 100));
+    assert_eq!(
+        names(&three),
+        ["default/web0:80", "default/web1:80", "default/web2:80"]
+    );
+    let by_backends = translate(&services, &slices, &with(100, 8));
+    assert_eq!(
+        names(&by_backends),
+        names(&three),
+        "1 shared + 2 per service: 9 for four"
+    );
+    for t in [&three, &by_backends] {
+        let notes: Vec<String> = t.notes.iter().map(ToString::to_string).collect();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("default/web3:80: 10.96.0.13:80/tcp left out: the datapath holds")
+                && notes[0].contains("(--max-services, --max-backends)"),
+            "{notes:?}"
+        );
+        assert_valid(&t.services);
+    }
 }
 
 #[test]
