@@ -1,4 +1,5 @@
-//! `lbctl`'s commands that change state. They go through the agent's gRPC API on its unix socket,
+//! `lbctl`'s commands that change state. They go through the agent's gRPC API (its unix socket, or
+//! TCP with mutual TLS: [`crate::grpc::client`]),
 //! never to the maps directly: the agent owns the maps and would reconcile a hand-edited entry
 //! back. So a change made here is validated as a config file edit would be, merged with the other
 //! sources (the config file's services shadow the API's with the same key, the API's shadow
@@ -10,7 +11,7 @@
 //! Arguments name services as `VIP:PORT/PROTOCOL` (`198.51.100.10:80/tcp`, `[2001:db8::10]:53/udp`)
 //! and backends as `ADDRESS:PORT[=WEIGHT]` (`203.0.113.11:8080=2`; weight 0 drains).
 
-use std::{fmt, net::SocketAddr, str::FromStr};
+use std::{error::Error as _, fmt, net::SocketAddr, str::FromStr};
 
 use anyhow::{bail, Context, Result};
 use tonic::{transport::Channel, Code};
@@ -101,8 +102,37 @@ pub struct ServiceOptions {
     pub table_size: Option<u32>,
 }
 
+/// A call that failed below gRPC: the connection to the agent broke before an answer (the agent
+/// stopped, or refused a TLS client certificate: TLS 1.3 shows that at the first call). Its
+/// sources are the transport's errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: the connection to the agent failed: {cause}")]
+pub struct ConnectionFailed {
+    what: String,
+    /// The innermost error (tonic's own says only "transport error").
+    cause: String,
+    #[source]
+    status: tonic::Status,
+}
+
 /// A request the agent refused: its message names the offending field, as the API's do.
 fn refused(what: &str, status: tonic::Status) -> anyhow::Error {
+    if let Some(transport) = status
+        .source()
+        .filter(|source| source.is::<tonic::transport::Error>())
+    {
+        let mut innermost: &dyn std::error::Error = transport;
+        while let Some(source) = innermost.source() {
+            innermost = source;
+        }
+        let cause = innermost.to_string();
+        return ConnectionFailed {
+            what: what.to_string(),
+            cause,
+            status,
+        }
+        .into();
+    }
     match status.code() {
         Code::InvalidArgument => anyhow::anyhow!("{what} refused: {}", status.message()),
         Code::NotFound => anyhow::anyhow!(

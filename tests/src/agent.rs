@@ -169,6 +169,12 @@ pub fn agent_binary() -> PathBuf {
     panic!("lb-agent binary not found next to {}; run `cargo xtask test` (or build it and set LB_AGENT_BIN)", exe.display());
 }
 
+/// Path of the `lbctl` binary: next to [`agent_binary`] (cargo builds both into one directory;
+/// with `LB_AGENT_BIN`, copy `lbctl` next to that file).
+pub fn lbctl_binary() -> PathBuf {
+    agent_binary().with_file_name("lbctl")
+}
+
 pub struct AgentProcess {
     child: Child,
     /// Log lines the agent printed (stderr), for assertions and failure messages.

@@ -323,7 +323,7 @@ fn lbctl_shows_the_services_flows_and_counters() {
 
     let pins = agent.pins();
     let lbctl = |args: &[&str]| -> String {
-        let lbctl = lb_tests::agent::agent_binary().with_file_name("lbctl");
+        let lbctl = lb_tests::agent::lbctl_binary();
         let out = std::process::Command::new(&lbctl)
             .arg("--bpffs-dir")
             .arg(pins.path())

@@ -14,7 +14,7 @@ use std::{
 
 use lb_agent::grpc::pb::{self, load_balancer_client::LoadBalancerClient};
 use lb_tests::{
-    agent::AgentProcess,
+    agent::{lbctl_binary, AgentProcess},
     grpc_client::connect_unix,
     netns::TEST_PREFIX,
     servers::{tcp_requests, tcp_servers_on_backends, TcpCountingServer},
@@ -110,6 +110,18 @@ fn until_unbalanced(topology: &Topology, after: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs `command` (`lbctl` and its options) with `args`: whether it succeeded, its stdout and
+/// stderr.
+fn run_lbctl(mut command: std::process::Command, args: &[&str]) -> (bool, String, String) {
+    let out = command
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap_or_else(|e| panic!("running lbctl {args:?}: {e}"));
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
 fn call<T>(
@@ -602,16 +614,10 @@ fn lbctl_changes_services_through_the_agent() {
         socket,
         mut agent,
     } = setup("api.sock");
-    let lbctl = |args: &[&str]| -> (bool, String, String) {
-        let binary = lb_tests::agent::agent_binary().with_file_name("lbctl");
-        let out = std::process::Command::new(&binary)
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    let lbctl = |args: &[&str]| {
+        let mut command = std::process::Command::new(lbctl_binary());
+        command.arg("--socket").arg(&socket);
+        run_lbctl(command, args)
     };
     let ok = |args: &[&str]| -> String {
         let (success, stdout, stderr) = lbctl(args);
@@ -736,4 +742,178 @@ fn lbctl_changes_services_through_the_agent() {
     );
     until_unbalanced(&topology, "lbctl service delete");
     assert!(ok(&["state"]).contains("0 services"));
+}
+
+/// `lbctl` from another machine: in the client namespace, over the wire to the agent's TCP
+/// listener on the balancer's client-side address, with mutual TLS. The agent's certificate names
+/// `localhost`, so `--tls-server-name` says which name to expect. A service it adds is balanced
+/// (counted by the backends) and listed by `state`; a client certificate of another CA, a CA that
+/// did not sign the agent's certificate, the wrong server name, a missing file and the commands
+/// that read the local maps are refused with a message saying why, and change nothing; a delete
+/// stops the balancing.
+#[test]
+fn lbctl_changes_services_from_another_machine_over_mutual_tls() {
+    use lb_tests::{grpc_client::make_certificates, topology::BALANCER_CLIENT_SIDE_ADDR};
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "services: []\n");
+    let certificates = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::create_dir(&path).unwrap();
+        make_certificates(&path)
+    };
+    let ours = certificates("ours");
+    let other = certificates("other");
+    let file = |certs: &Path, name: &str| certs.join(name).to_str().unwrap().to_string();
+
+    let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
+    let servers = tcp_servers_on_backends(&topology, PORT);
+    let listen = SocketAddr::from((BALANCER_CLIENT_SIDE_ADDR, 50051));
+    let mut agent = AgentProcess::start_with(
+        &topology.balancer,
+        &config,
+        &topology.balancer_interfaces(),
+        &[
+            "--grpc-tcp",
+            &listen.to_string(),
+            "--grpc-tls-cert",
+            &file(&ours, "server.pem"),
+            "--grpc-tls-key",
+            &file(&ours, "server.key"),
+            "--grpc-tls-client-ca",
+            &file(&ours, "ca.pem"),
+        ],
+    )
+    .expect("agent starts");
+
+    let endpoint = format!("https://{listen}");
+    // lbctl in the client namespace, with `tls`: its TLS options.
+    let lbctl = |tls: &[String], args: &[&str]| {
+        let mut command = topology.client.command(lbctl_binary().to_str().unwrap());
+        command.args(["--endpoint", &endpoint]).args(tls);
+        run_lbctl(command, args)
+    };
+    let tls = |cert: &str, key: &str, ca: &str, server_name: Option<&str>| -> Vec<String> {
+        let mut options = vec![];
+        for (option, value) in [
+            ("--tls-cert", Some(cert)),
+            ("--tls-key", Some(key)),
+            ("--tls-ca", Some(ca)),
+            ("--tls-server-name", server_name),
+        ] {
+            if let Some(value) = value {
+                options.extend([option.to_string(), value.to_string()]);
+            }
+        }
+        options
+    };
+    let (cert, key, ca) = (
+        file(&ours, "client.pem"),
+        file(&ours, "client.key"),
+        file(&ours, "ca.pem"),
+    );
+    let good = tls(&cert, &key, &ca, Some("localhost"));
+    let ok = |args: &[&str]| -> String {
+        let (success, stdout, stderr) = lbctl(&good, args);
+        assert!(success, "lbctl {args:?}: {stdout}{stderr}");
+        stdout
+    };
+    let b = |i: usize| format!("{}:{PORT}", topology.backends[i - 1].addr);
+    let vip = format!("{VIP}:80/tcp");
+
+    let added = ok(&["service", "add", "web", &vip, &b(1), &b(2)]);
+    assert_eq!(added.trim(), format!("service {vip} (web) created"));
+    until_lands_on(&topology, "backend-1", &mut agent);
+    let both = traffic(&topology, &servers, 60);
+    assert_eq!(
+        both.keys().cloned().collect::<Vec<_>>(),
+        ["backend-1", "backend-2"],
+        "{both:?}"
+    );
+    let state = ok(&["state"]);
+    assert!(
+        state.contains(&format!(
+            "{vip} web mode=dnat backends: {}=1 {}=1",
+            b(1),
+            b(2)
+        )),
+        "{state}"
+    );
+
+    // Refused, each with a message saying why; none of them deletes the service.
+    let (other_cert, other_key, other_ca) = (
+        file(&other, "client.pem"),
+        file(&other, "client.key"),
+        file(&other, "ca.pem"),
+    );
+    let missing = file(dir.path(), "missing.pem");
+    let refusals: [(&str, Vec<String>, &[&str]); 5] = [
+        // A client certificate the agent's CA did not sign: the agent refuses it (the other CA
+        // has the same name as ours, so its signature is what fails).
+        (
+            "client certificate of another CA",
+            tls(&other_cert, &other_key, &ca, Some("localhost")),
+            &[
+                "refused the client certificate (--tls-cert)",
+                "--grpc-tls-client-ca",
+            ],
+        ),
+        // A CA that did not sign the agent's certificate: lbctl refuses the agent.
+        (
+            "CA that did not sign the agent's certificate",
+            tls(&cert, &key, &other_ca, Some("localhost")),
+            &[
+                "certificate this client does not accept",
+                "invalid peer certificate",
+            ],
+        ),
+        // By address, while the agent's certificate names localhost and 127.0.0.1 only.
+        (
+            "no server name",
+            tls(&cert, &key, &ca, None),
+            &[
+                "certificate this client does not accept",
+                "not valid for name",
+            ],
+        ),
+        (
+            "missing file",
+            tls(&missing, &key, &ca, Some("localhost")),
+            &["reading the client certificate", "missing.pem"],
+        ),
+        // Without a client certificate: not even tried.
+        (
+            "no client certificate",
+            vec!["--tls-ca".into(), ca.clone()],
+            &["required arguments were not provided", "--tls-cert"],
+        ),
+    ];
+    for (what, tls, says) in refusals {
+        let (success, stdout, stderr) = lbctl(&tls, &["service", "delete", &vip]);
+        assert!(!success, "{what}: lbctl succeeded: {stdout}");
+        assert!(
+            says.iter().all(|s| stderr.contains(s)),
+            "{what}: expected {says:?} in: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    }
+    let (success, _, stderr) = lbctl(&good, &["flows"]);
+    assert!(!success);
+    assert!(
+        stderr.contains("`lbctl flows` reads the datapath's pinned maps on this node"),
+        "{stderr}"
+    );
+    assert_eq!(
+        traffic(&topology, &servers, 20).values().sum::<u64>(),
+        20,
+        "the refused deletes left the service in place"
+    );
+
+    assert_eq!(
+        ok(&["service", "delete", &vip]).trim(),
+        format!("service {vip} deleted")
+    );
+    until_unbalanced(&topology, "lbctl service delete over TLS");
+    let (code, _) = agent.stop().expect("agent stops");
+    assert_eq!(code, 0);
 }

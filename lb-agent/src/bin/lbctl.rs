@@ -1,8 +1,11 @@
 //! `lbctl`: inspect the datapath and change services.
 //!
 //! Reading goes to the pinned maps directly (`lb_agent::inspect`), with or without a running
-//! agent. Changes go through the agent's gRPC API on its unix socket (`lb_agent::ctl`), so they are
-//! validated, merged with the other sources and applied by the agent, which owns the maps.
+//! agent: on the node only. Changes go through the agent's gRPC API (`lb_agent::ctl`), so they are
+//! validated, merged with the other sources and applied by the agent, which owns the maps: on its
+//! unix socket (`--socket`, the default), or from elsewhere on its TCP listener with mutual TLS
+//! (`--endpoint https://HOST:PORT --tls-cert FILE --tls-key FILE --tls-ca FILE`), where the
+//! commands that read the maps are refused rather than answered from the local node's maps.
 //!
 //! ```text
 //! lbctl services              # VIP:port, protocol, mode, service id, Maglev table size
@@ -22,15 +25,19 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
     config::{ForwardingMode, HashFields},
     ctl::{self, BackendArg, ServiceArg, ServiceOptions},
-    grpc::client::connect_unix,
+    grpc::{
+        client::{connect_tls, connect_unix, parse_endpoint, tls_failure, ClientTls, TlsFailure},
+        pb::load_balancer_client::LoadBalancerClient,
+    },
     inspect::Pinned,
     pins::DEFAULT_BPFFS_DIR,
 };
+use tonic::transport::{Channel, Uri};
 
 #[derive(Parser)]
 #[command(about = "Inspect the lb datapath and change services through the agent")]
@@ -38,9 +45,35 @@ struct Args {
     /// The agent's pin directory (its --bpffs-dir), for the read-only commands.
     #[arg(long, default_value = DEFAULT_BPFFS_DIR, value_name = "DIR")]
     bpffs_dir: PathBuf,
-    /// The agent's gRPC unix socket (its --grpc-socket), for the commands that change state.
+    /// The agent's gRPC unix socket (its --grpc-socket), for the commands that go through the API.
     #[arg(long, default_value = "/run/lb/api.sock", value_name = "PATH")]
     socket: PathBuf,
+    /// The agent's API on TCP with TLS (its --grpc-tcp) instead of the socket, e.g.
+    /// https://192.0.2.1:50051; needs --tls-cert, --tls-key and --tls-ca.
+    #[arg(
+        long,
+        value_name = "URL",
+        value_parser = |text: &str| match parse_endpoint(text) {
+            Ok(_) => Ok(text.to_string()),
+            Err(err) => Err(format!("{err:#}")),
+        },
+        conflicts_with = "socket",
+        requires_all = ["tls_cert", "tls_key", "tls_ca"],
+    )]
+    endpoint: Option<String>,
+    /// The client certificate (PEM) presented to the agent: signed by its --grpc-tls-client-ca.
+    #[arg(long, value_name = "FILE", requires = "endpoint")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "endpoint")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) the agent's certificate (its --grpc-tls-cert) must chain to.
+    #[arg(long, value_name = "FILE", requires = "endpoint")]
+    tls_ca: Option<PathBuf>,
+    /// The name the agent's certificate must carry, when it is not the endpoint's host (e.g.
+    /// connecting by IP address to a certificate that names only DNS names).
+    #[arg(long, value_name = "NAME", requires = "endpoint")]
+    tls_server_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -152,8 +185,80 @@ enum Hash {
     SourceIp,
 }
 
+/// Where the commands that go through the API reach it.
+enum Api {
+    Unix(PathBuf),
+    /// The endpoint as given, and parsed.
+    Tls(String, Uri, ClientTls),
+}
+
+impl Api {
+    fn from_args(args: &Args) -> Result<Self> {
+        let (Some(endpoint), Some(cert), Some(key), Some(ca)) =
+            (&args.endpoint, &args.tls_cert, &args.tls_key, &args.tls_ca)
+        else {
+            return Ok(Self::Unix(args.socket.clone())); // clap requires all four together
+        };
+        let tls = ClientTls::from_files(cert, key, ca, args.tls_server_name.clone())?;
+        Ok(Self::Tls(endpoint.clone(), parse_endpoint(endpoint)?, tls))
+    }
+
+    /// Adds what a failure over TLS says about the certificates, and which option to check.
+    fn explain(&self, err: anyhow::Error) -> anyhow::Error {
+        let Self::Tls(endpoint, ..) = self else {
+            return err;
+        };
+        let hint = match err.chain().find_map(tls_failure) {
+            Some(TlsFailure::AgentCertificate(_)) => format!(
+                "the agent at {endpoint} presented a certificate this client does not accept: \
+                 --tls-ca must hold the CA that signed the agent's --grpc-tls-cert, and that \
+                 certificate must name the endpoint's host or --tls-server-name"
+            ),
+            Some(TlsFailure::AlertReceived(alert)) => format!(
+                "the agent at {endpoint} refused the client certificate (--tls-cert) with TLS \
+                 alert {alert}: it must be signed by the CA of the agent's --grpc-tls-client-ca"
+            ),
+            // TLS 1.3: the agent checks the client certificate after the handshake, and its alert
+            // can be lost when it closes the connection under our first request.
+            None if err.chain().any(|cause| cause.is::<ctl::ConnectionFailed>()) => format!(
+                "the agent at {endpoint} closed the connection before answering: if it is \
+                 running, it refused the client certificate (--tls-cert), which must be signed by \
+                 the CA of its --grpc-tls-client-ca"
+            ),
+            None => return err,
+        };
+        err.context(hint)
+    }
+
+    async fn connect(&self) -> Result<LoadBalancerClient<Channel>> {
+        match self {
+            Self::Unix(socket) => connect_unix(socket)
+                .await
+                .with_context(|| format!("the agent's API at {} (--socket)", socket.display())),
+            Self::Tls(endpoint, uri, tls) => connect_tls(uri, tls)
+                .await
+                .with_context(|| format!("the agent's API at {endpoint} (--endpoint)")),
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(endpoint) = &args.endpoint {
+        let local = match args.command {
+            Command::Services => Some("services"),
+            Command::Flows { .. } => Some("flows"),
+            Command::Counters { .. } => Some("counters"),
+            _ => None,
+        };
+        if let Some(name) = local {
+            bail!(
+                "`lbctl {name}` reads the datapath's pinned maps on this node (--bpffs-dir), not \
+                 the agent's API, so it cannot reach {endpoint}: run it on the agent's node without \
+                 --endpoint (`lbctl --endpoint ... state` lists the API's services remotely)"
+            );
+        }
+    }
     let pinned = Pinned::new(&args.bpffs_dir);
     match args.command {
         Command::Services => {
@@ -175,21 +280,22 @@ fn main() -> Result<()> {
                 }
             }
         }
-        command => {
+        _ => {
+            let api = Api::from_args(&args)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(change(&args.socket, command))?;
+            runtime
+                .block_on(change(&api, args.command))
+                .map_err(|err| api.explain(err))?;
         }
     }
     Ok(())
 }
 
 /// The commands that go through the agent's API.
-async fn change(socket: &std::path::Path, command: Command) -> Result<()> {
-    let mut client = connect_unix(socket)
-        .await
-        .with_context(|| format!("the agent's API at {} (--socket)", socket.display()))?;
+async fn change(api: &Api, command: Command) -> Result<()> {
+    let mut client = api.connect().await?;
     let lines = match command {
         Command::Service(ServiceCommand::Add {
             name,

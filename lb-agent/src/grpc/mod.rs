@@ -8,7 +8,8 @@
 //! - [`convert`]: protobuf messages ↔ the model, with errors naming the request field;
 //! - [`server`]: the tonic service and its listeners, [`serve_unix`] (mode 0600) and
 //!   [`serve_tcp_tls`] (TLS with required client certificates);
-//! - [`client`]: a client on the unix socket (`lbctl`, tests);
+//! - [`client`]: clients on the unix socket and on TCP with TLS (`lbctl`, tests);
+//! - `pem`: the TLS PEM files, checked when read;
 //! - [`pb`]: the generated messages, client and server. The generated code is committed (no
 //!   `protoc` or build-time codegen); a unit test regenerates it with protox and tonic-prost-build
 //!   and fails if it is stale.
@@ -28,6 +29,7 @@
 pub mod client;
 pub mod convert;
 pub mod events;
+mod pem;
 pub mod server;
 pub mod source;
 

@@ -27,6 +27,7 @@ use super::{
     convert,
     events::EventBus,
     pb::{self, load_balancer_server::LoadBalancerServer},
+    pem,
     source::{Change, GrpcSource},
 };
 use crate::config::Config;
@@ -322,13 +323,13 @@ impl std::fmt::Debug for TlsConfig {
 }
 
 impl TlsConfig {
+    /// Reads and checks the files (PEM): a missing file or one without the expected block is
+    /// an error naming it.
     pub fn from_files(cert: &Path, key: &Path, client_ca: &Path) -> Result<Self> {
-        let read =
-            |path: &Path| fs::read(path).with_context(|| format!("reading {}", path.display()));
         Ok(Self {
-            cert_pem: read(cert)?,
-            key_pem: read(key)?,
-            client_ca_pem: read(client_ca)?,
+            cert_pem: pem::certificates(cert, "the server certificate")?,
+            key_pem: pem::private_key(key, "the server key")?,
+            client_ca_pem: pem::certificates(client_ca, "the client CA certificate")?,
         })
     }
 }
