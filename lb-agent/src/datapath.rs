@@ -50,6 +50,11 @@ use crate::{
     resize::Resize,
 };
 
+/// Maps whose entries live for moments: another agent's definition of them is not an incompatible
+/// layout, they are recreated empty (`FRAGMENTS`: a datagram being forwarded in fragments during
+/// the upgrade may lose its later fragments, as when its entry is evicted).
+const TRANSIENT_MAPS: [&str; 1] = ["FRAGMENTS"];
+
 /// The datapath object built from `lb-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
@@ -376,8 +381,8 @@ impl Datapath {
                 .with_context(|| format!("pinning {}", path.display()))?;
         }
         let resize = match (&pins, &prepared) {
-            (Some(pins), Some(prepared)) if !prepared.resized.is_empty() => {
-                Some(Resize::start(pins, &prepared.resized, &ebpf)?)
+            (Some(pins), Some(p)) if !p.resized.is_empty() || !p.recreated.is_empty() => {
+                Some(Resize::start(pins, &p.resized, &p.recreated, &ebpf)?)
             }
             _ => None,
         };
@@ -1518,6 +1523,8 @@ struct PreparedPins {
     map_paths: Vec<(String, PathBuf)>,
     /// Pinned maps of another size, carried over into new ones (`crate::resize`).
     resized: Vec<String>,
+    /// Transient pinned maps of another definition, replaced by empty ones.
+    recreated: Vec<String>,
 }
 
 /// Locks the pin directory and decides what to do with what it holds: start fresh, adopt it,
@@ -1536,11 +1543,17 @@ fn prepare_pins(
     max_entries: &[(&str, u32)],
 ) -> Result<PreparedPins> {
     let wanted = pins::object_maps(EBPF_OBJECT, max_entries)?;
-    let claim = pins.claim(&wanted, options.replace_incompatible_state, "datapath")?;
-    // A resized map is created by the load and pinned once the new programs are attached.
+    let claim = pins.claim(
+        &wanted,
+        &TRANSIENT_MAPS,
+        options.replace_incompatible_state,
+        "datapath",
+    )?;
+    // A resized or recreated map is created by the load and pinned once the new programs are
+    // attached.
     let map_paths = wanted
         .into_iter()
-        .filter(|(name, _)| !claim.resized.contains(name))
+        .filter(|(name, _)| !claim.resized.contains(name) && !claim.recreated.contains(name))
         .map(|(name, _)| {
             let path = pins.map(&name);
             (name, path)
@@ -1551,6 +1564,7 @@ fn prepare_pins(
         adopt: claim.adopt,
         map_paths,
         resized: claim.resized,
+        recreated: claim.recreated,
     })
 }
 

@@ -22,9 +22,10 @@
 //! agent's definition, as the kernel reports them for the pinned map. Maps new in this agent's
 //! object are created next to the adopted ones. A hash or array map that differs only in its
 //! number of entries (another `--conntrack-entries`, `--max-services`, `--max-backends`) is
-//! resized: created anew and its entries copied over (`crate::resize`). Anything else is refused
-//! with both sides named, unless the operator asks to replace the state (which flushes connection
-//! tracking).
+//! resized: created anew and its entries copied over (`crate::resize`). A map whose entries only
+//! live for moments (`FRAGMENTS`: datagrams being reassembled) is recreated empty when its
+//! definition changes. Anything else is refused with both sides named, unless the operator asks
+//! to replace the state (which flushes connection tracking).
 
 use std::{
     collections::HashMap,
@@ -171,11 +172,13 @@ pub enum PinnedState {
     /// Nothing pinned yet.
     Fresh,
     /// Same layout: `adopted` maps are reused, `created` ones are new in this agent, `resized`
-    /// ones are created with another number of entries and their entries copied over.
+    /// ones are created with another number of entries and their entries copied over,
+    /// `recreated` ones (transient, of another definition) start empty.
     Compatible {
         adopted: Vec<String>,
         created: Vec<String>,
         resized: Vec<String>,
+        recreated: Vec<String>,
     },
     /// Not adoptable; one line per reason.
     Incompatible(Vec<String>),
@@ -190,6 +193,8 @@ pub struct Claim {
     pub adopt: bool,
     /// Pinned maps to carry over into maps of another size (see `crate::resize`).
     pub resized: Vec<String>,
+    /// Transient pinned maps of another definition, replaced by empty ones (see `crate::resize`).
+    pub recreated: Vec<String>,
 }
 
 /// A pin directory on a BPF filesystem.
@@ -296,18 +301,20 @@ impl PinDir {
     /// Prepares and locks the directory and decides what to do with pinned state of the maps
     /// `wanted` (see [`object_maps`]) of `what` (e.g. "datapath", named in logs and errors):
     /// nothing pinned starts fresh, a compatible layout is adopted (`adopt`, some maps maybe
-    /// `resized`), an incompatible one is refused, or removed when `replace_incompatible` is set.
+    /// `resized`, `transient` ones maybe `recreated`), an incompatible one is refused, or removed
+    /// when `replace_incompatible` is set.
     pub fn claim(
         &self,
         wanted: &[(String, MapDefinition)],
+        transient: &[&str],
         replace_incompatible: bool,
         what: &str,
     ) -> Result<Claim> {
         self.prepare()?;
         let lock = self.lock()?;
         let dir = self.root.display();
-        let mut resized_maps = Vec::new();
-        let adopt = match self.inspect(wanted)? {
+        let (mut resized_maps, mut recreated_maps) = (Vec::new(), Vec::new());
+        let adopt = match self.inspect(wanted, transient)? {
             PinnedState::Fresh => {
                 info!(%dir, "no pinned {what} state: starting fresh");
                 self.write_layout_version()?;
@@ -317,10 +324,12 @@ impl PinDir {
                 adopted,
                 created,
                 resized,
+                recreated,
             } => {
-                info!(%dir, ?adopted, ?created, ?resized,
+                info!(%dir, ?adopted, ?created, ?resized, ?recreated,
                       "adopting pinned {what} maps (connection tracking kept)");
                 resized_maps = resized;
+                recreated_maps = recreated;
                 true
             }
             PinnedState::Incompatible(problems) if replace_incompatible => {
@@ -346,11 +355,17 @@ impl PinDir {
             lock,
             adopt,
             resized: resized_maps,
+            recreated: recreated_maps,
         })
     }
 
-    /// Compares the pinned state with `wanted` (see [`object_maps`]).
-    pub fn inspect(&self, wanted: &[(String, MapDefinition)]) -> Result<PinnedState> {
+    /// Compares the pinned state with `wanted` (see [`object_maps`]); `transient` maps may have
+    /// changed in any way (they are recreated).
+    pub fn inspect(
+        &self,
+        wanted: &[(String, MapDefinition)],
+        transient: &[&str],
+    ) -> Result<PinnedState> {
         let pinned_maps = self.pinned_map_names()?;
         let version = self.layout_version()?;
         if version.is_none() && pinned_maps.is_empty() {
@@ -368,7 +383,8 @@ impl PinDir {
                 self.layout().display()
             )),
         }
-        let (mut adopted, mut created, mut resized) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut adopted, mut created) = (Vec::new(), Vec::new());
+        let (mut resized, mut recreated) = (Vec::new(), Vec::new());
         for (name, definition) in wanted {
             if !pinned_maps.contains(name) {
                 created.push(name.clone());
@@ -379,6 +395,8 @@ impl PinDir {
                 adopted.push(name.clone());
             } else if pinned.resizes_to(definition) {
                 resized.push(name.clone());
+            } else if transient.contains(&name.as_str()) {
+                recreated.push(name.clone());
             } else {
                 problems.push(format!(
                     "map {name}: pinned {pinned}; this agent needs {definition}"
@@ -392,6 +410,7 @@ impl PinDir {
             adopted,
             created,
             resized,
+            recreated,
         })
     }
 

@@ -15,6 +15,9 @@
 //! (`SERVICES`, `BACKEND_REPLY`); per-CPU statistics of ids beyond the new size are dropped, and a
 //! smaller LRU map (connection tracking) evicts what does not fit, as it would under pressure.
 //! A refusal happens before anything pinned changes: the running datapath stays as it is.
+//!
+//! Transient maps of another definition (`FRAGMENTS`) are not copied: the load creates them empty
+//! and [`Resize::finish`] pins them like the resized ones.
 
 use std::{collections::HashSet, path::PathBuf};
 
@@ -34,6 +37,7 @@ use crate::{
 #[derive(Debug)]
 pub struct Resize {
     maps: Vec<Carried>,
+    recreated: Vec<Recreated>,
 }
 
 #[derive(Debug)]
@@ -46,9 +50,22 @@ struct Carried {
     lru: bool,
 }
 
+/// A transient map of another definition, replaced by the load's empty one.
+#[derive(Debug)]
+struct Recreated {
+    name: String,
+    pin: PathBuf,
+}
+
 impl Resize {
-    /// Copies each pinned map of `names` into the map of the same name `ebpf` created.
-    pub fn start(pins: &PinDir, names: &[String], ebpf: &Ebpf) -> Result<Self> {
+    /// Copies each pinned map of `names` into the map of the same name `ebpf` created; the maps
+    /// `recreated` stay as created (empty).
+    pub fn start(
+        pins: &PinDir,
+        names: &[String],
+        recreated: &[String],
+        ebpf: &Ebpf,
+    ) -> Result<Self> {
         let mut maps = Vec::new();
         for name in names {
             let pin = pins.map(name);
@@ -67,7 +84,17 @@ impl Resize {
                 lru,
             });
         }
-        Ok(Self { maps })
+        for name in recreated {
+            info!(map = %name, "transient pinned map of another definition: recreated empty");
+        }
+        let recreated = recreated
+            .iter()
+            .map(|name| Recreated {
+                name: name.clone(),
+                pin: pins.map(name),
+            })
+            .collect();
+        Ok(Self { maps, recreated })
     }
 
     /// Once the new programs are attached everywhere: copies the flows the old programs tracked
@@ -82,14 +109,22 @@ impl Resize {
                     info!(map = %carried.name, added, "entries tracked during the resize carried over");
                 }
             }
-            pins::remove_if_present(&carried.pin)?;
-            ebpf.map(&carried.name)
-                .context("map missing from the object")?
-                .pin(&carried.pin)
-                .with_context(|| format!("pinning {}", carried.pin.display()))?;
+            repin(ebpf, &carried.name, &carried.pin)?;
+        }
+        for recreated in self.recreated {
+            repin(ebpf, &recreated.name, &recreated.pin)?;
         }
         Ok(())
     }
+}
+
+/// Pins the map `name` of `ebpf` at `pin`, in place of what was pinned there.
+fn repin(ebpf: &Ebpf, name: &str, pin: &std::path::Path) -> Result<()> {
+    pins::remove_if_present(pin)?;
+    ebpf.map(name)
+        .with_context(|| format!("{name} missing from the object"))?
+        .pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))
 }
 
 /// The map `name` of `ebpf` (a type [`copy`] handles).

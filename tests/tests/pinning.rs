@@ -323,3 +323,35 @@ fn maps_of_another_size_are_carried_over() {
     assert_eq!(third.conntrack_entries().unwrap(), 32);
     assert_eq!(send(&mut third, ACK, client), backend);
 }
+
+/// `FRAGMENTS`, whose entries live for moments, pinned with another definition (an agent whose
+/// `FragmentEntry` differs): recreated empty instead of refused, and pinned with this agent's
+/// definition once the resize finishes; the tracked flow stays.
+#[test]
+fn a_transient_map_of_another_definition_is_recreated() {
+    let pins = TestPins::new();
+    let client: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+    let mut first = load(&pins);
+    first.apply(&Config::from_yaml(CONFIG).unwrap()).unwrap();
+    let backend = send(&mut first, SYN, client);
+    drop(first);
+    let path = pins.path().join("maps/FRAGMENTS");
+    std::fs::remove_file(&path).unwrap();
+    Array::<MapData, u64>::create(16, 0)
+        .unwrap()
+        .pin(&path)
+        .unwrap();
+
+    let mut second = load(&pins);
+    assert_eq!(send(&mut second, ACK, client), backend, "the flow stays");
+    assert_eq!(pinned_entries(&pins, "FRAGMENTS"), 16, "until the finish");
+    second.finish_resize().unwrap();
+    let pinned = aya::maps::MapInfo::from_pin(&path).unwrap();
+    assert_eq!(
+        (pinned.max_entries(), pinned.value_size()),
+        (
+            lb_common::fragments::limits::MAX_TRACKED_DATAGRAMS,
+            std::mem::size_of::<lb_common::fragments::FragmentEntry>() as u32
+        )
+    );
+}

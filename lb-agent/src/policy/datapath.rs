@@ -199,6 +199,7 @@ impl PolicyDatapath {
             let wanted = pins::object_maps(EBPF_OBJECT, &max_entries)?;
             let claim = pins.claim(
                 &wanted,
+                &[],
                 options.replace_incompatible_state,
                 "policy datapath",
             )?;
