@@ -1,9 +1,10 @@
 //! IP fragments of balanced datagrams. Only the first fragment of a datagram carries the TCP/UDP
-//! ports, so only it can be balanced; the datapath records the addresses it left with (after the
-//! rewrite) under the datagram's identity, and every later fragment of that datagram gets the same
-//! addresses. The L4 checksum sits in the first fragment and covers the whole datagram's
-//! pseudo-header, so the first fragment's usual incremental update is the whole L4 fix; later
-//! fragments only need their addresses (and the IPv4 header checksum) changed.
+//! ports, so only it can be balanced; the datapath records how it left (its flow's mode and the
+//! addresses after the rewrite, or the backend a DSR fragment went to) under the datagram's
+//! identity, and every later fragment of that datagram leaves the same way. The L4 checksum sits in
+//! the first fragment and covers the whole datagram's pseudo-header, so the first fragment's usual
+//! incremental update is the whole L4 fix; later fragments of NAT flows only need their addresses
+//! (and the IPv4 header checksum) changed.
 
 use crate::service::{family, Addr};
 
@@ -23,6 +24,8 @@ pub mod limits {
 /// IPv4 "flags and fragment offset" field (host order) and IPv6 fragment header "offset and flags"
 /// field (host order).
 pub mod field {
+    /// IPv4: don't fragment.
+    pub const IPV4_DONT_FRAGMENT: u16 = 0x4000;
     /// IPv4: more fragments follow.
     pub const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
     /// IPv4: offset of this fragment, in 8-byte units.
@@ -98,14 +101,23 @@ impl FragmentKey {
     }
 }
 
-/// Value of the `FRAGMENTS` map: the addresses the datagram's first fragment left with.
+/// Value of the `FRAGMENTS` map: how the datagram's first fragment left, for its later fragments.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragmentEntry {
+    /// DNAT and SNAT: the addresses the first fragment left with. DSR L2: the client and the
+    /// backend whose MAC the first fragment went to. DSR IPIP: the outer header's addresses.
     pub src: Addr,
     pub dst: Addr,
     /// `bpf_ktime_get_coarse_ns` when the first fragment was seen.
     pub first_seen_ns: u64,
+    /// DSR IPIP over IPv6: the outer flow label of the first fragment (computed from its ports,
+    /// which later fragments lack), so that all take the same path.
+    pub label: u32,
+    /// The forwarding mode of the datagram's flow (`service::mode`), which says what becomes of
+    /// its later fragments.
+    pub mode: u8,
+    pub _pad: [u8; 3],
 }
 
 #[cfg(feature = "user")]
@@ -158,6 +170,6 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<FragmentKey>(), 40);
-        assert_eq!(core::mem::size_of::<FragmentEntry>(), 40);
+        assert_eq!(core::mem::size_of::<FragmentEntry>(), 48);
     }
 }

@@ -32,11 +32,13 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::Xdp
 use lb_common::{
     checksum,
     counters::Counter,
+    fragments::field,
     modes::encap::{self, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_OUTER_LEN, IPV6_OUTER_LEN, OUTER_TTL},
-    service::{family, Addr, Backend, ServiceInfo},
+    service::{family, mode, Addr, Backend, ServiceInfo},
 };
 
 use crate::{
+    fragments,
     maps::{count, SERVICE_MODES},
     packet::{header::ETH_LEN, Flow},
     xmit::{self, fib_xmit, opts, Unsent, Xmit},
@@ -46,15 +48,21 @@ use crate::{
 // A function of its own (a BPF subprogram): its stack does not add to the other paths'.
 #[inline(never)]
 pub fn l2(ctx: &XdpContext, flow: &Flow, backend: &Backend) -> u32 {
-    match fib_xmit(
+    fragments::track_first(ctx, &flow.key, mode::DSR_L2, None, Some(&backend.addr));
+    send_l2(
         ctx,
         flow.key.family,
         flow.key.protocol,
         &flow.key.src,
         &backend.addr,
-        0,
-        opts::ON_LINK_ONLY,
-    ) {
+    )
+}
+
+/// The unchanged packet from `src` (`protocol` inside) to the MAC of the on-link `backend`; also
+/// the later fragments of a DSR L2 datagram (`fragments::forward`).
+#[inline(always)]
+pub fn send_l2(ctx: &XdpContext, family: u8, protocol: u8, src: &Addr, backend: &Addr) -> u32 {
+    match fib_xmit(ctx, family, protocol, src, backend, 0, opts::ON_LINK_ONLY) {
         Xmit::Sent(action) => action,
         unsent => Unsent::dsr_l2(unsent).xdp_action(),
     }
@@ -68,9 +76,30 @@ pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Back
         count(Counter::DropModeUnconfigured);
         return xdp_action::XDP_DROP;
     };
-    let v4 = flow.key.family == family::IPV4;
     // Everything needed from `flow` is read now: its packet offsets are void once the head moves.
-    let label = if v4 { 0 } else { encap::flow_label(&flow.key) };
+    let label = if flow.key.family == family::IPV4 {
+        0
+    } else {
+        encap::flow_label(&flow.key)
+    };
+    fragments::track_first(
+        ctx,
+        &flow.key,
+        mode::DSR_IPIP,
+        Some(source),
+        Some(&backend.addr),
+    );
+    encapsulate(ctx, flow.key.family, source, &backend.addr, label)
+}
+
+/// Puts an outer header from `source` to `backend` (IPv6: with flow `label`) in front of the packet
+/// (an IP packet of `family`) and sends it; also the later fragments of a DSR IPIP datagram
+/// (`fragments::forward`).
+// A BPF function of its own: the packet pointers the caller derived from `ctx` (LLVM would reuse
+// them after the head moved, which the verifier refuses) do not reach it.
+#[inline(never)]
+pub fn encapsulate(ctx: &XdpContext, family: u8, source: &Addr, backend: &Addr, label: u32) -> u32 {
+    let v4 = family == family::IPV4;
     let outer_len = if v4 { IPV4_OUTER_LEN } else { IPV6_OUTER_LEN };
     // SAFETY: plain helper call on this program's context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
@@ -88,7 +117,7 @@ pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Back
         // SAFETY: the Ethernet header, the outer header and the inner IPv4 header are in bounds.
         unsafe {
             move_ethernet(data, IPV4_OUTER_LEN);
-            write_outer_ipv4(data + ETH_LEN, &source.0, &backend.addr.0);
+            write_outer_ipv4(data + ETH_LEN, &source.0, &backend.0);
         }
     } else {
         if data + ETH_LEN + IPV6_OUTER_LEN + 40 > ctx.data_end() {
@@ -98,17 +127,17 @@ pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Back
         // SAFETY: the Ethernet header, the outer header and the inner IPv6 header are in bounds.
         unsafe {
             move_ethernet(data, IPV6_OUTER_LEN);
-            write_outer_ipv6(data + ETH_LEN, &source.0, &backend.addr.0, label);
+            write_outer_ipv6(data + ETH_LEN, &source.0, &backend.0, label);
         }
     }
 
-    let tot_len = xmit::ip_len(ctx, flow.key.family);
+    let tot_len = xmit::ip_len(ctx, family);
     match fib_xmit(
         ctx,
-        flow.key.family,
+        family,
         if v4 { IPPROTO_IPIP } else { IPPROTO_IPV6 },
         source,
-        &backend.addr,
+        backend,
         tot_len,
         0,
     ) {
@@ -157,9 +186,10 @@ pub unsafe fn write_outer_ipv4(outer: usize, src: &[u32; 4], dst: &[u32; 4]) {
         // Words as they sit in the header (native loads of network-order bytes, see `checksum`).
         let version_tos = u16::from_ne_bytes([0x45, tos]);
         let total_len = inner_len.wrapping_add(IPV4_OUTER_LEN as u16).to_be();
-        // Identification and DF copied; fragments are never balanced, so offset and MF are 0.
+        // Identification and DF copied (RFC 2003); the outer header of a fragment is no fragment
+        // (offset and MF 0): the backend decapsulates each on its own.
         let id = read16(inner + 4);
-        let frags = read16(inner + 6);
+        let frags = read16(inner + 6) & u16::to_be(field::IPV4_DONT_FRAGMENT);
         let ttl_protocol = u16::from_ne_bytes([OUTER_TTL, IPPROTO_IPIP]);
         write16(outer, version_tos);
         write16(outer + 2, total_len);

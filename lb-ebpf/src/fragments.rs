@@ -1,6 +1,12 @@
-//! Fragmented datagrams: the first fragment is balanced (or reply-translated) like any packet and its
-//! outgoing addresses recorded in `FRAGMENTS`; later fragments, which have no ports, get the same
-//! addresses from there.
+//! Fragmented datagrams: the first fragment is balanced (or reply-translated) like any packet and how
+//! it left is recorded in `FRAGMENTS` ([`track_first`]); later fragments, which have no ports, leave
+//! the same way ([`forward`]), by the mode of their datagram's flow:
+//! - DNAT (both ways): the first fragment's addresses, then the stack;
+//! - SNAT (both ways): the first fragment's addresses, then the FIB's next hop with the TTL
+//!   decremented, as the first fragment went (`snat::send`);
+//! - DSR L2: unchanged, to the MAC of the first fragment's backend (`dsr::send_l2`);
+//! - DSR IPIP: encapsulated towards the first fragment's backend, with its outer flow label
+//!   (`dsr::encapsulate`). The outer header of a fragment is never a fragment itself.
 //!
 //! IPv4: the header checksum is updated for each changed address. The TCP/UDP checksum is only in the
 //! first fragment and covers the whole datagram's pseudo-header, so the first fragment's rewrite
@@ -13,8 +19,8 @@
 //! VIP reassembles it), as it would be without the datapath; the sender retransmits. Linux and
 //! most stacks send fragments in order, so the first fragment is seen first.
 //!
-//! `lb_tc` uses [`maybe_first`], [`record`], [`header_of`] and [`recorded`] too; `tc::fragments` rewrites later
-//! fragments on an skb.
+//! `lb_tc` uses [`track_first`], [`header_of`] and [`recorded`] too; `tc::fragments` sends later
+//! fragments on an skb, with the same modes.
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext,
@@ -24,20 +30,22 @@ use lb_common::{
     conntrack::FlowKey,
     counters::Counter,
     fragments::{field, limits, FragmentEntry, FragmentKey},
-    service::{family, Addr},
+    modes::encap,
+    service::{family, mode, Addr},
 };
 
 use crate::{
     context::PacketContext,
-    maps::{count, FRAGMENTS},
+    dsr,
+    maps::{count, scratch, FRAGMENTS},
     packet::{
         header::{
             ETH_LEN, IPV4_CHECK, IPV4_DST, IPV4_FLAGS, IPV4_ID, IPV4_LEN, IPV4_SRC, IPV6_DST,
             IPV6_LEN, IPV6_NEXT_HEADER, IPV6_SRC,
         },
-        ipv6_extension_headers, load16, load_addr, store16, store32, store_addr6, Extent, Flow,
-        Ipv6Walk,
+        ipv6_extension_headers, load16, load_addr, store16, store32, store_addr6, Extent, Ipv6Walk,
     },
+    snat,
 };
 
 /// A fragment after the first of its datagram (its addresses are read from the packet).
@@ -49,42 +57,55 @@ pub struct Fragment {
     pub id: u32,
 }
 
-/// After `flow` was rewritten (DNAT towards a backend, reverse DNAT towards a client, or any other
-/// address-and-port rewrite; never after an encapsulation, which moves the header): if it is a first
-/// fragment, records the addresses it now carries for the rest of its datagram.
+/// If the packet of the flow `arrived` (as it arrived: before any rewrite) is the first fragment of
+/// a datagram, records how it leaves for the rest of the datagram ([`record`]): by `mode`, to `src`
+/// and `dst`, each `None` for the address the packet carries now (after its rewrite). Called after
+/// an address rewrite, before an encapsulation (which moves the header).
 #[inline(always)]
-pub fn track_first(ctx: &XdpContext, flow: &Flow) {
-    if maybe_first(flow, ctx.data_end()) {
-        record(ctx, &flow.key);
+pub fn track_first<C: PacketContext>(
+    ctx: &C,
+    arrived: &FlowKey,
+    mode: u8,
+    src: Option<&Addr>,
+    dst: Option<&Addr>,
+) {
+    if maybe_first(ctx, arrived) {
+        record(ctx, arrived, mode, src, dst);
     }
 }
 
-/// Whether `flow` may be the first fragment of a datagram (`data_end`: the packet's end, for the
-/// bounds check; `flow`'s header pointers must still be valid). Told from the header rather than
-/// carried in `Flow`, whose every byte is `lb_xdp` stack that its BPF function calls cannot use:
-/// IPv4 "more fragments" (a `Flow` is never a later fragment), or IPv6 with anything but the L4
-/// header after the fixed one ([`record`] walks the headers to be sure).
+/// Whether the packet of the flow `key` may be the first fragment of a datagram, told from its
+/// header (read afresh from `ctx`: callers are BPF functions that cannot use the parser's packet
+/// pointers): IPv4 "more fragments" (a flow is never a later fragment), or IPv6 with anything but
+/// the L4 header after the fixed one ([`record`] walks the headers to be sure).
 #[inline(always)]
-pub fn maybe_first(flow: &Flow, data_end: usize) -> bool {
-    if flow.l3 + 8 > data_end {
+fn maybe_first<C: PacketContext>(ctx: &C, key: &FlowKey) -> bool {
+    let l3 = ctx.data() + ETH_LEN;
+    if l3 + 8 > ctx.data_end() {
         return false;
     }
     // SAFETY: bounds checked just above.
     unsafe {
-        if flow.key.family == family::IPV4 {
-            load16(flow.l3 + IPV4_FLAGS) & u16::to_be(field::IPV4_MORE_FRAGMENTS) != 0
+        if key.family == family::IPV4 {
+            load16(l3 + IPV4_FLAGS) & u16::to_be(field::IPV4_MORE_FRAGMENTS) != 0
         } else {
-            *((flow.l3 + IPV6_NEXT_HEADER) as *const u8) != flow.key.protocol
+            *((l3 + IPV6_NEXT_HEADER) as *const u8) != key.protocol
         }
     }
 }
 
-/// Records the addresses a first fragment now carries (read from the packet, after its rewrite)
-/// for its datagram, keyed by those it `arrived` with. A separate BPF function, like [`forward`]:
-/// the key and entry live in its own stack frame, not in the caller's. Also used by `lb_tc`, whose
-/// rewrites move the skb's data: the packet is read afresh here.
+/// Records how a first fragment leaves (see [`track_first`]) for its datagram, keyed by the
+/// addresses it `arrived` with. A separate BPF function, its key and entry in per-CPU scratch
+/// space, so that it adds little to its callers' stack; the packet is read afresh here (`lb_tc`'s
+/// rewrites move the skb's data).
 #[inline(never)]
-pub fn record<C: PacketContext>(ctx: &C, arrived: &FlowKey) {
+fn record<C: PacketContext>(
+    ctx: &C,
+    arrived: &FlowKey,
+    mode: u8,
+    src: Option<&Addr>,
+    dst: Option<&Addr>,
+) {
     let packet = Extent::of(ctx);
     let l3 = packet.start + ETH_LEN;
     let v4 = arrived.family == family::IPV4;
@@ -101,15 +122,32 @@ pub fn record<C: PacketContext>(ctx: &C, arrived: &FlowKey) {
             _ => return,
         }
     };
-    // SAFETY: bounds checked just above.
-    let entry = unsafe {
-        FragmentEntry {
-            src: load_addr(l3 + if v4 { IPV4_SRC } else { IPV6_SRC }, v4),
-            dst: load_addr(l3 + if v4 { IPV4_DST } else { IPV6_DST }, v4),
-            first_seen_ns: bpf_ktime_get_coarse_ns(),
-        }
+    // Key and entry in per-CPU scratch space: this frame is one below each mode's.
+    let Some(scratch) = scratch() else {
+        return;
     };
-    let key = FragmentKey::new(
+    let entry = &mut scratch.fragment;
+    // SAFETY: bounds checked just above.
+    unsafe {
+        entry.src = match src {
+            Some(src) => *src,
+            None => load_addr(l3 + if v4 { IPV4_SRC } else { IPV6_SRC }, v4),
+        };
+        entry.dst = match dst {
+            Some(dst) => *dst,
+            None => load_addr(l3 + if v4 { IPV4_DST } else { IPV6_DST }, v4),
+        };
+        entry.first_seen_ns = bpf_ktime_get_coarse_ns();
+    }
+    entry.label = if mode == mode::DSR_IPIP && !v4 {
+        encap::flow_label(arrived)
+    } else {
+        0
+    };
+    entry.mode = mode;
+    entry._pad = [0; 3];
+    let key = &mut scratch.fragment_key;
+    *key = FragmentKey::new(
         arrived.family,
         arrived.src,
         arrived.dst,
@@ -118,7 +156,7 @@ pub fn record<C: PacketContext>(ctx: &C, arrived: &FlowKey) {
     );
     // An LRU insert evicts the least recently used entry when full; failing only under memory
     // pressure, it then leaves the later fragments to the stack (counted there).
-    let _ = FRAGMENTS.insert(&key, &entry, 0);
+    let _ = FRAGMENTS.insert(&*key, &*entry, 0);
     count(Counter::FragmentTracked);
 }
 
@@ -158,7 +196,8 @@ pub unsafe fn recorded(l3: usize, fragment: &Fragment) -> Option<((Addr, Addr), 
     (now.wrapping_sub(entry.first_seen_ns) <= limits::TIMEOUT_NS).then_some(((src, dst), entry))
 }
 
-/// A later fragment: gets its datagram's recorded addresses, or goes to the stack untouched.
+/// A later fragment: leaves as its datagram's first fragment did (see the module's doc), or goes
+/// to the stack untouched.
 #[inline(never)]
 pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
     let Some(l3) = header_of(ctx, fragment) else {
@@ -170,10 +209,18 @@ pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
         count(Counter::PassFragment);
         return xdp_action::XDP_PASS;
     };
-    let v4 = fragment.family == family::IPV4;
+    count(Counter::ForwardFragment);
+    let (family, protocol) = (fragment.family, fragment.protocol);
+    match entry.mode {
+        mode::DSR_L2 => return dsr::send_l2(ctx, family, protocol, &src, &entry.dst),
+        mode::DSR_IPIP => {
+            return dsr::encapsulate(ctx, family, &entry.src, &entry.dst, entry.label)
+        }
+        _ => {}
+    }
     // SAFETY: inside the header checked above.
     unsafe {
-        if v4 {
+        if family == family::IPV4 {
             let mut check = load16(l3 + IPV4_CHECK);
             for (field, old, new) in [
                 (IPV4_SRC, src.0[0], entry.src.0[0]),
@@ -194,6 +241,9 @@ pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
             }
         }
     }
-    count(Counter::ForwardFragment);
-    xdp_action::XDP_PASS
+    if entry.mode == mode::SNAT {
+        snat::send(ctx, family, protocol, &entry.src, &entry.dst)
+    } else {
+        xdp_action::XDP_PASS
+    }
 }

@@ -83,7 +83,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         return match conntrack::backend_for(&flow, &service, tracked, 0) {
             Ok(chosen) if service.mode == mode::DNAT => {
                 nat::to_backend(&ctx, &flow, &chosen.backend);
-                fragments::track_first(&ctx, &flow);
+                fragments::track_first(&ctx, &flow.key, mode::DNAT, None, None);
                 xdp_action::XDP_PASS
             }
             Ok(chosen) => match service.mode {
@@ -113,7 +113,6 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             && prefilter::roles_of(&flow.key.src, flow.key.family) & role::BACKEND != 0);
     if from_backend {
         if let Some(action) = reply::translate(&ctx, &flow) {
-            fragments::track_first(&ctx, &flow);
             return action;
         }
     }

@@ -107,6 +107,10 @@ pub struct ModeScratch {
     /// A `CONNTRACK_V4` key: of a reply's flow (reply.rs) or of a new flow (conntrack.rs), built
     /// here for lack of stack (see `conntrack::lookup_via`).
     pub flow_v4: FlowKeyV4,
+    /// The `FRAGMENTS` key and entry of a first fragment being recorded (fragments.rs): each
+    /// mode's BPF function records, one frame deeper than the entry point.
+    pub fragment_key: lb_common::fragments::FragmentKey,
+    pub fragment: lb_common::fragments::FragmentEntry,
 }
 
 /// This CPU's scratch space.
@@ -149,8 +153,8 @@ pub fn add_traffic(stats: &PerCpuArray<TrafficStats>, index: u32, bytes: u64, ne
     }
 }
 
-/// First fragment of a balanced datagram (as it arrived) → the addresses it left with, for the
-/// datagram's later fragments, which carry no ports (`fragments.rs`).
+/// First fragment of a balanced datagram (as it arrived) → how it left (mode and addresses), for
+/// the datagram's later fragments, which carry no ports (`fragments.rs`).
 #[map(name = "FRAGMENTS")]
 pub static FRAGMENTS: LruHashMap<
     lb_common::fragments::FragmentKey,

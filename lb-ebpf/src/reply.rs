@@ -19,7 +19,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack, fragments,
     maps::{count, scratch, BACKENDS, BACKEND_REPLY, NAT_REPLY},
     nat,
     packet::Flow,
@@ -86,8 +86,8 @@ fn tracked(key: &FlowKey, frontend: &BackendReply) -> Option<Origin> {
     ))
 }
 
-/// Rewrites `flow` if it is the reply of a tracked NAT connection and returns the verdict (counted);
-/// `None` if it is not one.
+/// Rewrites `flow` if it is the reply of a tracked NAT connection and returns the verdict (counted;
+/// a first fragment recorded for its datagram); `None` if it is not one.
 #[inline(always)]
 pub fn translate(ctx: &XdpContext, flow: &Flow) -> Option<u32> {
     match origin(&flow.key)? {
@@ -96,6 +96,7 @@ pub fn translate(ctx: &XdpContext, flow: &Flow) -> Option<u32> {
         Origin::Dnat(vip, vip_port, _) => {
             nat::rewrite_source(ctx, flow, &vip, vip_port);
             count(Counter::ReplyTranslated);
+            fragments::track_first(ctx, &flow.key, mode::DNAT, None, None);
             Some(xdp_action::XDP_PASS)
         }
     }

@@ -38,6 +38,7 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, expired},
+    fragments,
     maps::{count, scratch, NAT_REPLY, SERVICE_MODES},
     mem, nat,
     packet::Flow,
@@ -156,7 +157,14 @@ pub fn forward(
         return xdp_action::XDP_DROP;
     };
     nat::snat_to_backend(ctx, flow, &info.source, port, backend);
-    send(ctx, flow, &info.source, &backend.addr)
+    fragments::track_first(ctx, &flow.key, mode::SNAT, None, None);
+    send(
+        ctx,
+        flow.key.family,
+        flow.key.protocol,
+        &info.source,
+        &backend.addr,
+    )
 }
 
 /// Backend → node:port packet of a SNAT flow (`reply`: its `NAT_REPLY` entry): rewritten and sent
@@ -166,16 +174,26 @@ pub fn forward(
 pub fn reply(ctx: &XdpContext, flow: &Flow, reply: &NatReply) -> u32 {
     nat::snat_reply(ctx, flow, reply);
     count(Counter::SnatReplyTranslated);
-    send(ctx, flow, &reply.vip, &reply.client)
-}
-
-#[inline(always)]
-fn send(ctx: &XdpContext, flow: &Flow, src: &Addr, dst: &Addr) -> u32 {
-    let tot_len = xmit::ip_len(ctx, flow.key.family);
-    match fib_xmit(
+    fragments::track_first(ctx, &flow.key, mode::SNAT, None, None);
+    send(
         ctx,
         flow.key.family,
         flow.key.protocol,
+        &reply.vip,
+        &reply.client,
+    )
+}
+
+/// The translated packet (an IP packet of `family`, `protocol` inside) from `src` to `dst`: to the
+/// FIB's next hop, TTL decremented, or (counted) to the stack. Also the later fragments of a SNAT
+/// datagram (`fragments::forward`).
+#[inline(always)]
+pub fn send(ctx: &XdpContext, family: u8, protocol: u8, src: &Addr, dst: &Addr) -> u32 {
+    let tot_len = xmit::ip_len(ctx, family);
+    match fib_xmit(
+        ctx,
+        family,
+        protocol,
         src,
         dst,
         tot_len,

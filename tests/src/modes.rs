@@ -277,6 +277,7 @@ pub struct RecordingServer {
     pub name: String,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
     bytes: Arc<Mutex<u64>>,
+    udp_bytes: Arc<Mutex<u64>>,
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<()>>,
 }
@@ -295,6 +296,7 @@ impl RecordingServer {
             .unwrap();
         let peers = Arc::new(Mutex::new(Vec::new()));
         let bytes = Arc::new(Mutex::new(0u64));
+        let udp_bytes = Arc::new(Mutex::new(0u64));
         let stop = Arc::new(AtomicBool::new(false));
         let tcp_thread = {
             let (peers, bytes, stop, greeting) = (
@@ -317,12 +319,19 @@ impl RecordingServer {
             })
         };
         let udp_thread = {
-            let (peers, stop, answer) = (peers.clone(), stop.clone(), name.to_string());
+            let (peers, udp_bytes, stop, answer) = (
+                peers.clone(),
+                udp_bytes.clone(),
+                stop.clone(),
+                name.to_string(),
+            );
             thread::spawn(move || {
                 let mut buf = [0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    if let Ok((n, peer)) = socket.recv_from(&mut buf) {
                         peers.lock().unwrap().push(peer);
+                        // Counted before the answer: a client that has its answer finds it here.
+                        *udp_bytes.lock().unwrap() += n as u64;
                         let _ = socket.send_to(answer.as_bytes(), peer);
                     }
                 }
@@ -332,6 +341,7 @@ impl RecordingServer {
             name: name.to_string(),
             peers,
             bytes,
+            udp_bytes,
             stop,
             threads: vec![tcp_thread, udp_thread],
         }
@@ -345,6 +355,11 @@ impl RecordingServer {
     /// TCP bytes received so far.
     pub fn bytes(&self) -> u64 {
         *self.bytes.lock().unwrap()
+    }
+
+    /// UDP payload bytes received so far (whole datagrams, after reassembly).
+    pub fn udp_bytes(&self) -> u64 {
+        *self.udp_bytes.lock().unwrap()
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! - UDP datagrams larger than the MTU, over IPv4 and IPv6, are fragmented by the client's stack;
 //!   every fragment reaches the backend of the first, which reassembles them, and its equally large
-//!   answer, fragmented by the backend's stack, reaches the client as one datagram from the VIP.
+//!   answer, fragmented by the backend's stack, reaches the client as one datagram from the VIP. The
+//!   same through a SNAT service: the backends see the node's address, and the answers' fragments
+//!   come back through the node's SNAT port.
 //! - A "fragmentation needed" / "packet too big" error sent towards the VIP about a reply (as a
 //!   router on the client's path would) reaches the backend that sent the reply: its kernel matches
 //!   it to its UDP socket and lowers its path MTU towards the client (seen in its route cache),
@@ -27,8 +29,12 @@ use lb_common::counters::Counter;
 use lb_tests::{
     agent::{AgentProcess, ConfigFile},
     frames::{frame, icmp_error, inject, ip_packet, mac_of, IcmpError, L4},
+    modes::XdpPass,
     netns::{Netns, TEST_PREFIX},
-    topology::{Topology, BALANCER_CLIENT_IFACE, CLIENT_ADDR, CLIENT_ADDR6, VIP, VIP6},
+    topology::{
+        Topology, BALANCER_CLIENT_IFACE, BALANCER_CLIENT_SIDE_ADDR, BALANCER_CLIENT_SIDE_ADDR6,
+        CLIENT_ADDR, CLIENT_ADDR6, VIP, VIP6,
+    },
 };
 
 const ECHO_PORT: u16 = 5353;
@@ -37,18 +43,37 @@ const CLOSED_PORT: u16 = 9;
 const CLIENT_ROUTER: &str = "192.0.2.254";
 const CLIENT_ROUTER6: &str = "2001:db8:2::fe";
 
-/// `dns` (UDP 53 → backends' echo servers) and `closed` (UDP 7 → a port nothing listens on), on the
-/// IPv4 and the IPv6 VIP, over every backend.
-fn config(topology: &Topology) -> String {
-    let mut yaml = String::from("services:\n");
+/// The forwarding mode of the `dns` services.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Dnat,
+    /// From the node's client-side addresses.
+    Snat,
+}
+
+/// `dns` (UDP 53 → backends' echo servers, in `dns_mode`) and `closed` (UDP 7 → a port nothing
+/// listens on), on the IPv4 and the IPv6 VIP, over every backend.
+fn config(topology: &Topology, dns_mode: Mode) -> String {
+    let mut yaml = String::new();
+    if dns_mode == Mode::Snat {
+        yaml += &format!(
+            "node:\n  ipv4: {BALANCER_CLIENT_SIDE_ADDR}\n  ipv6: {BALANCER_CLIENT_SIDE_ADDR6}\n"
+        );
+    }
+    yaml += "services:\n";
     for (name, vip, port, backend_port, v6) in [
         ("dns", IpAddr::from(VIP), 53, ECHO_PORT, false),
         ("dns6", IpAddr::from(VIP6), 53, ECHO_PORT, true),
         ("closed", IpAddr::from(VIP), 7, CLOSED_PORT, false),
         ("closed6", IpAddr::from(VIP6), 7, CLOSED_PORT, true),
     ] {
+        let mode = if dns_mode == Mode::Snat && port == 53 {
+            "    mode: snat\n"
+        } else {
+            ""
+        };
         yaml += &format!(
-            "  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: udp\n    backends:\n"
+            "  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: udp\n{mode}    backends:\n"
         );
         for b in &topology.backends {
             let addr: IpAddr = if v6 { b.addr6.into() } else { b.addr.into() };
@@ -59,10 +84,10 @@ fn config(topology: &Topology) -> String {
 }
 
 /// A UDP server answering every datagram with `"<name>:"` followed by the datagram, and recording
-/// the size of every datagram it received (whole, after the kernel reassembled it).
+/// the sender and size of every datagram it received (whole, after the kernel reassembled it).
 struct EchoServer {
     name: String,
-    sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+    received: Arc<std::sync::Mutex<Vec<(SocketAddr, usize)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -75,15 +100,15 @@ impl EchoServer {
         socket
             .set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
-        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (sizes, stop, prefix) = (sizes.clone(), stop.clone(), format!("{name}:"));
+            let (received, stop, prefix) = (received.clone(), stop.clone(), format!("{name}:"));
             thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                        sizes.lock().unwrap().push(n);
+                        received.lock().unwrap().push((peer, n));
                         let mut answer = prefix.as_bytes().to_vec();
                         answer.extend_from_slice(&buf[..n]);
                         let _ = socket.send_to(&answer, peer);
@@ -93,14 +118,19 @@ impl EchoServer {
         };
         Self {
             name: name.to_string(),
-            sizes,
+            received,
             stop,
             thread: Some(thread),
         }
     }
 
     fn sizes(&self) -> Vec<usize> {
-        self.sizes.lock().unwrap().clone()
+        self.received().into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// Sender and size of every datagram received.
+    fn received(&self) -> Vec<(SocketAddr, usize)> {
+        self.received.lock().unwrap().clone()
     }
 }
 
@@ -204,20 +234,48 @@ fn learnt_mtu(ns: &Netns, dst: IpAddr) -> Option<u32> {
 
 #[test]
 fn large_udp_datagrams_cross_the_vip_in_fragments_both_ways() {
-    fragments_both_ways(&[]);
+    fragments_both_ways(Mode::Dnat, &[]);
 }
 
 /// The same through `lb_tc` (`--attach tc`): first fragments redirected to the next hop, later ones
 /// rewritten and left to the stack's forwarding.
 #[test]
 fn large_udp_datagrams_cross_the_vip_in_fragments_both_ways_through_tc() {
-    fragments_both_ways(&["--attach", "tc"]);
+    fragments_both_ways(Mode::Dnat, &["--attach", "tc"]);
 }
 
-fn fragments_both_ways(agent_args: &[&str]) {
+/// Through a SNAT service: every fragment, both ways, is translated on both ends and sent to the
+/// FIB's next hop as its first fragment was.
+#[test]
+fn large_udp_datagrams_cross_a_snat_vip_in_fragments_both_ways() {
+    fragments_both_ways(Mode::Snat, &[]);
+}
+
+#[test]
+fn large_udp_datagrams_cross_a_snat_vip_in_fragments_both_ways_through_tc() {
+    fragments_both_ways(Mode::Snat, &["--attach", "tc"]);
+}
+
+fn fragments_both_ways(mode: Mode, agent_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
     let servers = echo_servers(&topology);
-    let config = ConfigFile::new(&config(&topology));
+    let mut _xdp_pass = Vec::new();
+    if mode == Mode::Snat {
+        // The SNAT address is one of the node's own: packets the fast path hands to the stack
+        // (next hop not resolved yet) must not be taken for spoofed.
+        topology
+            .balancer
+            .sysctl("net.ipv4.conf.all.accept_local", "1")
+            .unwrap();
+        if agent_args.is_empty() {
+            // XDP redirects into these veths: their peers need an XDP program.
+            _xdp_pass.push(XdpPass::attach(&topology.client, "eth0"));
+            for b in &topology.backends {
+                _xdp_pass.push(XdpPass::attach(&b.ns, "eth0"));
+            }
+        }
+    }
+    let config = ConfigFile::new(&config(&topology, mode));
     let agent = AgentProcess::start_with(
         &topology.balancer,
         config.path(),
@@ -255,6 +313,15 @@ fn fragments_both_ways(agent_args: &[&str]) {
     );
     for s in &servers {
         assert!(s.sizes().len() < 2 * REQUESTS, "{} not alone", s.name);
+        for (peer, _) in s.received() {
+            let (client, node): (IpAddr, IpAddr) = if peer.is_ipv4() {
+                (CLIENT_ADDR.into(), BALANCER_CLIENT_SIDE_ADDR.into())
+            } else {
+                (CLIENT_ADDR6.into(), BALANCER_CLIENT_SIDE_ADDR6.into())
+            };
+            let want = if mode == Mode::Snat { node } else { client };
+            assert_eq!(peer.ip(), want, "{mode:?}: {} saw {peer}", s.name);
+        }
     }
 
     let counters = stop_agent(agent);
@@ -271,6 +338,14 @@ fn fragments_both_ways(agent_args: &[&str]) {
         "{counters:?}"
     );
     assert_eq!(count(&counters, Counter::PassFragment), 0, "{counters:?}");
+    if mode == Mode::Snat {
+        // Every answer's first fragment came back through the node's SNAT port.
+        assert_eq!(
+            count(&counters, Counter::SnatReplyTranslated),
+            (2 * REQUESTS) as u64,
+            "{counters:?}"
+        );
+    }
 }
 
 #[test]
@@ -288,7 +363,7 @@ fn fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it_through_t
 fn fragmentation_needed_about_a_reply(agent_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
     let _servers = echo_servers(&topology);
-    let config = ConfigFile::new(&config(&topology));
+    let config = ConfigFile::new(&config(&topology, Mode::Dnat));
     let agent = AgentProcess::start_with(
         &topology.balancer,
         config.path(),
@@ -372,7 +447,7 @@ fn port_unreachable_from_a_backend_reaches_the_client_as_the_vips_through_tc() {
 
 fn port_unreachable_from_a_backend(agent_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
-    let config = ConfigFile::new(&config(&topology));
+    let config = ConfigFile::new(&config(&topology, Mode::Dnat));
     let agent = AgentProcess::start_with(
         &topology.balancer,
         config.path(),

@@ -12,6 +12,10 @@
 //!   in-process in each backend's namespace with `lb_agent::decap`), over links with 100 bytes of
 //!   MTU headroom, with TCP payloads large enough to need it.
 //!
+//! Every UDP datagram is larger than the client's MTU: the client's stack fragments it, and every
+//! fragment must reach the backend of the first (each mode sends later fragments as their first),
+//! whose stack reassembles the datagram; every byte is counted at the backends.
+//!
 //! Redirected frames enter a veth only when its peer runs XDP: the client's and backends' `eth0` get
 //! `xdp_pass` (or `lb_decap`), as a NIC needs nothing.
 //!
@@ -46,6 +50,8 @@ const REQUESTS: usize = 30;
 const SMALL: &[u8] = b"0123456789abcdef";
 /// Two full-sized TCP segments and a bit: needs the MTU headroom once encapsulated.
 static LARGE: [u8; 3000] = [7; 3000];
+/// UDP payload of every datagram: three fragments on a 1500-byte link.
+static DATAGRAM: [u8; 3000] = [9; 3000];
 /// TCP payload per connection through TC: bulk, sent as GSO packets of many segments.
 static BULK: [u8; 256 * 1024] = [7; 256 * 1024];
 
@@ -226,7 +232,7 @@ impl Setup {
                 ),
                 (
                     "UDP",
-                    udp_requests(client, SocketAddr::new(vip, 53), REQUESTS, SMALL),
+                    udp_requests(client, SocketAddr::new(vip, 53), REQUESTS, &DATAGRAM),
                 ),
             ] {
                 let mut by_backend = BTreeMap::<String, usize>::new();
@@ -248,6 +254,14 @@ impl Setup {
                 );
             }
         }
+        let udp_bytes: u64 = self.servers.iter().map(|s| s.udp_bytes()).sum();
+        assert_eq!(
+            udp_bytes,
+            (2 * REQUESTS * DATAGRAM.len()) as u64,
+            "{} ({:?}): every fragmented datagram arrived whole",
+            self.mode.name(),
+            self.attach
+        );
         2 * (REQUESTS * payload.len()) as u64
     }
 
@@ -292,6 +306,23 @@ fn count(counters: &BTreeMap<String, u64>, which: Counter) -> u64 {
     counters.get(which.name()).copied().unwrap_or(0)
 }
 
+/// Every datagram to a VIP was three fragments: its first recorded, the two later ones sent after
+/// it (none left to the stack untranslated); nothing else was fragmented.
+fn check_fragments(counters: &BTreeMap<String, u64>) {
+    let datagrams = 2 * REQUESTS as u64;
+    assert_eq!(
+        count(counters, Counter::FragmentTracked),
+        datagrams,
+        "{counters:?}"
+    );
+    assert_eq!(
+        count(counters, Counter::ForwardFragment),
+        2 * datagrams,
+        "{counters:?}"
+    );
+    assert_eq!(count(counters, Counter::PassFragment), 0, "{counters:?}");
+}
+
 #[test]
 fn snat_tcp_and_udp_over_ipv4_and_ipv6() {
     snat(Attach::Xdp);
@@ -323,6 +354,7 @@ fn snat(attach: Attach) {
     }
     assert_eq!(setup.tcp_bytes(), sent, "every TCP byte arrived");
     let counters = setup.stop_agent();
+    check_fragments(&counters);
     assert!(
         count(&counters, Counter::SnatReplyTranslated) > 0,
         "{counters:?}"
@@ -354,6 +386,7 @@ fn check_dsr(setup: &mut Setup, sent: u64) -> BTreeMap<String, u64> {
     }
     assert_eq!(setup.tcp_bytes(), sent, "every TCP byte arrived");
     let counters = setup.stop_agent();
+    check_fragments(&counters);
     let name = setup.mode.name();
     assert!(
         count(&counters, Counter::XmitRedirect) > 0,

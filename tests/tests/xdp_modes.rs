@@ -23,7 +23,7 @@ use lb_common::{
     protocol,
 };
 use lb_tests::{
-    frames::{frame, frame_via, inspect, ACK, FIN_ACK, L4, SYN},
+    frames::{fragments, frame, frame_via, inspect, ACK, FIN_ACK, L4, SYN},
     modes::{
         decapsulated, encapsulated, in_netns, link_of, run_on, run_tc_on, static_neighbour,
         TC_ACT_REDIRECT, XDP_REDIRECT, XDP_TX,
@@ -188,31 +188,109 @@ fn balancer_fixtures_for_every_mode_family_and_protocol_through_tc() {
     balancer_fixtures(Program::Tc);
 }
 
-fn balancer_fixtures(program: Program) {
-    let topology = Topology::new(TEST_PREFIX, 1).expect("topology");
-    let (lb, b1) = (&topology.balancer, &topology.backends[0]);
-    let (_, client_mac) = link_of(&topology.client, "eth0");
-    let (to_client, to_client_mac) = link_of(lb, BALANCER_CLIENT_IFACE);
-    let (to_b1, to_b1_mac) = link_of(lb, &b1.balancer_iface);
-    let (_, b1_mac) = link_of(&b1.ns, "eth0");
-    // Deterministic next hops: permanent neighbours with the real MACs, plus the failure routes.
-    let iface = b1.balancer_iface.as_str();
-    static_neighbour(lb, b1.addr.into(), b1_mac, iface).unwrap();
-    static_neighbour(lb, b1.addr6.into(), b1_mac, iface).unwrap();
-    static_neighbour(lb, CLIENT_ADDR.into(), client_mac, BALANCER_CLIENT_IFACE).unwrap();
-    static_neighbour(lb, CLIENT_ADDR6.into(), client_mac, BALANCER_CLIENT_IFACE).unwrap();
-    lb.ip_cmd(&format!("route add {UNRESOLVED4}/32 dev {iface}"))
-        .unwrap();
-    lb.ip_cmd(&format!("route add {BEHIND_GATEWAY4}/32 via {}", b1.addr))
-        .unwrap();
-    lb.ip_cmd(&format!("route add unreachable {UNREACHABLE4}/32"))
-        .unwrap();
+/// The balancer of a one-backend topology, set up for fixtures: permanent neighbours with the
+/// real MACs (deterministic next hops), the failure routes, and the facts the fixtures need.
+struct Balancer {
+    topology: Topology,
+    to_client: u32,
+    to_b1: u32,
+    /// MAC pairs (source, destination) of frames client → balancer, backend 1 → balancer,
+    /// balancer → backend 1 and balancer → client.
+    from_client: ([u8; 6], [u8; 6]),
+    from_b1: ([u8; 6], [u8; 6]),
+    to_backend: ([u8; 6], [u8; 6]),
+    to_client_macs: ([u8; 6], [u8; 6]),
+}
 
-    let yaml = config(b1.addr, b1.addr6);
-    let from_client = (client_mac, to_client_mac);
-    let from_b1 = (b1_mac, to_b1_mac);
-    let to_backend = (to_b1_mac, b1_mac);
-    let to_client_macs = (to_client_mac, client_mac);
+impl Balancer {
+    fn new() -> Self {
+        let topology = Topology::new(TEST_PREFIX, 1).expect("topology");
+        let (lb, b1) = (&topology.balancer, &topology.backends[0]);
+        let (_, client_mac) = link_of(&topology.client, "eth0");
+        let (to_client, to_client_mac) = link_of(lb, BALANCER_CLIENT_IFACE);
+        let (to_b1, to_b1_mac) = link_of(lb, &b1.balancer_iface);
+        let (_, b1_mac) = link_of(&b1.ns, "eth0");
+        let iface = b1.balancer_iface.as_str();
+        static_neighbour(lb, b1.addr.into(), b1_mac, iface).unwrap();
+        static_neighbour(lb, b1.addr6.into(), b1_mac, iface).unwrap();
+        static_neighbour(lb, CLIENT_ADDR.into(), client_mac, BALANCER_CLIENT_IFACE).unwrap();
+        static_neighbour(lb, CLIENT_ADDR6.into(), client_mac, BALANCER_CLIENT_IFACE).unwrap();
+        lb.ip_cmd(&format!("route add {UNRESOLVED4}/32 dev {iface}"))
+            .unwrap();
+        lb.ip_cmd(&format!("route add {BEHIND_GATEWAY4}/32 via {}", b1.addr))
+            .unwrap();
+        lb.ip_cmd(&format!("route add unreachable {UNREACHABLE4}/32"))
+            .unwrap();
+        Self {
+            to_client,
+            to_b1,
+            from_client: (client_mac, to_client_mac),
+            from_b1: (b1_mac, to_b1_mac),
+            to_backend: (to_b1_mac, b1_mac),
+            to_client_macs: (to_client_mac, client_mac),
+            topology,
+        }
+    }
+
+    fn b1(&self) -> &lb_tests::topology::Backend {
+        &self.topology.backends[0]
+    }
+
+    /// Runs `fixtures` in order through `program`, attached to the balancer's interfaces with the
+    /// config of [`config`]; then `after` on the datapath. Fails with every mismatch at once.
+    fn run(&self, program: Program, fixtures: &[Fixture], after: impl FnOnce(&Datapath) + Send) {
+        let yaml = config(self.b1().addr, self.b1().addr6);
+        let interfaces = self.topology.balancer_interfaces();
+        in_netns(&self.topology.balancer, move || {
+            let mut datapath = Datapath::load().expect("load datapath");
+            datapath
+                .apply(&Config::from_yaml(&yaml).expect("config"))
+                .expect("apply");
+            for iface in &interfaces {
+                datapath
+                    .attach_with(iface, program.attach_mode())
+                    .expect("attach");
+            }
+            let mut failures = Vec::new();
+            for fixture in fixtures {
+                let before = datapath.counters().unwrap();
+                let (action, out) = program.run(&mut datapath, &fixture.input, fixture.ingress);
+                let after = datapath.counters().unwrap();
+                let what = format!("{program:?}: {}", fixture.what);
+                match &fixture.expect {
+                    Expect::Frame(verdict, want) => {
+                        let want_action = program.action(*verdict);
+                        if action != want_action || out != *want {
+                            failures.push(format!(
+                                "{what}: got action {action}, want {want_action} ({verdict:?})\n  got  {out:02x?}\n  want {want:02x?}"
+                            ));
+                        }
+                    }
+                    Expect::Dropped => {
+                        if action != program.dropped() {
+                            failures.push(format!("{what}: got action {action}, want a drop"));
+                        }
+                    }
+                }
+                for c in &fixture.counters {
+                    let delta = counter_in(&after, *c) - counter_in(&before, *c);
+                    if delta != 1 {
+                        failures.push(format!("{what}: {} moved by {delta}, want 1", c.name()));
+                    }
+                }
+            }
+            assert!(failures.is_empty(), "{}", failures.join("\n"));
+            after(&datapath);
+        });
+    }
+}
+
+fn balancer_fixtures(program: Program) {
+    let balancer = Balancer::new();
+    let b1 = balancer.b1();
+    let (to_client, to_b1) = (balancer.to_client, balancer.to_b1);
+    let (from_client, from_b1) = (balancer.from_client, balancer.from_b1);
+    let (to_backend, to_client_macs) = (balancer.to_backend, balancer.to_client_macs);
 
     let mut fixtures = Vec::new();
     for (client_ip, b1_ip, node, vip_net) in [
@@ -412,50 +490,141 @@ fn balancer_fixtures(program: Program) {
         counters: vec![Counter::PassFibFailed],
     });
 
-    let interfaces = topology.balancer_interfaces();
-    in_netns(lb, move || {
-        let mut datapath = Datapath::load().expect("load datapath");
-        datapath
-            .apply(&Config::from_yaml(&yaml).expect("config"))
-            .expect("apply");
-        for iface in &interfaces {
-            datapath
-                .attach_with(iface, program.attach_mode())
-                .expect("attach");
-        }
-        let mut failures = Vec::new();
-        for fixture in &fixtures {
-            let before = datapath.counters().unwrap();
-            let (action, out) = program.run(&mut datapath, &fixture.input, fixture.ingress);
-            let after = datapath.counters().unwrap();
-            let what = format!("{program:?}: {}", fixture.what);
-            match &fixture.expect {
-                Expect::Frame(verdict, want) => {
-                    let want_action = program.action(*verdict);
-                    if action != want_action || out != *want {
-                        failures.push(format!(
-                            "{what}: got action {action}, want {want_action} ({verdict:?})\n  got  {out:02x?}\n  want {want:02x?}"
-                        ));
-                    }
-                }
-                Expect::Dropped => {
-                    if action != program.dropped() {
-                        failures.push(format!("{what}: got action {action}, want a drop"));
-                    }
-                }
-            }
-            for c in &fixture.counters {
-                let delta = counter_in(&after, *c) - counter_in(&before, *c);
-                if delta != 1 {
-                    failures.push(format!("{what}: {} moved by {delta}, want 1", c.name()));
-                }
-            }
-        }
-        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    balancer.run(program, &fixtures, |datapath| {
         // DSR never writes a reply translation: only the 4 SNAT flows (and the 2 failure cases
         // that were translated) are in NAT_REPLY.
         assert_eq!(datapath.nat_reply_entries().unwrap(), 6);
     });
+}
+
+/// Fragmented UDP datagrams of every mode: each fragment leaves as its datagram's first did (the
+/// first fragment is recorded after its rewrite, later ones, which have no ports, get the same
+/// treatment from that record): SNAT both ways (addresses rewritten on both ends, TTL decremented,
+/// to the FIB's next hop), DSR L2 (MACs of the backend), DSR IPIP (each fragment encapsulated, the
+/// outer header itself never a fragment).
+#[test]
+fn fragments_of_every_mode_leave_as_their_first() {
+    fragment_fixtures(Program::Xdp);
+}
+
+#[test]
+fn fragments_of_every_mode_leave_as_their_first_through_tc() {
+    fragment_fixtures(Program::Tc);
+}
+
+/// IP payload per fragment: an IPv6 fragment (40 + 8 + 1232 bytes) fits the 1500-byte MTU with
+/// an outer IPv6 header in front.
+const FRAGMENT_CHUNK: usize = 1232;
+
+fn fragment_fixtures(program: Program) {
+    let balancer = Balancer::new();
+    let b1 = balancer.b1();
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+    let pieces = |from, to, macs, ttl, id| {
+        fragments(
+            &frame_via(L4::Udp, from, to, &payload, macs, ttl),
+            id,
+            FRAGMENT_CHUNK,
+        )
+    };
+    let mut fixtures = Vec::new();
+    let mut push =
+        |what: String, input: Vec<Vec<u8>>, ingress, output: Vec<Vec<u8>>, first: &[Counter]| {
+            assert_eq!(input.len(), 3);
+            for (i, (input, output)) in input.into_iter().zip(output).enumerate() {
+                let counters = if i == 0 {
+                    first.to_vec()
+                } else {
+                    vec![Counter::ForwardFragment, Counter::XmitRedirect]
+                };
+                fixtures.push(Fixture {
+                    what: format!("{what}, fragment {} of 3", i + 1),
+                    input,
+                    ingress,
+                    expect: Expect::Frame(Verdict::Redirect, output),
+                    counters,
+                });
+            }
+        };
+    let new_flow = [
+        Counter::ForwardNewFlow,
+        Counter::FragmentTracked,
+        Counter::XmitRedirect,
+    ];
+    for (client_ip, b1_ip, node, vip_net, id) in [
+        (
+            IpAddr::from(CLIENT_ADDR),
+            IpAddr::from(b1.addr),
+            IpAddr::from(NODE4),
+            "198.51.100.",
+            0x4000,
+        ),
+        (
+            IpAddr::from(CLIENT_ADDR6),
+            IpAddr::from(b1.addr6),
+            IpAddr::from(NODE6),
+            "2001:db8:100::",
+            0x6000_0000,
+        ),
+    ] {
+        let family = if client_ip.is_ipv4() { "IPv4" } else { "IPv6" };
+        let vip = |host: u8| SocketAddr::new(format!("{vip_net}{host}").parse().unwrap(), 53);
+        let client = SocketAddr::new(client_ip, 42000);
+
+        // SNAT, both directions.
+        let snat_vip = vip(40);
+        let node_end = SocketAddr::new(node, snat_port(protocol::UDP, client, snat_vip));
+        let backend = SocketAddr::new(b1_ip, 5353);
+        push(
+            format!("SNAT {family} UDP to VIP"),
+            pieces(client, snat_vip, balancer.from_client, 64, id),
+            balancer.to_client,
+            pieces(node_end, backend, balancer.to_backend, 63, id),
+            &new_flow,
+        );
+        push(
+            format!("SNAT {family} UDP reply"),
+            pieces(backend, node_end, balancer.from_b1, 64, id + 1),
+            balancer.to_b1,
+            pieces(snat_vip, client, balancer.to_client_macs, 63, id + 1),
+            &[
+                Counter::SnatReplyTranslated,
+                Counter::FragmentTracked,
+                Counter::XmitRedirect,
+            ],
+        );
+
+        // DSR L2: only the MACs change.
+        let l2_vip = vip(41);
+        push(
+            format!("DSR L2 {family} UDP"),
+            pieces(client, l2_vip, balancer.from_client, 64, id + 2),
+            balancer.to_client,
+            pieces(client, l2_vip, balancer.to_backend, 64, id + 2),
+            &new_flow,
+        );
+
+        // DSR IPIP: every fragment encapsulated, with the first's flow label.
+        let ipip_vip = vip(42);
+        let label = if client_ip.is_ipv4() {
+            0
+        } else {
+            encap::flow_label(&flow_key(protocol::UDP, client, ipip_vip))
+        };
+        let input = pieces(client, ipip_vip, balancer.from_client, 64, id + 3);
+        let output = input
+            .iter()
+            .map(|inner| encapsulated(inner, node, b1_ip, label, balancer.to_backend))
+            .collect();
+        push(
+            format!("DSR IPIP {family} UDP"),
+            input,
+            balancer.to_client,
+            output,
+            &new_flow,
+        );
+    }
+    balancer.run(program, &fixtures, |_| {});
 }
 
 /// SNAT port allocation as a sequence: a flow keeps its port, candidates that are taken are skipped,

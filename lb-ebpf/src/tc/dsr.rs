@@ -25,12 +25,13 @@ use lb_common::{
     counters::Counter,
     modes::encap::{self, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_OUTER_LEN, IPV6_OUTER_LEN},
     protocol,
-    service::{family, Addr},
+    service::{family, mode, Addr},
 };
 
 use super::{xmit, Chosen};
 use crate::{
     dsr::{encap_source, write_outer_ipv4, write_outer_ipv6},
+    fragments,
     maps::count,
     packet::{
         header::{ETH_LEN, IPV4_LEN, IPV6_LEN},
@@ -43,16 +44,22 @@ use crate::{
 // A BPF function of its own, called from `lb_tc`: its stack does not add to `to_backend`'s.
 #[inline(never)]
 pub fn l2(ctx: &TcContext, flow: &Flow, backend: &Addr) -> i32 {
-    let v4 = flow.key.family == family::IPV4;
-    match xmit::fib_redirect(
+    fragments::track_first(ctx, &flow.key, mode::DSR_L2, None, Some(backend));
+    send_l2(
         ctx,
-        v4,
+        flow.key.family,
         flow.key.protocol,
         &flow.key.src,
         backend,
-        0,
-        opts::ON_LINK_ONLY,
-    ) {
+    )
+}
+
+/// The unchanged packet from `src` (`protocol` inside) to the MAC of the on-link `backend`; also
+/// the later fragments of a DSR L2 datagram (`tc::fragments`).
+#[inline(always)]
+pub fn send_l2(ctx: &TcContext, family: u8, protocol: u8, src: &Addr, backend: &Addr) -> i32 {
+    let v4 = family == family::IPV4;
+    match xmit::fib_redirect(ctx, v4, protocol, src, backend, 0, opts::ON_LINK_ONLY) {
         Xmit::Sent(action) => action as i32,
         unsent => xmit::verdict(Unsent::dsr_l2(unsent)),
     }
@@ -66,27 +73,64 @@ pub fn ipip(ctx: &TcContext, flow: &Flow, chosen: &Chosen) -> i32 {
         count(Counter::DropModeUnconfigured);
         return TC_ACT_SHOT;
     };
-    let v4 = flow.key.family == family::IPV4;
-    let (outer_len, encap, protocol) = if v4 {
-        (IPV4_OUTER_LEN, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, IPPROTO_IPIP)
+    let label = if flow.key.family == family::IPV4 {
+        0
     } else {
-        (IPV6_OUTER_LEN, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, IPPROTO_IPV6)
+        encap::flow_label(&flow.key)
     };
-    let label = if v4 { 0 } else { encap::flow_label(&flow.key) };
+    fragments::track_first(
+        ctx,
+        &flow.key,
+        mode::DSR_IPIP,
+        Some(source),
+        Some(&chosen.backend),
+    );
+    let room_flags = room_flags(flow.key.family, flow.key.protocol);
+    encapsulate(ctx, room_flags, source, &chosen.backend, label)
+}
+
+/// The `bpf_skb_adjust_room` flags that encapsulate a packet of `family` (`protocol` inside), for
+/// [`encapsulate`].
+#[inline(always)]
+pub fn room_flags(family: u8, protocol: u8) -> u64 {
+    let encap = if family == family::IPV4 {
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+    } else {
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
+    };
     // The segment size of a UDP GSO packet delimits its datagrams: kept (the kernel refuses to
     // lower it), so its segments grow by the outer header, as single packets do.
-    let fixed_gso = if flow.key.protocol == protocol::UDP {
+    let fixed_gso = if protocol == protocol::UDP {
         BPF_F_ADJ_ROOM_FIXED_GSO
     } else {
         0
     };
+    (encap | fixed_gso) as u64
+}
+
+/// Puts an outer header from `source` to `backend` (IPv6: with flow `label`) in front of the packet
+/// (its family and protocol in `room_flags`, from [`room_flags`]) and sends it; also the later
+/// fragments of a DSR IPIP datagram (`tc::fragments`).
+// A BPF function of its own: the packet pointers the caller derived from `ctx` (LLVM would reuse
+// them after the helper moved the data, which the verifier refuses) do not reach it. Hence also
+// the family folded into the flags: five arguments at most.
+#[inline(never)]
+pub fn encapsulate(
+    ctx: &TcContext,
+    room_flags: u64,
+    source: &Addr,
+    backend: &Addr,
+    label: u32,
+) -> i32 {
+    let v4 = room_flags & BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64 != 0;
+    let (outer_len, outer_protocol) = if v4 {
+        (IPV4_OUTER_LEN, IPPROTO_IPIP)
+    } else {
+        (IPV6_OUTER_LEN, IPPROTO_IPV6)
+    };
     // Fails on an skb already encapsulated, or without memory for the headroom.
     if ctx
-        .adjust_room(
-            outer_len as i32,
-            BPF_ADJ_ROOM_MAC,
-            (encap | fixed_gso) as u64,
-        )
+        .adjust_room(outer_len as i32, BPF_ADJ_ROOM_MAC, room_flags)
         .is_err()
     {
         count(Counter::DropEncapFailed);
@@ -104,7 +148,7 @@ pub fn ipip(ctx: &TcContext, flow: &Flow, chosen: &Chosen) -> i32 {
         }
         // SAFETY: the outer header and the inner IPv4 header are in bounds (checked just above).
         // Its sum, checksum included, is 0: a `CHECKSUM_COMPLETE` sum of the packet stays right.
-        unsafe { write_outer_ipv4(outer, &source.0, &chosen.backend.0) };
+        unsafe { write_outer_ipv4(outer, &source.0, &backend.0) };
     } else {
         if outer + IPV6_OUTER_LEN + IPV6_LEN > end {
             count(Counter::DropEncapFailed);
@@ -112,7 +156,7 @@ pub fn ipip(ctx: &TcContext, flow: &Flow, chosen: &Chosen) -> i32 {
         }
         // SAFETY: the outer header and the inner IPv6 header are in bounds (checked just above).
         unsafe {
-            write_outer_ipv6(outer, &source.0, &chosen.backend.0, label);
+            write_outer_ipv6(outer, &source.0, &backend.0, label);
             // The room was zeros; under `CHECKSUM_COMPLETE` the skb's sum of the packet must now
             // add the outer header, which has no checksum of its own (for other skbs, a no-op).
             let sum = bpf_csum_diff(
@@ -127,7 +171,7 @@ pub fn ipip(ctx: &TcContext, flow: &Flow, chosen: &Chosen) -> i32 {
             }
         }
     }
-    match xmit::fib_redirect(ctx, v4, protocol, source, &chosen.backend, 0, 0) {
+    match xmit::fib_redirect(ctx, v4, outer_protocol, source, backend, 0, 0) {
         Xmit::Sent(action) => action as i32,
         unsent => xmit::verdict(Unsent::dsr_ipip(unsent)),
     }

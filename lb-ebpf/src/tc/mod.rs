@@ -16,8 +16,9 @@
 //! Then `tc::xmit` redirects the packet to the next hop the FIB names (skipping the stack's
 //! forwarding path); what the FIB cannot settle each mode settles as `lb_xdp` does
 //! (`crate::xmit::Unsent`: a translated packet goes to the stack with `TC_ACT_OK`, a DSR L2 one is
-//! dropped, ...), counted. Fragmented datagrams are handled as in `lb_xdp`: a first fragment of a
-//! DNAT flow is recorded after its rewrite, later ones get the same addresses (`tc::fragments`).
+//! dropped, ...), counted. Fragmented datagrams are handled as in `lb_xdp`, in every mode: a first
+//! fragment is recorded after its rewrite (before an encapsulation), and later ones leave the same
+//! way (`tc::fragments`).
 //! ICMP errors about DNAT flows are translated by `icmp`, the same code as in `lb_xdp`, then go to
 //! the stack (on a workload veth around the policy, as the flows are: see `icmp`). Sources in the
 //! CIDR deny list are dropped first, as `lb_xdp` drops them (`policy::cidr_deny`).
@@ -117,7 +118,7 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
         Ok(Some(chosen)) => {
             return match chosen.mode {
                 mode::DNAT => match nat::to_backend(&ctx, &flow, &at, &chosen) {
-                    TC_ACT_OK => onwards(&ctx, &flow, &at, &flow.key.src, &chosen.backend),
+                    TC_ACT_OK => onwards(&ctx, &flow, &flow.key.src, &chosen.backend),
                     action => action,
                 },
                 mode::SNAT => snat::forward(&ctx, &flow, &at, &chosen),
@@ -130,7 +131,7 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
     }
     if prefilter::roles_of(&flow.key.src, flow.key.family) & role::BACKEND != 0 {
         match reply(&ctx, &flow, &at, false) {
-            Ok(Some(Reply::Dnat(vip))) => return onwards(&ctx, &flow, &at, &vip, &flow.key.dst),
+            Ok(Some(Reply::Dnat(vip))) => return onwards(&ctx, &flow, &vip, &flow.key.dst),
             Ok(Some(Reply::Snat(entry))) => return snat::reply(&ctx, &flow, &at, entry),
             Ok(None) => {}
             Err(action) => return action,
@@ -140,13 +141,11 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// A packet `lb_tc` rewrote (now `src` → `dst`): a first fragment is recorded for the later
+/// A DNAT packet `lb_tc` rewrote (now `src` → `dst`): a first fragment is recorded for the later
 /// fragments of its datagram, then the packet goes to the FIB's next hop.
 #[inline(always)]
-fn onwards(ctx: &TcContext, flow: &Flow, at: &Offsets, src: &Addr, dst: &Addr) -> i32 {
-    if at.maybe_first_fragment {
-        crate::fragments::record(ctx, &flow.key);
-    }
+fn onwards(ctx: &TcContext, flow: &Flow, src: &Addr, dst: &Addr) -> i32 {
+    crate::fragments::track_first(ctx, &flow.key, mode::DNAT, None, None);
     xmit::forward(ctx, flow, src, dst)
 }
 
@@ -274,8 +273,8 @@ pub struct Chosen {
 /// This, [`request`], [`reply`] and each mode's work are BPF functions of their own, so that the
 /// entry points' frames hold little more than the parsed flow: the deepest chain of frames must
 /// fit in 512 bytes, and they also call `icmp::handle` (and this one `snat::allocate`). For the
-/// same reason they call nothing that has a large frame: the entry points record first fragments
-/// ([`onwards`]) and call the modes.
+/// same reason they call nothing that has a large frame: first fragments are recorded by each
+/// mode's work ([`onwards`] for DNAT), which the entry points call.
 #[inline(never)]
 fn to_backend(flow: &Flow) -> Result<Option<Chosen>, i32> {
     choose(flow, true, 0)

@@ -24,16 +24,13 @@ use crate::packet::{
     Flow,
 };
 
-/// Where `flow`'s headers start, as offsets from the frame's start, and what else the rewrite
-/// needs to know of the packet's headers.
+/// Where `flow`'s headers start, as offsets from the frame's start.
 #[derive(Clone, Copy)]
 pub struct Offsets {
     // 16 bits are plenty for header offsets, and keep `lb_tc`'s frame small (see
     // `tc::to_backend`).
     l3: u16,
     l4: u16,
-    /// The packet may be the first fragment of a datagram (`crate::fragments::maybe_first`).
-    pub maybe_first_fragment: bool,
 }
 
 impl Offsets {
@@ -47,7 +44,6 @@ impl Offsets {
         Self {
             l3: (flow.l3 - start) as u16,
             l4: (flow.l4 - start) as u16,
-            maybe_first_fragment: crate::fragments::maybe_first(flow, ctx.data_end()),
         }
     }
 }

@@ -5,17 +5,19 @@
 //!
 //! Client → VIP: the source becomes the service's SNAT address and the flow's port, the
 //! destination the backend. Backend → node:port (the reply): the source becomes the VIP and its
-//! port, the destination the client and its port.
+//! port, the destination the client and its port. A first fragment is recorded after the rewrite
+//! (`crate::fragments`); later fragments get the same addresses and next hop (`tc::fragments`).
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 use lb_common::{
     conntrack::NatReply,
     counters::Counter,
-    service::{family, Addr},
+    service::{family, mode, Addr},
 };
 
 use super::{nat, nat::Offsets, xmit, Chosen};
 use crate::{
+    fragments,
     maps::{count, SERVICE_MODES},
     packet::Flow,
     xmit::{opts, Unsent, Xmit},
@@ -37,7 +39,15 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
     if rewrite_both_ends(ctx, flow, at, source, backend).is_err() {
         return super::refused();
     }
-    send(ctx, flow, at, &info.source, &chosen.backend)
+    fragments::track_first(ctx, &flow.key, mode::SNAT, None, None);
+    send(
+        ctx,
+        flow.key.family,
+        flow.key.protocol,
+        at.l3(),
+        &info.source,
+        &chosen.backend,
+    )
 }
 
 /// Backend → node:port packet of a SNAT flow (`entry`: its `NAT_REPLY` entry): rewritten and sent
@@ -53,7 +63,15 @@ pub fn reply(ctx: &TcContext, flow: &Flow, at: &Offsets, entry: &NatReply) -> i3
         return super::refused();
     }
     count(Counter::SnatReplyTranslated);
-    send(ctx, flow, at, &entry.vip, &entry.client)
+    fragments::track_first(ctx, &flow.key, mode::SNAT, None, None);
+    send(
+        ctx,
+        flow.key.family,
+        flow.key.protocol,
+        at.l3(),
+        &entry.vip,
+        &entry.client,
+    )
 }
 
 /// Rewrites both ends of `flow`'s packet: the source to `src` and the destination to `dst`
@@ -72,19 +90,13 @@ fn rewrite_both_ends(
     nat::rewrite(ctx, flow, *at, &key.dst, dst, key.dst_port, dst_port, false)
 }
 
-/// To the FIB's next hop, TTL decremented, or (counted) to the stack.
+/// The translated packet (an IP packet of `family` at offset `l3`, `protocol` inside) from `src`
+/// to `dst`: to the FIB's next hop, TTL decremented, or (counted) to the stack. Also the later
+/// fragments of a SNAT datagram (`tc::fragments`).
 #[inline(always)]
-fn send(ctx: &TcContext, flow: &Flow, at: &Offsets, src: &Addr, dst: &Addr) -> i32 {
-    let v4 = flow.key.family == family::IPV4;
-    match xmit::fib_redirect(
-        ctx,
-        v4,
-        flow.key.protocol,
-        src,
-        dst,
-        at.l3(),
-        opts::DECREMENT_TTL,
-    ) {
+pub fn send(ctx: &TcContext, family: u8, protocol: u8, l3: usize, src: &Addr, dst: &Addr) -> i32 {
+    let v4 = family == family::IPV4;
+    match xmit::fib_redirect(ctx, v4, protocol, src, dst, l3, opts::DECREMENT_TTL) {
         Xmit::Sent(action) => action as i32,
         unsent => xmit::verdict(Unsent::translated(unsent)),
     }
