@@ -52,8 +52,9 @@ use crate::{
 
 /// Maps whose entries live for moments: another agent's definition of them is not an incompatible
 /// layout, they are recreated empty (`FRAGMENTS`: a datagram being forwarded in fragments during
-/// the upgrade may lose its later fragments, as when its entry is evicted).
-const TRANSIENT_MAPS: [&str; 1] = ["FRAGMENTS"];
+/// the upgrade may lose its later fragments, as when its entry is evicted; `MODE_SCRATCH`: one
+/// packet's scratch space).
+const TRANSIENT_MAPS: [&str; 2] = ["FRAGMENTS", "MODE_SCRATCH"];
 
 /// The datapath object built from `lb-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
