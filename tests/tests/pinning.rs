@@ -112,8 +112,11 @@ fn adoption_keeps_flows_backend_ids_and_tables() {
     assert_eq!(second.table_of(&web_key()).unwrap(), table);
     assert_eq!(
         second.apply(&config).unwrap(),
-        ApplyReport::default(),
-        "the first reconcile after adoption writes nothing"
+        ApplyReport {
+            services_examined: 2,
+            ..ApplyReport::default()
+        },
+        "the first reconcile after adoption compares every service and writes nothing"
     );
 
     // Drain the flow's backend: new flows avoid it, the tracked flow stays on it, which only the
