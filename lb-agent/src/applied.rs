@@ -68,8 +68,9 @@ impl Globals {
     }
 }
 
-/// One service as applied: its config and each backend's effective weight.
+/// One service as applied: its key, config and each backend's effective weight.
 struct AppliedService {
+    key: ServiceKey,
     service: Service,
     weights: Vec<u32>,
 }
@@ -77,7 +78,11 @@ struct AppliedService {
 /// What the maps hold after an apply, by config: see the module doc.
 pub(crate) struct Applied {
     globals: Globals,
-    services: HashMap<ServiceKey, AppliedService>,
+    /// In the order of the last config: a config in the same order (the usual case) is compared
+    /// side by side, without a lookup per service.
+    services: Vec<AppliedService>,
+    /// Position of each key in `services`.
+    positions: HashMap<ServiceKey, usize>,
     /// Per backend: the frontends of the services naming it, one per service.
     frontends: HashMap<BackendAddress, Vec<Frontend>>,
     filter: CountedFilter,
@@ -107,7 +112,8 @@ impl Applied {
     pub fn empty_for(config: &Config) -> Self {
         Self {
             globals: Globals::of(config),
-            services: HashMap::new(),
+            services: Vec::new(),
+            positions: HashMap::new(),
             frontends: HashMap::new(),
             filter: CountedFilter::default(),
         }
@@ -125,13 +131,43 @@ impl Applied {
         config: &'a Config,
         weight_of: impl Fn(&Service, &BackendConfig) -> u32,
     ) -> Result<Changes<'a>> {
+        let same_keys = config.services.len() == self.services.len()
+            && config
+                .services
+                .iter()
+                .zip(&self.services)
+                .all(|(service, applied)| key_of(service) == applied.key);
+        let mut touched = Touched::default();
+        // Filled per service, copied only for a changed one.
+        let mut buffer = Vec::new();
+        if same_keys {
+            // The recorded keys are distinct, so these are.
+            let mut changed = Vec::new();
+            for (position, service) in config.services.iter().enumerate() {
+                let weights = effective_weights(&mut buffer, service, &weight_of);
+                let applied = &self.services[position];
+                if applied.weights != weights || applied.service != *service {
+                    changed.push((position, service, weights.to_vec()));
+                }
+            }
+            for (position, service, weights) in &changed {
+                let applied = &mut self.services[*position];
+                let old = std::mem::replace(&mut applied.service, (*service).clone());
+                applied.weights = weights.clone();
+                self.forget(&old, &mut touched);
+                self.remember(service, &mut touched);
+            }
+            return Ok(Changes {
+                changed: changed.into_iter().map(|(_, s, w)| (s, w)).collect(),
+                removed: Vec::new(),
+                touched: touched.order,
+            });
+        }
+
+        // Added, removed or reordered services: the record is rebuilt in the config's order.
         let mut seen = HashSet::with_capacity(config.services.len());
-        let mut changed = Vec::new();
-        let mut added = 0;
-        let mut weights = Vec::new();
         for service in &config.services {
-            let key = key_of(service);
-            if !seen.insert(key) {
+            if !seen.insert(key_of(service)) {
                 bail!(
                     "service {}: another service has VIP {} port {} {:?}",
                     service.name,
@@ -140,39 +176,46 @@ impl Applied {
                     service.protocol
                 );
             }
-            weights.clear();
-            weights.extend(service.backends.iter().map(|b| weight_of(service, b)));
-            match self.services.get(&key) {
-                Some(applied) if applied.weights == weights && applied.service == *service => {}
-                Some(_) => changed.push((service, weights.clone())),
-                None => {
-                    added += 1;
-                    changed.push((service, weights.clone()));
+        }
+        let mut previous: Vec<Option<AppliedService>> = std::mem::take(&mut self.services)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut changed = Vec::new();
+        for service in &config.services {
+            let key = key_of(service);
+            let weights = effective_weights(&mut buffer, service, &weight_of).to_vec();
+            let old = self
+                .positions
+                .get(&key)
+                .and_then(|&position| previous[position].take());
+            match old {
+                Some(old) if old.weights == weights && old.service == *service => {
+                    self.services.push(old);
+                    continue;
                 }
+                Some(old) => self.forget(&old.service, &mut touched),
+                None => {}
             }
+            self.remember(service, &mut touched);
+            self.services.push(AppliedService {
+                key,
+                service: service.clone(),
+                weights: weights.clone(),
+            });
+            changed.push((service, weights));
         }
-        // Every recorded service the config kept was seen; any other is gone.
-        let removed: Vec<ServiceKey> = if self.services.len() > seen.len() - added {
-            self.services
-                .keys()
-                .filter(|key| !seen.contains(key))
-                .copied()
-                .collect()
-        } else {
-            Vec::new()
-        };
-
-        let mut touched = Touched::default();
-        for key in &removed {
-            let gone = self.services.remove(key).expect("listed above");
+        let mut removed = Vec::new();
+        for gone in previous.into_iter().flatten() {
             self.forget(&gone.service, &mut touched);
+            removed.push(gone.key);
         }
-        for (service, weights) in &changed {
-            if let Some(old) = self.services.remove(&key_of(service)) {
-                self.forget(&old.service, &mut touched);
-            }
-            self.remember(service, weights.clone(), &mut touched);
-        }
+        self.positions = self
+            .services
+            .iter()
+            .enumerate()
+            .map(|(position, applied)| (applied.key, position))
+            .collect();
         Ok(Changes {
             changed,
             removed,
@@ -187,7 +230,7 @@ impl Applied {
 
     /// Whether `key` is a recorded service.
     pub fn has_service(&self, key: &ServiceKey) -> bool {
-        self.services.contains_key(key)
+        self.positions.contains_key(key)
     }
 
     /// Distinct backends of the recorded services.
@@ -200,9 +243,9 @@ impl Applied {
         self.filter.filter()
     }
 
-    fn remember(&mut self, service: &Service, weights: Vec<u32>, touched: &mut Touched) {
-        let key = key_of(service);
-        let frontend = (key, mode_of(service.mode));
+    /// Adds `service` to the frontends of its backends and to the filter.
+    fn remember(&mut self, service: &Service, touched: &mut Touched) {
+        let frontend = (key_of(service), mode_of(service.mode));
         for b in &service.backends {
             let address = (b.address, b.port);
             let served = self.frontends.entry(address).or_default();
@@ -212,15 +255,9 @@ impl Applied {
             touched.add(address);
         }
         self.count_filter_roles(service, CountedFilter::add);
-        self.services.insert(
-            key,
-            AppliedService {
-                service: service.clone(),
-                weights,
-            },
-        );
     }
 
+    /// Takes `service` (as recorded) out of the frontends of its backends and out of the filter.
     fn forget(&mut self, service: &Service, touched: &mut Touched) {
         let key = key_of(service);
         for b in &service.backends {
@@ -247,6 +284,17 @@ impl Applied {
             }
         }
     }
+}
+
+/// The effective weight of each backend of `service`, in `buffer`.
+fn effective_weights<'b>(
+    buffer: &'b mut Vec<u32>,
+    service: &Service,
+    weight_of: &impl Fn(&Service, &BackendConfig) -> u32,
+) -> &'b [u32] {
+    buffer.clear();
+    buffer.extend(service.backends.iter().map(|b| weight_of(service, b)));
+    buffer
 }
 
 /// Backends in the order first touched, each once.

@@ -1394,4 +1394,16 @@ services:
         (1, 1),
         "{report:?}"
     );
+
+    // A service named twice is refused; the next apply walks everything and finds nothing to do.
+    let mut twice = config.clone();
+    twice.services.push(twice.services[0].clone());
+    let err = incremental.apply(&twice).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("another service has"),
+        "{err:#}"
+    );
+    let report = incremental.apply(&config).unwrap();
+    assert_eq!(report.services_examined, config.services.len());
+    assert!(!report.wrote_anything(), "{report:?}");
 }
