@@ -445,7 +445,7 @@ fn reconcile(
         });
     metrics.observe_reconcile(started.elapsed(), result.is_ok());
     let report = result?;
-    if report != Default::default() {
+    if report.wrote_anything() {
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         info!(?report, elapsed_ms, "datapath reconciled");
         events.publish(Event::new(

@@ -41,6 +41,7 @@ use lb_common::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    applied::{key_of, mode_of, Applied, BackendAddress},
     config::{Config, ForwardingMode, HashFields, Service},
     maglev::{self, MaglevBackend},
     map_batch,
@@ -273,11 +274,25 @@ struct PendingService {
 /// What one `apply` changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyReport {
+    /// Services looked at: those whose config or weights differ from the last apply, or every
+    /// service when everything is walked (see [`Datapath::apply_with`]).
+    pub services_examined: usize,
     pub services_written: usize,
     pub services_removed: usize,
     pub tables_swapped: usize,
     pub backends_written: usize,
     pub backends_removed: usize,
+}
+
+impl ApplyReport {
+    /// Whether the apply wrote or removed any entry.
+    pub fn wrote_anything(&self) -> bool {
+        *self
+            != Self {
+                services_examined: self.services_examined,
+                ..Self::default()
+            }
+    }
 }
 
 /// A loaded datapath. Dropping it detaches the program from every interface and frees the maps,
@@ -305,11 +320,10 @@ pub struct Datapath {
     /// pinned maps: the first apply rewrites every word).
     address_filter: Option<AddressFilter>,
     capacity: Capacity,
-    /// The config and effective weights of the last apply that succeeded. The agent is the maps'
-    /// only writer, so the same again would write nothing: it is skipped without walking the
-    /// services (most reconciles are triggered by events that change nothing). Cleared while an
-    /// apply runs, so a failed one is redone in full.
-    last_applied: Option<(Config, Vec<u32>)>,
+    /// What the last apply that succeeded programmed, per service: the next apply touches only
+    /// what differs (most reconciles are triggered by events that change nothing or one
+    /// service). Taken while an apply runs, so a failed one is redone in full.
+    applied: Option<Applied>,
     /// Pinned maps of another size carried over at load, pinned by [`Datapath::finish_resize`].
     resize: Option<Resize>,
 }
@@ -404,7 +418,7 @@ impl Datapath {
             _pin_lock: pin_lock,
             address_filter: None,
             capacity,
-            last_applied: None,
+            applied: None,
             resize,
         };
         if adopt {
@@ -867,6 +881,11 @@ impl Datapath {
     /// Makes the maps match `config`, writing only what differs. `weight_of` gives each backend's
     /// effective weight (0 takes it out of new-flow selection, e.g. when a health check fails).
     ///
+    /// Only services that differ from the last successful apply (and the backends they name or
+    /// named) are looked at, unless a global field (Maglev seed, node) changed: then, as after a
+    /// failed apply, at load and after adopting pinned maps, every service is (see
+    /// `crate::applied`). A config naming one service key twice is refused.
+    ///
     /// Order matters for packets in flight: backends are written before the tables that name them,
     /// a table is complete before the service flips to it, and backends are removed only once no
     /// table names them. Conntrack is never flushed: tracked flows keep their backend while it exists.
@@ -876,48 +895,53 @@ impl Datapath {
         weight_of: impl Fn(&Service, &crate::config::BackendConfig) -> u32,
     ) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
-        let weights: Vec<u32> = config
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| weight_of(s, b)))
-            .collect();
-        if let Some((last, last_weights)) = self.last_applied.take() {
-            if last == *config && last_weights == weights {
-                self.last_applied = Some((last, last_weights));
-                return Ok(report);
-            }
+        // The record is out while the apply runs: a failed apply leaves none, and the next one
+        // walks everything.
+        let (mut applied, full) = match self.applied.take() {
+            Some(applied) if applied.has_globals_of(config) => (applied, false),
+            _ => (Applied::empty_for(config), true),
+        };
+        let changes = applied.update(config, weight_of)?;
+        if !full && changes.is_empty() {
+            // The agent is the maps' only writer: the same state again would write nothing.
+            self.applied = Some(applied);
+            return Ok(report);
         }
-        self.check_capacity(config)?;
+        // Backends no service names any more: after a full walk, any the maps hold beyond the
+        // config (adopted, or left by a failed apply).
+        let leaving: Vec<BackendAddress> = if full {
+            self.backend_ids
+                .keys()
+                .filter(|b| applied.frontends_of(b).is_none())
+                .copied()
+                .collect()
+        } else {
+            changes
+                .touched
+                .iter()
+                .filter(|b| applied.frontends_of(b).is_none() && self.backend_ids.contains_key(b))
+                .copied()
+                .collect()
+        };
+        self.check_capacity(config, applied.backend_count(), leaving.len())?;
+        report.services_examined = changes.changed.len();
 
-        // 1. Backend ids, BACKENDS and BACKEND_REPLY entries for every backend of the desired
-        // state (a backend's reply route before the tables that send it new flows).
-        let mut frontends: StdHashMap<u32, (Backend, Vec<(ServiceKey, u8)>)> = StdHashMap::new();
-        for service in &config.services {
-            let frontend = (
-                ServiceKey::new(service.vip, service.port, service.protocol.number()),
-                mode_of(service.mode),
-            );
-            for b in &service.backends {
-                let id = self.backend_id_for(b.address, b.port)?;
-                let (_, served) = frontends
-                    .entry(id)
-                    .or_insert_with(|| (Backend::new(b.address, b.port), Vec::new()));
-                if !served.contains(&frontend) {
-                    served.push(frontend);
-                }
-            }
-        }
-        let mut wanted_backends: StdHashMap<u32, Backend> = StdHashMap::new();
-        let mut wanted_routes: StdHashMap<u32, ReplyRoute> = StdHashMap::new();
-        for (id, (backend, served)) in &frontends {
-            let route = ReplyRoute::next(self.reply_routes.get(id).copied(), backend, served);
-            wanted_backends.insert(*id, route.flagged(*backend));
-            wanted_routes.insert(*id, route);
+        // 1. Backend ids, BACKENDS and BACKEND_REPLY entries for every backend the changed
+        // services name (a backend's reply route before the tables that send it new flows).
+        let mut wanted: Vec<(u32, Backend, ReplyRoute)> = Vec::new();
+        for address in &changes.touched {
+            let Some(frontends) = applied.frontends_of(address) else {
+                continue;
+            };
+            let id = self.backend_id_for(address.0, address.1)?;
+            let backend = Backend::new(address.0, address.1);
+            let route = ReplyRoute::next(self.reply_routes.get(&id).copied(), &backend, frontends);
+            wanted.push((id, route.flagged(backend), route));
         }
         {
             let mut backends: Array<&mut MapData, Backend> =
                 Array::try_from(self.ebpf.map_mut("BACKENDS").context("BACKENDS map")?)?;
-            for (id, backend) in &wanted_backends {
+            for (id, backend, _) in &wanted {
                 if self.backends.get(id) != Some(backend) {
                     backends.set(*id, backend, 0).context("writing BACKENDS")?;
                     self.backends.insert(*id, *backend);
@@ -931,8 +955,7 @@ impl Datapath {
                     .map_mut("BACKEND_REPLY")
                     .context("BACKEND_REPLY map")?,
             )?;
-            for (id, route) in &wanted_routes {
-                let backend = &wanted_backends[id];
+            for (id, backend, route) in &wanted {
                 let Some((key, reply)) = route.entry(backend) else {
                     continue;
                 };
@@ -948,22 +971,7 @@ impl Datapath {
 
         // The prefilter admits the new VIPs and backends before their entries exist; stale roles
         // are cleared at the end, once their entries are gone.
-        let wanted_filter = AddressFilter::of(
-            config
-                .services
-                .iter()
-                .map(|s| ServiceKey::new(s.vip, s.port, s.protocol.number()))
-                .collect::<Vec<_>>()
-                .iter(),
-            config
-                .services
-                .iter()
-                .filter(|s| matches!(s.mode, ForwardingMode::Dnat | ForwardingMode::Snat))
-                .flat_map(|s| &s.backends)
-                .map(|b| Addr::from_ip(b.address))
-                .collect::<Vec<_>>()
-                .iter(),
-        );
+        let wanted_filter = applied.filter().clone();
         let transition = match &self.address_filter {
             Some(programmed) => programmed.union(&wanted_filter),
             None => wanted_filter.clone(),
@@ -974,17 +982,15 @@ impl Datapath {
         // at its --max-services can swap a service for another). Their traffic would stop being
         // balanced at the end of this apply anyway; a flow tracked under a reused id is not
         // taken for the new service (`service::of_tracked` compares the key).
-        let wanted_keys: std::collections::HashSet<ServiceKey> = config
-            .services
-            .iter()
-            .map(|s| ServiceKey::new(s.vip, s.port, s.protocol.number()))
-            .collect();
-        let stale: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .filter(|k| !wanted_keys.contains(k))
-            .copied()
-            .collect();
+        let stale: Vec<ServiceKey> = if full {
+            self.services
+                .keys()
+                .filter(|k| !applied.has_service(k))
+                .copied()
+                .collect()
+        } else {
+            changes.removed
+        };
         if !stale.is_empty() {
             let mut services: HashMap<&mut MapData, ServiceKey, ServiceInfo> =
                 HashMap::try_from(self.ebpf.map_mut("SERVICES").context("SERVICES map")?)?;
@@ -1004,7 +1010,8 @@ impl Datapath {
         // placed with others in one batch (see TABLE_FLIP_BATCH); the service entry naming it is
         // written after that.
         let mut pending = PendingFlips::default();
-        if let Err(err) = self.program_services(config, &weight_of, &mut pending, &mut report) {
+        if let Err(err) = self.program_services(config, &changes.changed, &mut pending, &mut report)
+        {
             // Tables not placed yet are dropped with `pending`; their services keep what the
             // maps hold.
             for service in std::mem::take(&mut pending.services) {
@@ -1015,16 +1022,11 @@ impl Datapath {
 
         // 4. Backends no service names any more: zeroed, so conntrack entries re-balance; then
         // their reply routes go.
-        let unused: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !wanted_backends.contains_key(id))
-            .copied()
-            .collect();
+        let unused: Vec<u32> = leaving.iter().map(|b| self.backend_ids[b]).collect();
         if !unused.is_empty() {
             let mut backends: Array<&mut MapData, Backend> =
                 Array::try_from(self.ebpf.map_mut("BACKENDS").context("BACKENDS map")?)?;
-            for id in &unused {
+            for id in unused.iter().filter(|id| self.backends.contains_key(id)) {
                 backends
                     .set(*id, Backend::default(), 0)
                     .context("clearing BACKENDS")?;
@@ -1034,31 +1036,40 @@ impl Datapath {
                     .map_mut("BACKEND_REPLY")
                     .context("BACKEND_REPLY map")?,
             )?;
-            for id in unused {
-                let removed = self.backends.remove(&id).expect("listed above");
-                let route = self.reply_routes.remove(&id).unwrap_or_default();
-                if let Some((key, _)) = route.entry(&removed) {
-                    replies
-                        .remove(&key)
-                        .context("removing from BACKEND_REPLY")?;
+            for (address, id) in leaving.iter().zip(unused) {
+                // An id allocated by a failed apply before its entry was written has none.
+                if let Some(removed) = self.backends.remove(&id) {
+                    let route = self.reply_routes.remove(&id).unwrap_or_default();
+                    if let Some((key, _)) = route.entry(&removed) {
+                        replies
+                            .remove(&key)
+                            .context("removing from BACKEND_REPLY")?;
+                    }
+                    report.backends_removed += 1;
                 }
-                self.backend_ids
-                    .remove(&(removed.ip(), removed.port_host()));
+                self.backend_ids.remove(address);
                 self.free_backend_ids.push_back(id);
-                report.backends_removed += 1;
             }
         }
         self.write_address_filter(wanted_filter)?;
         if report.services_written > 0 {
             self.warn_xdp_only_services();
         }
-        self.last_applied = Some((config.clone(), weights));
+        self.applied = Some(applied);
         Ok(report)
     }
 
+    /// The next apply walks every service and backend, as after a failed one (for tests comparing
+    /// an apply of changes with one of the whole config).
+    pub fn redo_next_apply_in_full(&mut self) {
+        self.applied = None;
+    }
+
     /// Refuses a config the maps cannot hold, before anything is written or an id allocated, so
-    /// that the last good state stays whole.
-    fn check_capacity(&self, config: &Config) -> Result<()> {
+    /// that the last good state stays whole. `backends`: distinct backends of `config`;
+    /// `leaving`: backends it no longer names, which keep their ids until no table names them
+    /// (the end of the apply).
+    fn check_capacity(&self, config: &Config, backends: usize, leaving: usize) -> Result<()> {
         if config.services.len() > self.capacity.services as usize {
             bail!(
                 "{} services, the datapath holds {} (--max-services)",
@@ -1066,31 +1077,18 @@ impl Datapath {
                 self.capacity.services
             );
         }
-        let wanted: std::collections::HashSet<(IpAddr, u16)> = config
-            .services
-            .iter()
-            .flat_map(|s| &s.backends)
-            .map(|b| (b.address, b.port))
-            .collect();
-        if wanted.len() > self.capacity.backends as usize {
+        if backends > self.capacity.backends as usize {
             bail!(
                 "{} distinct backends, the datapath holds {} (--max-backends)",
-                wanted.len(),
+                backends,
                 self.capacity.backends
             );
         }
-        // Backends being replaced keep their ids until no table names them (the end of the
-        // apply), so old and new need room together.
-        let leaving = self
-            .backend_ids
-            .keys()
-            .filter(|b| !wanted.contains(b))
-            .count();
-        if wanted.len() + leaving > self.capacity.backends as usize {
+        if backends + leaving > self.capacity.backends as usize {
             bail!(
                 "{} distinct backends and {} they replace, which serve until the new tables are \
                  in place: the datapath holds {} (--max-backends; or replace them in two steps)",
-                wanted.len(),
+                backends,
                 leaving,
                 self.capacity.backends
             );
@@ -1098,26 +1096,28 @@ impl Datapath {
         Ok(())
     }
 
-    /// Step 3 of [`Self::apply_with`]: every service's table and entries. On an error, `pending`
-    /// holds the services whose tables were not placed.
+    /// Step 3 of [`Self::apply_with`]: the tables and entries of the `changed` services (config,
+    /// effective weights). On an error, `pending` holds the services whose tables were not placed.
     fn program_services(
         &mut self,
         config: &Config,
-        weight_of: &impl Fn(&Service, &crate::config::BackendConfig) -> u32,
+        changed: &[(&Service, Vec<u32>)],
         pending: &mut PendingFlips,
         report: &mut ApplyReport,
     ) -> Result<()> {
-        let mut free_ids = self.free_service_ids();
-        for service in &config.services {
-            let key = ServiceKey::new(service.vip, service.port, service.protocol.number());
+        // Only a new service needs them; listing them walks every service.
+        let mut free_ids = None;
+        for &(service, ref weights) in changed {
+            let key = key_of(service);
             let inputs = TableInputs {
                 backends: service
                     .backends
                     .iter()
-                    .map(|b| {
+                    .zip(weights)
+                    .map(|(b, &weight)| {
                         let maglev = MaglevBackend {
                             id: maglev::backend_id(b.address, b.port),
-                            weight: weight_of(service, b),
+                            weight,
                         };
                         (self.backend_ids[&(b.address, b.port)], maglev)
                     })
@@ -1148,12 +1148,15 @@ impl Datapath {
 
             let id = match previous {
                 Some(p) => p.info.id,
-                None => free_ids.next().with_context(|| {
-                    format!(
-                        "more than {} services (--max-services)",
-                        self.capacity.services
-                    )
-                })?,
+                None => free_ids
+                    .get_or_insert_with(|| self.free_service_ids())
+                    .next()
+                    .with_context(|| {
+                        format!(
+                            "more than {} services (--max-services)",
+                            self.capacity.services
+                        )
+                    })?,
             };
             let previous_info = previous.map(|p| p.info);
             let previous_mode = previous.map(|p| p.mode);
@@ -1567,15 +1570,6 @@ fn prepare_pins(
         resized: claim.resized,
         recreated: claim.recreated,
     })
-}
-
-fn mode_of(forwarding: ForwardingMode) -> u8 {
-    match forwarding {
-        ForwardingMode::Dnat => mode::DNAT,
-        ForwardingMode::Snat => mode::SNAT,
-        ForwardingMode::DsrL2 => mode::DSR_L2,
-        ForwardingMode::DsrIpip => mode::DSR_IPIP,
-    }
 }
 
 /// `SERVICE_MODES` entry of `service`: its source address (SNAT, DSR-IPIP) and SNAT port range.

@@ -2,6 +2,7 @@
 //! the integration tests and xtask.
 
 pub mod agent;
+mod applied;
 pub mod config;
 pub mod config_watch;
 pub mod ctl;

@@ -20,7 +20,7 @@ use std::borrow::Borrow;
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData};
 use lb_common::{
-    prefilter::{position, role, roles, slot, Words, WORDS},
+    prefilter::{position, role, roles, slot, Words, SLOTS, WORDS},
     service::{Addr, ServiceKey},
 };
 
@@ -42,29 +42,14 @@ impl AddressFilter {
     /// other's.
     pub const PIN_NAME: &str = "ADDRESS_FILTER";
 
-    /// The filter for these services (keys) and reply-translated backend addresses.
-    pub fn of<'a>(
-        services: impl IntoIterator<Item = &'a ServiceKey>,
-        backends: impl IntoIterator<Item = &'a Addr>,
-    ) -> Self {
-        let mut filter = Self::default();
-        for key in services {
-            let kind = if key.port == 0 {
-                role::VIP_ALL_PORTS
-            } else {
-                role::VIP_PORT
-            };
-            filter.set(&key.addr, kind);
-        }
-        for addr in backends {
-            filter.set(addr, role::BACKEND);
-        }
-        filter
+    fn set(&mut self, slot: u32, role: u8) {
+        let (index, shift) = position(slot);
+        self.0[index as usize] |= (role as u64) << shift;
     }
 
-    fn set(&mut self, addr: &Addr, roles: u8) {
-        let (index, shift) = position(slot(addr));
-        self.0[index as usize] |= (roles as u64) << shift;
+    fn clear(&mut self, slot: u32, role: u8) {
+        let (index, shift) = position(slot);
+        self.0[index as usize] &= !((role as u64) << shift);
     }
 
     /// Every role of `self` and of `other`.
@@ -93,6 +78,58 @@ impl AddressFilter {
     }
 }
 
+/// The role the prefilter gives a service's VIP.
+pub fn vip_role(key: &ServiceKey) -> u8 {
+    if key.port == 0 {
+        role::VIP_ALL_PORTS
+    } else {
+        role::VIP_PORT
+    }
+}
+
+/// An [`AddressFilter`] kept with how many VIPs and backends hold each role of each slot, so adding
+/// or removing one updates the filter without recomputing it from every service (slots are shared:
+/// a role is cleared only when its last holder goes).
+#[derive(Debug, Clone, Default)]
+pub struct CountedFilter {
+    /// Per slot (`lb_common::prefilter::SLOTS`), per role bit: its holders. Allocated on first use.
+    holders: Vec<[u32; ROLES]>,
+    filter: AddressFilter,
+}
+
+/// Role bits counted per slot (`role::VIP_PORT`, `VIP_ALL_PORTS`, `BACKEND`).
+const ROLES: usize = 3;
+
+impl CountedFilter {
+    /// One more holder of `role` (one bit) at `addr`.
+    pub fn add(&mut self, addr: &Addr, role: u8) {
+        let (slot, bit) = (slot(addr), role.trailing_zeros() as usize);
+        if self.holders.is_empty() {
+            self.holders = vec![[0; ROLES]; SLOTS as usize];
+        }
+        let holders = &mut self.holders[slot as usize][bit];
+        *holders += 1;
+        if *holders == 1 {
+            self.filter.set(slot, role);
+        }
+    }
+
+    /// One holder less of `role` at `addr` (one added before).
+    pub fn remove(&mut self, addr: &Addr, role: u8) {
+        let (slot, bit) = (slot(addr), role.trailing_zeros() as usize);
+        let holders = &mut self.holders[slot as usize][bit];
+        *holders -= 1;
+        if *holders == 0 {
+            self.filter.clear(slot, role);
+        }
+    }
+
+    /// The filter of the holders there are.
+    pub fn filter(&self) -> &AddressFilter {
+        &self.filter
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,16 +139,41 @@ mod tests {
         let vip = ServiceKey::new("198.51.100.10".parse().unwrap(), 80, 6);
         let all = ServiceKey::new("198.51.100.20".parse().unwrap(), 0, 6);
         let backend = Addr::from_ip("203.0.113.11".parse().unwrap());
-        let filter = AddressFilter::of([&vip, &all], [&backend]);
+        let mut counted = CountedFilter::default();
+        counted.add(&vip.addr, vip_role(&vip));
+        counted.add(&all.addr, vip_role(&all));
+        counted.add(&backend, role::BACKEND);
+        let filter = counted.filter().clone();
         let roles_of = |f: &AddressFilter, a: &Addr| f.roles_of(a);
         assert_eq!(roles_of(&filter, &vip.addr), role::VIP_PORT);
         assert_eq!(roles_of(&filter, &all.addr), role::VIP_ALL_PORTS);
         assert_eq!(roles_of(&filter, &backend), role::BACKEND);
-        let other = AddressFilter::of([&all], []);
+        let mut other = CountedFilter::default();
+        other.add(&all.addr, vip_role(&all));
+        let other = other.filter();
         assert_eq!(
-            roles_of(&filter.union(&other), &all.addr),
+            roles_of(&filter.union(other), &all.addr),
             role::VIP_ALL_PORTS
         );
-        assert_eq!(roles_of(&other, &vip.addr), 0);
+        assert_eq!(roles_of(other, &vip.addr), 0);
+    }
+
+    #[test]
+    fn a_role_stays_until_its_last_holder_goes() {
+        let vip = ServiceKey::new("198.51.100.10".parse().unwrap(), 80, 6);
+        let backend = Addr::from_ip("198.51.100.10".parse().unwrap());
+        let mut counted = CountedFilter::default();
+        counted.add(&vip.addr, role::VIP_PORT);
+        counted.add(&vip.addr, role::VIP_PORT);
+        counted.add(&backend, role::BACKEND);
+        counted.remove(&vip.addr, role::VIP_PORT);
+        assert_eq!(
+            counted.filter().roles_of(&vip.addr),
+            role::VIP_PORT | role::BACKEND
+        );
+        counted.remove(&vip.addr, role::VIP_PORT);
+        assert_eq!(counted.filter().roles_of(&vip.addr), role::BACKEND);
+        counted.remove(&backend, role::BACKEND);
+        assert_eq!(counted.filter(), &AddressFilter::default());
     }
 }

@@ -3,17 +3,23 @@
 //! (conntrack, draining, backend removal, a full conntrack table) is tested as packet sequences.
 //! Every case also checks the counter that names the path the packet took.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use lb_agent::{
     config::Config,
-    datapath::{Datapath, LoadOptions},
+    datapath::{ApplyReport, Datapath, LoadOptions},
+    map_batch::read_array,
 };
 use lb_common::{
+    conntrack::BackendReply,
     counters::Counter,
+    modes::ModeInfo,
     prefilter::{self, role},
     protocol,
-    service::{limits, Addr, ServiceKey},
+    service::{limits, Addr, Backend, ServiceInfo, ServiceKey},
 };
 use lb_tests::{
     frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
@@ -1153,4 +1159,264 @@ fn an_unchanged_state_is_skipped_and_a_failed_apply_is_redone() {
         &frame(SYN, sa("192.0.2.2:40100"), sa("198.51.100.14:80"), b""),
         "the failed apply's service is gone",
     );
+}
+
+/// A service's entries: mode, flags, `SERVICE_MODES` entry and Maglev table (backend per slot).
+type ProgrammedService = (u8, u8, ModeInfo, Vec<(IpAddr, u16)>);
+
+/// What the maps hold, by address rather than by id (ids depend on the history of applies).
+#[derive(Debug, PartialEq)]
+struct Programmed {
+    services: BTreeMap<ServiceKey, ProgrammedService>,
+    /// Per backend: whether its replies need flow entries (`SHARED_REPLIES`).
+    backends: BTreeMap<(IpAddr, u16), bool>,
+    /// `BACKEND_REPLY` (the route's part that depends on which frontends a backend served).
+    replies: BTreeMap<ServiceKey, BackendReply>,
+    filter: Vec<u64>,
+}
+
+impl Programmed {
+    fn read(datapath: &mut Datapath) -> Self {
+        use aya::maps::{Array, ArrayOfMaps, HashMap, MapData};
+        let ebpf = datapath.ebpf_mut();
+        let backends: Vec<Backend> =
+            read_array(&Array::<_, Backend>::try_from(ebpf.map("BACKENDS").unwrap()).unwrap())
+                .unwrap();
+        let address = |id: u32| {
+            let b = backends[id as usize];
+            assert_ne!(b, Backend::default(), "a table names backend id {id}");
+            (b.ip(), b.port_host())
+        };
+        let modes = Array::<_, ModeInfo>::try_from(ebpf.map("SERVICE_MODES").unwrap()).unwrap();
+        let tables: ArrayOfMaps<&MapData, Array<MapData, u32>> =
+            ArrayOfMaps::try_from(ebpf.map("MAGLEV_TABLES").unwrap()).unwrap();
+        let services =
+            HashMap::<_, ServiceKey, ServiceInfo>::try_from(ebpf.map("SERVICES").unwrap())
+                .unwrap()
+                .iter()
+                .map(|entry| {
+                    let (key, info) = entry.unwrap();
+                    let table = if info.table_size == 0 {
+                        Vec::new()
+                    } else {
+                        let table = tables.get(&info.table_slot, 0).unwrap();
+                        read_array(&table)
+                            .unwrap()
+                            .into_iter()
+                            .map(address)
+                            .collect()
+                    };
+                    let mode = modes.get(&info.id, 0).unwrap();
+                    (key, (info.mode, info.flags, mode, table))
+                })
+                .collect();
+        let replies =
+            HashMap::<_, ServiceKey, BackendReply>::try_from(ebpf.map("BACKEND_REPLY").unwrap())
+                .unwrap()
+                .iter()
+                .map(Result::unwrap)
+                .collect();
+        let filter = Array::<_, prefilter::Words>::try_from(
+            ebpf.map(lb_agent::prefilter::AddressFilter::MAP).unwrap(),
+        )
+        .unwrap()
+        .get(&0, 0)
+        .unwrap()
+        .to_vec();
+        Self {
+            services,
+            backends: backends
+                .iter()
+                .filter(|b| **b != Backend::default())
+                .map(|b| ((b.ip(), b.port_host()), b.has_shared_replies()))
+                .collect(),
+            replies,
+            filter,
+        }
+    }
+
+    /// What any history of applies ending with the same config holds: reply routes stay shared
+    /// once shared while a backend keeps its id (`lb_agent::reply_routes`), so they are left out.
+    fn without_history(mut self) -> Self {
+        self.backends
+            .values_mut()
+            .for_each(|shared| *shared = false);
+        self.replies.clear();
+        self
+    }
+}
+
+/// Changes to one service (weights, backends moved between services, a shared backend's service
+/// changing modes, services added, removed, renamed or reordered) are applied incrementally to one
+/// datapath, and walking every service to another: the maps and what the applies wrote must be
+/// the same, and the incremental apply must have looked at the changed services only. A datapath
+/// loaded fresh for each config holds the same, but for the reply routes' history. A changed seed
+/// or node section walks every service.
+#[test]
+fn an_incremental_apply_programs_what_a_full_one_does() {
+    let options = LoadOptions {
+        conntrack_entries: 1024,
+        capacity: lb_agent::datapath::Capacity {
+            services: 16,
+            backends: 64,
+        },
+        ..LoadOptions::default()
+    };
+    let base = Config::from_yaml(
+        "
+maglev_seed: 7
+node: { ipv4: 192.0.2.1, snat_ports: { first: 20000, last: 29999 } }
+services:
+  - { name: s0, vip: 198.51.100.10, port: 80, protocol: tcp, maglev_table_size: 251, backends: [
+      { address: 203.0.113.10, port: 8080 }, { address: 203.0.113.10, port: 8081 },
+      { address: 203.0.113.99, port: 8080 }] }
+  - { name: s1, vip: 198.51.100.11, port: 81, protocol: tcp, maglev_table_size: 251, backends: [
+      { address: 203.0.113.11, port: 8080 }, { address: 203.0.113.99, port: 8080 }] }
+  - { name: s2, vip: 198.51.100.12, port: 0, protocol: tcp, maglev_table_size: 251, backends: [
+      { address: 203.0.113.12, port: 0 }] }
+  - { name: s3, vip: 198.51.100.13, port: 53, protocol: udp, mode: snat, maglev_table_size: 251,
+      backends: [{ address: 203.0.113.13, port: 53 }, { address: 203.0.113.14, port: 53 }] }
+  - { name: s4, vip: '2001:db8::14', port: 80, protocol: tcp, mode: dsr-l2, maglev_table_size: 251,
+      backends: [{ address: '2001:db8::1:14', port: 80 }] }
+",
+    )
+    .unwrap();
+    // Each step: what it does to the previous config, and how many services it changes.
+    type Step = (&'static str, fn(&mut Config), Option<usize>);
+    let steps: Vec<Step> = vec![
+        ("the first apply", |_| {}, Some(5)),
+        (
+            "a weight",
+            |c| c.services[0].backends[1].weight = 3,
+            Some(1),
+        ),
+        (
+            "a backend moved to another service",
+            |c| {
+                let moved = c.services[0].backends.remove(1);
+                c.services[1].backends.push(moved);
+            },
+            Some(2),
+        ),
+        (
+            "the service sharing a backend becomes SNAT",
+            |c| {
+                c.services[1].mode = lb_agent::config::ForwardingMode::Snat;
+            },
+            Some(1),
+        ),
+        (
+            "back to DNAT, the other sharer removed",
+            |c| {
+                c.services[1].mode = lb_agent::config::ForwardingMode::Dnat;
+                c.services.remove(0);
+            },
+            Some(1),
+        ),
+        (
+            "a service added with new and shared backends",
+            |c| {
+                let mut added = c.services[0].clone();
+                added.name = "s5".into();
+                added.vip = "198.51.100.15".parse().unwrap();
+                added.backends[0].address = "203.0.113.15".parse().unwrap();
+                c.services.insert(1, added);
+            },
+            Some(1),
+        ),
+        (
+            "the all-ports service removed",
+            |c| {
+                let i = c.services.iter().position(|s| s.port == 0).unwrap();
+                c.services.remove(i);
+            },
+            Some(0),
+        ),
+        ("the services reordered", |c| c.services.reverse(), None),
+        (
+            "a service renamed",
+            |c| c.services[0].name = "renamed".into(),
+            Some(1),
+        ),
+        (
+            "an IPv6 DSR service becomes DNAT",
+            |c| {
+                let s = c.services.iter_mut().find(|s| s.vip.is_ipv6()).unwrap();
+                s.mode = lb_agent::config::ForwardingMode::Dnat;
+            },
+            Some(1),
+        ),
+        ("the seed", |c| c.maglev_seed = 8, Some(4)),
+        (
+            "the SNAT ports",
+            |c| c.node.snat_ports.last = 20999,
+            Some(4),
+        ),
+    ];
+
+    let mut incremental = Datapath::load_with(&options).unwrap();
+    let mut walked = Datapath::load_with(&options).unwrap();
+    let mut config = base;
+    // A drained backend (a health check's weight) on every apply of both.
+    let drained = |_: &lb_agent::config::Service, b: &lb_agent::config::BackendConfig| {
+        if (b.address, b.port) == ("203.0.113.11".parse().unwrap(), 8080) {
+            0
+        } else {
+            b.weight
+        }
+    };
+    for (what, change, examined) in steps {
+        change(&mut config);
+        let report = incremental.apply_with(&config, drained).unwrap();
+        walked.redo_next_apply_in_full();
+        let full = walked.apply_with(&config, drained).unwrap();
+        assert_eq!(full.services_examined, config.services.len(), "{what}");
+        assert_eq!(
+            ApplyReport {
+                services_examined: report.services_examined,
+                ..full.clone()
+            },
+            report,
+            "{what}: the same writes"
+        );
+        match examined {
+            Some(n) => assert_eq!(report.services_examined, n, "{what}: {report:?}"),
+            None => assert_eq!(report, ApplyReport::default(), "{what}"),
+        }
+        let programmed = Programmed::read(&mut incremental);
+        assert_eq!(programmed, Programmed::read(&mut walked), "{what}");
+        assert_eq!(
+            programmed.services.len(),
+            config.services.len(),
+            "{what}: every service"
+        );
+
+        let mut fresh = Datapath::load_with(&options).unwrap();
+        fresh.apply_with(&config, drained).unwrap();
+        assert_eq!(
+            programmed.without_history(),
+            Programmed::read(&mut fresh).without_history(),
+            "{what}: as from scratch"
+        );
+    }
+
+    // The drained backend gets its weight back: one service, one table.
+    let report = incremental.apply(&config).unwrap();
+    assert_eq!(
+        (report.services_examined, report.tables_swapped),
+        (1, 1),
+        "{report:?}"
+    );
+
+    // A service named twice is refused; the next apply walks everything and finds nothing to do.
+    let mut twice = config.clone();
+    twice.services.push(twice.services[0].clone());
+    let err = incremental.apply(&twice).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("another service has"),
+        "{err:#}"
+    );
+    let report = incremental.apply(&config).unwrap();
+    assert_eq!(report.services_examined, config.services.len());
+    assert!(!report.wrote_anything(), "{report:?}");
 }
