@@ -31,6 +31,7 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     checksum,
+    conntrack::FlowKey,
     counters::Counter,
     fragments::field,
     modes::encap::{self, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_OUTER_LEN, IPV6_OUTER_LEN, OUTER_TTL},
@@ -38,6 +39,7 @@ use lb_common::{
 };
 
 use crate::{
+    context::PacketContext,
     fragments,
     maps::{count, SERVICE_MODES},
     packet::{header::ETH_LEN, Flow},
@@ -77,19 +79,28 @@ pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Back
         return xdp_action::XDP_DROP;
     };
     // Everything needed from `flow` is read now: its packet offsets are void once the head moves.
-    let label = if flow.key.family == family::IPV4 {
+    let label = before_encapsulation(ctx, &flow.key, source, &backend.addr);
+    encapsulate(ctx, flow.key.family, source, &backend.addr, label)
+}
+
+/// What an IP-in-IP packet of the flow `arrived` needs before its encapsulation moves the header
+/// (in `lb_xdp` and `lb_tc`): a first fragment is recorded for the datagram's later fragments
+/// (outer `source` → `backend`), and the IPv6 outer flow label is computed from the ports, which
+/// later fragments lack (returned; 0 for IPv4).
+#[inline(always)]
+pub fn before_encapsulation<C: PacketContext>(
+    ctx: &C,
+    arrived: &FlowKey,
+    source: &Addr,
+    backend: &Addr,
+) -> u32 {
+    let label = if arrived.family == family::IPV4 {
         0
     } else {
-        encap::flow_label(&flow.key)
+        encap::flow_label(arrived)
     };
-    fragments::track_first(
-        ctx,
-        &flow.key,
-        mode::DSR_IPIP,
-        Some(source),
-        Some(&backend.addr),
-    );
-    encapsulate(ctx, flow.key.family, source, &backend.addr, label)
+    fragments::track_first(ctx, arrived, mode::DSR_IPIP, Some(source), Some(backend));
+    label
 }
 
 /// Puts an outer header from `source` to `backend` (IPv6: with flow `label`) in front of the packet

@@ -23,14 +23,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     counters::Counter,
-    modes::encap::{self, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_OUTER_LEN, IPV6_OUTER_LEN},
+    modes::encap::{IPPROTO_IPIP, IPPROTO_IPV6, IPV4_OUTER_LEN, IPV6_OUTER_LEN},
     protocol,
     service::{family, mode, Addr},
 };
 
 use super::{xmit, Chosen};
 use crate::{
-    dsr::{encap_source, write_outer_ipv4, write_outer_ipv6},
+    dsr::{before_encapsulation, encap_source, write_outer_ipv4, write_outer_ipv6},
     fragments,
     maps::count,
     packet::{
@@ -73,18 +73,7 @@ pub fn ipip(ctx: &TcContext, flow: &Flow, chosen: &Chosen) -> i32 {
         count(Counter::DropModeUnconfigured);
         return TC_ACT_SHOT;
     };
-    let label = if flow.key.family == family::IPV4 {
-        0
-    } else {
-        encap::flow_label(&flow.key)
-    };
-    fragments::track_first(
-        ctx,
-        &flow.key,
-        mode::DSR_IPIP,
-        Some(source),
-        Some(&chosen.backend),
-    );
+    let label = before_encapsulation(ctx, &flow.key, source, &chosen.backend);
     let room_flags = room_flags(flow.key.family, flow.key.protocol);
     encapsulate(ctx, room_flags, source, &chosen.backend, label)
 }

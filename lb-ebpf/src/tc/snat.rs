@@ -39,15 +39,7 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
     if rewrite_both_ends(ctx, flow, at, source, backend).is_err() {
         return super::refused();
     }
-    fragments::track_first(ctx, &flow.key, mode::SNAT, None, None);
-    send(
-        ctx,
-        flow.key.family,
-        flow.key.protocol,
-        at.l3(),
-        &info.source,
-        &chosen.backend,
-    )
+    onwards(ctx, flow, at, &info.source, &chosen.backend)
 }
 
 /// Backend → node:port packet of a SNAT flow (`entry`: its `NAT_REPLY` entry): rewritten and sent
@@ -63,15 +55,15 @@ pub fn reply(ctx: &TcContext, flow: &Flow, at: &Offsets, entry: &NatReply) -> i3
         return super::refused();
     }
     count(Counter::SnatReplyTranslated);
+    onwards(ctx, flow, at, &entry.vip, &entry.client)
+}
+
+/// A rewritten packet of a SNAT flow (now `src` → `dst`): a first fragment is recorded for the
+/// later fragments of its datagram, then it is sent.
+#[inline(always)]
+fn onwards(ctx: &TcContext, flow: &Flow, at: &Offsets, src: &Addr, dst: &Addr) -> i32 {
     fragments::track_first(ctx, &flow.key, mode::SNAT, None, None);
-    send(
-        ctx,
-        flow.key.family,
-        flow.key.protocol,
-        at.l3(),
-        &entry.vip,
-        &entry.client,
-    )
+    send(ctx, flow.key.family, flow.key.protocol, at.l3(), src, dst)
 }
 
 /// Rewrites both ends of `flow`'s packet: the source to `src` and the destination to `dst`
