@@ -320,6 +320,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     }
                 }
                 conntrack.refresh(&datapath);
+                if let Err(err) = datapath.release_retired_backends() {
+                    warn!("removing retired backends: {err:#}");
+                }
                 refresh_metrics(&datapath, &applied, &checker, &metrics, &conntrack, !options.stats_interval.is_zero());
                 continue;
             }

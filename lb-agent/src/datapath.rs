@@ -49,6 +49,7 @@ use crate::{
     prefilter::AddressFilter,
     reply_routes::ReplyRoute,
     resize::Resize,
+    retired::{self, Retired},
 };
 
 /// Maps whose entries live for moments: another agent's definition of them is not an incompatible
@@ -282,6 +283,8 @@ pub struct ApplyReport {
     pub tables_swapped: usize,
     pub backends_written: usize,
     pub backends_removed: usize,
+    /// Backends no service names any more, kept while tracked flows use them (`crate::retired`).
+    pub backends_retired: usize,
 }
 
 impl ApplyReport {
@@ -326,6 +329,8 @@ pub struct Datapath {
     applied: Option<Applied>,
     /// Pinned maps of another size carried over at load, pinned by [`Datapath::finish_resize`].
     resize: Option<Resize>,
+    /// Backends no service names any more whose tracked flows still live, by id.
+    retired: BTreeMap<u32, Retired>,
 }
 
 impl Datapath {
@@ -420,6 +425,7 @@ impl Datapath {
             capacity,
             applied: None,
             resize,
+            retired: BTreeMap::new(),
         };
         if adopt {
             datapath.adopt_programmed_state()?;
@@ -923,7 +929,33 @@ impl Datapath {
                 .copied()
                 .collect()
         };
+        // Retired backends stay retired: they leave when their flows end.
+        let leaving: Vec<BackendAddress> = leaving
+            .into_iter()
+            .filter(|b| !self.retired.contains_key(&self.backend_ids[b]))
+            .collect();
         self.check_capacity(config, applied.backend_count(), leaving.len())?;
+        // Retired backends make room for new ones at --max-backends.
+        let new_ids = changes
+            .touched
+            .iter()
+            .filter(|b| applied.frontends_of(b).is_some() && !self.backend_ids.contains_key(b))
+            .count();
+        let excess =
+            (self.backend_ids.len() + new_ids).saturating_sub(self.capacity.backends as usize);
+        if excess > 0 {
+            let making_room: Vec<(BackendAddress, u32)> = self
+                .retired
+                .iter()
+                .take(excess)
+                .map(|(id, retired)| (retired.address, *id))
+                .collect();
+            warn!(
+                backends = making_room.len(),
+                "retired backends removed before their flows ended, to make room (--max-backends)"
+            );
+            self.release_backends(&making_room)?;
+        }
         report.services_examined = changes.changed.len();
 
         // 1. Backend ids, BACKENDS and BACKEND_REPLY entries for every backend the changed
@@ -934,6 +966,8 @@ impl Datapath {
                 continue;
             };
             let id = self.backend_id_for(address.0, address.1)?;
+            // Named again while retired: the same backend, with its id and flows.
+            self.retired.remove(&id);
             let backend = Backend::new(address.0, address.1);
             let route = ReplyRoute::next(self.reply_routes.get(&id).copied(), &backend, frontends);
             wanted.push((id, route.flagged(backend), route));
@@ -1020,43 +1054,123 @@ impl Datapath {
             return Err(err);
         }
 
-        // 4. Backends no service names any more: zeroed, so conntrack entries re-balance; then
-        // their reply routes go.
+        // 4. Backends no service names any more: those live conntrack entries name are retired
+        // (kept, with their reply routes and filter roles, while those flows live; see
+        // `crate::retired`); the others are zeroed and their reply routes go.
         let unused: Vec<u32> = leaving.iter().map(|b| self.backend_ids[b]).collect();
-        if !unused.is_empty() {
-            let mut backends: Array<&mut MapData, Backend> =
-                Array::try_from(self.ebpf.map_mut("BACKENDS").context("BACKENDS map")?)?;
-            for id in unused.iter().filter(|id| self.backends.contains_key(id)) {
-                backends
-                    .set(*id, Backend::default(), 0)
-                    .context("clearing BACKENDS")?;
-            }
-            let mut replies: HashMap<&mut MapData, ServiceKey, BackendReply> = HashMap::try_from(
-                self.ebpf
-                    .map_mut("BACKEND_REPLY")
-                    .context("BACKEND_REPLY map")?,
-            )?;
-            for (address, id) in leaving.iter().zip(unused) {
-                // An id allocated by a failed apply before its entry was written has none.
-                if let Some(removed) = self.backends.remove(&id) {
-                    let route = self.reply_routes.remove(&id).unwrap_or_default();
-                    if let Some((key, _)) = route.entry(&removed) {
-                        replies
-                            .remove(&key)
-                            .context("removing from BACKEND_REPLY")?;
-                    }
-                    report.backends_removed += 1;
-                }
-                self.backend_ids.remove(address);
-                self.free_backend_ids.push_back(id);
+        let live = if unused.iter().any(|id| self.backends.contains_key(id)) {
+            retired::live_backend_ids(&self.ebpf, &self.programmed_service_ids())?
+        } else {
+            Default::default()
+        };
+        let mut removed = Vec::new();
+        for (address, id) in leaving.iter().zip(unused) {
+            if live.contains(&id) && self.backends.contains_key(&id) {
+                let programmed = self.address_filter.as_ref();
+                let roles = programmed.map_or(0, |f| f.roles_of(&Addr::from_ip(address.0)))
+                    & prefilter::role::BACKEND;
+                self.retired.insert(
+                    id,
+                    Retired {
+                        address: *address,
+                        roles,
+                    },
+                );
+                report.backends_retired += 1;
+            } else {
+                removed.push((*address, id));
             }
         }
+        report.backends_removed += self.release_backends(&removed)?;
+        let wanted_filter = self.with_retired_roles(wanted_filter);
         self.write_address_filter(wanted_filter)?;
         if report.services_written > 0 {
             self.warn_xdp_only_services();
         }
         self.applied = Some(applied);
         Ok(report)
+    }
+
+    /// Removes the backends `ids` (no table names them): `BACKENDS` zeroed, so conntrack entries
+    /// naming them re-balance, their reply routes removed, their ids freed. Returns how many had
+    /// entries (an id allocated by a failed apply before its entry was written has none).
+    fn release_backends(&mut self, ids: &[(BackendAddress, u32)]) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.ebpf.map_mut("BACKENDS").context("BACKENDS map")?)?;
+        for (_, id) in ids.iter().filter(|(_, id)| self.backends.contains_key(id)) {
+            backends
+                .set(*id, Backend::default(), 0)
+                .context("clearing BACKENDS")?;
+        }
+        let mut replies: HashMap<&mut MapData, ServiceKey, BackendReply> = HashMap::try_from(
+            self.ebpf
+                .map_mut("BACKEND_REPLY")
+                .context("BACKEND_REPLY map")?,
+        )?;
+        let mut released = 0;
+        for &(address, id) in ids {
+            if let Some(removed) = self.backends.remove(&id) {
+                let route = self.reply_routes.remove(&id).unwrap_or_default();
+                if let Some((key, _)) = route.entry(&removed) {
+                    replies
+                        .remove(&key)
+                        .context("removing from BACKEND_REPLY")?;
+                }
+                released += 1;
+            }
+            self.retired.remove(&id);
+            self.backend_ids.remove(&address);
+            self.free_backend_ids.push_back(id);
+        }
+        Ok(released)
+    }
+
+    /// Ids of the programmed services.
+    fn programmed_service_ids(&self) -> std::collections::HashSet<u32> {
+        self.services.values().map(|p| p.info.id).collect()
+    }
+
+    /// `filter` with the roles retired backends keep.
+    fn with_retired_roles(&self, filter: AddressFilter) -> AddressFilter {
+        self.retired.values().fold(filter, |filter, retired| {
+            filter.with_roles(&Addr::from_ip(retired.address.0), retired.roles)
+        })
+    }
+
+    /// Removes the retired backends no live conntrack entry names any more (see
+    /// `crate::retired`); returns how many. The agent calls it about every 10 s.
+    pub fn release_retired_backends(&mut self) -> Result<usize> {
+        if self.retired.is_empty() {
+            return Ok(0);
+        }
+        let live = retired::live_backend_ids(&self.ebpf, &self.programmed_service_ids())?;
+        let ended: Vec<(BackendAddress, u32)> = self
+            .retired
+            .iter()
+            .filter(|(id, _)| !live.contains(id))
+            .map(|(id, retired)| (retired.address, *id))
+            .collect();
+        let released = self.release_backends(&ended)?;
+        // Their filter roles go with them (after a failed apply the next one rewrites it whole).
+        if let Some(applied) = &self.applied {
+            let filter = self.with_retired_roles(applied.filter().clone());
+            self.write_address_filter(filter)?;
+        }
+        if released > 0 {
+            info!(
+                released,
+                "retired backends removed: their last tracked flows ended"
+            );
+        }
+        Ok(released)
+    }
+
+    /// Addresses and ports of the retired backends (see `crate::retired`).
+    pub fn retired_backends(&self) -> Vec<(IpAddr, u16)> {
+        self.retired.values().map(|r| r.address).collect()
     }
 
     /// The next apply walks every service and backend, as after a failed one (for tests comparing

@@ -23,3 +23,4 @@ pub mod policy;
 pub mod prefilter;
 pub mod reply_routes;
 pub mod resize;
+mod retired;

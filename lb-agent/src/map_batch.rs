@@ -261,6 +261,29 @@ pub fn read_entries(map: &MapData) -> Result<Entries> {
     }
 }
 
+/// Every entry of the hash map `map` as `(K, V)` (a chunk per syscall, see [`read_entries`]).
+pub fn read_hash<K: Pod, V: Pod>(map: &MapData) -> Result<Vec<(K, V)>> {
+    let entries = read_entries(map)?;
+    ensure!(
+        entries.key_size == std::mem::size_of::<K>()
+            && entries.value_stride == std::mem::size_of::<V>(),
+        "key or value size differs from the map's"
+    );
+    Ok((0..entries.len())
+        .map(|i| {
+            let (key, value) = entries.get(i);
+            // SAFETY: `K` and `V` are plain data of exactly these sizes (checked above); the
+            // bytes may be unaligned.
+            unsafe {
+                (
+                    std::ptr::read_unaligned(key.as_ptr() as *const K),
+                    std::ptr::read_unaligned(value.as_ptr() as *const V),
+                )
+            }
+        })
+        .collect())
+}
+
 /// Writes `entries` into `map` (of the same key and value sizes), in one syscall. Fails on the
 /// first entry the map refuses (a full hash map: E2BIG; an index beyond an array).
 pub fn write_entries(map: &MapData, entries: &Entries) -> Result<()> {

@@ -52,6 +52,12 @@ impl AddressFilter {
         self.0[index as usize] &= !((role as u64) << shift);
     }
 
+    /// `self` with `roles` (bits) added at `addr`.
+    pub fn with_roles(mut self, addr: &Addr, roles: u8) -> Self {
+        self.set(slot(addr), roles);
+        self
+    }
+
     /// Every role of `self` and of `other`.
     pub fn union(&self, other: &Self) -> Self {
         Self(self.0.iter().zip(&other.0).map(|(a, b)| a | b).collect())

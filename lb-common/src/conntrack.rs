@@ -105,6 +105,22 @@ pub struct ConntrackEntry {
     pub _pad: [u8; 4],
 }
 
+impl ConntrackEntry {
+    /// Whether the entry's flow has ended by `now_ns` (the clock of `last_seen_ns`,
+    /// `bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC): idle longer than its state's timeout.
+    #[inline(always)]
+    pub fn expired(&self, now_ns: u64, is_tcp: bool) -> bool {
+        let timeout = if self.state == state::CLOSING {
+            timeouts::CLOSING_NS
+        } else if is_tcp {
+            timeouts::TCP_ESTABLISHED_NS
+        } else {
+            timeouts::UDP_NS
+        };
+        now_ns.wrapping_sub(self.last_seen_ns) > timeout
+    }
+}
+
 /// Value of the `NAT_REPLY` LRU map, keyed by the reply's [`FlowKey`] as it arrives from the backend:
 /// backend → client for DNAT, backend → node address and allocated port for SNAT. The reply's source
 /// is rewritten to the VIP and port; for SNAT its destination also goes back to the client and port.

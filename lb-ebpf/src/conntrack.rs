@@ -8,7 +8,7 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    conntrack::{state, timeouts, ConntrackEntry, FlowKey, FlowKeyV4},
+    conntrack::{state, ConntrackEntry, FlowKey, FlowKeyV4},
     counters::Counter,
     protocol,
     service::{family, mode, Backend, ServiceInfo},
@@ -99,7 +99,7 @@ pub fn backend_for(
         let entry = unsafe { &mut *entry };
         // A SYN on a closing entry is a new connection reusing the port pair.
         let reused = syn_only && entry.state == state::CLOSING;
-        if !reused && !expired(entry, now, is_tcp) {
+        if !reused && !entry.expired(now, is_tcp) {
             if let Some(backend) = BACKENDS.get(entry.backend_id) {
                 if backend.is_active() {
                     entry.last_seen_ns = now;
@@ -180,16 +180,4 @@ pub fn backend_for(
     add_traffic(&BACKEND_STATS, backend_id, flow.len, true);
     count(Counter::ForwardNewFlow);
     Ok(Chosen { backend, snat_port })
-}
-
-#[inline(always)]
-pub(crate) fn expired(entry: &ConntrackEntry, now: u64, is_tcp: bool) -> bool {
-    let timeout = if entry.state == state::CLOSING {
-        timeouts::CLOSING_NS
-    } else if is_tcp {
-        timeouts::TCP_ESTABLISHED_NS
-    } else {
-        timeouts::UDP_NS
-    };
-    now.wrapping_sub(entry.last_seen_ns) > timeout
 }

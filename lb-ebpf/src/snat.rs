@@ -37,8 +37,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack::{self, expired},
-    fragments,
+    conntrack, fragments,
     maps::{count, scratch, NAT_REPLY, SERVICE_MODES},
     mem, nat,
     packet::Flow,
@@ -136,7 +135,7 @@ fn owner_alive(entry: &NatReply, key: &FlowKey, owner: &mut FlowKey, now: u64) -
             // SAFETY: plain integers, read at once.
             let tracked = unsafe { &*tracked };
             tracked.snat_port == key.dst_port
-                && !expired(tracked, now, key.protocol == protocol::TCP)
+                && !tracked.expired(now, key.protocol == protocol::TCP)
         }
         None => false,
     }

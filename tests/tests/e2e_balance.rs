@@ -175,28 +175,45 @@ fn removing_one_of_four_backends_keeps_existing_connections_and_spreads_new_ones
         .wait_for_log("config reloaded", Duration::from_secs(10))
         .expect("reload");
 
-    // Existing connections to the remaining backends are untouched: each delivers its bytes.
-    let survivors: Vec<_> = open
-        .iter_mut()
-        .filter(|(_, name)| name != "backend-4")
-        .collect();
-    let bytes_before: u64 = servers.tcp.iter().map(|s| s.bytes()).sum();
-    let mut sent = 0u64;
-    for (stream, name) in survivors {
+    // Existing connections are untouched, those to the removed backend too (it is retired while
+    // its tracked flows live): each delivers its bytes to the backend it started on.
+    // A backend has a server per family, under its one name.
+    let per_backend = || -> BTreeMap<String, u64> {
+        let mut bytes = BTreeMap::new();
+        for s in &servers.tcp {
+            *bytes.entry(s.name.clone()).or_default() += s.bytes();
+        }
+        bytes
+    };
+    let bytes_before = per_backend();
+    let mut sent = BTreeMap::<String, u64>::new();
+    for (stream, name) in open.iter_mut() {
         stream
             .write_all(&[7u8; 1000])
             .unwrap_or_else(|e| panic!("connection to {name} broken: {e}"));
-        sent += 1000;
+        *sent.entry(name.clone()).or_default() += 1000;
     }
     for (stream, _) in &open {
         let _ = stream.shutdown(std::net::Shutdown::Both);
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let delivered: u64 = servers.tcp.iter().map(|s| s.bytes()).sum::<u64>() - bytes_before;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let delivered = || -> BTreeMap<String, u64> {
+        let before = &bytes_before;
+        per_backend()
+            .into_iter()
+            .map(|(name, bytes)| (name.clone(), bytes - before[&name]))
+            .filter(|(_, bytes)| *bytes > 0)
+            .collect()
+    };
+    while delivered() != sent && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
-        delivered, sent,
-        "every byte of every surviving connection arrived"
+        delivered(),
+        sent,
+        "every byte of every connection reached the backend it started on"
     );
+    assert!(sent.contains_key("backend-4"), "{sent:?}");
 
     // New connections spread over the three remaining backends only.
     let after = tally(

@@ -400,18 +400,63 @@ fn conntrack_keeps_a_flow_on_its_backend_through_table_changes() {
         "new flows use the 2 remaining and the added backend"
     );
 
-    // Remove the backend: its flow is re-balanced, and counted.
+    // Remove the backend (and the added one): both are retired, not removed, while flows tracked
+    // to them live. The flow stays on its backend; new flows still avoid it.
     let removed = CONFIG.replace(
         &format!("      - {{ address: {}, port: 8080 }}\n", first.ip()),
         "",
     );
-    datapath
-        .apply(&Config::from_yaml(&removed).unwrap())
+    let removed = Config::from_yaml(&removed).unwrap();
+    let report = datapath.apply(&removed).unwrap();
+    assert_eq!(
+        (report.backends_retired, report.backends_removed),
+        (2, 0),
+        "{report:?}"
+    );
+    let added: SocketAddr = sa("203.0.113.14:8080");
+    let retired = |datapath: &Datapath| {
+        let mut r = datapath.retired_backends();
+        r.sort();
+        r
+    };
+    assert_eq!(retired(&datapath), [(first.ip(), 8080), (added.ip(), 8080)]);
+    assert_eq!(
+        send_to_vip(&mut datapath, ACK, client, vip),
+        first,
+        "the tracked flow keeps its removed backend"
+    );
+    for port in 43000..43050u16 {
+        let b = send_to_vip(&mut datapath, SYN, SocketAddr::new(client.ip(), port), vip);
+        assert!(b != first && b != added, "no new flow to a removed backend");
+    }
+    // The flows to the added backend still live: a sweep keeps both.
+    assert_eq!(datapath.release_retired_backends().unwrap(), 0);
+
+    // The flow ends (its entry goes): the next sweep removes its backend, whose id is free; a
+    // late packet of that flow is re-balanced. The added backend's flows still live.
+    let reply = lb_tests::test_run::flow_key(lb_common::protocol::TCP, first, client);
+    let flow = lb_tests::test_run::flow_key(lb_common::protocol::TCP, client, vip);
+    assert!(datapath.forget_flow(&flow, &reply).unwrap());
+    assert_eq!(datapath.release_retired_backends().unwrap(), 1);
+    assert_eq!(retired(&datapath), [(added.ip(), 8080)]);
+    let misses = counter(&datapath, Counter::ConntrackMidflowMiss);
+    assert_ne!(send_to_vip(&mut datapath, ACK, client, vip), first);
+    assert_eq!(
+        counter(&datapath, Counter::ConntrackMidflowMiss),
+        misses + 1
+    );
+
+    // Both named again: the retired one is the same backend (its entry unchanged, nothing to
+    // write), the removed one is written anew.
+    let report = datapath
+        .apply(&Config::from_yaml(&drained).unwrap())
         .unwrap();
-    let gone = counter(&datapath, Counter::ConntrackBackendGone);
-    let moved = send_to_vip(&mut datapath, ACK, client, vip);
-    assert_ne!(moved, first);
-    assert_eq!(counter(&datapath, Counter::ConntrackBackendGone), gone + 1);
+    assert_eq!(
+        (report.backends_written, report.backends_retired),
+        (1, 0),
+        "{report:?}"
+    );
+    assert!(retired(&datapath).is_empty());
 }
 
 /// The tracked flows of `datapath`, per family map.
