@@ -11,6 +11,7 @@
 //! | `lb_backend_packets_total`, `lb_backend_bytes_total`, `lb_backend_new_flows_total` | counter | `service`, `backend` |
 //! | `lb_policy_verdicts_total` | counter | `verdict`, `reason` |
 //! | `lb_conntrack_entries` | gauge | |
+//! | `lb_backends_retired` | gauge | |
 //! | `lb_map_fill_ratio` | gauge | `map` |
 //! | `lb_backend_healthy` | gauge | `service`, `backend` |
 //! | `lb_reconcile_duration_seconds` | histogram | |
@@ -130,6 +131,9 @@ pub struct DatapathSnapshot {
     /// Live entries of the `CONNTRACK_V4` and `CONNTRACK_V6` maps together; `None` = not known (no
     /// series is exported).
     pub conntrack_entries: Option<u64>,
+    /// Backends no service names any more, kept while their tracked flows live
+    /// (`Datapath::retired_backends`).
+    pub retired_backends: u64,
     pub map_fill: Vec<MapFill>,
     /// Kept across [`Metrics::update_datapath`] calls; see [`Metrics::update_policy_verdicts`].
     pub policy_verdicts: Vec<PolicyVerdicts>,
@@ -201,6 +205,7 @@ impl DatapathSnapshot {
             services,
             backends,
             conntrack_entries: None,
+            retired_backends: datapath.retired_backends().len() as u64,
             map_fill,
             policy_verdicts: Vec::new(),
         })
@@ -415,6 +420,11 @@ const CONNTRACK_ENTRIES: Family = Family {
     help: "Live entries of the CONNTRACK_V4 and CONNTRACK_V6 maps (tracked flows).",
     labels: &[],
 };
+const BACKENDS_RETIRED: Family = Family {
+    name: "lb_backends_retired",
+    help: "Backends no service names any more, kept while their tracked flows live.",
+    labels: &[],
+};
 const MAP_FILL: Family = Family {
     name: "lb_map_fill_ratio",
     help: "Entries of a BPF map divided by its capacity.",
@@ -437,7 +447,12 @@ const COUNTER_FAMILIES: [&Family; 8] = [
     &BACKEND_NEW_FLOWS,
     &POLICY_VERDICTS,
 ];
-const GAUGE_FAMILIES: [&Family; 3] = [&CONNTRACK_ENTRIES, &MAP_FILL, &BACKEND_HEALTHY];
+const GAUGE_FAMILIES: [&Family; 4] = [
+    &CONNTRACK_ENTRIES,
+    &BACKENDS_RETIRED,
+    &MAP_FILL,
+    &BACKEND_HEALTHY,
+];
 
 impl Family {
     fn counters(&self) -> IntCounterVec {
@@ -558,6 +573,11 @@ impl Collector for SnapshotCollector {
             conntrack.with_label_values::<&str>(&[]).set(entries as f64);
         }
 
+        let retired = BACKENDS_RETIRED.gauges();
+        retired
+            .with_label_values::<&str>(&[])
+            .set(dp.retired_backends as f64);
+
         let fill = MAP_FILL.gauges();
         for m in &dp.map_fill {
             fill.with_label_values(&[m.map.as_str()]).set(m.ratio());
@@ -584,7 +604,7 @@ impl Collector for SnapshotCollector {
         ] {
             families.extend(vec.collect());
         }
-        for vec in [&conntrack, &fill, &healthy] {
+        for vec in [&conntrack, &retired, &fill, &healthy] {
             families.extend(vec.collect());
         }
         families
@@ -743,6 +763,7 @@ pub(crate) mod tests {
                 },
             ],
             conntrack_entries: Some(42),
+            retired_backends: 1,
             map_fill: vec![
                 MapFill {
                     map: "SERVICES".into(),
@@ -776,6 +797,7 @@ pub(crate) mod tests {
             ("lb_backend_bytes_total", "counter"),
             ("lb_backend_new_flows_total", "counter"),
             ("lb_conntrack_entries", "gauge"),
+            ("lb_backends_retired", "gauge"),
             ("lb_map_fill_ratio", "gauge"),
             ("lb_reconcile_duration_seconds", "histogram"),
         ] {
@@ -837,6 +859,10 @@ pub(crate) mod tests {
         assert_eq!(
             value(&scrape, "lb_conntrack_entries", &[]),
             Value::Gauge(42.0)
+        );
+        assert_eq!(
+            value(&scrape, "lb_backends_retired", &[]),
+            Value::Gauge(1.0)
         );
         assert_eq!(
             value(&scrape, "lb_map_fill_ratio", &[("map", "CONNTRACK_V4")]),
