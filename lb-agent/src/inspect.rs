@@ -136,7 +136,7 @@ fn socket(addr: &Addr, family: u8, port_be: u16) -> SocketAddr {
 
 /// The clock conntrack entries are stamped with (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC,
 /// coarse).
-fn monotonic_coarse_ns() -> u64 {
+pub(crate) fn monotonic_coarse_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

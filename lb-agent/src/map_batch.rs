@@ -155,6 +155,23 @@ pub fn read_array<T: Borrow<MapData>, V: Pod + Default>(array: &Array<T, V>) -> 
     Ok(values)
 }
 
+/// The map `name` of `ebpf`, of a type [`read_entries`] and [`write_entries`] handle (hash, LRU
+/// hash, array, per-CPU array, array of maps).
+pub fn map_data<'a>(ebpf: &'a aya::Ebpf, name: &str) -> Result<&'a MapData> {
+    use aya::maps::Map;
+    match ebpf
+        .map(name)
+        .with_context(|| format!("{name} missing from the object"))?
+    {
+        Map::Array(data)
+        | Map::ArrayOfMaps(data)
+        | Map::HashMap(data)
+        | Map::LruHashMap(data)
+        | Map::PerCpuArray(data) => Ok(data),
+        _ => anyhow::bail!("{name}: a map of a type not read or written as bytes"),
+    }
+}
+
 /// Every entry of a hash or array map, as the kernel's bytes: `key_size` bytes per key and
 /// `value_stride` per value (a per-CPU map's value holds one 8-byte aligned copy per possible CPU).
 #[derive(Debug, Clone, PartialEq, Eq)]

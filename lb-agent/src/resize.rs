@@ -23,7 +23,7 @@ use std::{collections::HashSet, path::PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
-    maps::{Map, MapData, MapType},
+    maps::{MapData, MapType},
     Ebpf,
 };
 use tracing::{info, warn};
@@ -71,9 +71,10 @@ impl Resize {
             let pin = pins.map(name);
             let old = MapData::from_pin(&pin)
                 .with_context(|| format!("opening the pinned {name} ({})", pin.display()))?;
-            let new = data_of(ebpf, name)?;
-            let (from, to) = (old.info()?.max_entries(), new.info()?.max_entries());
-            let lru = old.info()?.map_type()? == MapType::LruHash;
+            let new = map_batch::map_data(ebpf, name)?;
+            let old_info = old.info()?;
+            let (from, to) = (old_info.max_entries(), new.info()?.max_entries());
+            let lru = old_info.map_type()? == MapType::LruHash;
             let copied = copy(&old, new)
                 .with_context(|| format!("carrying {name} over from {from} to {to} entries"))?;
             info!(map = %name, from, to, copied, "pinned map carried over into its new size");
@@ -101,7 +102,7 @@ impl Resize {
     /// since [`Resize::start`] and pins the new maps in place of the old ones.
     pub fn finish(self, ebpf: &Ebpf) -> Result<()> {
         for carried in self.maps {
-            let new = data_of(ebpf, &carried.name)?;
+            let new = map_batch::map_data(ebpf, &carried.name)?;
             if carried.lru {
                 let added = copy_missing(&carried.old, new)
                     .with_context(|| format!("carrying the last flows of {} over", carried.name))?;
@@ -127,21 +128,6 @@ fn repin(ebpf: &Ebpf, name: &str, pin: &std::path::Path) -> Result<()> {
         .with_context(|| format!("pinning {}", pin.display()))
 }
 
-/// The map `name` of `ebpf` (a type [`copy`] handles).
-fn data_of<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a MapData> {
-    match ebpf
-        .map(name)
-        .with_context(|| format!("{name} missing from the object"))?
-    {
-        Map::Array(data)
-        | Map::ArrayOfMaps(data)
-        | Map::HashMap(data)
-        | Map::LruHashMap(data)
-        | Map::PerCpuArray(data) => Ok(data),
-        _ => bail!("{name}: a map of a type that is not resized"),
-    }
-}
-
 /// Copies the entries of `old` into the empty `new` (same type, key and value, another size);
 /// returns how many.
 fn copy(old: &MapData, new: &MapData) -> Result<usize> {
@@ -149,7 +135,8 @@ fn copy(old: &MapData, new: &MapData) -> Result<usize> {
     let entries = map_batch::read_entries(old).context("reading the pinned map")?;
     let slot = |key: &[u8]| u32::from_ne_bytes(key.try_into().expect("4-byte array key")) as usize;
     let in_use = |value: &[u8]| value.iter().any(|b| *b != 0);
-    let written = match old.info()?.map_type()? {
+    let kind = old.info()?.map_type()?;
+    let written = match kind {
         MapType::Array | MapType::ArrayOfMaps => {
             // Empty slots of an array of maps are not read at all; of an array, zeroes.
             let used = entries.filtered(|_, value| in_use(value));
@@ -159,7 +146,7 @@ fn copy(old: &MapData, new: &MapData) -> Result<usize> {
             {
                 bail!("slot {beyond} is in use, beyond the new size {capacity}");
             }
-            if old.info()?.map_type()? == MapType::ArrayOfMaps {
+            if kind == MapType::ArrayOfMaps {
                 copy_inner_maps(&used, new)?;
             } else {
                 map_batch::write_entries(new, &used)?;

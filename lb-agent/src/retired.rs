@@ -8,17 +8,14 @@
 
 use std::collections::HashSet;
 
-use anyhow::{bail, Context, Result};
-use aya::{
-    maps::{Map, MapData},
-    Ebpf,
-};
+use anyhow::{Context, Result};
+use aya::Ebpf;
 use lb_common::{
     conntrack::{ConntrackEntry, FlowKey, FlowKeyV4},
     protocol,
 };
 
-use crate::{applied::BackendAddress, map_batch};
+use crate::{applied::BackendAddress, inspect, map_batch};
 
 /// A retired backend: its address and the address filter roles it keeps (`role::BACKEND` for
 /// the backends of DNAT and SNAT frontends, whose replies the datapath translates).
@@ -32,11 +29,13 @@ pub(crate) struct Retired {
 /// only flows of the `services` (ids) still programmed: a removed service's flows no longer reach
 /// their backend (its VIP passes to the stack), so they keep nothing.
 pub(crate) fn live_backend_ids(ebpf: &Ebpf, services: &HashSet<u32>) -> Result<HashSet<u32>> {
-    let now = monotonic_coarse_ns();
+    let now = inspect::monotonic_coarse_ns();
     let v4: Vec<(FlowKeyV4, ConntrackEntry)> =
-        map_batch::read_hash(data(ebpf, "CONNTRACK_V4")?).context("reading CONNTRACK_V4")?;
+        map_batch::read_hash(map_batch::map_data(ebpf, "CONNTRACK_V4")?)
+            .context("reading CONNTRACK_V4")?;
     let v6: Vec<(FlowKey, ConntrackEntry)> =
-        map_batch::read_hash(data(ebpf, "CONNTRACK_V6")?).context("reading CONNTRACK_V6")?;
+        map_batch::read_hash(map_batch::map_data(ebpf, "CONNTRACK_V6")?)
+            .context("reading CONNTRACK_V6")?;
     let live = |protocol: u8, entry: &ConntrackEntry| {
         (!entry.expired(now, protocol == protocol::TCP) && services.contains(&entry.service_id))
             .then_some(entry.backend_id)
@@ -49,22 +48,4 @@ pub(crate) fn live_backend_ids(ebpf: &Ebpf, services: &HashSet<u32>) -> Result<H
                 .filter_map(|(key, entry)| live(key.protocol, entry)),
         )
         .collect())
-}
-
-fn data<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a MapData> {
-    match ebpf.map(name).with_context(|| format!("{name} map"))? {
-        Map::LruHashMap(data) => Ok(data),
-        _ => bail!("{name}: not an LRU hash map"),
-    }
-}
-
-/// The clock of conntrack's `last_seen_ns` (`bpf_ktime_get_coarse_ns`), read in userspace.
-fn monotonic_coarse_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a timespec this frame owns.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }

@@ -80,6 +80,32 @@ fn traffic(topology: &Topology, servers: &[TcpCountingServer], n: usize) -> BTre
 }
 
 /// Polls single connections until one lands on `name`; returns how long that took.
+/// `lbctl service add web` (through `ok`, which runs lbctl and asserts success) over backends 1
+/// and 2 with the `extra` options: created, and the connections that follow reach both.
+fn lbctl_adds_web_over_two_backends(
+    ok: impl Fn(&[&str]) -> String,
+    topology: &Topology,
+    servers: &[TcpCountingServer],
+    agent: &mut AgentProcess,
+    extra: &[&str],
+) {
+    let b = |i: usize| format!("{}:{PORT}", topology.backends[i - 1].addr);
+    let vip = format!("{VIP}:80/tcp");
+    let mut args = vec!["service", "add", "web", &vip];
+    let (b1, b2) = (b(1), b(2));
+    args.extend([b1.as_str(), b2.as_str()]);
+    args.extend(extra);
+    let added = ok(&args);
+    assert_eq!(added.trim(), format!("service {vip} (web) created"));
+    until_lands_on(topology, "backend-1", agent);
+    let both = traffic(topology, servers, 60);
+    assert_eq!(
+        both.keys().cloned().collect::<Vec<_>>(),
+        ["backend-1", "backend-2"],
+        "{both:?}"
+    );
+}
+
 fn until_lands_on(topology: &Topology, name: &str, agent: &mut AgentProcess) -> Duration {
     let started = Instant::now();
     loop {
@@ -627,23 +653,12 @@ fn lbctl_changes_services_through_the_agent() {
     let b = |i: usize| format!("{}:{PORT}", topology.backends[i - 1].addr);
     let vip = format!("{VIP}:80/tcp");
 
-    let added = ok(&[
-        "service",
-        "add",
-        "web",
-        &vip,
-        &b(1),
-        &b(2),
-        "--table-size",
-        "1021",
-    ]);
-    assert_eq!(added.trim(), format!("service {vip} (web) created"));
-    until_lands_on(&topology, "backend-1", &mut agent);
-    let both = traffic(&topology, &servers, 60);
-    assert_eq!(
-        both.keys().cloned().collect::<Vec<_>>(),
-        ["backend-1", "backend-2"],
-        "{both:?}"
+    lbctl_adds_web_over_two_backends(
+        ok,
+        &topology,
+        &servers,
+        &mut agent,
+        &["--table-size", "1021"],
     );
 
     // Drain backend 1: new connections all go to backend 2.
@@ -821,15 +836,7 @@ fn lbctl_changes_services_from_another_machine_over_mutual_tls() {
     let b = |i: usize| format!("{}:{PORT}", topology.backends[i - 1].addr);
     let vip = format!("{VIP}:80/tcp");
 
-    let added = ok(&["service", "add", "web", &vip, &b(1), &b(2)]);
-    assert_eq!(added.trim(), format!("service {vip} (web) created"));
-    until_lands_on(&topology, "backend-1", &mut agent);
-    let both = traffic(&topology, &servers, 60);
-    assert_eq!(
-        both.keys().cloned().collect::<Vec<_>>(),
-        ["backend-1", "backend-2"],
-        "{both:?}"
-    );
+    lbctl_adds_web_over_two_backends(ok, &topology, &servers, &mut agent, &[]);
     let state = ok(&["state"]);
     assert!(
         state.contains(&format!(
