@@ -105,16 +105,16 @@ counters! {
     /// `lb_decap`: encapsulated, but the outer source is not a configured balancer or the outer
     /// destination not a configured local address: dropped.
     DecapDropUnknownEndpoint = 30 => "decap_drop_unknown_endpoint",
-    /// An ICMP/ICMPv6 error about a DNAT flow's reply (quoting VIP → client, sent to the VIP, e.g.
-    /// fragmentation needed from a router on the client's path): sent to the flow's backend with
-    /// the quote translated back to the packet the backend sent.
+    /// An ICMP/ICMPv6 error about a balanced flow's reply (quoting VIP → client, sent to the VIP,
+    /// e.g. fragmentation needed from a router on the client's path): sent to the flow's backend
+    /// with the quote translated back to the packet the backend sent (DSR: as it is).
     IcmpErrorToBackend = 31 => "icmp_error_to_backend",
     /// An ICMP/ICMPv6 error about a client's packet on its way to a backend (quoting client →
-    /// backend, e.g. port unreachable from the backend): translated to the VIP's view and sent on
-    /// to the client.
+    /// backend, or node → backend for SNAT, e.g. port unreachable from the backend): translated to
+    /// the VIP's view and sent on to the client.
     IcmpErrorToClient = 32 => "icmp_error_to_client",
-    /// An ICMP/ICMPv6 error whose quote is not a tracked DNAT flow (other traffic, a flow that has
-    /// ended, another forwarding mode, a quote without ports): passed untouched.
+    /// An ICMP/ICMPv6 error whose quote is not a tracked flow (other traffic, a flow that has
+    /// ended, a quote without ports, an encapsulated DSR packet): passed untouched.
     PassIcmpErrorUntracked = 33 => "pass_icmp_error_untracked",
     /// The first fragment of a balanced datagram (also counted by its forward or reply reason):
     /// its addresses are recorded for the datagram's later fragments.

@@ -36,7 +36,6 @@ use lb_common::{
 
 use crate::{
     context::PacketContext,
-    dsr,
     maps::{count, scratch, FRAGMENTS},
     packet::{
         header::{
@@ -45,7 +44,7 @@ use crate::{
         },
         ipv6_extension_headers, load16, load_addr, store16, store32, store_addr6, Extent, Ipv6Walk,
     },
-    snat,
+    xmit,
 };
 
 /// A fragment after the first of its datagram (its addresses are read from the packet).
@@ -211,14 +210,20 @@ pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
     };
     count(Counter::ForwardFragment);
     let (family, protocol) = (fragment.family, fragment.protocol);
-    match entry.mode {
-        mode::DSR_L2 => return dsr::send_l2(ctx, family, protocol, &src, &entry.dst),
-        mode::DSR_IPIP => {
-            return dsr::encapsulate(ctx, family, &entry.src, &entry.dst, entry.label)
-        }
-        _ => {}
+    if entry.mode == mode::DNAT || entry.mode == mode::SNAT {
+        // SAFETY: inside the header checked above.
+        unsafe { rewrite(l3, family, (&src, &dst), &entry) };
     }
-    // SAFETY: inside the header checked above.
+    xmit::leave(ctx, family, protocol, &entry)
+}
+
+/// The fragment's addresses (`old`, its IP header at `l3`) become the entry's.
+///
+/// # Safety
+/// The fixed IP header at `l3` must be inside the packet.
+#[inline(always)]
+unsafe fn rewrite(l3: usize, family: u8, (src, dst): (&Addr, &Addr), entry: &FragmentEntry) {
+    // SAFETY: the caller's bounds.
     unsafe {
         if family == family::IPV4 {
             let mut check = load16(l3 + IPV4_CHECK);
@@ -233,17 +238,12 @@ pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
             }
             store16(l3 + IPV4_CHECK, check);
         } else {
-            if src != entry.src {
+            if *src != entry.src {
                 store_addr6(l3 + IPV6_SRC, &entry.src);
             }
-            if dst != entry.dst {
+            if *dst != entry.dst {
                 store_addr6(l3 + IPV6_DST, &entry.dst);
             }
         }
-    }
-    if entry.mode == mode::SNAT {
-        snat::send(ctx, family, protocol, &entry.src, &entry.dst)
-    } else {
-        xdp_action::XDP_PASS
     }
 }

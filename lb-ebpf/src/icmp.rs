@@ -1,31 +1,46 @@
-//! ICMP and ICMPv6 errors about DNAT flows. An error is addressed to the source of the packet that
-//! caused it and quotes that packet's headers; the quote names the flow, and the error goes to the
-//! side of the NAT that holds the flow's socket, translated so that side recognises its own packet.
+//! ICMP and ICMPv6 errors about balanced flows. An error is addressed to the source of the packet
+//! that caused it and quotes that packet's headers; the quote names the flow, and the error goes to
+//! the side that holds the flow's socket, translated so that side recognises its own packet, the
+//! way that flow's packets go.
 //!
-//! **To the backend.** Quote `VIP:port → client:port`: the node sent it (a translated reply) and a
-//! router on the client's path answered to the VIP — typically "fragmentation needed" / "packet too
-//! big", which the backend must see or its path MTU towards the client never shrinks. The flow is
-//! the quote reversed, `client → VIP`, in conntrack; its service must be DNAT. Rewritten: outer
-//! destination VIP → backend; quoted source VIP:port → backend:port (what the backend sent).
+//! **To the backend.** Quote `VIP:port → client:port`: a reply the client got, and a router on the
+//! client's path answered to the VIP — typically "fragmentation needed" / "packet too big", which
+//! the backend must see or its path MTU towards the client never shrinks. The flow is the quote
+//! reversed, `client → VIP`, in conntrack. By the service's mode:
+//! - DNAT: outer destination VIP → backend; quoted source VIP:port → backend:port (what the backend
+//!   sent); then the stack routes it.
+//! - SNAT: also outer source → the node's SNAT address and quoted destination client:port → SNAT
+//!   address:port (the backend sent its reply to the node and knows no other address of the flow),
+//!   as Linux's NAT translates errors of a connection it both SNATs and DNATs; then to the FIB's
+//!   next hop with the TTL decremented, as the flow's requests.
+//! - DSR L2 / DSR IPIP: untouched (the backend sent the reply itself, from the VIP it holds), to
+//!   the backend's MAC or encapsulated towards it, with the flow's own IPv6 outer flow label, as the
+//!   flow's requests; the backend's `lb_decap` strips the outer header as for any of them.
 //!
-//! **To the client.** Quote `client:port → backend:port`: the node sent it (a translated request) and
-//! the backend, or a router on its path, answered to the client — e.g. "port unreachable" from a
-//! backend with nothing listening. The reply translation of that flow, the quote reversed
-//! (`backend → client`), is the reply path's (`reply::origin`). Rewritten: quoted destination backend:port → VIP:port;
-//! outer source backend → VIP when the backend itself sent the error (a router's own address is
-//! left: it is true, and stacks match errors by the quote, not by who sent them).
+//! **To the client.** Quote `client:port → backend:port` (DNAT) or `node:port → backend:port`
+//! (SNAT): a request the node sent, and the backend, or a router on its path, answered to its
+//! source — e.g. "port unreachable" from a backend with nothing listening. The reply translation
+//! of that flow, the quote reversed, is the reply path's (`reply::origin`).
+//! - DNAT: quoted destination backend:port → VIP:port; outer source backend → VIP when the backend
+//!   itself sent the error (a router's own address is left: it is true, and stacks match errors by
+//!   the quote, not by who sent them); then the stack routes it.
+//! - SNAT: quoted source node:port → client:port, quoted destination → VIP:port, outer source →
+//!   VIP and outer destination node → client (as the flow's replies); then to the FIB's next hop.
+//! - DSR: the node sends no requests a backend could answer with an error (an IPIP packet's error
+//!   quotes the outer header: not a TCP/UDP quote, passed untracked to the node's stack).
 //!
 //! Checksums, all incremental: the outer IPv4 header's for an outer address; the quoted IPv4
-//! header's for the quoted address; the quoted TCP/UDP checksum for the quoted address
+//! header's for a quoted address; the quoted TCP/UDP checksum for a quoted address
 //! (pseudo-header) and port, when the quote is long enough to hold it (UDP always; TCP from 18
-//! bytes); the ICMP checksum for every quoted word changed, and for ICMPv6 also the outer address
-//! (its pseudo-header).
+//! bytes); the ICMP checksum for every quoted word changed, and for ICMPv6 also the outer
+//! addresses (its pseudo-header). Old values are read from the packet.
 //!
-//! **On workload veths** (see `tc`), where a client's flow is translated around the policy
+//! **On workload veths** (see `tc`), where a client's DNAT flow is translated around the policy
 //! (`AT_CLIENT_VETH`), errors are too, so that the policy sees them as it sees the flow: between
 //! client and backend. `lb_tc_request` (before the policy) translates errors a client sends about
 //! a reply for the backend; `lb_tc_reply` (after it) translates errors reaching the client; `lb_xdp`
-//! and `lb_tc` leave errors for such a client untranslated, as they leave its replies.
+//! and `lb_tc` leave errors for such a client untranslated, as they leave its replies. The split
+//! programs translate DNAT only, errors included.
 //!
 //! The same code runs in `lb_xdp` and `lb_tc` (direct packet access on the skb's linear part, into
 //! which `lb_tc` pulls the headers first). On an skb the direct writes need no checksum helper:
@@ -33,38 +48,42 @@
 //! ICMP checksum, outer IPv4 addresses by the header checksum, outer IPv6 addresses by the
 //! ICMPv6 checksum's pseudo-header), so the packet's one's-complement sum, which
 //! `CHECKSUM_COMPLETE` keeps in `skb->csum`, does not change. ICMP is never `CHECKSUM_PARTIAL`.
+//! [`handle`] translates; an error that leaves as a SNAT or DSR flow's packets do is then sent by
+//! its program (`xmit::leave`, `tc::xmit::leave`) as [`departure`] says, from a BPF function
+//! beside `handle`, not under it (`lb_tc` → `handle` is one of the program's deepest frame chains;
+//! for the same reason the quote's flow key is built in per-CPU scratch space).
 //!
-//! Everything else passes untouched: errors whose quote is not a tracked DNAT flow
+//! Everything else passes untouched: errors whose quote is not a tracked flow
 //! (`pass_icmp_error_untracked`) and ICMP that is not an error, such as echo requests to a VIP
 //! (`pass_not_tcp_udp`: the node's stack answers or ignores them as for any address it routes).
-//! Errors about SNAT and DSR flows pass untranslated for now (counted untracked): for SNAT the
-//! backend knows the flow by the node's address and port, which the quote would also need; for DSR
-//! an error about a reply (which the backend sent to the client directly) would have to reach the
-//! backend the DSR way (MAC rewrite or encapsulation). The node's own errors about translated
-//! packets (e.g. its egress MTU towards a backend is too small) are generated by its stack, after
-//! XDP, and reach the client untranslated; a TC egress hook would be needed for those.
+//! The node's own errors about translated packets (e.g. its egress MTU towards a backend is too
+//! small) are generated by its stack, after XDP, and reach the client untranslated; a TC egress
+//! hook would be needed for those.
 
 use lb_common::{
     checksum,
-    conntrack::{reply_flags, FlowKey},
+    conntrack::reply_flags,
+    conntrack::FlowKey,
     counters::Counter,
-    fragments::{ipv4_position, Position},
-    icmp::{is_error, CHECKSUM_OFFSET, HEADER_LEN, QUOTED_L4_LEN},
+    fragments::{ipv4_position, FragmentEntry, Position},
+    icmp::{is_error, CHECKSUM_OFFSET, HEADER_LEN, PROTOCOL_ICMP, PROTOCOL_ICMPV6, QUOTED_L4_LEN},
+    modes::encap,
     protocol,
-    service::{family, mode, Addr, ServiceKey},
+    service::{family, mode, Addr, Backend, ServiceInfo, ServiceKey},
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     conntrack,
     context::PacketContext,
-    maps::{count, BACKENDS},
+    maps::{count, scratch, BACKENDS, SERVICE_MODES},
+    mem,
     packet::{
         header::{
             ETH_LEN, IPV4_CHECK, IPV4_DST, IPV4_LEN, IPV4_SRC, IPV6_DST, IPV6_LEN, IPV6_SRC,
             TCP_CHECK, UDP_CHECK,
         },
-        load16, load_addr, store16, store32, Extent,
+        load16, load32, load_addr, store16, store32, Extent,
     },
     reply::{self, Origin},
     service,
@@ -86,31 +105,36 @@ pub struct IcmpError {
     /// The flow the quote belongs to: the quoted packet reversed (its destination is the source
     /// here), i.e. client → VIP when the quote is a reply the node sent as the VIP, backend → client
     /// when it is a request the node sent to a backend. Ports in network byte order.
-    pub flow: FlowKey,
+    /// In per-CPU scratch space: `lb_tc` → `handle` is one of the program's deepest frame chains.
+    pub flow: &'static FlowKey,
 }
 
-/// What becomes of an ICMP message: it goes on (translated or untouched) to the stack, or it is
+/// What becomes of an ICMP message: it goes on (translated or untouched) to the stack, it leaves
+/// as the packets of its flow leave (translated for a SNAT or DSR flow: see [`departure`]), or it is
 /// dropped (malformed).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     GoesOn,
+    Leaves,
     Drop,
 }
 
 /// Which errors a program translates, and whether it counts the others.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
-    /// `lb_xdp`, `lb_tc`: every error about a DNAT flow, except those for a client on a workload
-    /// veth (left to `lb_tc_reply`); everything counted, malformed messages dropped.
+    /// `lb_xdp`, `lb_tc`: every error about a balanced flow, except those for a client on a
+    /// workload veth (left to `lb_tc_reply`); everything counted, malformed messages dropped.
     Node,
-    /// `lb_tc_request`: errors for a backend only, before the policy; only translations counted.
+    /// `lb_tc_request`: errors for a backend of a DNAT flow only, before the policy; only
+    /// translations counted.
     ClientRequests,
-    /// `lb_tc_reply`: errors for a client only, after the policy; only translations counted.
+    /// `lb_tc_reply`: errors for a client of a DNAT flow only, after the policy; only translations
+    /// counted.
     ClientReplies,
 }
 
 /// An ICMP (`ip_family` IPv4) or ICMPv6 message at `icmp_offset` of the frame: translated if it is an
-/// error about a DNAT flow that `scope` covers, else left alone; returns the verdict.
+/// error about a balanced flow that `scope` covers, else left alone; returns the verdict.
 ///
 /// A separate BPF function, not inlined: its locals (flow keys, lookups) live in its own stack frame,
 /// so the caller's frame stays what the TCP/UDP paths need.
@@ -121,9 +145,12 @@ pub fn handle<C: PacketContext>(
     icmp_offset: usize,
     scope: Scope,
 ) -> Verdict {
-    let outcome = match parse(ctx, ip_family, icmp_offset) {
+    let (outcome, verdict) = match parse(ctx, ip_family, icmp_offset) {
         Ok(error) => forward(ctx, &error, scope),
-        Err(counter) => counter,
+        Err(Counter::DropMalformed) if scope == Scope::Node => {
+            (Counter::DropMalformed, Verdict::Drop)
+        }
+        Err(counter) => (counter, Verdict::GoesOn),
     };
     let translated = matches!(
         outcome,
@@ -132,10 +159,30 @@ pub fn handle<C: PacketContext>(
     if scope == Scope::Node || translated {
         count(outcome);
     }
-    if scope == Scope::Node && outcome == Counter::DropMalformed {
-        Verdict::Drop
+    verdict
+}
+
+/// How an error [`handle`] translated for a SNAT or DSR flow leaves (its verdict `Leaves`): the
+/// mode and addresses its flow's packets leave by, as `FRAGMENTS` records them for a datagram's
+/// later fragments (`xmit::leave`, `tc::xmit::leave`). IPv6 DSR IPIP: the outer flow label of the
+/// flow's own packets, so that the error takes their path.
+#[inline(always)]
+pub fn departure() -> Option<&'static FragmentEntry> {
+    scratch().map(|scratch| &scratch.departure)
+}
+
+/// The address family and IP protocol (ICMP or ICMPv6) of the error in `ctx` that [`handle`] let
+/// leave, from its IP version (read again: keeping them across `handle` would cost `lb_tc` stack).
+#[inline(always)]
+pub fn family_and_protocol<C: PacketContext>(ctx: &C) -> (u8, u8) {
+    let version = Extent::of(ctx)
+        .ptr_at::<u8>(ETH_LEN)
+        // SAFETY: bounds checked by ptr_at.
+        .map(|at| unsafe { *(at as *const u8) } >> 4);
+    if version == Some(4) {
+        (family::IPV4, PROTOCOL_ICMP)
     } else {
-        Verdict::GoesOn
+        (family::IPV6, PROTOCOL_ICMPV6)
     }
 }
 
@@ -160,10 +207,12 @@ fn parse<C: PacketContext>(
     // The outer addresses were read by `packet::parse` already; they are read again here rather
     // than carried over, which keeps them off `lb_xdp`'s stack.
     let (outer_src, outer_dst);
-    let mut flow = FlowKey {
-        family: ip_family,
-        ..FlowKey::default()
+    let Some(scratch) = scratch() else {
+        return untracked;
     };
+    let flow = &mut scratch.quote;
+    flow.family = ip_family;
+    flow._pad = [0; 2];
     let (inner_l4_offset, proto) = if ip_family == family::IPV4 {
         let Some(outer) = packet.ptr_at::<Ipv4Hdr>(ETH_LEN) else {
             return Err(Counter::DropMalformed);
@@ -220,12 +269,12 @@ fn parse<C: PacketContext>(
     })
 }
 
-/// Sends `error` to the side of a DNAT flow it belongs to (see the module doc): the counter that
-/// says where it went.
+/// Sends `error` to the side of the flow it belongs to (see the module doc): the counter that says
+/// where it went, and the verdict.
 #[inline(always)]
-fn forward<C: PacketContext>(ctx: &C, error: &IcmpError, scope: Scope) -> Counter {
-    let flow = &error.flow;
-    let untracked = Counter::PassIcmpErrorUntracked;
+fn forward<C: PacketContext>(ctx: &C, error: &IcmpError, scope: Scope) -> (Counter, Verdict) {
+    let flow = error.flow;
+    let untracked = (Counter::PassIcmpErrorUntracked, Verdict::GoesOn);
 
     // The quote's source is a VIP: the error is about a reply, for the flow's backend.
     let service_key = ServiceKey {
@@ -235,77 +284,167 @@ fn forward<C: PacketContext>(ctx: &C, error: &IcmpError, scope: Scope) -> Counte
         family: flow.family,
     };
     if let Some(service) = service::lookup_key(service_key) {
-        if service.mode != mode::DNAT || scope == Scope::ClientReplies {
+        // The split programs of workload veths translate DNAT only.
+        if scope == Scope::ClientReplies
+            || (scope == Scope::ClientRequests && service.mode != mode::DNAT)
+        {
             return untracked;
         }
-        // SAFETY: plain integers, read at once.
-        let Some(backend_id) = conntrack::lookup(flow).map(|entry| unsafe { (*entry).backend_id })
-        else {
+        let Some(scratch) = scratch() else {
             return untracked;
         };
-        let Some(backend) = BACKENDS.get(backend_id).copied() else {
+        let Some(entry) = conntrack::lookup_via(flow, &mut scratch.flow_v4) else {
+            return untracked;
+        };
+        // SAFETY: plain integers, read at once.
+        let (backend_id, snat_port) = unsafe { ((*entry).backend_id, (*entry).snat_port) };
+        // Read in place: `lb_tc` → `handle` is one of the program's deepest frame chains.
+        let Some(backend) = BACKENDS.get(backend_id) else {
             return untracked;
         };
         if !backend.is_active() {
             return untracked;
         }
-        let port = if backend.port == 0 {
-            flow.dst_port
-        } else {
-            backend.port
+        return match to_backend(ctx, error, &service, backend, snat_port) {
+            Some(verdict) => (Counter::IcmpErrorToBackend, verdict),
+            None => untracked,
         };
-        let vip = flow.dst;
-        translate(
-            ctx,
-            error,
-            true,
-            &vip,
-            &backend.addr,
-            flow.dst_port,
-            port,
-            true,
-        );
-        return Counter::IcmpErrorToBackend;
     }
 
     // The quote is a translated request to a backend: the error is for the client.
-    let Some(Origin::Dnat(vip, vip_port, flags)) = reply::origin(flow) else {
-        return untracked;
-    };
-    let for_client_veth = flags & reply_flags::AT_CLIENT_VETH != 0;
-    if scope == Scope::ClientRequests || (scope == Scope::Node && for_client_veth) {
-        return untracked;
+    match reply::origin(flow) {
+        Some(Origin::Dnat(vip, vip_port, flags)) => {
+            let for_client_veth = flags & reply_flags::AT_CLIENT_VETH != 0;
+            if scope == Scope::ClientRequests || (scope == Scope::Node && for_client_veth) {
+                return untracked;
+            }
+            let backend = Rewrite {
+                quoted_dst: Some((&vip, vip_port)),
+                // The backend's own error comes from the VIP; a router's keeps its address.
+                outer_src: error.from_quoted_destination.then_some(&vip),
+                ..Rewrite::default()
+            };
+            rewrite(ctx, error, &backend);
+            (Counter::IcmpErrorToClient, Verdict::GoesOn)
+        }
+        Some(Origin::Snat(reply)) if scope == Scope::Node => {
+            if !set_departure(mode::SNAT, &reply.vip, &reply.client, 0) {
+                return untracked;
+            }
+            // As the client saw its request and as the flow's replies reach it: from the VIP.
+            let client = Rewrite {
+                outer_src: Some(&reply.vip),
+                outer_dst: Some(&reply.client),
+                quoted_src: Some((&reply.client, reply.client_port)),
+                quoted_dst: Some((&reply.vip, reply.vip_port)),
+            };
+            rewrite(ctx, error, &client);
+            (Counter::IcmpErrorToClient, Verdict::Leaves)
+        }
+        _ => untracked,
     }
-    let backend = flow.src;
-    translate(
-        ctx,
-        error,
-        false,
-        &backend,
-        &vip,
-        flow.src_port,
-        vip_port,
-        error.from_quoted_destination,
-    );
-    Counter::IcmpErrorToClient
 }
 
-/// Rewrites the quoted source (`quoted_source`) or destination address `old` → `new` and its port,
-/// and, when `outer_too`, the outer address on the same side of the error (the outer destination
-/// when the quoted source changes: both are the VIP; the outer source otherwise), fixing every
-/// checksum that covers them.
+/// Translates `error`, about a reply of the flow `error.flow` (client → VIP) to `backend` of
+/// `service`, for that backend; `None` if it cannot (nothing written). DNAT: to the stack; SNAT
+/// and DSR: leaves as the flow's requests do (`snat_port`: a SNAT flow's port, network order).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn translate<C: PacketContext>(
+fn to_backend<C: PacketContext>(
     ctx: &C,
     error: &IcmpError,
-    quoted_source: bool,
-    old: &Addr,
-    new: &Addr,
-    old_port: u16,
-    new_port: u16,
-    outer_too: bool,
-) {
+    service: &ServiceInfo,
+    backend: &Backend,
+    snat_port: u16,
+) -> Option<Verdict> {
+    let flow = error.flow;
+    let port = if backend.port == 0 {
+        flow.dst_port
+    } else {
+        backend.port
+    };
+    match service.mode {
+        mode::DNAT => {
+            let to_backend = Rewrite {
+                outer_dst: Some(&backend.addr),
+                quoted_src: Some((&backend.addr, port)),
+                ..Rewrite::default()
+            };
+            rewrite(ctx, error, &to_backend);
+            Some(Verdict::GoesOn)
+        }
+        mode::SNAT => {
+            let source = mode_source(service.id)?;
+            if !set_departure(mode::SNAT, source, &backend.addr, 0) {
+                return None;
+            }
+            // What the backend sent (backend → node:port) and, as for the flow's requests, from
+            // the node: the backend knows no other address of this flow.
+            let to_backend = Rewrite {
+                outer_src: Some(source),
+                outer_dst: Some(&backend.addr),
+                quoted_src: Some((&backend.addr, port)),
+                quoted_dst: Some((source, snat_port)),
+            };
+            rewrite(ctx, error, &to_backend);
+            Some(Verdict::Leaves)
+        }
+        // DSR: the backend sent the reply itself, from the VIP: the error reaches it unchanged,
+        // the way the flow's requests do (routed as they are: from the client).
+        mode::DSR_L2 => {
+            set_departure(mode::DSR_L2, &flow.src, &backend.addr, 0).then_some(Verdict::Leaves)
+        }
+        _ => {
+            let source = mode_source(service.id)?;
+            let label = if flow.family == family::IPV4 {
+                0
+            } else {
+                encap::flow_label(flow)
+            };
+            set_departure(mode::DSR_IPIP, source, &backend.addr, label).then_some(Verdict::Leaves)
+        }
+    }
+}
+
+/// The SNAT or encapsulation source address of service `service_id` (`SERVICE_MODES`), if set.
+#[inline(always)]
+fn mode_source(service_id: u32) -> Option<&'static Addr> {
+    let info = SERVICE_MODES.get(service_id)?;
+    info.has_source().then_some(&info.source)
+}
+
+/// Records how a translated error leaves ([`departure`]); `false` without scratch space.
+#[inline(always)]
+fn set_departure(mode: u8, src: &Addr, dst: &Addr, label: u32) -> bool {
+    let Some(scratch) = scratch() else {
+        return false;
+    };
+    let departure = &mut scratch.departure;
+    mem::copy_addr(&mut departure.src, src);
+    mem::copy_addr(&mut departure.dst, dst);
+    departure.first_seen_ns = 0;
+    departure.label = label;
+    departure.mode = mode;
+    true
+}
+
+/// The addresses and ports of an error that change, each to its new value (the old one is read from
+/// the packet); `None` leaves one as it is. Quoted ones are the quoted packet's source and
+/// destination (address, port in network order).
+#[derive(Default)]
+struct Rewrite<'a> {
+    outer_src: Option<&'a Addr>,
+    outer_dst: Option<&'a Addr>,
+    quoted_src: Option<(&'a Addr, u16)>,
+    quoted_dst: Option<(&'a Addr, u16)>,
+}
+
+/// Writes `change` into `error`, fixing every checksum that covers what changed: the outer IPv4
+/// header's for an outer address (for ICMPv6 the ICMP checksum, whose pseudo-header holds them);
+/// for a quoted address the quoted IPv4 header's, the quoted TCP/UDP checksum (its pseudo-header)
+/// and the ICMP checksum; for a quoted port the quoted TCP/UDP and the ICMP checksum. The quoted
+/// TCP/UDP checksum only when the quote is long enough to hold it (UDP always; TCP from 18 bytes).
+#[inline(always)]
+fn rewrite<C: PacketContext>(ctx: &C, error: &IcmpError, change: &Rewrite) {
     let v4 = error.flow.family == family::IPV4;
     let tcp = error.flow.protocol == protocol::TCP;
     let end = Extent::of(ctx).end;
@@ -324,62 +463,128 @@ fn translate<C: PacketContext>(
     let icmp_check = error.icmp + CHECKSUM_OFFSET;
     // SAFETY: every access below is inside the extents checked above.
     unsafe {
-        let mut icmp = load16(icmp_check);
-        let mut l4 = if has_l4_check { load16(l4_check) } else { 0 };
+        let mut sums = Sums {
+            icmp: load16(icmp_check),
+            l4: if has_l4_check { load16(l4_check) } else { 0 },
+            tcp,
+        };
+        let l4_before = sums.l4;
+        let quoted_check = error.inner_l3 + IPV4_CHECK;
+        let quoted_check_before = if v4 { load16(quoted_check) } else { 0 };
+        if let Some(new) = change.outer_src {
+            sums.outer(error, v4, true, new);
+        }
+        if let Some(new) = change.outer_dst {
+            sums.outer(error, v4, false, new);
+        }
+        if let Some((new, port)) = change.quoted_src {
+            sums.quoted(error, v4, true, new, port);
+        }
+        if let Some((new, port)) = change.quoted_dst {
+            sums.quoted(error, v4, false, new, port);
+        }
         if v4 {
-            if outer_too {
-                let at = error.l3 + if quoted_source { IPV4_DST } else { IPV4_SRC };
-                store32(at, new.0[0]);
-                let check = error.l3 + IPV4_CHECK;
-                store16(
-                    check,
-                    checksum::replace_u32(load16(check), old.0[0], new.0[0]),
-                );
-            }
-            let at = error.inner_l3 + if quoted_source { IPV4_SRC } else { IPV4_DST };
-            store32(at, new.0[0]);
-            let check = error.inner_l3 + IPV4_CHECK;
-            let old_check = load16(check);
-            let new_check = checksum::replace_u32(old_check, old.0[0], new.0[0]);
-            store16(check, new_check);
-            icmp = checksum::replace_u32(icmp, old.0[0], new.0[0]);
-            icmp = checksum::replace_u16(icmp, old_check, new_check);
-            l4 = l4_replace32(tcp, l4, old.0[0], new.0[0]);
-        } else {
-            let outer_at = error.l3 + if quoted_source { IPV6_DST } else { IPV6_SRC };
-            let inner_at = error.inner_l3 + if quoted_source { IPV6_SRC } else { IPV6_DST };
-            for i in 0..4 {
-                if outer_too {
-                    // The ICMPv6 checksum covers the outer addresses (pseudo-header).
-                    store32(outer_at + 4 * i, new.0[i]);
-                    icmp = checksum::replace_u32(icmp, old.0[i], new.0[i]);
-                }
-                store32(inner_at + 4 * i, new.0[i]);
-                icmp = checksum::replace_u32(icmp, old.0[i], new.0[i]);
-                l4 = l4_replace32(tcp, l4, old.0[i], new.0[i]);
-            }
+            sums.icmp = checksum::replace_u16(sums.icmp, quoted_check_before, load16(quoted_check));
         }
-        let port_at = error.inner_l4 + if quoted_source { 0 } else { 2 };
-        store16(port_at, new_port);
-        icmp = checksum::replace_u16(icmp, old_port, new_port);
         if has_l4_check {
-            l4 = if tcp {
-                checksum::replace_u16(l4, old_port, new_port)
-            } else {
-                checksum::replace_u16_udp(l4, old_port, new_port)
-            };
-            icmp = checksum::replace_u16(icmp, load16(l4_check), l4);
-            store16(l4_check, l4);
+            sums.icmp = checksum::replace_u16(sums.icmp, l4_before, sums.l4);
+            store16(l4_check, sums.l4);
         }
-        store16(icmp_check, icmp);
+        store16(icmp_check, sums.icmp);
     }
 }
 
+/// The ICMP checksum and the quoted TCP/UDP checksum as [`rewrite`] updates them.
+struct Sums {
+    icmp: u16,
+    l4: u16,
+    tcp: bool,
+}
+
+impl Sums {
+    /// The outer source (`source`) or destination address becomes `new`.
+    ///
+    /// # Safety
+    /// The outer IP header of `error` must be inside the packet.
+    #[inline(always)]
+    unsafe fn outer(&mut self, error: &IcmpError, v4: bool, source: bool, new: &Addr) {
+        unsafe {
+            if v4 {
+                let at = error.l3 + if source { IPV4_SRC } else { IPV4_DST };
+                let old = store_word(at, new.0[0]);
+                let check = error.l3 + IPV4_CHECK;
+                store16(check, checksum::replace_u32(load16(check), old, new.0[0]));
+            } else {
+                let at = error.l3 + if source { IPV6_SRC } else { IPV6_DST };
+                for i in 0..4 {
+                    let old = store_word(at + 4 * i, new.0[i]);
+                    // The ICMPv6 checksum covers the outer addresses (pseudo-header).
+                    self.icmp = checksum::replace_u32(self.icmp, old, new.0[i]);
+                }
+            }
+        }
+    }
+
+    /// The quoted source (`source`) or destination address and port become `new` and `new_port`.
+    ///
+    /// # Safety
+    /// The quoted IP header and the quoted ports of `error` must be inside the packet.
+    #[inline(always)]
+    unsafe fn quoted(
+        &mut self,
+        error: &IcmpError,
+        v4: bool,
+        source: bool,
+        new: &Addr,
+        new_port: u16,
+    ) {
+        unsafe {
+            if v4 {
+                let at = error.inner_l3 + if source { IPV4_SRC } else { IPV4_DST };
+                let old = store_word(at, new.0[0]);
+                let check = error.inner_l3 + IPV4_CHECK;
+                store16(check, checksum::replace_u32(load16(check), old, new.0[0]));
+                self.quoted_word(old, new.0[0]);
+            } else {
+                let at = error.inner_l3 + if source { IPV6_SRC } else { IPV6_DST };
+                for i in 0..4 {
+                    let old = store_word(at + 4 * i, new.0[i]);
+                    self.quoted_word(old, new.0[i]);
+                }
+            }
+            let port_at = error.inner_l4 + if source { 0 } else { 2 };
+            let old_port = load16(port_at);
+            store16(port_at, new_port);
+            self.icmp = checksum::replace_u16(self.icmp, old_port, new_port);
+            self.l4 = if self.tcp {
+                checksum::replace_u16(self.l4, old_port, new_port)
+            } else {
+                checksum::replace_u16_udp(self.l4, old_port, new_port)
+            };
+        }
+    }
+
+    /// A quoted address word changed: in the ICMP message, and in the TCP/UDP pseudo-header.
+    #[inline(always)]
+    fn quoted_word(&mut self, old: u32, new: u32) {
+        self.icmp = checksum::replace_u32(self.icmp, old, new);
+        self.l4 = if self.tcp {
+            checksum::replace_u32(self.l4, old, new)
+        } else {
+            checksum::replace_u32_udp(self.l4, old, new)
+        };
+    }
+}
+
+/// Writes `new` at `at` and returns the word that was there.
+///
+/// # Safety
+/// `at .. at + 4` must be inside the packet.
 #[inline(always)]
-fn l4_replace32(tcp: bool, check: u16, old: u32, new: u32) -> u16 {
-    if tcp {
-        checksum::replace_u32(check, old, new)
-    } else {
-        checksum::replace_u32_udp(check, old, new)
+unsafe fn store_word(at: usize, new: u32) -> u32 {
+    unsafe {
+        let old = load32(at);
+        store32(at, new);
+        old
     }
 }

@@ -54,6 +54,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Parsed::Icmp { family, offset } => {
             return match icmp::handle(&ctx, family, offset, icmp::Scope::Node) {
                 icmp::Verdict::GoesOn => xdp_action::XDP_PASS,
+                icmp::Verdict::Leaves => icmp_leaves(&ctx),
                 icmp::Verdict::Drop => xdp_action::XDP_DROP,
             }
         }
@@ -119,6 +120,17 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
     count(Counter::PassNotService);
     xdp_action::XDP_PASS
+}
+
+/// An ICMP error translated for a SNAT or DSR flow leaves as that flow's packets do.
+// A BPF function of its own: its frame sits beside `icmp::handle`'s, not under it.
+#[inline(never)]
+fn icmp_leaves(ctx: &XdpContext) -> u32 {
+    let (family, protocol) = icmp::family_and_protocol(ctx);
+    match icmp::departure() {
+        Some(how) => xmit::leave(ctx, family, protocol, how),
+        None => xdp_action::XDP_PASS,
+    }
 }
 
 /// A trivial program measured next to `lb_xdp` by the benchmarks: the cost of XDP itself.

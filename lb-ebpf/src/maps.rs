@@ -111,6 +111,11 @@ pub struct ModeScratch {
     /// mode's BPF function records, one frame deeper than the entry point.
     pub fragment_key: lb_common::fragments::FragmentKey,
     pub fragment: lb_common::fragments::FragmentEntry,
+    /// The flow an ICMP error's quote names (icmp.rs).
+    pub quote: FlowKey,
+    /// How an ICMP error translated for a SNAT or DSR flow leaves (icmp.rs), as `FRAGMENTS`
+    /// records it for a datagram's later fragments.
+    pub departure: lb_common::fragments::FragmentEntry,
 }
 
 /// This CPU's scratch space.

@@ -23,10 +23,12 @@ use aya_ebpf::{
 use lb_common::{
     checksum,
     counters::Counter,
-    service::{family, Addr},
+    fragments::FragmentEntry,
+    service::{family, mode, Addr},
 };
 
 use crate::{
+    dsr,
     maps::{count, scratch},
     packet::{
         header::{
@@ -35,6 +37,7 @@ use crate::{
         },
         load16, store16,
     },
+    snat,
 };
 
 /// Address families of `bpf_fib_lookup`.
@@ -294,5 +297,20 @@ unsafe fn write_mac(at: usize, mac: &[u8; 6]) {
             u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]),
         );
         core::ptr::write_unaligned((at + 4) as *mut u16, u16::from_ne_bytes([mac[4], mac[5]]));
+    }
+}
+
+/// Sends the packet (an IP packet of `family`, `protocol` inside, rewritten already) the way its
+/// flow's packets leave, as `how` records it: SNAT to the FIB's next hop with the TTL decremented,
+/// DSR L2 unchanged to the backend's MAC, DSR IPIP encapsulated towards the backend; DNAT to the
+/// stack. Later fragments (`fragments::forward`) and ICMP errors (`icmp::departure`) of SNAT and
+/// DSR flows.
+#[inline(always)]
+pub fn leave(ctx: &XdpContext, family: u8, protocol: u8, how: &FragmentEntry) -> u32 {
+    match how.mode {
+        mode::SNAT => snat::send(ctx, family, protocol, &how.src, &how.dst),
+        mode::DSR_L2 => dsr::send_l2(ctx, family, protocol, &how.src, &how.dst),
+        mode::DSR_IPIP => dsr::encapsulate(ctx, family, &how.src, &how.dst, how.label),
+        _ => xdp_action::XDP_PASS,
     }
 }

@@ -188,8 +188,20 @@ pub enum IcmpError {
 /// An ICMP or ICMPv6 error from `from` to `to` (same family) quoting `quoted` (an IP packet, usually
 /// cut short as the sender of the error does).
 pub fn icmp_error(kind: IcmpError, from: IpAddr, to: IpAddr, quoted: &[u8]) -> Vec<u8> {
+    icmp_error_via(kind, from, to, quoted, (CLIENT_MAC, NODE_MAC), 64)
+}
+
+/// Like [`icmp_error`], with chosen Ethernet addresses and TTL / hop limit.
+pub fn icmp_error_via(
+    kind: IcmpError,
+    from: IpAddr,
+    to: IpAddr,
+    quoted: &[u8],
+    macs: ([u8; 6], [u8; 6]),
+    ttl: u8,
+) -> Vec<u8> {
     use etherparse::{icmpv4, icmpv6, Icmpv4Type, Icmpv6Type};
-    let eth = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC);
+    let eth = PacketBuilder::ethernet2(macs.0, macs.1);
     let mut out = Vec::new();
     match (from, to) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -204,7 +216,7 @@ pub fn icmp_error(kind: IcmpError, from: IpAddr, to: IpAddr, quoted: &[u8]) -> V
                     Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit)
                 }
             };
-            eth.ipv4(s.octets(), d.octets(), 64)
+            eth.ipv4(s.octets(), d.octets(), ttl)
                 .icmpv4(icmp_type)
                 .write(&mut out, quoted)
         }
@@ -218,7 +230,7 @@ pub fn icmp_error(kind: IcmpError, from: IpAddr, to: IpAddr, quoted: &[u8]) -> V
                     Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded)
                 }
             };
-            eth.ipv6(s.octets(), d.octets(), 64)
+            eth.ipv6(s.octets(), d.octets(), ttl)
                 .icmpv6(icmp_type)
                 .write(&mut out, quoted)
         }

@@ -11,6 +11,10 @@
 //!   which it only does for a valid ICMP checksum and a quote naming its own socket.
 //! - A backend's "port unreachable" about a client's datagram reaches the client translated: its
 //!   connected UDP socket (connected to the VIP) gets "connection refused".
+//! - Both errors also through a SNAT service, where the backend knows the flow by the node's
+//!   address and port: the error about a reply reaches the backend from the node, quoting the
+//!   answer it sent to the node (its path MTU towards the node drops), and the backend's error
+//!   reaches the client from the VIP, both sent to the next hop by the datapath itself.
 //!
 //! Each runs with the balancer attached as XDP (the default) and as TC (`--attach tc`).
 
@@ -43,7 +47,7 @@ const CLOSED_PORT: u16 = 9;
 const CLIENT_ROUTER: &str = "192.0.2.254";
 const CLIENT_ROUTER6: &str = "2001:db8:2::fe";
 
-/// The forwarding mode of the `dns` services.
+/// The forwarding mode of the services.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     Dnat,
@@ -51,8 +55,8 @@ enum Mode {
     Snat,
 }
 
-/// `dns` (UDP 53 → backends' echo servers, in `dns_mode`) and `closed` (UDP 7 → a port nothing
-/// listens on), on the IPv4 and the IPv6 VIP, over every backend.
+/// `dns` (UDP 53 → backends' echo servers) and `closed` (UDP 7 → a port nothing listens on), on
+/// the IPv4 and the IPv6 VIP, over every backend, all in `dns_mode`.
 fn config(topology: &Topology, dns_mode: Mode) -> String {
     let mut yaml = String::new();
     if dns_mode == Mode::Snat {
@@ -67,7 +71,7 @@ fn config(topology: &Topology, dns_mode: Mode) -> String {
         ("closed", IpAddr::from(VIP), 7, CLOSED_PORT, false),
         ("closed6", IpAddr::from(VIP6), 7, CLOSED_PORT, true),
     ] {
-        let mode = if dns_mode == Mode::Snat && port == 53 {
+        let mode = if dns_mode == Mode::Snat {
             "    mode: snat\n"
         } else {
             ""
@@ -256,25 +260,31 @@ fn large_udp_datagrams_cross_a_snat_vip_in_fragments_both_ways_through_tc() {
     fragments_both_ways(Mode::Snat, &["--attach", "tc"]);
 }
 
-fn fragments_both_ways(mode: Mode, agent_args: &[&str]) {
-    let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
-    let servers = echo_servers(&topology);
-    let mut _xdp_pass = Vec::new();
+/// What the topology needs for `mode` with the balancer attached by `agent_args`: for SNAT, whose
+/// address is one of the node's own, packets the fast path hands to the stack (next hop not
+/// resolved yet) must not be taken for spoofed; and XDP redirects into the client's and backends'
+/// veths, whose peers then need an XDP program (kept while the returned value lives).
+fn prepare(topology: &Topology, mode: Mode, agent_args: &[&str]) -> Vec<XdpPass> {
+    let mut xdp_pass = Vec::new();
     if mode == Mode::Snat {
-        // The SNAT address is one of the node's own: packets the fast path hands to the stack
-        // (next hop not resolved yet) must not be taken for spoofed.
         topology
             .balancer
             .sysctl("net.ipv4.conf.all.accept_local", "1")
             .unwrap();
         if agent_args.is_empty() {
-            // XDP redirects into these veths: their peers need an XDP program.
-            _xdp_pass.push(XdpPass::attach(&topology.client, "eth0"));
+            xdp_pass.push(XdpPass::attach(&topology.client, "eth0"));
             for b in &topology.backends {
-                _xdp_pass.push(XdpPass::attach(&b.ns, "eth0"));
+                xdp_pass.push(XdpPass::attach(&b.ns, "eth0"));
             }
         }
     }
+    xdp_pass
+}
+
+fn fragments_both_ways(mode: Mode, agent_args: &[&str]) {
+    let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
+    let servers = echo_servers(&topology);
+    let _xdp_pass = prepare(&topology, mode, agent_args);
     let config = ConfigFile::new(&config(&topology, mode));
     let agent = AgentProcess::start_with(
         &topology.balancer,
@@ -350,20 +360,33 @@ fn fragments_both_ways(mode: Mode, agent_args: &[&str]) {
 
 #[test]
 fn fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it() {
-    fragmentation_needed_about_a_reply(&[]);
+    fragmentation_needed_about_a_reply(Mode::Dnat, &[]);
 }
 
 /// The same through `lb_tc` (`--attach tc`), which translates the error on the skb and leaves it to
 /// the stack's forwarding.
 #[test]
 fn fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it_through_tc() {
-    fragmentation_needed_about_a_reply(&["--attach", "tc"]);
+    fragmentation_needed_about_a_reply(Mode::Dnat, &["--attach", "tc"]);
 }
 
-fn fragmentation_needed_about_a_reply(agent_args: &[&str]) {
+/// Through a SNAT service: the backend answered the node's address and port, and the error reaches
+/// it quoting that answer, from the node, so it lowers its path MTU towards the node.
+#[test]
+fn fragmentation_needed_about_a_snat_reply_reaches_the_backend_that_sent_it() {
+    fragmentation_needed_about_a_reply(Mode::Snat, &[]);
+}
+
+#[test]
+fn fragmentation_needed_about_a_snat_reply_reaches_the_backend_that_sent_it_through_tc() {
+    fragmentation_needed_about_a_reply(Mode::Snat, &["--attach", "tc"]);
+}
+
+fn fragmentation_needed_about_a_reply(mode: Mode, agent_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
     let _servers = echo_servers(&topology);
-    let config = ConfigFile::new(&config(&topology, Mode::Dnat));
+    let _xdp_pass = prepare(&topology, mode, agent_args);
+    let config = ConfigFile::new(&config(&topology, mode));
     let agent = AgentProcess::start_with(
         &topology.balancer,
         config.path(),
@@ -374,20 +397,24 @@ fn fragmentation_needed_about_a_reply(agent_args: &[&str]) {
     let client_mac = mac_of(&topology.client, "eth0");
     let node_mac = mac_of(&topology.balancer, BALANCER_CLIENT_IFACE);
 
-    for (vip, client, router, mtu) in [
+    for (vip, client, node, router, mtu) in [
         (
             SocketAddr::from((VIP, 53)),
             IpAddr::from(CLIENT_ADDR),
+            IpAddr::from(BALANCER_CLIENT_SIDE_ADDR),
             CLIENT_ROUTER,
             1200u16,
         ),
         (
             SocketAddr::from((VIP6, 53)),
             IpAddr::from(CLIENT_ADDR6),
+            IpAddr::from(BALANCER_CLIENT_SIDE_ADDR6),
             CLIENT_ROUTER6,
             1300,
         ),
     ] {
+        // Where the backend sent its answer: the client, or the node's SNAT address.
+        let client = if mode == Mode::Snat { node } else { client };
         let socket = client_socket(&topology.client, vip);
         let local = socket.local_addr().unwrap();
         let question = b"how big may answers be?";
@@ -436,18 +463,31 @@ fn fragmentation_needed_about_a_reply(agent_args: &[&str]) {
 
 #[test]
 fn port_unreachable_from_a_backend_reaches_the_client_as_the_vips() {
-    port_unreachable_from_a_backend(&[]);
+    port_unreachable_from_a_backend(Mode::Dnat, &[]);
 }
 
 /// The same through `lb_tc` (`--attach tc`).
 #[test]
 fn port_unreachable_from_a_backend_reaches_the_client_as_the_vips_through_tc() {
-    port_unreachable_from_a_backend(&["--attach", "tc"]);
+    port_unreachable_from_a_backend(Mode::Dnat, &["--attach", "tc"]);
 }
 
-fn port_unreachable_from_a_backend(agent_args: &[&str]) {
+/// Through a SNAT service: the backend's error goes to the node's SNAT address and port, and
+/// reaches the client as the VIP's.
+#[test]
+fn port_unreachable_from_a_snat_backend_reaches_the_client_as_the_vips() {
+    port_unreachable_from_a_backend(Mode::Snat, &[]);
+}
+
+#[test]
+fn port_unreachable_from_a_snat_backend_reaches_the_client_as_the_vips_through_tc() {
+    port_unreachable_from_a_backend(Mode::Snat, &["--attach", "tc"]);
+}
+
+fn port_unreachable_from_a_backend(mode: Mode, agent_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
-    let config = ConfigFile::new(&config(&topology, Mode::Dnat));
+    let _xdp_pass = prepare(&topology, mode, agent_args);
+    let config = ConfigFile::new(&config(&topology, mode));
     let agent = AgentProcess::start_with(
         &topology.balancer,
         config.path(),

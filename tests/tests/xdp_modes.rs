@@ -23,7 +23,10 @@ use lb_common::{
     protocol,
 };
 use lb_tests::{
-    frames::{fragments, frame, frame_via, inspect, ACK, FIN_ACK, L4, SYN},
+    frames::{
+        fragments, frame, frame_via, icmp_error_via, inspect, ip_packet, IcmpError, ACK, FIN_ACK,
+        L4, SYN,
+    },
     modes::{
         decapsulated, encapsulated, in_netns, link_of, run_on, run_tc_on, static_neighbour,
         TC_ACT_REDIRECT, XDP_REDIRECT, XDP_TX,
@@ -48,6 +51,9 @@ const UNREACHABLE4: &str = "203.0.113.202";
 /// In to-b1's /64, never resolved.
 const UNRESOLVED6: &str = "2001:db8:203:1::99";
 const PAYLOAD: &[u8] = b"payload";
+/// Routers on the client's side, which send ICMP errors about replies.
+const CLIENT_ROUTER4: &str = "192.0.2.254";
+const CLIENT_ROUTER6: &str = "2001:db8:2::fe";
 
 /// One service per mode, family and protocol on backend 1, and the failure cases.
 fn config(b1: Ipv4Addr, b1_6: Ipv6Addr) -> String {
@@ -385,6 +391,120 @@ fn balancer_fixtures(program: Program) {
                     encapsulated(&inner, node, b1_ip, label, to_backend),
                 ),
                 counters: vec![Counter::ForwardNewFlow, Counter::XmitRedirect],
+            });
+
+            // ICMP errors about these flows leave as the flows' packets do.
+            let v4 = client_ip.is_ipv4();
+            let too_big = IcmpError::TooBig {
+                mtu: if v4 { 1200 } else { 1280 },
+            };
+            let router: IpAddr = if v4 { CLIENT_ROUTER4 } else { CLIENT_ROUTER6 }
+                .parse()
+                .unwrap();
+            let quote =
+                |l4, src, dst| ip_packet(&frame_via(l4, src, dst, PAYLOAD, to_client_macs, 60));
+            // A reply of each flow as its client got it, quoted by a router on the client's path.
+            let reply_error = |vip: SocketAddr| {
+                icmp_error_via(
+                    too_big,
+                    router,
+                    vip.ip(),
+                    &quote(reply_l4, vip, client),
+                    from_client,
+                    64,
+                )
+            };
+            let to_backend_counters = vec![Counter::IcmpErrorToBackend, Counter::XmitRedirect];
+            fixtures.push(Fixture {
+                what: format!("SNAT {family} {name}: error about a reply → backend, from the node"),
+                input: reply_error(snat_vip),
+                ingress: to_client,
+                expect: Expect::Frame(
+                    Verdict::Redirect,
+                    icmp_error_via(
+                        too_big,
+                        node,
+                        b1_ip,
+                        &quote(reply_l4, backend, node_end),
+                        to_backend,
+                        63,
+                    ),
+                ),
+                counters: to_backend_counters.clone(),
+            });
+            fixtures.push(Fixture {
+                what: format!("SNAT {family} {name}: the backend's error about a request → client, from the VIP"),
+                input: icmp_error_via(
+                    IcmpError::PortUnreachable,
+                    b1_ip,
+                    node,
+                    &quote(l4, node_end, backend),
+                    from_b1,
+                    64,
+                ),
+                ingress: to_b1,
+                expect: Expect::Frame(
+                    Verdict::Redirect,
+                    icmp_error_via(
+                        IcmpError::PortUnreachable,
+                        snat_vip.ip(),
+                        client_ip,
+                        &quote(l4, client, snat_vip),
+                        to_client_macs,
+                        63,
+                    ),
+                ),
+                counters: vec![Counter::IcmpErrorToClient, Counter::XmitRedirect],
+            });
+            let input = reply_error(l2_vip);
+            fixtures.push(Fixture {
+                what: format!(
+                    "DSR L2 {family} {name}: error about a reply → backend's MAC, unchanged"
+                ),
+                input: input.clone(),
+                ingress: to_client,
+                expect: Expect::Frame(
+                    Verdict::Redirect,
+                    [&to_backend.1[..], &to_backend.0, &input[12..]].concat(),
+                ),
+                counters: to_backend_counters.clone(),
+            });
+            let input = reply_error(ipip_vip);
+            fixtures.push(Fixture {
+                what: format!("DSR IPIP {family} {name}: error about a reply → backend, encapsulated as the flow"),
+                input: input.clone(),
+                ingress: to_client,
+                expect: Expect::Frame(
+                    Verdict::Redirect,
+                    encapsulated(&input, node, b1_ip, label, to_backend),
+                ),
+                counters: to_backend_counters,
+            });
+            fixtures.push(Fixture {
+                what: format!(
+                    "SNAT {family} {name}: error about a reply of an unknown flow, untouched"
+                ),
+                input: icmp_error_via(
+                    too_big,
+                    router,
+                    snat_vip.ip(),
+                    &quote(reply_l4, snat_vip, SocketAddr::new(client_ip, 39999)),
+                    from_client,
+                    64,
+                ),
+                ingress: to_client,
+                expect: Expect::Frame(
+                    Verdict::Pass,
+                    icmp_error_via(
+                        too_big,
+                        router,
+                        snat_vip.ip(),
+                        &quote(reply_l4, snat_vip, SocketAddr::new(client_ip, 39999)),
+                        from_client,
+                        64,
+                    ),
+                ),
+                counters: vec![Counter::PassIcmpErrorUntracked],
             });
         }
     }

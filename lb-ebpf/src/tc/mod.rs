@@ -19,8 +19,9 @@
 //! dropped, ...), counted. Fragmented datagrams are handled as in `lb_xdp`, in every mode: a first
 //! fragment is recorded after its rewrite (before an encapsulation), and later ones leave the same
 //! way (`tc::fragments`).
-//! ICMP errors about DNAT flows are translated by `icmp`, the same code as in `lb_xdp`, then go to
-//! the stack (on a workload veth around the policy, as the flows are: see `icmp`). Sources in the
+//! ICMP errors about balanced flows are translated by `icmp`, the same code as in `lb_xdp`, then go
+//! to the stack (DNAT; on a workload veth around the policy, as the flows are: see `icmp`) or leave
+//! as their SNAT or DSR flow's packets do (`xmit::leave`). Sources in the
 //! CIDR deny list are dropped first, as `lb_xdp` drops them (`policy::cidr_deny`).
 //!
 //! Stack: the deepest chains of BPF frames, `lb_tc` → `icmp::handle` and `lb_tc` → [`to_backend`]
@@ -107,6 +108,7 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
         Err(NotFlow::Icmp { family, offset }) => {
             return match icmp::handle(&ctx, family, offset, icmp::Scope::Node) {
                 icmp::Verdict::GoesOn => TC_ACT_OK,
+                icmp::Verdict::Leaves => icmp_leaves(&ctx),
                 icmp::Verdict::Drop => TC_ACT_SHOT,
             }
         }
@@ -139,6 +141,17 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
     }
     count(Counter::PassNotService);
     TC_ACT_OK
+}
+
+/// An ICMP error translated for a SNAT or DSR flow leaves as that flow's packets do.
+// A BPF function of its own: its frame sits beside `icmp::handle`'s, not under it.
+#[inline(never)]
+fn icmp_leaves(ctx: &TcContext) -> i32 {
+    let (family, protocol) = icmp::family_and_protocol(ctx);
+    match icmp::departure() {
+        Some(how) => xmit::leave(ctx, family, protocol, how),
+        None => TC_ACT_OK,
+    }
 }
 
 /// A DNAT packet `lb_tc` rewrote (now `src` → `dst`): a first fragment is recorded for the later

@@ -17,9 +17,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     counters::Counter,
-    service::{family, Addr},
+    fragments::FragmentEntry,
+    service::{family, mode, Addr},
 };
 
+use super::{dsr, snat};
 use crate::{
     maps::count,
     packet::{
@@ -144,5 +146,22 @@ fn decrement_ttl(ctx: &TcContext, v4: bool, l3: usize, ttl: u8) -> Result<(), i6
         ctx.store(l3 + IPV4_TTL, &new, 0)
     } else {
         ctx.store(l3 + IPV6_HOP_LIMIT, &new, BPF_F_RECOMPUTE_CSUM as u64)
+    }
+}
+
+/// Sends the packet (an IP packet of `family`, `protocol` inside, rewritten already) the way its
+/// flow's packets leave, as `how` records it (see `crate::xmit::leave`): SNAT to the FIB's next hop
+/// with the TTL decremented, DSR L2 unchanged to the backend's MAC, DSR IPIP encapsulated towards
+/// the backend; DNAT to the stack.
+#[inline(always)]
+pub fn leave(ctx: &TcContext, family: u8, protocol: u8, how: &FragmentEntry) -> i32 {
+    match how.mode {
+        mode::SNAT => snat::send(ctx, family, protocol, ETH_LEN, &how.src, &how.dst),
+        mode::DSR_L2 => dsr::send_l2(ctx, family, protocol, &how.src, &how.dst),
+        mode::DSR_IPIP => {
+            let room_flags = dsr::room_flags(family, protocol);
+            dsr::encapsulate(ctx, room_flags, &how.src, &how.dst, how.label)
+        }
+        _ => TC_ACT_OK,
     }
 }
