@@ -81,6 +81,23 @@ impl Netns {
             .map(|_| ())
     }
 
+    /// The path MTU this namespace has learnt towards `dst` (its route cache, from an ICMP
+    /// "fragmentation needed" / "packet too big" its stack accepted), if any.
+    pub fn learnt_mtu(&self, dst: std::net::IpAddr) -> Option<u32> {
+        let family = if dst.is_ipv4() { "-4" } else { "-6" };
+        let out = self
+            .exec("ip", &[family, "route", "get", &dst.to_string()])
+            .expect("ip route get");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut words = text.split_whitespace();
+        while let Some(word) = words.next() {
+            if word == "mtu" {
+                return words.next()?.parse().ok();
+            }
+        }
+        None
+    }
+
     /// Runs `f` on a thread that has entered this namespace. Sockets created there belong to the
     /// namespace for their whole life, so they can be handed back and used from any thread.
     pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {

@@ -220,22 +220,6 @@ fn count(counters: &BTreeMap<String, u64>, which: Counter) -> u64 {
     counters.get(which.name()).copied().unwrap_or(0)
 }
 
-/// The path MTU `ns` has learnt towards `dst` (its route cache), if any.
-fn learnt_mtu(ns: &Netns, dst: IpAddr) -> Option<u32> {
-    let family = if dst.is_ipv4() { "-4" } else { "-6" };
-    let out = ns
-        .exec("ip", &[family, "route", "get", &dst.to_string()])
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut words = text.split_whitespace();
-    while let Some(word) = words.next() {
-        if word == "mtu" {
-            return words.next()?.parse().ok();
-        }
-    }
-    None
-}
-
 #[test]
 fn large_udp_datagrams_cross_the_vip_in_fragments_both_ways() {
     fragments_both_ways(Mode::Dnat, &[]);
@@ -421,7 +405,7 @@ fn fragmentation_needed_about_a_reply(mode: Mode, agent_args: &[&str]) {
         let name = ask(&socket, vip, question);
         let index: usize = name.trim_start_matches("backend-").parse().unwrap();
         let (sender, other) = (&topology.backends[index - 1], &topology.backends[2 - index]);
-        assert_eq!(learnt_mtu(&sender.ns, client), None, "no PMTU yet");
+        assert_eq!(sender.ns.learnt_mtu(client), None, "no PMTU yet");
 
         // The answer as the client received it, quoted by a router on the client's side that
         // could not forward it (RFC 1812: up to 576 bytes in all; IPv6: up to 1280).
@@ -439,7 +423,7 @@ fn fragmentation_needed_about_a_reply(mode: Mode, agent_args: &[&str]) {
         inject(&topology.client, "eth0", error);
 
         let deadline = Instant::now() + Duration::from_secs(3);
-        while learnt_mtu(&sender.ns, client) != Some(mtu.into()) {
+        while sender.ns.learnt_mtu(client) != Some(mtu.into()) {
             assert!(
                 Instant::now() < deadline,
                 "{vip}: {name} did not learn the path MTU towards {client}"
@@ -447,7 +431,7 @@ fn fragmentation_needed_about_a_reply(mode: Mode, agent_args: &[&str]) {
             thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(
-            learnt_mtu(&other.ns, client),
+            other.ns.learnt_mtu(client),
             None,
             "{vip}: only the backend that sent the answer hears of it"
         );

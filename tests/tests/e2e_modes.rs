@@ -29,20 +29,21 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    time::{Duration, Instant},
 };
 
 use lb_agent::decap::{Decap, DecapOptions};
 use lb_common::{counters::Counter, modes::snat};
 use lb_tests::{
     agent::{AgentProcess, ConfigFile},
+    frames::{frame, icmp_error, inject, ip_packet, mac_of, IcmpError, L4},
     modes::{hold_vips_on_loopback, in_netns, RecordingServer, XdpPass},
     netns::TEST_PREFIX,
-    servers::{tcp_requests, udp_requests},
+    servers::{recv_from, tcp_requests, udp_requests},
     topology::{
-        Topology, BALANCER_CLIENT_SIDE_ADDR, BALANCER_CLIENT_SIDE_ADDR6, CLIENT_ADDR, CLIENT_ADDR6,
-        VIP, VIP6,
+        Topology, BALANCER_CLIENT_IFACE, BALANCER_CLIENT_SIDE_ADDR, BALANCER_CLIENT_SIDE_ADDR6,
+        CLIENT_ADDR, CLIENT_ADDR6, VIP, VIP6,
     },
 };
 
@@ -265,6 +266,74 @@ impl Setup {
         2 * (REQUESTS * payload.len()) as u64
     }
 
+    /// A "fragmentation needed" / "packet too big" about a reply a DSR backend sent straight to the
+    /// client, sent to the VIP as a router on the client's path would: the balancer sends it to
+    /// that backend as the flow's requests go (its MAC, or encapsulated to its `lb_decap`), and
+    /// the backend's kernel, which matches it to its socket, lowers its path MTU towards the
+    /// client; the other backend hears nothing.
+    fn fragmentation_needed_about_a_reply(&self) {
+        let topology = &self.topology;
+        let client_mac = mac_of(&topology.client, "eth0");
+        let node_mac = mac_of(&topology.balancer, BALANCER_CLIENT_IFACE);
+        for (vip, client, router, mtu) in [
+            (
+                SocketAddr::from((VIP, 53)),
+                IpAddr::from(CLIENT_ADDR),
+                "192.0.2.254",
+                1200u16,
+            ),
+            (
+                SocketAddr::from((VIP6, 53)),
+                IpAddr::from(CLIENT_ADDR6),
+                "2001:db8:2::fe",
+                1300,
+            ),
+        ] {
+            let (local, name) = topology.client.run(move || {
+                let socket = UdpSocket::bind(SocketAddr::new(client, 0)).expect("bind");
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .unwrap();
+                socket.send_to(b"how big?", vip).expect("send");
+                let mut buf = [0u8; 64];
+                let (n, from) = recv_from(&socket, &mut buf).expect("an answer");
+                assert_eq!(from, vip, "the answer comes from the VIP");
+                (
+                    socket.local_addr().unwrap(),
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                )
+            });
+            let index: usize = name.trim_start_matches("backend-").parse().unwrap();
+            let (sender, other) = (&topology.backends[index - 1], &topology.backends[2 - index]);
+            assert_eq!(sender.ns.learnt_mtu(client), None, "no PMTU yet");
+            let quoted = ip_packet(&frame(L4::Udp, vip, local, name.as_bytes()));
+            let mut error = icmp_error(
+                IcmpError::TooBig { mtu },
+                router.parse().unwrap(),
+                vip.ip(),
+                &quoted,
+            );
+            error[..6].copy_from_slice(&node_mac);
+            error[6..12].copy_from_slice(&client_mac);
+            inject(&topology.client, "eth0", error);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while sender.ns.learnt_mtu(client) != Some(mtu.into()) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} ({:?}) {vip}: {name} did not learn the path MTU towards {client}",
+                    self.mode.name(),
+                    self.attach
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(
+                other.ns.learnt_mtu(client),
+                None,
+                "{vip}: only {name} hears of it"
+            );
+        }
+    }
+
     /// Every peer the backends saw, once they have read everything.
     fn peers(&self) -> Vec<SocketAddr> {
         std::thread::sleep(Duration::from_millis(300));
@@ -373,8 +442,8 @@ fn check_dsr(setup: &mut Setup, sent: u64) -> BTreeMap<String, u64> {
     let peers = setup.peers();
     assert_eq!(
         peers.len(),
-        4 * REQUESTS,
-        "one peer per connection or datagram"
+        4 * REQUESTS + 2,
+        "one peer per connection or datagram (and the two of `fragmentation_needed_about_a_reply`)"
     );
     for peer in &peers {
         let client: IpAddr = if peer.is_ipv4() {
@@ -391,6 +460,11 @@ fn check_dsr(setup: &mut Setup, sent: u64) -> BTreeMap<String, u64> {
     assert!(
         count(&counters, Counter::XmitRedirect) > 0,
         "{name}: {counters:?}"
+    );
+    assert_eq!(
+        count(&counters, Counter::IcmpErrorToBackend),
+        2,
+        "{name}: both errors went to their backend: {counters:?}"
     );
     for untouched in [Counter::ReplyTranslated, Counter::SnatReplyTranslated] {
         assert_eq!(
@@ -419,6 +493,7 @@ fn dsr_l2_tcp_and_udp_over_ipv4_and_ipv6_through_tc() {
 fn dsr_l2(attach: Attach) {
     let mut setup = Setup::new(Mode::DsrL2, attach);
     let sent = setup.traffic();
+    setup.fragmentation_needed_about_a_reply();
     check_dsr(&mut setup, sent);
 }
 
@@ -435,6 +510,7 @@ fn dsr_ipip_tcp_and_udp_over_ipv4_and_ipv6_through_tc() {
 fn dsr_ipip(attach: Attach) {
     let mut setup = Setup::new(Mode::DsrIpip, attach);
     let sent = setup.traffic();
+    setup.fragmentation_needed_about_a_reply();
     let counters = check_dsr(&mut setup, sent);
     assert_eq!(
         count(&counters, Counter::DropEncapTooBig),
