@@ -359,6 +359,30 @@ pub fn mac_of(ns: &Netns, iface: &str) -> [u8; 6] {
     bytes.try_into().unwrap()
 }
 
+/// Sends from the client of `topology` what a router on its path (`router`) sends the VIP when it
+/// cannot forward the UDP datagram `answer` (`vip` → `client`, as the client got it) for its `mtu`:
+/// "fragmentation needed" / "packet too big", quoting the datagram, to the balancer's MAC.
+pub fn inject_too_big_about_an_answer(
+    topology: &crate::topology::Topology,
+    router: IpAddr,
+    (vip, client): (SocketAddr, SocketAddr),
+    answer: &[u8],
+    mtu: u16,
+) {
+    let client_mac = mac_of(&topology.client, "eth0");
+    let node_mac = mac_of(&topology.balancer, crate::topology::BALANCER_CLIENT_IFACE);
+    let quoted = ip_packet(&frame(L4::Udp, vip, client, answer));
+    let error = icmp_error_via(
+        IcmpError::TooBig { mtu },
+        router,
+        vip.ip(),
+        &quoted,
+        (client_mac, node_mac),
+        64,
+    );
+    inject(&topology.client, "eth0", error);
+}
+
 /// Sends `frame` as is out of `iface` of `ns` (an AF_PACKET socket: nothing of it is rewritten).
 pub fn inject(ns: &Netns, iface: &'static str, frame: Vec<u8>) {
     ns.run(move || {

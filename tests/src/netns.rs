@@ -98,6 +98,18 @@ impl Netns {
         None
     }
 
+    /// Whether this namespace learns the path MTU `mtu` towards `dst` within 3 seconds.
+    pub fn learns_mtu(&self, dst: std::net::IpAddr, mtu: u16) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while self.learnt_mtu(dst) != Some(mtu.into()) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
+        true
+    }
+
     /// Runs `f` on a thread that has entered this namespace. Sockets created there belong to the
     /// namespace for their whole life, so they can be handed back and used from any thread.
     pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {

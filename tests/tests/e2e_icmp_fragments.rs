@@ -26,18 +26,18 @@ use std::{
         Arc,
     },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_common::counters::Counter;
 use lb_tests::{
     agent::{AgentProcess, ConfigFile},
-    frames::{frame, icmp_error, inject, ip_packet, mac_of, IcmpError, L4},
+    frames::inject_too_big_about_an_answer,
     modes::XdpPass,
     netns::{Netns, TEST_PREFIX},
     topology::{
-        Topology, BALANCER_CLIENT_IFACE, BALANCER_CLIENT_SIDE_ADDR, BALANCER_CLIENT_SIDE_ADDR6,
-        CLIENT_ADDR, CLIENT_ADDR6, VIP, VIP6,
+        Topology, BALANCER_CLIENT_SIDE_ADDR, BALANCER_CLIENT_SIDE_ADDR6, CLIENT_ADDR, CLIENT_ADDR6,
+        VIP, VIP6,
     },
 };
 
@@ -378,8 +378,6 @@ fn fragmentation_needed_about_a_reply(mode: Mode, agent_args: &[&str]) {
         agent_args,
     )
     .expect("agent starts");
-    let client_mac = mac_of(&topology.client, "eth0");
-    let node_mac = mac_of(&topology.balancer, BALANCER_CLIENT_IFACE);
 
     for (vip, client, node, router, mtu) in [
         (
@@ -411,25 +409,12 @@ fn fragmentation_needed_about_a_reply(mode: Mode, agent_args: &[&str]) {
         // could not forward it (RFC 1812: up to 576 bytes in all; IPv6: up to 1280).
         let mut answer = format!("{name}:").into_bytes();
         answer.extend_from_slice(question);
-        let quoted = ip_packet(&frame(L4::Udp, vip, local, &answer));
-        let mut error = icmp_error(
-            IcmpError::TooBig { mtu },
-            router.parse().unwrap(),
-            vip.ip(),
-            &quoted,
+        let router = router.parse().unwrap();
+        inject_too_big_about_an_answer(&topology, router, (vip, local), &answer, mtu);
+        assert!(
+            sender.ns.learns_mtu(client, mtu),
+            "{vip}: {name} did not learn the path MTU towards {client}"
         );
-        error[..6].copy_from_slice(&node_mac);
-        error[6..12].copy_from_slice(&client_mac);
-        inject(&topology.client, "eth0", error);
-
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while sender.ns.learnt_mtu(client) != Some(mtu.into()) {
-            assert!(
-                Instant::now() < deadline,
-                "{vip}: {name} did not learn the path MTU towards {client}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
         assert_eq!(
             other.ns.learnt_mtu(client),
             None,

@@ -404,20 +404,14 @@ fn balancer_fixtures(program: Program) {
             let quote =
                 |l4, src, dst| ip_packet(&frame_via(l4, src, dst, PAYLOAD, to_client_macs, 60));
             // A reply of each flow as its client got it, quoted by a router on the client's path.
-            let reply_error = |vip: SocketAddr| {
-                icmp_error_via(
-                    too_big,
-                    router,
-                    vip.ip(),
-                    &quote(reply_l4, vip, client),
-                    from_client,
-                    64,
-                )
+            let reply_error = |vip: SocketAddr, client: SocketAddr| {
+                let quoted = quote(reply_l4, vip, client);
+                icmp_error_via(too_big, router, vip.ip(), &quoted, from_client, 64)
             };
             let to_backend_counters = vec![Counter::IcmpErrorToBackend, Counter::XmitRedirect];
             fixtures.push(Fixture {
                 what: format!("SNAT {family} {name}: error about a reply → backend, from the node"),
-                input: reply_error(snat_vip),
+                input: reply_error(snat_vip, client),
                 ingress: to_client,
                 expect: Expect::Frame(
                     Verdict::Redirect,
@@ -456,7 +450,7 @@ fn balancer_fixtures(program: Program) {
                 ),
                 counters: vec![Counter::IcmpErrorToClient, Counter::XmitRedirect],
             });
-            let input = reply_error(l2_vip);
+            let input = reply_error(l2_vip, client);
             fixtures.push(Fixture {
                 what: format!(
                     "DSR L2 {family} {name}: error about a reply → backend's MAC, unchanged"
@@ -469,7 +463,7 @@ fn balancer_fixtures(program: Program) {
                 ),
                 counters: to_backend_counters.clone(),
             });
-            let input = reply_error(ipip_vip);
+            let input = reply_error(ipip_vip, client);
             fixtures.push(Fixture {
                 what: format!("DSR IPIP {family} {name}: error about a reply → backend, encapsulated as the flow"),
                 input: input.clone(),
@@ -480,30 +474,14 @@ fn balancer_fixtures(program: Program) {
                 ),
                 counters: to_backend_counters,
             });
+            let unknown = reply_error(snat_vip, SocketAddr::new(client_ip, 39999));
             fixtures.push(Fixture {
                 what: format!(
                     "SNAT {family} {name}: error about a reply of an unknown flow, untouched"
                 ),
-                input: icmp_error_via(
-                    too_big,
-                    router,
-                    snat_vip.ip(),
-                    &quote(reply_l4, snat_vip, SocketAddr::new(client_ip, 39999)),
-                    from_client,
-                    64,
-                ),
+                input: unknown.clone(),
                 ingress: to_client,
-                expect: Expect::Frame(
-                    Verdict::Pass,
-                    icmp_error_via(
-                        too_big,
-                        router,
-                        snat_vip.ip(),
-                        &quote(reply_l4, snat_vip, SocketAddr::new(client_ip, 39999)),
-                        from_client,
-                        64,
-                    ),
-                ),
+                expect: Expect::Frame(Verdict::Pass, unknown),
                 counters: vec![Counter::PassIcmpErrorUntracked],
             });
         }
