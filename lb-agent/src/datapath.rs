@@ -34,8 +34,8 @@ use lb_common::{
     modes::ModeInfo,
     prefilter, protocol,
     service::{
-        family, limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey, ServiceSlot,
-        TrafficStats,
+        backend_flags, family, limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey,
+        ServiceSlot, TrafficStats,
     },
 };
 use tracing::{debug, info, warn};
@@ -1076,6 +1076,7 @@ impl Datapath {
                         roles,
                     },
                 );
+                self.mark_retired(id)?;
                 report.backends_retired += 1;
             } else {
                 removed.push((*address, id));
@@ -1126,6 +1127,25 @@ impl Datapath {
             self.free_backend_ids.push_back(id);
         }
         Ok(released)
+    }
+
+    /// Flags backend `id`'s `BACKENDS` entry `RETIRED`, for readers of the maps (`lbctl
+    /// backends`); the datapath ignores the flag. Named again, the backend is written without it.
+    fn mark_retired(&mut self, id: u32) -> Result<()> {
+        let Some(mut backend) = self.backends.get(&id).copied() else {
+            return Ok(());
+        };
+        if backend.is_retired() {
+            return Ok(());
+        }
+        backend.flags |= backend_flags::RETIRED;
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.ebpf.map_mut("BACKENDS").context("BACKENDS map")?)?;
+        backends
+            .set(id, backend, 0)
+            .context("flagging a retired backend in BACKENDS")?;
+        self.backends.insert(id, backend);
+        Ok(())
     }
 
     /// Ids of the programmed services.

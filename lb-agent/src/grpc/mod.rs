@@ -44,5 +44,7 @@ pub mod pb {
 mod codegen;
 
 pub use events::{health_events, Event, EventBus, EventKind};
-pub use server::{serve_tcp_tls, serve_unix, GrpcServer, Listening, LoadBalancerApi, TlsConfig};
+pub use server::{
+    serve_tcp_tls, serve_unix, AppliedView, GrpcServer, Listening, LoadBalancerApi, TlsConfig,
+};
 pub use source::{ApiError, Change, GrpcSource, ServiceKey};

@@ -135,6 +135,10 @@ pub struct AppliedState {
     /// empty when no policy
     #[prost(string, tag = "3")]
     pub policy_yaml: ::prost::alloc::string::String,
+    /// Backends no applied service names any more, kept in the datapath while tracked flows still
+    /// use them (they get no new flows; each goes when its last flow ends). Weight absent.
+    #[prost(message, repeated, tag = "4")]
+    pub retired_backends: ::prost::alloc::vec::Vec<Backend>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListStateResponse {
