@@ -586,7 +586,7 @@ impl Datapath {
             self.attach_balancer(interface, AttachMode::Tc)?;
             self.attach_workload_hooks(interface)?;
             self.workload_attached = true;
-            self.warn_xdp_only_services();
+            self.warn_snat_dsr_services_on_workload_veths();
             return Ok(());
         }
         self.release_workload_hooks(interface)?;
@@ -775,9 +775,11 @@ impl Datapath {
         Ok(id)
     }
 
-    /// Logs every programmed service `lb_tc` cannot forward (SNAT, DSR), once TC is attached.
-    /// `lb_xdp` and `lb_tc` forward every mode; on workload veths, `lb_tc_request` only DNAT.
-    fn warn_xdp_only_services(&self) {
+    /// Logs every programmed SNAT or DSR service once a workload veth is attached: `lb_xdp` and
+    /// `lb_tc` forward every mode, but the split programs of workload veths (`lb_tc_request`,
+    /// `lb_tc_reply`) translate DNAT only, so such a service's requests from workload clients are
+    /// dropped (`drop_tc_mode_unsupported`).
+    fn warn_snat_dsr_services_on_workload_veths(&self) {
         if !self.workload_attached {
             return;
         }
@@ -1086,7 +1088,7 @@ impl Datapath {
         let wanted_filter = self.with_retired_roles(wanted_filter);
         self.write_address_filter(wanted_filter)?;
         if report.services_written > 0 {
-            self.warn_xdp_only_services();
+            self.warn_snat_dsr_services_on_workload_veths();
         }
         self.applied = Some(applied);
         Ok(report)
