@@ -188,6 +188,15 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             services = datapath.programmed_services(),
             "the pinned services stay as they are until Kubernetes is listed"
         );
+        // `ListState` shows what the datapath serves meanwhile, marked as adopted.
+        applied_tx.send_replace(AppliedView {
+            config: Config {
+                services: datapath.programmed_services_read_back(),
+                ..Config::default()
+            },
+            retired_backends: Vec::new(),
+            adopted: true,
+        });
         Config::default()
     } else {
         let applied = reconcile(
@@ -403,6 +412,7 @@ fn publish_applied(tx: &watch::Sender<AppliedView>, config: &Config, datapath: &
     tx.send_replace(AppliedView {
         config: config.clone(),
         retired_backends: datapath.retired_backends(),
+        adopted: false,
     });
 }
 

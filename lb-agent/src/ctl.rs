@@ -275,7 +275,8 @@ pub async fn set_weight(
 }
 
 /// The API's services, one line each with their backends, how many services the agent last
-/// applied from every source, and the retired backends it keeps for their tracked flows.
+/// applied from every source (or, while a restarted agent keeps the services an earlier one
+/// pinned, those services), and the retired backends it keeps for their tracked flows.
 pub async fn state(client: &mut Client) -> Result<Vec<String>> {
     let state = client
         .list_state(pb::ListStateRequest {})
@@ -284,10 +285,24 @@ pub async fn state(client: &mut Client) -> Result<Vec<String>> {
         .into_inner();
     let mut lines: Vec<String> = state.services.iter().map(describe).collect();
     if let Some(applied) = state.applied {
-        lines.push(format!(
-            "applied (file, API and Kubernetes merged): {} services",
-            applied.services.len()
-        ));
+        if applied.adopted {
+            lines.push(format!(
+                "adopted: {} services pinned by an earlier agent, served as they are until the \
+                 sources are listed (Kubernetes); weights are table slots:",
+                applied.services.len()
+            ));
+            lines.extend(
+                applied
+                    .services
+                    .iter()
+                    .map(|s| format!("  {}", describe(s))),
+            );
+        } else {
+            lines.push(format!(
+                "applied (file, API and Kubernetes merged): {} services",
+                applied.services.len()
+            ));
+        }
         if !applied.retired_backends.is_empty() {
             let retired: Vec<String> = applied.retired_backends.iter().map(endpoint).collect();
             lines.push(format!(

@@ -1543,6 +1543,65 @@ impl Datapath {
         self.services.len()
     }
 
+    /// The programmed services read back as config services, for `ListState` while the services
+    /// an earlier agent pinned wait for their sources (`crate::agent`). Only what the maps keep:
+    /// names are `pinned-<service id>`; each backend's weight is the number of live table slots it
+    /// holds (its share of new flows), so backends without slots (drained) are left out; no
+    /// health checks; `snat_address` is the SNAT source address in use.
+    pub fn programmed_services_read_back(&self) -> Vec<Service> {
+        self.services
+            .iter()
+            .filter_map(|(key, programmed)| {
+                let protocol = match key.protocol {
+                    protocol::TCP => crate::config::Protocol::Tcp,
+                    protocol::UDP => crate::config::Protocol::Udp,
+                    _ => return None,
+                };
+                let mode = match programmed.info.mode {
+                    mode::SNAT => ForwardingMode::Snat,
+                    mode::DSR_L2 => ForwardingMode::DsrL2,
+                    mode::DSR_IPIP => ForwardingMode::DsrIpip,
+                    _ => ForwardingMode::Dnat,
+                };
+                let hash = if programmed.info.flags & service_flags::HASH_SOURCE_IP != 0 {
+                    HashFields::SourceIp
+                } else {
+                    HashFields::FiveTuple
+                };
+                let mut slots: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
+                for backend in programmed
+                    .table
+                    .iter()
+                    .filter_map(|id| self.backends.get(id))
+                {
+                    *slots
+                        .entry((backend.ip(), backend.port_host()))
+                        .or_default() += 1;
+                }
+                Some(Service {
+                    name: format!("pinned-{}", programmed.info.id),
+                    vip: key.vip(),
+                    port: key.port_host(),
+                    protocol,
+                    mode,
+                    snat_address: (mode == ForwardingMode::Snat && programmed.mode.has_source())
+                        .then(|| programmed.mode.source.to_ip(key.family)),
+                    hash,
+                    maglev_table_size: programmed.info.table_size,
+                    backends: slots
+                        .into_iter()
+                        .map(|((address, port), weight)| crate::config::BackendConfig {
+                            address,
+                            port,
+                            weight,
+                        })
+                        .collect(),
+                    health_check: None,
+                })
+            })
+            .collect()
+    }
+
     /// The live Maglev table of a service, as backend addresses (for tests and `lbctl`).
     pub fn table_of(&self, key: &ServiceKey) -> Option<Vec<(IpAddr, u16)>> {
         let programmed = self.services.get(key)?;

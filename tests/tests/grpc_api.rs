@@ -407,6 +407,7 @@ rules:
     applied_tx.send_replace(AppliedView {
         config: config.clone(),
         retired_backends: datapath.retired_backends(),
+        adopted: false,
     });
     let state = within("list state", client.list_state(pb::ListStateRequest {}))
         .await

@@ -20,7 +20,7 @@
 //! lbctl backend weight VIP:PORT/PROTO ADDR:PORT WEIGHT    # 0 drains
 //! lbctl policy set FILE       # the API's policy: YAML of the config file's `policy:` section
 //! lbctl policy show | clear
-//! lbctl state                 # the services defined through the API, retired backends
+//! lbctl state                 # the API's services, what is applied (or adopted), retired backends
 //! lbctl events [--count N]    # the agent's events as they happen
 //! ```
 

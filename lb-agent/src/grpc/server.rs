@@ -43,6 +43,10 @@ pub struct AppliedView {
     /// Backends no service names any more, kept while their tracked flows live
     /// (`Datapath::retired_backends`).
     pub retired_backends: Vec<(IpAddr, u16)>,
+    /// `config` holds the services an earlier agent pinned, read back from the maps
+    /// (`Datapath::programmed_services_read_back`): the agent keeps them until its sources are
+    /// listed (Kubernetes), and has applied nothing yet.
+    pub adopted: bool,
 }
 
 /// The `lb.v1.LoadBalancer` service: requests go to a [`GrpcSource`], `ListState` also reads the
@@ -158,6 +162,7 @@ impl pb::load_balancer_server::LoadBalancer for LoadBalancerApi {
                         weight: None,
                     })
                     .collect(),
+                adopted: applied.adopted,
             }
         });
         Ok(Response::new(pb::ListStateResponse {
