@@ -31,7 +31,7 @@ use crate::{
     datapath::{AttachMode, Capacity, Datapath, LoadOptions, PinOptions, TableFill},
     desired::{Conflict, Desired},
     ebpf_log,
-    grpc::{self, Event, EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig},
+    grpc::{self, AppliedView, Event, EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig},
     health::{self, HealthChecker, Target},
     http::{HttpServer, Readiness},
     k8s::{K8sOptions, K8sSource, NodeOptions},
@@ -112,7 +112,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let grpc_source = GrpcSource::new();
     grpc_source.set_base_config(&file);
     let events = EventBus::default();
-    let (applied_tx, applied_rx) = watch::channel(Config::default());
+    let (applied_tx, applied_rx) = watch::channel(AppliedView::default());
     let mut grpc_servers: Vec<GrpcServer> = Vec::new();
     if let Some(path) = &options.grpc_socket {
         grpc_servers.push(grpc::serve_unix(
@@ -188,6 +188,15 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             services = datapath.programmed_services(),
             "the pinned services stay as they are until Kubernetes is listed"
         );
+        // `ListState` shows what the datapath serves meanwhile, marked as adopted.
+        applied_tx.send_replace(AppliedView {
+            config: Config {
+                services: datapath.programmed_services_read_back(),
+                ..Config::default()
+            },
+            retired_backends: Vec::new(),
+            adopted: true,
+        });
         Config::default()
     } else {
         let applied = reconcile(
@@ -199,7 +208,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             &mut reported,
         )
         .context("programming the initial state")?;
-        applied_tx.send_replace(applied.clone());
+        publish_applied(&applied_tx, &applied, &datapath);
         // The pinned list stays too while the services wait (it is reconciled with them).
         reconcile_cidr_deny(&mut cidr_deny, &mut datapath, &applied, &metrics, &events);
         applied
@@ -320,8 +329,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     }
                 }
                 conntrack.refresh(&datapath);
-                if let Err(err) = datapath.release_retired_backends() {
-                    warn!("removing retired backends: {err:#}");
+                match datapath.release_retired_backends() {
+                    Ok(0) => {}
+                    Ok(_) => publish_applied(&applied_tx, &applied, &datapath),
+                    Err(err) => warn!("removing retired backends: {err:#}"),
                 }
                 refresh_metrics(&datapath, &applied, &checker, &metrics, &conntrack, !options.stats_interval.is_zero());
                 continue;
@@ -355,7 +366,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             ) {
                 Ok(config) => {
                     applied = config;
-                    applied_tx.send_replace(applied.clone());
+                    publish_applied(&applied_tx, &applied, &datapath);
                     reconcile_cidr_deny(&mut cidr_deny, &mut datapath, &applied, &metrics, &events);
                     if file_changed {
                         info!(services = applied.services.len(), "config reloaded");
@@ -394,6 +405,15 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Tells `ListState` what is applied: `config` and the datapath's retired backends.
+fn publish_applied(tx: &watch::Sender<AppliedView>, config: &Config, datapath: &Datapath) {
+    tx.send_replace(AppliedView {
+        config: config.clone(),
+        retired_backends: datapath.retired_backends(),
+        adopted: false,
+    });
 }
 
 /// Waits for the next Kubernetes update; never resolves without a Kubernetes source.

@@ -274,8 +274,9 @@ pub async fn set_weight(
     ))
 }
 
-/// The API's services, one line each with their backends, and how many services the agent last
-/// applied from every source.
+/// The API's services, one line each with their backends, how many services the agent last
+/// applied from every source (or, while a restarted agent keeps the services an earlier one
+/// pinned, those services), and the retired backends it keeps for their tracked flows.
 pub async fn state(client: &mut Client) -> Result<Vec<String>> {
     let state = client
         .list_state(pb::ListStateRequest {})
@@ -284,12 +285,42 @@ pub async fn state(client: &mut Client) -> Result<Vec<String>> {
         .into_inner();
     let mut lines: Vec<String> = state.services.iter().map(describe).collect();
     if let Some(applied) = state.applied {
-        lines.push(format!(
-            "applied (file, API and Kubernetes merged): {} services",
-            applied.services.len()
-        ));
+        if applied.adopted {
+            lines.push(format!(
+                "adopted: {} services pinned by an earlier agent, served as they are until the \
+                 sources are listed (Kubernetes); weights are table slots:",
+                applied.services.len()
+            ));
+            lines.extend(
+                applied
+                    .services
+                    .iter()
+                    .map(|s| format!("  {}", describe(s))),
+            );
+        } else {
+            lines.push(format!(
+                "applied (file, API and Kubernetes merged): {} services",
+                applied.services.len()
+            ));
+        }
+        if !applied.retired_backends.is_empty() {
+            let retired: Vec<String> = applied.retired_backends.iter().map(endpoint).collect();
+            lines.push(format!(
+                "retired (no service names them, kept while their tracked flows live): {}",
+                retired.join(" ")
+            ));
+        }
     }
     Ok(lines)
+}
+
+/// A backend's `address:port`.
+fn endpoint(backend: &pb::Backend) -> String {
+    backend
+        .address
+        .parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, backend.port as u16).to_string())
+        .unwrap_or_else(|_| format!("{}:{}", backend.address, backend.port))
 }
 
 fn describe(service: &pb::Service) -> String {
@@ -306,14 +337,7 @@ fn describe(service: &pb::Service) -> String {
     let backends: Vec<String> = service
         .backends
         .iter()
-        .map(|b| {
-            let addr = b
-                .address
-                .parse::<std::net::IpAddr>()
-                .map(|ip| SocketAddr::new(ip, b.port as u16).to_string())
-                .unwrap_or_else(|_| format!("{}:{}", b.address, b.port));
-            format!("{addr}={}", b.weight.unwrap_or(1))
-        })
+        .map(|b| format!("{}={}", endpoint(b), b.weight.unwrap_or(1)))
         .collect();
     format!(
         "{vip}/{protocol} {} mode={} backends: {}",

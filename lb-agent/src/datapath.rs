@@ -34,8 +34,8 @@ use lb_common::{
     modes::ModeInfo,
     prefilter, protocol,
     service::{
-        family, limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey, ServiceSlot,
-        TrafficStats,
+        backend_flags, family, limits, mode, service_flags, Addr, Backend, ServiceInfo, ServiceKey,
+        ServiceSlot, TrafficStats,
     },
 };
 use tracing::{debug, info, warn};
@@ -586,7 +586,7 @@ impl Datapath {
             self.attach_balancer(interface, AttachMode::Tc)?;
             self.attach_workload_hooks(interface)?;
             self.workload_attached = true;
-            self.warn_xdp_only_services();
+            self.warn_snat_dsr_services_on_workload_veths();
             return Ok(());
         }
         self.release_workload_hooks(interface)?;
@@ -775,9 +775,11 @@ impl Datapath {
         Ok(id)
     }
 
-    /// Logs every programmed service `lb_tc` cannot forward (SNAT, DSR), once TC is attached.
-    /// `lb_xdp` and `lb_tc` forward every mode; on workload veths, `lb_tc_request` only DNAT.
-    fn warn_xdp_only_services(&self) {
+    /// Logs every programmed SNAT or DSR service once a workload veth is attached: `lb_xdp` and
+    /// `lb_tc` forward every mode, but the split programs of workload veths (`lb_tc_request`,
+    /// `lb_tc_reply`) translate DNAT only, so such a service's requests from workload clients are
+    /// dropped (`drop_tc_mode_unsupported`).
+    fn warn_snat_dsr_services_on_workload_veths(&self) {
         if !self.workload_attached {
             return;
         }
@@ -1076,6 +1078,7 @@ impl Datapath {
                         roles,
                     },
                 );
+                self.mark_retired(id)?;
                 report.backends_retired += 1;
             } else {
                 removed.push((*address, id));
@@ -1085,7 +1088,7 @@ impl Datapath {
         let wanted_filter = self.with_retired_roles(wanted_filter);
         self.write_address_filter(wanted_filter)?;
         if report.services_written > 0 {
-            self.warn_xdp_only_services();
+            self.warn_snat_dsr_services_on_workload_veths();
         }
         self.applied = Some(applied);
         Ok(report)
@@ -1126,6 +1129,25 @@ impl Datapath {
             self.free_backend_ids.push_back(id);
         }
         Ok(released)
+    }
+
+    /// Flags backend `id`'s `BACKENDS` entry `RETIRED`, for readers of the maps (`lbctl
+    /// backends`); the datapath ignores the flag. Named again, the backend is written without it.
+    fn mark_retired(&mut self, id: u32) -> Result<()> {
+        let Some(mut backend) = self.backends.get(&id).copied() else {
+            return Ok(());
+        };
+        if backend.is_retired() {
+            return Ok(());
+        }
+        backend.flags |= backend_flags::RETIRED;
+        let mut backends: Array<&mut MapData, Backend> =
+            Array::try_from(self.ebpf.map_mut("BACKENDS").context("BACKENDS map")?)?;
+        backends
+            .set(id, backend, 0)
+            .context("flagging a retired backend in BACKENDS")?;
+        self.backends.insert(id, backend);
+        Ok(())
     }
 
     /// Ids of the programmed services.
@@ -1519,6 +1541,65 @@ impl Datapath {
     /// Services in the maps (after adopting pinned maps: those an earlier agent programmed).
     pub fn programmed_services(&self) -> usize {
         self.services.len()
+    }
+
+    /// The programmed services read back as config services, for `ListState` while the services
+    /// an earlier agent pinned wait for their sources (`crate::agent`). Only what the maps keep:
+    /// names are `pinned-<service id>`; each backend's weight is the number of live table slots it
+    /// holds (its share of new flows), so backends without slots (drained) are left out; no
+    /// health checks; `snat_address` is the SNAT source address in use.
+    pub fn programmed_services_read_back(&self) -> Vec<Service> {
+        self.services
+            .iter()
+            .filter_map(|(key, programmed)| {
+                let protocol = match key.protocol {
+                    protocol::TCP => crate::config::Protocol::Tcp,
+                    protocol::UDP => crate::config::Protocol::Udp,
+                    _ => return None,
+                };
+                let mode = match programmed.info.mode {
+                    mode::SNAT => ForwardingMode::Snat,
+                    mode::DSR_L2 => ForwardingMode::DsrL2,
+                    mode::DSR_IPIP => ForwardingMode::DsrIpip,
+                    _ => ForwardingMode::Dnat,
+                };
+                let hash = if programmed.info.flags & service_flags::HASH_SOURCE_IP != 0 {
+                    HashFields::SourceIp
+                } else {
+                    HashFields::FiveTuple
+                };
+                let mut slots: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
+                for backend in programmed
+                    .table
+                    .iter()
+                    .filter_map(|id| self.backends.get(id))
+                {
+                    *slots
+                        .entry((backend.ip(), backend.port_host()))
+                        .or_default() += 1;
+                }
+                Some(Service {
+                    name: format!("pinned-{}", programmed.info.id),
+                    vip: key.vip(),
+                    port: key.port_host(),
+                    protocol,
+                    mode,
+                    snat_address: (mode == ForwardingMode::Snat && programmed.mode.has_source())
+                        .then(|| programmed.mode.source.to_ip(key.family)),
+                    hash,
+                    maglev_table_size: programmed.info.table_size,
+                    backends: slots
+                        .into_iter()
+                        .map(|((address, port), weight)| crate::config::BackendConfig {
+                            address,
+                            port,
+                            weight,
+                        })
+                        .collect(),
+                    health_check: None,
+                })
+            })
+            .collect()
     }
 
     /// The live Maglev table of a service, as backend addresses (for tests and `lbctl`).

@@ -1,14 +1,16 @@
-//! What the pinned datapath holds, read straight from its maps (`lbctl`): the services, the tracked
-//! flows with the backend each one uses, and the counters. It needs only the pin directory, not a
+//! What the pinned datapath holds, read straight from its maps (`lbctl`): the services, the
+//! backends with their state (active, drained, retired) and live flows, the tracked flows with the
+//! backend each one uses, and the counters. It needs only the pin directory, not a
 //! running agent, and never writes: it shows what the datapath decides with, as it is now.
 
 use std::{
+    collections::{HashMap as StdHashMap, HashSet},
     fmt,
     net::{IpAddr, SocketAddr},
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
     conntrack::{state, ConntrackEntry, FlowKey, FlowKeyV4},
     counters::Counter,
@@ -16,7 +18,7 @@ use lb_common::{
     service::{mode, Addr, Backend, ServiceInfo, ServiceKey},
 };
 
-use crate::{datapath::sum_counters, pins::PinDir};
+use crate::{datapath::sum_counters, map_batch, pins::PinDir, retired};
 
 /// One `SERVICES` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +28,33 @@ pub struct ServiceRow {
     pub port: u16,
     pub protocol: u8,
     pub info: ServiceInfo,
+}
+
+/// One `BACKENDS` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendRow {
+    pub id: u32,
+    pub address: IpAddr,
+    /// 0: the client's destination port is kept.
+    pub port: u16,
+    pub state: BackendState,
+    /// Services whose live Maglev table names it: new flows reach it through them.
+    pub services: usize,
+    /// Live (not expired) tracked flows of programmed services that name it.
+    pub flows: u64,
+}
+
+/// Why a backend is in `BACKENDS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    /// Some service's table names it.
+    Active,
+    /// Services name it, but no table does (weight 0 or failing its health check everywhere):
+    /// only its tracked flows reach it.
+    Drained,
+    /// No service names it any more: kept only while its tracked flows live (the agent's
+    /// `retired` module).
+    Retired,
 }
 
 /// One tracked flow (`CONNTRACK_V4` or `CONNTRACK_V6`) and the backend its entry names.
@@ -79,6 +108,65 @@ impl Pinned {
             .collect::<Result<Vec<_>>>()?;
         rows.sort_by_key(|r| (r.vip, r.port, r.protocol));
         Ok(rows)
+    }
+
+    fn map_data(&self, name: &str) -> Result<MapData> {
+        let path = self.pins.map(name);
+        MapData::from_pin(&path)
+            .with_context(|| format!("opening {} (is the datapath pinned there?)", path.display()))
+    }
+
+    /// Every backend, sorted by id: its state, how many services' tables name it and how many
+    /// live tracked flows do.
+    pub fn backends(&self) -> Result<Vec<BackendRow>> {
+        let backends: Array<MapData, Backend> = Array::try_from(self.map("BACKENDS")?)?;
+        let tables: ArrayOfMaps<MapData, Array<MapData, u32>> =
+            ArrayOfMaps::try_from(self.map("MAGLEV_TABLES")?)?;
+        let services = self.services()?;
+        let mut in_tables: StdHashMap<u32, usize> = StdHashMap::new();
+        for service in services.iter().filter(|s| s.info.table_size > 0) {
+            let table = tables
+                .get(&service.info.table_slot, 0)
+                .with_context(|| format!("reading Maglev table {}", service.info.table_slot))?;
+            let named: HashSet<u32> = map_batch::read_array(&table)
+                .context("reading a Maglev table")?
+                .into_iter()
+                .collect();
+            for id in named {
+                *in_tables.entry(id).or_default() += 1;
+            }
+        }
+        let service_ids = services.iter().map(|s| s.info.id).collect();
+        let flows = retired::live_flows_per_backend(
+            &self.map_data("CONNTRACK_V4")?,
+            &self.map_data("CONNTRACK_V6")?,
+            &service_ids,
+        )?;
+        Ok(map_batch::read_array(&backends)
+            .context("reading BACKENDS")?
+            .into_iter()
+            .enumerate()
+            .filter(|(_, backend)| backend.family != 0)
+            .map(|(id, backend)| {
+                let id = id as u32;
+                let services = in_tables.get(&id).copied().unwrap_or(0);
+                let state = if backend.is_retired() {
+                    BackendState::Retired
+                } else if services > 0 {
+                    BackendState::Active
+                } else {
+                    BackendState::Drained
+                };
+                BackendRow {
+                    id,
+                    address: backend.ip(),
+                    port: backend.port_host(),
+                    state,
+                    services,
+                    flows: flows.get(&id).copied().unwrap_or(0),
+                }
+            })
+            .collect())
     }
 
     /// Every tracked flow of both families (at most `limit`), sorted by VIP and client.
@@ -166,21 +254,49 @@ pub fn mode_name(value: u8) -> &'static str {
     }
 }
 
+/// `address:port`, `[address]:port` for IPv6, `*` for port 0 (every port, or the client's).
+fn endpoint(address: IpAddr, port: u16) -> String {
+    let address = match address {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    };
+    if port == 0 {
+        format!("{address}:*")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
+impl BackendState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Drained => "drained",
+            Self::Retired => "retired",
+        }
+    }
+}
+
+impl fmt::Display for BackendRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:<28} id {:<6} {:<8} services {:<4} flows {}",
+            endpoint(self.address, self.port),
+            self.id,
+            self.state.name(),
+            self.services,
+            self.flows
+        )
+    }
+}
+
 impl fmt::Display for ServiceRow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let vip = match self.vip {
-            IpAddr::V6(v6) => format!("[{v6}]"),
-            v4 => v4.to_string(),
-        };
-        let port = if self.port == 0 {
-            "*".to_string()
-        } else {
-            self.port.to_string()
-        };
         write!(
             f,
             "{:<28} {:<5} {:<9} id {:<5} table {}",
-            format!("{vip}:{port}"),
+            endpoint(self.vip, self.port),
             protocol_name(self.protocol),
             mode_name(self.info.mode),
             self.info.id,

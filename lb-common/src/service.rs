@@ -156,6 +156,10 @@ pub mod backend_flags {
     /// New DNAT flows to this backend write a `NAT_REPLY` entry: its replies cannot be told apart
     /// by its address and port alone (see `conntrack::BackendReply`).
     pub const SHARED_REPLIES: u8 = 1 << 1;
+    /// No service names the backend any more: it is kept only for the tracked flows that still
+    /// use it, and goes when they end (the agent's `retired` module). For readers of the maps
+    /// (`lbctl backends`); the datapath treats it as any active backend.
+    pub const RETIRED: u8 = 1 << 2;
 }
 
 /// Entry of the `BACKENDS` array, indexed by backend id.
@@ -193,6 +197,10 @@ impl Backend {
 
     pub fn has_shared_replies(&self) -> bool {
         self.flags & backend_flags::SHARED_REPLIES != 0
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.flags & backend_flags::RETIRED != 0
     }
 }
 

@@ -730,6 +730,32 @@ fn lbctl_changes_services_through_the_agent() {
             .collect::<Vec<_>>(),
         ["backend-3"]
     );
+    // Backend 2 served connections within the last seconds, whose conntrack entries live (10 s
+    // after their FIN): no service names it, but it is retired rather than removed, and both the
+    // agent's state and the pinned maps say so.
+    let state = ok(&["state"]);
+    let retired = state
+        .lines()
+        .find(|l| l.starts_with("retired"))
+        .unwrap_or_else(|| panic!("no retired backends in: {state}"));
+    assert!(
+        retired.contains(&b(2)) && !retired.contains(&b(3)),
+        "{state}"
+    );
+    let pins = agent.pins();
+    let listed = ok(&["--bpffs-dir", pins.path().to_str().unwrap(), "backends"]);
+    let line = |backend: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(&format!("{backend} ")))
+            .unwrap_or_else(|| panic!("{backend} not listed: {listed}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    let backend2 = line(&b(2));
+    assert_eq!(backend2[3..6], ["retired", "services", "0"], "{listed}");
+    assert_ne!(backend2[7], "0", "its flows keep it: {listed}");
+    assert_eq!(line(&b(3))[3..6], ["active", "services", "1"], "{listed}");
 
     // The API's policy: set from a file, shown back, refused when invalid (the agent names the
     // field, the policy stays), cleared.

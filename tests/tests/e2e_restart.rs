@@ -357,7 +357,9 @@ fn an_incompatible_layout_is_refused_until_its_replacement_is_asked_for() {
 
 /// With Kubernetes as a source, a restarted agent leaves the services it adopted alone until the
 /// API server has been listed: while the API server is unreachable, the cluster's service keeps
-/// forwarding (the merged state without it would remove it). Once listed, changes apply again.
+/// forwarding (the merged state without it would remove it), and `lbctl state` (gRPC `ListState`)
+/// reports it as adopted, read back from the maps. Once listed, it is applied and changes apply
+/// again.
 #[test]
 fn a_restart_keeps_the_pinned_kubernetes_services_until_the_api_server_is_listed() {
     use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -402,9 +404,59 @@ fn a_restart_keeps_the_pinned_kubernetes_services_until_the_api_server_is_listed
 
     let mut api = api;
     api.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let extra = [
+        extra[0],
+        extra[1],
+        "--grpc-socket",
+        socket.to_str().unwrap(),
+    ];
     let mut second =
         AgentProcess::start_pinned(&topology.balancer, file.path(), &interfaces, &extra, pins)
             .expect("second agent starts without the API server");
+    let state = || {
+        let out = Command::new(lb_tests::agent::lbctl_binary())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("state")
+            .output()
+            .expect("running lbctl state");
+        assert!(out.status.success(), "lbctl state: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // What the datapath serves, marked as not applied from the sources: the Service's VIP over
+    // both endpoints, sharing the table's slots.
+    let adopted = state();
+    assert!(adopted.starts_with("adopted: 1 services"), "{adopted}");
+    let line = adopted
+        .lines()
+        .find(|l| l.starts_with(&format!("  {vip}/tcp pinned-")))
+        .unwrap_or_else(|| panic!("the pinned service is not listed: {adopted}"));
+    let weights: StdHashMap<String, u32> = line
+        .split_once("backends: ")
+        .expect("backends")
+        .1
+        .split_whitespace()
+        .map(|b| {
+            let (backend, slots) = b.split_once('=').expect("backend=slots");
+            (backend.to_string(), slots.parse().expect("slots"))
+        })
+        .collect();
+    let mut listed: Vec<&String> = weights.keys().collect();
+    listed.sort();
+    let mut expected: Vec<String> = topology
+        .backends
+        .iter()
+        .map(|b| format!("{}:{PORT}", b.addr))
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected.iter().collect::<Vec<_>>(), "{line}");
+    assert_eq!(
+        weights.values().sum::<u32>(),
+        lb_agent::maglev::DEFAULT_TABLE_SIZE,
+        "every slot of the table: {line}"
+    );
     assert!(
         second
             .history
@@ -429,6 +481,17 @@ fn a_restart_keeps_the_pinned_kubernetes_services_until_the_api_server_is_listed
         .wait_for_log("Kubernetes listed", Duration::from_secs(30))
         .expect("Kubernetes is listed again");
     assert!(answers(), "the listed state keeps the service");
+    // The listing is logged just before the reconcile that applies it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut applied = state();
+    while applied.starts_with("adopted") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        applied = state();
+    }
+    assert!(
+        applied.starts_with("applied (file, API and Kubernetes merged): 1 services"),
+        "{applied}"
+    );
     // Changes apply again: deleting the Service takes the VIP out.
     assert!(api.delete::<Service>("default", "web"));
     let deadline = Instant::now() + Duration::from_secs(15);

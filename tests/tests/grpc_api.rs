@@ -19,7 +19,7 @@ use lb_agent::{
     grpc::{
         self,
         pb::{self, load_balancer_client::LoadBalancerClient},
-        Event, EventBus, EventKind, GrpcSource, TlsConfig,
+        AppliedView, Event, EventBus, EventKind, GrpcSource, TlsConfig,
     },
 };
 use lb_common::service::ServiceKey;
@@ -109,7 +109,7 @@ async fn grpc_client_drives_services_policy_events_and_datapath_maps() {
     let socket = dir.path().join("run/lb/api.sock");
     let source = GrpcSource::new();
     let events = EventBus::default();
-    let (applied_tx, applied_rx) = watch::channel(Config::default());
+    let (applied_tx, applied_rx) = watch::channel(AppliedView::default());
     let server = grpc::serve_unix(&socket, source.clone(), events.clone(), Some(applied_rx))
         .expect("serve the API on a unix socket");
 
@@ -404,7 +404,11 @@ rules:
     config.validate().unwrap();
     let mut datapath = Datapath::load().expect("load the datapath (needs root)");
     datapath.apply(&config).expect("apply the gRPC services");
-    applied_tx.send_replace(config.clone());
+    applied_tx.send_replace(AppliedView {
+        config: config.clone(),
+        retired_backends: datapath.retired_backends(),
+        adopted: false,
+    });
     let state = within("list state", client.list_state(pb::ListStateRequest {}))
         .await
         .unwrap()

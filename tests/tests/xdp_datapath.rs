@@ -10,7 +10,8 @@ use std::{
 
 use lb_agent::{
     config::Config,
-    datapath::{ApplyReport, Datapath, LoadOptions},
+    datapath::{ApplyReport, Datapath, LoadOptions, PinOptions},
+    inspect::{BackendState, Pinned},
     map_batch::read_array,
 };
 use lb_common::{
@@ -22,6 +23,7 @@ use lb_common::{
     service::{limits, Addr, Backend, ServiceInfo, ServiceKey},
 };
 use lb_tests::{
+    agent::TestPins,
     frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
     test_run::{counter, expected_backend, flow_key, run, sa, Conntrack, XDP_DROP, XDP_PASS},
 };
@@ -355,9 +357,34 @@ fn single_packet_fixtures() {
     }
 }
 
+/// Every backend `lbctl backends` lists from the pins: its state and live tracked flows.
+fn listed_backends(pins: &TestPins) -> BTreeMap<SocketAddr, (BackendState, u64)> {
+    Pinned::new(pins.path())
+        .backends()
+        .expect("lbctl's listing of the pinned backends")
+        .into_iter()
+        .map(|row| {
+            (
+                SocketAddr::new(row.address, row.port),
+                (row.state, row.flows),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn conntrack_keeps_a_flow_on_its_backend_through_table_changes() {
-    let mut datapath = load(CONFIG);
+    // Pinned, so that `lbctl`'s reading of the maps shows each backend's state.
+    let pins = TestPins::new();
+    let mut datapath = Datapath::load_with(&LoadOptions {
+        pins: Some(PinOptions {
+            dir: pins.path().into(),
+            replace_incompatible_state: false,
+        }),
+        ..Default::default()
+    })
+    .expect("load pinned datapath");
+    datapath.apply(&Config::from_yaml(CONFIG).unwrap()).unwrap();
     let vip = sa("198.51.100.10:80");
     let client = sa("192.0.2.2:41000");
     let first = send_to_vip(&mut datapath, SYN, client, vip);
@@ -388,17 +415,27 @@ fn conntrack_keeps_a_flow_on_its_backend_through_table_changes() {
             "tracked flow keeps its draining backend"
         );
     }
+    let added: SocketAddr = sa("203.0.113.14:8080");
     let mut new_backends = std::collections::BTreeSet::new();
+    let mut to_added = 0;
     for port in 42000..42100u16 {
         let b = send_to_vip(&mut datapath, SYN, SocketAddr::new(client.ip(), port), vip);
         assert_ne!(b, first, "no new flow goes to a draining backend");
         new_backends.insert(b);
+        to_added += u64::from(b == added);
     }
     assert_eq!(
         new_backends.len(),
         3,
         "new flows use the 2 remaining and the added backend"
     );
+    let listed = listed_backends(&pins);
+    assert_eq!(
+        listed[&first],
+        (BackendState::Drained, 1),
+        "no table names the drained backend, its one flow does: {listed:?}"
+    );
+    assert_eq!(listed[&added].0, BackendState::Active, "{listed:?}");
 
     // Remove the backend (and the added one): both are retired, not removed, while flows tracked
     // to them live. The flow stays on its backend; new flows still avoid it.
@@ -413,7 +450,6 @@ fn conntrack_keeps_a_flow_on_its_backend_through_table_changes() {
         (2, 0),
         "{report:?}"
     );
-    let added: SocketAddr = sa("203.0.113.14:8080");
     let retired = |datapath: &Datapath| {
         let mut r = datapath.retired_backends();
         r.sort();
@@ -429,8 +465,16 @@ fn conntrack_keeps_a_flow_on_its_backend_through_table_changes() {
         let b = send_to_vip(&mut datapath, SYN, SocketAddr::new(client.ip(), port), vip);
         assert!(b != first && b != added, "no new flow to a removed backend");
     }
-    // The flows to the added backend still live: a sweep keeps both.
+    // The flows to the added backend still live: a sweep keeps both, and `lbctl backends` lists
+    // both as retired with the flows that keep them.
     assert_eq!(datapath.release_retired_backends().unwrap(), 0);
+    let listed = listed_backends(&pins);
+    assert_eq!(listed[&first], (BackendState::Retired, 1), "{listed:?}");
+    assert_eq!(
+        listed[&added],
+        (BackendState::Retired, to_added),
+        "{listed:?}"
+    );
 
     // The flow ends (its entry goes): the next sweep removes its backend, whose id is free; a
     // late packet of that flow is re-balanced. The added backend's flows still live.
@@ -439,6 +483,9 @@ fn conntrack_keeps_a_flow_on_its_backend_through_table_changes() {
     assert!(datapath.forget_flow(&flow, &reply).unwrap());
     assert_eq!(datapath.release_retired_backends().unwrap(), 1);
     assert_eq!(retired(&datapath), [(added.ip(), 8080)]);
+    let listed = listed_backends(&pins);
+    assert!(!listed.contains_key(&first), "released: {listed:?}");
+    assert_eq!(listed[&added].0, BackendState::Retired, "{listed:?}");
     let misses = counter(&datapath, Counter::ConntrackMidflowMiss);
     assert_ne!(send_to_vip(&mut datapath, ACK, client, vip), first);
     assert_eq!(
@@ -446,17 +493,24 @@ fn conntrack_keeps_a_flow_on_its_backend_through_table_changes() {
         misses + 1
     );
 
-    // Both named again: the retired one is the same backend (its entry unchanged, nothing to
-    // write), the removed one is written anew.
+    // Both named again: the retired one is the same backend (its id and flows kept, its entry
+    // rewritten without the retired flag), the removed one is written anew.
     let report = datapath
         .apply(&Config::from_yaml(&drained).unwrap())
         .unwrap();
     assert_eq!(
         (report.backends_written, report.backends_retired),
-        (1, 0),
+        (2, 0),
         "{report:?}"
     );
     assert!(retired(&datapath).is_empty());
+    let listed = listed_backends(&pins);
+    assert_eq!(
+        listed[&added],
+        (BackendState::Active, to_added),
+        "{listed:?}"
+    );
+    assert_eq!(listed[&first], (BackendState::Drained, 0), "{listed:?}");
 }
 
 /// The tracked flows of `datapath`, per family map.

@@ -9,6 +9,7 @@
 //!
 //! ```text
 //! lbctl services              # VIP:port, protocol, mode, service id, Maglev table size
+//! lbctl backends              # address:port, id, active|drained|retired, services, live flows
 //! lbctl flows [--limit N]     # tracked flows: client -> VIP via backend, state, idle time
 //! lbctl counters [--all]      # datapath counters summed over CPUs (non-zero ones by default)
 //!
@@ -19,7 +20,7 @@
 //! lbctl backend weight VIP:PORT/PROTO ADDR:PORT WEIGHT    # 0 drains
 //! lbctl policy set FILE       # the API's policy: YAML of the config file's `policy:` section
 //! lbctl policy show | clear
-//! lbctl state                 # the services defined through the API
+//! lbctl state                 # the API's services, what is applied (or adopted), retired backends
 //! lbctl events [--count N]    # the agent's events as they happen
 //! ```
 
@@ -98,16 +99,22 @@ enum Command {
     /// Create, replace or delete a service defined through the agent's API.
     #[command(subcommand)]
     Service(ServiceCommand),
-    /// Replace the backends of a service defined through the API.
-    #[command(subcommand)]
-    Backends(BackendsCommand),
+    /// Without a subcommand: every backend the datapath holds, from its maps: address:port, id,
+    /// state (active: a service's table names it; drained: only its tracked flows reach it;
+    /// retired: no service names it any more, kept while its flows live), how many services'
+    /// tables name it and how many live tracked flows.
+    Backends {
+        #[command(subcommand)]
+        command: Option<BackendsCommand>,
+    },
     /// Change one backend of a service defined through the API.
     #[command(subcommand)]
     Backend(BackendCommand),
     /// Set, show or clear the policy defined through the API.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// The services defined through the API, and how many the agent applied from all sources.
+    /// The services defined through the API, how many the agent applied from all sources, and
+    /// the retired backends it keeps for their tracked flows.
     State,
     /// The agent's events (changes, reconciles, health, policy verdicts) as they happen.
     Events {
@@ -143,7 +150,7 @@ enum ServiceCommand {
 
 #[derive(Subcommand)]
 enum BackendsCommand {
-    /// Replace the backends (and weights) of a service.
+    /// Replace the backends (and weights) of a service defined through the API.
     Set {
         service: ServiceArg,
         backends: Vec<BackendArg>,
@@ -247,6 +254,7 @@ fn main() -> Result<()> {
     if let Some(endpoint) = &args.endpoint {
         let local = match args.command {
             Command::Services => Some("services"),
+            Command::Backends { command: None } => Some("backends"),
             Command::Flows { .. } => Some("flows"),
             Command::Counters { .. } => Some("counters"),
             _ => None,
@@ -264,6 +272,11 @@ fn main() -> Result<()> {
         Command::Services => {
             for service in pinned.services()? {
                 println!("{service}");
+            }
+        }
+        Command::Backends { command: None } => {
+            for backend in pinned.backends()? {
+                println!("{backend}");
             }
         }
         Command::Flows { limit } => {
@@ -329,7 +342,9 @@ async fn change(api: &Api, command: Command) -> Result<()> {
         Command::Service(ServiceCommand::Delete { service }) => {
             vec![ctl::delete_service(&mut client, service).await?]
         }
-        Command::Backends(BackendsCommand::Set { service, backends }) => {
+        Command::Backends {
+            command: Some(BackendsCommand::Set { service, backends }),
+        } => {
             vec![ctl::set_backends(&mut client, service, &backends).await?]
         }
         Command::Backend(BackendCommand::Weight {
@@ -354,7 +369,10 @@ async fn change(api: &Api, command: Command) -> Result<()> {
             ctl::events(&mut client, count).await?;
             Vec::new()
         }
-        Command::Services | Command::Flows { .. } | Command::Counters { .. } => {
+        Command::Services
+        | Command::Backends { command: None }
+        | Command::Flows { .. }
+        | Command::Counters { .. } => {
             unreachable!("read from the maps")
         }
     };

@@ -20,7 +20,7 @@
 //! | `DeleteService(key)` | removes it (`NOT_FOUND` if this API does not define it) |
 //! | `SetBackends(key, backends)` | replaces its backends and weights (`NOT_FOUND` likewise) |
 //! | `SetPolicy(yaml)` | sets the policy, YAML of the config file's `policy:` section; empty clears it |
-//! | `ListState()` | this API's services and policy, and the config the agent last applied |
+//! | `ListState()` | this API's services and policy, the config the agent last applied and its retired backends (or, until a restarted agent's sources are listed, the pinned services it keeps, marked adopted) |
 //! | `StreamEvents()` | the agent's events from now on |
 //!
 //! An invalid request returns `INVALID_ARGUMENT` with `field: message` (e.g.
@@ -44,5 +44,7 @@ pub mod pb {
 mod codegen;
 
 pub use events::{health_events, Event, EventBus, EventKind};
-pub use server::{serve_tcp_tls, serve_unix, GrpcServer, Listening, LoadBalancerApi, TlsConfig};
+pub use server::{
+    serve_tcp_tls, serve_unix, AppliedView, GrpcServer, Listening, LoadBalancerApi, TlsConfig,
+};
 pub use source::{ApiError, Change, GrpcSource, ServiceKey};

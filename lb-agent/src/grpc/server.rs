@@ -4,7 +4,7 @@
 use std::{
     fs,
     io::ErrorKind,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     pin::Pin,
@@ -35,25 +35,39 @@ use crate::config::Config;
 /// How long [`GrpcServer::shutdown`] waits for calls in flight before aborting them.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the agent last applied, as `ListState` reports it.
+#[derive(Debug, Clone, Default)]
+pub struct AppliedView {
+    /// The merged config (file, API, Kubernetes).
+    pub config: Config,
+    /// Backends no service names any more, kept while their tracked flows live
+    /// (`Datapath::retired_backends`).
+    pub retired_backends: Vec<(IpAddr, u16)>,
+    /// `config` holds the services an earlier agent pinned, read back from the maps
+    /// (`Datapath::programmed_services_read_back`): the agent keeps them until its sources are
+    /// listed (Kubernetes), and has applied nothing yet.
+    pub adopted: bool,
+}
+
 /// The `lb.v1.LoadBalancer` service: requests go to a [`GrpcSource`], `ListState` also reads the
-/// applied config, `StreamEvents` relays an [`EventBus`].
+/// applied state, `StreamEvents` relays an [`EventBus`].
 #[derive(Debug, Clone)]
 pub struct LoadBalancerApi {
     source: GrpcSource,
     events: EventBus,
-    applied: Option<watch::Receiver<Config>>,
+    applied: Option<watch::Receiver<AppliedView>>,
     /// Turns `true` (or closes) when the server stops: ends the event streams, which would
     /// otherwise hold a graceful shutdown open forever.
     stopping: watch::Receiver<bool>,
 }
 
 impl LoadBalancerApi {
-    /// `applied`: the config the agent last applied (`None`: `ListState` leaves `applied` out).
+    /// `applied`: what the agent last applied (`None`: `ListState` leaves `applied` out).
     /// `stopping`: event streams end when it turns `true` or its sender is dropped.
     pub fn new(
         source: GrpcSource,
         events: EventBus,
-        applied: Option<watch::Receiver<Config>>,
+        applied: Option<watch::Receiver<AppliedView>>,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -133,11 +147,22 @@ impl pb::load_balancer_server::LoadBalancer for LoadBalancerApi {
         _request: Request<pb::ListStateRequest>,
     ) -> Result<Response<pb::ListStateResponse>, Status> {
         let applied = self.applied.as_ref().map(|applied| {
-            let config = applied.borrow();
+            let applied = applied.borrow();
+            let config = &applied.config;
             pb::AppliedState {
                 maglev_seed: config.maglev_seed,
                 services: config.services.iter().map(convert::service_to_pb).collect(),
                 policy_yaml: convert::policy_to_yaml(&config.policy),
+                retired_backends: applied
+                    .retired_backends
+                    .iter()
+                    .map(|&(address, port)| pb::Backend {
+                        address: address.to_string(),
+                        port: port.into(),
+                        weight: None,
+                    })
+                    .collect(),
+                adopted: applied.adopted,
             }
         });
         Ok(Response::new(pb::ListStateResponse {
@@ -248,7 +273,7 @@ pub fn serve_unix(
     path: impl AsRef<Path>,
     source: GrpcSource,
     events: EventBus,
-    applied: Option<watch::Receiver<Config>>,
+    applied: Option<watch::Receiver<AppliedView>>,
 ) -> Result<GrpcServer> {
     let path = path.as_ref().to_path_buf();
     let (listener, socket_id) = bind_unix(&path)?;
@@ -342,7 +367,7 @@ pub fn serve_tcp_tls(
     tls: &TlsConfig,
     source: GrpcSource,
     events: EventBus,
-    applied: Option<watch::Receiver<Config>>,
+    applied: Option<watch::Receiver<AppliedView>>,
 ) -> Result<GrpcServer> {
     let tls_config = ServerTlsConfig::new()
         .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))

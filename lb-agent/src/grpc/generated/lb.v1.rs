@@ -135,6 +135,17 @@ pub struct AppliedState {
     /// empty when no policy
     #[prost(string, tag = "3")]
     pub policy_yaml: ::prost::alloc::string::String,
+    /// Backends no applied service names any more, kept in the datapath while tracked flows still
+    /// use them (they get no new flows; each goes when its last flow ends). Weight absent.
+    #[prost(message, repeated, tag = "4")]
+    pub retired_backends: ::prost::alloc::vec::Vec<Backend>,
+    /// True while a restarted agent keeps the services an earlier agent pinned, until its sources
+    /// confirm them (with Kubernetes: until the API server has been listed). `services` are then
+    /// those the datapath serves, read back from its maps: named "pinned-<service id>", each
+    /// backend's weight the Maglev table slots it holds (its share of new flows; backends holding
+    /// none are left out), no health checks; maglev_seed and policy_yaml are not read back (0, empty).
+    #[prost(bool, tag = "5")]
+    pub adopted: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListStateResponse {
