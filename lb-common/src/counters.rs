@@ -90,8 +90,10 @@ counters! {
     DropDsrNoRoute = 23 => "drop_dsr_no_route",
     /// DSR L2: the backend is behind a gateway, not on a segment shared with the node: dropped.
     DropDsrNotOnLink = 24 => "drop_dsr_not_on_link",
-    /// DSR IPIP: the encapsulated packet exceeds the egress MTU: dropped. Give the links to
-    /// backends 20 (IPv4) / 40 (IPv6) bytes of MTU headroom, or clamp the TCP MSS.
+    /// DSR IPIP: the encapsulated packet exceeds the egress MTU and cannot be answered (`lb_xdp`:
+    /// IPv4 without "don't fragment", a later fragment or an ICMP error; `lb_tc`: any): dropped.
+    /// Give the links to backends 20 (IPv4) / 40 (IPv6) bytes of MTU headroom, or clamp the TCP
+    /// MSS.
     DropEncapTooBig = 25 => "drop_encap_too_big",
     /// DSR IPIP: no headroom for the outer header (`bpf_xdp_adjust_head` failed; `lb_tc`:
     /// `bpf_skb_adjust_room` failed, e.g. on an skb already encapsulated): dropped.
@@ -125,6 +127,10 @@ counters! {
     /// SNAT or DSR service, or the reply of an SNAT flow: dropped. Such clients need an
     /// interface attached with `--iface` (`lb_tc` and `lb_xdp` forward every mode).
     DropTcModeUnsupported = 36 => "drop_tc_mode_unsupported",
+    /// `lb_xdp`: a DSR IPIP packet too big for the link to its backend once encapsulated (IPv4
+    /// with "don't fragment"): answered to the client with "fragmentation needed" / "packet too
+    /// big" announcing the MTU that fits, instead of dropped.
+    IcmpTooBigSent = 37 => "icmp_too_big_sent",
 }
 
 impl Counter {

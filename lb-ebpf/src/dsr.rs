@@ -20,13 +20,15 @@
 //! flow label = a hash of the inner flow (ECMP and RSS entropy), hop limit 64. Then
 //! `bpf_fib_lookup` on the backend (which may be routed) and `XDP_TX` or redirect; when the fast path
 //! cannot send it, the encapsulated packet goes to the kernel (see `snat.rs` about `accept_local`),
-//! except when it exceeds the egress MTU: dropped (`drop_encap_too_big`).
+//! except when it exceeds the egress MTU: the client is answered "fragmentation needed" / "packet
+//! too big" (`too_big`), or the packet dropped (`drop_encap_too_big`) when it cannot be.
 //! The backend runs `lb_decap` (decap.rs), since the kernel has no tunnel devices to rely on.
 //!
 //! **MTU**: encapsulation adds 20 (IPv4) or 40 (IPv6) bytes. Production links between balancers and
 //! backends need that much MTU headroom over the client-facing MTU, or TCP MSS clamping on the
-//! path (and UDP payloads that fit); otherwise full-sized packets are dropped and counted. No ICMP
-//! "fragmentation needed" / "packet too big" is generated.
+//! path (and UDP payloads that fit). Otherwise a full-sized packet is answered with "fragmentation
+//! needed" / "packet too big" (`too_big`), so that its sender's path MTU discovery lowers what it
+//! sends by the outer header; one that cannot be answered is dropped and counted.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
@@ -43,6 +45,7 @@ use crate::{
     fragments,
     maps::{count, SERVICE_MODES},
     packet::{header::ETH_LEN, Flow},
+    too_big,
     xmit::{self, fib_xmit, opts, Unsent, Xmit},
 };
 
@@ -79,8 +82,12 @@ pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Back
         return xdp_action::XDP_DROP;
     };
     // Everything needed from `flow` is read now: its packet offsets are void once the head moves.
+    let family = flow.key.family;
     let label = before_encapsulation(ctx, &flow.key, source, &backend.addr);
-    encapsulate(ctx, flow.key.family, source, &backend.addr, label)
+    match encapsulate(ctx, family, source, &backend.addr, label) {
+        TOO_BIG => too_big::answer(ctx, family),
+        action => action,
+    }
 }
 
 /// What an IP-in-IP packet of the flow `arrived` needs before its encapsulation moves the header
@@ -103,9 +110,13 @@ pub fn before_encapsulation<C: PacketContext>(
     label
 }
 
+/// What [`encapsulate`] returns, instead of an XDP action, for a packet that no longer fits the
+/// egress MTU once encapsulated (nothing sent, nothing counted): [`ipip`] answers the client
+/// (`too_big`), [`encapsulate_or_drop`] drops it.
+pub const TOO_BIG: u32 = u32::MAX;
+
 /// Puts an outer header from `source` to `backend` (IPv6: with flow `label`) in front of the packet
-/// (an IP packet of `family`) and sends it; also the later fragments of a DSR IPIP datagram
-/// (`fragments::forward`).
+/// (an IP packet of `family`) and sends it: the XDP action, or [`TOO_BIG`].
 // A BPF function of its own: the packet pointers the caller derived from `ctx` (LLVM would reuse
 // them after the head moved, which the verifier refuses) do not reach it.
 #[inline(never)]
@@ -153,7 +164,25 @@ pub fn encapsulate(ctx: &XdpContext, family: u8, source: &Addr, backend: &Addr, 
         0,
     ) {
         Xmit::Sent(action) => action,
+        Xmit::TooBig => TOO_BIG,
         unsent => Unsent::dsr_ipip(unsent).xdp_action(),
+    }
+}
+
+/// [`encapsulate`] for packets nobody is answered about, the later fragments of a DSR IPIP
+/// datagram (`fragments::forward`) and ICMP errors of its flows (`icmp`): one too big for the
+/// egress MTU is dropped (`drop_encap_too_big`).
+#[inline(always)]
+pub fn encapsulate_or_drop(
+    ctx: &XdpContext,
+    family: u8,
+    source: &Addr,
+    backend: &Addr,
+    label: u32,
+) -> u32 {
+    match encapsulate(ctx, family, source, backend, label) {
+        TOO_BIG => Unsent::dsr_ipip(Xmit::TooBig).xdp_action(),
+        action => action,
     }
 }
 

@@ -29,6 +29,7 @@ mod reply;
 mod service;
 mod snat;
 mod tc;
+mod too_big;
 mod xmit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

@@ -310,7 +310,7 @@ pub fn leave(ctx: &XdpContext, family: u8, protocol: u8, how: &FragmentEntry) ->
     match how.mode {
         mode::SNAT => snat::send(ctx, family, protocol, &how.src, &how.dst),
         mode::DSR_L2 => dsr::send_l2(ctx, family, protocol, &how.src, &how.dst),
-        mode::DSR_IPIP => dsr::encapsulate(ctx, family, &how.src, &how.dst, how.label),
+        mode::DSR_IPIP => dsr::encapsulate_or_drop(ctx, family, &how.src, &how.dst, how.label),
         _ => xdp_action::XDP_PASS,
     }
 }

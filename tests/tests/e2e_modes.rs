@@ -143,6 +143,12 @@ struct Setup {
 
 impl Setup {
     fn new(mode: Mode, attach: Attach) -> Self {
+        Self::with_headroom(mode, attach, true)
+    }
+
+    /// With `headroom` false, DSR IPIP runs over links of the client's MTU: full-sized packets no
+    /// longer fit once encapsulated.
+    fn with_headroom(mode: Mode, attach: Attach, headroom: bool) -> Self {
         let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
         let vips = [IpAddr::from(VIP), IpAddr::from(VIP6)];
         let (tcp_port, udp_port) = mode.backend_ports();
@@ -180,12 +186,14 @@ impl Setup {
                 ));
             }
             if mode == Mode::DsrIpip {
-                // MTU headroom for the outer header on the balancer–backend links.
-                b.ns.ip_cmd("link set dev eth0 mtu 1600").unwrap();
-                topology
-                    .balancer
-                    .ip_cmd(&format!("link set dev {} mtu 1600", b.balancer_iface))
-                    .unwrap();
+                if headroom {
+                    // MTU headroom for the outer header on the balancer–backend links.
+                    b.ns.ip_cmd("link set dev eth0 mtu 1600").unwrap();
+                    topology
+                        .balancer
+                        .ip_cmd(&format!("link set dev {} mtu 1600", b.balancer_iface))
+                        .unwrap();
+                }
                 let mut decap = Decap::load(&DecapOptions {
                     balancers: vec![
                         BALANCER_CLIENT_SIDE_ADDR.into(),
@@ -558,4 +566,38 @@ fn dsr_ipip(attach: Attach) {
             "GSO through IPIP: {total} packets decapsulated for {sent} redirected"
         );
     }
+}
+
+/// DSR IPIP over links without headroom for the outer header: the client's full-sized TCP
+/// segments no longer fit once encapsulated. `lb_xdp` answers each with "fragmentation needed" /
+/// "packet too big" announcing the link's MTU less the outer header; the client's stack lowers its
+/// path MTU towards the VIP to that, resends smaller segments, and every byte arrives (without the
+/// answer they are dropped and the connections stall).
+#[test]
+fn dsr_ipip_without_mtu_headroom_lowers_the_clients_path_mtu() {
+    let mut setup = Setup::with_headroom(Mode::DsrIpip, Attach::Xdp, false);
+    let client = &setup.topology.client;
+    for (vip, mtu) in [(IpAddr::from(VIP), 1480), (IpAddr::from(VIP6), 1460)] {
+        assert_eq!(client.learnt_mtu(vip), None, "no PMTU towards {vip} yet");
+        for result in tcp_requests(client, SocketAddr::new(vip, 80), REQUESTS, &LARGE) {
+            result.unwrap_or_else(|e| panic!("a connection to {vip} failed: {e}"));
+        }
+        assert_eq!(
+            client.learnt_mtu(vip),
+            Some(mtu),
+            "the client's path MTU towards {vip}"
+        );
+    }
+    let sent = 2 * (REQUESTS * LARGE.len()) as u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while setup.tcp_bytes() < sent && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(setup.tcp_bytes(), sent, "every TCP byte arrived");
+    let counters = setup.stop_agent();
+    // One answer per connection until the path MTU is learnt, at least one per family.
+    assert!(
+        count(&counters, Counter::IcmpTooBigSent) >= 2,
+        "{counters:?}"
+    );
 }

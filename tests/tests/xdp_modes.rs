@@ -12,6 +12,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use etherparse::Ipv4Header;
 use lb_agent::{
     config::Config,
     datapath::{AttachMode, Datapath, TC_PROGRAM},
@@ -170,6 +171,19 @@ struct Fixture {
     ingress: u32,
     expect: Expect,
     counters: Vec<Counter>,
+}
+
+/// `frame` (Ethernet, IPv4 or IPv6) with IPv4's "don't fragment" cleared: a sender that lets the
+/// path fragment, and the datapath's own ICMP errors, sent without it as Linux sends its own.
+fn may_fragment(mut frame: Vec<u8>) -> Vec<u8> {
+    if let Ok((mut header, _)) = Ipv4Header::from_slice(&frame[14..]) {
+        header.dont_fragment = false;
+        header.header_checksum = header.calc_header_checksum();
+        let mut bytes = Vec::new();
+        header.write(&mut bytes).unwrap();
+        frame[14..14 + bytes.len()].copy_from_slice(&bytes);
+    }
+    frame
 }
 
 /// The SNAT port the datapath picks first for `client → vip`.
@@ -552,17 +566,58 @@ fn balancer_fixtures(program: Program) {
         ),
         counters: vec![Counter::PassFibNoNeigh],
     });
-    let ipip_vip = sa("198.51.100.42:80");
-    fixtures.push(Fixture {
-        what: "DSR IPIP, full-sized packet exceeds the MTU once encapsulated".into(),
-        input: frame_via(
-            ACK,
+    // Full-sized packets too big for the backend's link once encapsulated: `lb_xdp` answers the
+    // client with the MTU that fits (the link's 1500 less the outer header), quoting the packet's
+    // IP header and 8 bytes; `lb_tc`, and a packet that may be fragmented, drop them.
+    for (client, vip, payload, mtu) in [
+        (
             SocketAddr::new(CLIENT_ADDR.into(), 41001),
-            ipip_vip,
+            sa("198.51.100.42:80"),
+            1460,
+            1480u16,
+        ),
+        (
+            SocketAddr::new(CLIENT_ADDR6.into(), 41001),
+            sa("[2001:db8:100::42]:80"),
+            1440,
+            1460,
+        ),
+    ] {
+        let input = frame_via(ACK, client, vip, &vec![7u8; payload], from_client, 64);
+        let quote_len = if vip.is_ipv4() { 28 } else { 48 };
+        let answer = icmp_error_via(
+            IcmpError::TooBig { mtu },
+            vip.ip(),
+            client.ip(),
+            &input[14..14 + quote_len],
+            to_client_macs,
+            64,
+        );
+        let (expect, counters) = match program {
+            Program::Xdp => (
+                Expect::Frame(Verdict::Tx, may_fragment(answer)),
+                vec![Counter::ForwardNewFlow, Counter::IcmpTooBigSent],
+            ),
+            Program::Tc => (Expect::Dropped, vec![Counter::DropEncapTooBig]),
+        };
+        fixtures.push(Fixture {
+            what: format!("DSR IPIP, full-sized packet to {vip} exceeds the MTU once encapsulated"),
+            input,
+            ingress: to_client,
+            expect,
+            counters,
+        });
+    }
+    fixtures.push(Fixture {
+        what: "DSR IPIP, a too-big IPv4 packet without \"don't fragment\": dropped".into(),
+        input: may_fragment(frame_via(
+            ACK,
+            SocketAddr::new(CLIENT_ADDR.into(), 41003),
+            sa("198.51.100.42:80"),
             &[7u8; 1460],
             from_client,
             64,
-        ),
+        )),
         ingress: to_client,
         expect: Expect::Dropped,
         counters: vec![Counter::DropEncapTooBig],

@@ -1,0 +1,248 @@
+//! "Fragmentation needed" / "packet too big" for DSR IPIP packets that no longer fit the link to
+//! their backend once encapsulated (as Katran answers its own too-big packets). Without an answer
+//! the client never learns that its packets are too big for this path: it retransmits full-sized
+//! segments into a black hole, and a TCP connection stalls after its handshake.
+//!
+//! When the FIB reports the encapsulated packet larger than the egress MTU (`dsr::encapsulate`), the
+//! frame becomes, in place, an ICMP error from the VIP to the client: the outer header is dropped,
+//! the packet cut to its inner IP header and 8 bytes after it (what RFC 792 asks a quote to hold;
+//! the client's stack matches it to its socket by those), a new IP and ICMP header are written in
+//! front, and it leaves through the interface it came in on, with the MAC addresses swapped
+//! (`XDP_TX`, counted `icmp_too_big_sent`). The MTU it announces is the link's less the outer
+//! header: what the inner packet may be.
+//!
+//! - IPv4: only for a packet with "don't fragment" set, whose header has no options (a 28-byte
+//!   quote); others are dropped as before (`drop_encap_too_big`): without DF a sender expects the
+//!   path to fragment, and the outer packet is never fragmented here.
+//! - IPv6: ICMPv6 "packet too big" (a 48-byte quote, the fixed header and 8 bytes). An announced
+//!   MTU below 1280 means a link to backends without IPv6's minimum headroom; the client's stack
+//!   then keeps 1280 and its packets stay too big, as they would on any such path.
+//! - No rate limit: every answer is smaller than the packet it answers.
+//! - `lb_xdp` only. `lb_tc` encapsulates GSO packets whole, segmented to fit after the outer header,
+//!   so TCP from local sockets never hits this; a single too-big skb is dropped there
+//!   (`drop_encap_too_big`).
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{
+    checksum,
+    counters::Counter,
+    fragments::field,
+    icmp::{PROTOCOL_ICMP, PROTOCOL_ICMPV6},
+    modes::encap::{IPV4_OUTER_LEN, IPV6_OUTER_LEN},
+    service::family,
+};
+
+use crate::{
+    maps::{count, scratch},
+    packet::{
+        header::{ETH_LEN, IPV4_DST, IPV4_FLAGS, IPV4_LEN, IPV4_SRC, IPV6_DST, IPV6_LEN, IPV6_SRC},
+        load16, load32, store16, store32,
+    },
+};
+
+/// The ICMP and ICMPv6 header: type, code, checksum, then 4 bytes (unused and MTU / MTU).
+const ICMP_HEADER_LEN: usize = 8;
+/// What follows the quoted IP header in a quote.
+const QUOTED_L4_BYTES: usize = 8;
+/// ICMP destination unreachable, code fragmentation needed; ICMPv6 packet too big.
+const ICMP_UNREACHABLE: u8 = 3;
+const ICMP_FRAGMENTATION_NEEDED: u8 = 4;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// TTL / hop limit of the answer.
+const ANSWER_TTL: u8 = 64;
+
+/// Answers the client of the packet at `ctx`, an inner packet of `family` behind the outer header
+/// `dsr::encapsulate` put in front of it and found too big for the egress MTU (the FIB's answer in
+/// the per-CPU scratch space); returns the XDP action, counted.
+// A BPF function of its own, called from `dsr::ipip`: the packet moves under it.
+#[inline(never)]
+pub fn answer(ctx: &XdpContext, family: u8) -> u32 {
+    let v4 = family == family::IPV4;
+    let refused = || {
+        count(Counter::DropEncapTooBig);
+        xdp_action::XDP_DROP
+    };
+    // SAFETY: a union of two u16, the helper's answer (the egress MTU) after FRAG_NEEDED.
+    let Some(link_mtu) = scratch().map(|s| unsafe { s.fib.__bindgen_anon_1.mtu_result }) else {
+        return refused();
+    };
+    let (outer_len, ip_len) = if v4 {
+        (IPV4_OUTER_LEN, IPV4_LEN)
+    } else {
+        (IPV6_OUTER_LEN, IPV6_LEN)
+    };
+    let quote_len = ip_len + QUOTED_L4_BYTES;
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let inner = data + ETH_LEN + outer_len;
+    if inner + quote_len > end {
+        return refused();
+    }
+    if v4 {
+        // SAFETY: inside the quote, checked just above.
+        let (version_ihl, flags) = unsafe { (*(inner as *const u8), load16(inner + IPV4_FLAGS)) };
+        if version_ihl != 0x45 || flags & u16::to_be(field::IPV4_DONT_FRAGMENT) == 0 {
+            return refused();
+        }
+    }
+
+    // Cut the packet after the quote, then open the room the ICMP header needs in front (the outer
+    // header is as long as the new IP header); pointers are derived again after each move.
+    let keep = ETH_LEN + outer_len + quote_len;
+    // SAFETY: plain helper calls on this program's context.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep as i32 - (end - data) as i32) } != 0
+        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ICMP_HEADER_LEN as i32)) } != 0
+    {
+        return refused();
+    }
+    // Bounds proven again per family, with constant lengths (what the verifier can follow).
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let icmp_len = ICMP_HEADER_LEN + quote_len;
+    // SAFETY (both branches): every access is inside the answer's bytes, checked first.
+    let (icmp, sum) = if v4 {
+        let (ip, icmp) = (data + ETH_LEN, data + ETH_LEN + IPV4_LEN);
+        if icmp + ICMP_HEADER_LEN + IPV4_LEN + QUOTED_L4_BYTES > end {
+            return refused();
+        }
+        unsafe {
+            swap_macs(data);
+            write_ipv4(ip, icmp + ICMP_HEADER_LEN);
+            // The next-hop MTU in the last 16 bits of the ICMP header's second word.
+            let mtu = link_mtu.saturating_sub(IPV4_OUTER_LEN as u16);
+            write_icmp(
+                icmp,
+                ICMP_UNREACHABLE,
+                ICMP_FRAGMENTATION_NEEDED,
+                mtu as u32,
+            );
+            (
+                icmp,
+                sum_words(icmp, ICMP_HEADER_LEN + IPV4_LEN + QUOTED_L4_BYTES),
+            )
+        }
+    } else {
+        let (ip, icmp) = (data + ETH_LEN, data + ETH_LEN + IPV6_LEN);
+        if icmp + ICMP_HEADER_LEN + IPV6_LEN + QUOTED_L4_BYTES > end {
+            return refused();
+        }
+        unsafe {
+            swap_macs(data);
+            write_ipv6(ip, icmp + ICMP_HEADER_LEN);
+            let mtu = link_mtu.saturating_sub(IPV6_OUTER_LEN as u16);
+            write_icmp(icmp, ICMPV6_PACKET_TOO_BIG, 0, mtu as u32);
+            // The pseudo-header: both addresses, the ICMPv6 length and its next header.
+            let pseudo = sum_words(ip + IPV6_SRC, 32)
+                + u32::from(u16::to_be(icmp_len as u16))
+                + u32::from(u16::to_be(PROTOCOL_ICMPV6 as u16));
+            (
+                icmp,
+                pseudo + sum_words(icmp, ICMP_HEADER_LEN + IPV6_LEN + QUOTED_L4_BYTES),
+            )
+        }
+    };
+    // SAFETY: inside the ICMP header, checked in the branch above.
+    unsafe { store16(icmp + 2, !checksum::fold(sum)) };
+    count(Counter::IcmpTooBigSent);
+    xdp_action::XDP_TX
+}
+
+/// Writes the Ethernet header at `data` from the one 8 bytes further (before the ICMP header's room
+/// opened): destination and source swapped, the same EtherType.
+///
+/// # Safety
+/// `data .. data + 22` must be inside the packet.
+#[inline(always)]
+unsafe fn swap_macs(data: usize) {
+    unsafe {
+        let old = data + ICMP_HEADER_LEN;
+        let (dst_hi, dst_lo) = (load32(old), load16(old + 4));
+        let (src_hi, src_lo) = (load32(old + 6), load16(old + 10));
+        let ethertype = load16(old + 12);
+        store32(data, src_hi);
+        store16(data + 4, src_lo);
+        store32(data + 6, dst_hi);
+        store16(data + 10, dst_lo);
+        store16(data + 12, ethertype);
+    }
+}
+
+/// An IPv4 header at `ip` from the quoted packet's destination (the VIP) to its source (the
+/// client), carrying the ICMP message.
+///
+/// # Safety
+/// `ip .. ip + 20` and the quoted IPv4 header at `quote` must be inside the packet.
+#[inline(always)]
+unsafe fn write_ipv4(ip: usize, quote: usize) {
+    unsafe {
+        let (vip, client) = (load32(quote + IPV4_DST), load32(quote + IPV4_SRC));
+        let total = ((IPV4_LEN + ICMP_HEADER_LEN + IPV4_LEN + QUOTED_L4_BYTES) as u16).to_be();
+        let words = [
+            u16::from_ne_bytes([0x45, 0]),
+            total,
+            0,
+            0,
+            u16::from_ne_bytes([ANSWER_TTL, PROTOCOL_ICMP]),
+            0,
+        ];
+        for (i, word) in words.iter().enumerate() {
+            store16(ip + 2 * i, *word);
+        }
+        store32(ip + IPV4_SRC, vip);
+        store32(ip + IPV4_DST, client);
+        store16(ip + 10, !checksum::fold(sum_words(ip, IPV4_LEN)));
+    }
+}
+
+/// An IPv6 header at `ip` from the quoted packet's destination (the VIP) to its source (the
+/// client), carrying the ICMPv6 message.
+///
+/// # Safety
+/// `ip .. ip + 40` and the quoted IPv6 header at `quote` must be inside the packet.
+#[inline(always)]
+unsafe fn write_ipv6(ip: usize, quote: usize) {
+    unsafe {
+        store32(ip, u32::to_be(0x6000_0000));
+        let payload = ((ICMP_HEADER_LEN + IPV6_LEN + QUOTED_L4_BYTES) as u16).to_be();
+        store16(ip + 4, payload);
+        store16(ip + 6, u16::from_ne_bytes([PROTOCOL_ICMPV6, ANSWER_TTL]));
+        for i in 0..4 {
+            let (vip, client) = (
+                load32(quote + IPV6_DST + 4 * i),
+                load32(quote + IPV6_SRC + 4 * i),
+            );
+            store32(ip + IPV6_SRC + 4 * i, vip);
+            store32(ip + IPV6_DST + 4 * i, client);
+        }
+    }
+}
+
+/// The ICMP header at `icmp`: `icmp_type`, `code`, a zero checksum (summed, then written by the
+/// caller) and `mtu` in the second word (IPv4: its low 16 bits, the high ones unused).
+///
+/// # Safety
+/// `icmp .. icmp + 8` must be inside the packet.
+#[inline(always)]
+unsafe fn write_icmp(icmp: usize, icmp_type: u8, code: u8, mtu: u32) {
+    unsafe {
+        store16(icmp, u16::from_ne_bytes([icmp_type, code]));
+        store16(icmp + 2, 0);
+        store32(icmp + 4, mtu.to_be());
+    }
+}
+
+/// The one's-complement sum (unfolded) of the `len` bytes at `at`, `len` even and constant.
+///
+/// # Safety
+/// `at .. at + len` must be inside the packet.
+#[inline(always)]
+unsafe fn sum_words(at: usize, len: usize) -> u32 {
+    let mut sum = 0u32;
+    for i in 0..len / 2 {
+        // SAFETY: the caller's bounds.
+        sum += unsafe { load16(at + 2 * i) } as u32;
+    }
+    sum
+}
