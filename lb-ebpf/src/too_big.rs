@@ -20,7 +20,9 @@
 //! - No rate limit: every answer is smaller than the packet it answers.
 //! - `lb_xdp` only. `lb_tc` encapsulates GSO packets whole, segmented to fit after the outer header,
 //!   so TCP from local sockets never hits this; a single too-big skb is dropped there
-//!   (`drop_encap_too_big`).
+//!   (`drop_encap_too_big`). Answering there needs the FIB's MTU check before the encapsulation:
+//!   once `bpf_skb_adjust_room` has marked the skb encapsulated, `bpf_skb_change_tail` refuses to
+//!   cut it (tried).
 
 use aya_ebpf::{
     bindings::xdp_action,
