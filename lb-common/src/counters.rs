@@ -125,6 +125,10 @@ counters! {
     /// SNAT or DSR service, or the reply of an SNAT flow: dropped. Such clients need an
     /// interface attached with `--iface` (`lb_tc` and `lb_xdp` forward every mode).
     DropTcModeUnsupported = 36 => "drop_tc_mode_unsupported",
+    /// A flow event (`lb_common::flow_events`, with `--flow-events`) found the `FLOW_EVENTS` ring
+    /// buffer full: not reported (the packet went on as decided). The agent reads the ring buffer
+    /// as soon as it has data; losses mean more new flows or drops than it keeps up with.
+    FlowEventsLost = 37 => "flow_events_lost",
 }
 
 impl Counter {

@@ -16,6 +16,7 @@ mod conntrack;
 mod context;
 mod decap;
 mod dsr;
+mod flow_events;
 mod fragments;
 mod icmp;
 mod maglev;
@@ -95,6 +96,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             },
             Err(reason) => {
                 count(reason);
+                if flow_events::enabled() {
+                    flow_events::dropped(&flow, &service, reason);
+                }
                 // Rare (a service without backends) and worth a line in the agent's log.
                 warn!(
                     &ctx,
