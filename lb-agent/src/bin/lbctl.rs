@@ -109,7 +109,8 @@ enum Command {
     Policy(PolicyCommand),
     /// The services defined through the API, and how many the agent applied from all sources.
     State,
-    /// The agent's events (changes, reconciles, health, policy verdicts) as they happen.
+    /// The agent's events (changes, reconciles, health, policy verdicts, and flow events of an
+    /// agent run with --flow-events) as they happen.
     Events {
         /// Stop after this many.
         #[arg(long)]
