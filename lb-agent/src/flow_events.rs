@@ -5,7 +5,10 @@
 //! one by one (a busy node makes thousands per second); the datapath counts the ones a full ring
 //! buffer lost (`flow_events_lost`).
 
-use std::net::SocketAddr;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
@@ -34,17 +37,40 @@ pub fn decode(record: &[u8]) -> Option<FlowEvent> {
     })
 }
 
-/// `event` as the agent publishes it, about the service of `applied` it names (its VIP, port and
-/// protocol; the all-ports service of the VIP when none has the port), e.g.
+/// The names of the services of an applied config by (VIP, port, protocol number), for looking up
+/// the service of each event at once however many services there are.
+#[derive(Debug, Default)]
+pub struct ServiceNames(HashMap<(IpAddr, u16, u8), String>);
+
+impl ServiceNames {
+    pub fn of(applied: &Config) -> Self {
+        Self(
+            applied
+                .services
+                .iter()
+                .map(|s| ((s.vip, s.port, s.protocol.number()), s.name.clone()))
+                .collect(),
+        )
+    }
+
+    /// The service that takes `vip` (its exact port first, then the VIP's all-ports service).
+    fn of_vip(&self, vip: SocketAddr, protocol: u8) -> Option<&str> {
+        let name = |port| self.0.get(&(vip.ip(), port, protocol));
+        name(vip.port()).or_else(|| name(0)).map(String::as_str)
+    }
+}
+
+/// `event` as the agent publishes it, about the service it names (by its VIP, port and protocol),
+/// e.g.
 /// `new flow tcp 192.0.2.2:40000 -> 198.51.100.10:80 service web (id 0) backend 203.0.113.11:8080
 /// (id 1) dnat choice new` or `drop tcp 192.0.2.2:40001 -> 198.51.100.11:80 service empty (id 4)
 /// dnat reason drop_no_backend`.
-pub fn describe(event: &FlowEvent, applied: &Config) -> Event {
+pub fn describe(event: &FlowEvent, services: &ServiceNames) -> Event {
     let flow = &event.flow;
     let client = SocketAddr::new(flow.src.to_ip(flow.family), u16::from_be(flow.src_port));
     let vip = SocketAddr::new(flow.dst.to_ip(flow.family), u16::from_be(flow.dst_port));
     let protocol = protocol_name(flow.protocol);
-    let service = service_name(applied, vip, flow.protocol);
+    let service = services.of_vip(vip, flow.protocol);
     let head = format!(
         "{protocol} {client} -> {vip} service {} (id {}) ",
         service.unwrap_or("?"),
@@ -80,31 +106,19 @@ pub fn describe(event: &FlowEvent, applied: &Config) -> Event {
     out
 }
 
-/// The name of the service of `applied` that takes `vip` (exact port first, then all ports).
-fn service_name(applied: &Config, vip: SocketAddr, protocol: u8) -> Option<&str> {
-    let of_port = |port: u16| {
-        applied
-            .services
-            .iter()
-            .find(|s| s.vip == vip.ip() && s.port == port && s.protocol.number() == protocol)
-    };
-    of_port(vip.port())
-        .or_else(|| of_port(0))
-        .map(|s| s.name.as_str())
-}
-
 /// Spawns the task that publishes every event of `ring` (the datapath's `FLOW_EVENTS`) on
 /// `events`, naming services after the config last applied (`applied`).
 pub fn forward(
     ring: RingBuf<MapData>,
     events: EventBus,
-    applied: watch::Receiver<Config>,
+    mut applied: watch::Receiver<Config>,
 ) -> Result<JoinHandle<()>> {
     // SAFETY: the descriptor is the ring buffer map's, owned by `ring`, which the `AsyncFd` owns:
     // it stays open and the same for the `AsyncFd`'s whole life.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|err| anyhow::anyhow!("watching the flow event ring buffer: {err}"))?;
     Ok(tokio::spawn(async move {
+        let mut services = ServiceNames::of(&applied.borrow_and_update());
         loop {
             let mut ready = match ring.readable_mut().await {
                 Ok(ready) => ready,
@@ -113,11 +127,13 @@ pub fn forward(
                     return;
                 }
             };
-            let applied = applied.borrow().clone();
+            if applied.has_changed().unwrap_or(false) {
+                services = ServiceNames::of(&applied.borrow_and_update());
+            }
             let ring = ready.get_inner_mut();
             while let Some(record) = ring.next() {
                 if let Some(event) = decode(&record) {
-                    events.publish(describe(&event, &applied));
+                    events.publish(describe(&event, &services));
                 }
             }
             ready.clear_ready();
@@ -165,11 +181,13 @@ mod tests {
 
     #[test]
     fn events_name_the_service_the_backend_and_the_reason() {
-        let applied = Config::from_yaml(
-            "services:\n  - { name: web, vip: 198.51.100.10, port: 80, protocol: tcp }\n  \
+        let applied = ServiceNames::of(
+            &Config::from_yaml(
+                "services:\n  - { name: web, vip: 198.51.100.10, port: 80, protocol: tcp }\n  \
              - { name: any, vip: 198.51.100.20, port: 0, protocol: tcp }\n",
-        )
-        .unwrap();
+            )
+            .unwrap(),
+        );
         let new = describe(&event(kind::NEW_FLOW, "198.51.100.10", 80), &applied);
         assert_eq!(new.kind, EventKind::Flow);
         assert_eq!(
@@ -189,7 +207,10 @@ mod tests {
         assert_eq!(drop.service.as_deref(), Some("any"));
         assert_eq!(drop.backend, None);
 
-        let unknown = describe(&event(kind::DROP, "198.51.100.30", 80), &Config::default());
+        let unknown = describe(
+            &event(kind::DROP, "198.51.100.30", 80),
+            &ServiceNames::default(),
+        );
         assert!(
             unknown.text.contains("service ? (id 3)"),
             "{}",
