@@ -179,6 +179,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             ring,
             events.clone(),
             applied_rx.clone(),
+            metrics.clone(),
         )?)
     } else {
         None

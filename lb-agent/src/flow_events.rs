@@ -8,6 +8,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use anyhow::Result;
@@ -27,6 +28,7 @@ use crate::{
     config::Config,
     grpc::{Event, EventBus, EventKind},
     inspect::{mode_name, protocol_name},
+    metrics::Metrics,
 };
 
 /// The event a ring buffer record holds; `None` for a record of another size.
@@ -106,12 +108,23 @@ pub fn describe(event: &FlowEvent, services: &ServiceNames) -> Event {
     out
 }
 
+/// The `kind` label of `lb_flow_events_total`.
+fn kind_name(kind: u8) -> &'static str {
+    if kind == kind::NEW_FLOW {
+        "new_flow"
+    } else {
+        "drop"
+    }
+}
+
 /// Spawns the task that publishes every event of `ring` (the datapath's `FLOW_EVENTS`) on
-/// `events`, naming services after the config last applied (`applied`).
+/// `events`, naming services after the config last applied (`applied`), and counts them in
+/// `metrics` (`lb_flow_events_total`).
 pub fn forward(
     ring: RingBuf<MapData>,
     events: EventBus,
     mut applied: watch::Receiver<Config>,
+    metrics: Arc<Metrics>,
 ) -> Result<JoinHandle<()>> {
     // SAFETY: the descriptor is the ring buffer map's, owned by `ring`, which the `AsyncFd` owns:
     // it stays open and the same for the `AsyncFd`'s whole life.
@@ -133,6 +146,7 @@ pub fn forward(
             let ring = ready.get_inner_mut();
             while let Some(record) = ring.next() {
                 if let Some(event) = decode(&record) {
+                    metrics.flow_event_published(kind_name(event.kind));
                     events.publish(describe(&event, &services));
                 }
             }

@@ -184,7 +184,7 @@ impl PolicyDatapath {
             ("NAT_REPLY", 1),
             ("BACKEND_REPLY", 1),
             ("FRAGMENTS", 1),
-            // One page.
+            // Unused by the policy programs too: one page.
             ("FLOW_EVENTS", 1),
         ];
         let mut loader = EbpfLoader::new();
