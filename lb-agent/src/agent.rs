@@ -30,7 +30,7 @@ use crate::{
     config_watch::{self, ConfigWatch},
     datapath::{AttachMode, Capacity, Datapath, LoadOptions, PinOptions, TableFill},
     desired::{Conflict, Desired},
-    ebpf_log,
+    ebpf_log, flow_events,
     grpc::{self, AppliedView, Event, EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig},
     health::{self, HealthChecker, Target},
     http::{HttpServer, Readiness},
@@ -70,6 +70,8 @@ pub struct AgentOptions {
     pub conntrack_entries_v6: Option<u32>,
     /// Services and backends the maps hold.
     pub capacity: Capacity,
+    /// Publish the datapath's flow events (`crate::flow_events`) on the event stream.
+    pub flow_events: bool,
     /// Pin the datapath here and adopt what an earlier agent pinned (see `crate::pins`).
     pub pins: Option<PinOptions>,
     pub kubernetes: Option<KubeApi>,
@@ -167,9 +169,21 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             conntrack_entries_v6: options.conntrack_entries_v6,
             pins: options.pins.clone(),
             capacity: options.capacity,
+            flow_events: options.flow_events,
         },
         cidr_deny.enabled(),
     )?;
+    let flow_events = if options.flow_events {
+        let ring = datapath.take_flow_events()?;
+        Some(flow_events::forward(
+            ring,
+            events.clone(),
+            applied_rx.clone(),
+            metrics.clone(),
+        )?)
+    } else {
+        None
+    };
     // Not fatal: the datapath works without its log lines.
     let ebpf_log = ebpf_log::forward(datapath.ebpf_mut())
         .inspect_err(|err| warn!("eBPF log records not forwarded: {err:#}"))
@@ -385,7 +399,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
 
     readiness.set_not_ready("stopping");
-    if let Some(task) = ebpf_log {
+    for task in [ebpf_log, flow_events].into_iter().flatten() {
         task.abort();
     }
     // Pinned policy links stay attached for the next agent (see `crate::policy::enforcer`).

@@ -61,6 +61,11 @@ const TRANSIENT_MAPS: [&str; 2] = ["FRAGMENTS", "MODE_SCRATCH"];
 /// The datapath object built from `lb-ebpf` by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 
+/// The read-only global that turns flow events on (`lb-ebpf/src/flow_events.rs`).
+const FLOW_EVENTS_GLOBAL: &str = "LB_FLOW_EVENTS";
+/// The ring buffer the datapath writes flow events to.
+pub const FLOW_EVENTS_MAP: &str = "FLOW_EVENTS";
+
 /// Name of the balancing XDP program in the object.
 pub const XDP_PROGRAM: &str = "lb_xdp";
 /// A program that only returns XDP_PASS, the baseline of per-packet benchmarks.
@@ -142,6 +147,10 @@ pub struct LoadOptions {
     pub pins: Option<PinOptions>,
     /// How many services and backends the maps hold (see [`Capacity`]).
     pub capacity: Capacity,
+    /// Load `lb_xdp` and `lb_tc` reporting flow events (`lb_common::flow_events`) into
+    /// `FLOW_EVENTS` ([`Datapath::take_flow_events`]); without it the verifier removes the
+    /// reporting and the per-packet paths are unchanged.
+    pub flow_events: bool,
 }
 
 impl Default for LoadOptions {
@@ -151,6 +160,7 @@ impl Default for LoadOptions {
             conntrack_entries_v6: None,
             pins: None,
             capacity: Capacity::default(),
+            flow_events: false,
         }
     }
 }
@@ -360,12 +370,15 @@ impl Datapath {
             ("NAT_REPLY", options.conntrack_entries),
         ];
         let cidr_deny = cidr_deny as u32;
+        let flow_events = options.flow_events as u32;
         let mut loader = EbpfLoader::new();
-        loader.override_global(
-            crate::policy::datapath::XDP_CIDR_DENY_GLOBAL,
-            &cidr_deny,
-            true,
-        );
+        loader
+            .override_global(
+                crate::policy::datapath::XDP_CIDR_DENY_GLOBAL,
+                &cidr_deny,
+                true,
+            )
+            .override_global(FLOW_EVENTS_GLOBAL, &flow_events, true);
         let capacity = options.capacity.check()?;
         let max_entries: Vec<(&str, u32)> = max_entries
             .into_iter()
@@ -528,6 +541,16 @@ impl Datapath {
     /// and for tests that read the maps.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// The `FLOW_EVENTS` ring buffer, taken out of the object for its reader
+    /// (`crate::flow_events::forward`); an error once taken.
+    pub fn take_flow_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(FLOW_EVENTS_MAP)
+            .context("FLOW_EVENTS missing from the object (or already taken)")?;
+        Ok(aya::maps::RingBuf::try_from(map)?)
     }
 
     /// The XDP_PASS baseline program, loaded on first use.

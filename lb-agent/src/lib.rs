@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod decap;
 pub mod desired;
 pub mod ebpf_log;
+pub mod flow_events;
 pub mod grpc;
 pub mod health;
 pub mod http;

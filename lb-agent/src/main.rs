@@ -86,6 +86,12 @@ enum Command {
         #[arg(long, default_value_t = limits::DEFAULT_BACKENDS - 1,
               value_parser = clap::value_parser!(u32).range(1..i64::from(limits::BACKENDS_LIMIT)))]
         max_backends: u32,
+        /// Report the datapath's load-balancing decisions on the event stream (`lbctl events`,
+        /// gRPC StreamEvents): each new flow's backend (and why it was chosen) and each packet to
+        /// a service dropped before it had a backend (with the reason). Off: the datapath is
+        /// loaded without the reporting and pays nothing for it.
+        #[arg(long)]
+        flow_events: bool,
         /// Also take services from Kubernetes (in-cluster account or $KUBECONFIG).
         #[arg(long)]
         kubernetes: bool,
@@ -170,6 +176,7 @@ fn main() -> ExitCode {
             conntrack_entries_v6,
             max_services,
             max_backends,
+            flow_events,
             kubernetes,
             kubeconfig,
             kube_api_url,
@@ -208,6 +215,7 @@ fn main() -> ExitCode {
                     services: max_services,
                     backends: max_backends,
                 },
+                flow_events,
                 pins: Some(PinOptions {
                     dir: bpffs_dir,
                     replace_incompatible_state,

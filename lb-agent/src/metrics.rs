@@ -17,6 +17,7 @@
 //! | `lb_reconcile_duration_seconds` | histogram | |
 //! | `lb_reconcile_errors_total` | counter | |
 //! | `lb_policy_reconcile_errors_total` | counter | |
+//! | `lb_flow_events_total` | counter | `kind` (`new_flow`, `drop`) |
 //!
 //! # Kernel counters
 //!
@@ -251,6 +252,7 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     reconcile_errors: IntCounter,
     policy_reconcile_errors: IntCounter,
+    flow_events: IntCounterVec,
 }
 
 impl fmt::Debug for Metrics {
@@ -287,6 +289,15 @@ impl Metrics {
             "Policy reconciles that failed (the last good rule set stays in force).",
         ))
         .expect("valid counter");
+        let flow_events = IntCounterVec::new(
+            Opts::new(
+                "lb_flow_events_total",
+                "Flow events of the datapath published on the event stream (with --flow-events); \
+                 those a full ring buffer lost are lb_datapath_packets_total{reason=\"flow_events_lost\"}.",
+            ),
+            &["kind"],
+        )
+        .expect("valid counter");
         let snapshots = Arc::new(SnapshotCollector::new());
         registry
             .register(Box::new(reconcile_duration.clone()))
@@ -298,6 +309,9 @@ impl Metrics {
             .register(Box::new(policy_reconcile_errors.clone()))
             .expect("unique metric");
         registry
+            .register(Box::new(flow_events.clone()))
+            .expect("unique metric");
+        registry
             .register(Box::new(SharedCollector(snapshots.clone())))
             .expect("unique metrics");
         Metrics {
@@ -306,6 +320,7 @@ impl Metrics {
             reconcile_duration,
             reconcile_errors,
             policy_reconcile_errors,
+            flow_events,
         }
     }
 
@@ -333,6 +348,11 @@ impl Metrics {
     /// Counts a policy reconcile that failed (the last good rule set stays in force).
     pub fn policy_reconcile_failed(&self) {
         self.policy_reconcile_errors.inc();
+    }
+
+    /// Counts a flow event published on the event stream (`kind`: `new_flow` or `drop`).
+    pub fn flow_event_published(&self, kind: &str) {
+        self.flow_events.with_label_values(&[kind]).inc();
     }
 
     /// Called on every scrape before rendering; a `Some` result replaces the datapath snapshot.
@@ -937,6 +957,24 @@ pub(crate) mod tests {
             .lines()
             .filter(|l| l.starts_with("lb_service_") || l.starts_with("lb_backend_"));
         assert_eq!(traffic_lines.count(), 6, "{text}");
+        parse(&text);
+    }
+
+    #[test]
+    fn published_flow_events_are_counted_by_kind() {
+        let metrics = Metrics::new();
+        metrics.flow_event_published("new_flow");
+        metrics.flow_event_published("new_flow");
+        metrics.flow_event_published("drop");
+        let text = metrics.render().unwrap();
+        assert!(
+            text.contains(r#"lb_flow_events_total{kind="new_flow"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lb_flow_events_total{kind="drop"} 1"#),
+            "{text}"
+        );
         parse(&text);
     }
 

@@ -131,6 +131,10 @@ counters! {
     /// with "don't fragment"): answered to the client with "fragmentation needed" / "packet too
     /// big" announcing the MTU that fits, instead of dropped.
     IcmpTooBigSent = 37 => "icmp_too_big_sent",
+    /// A flow event (`lb_common::flow_events`, with `--flow-events`) found the `FLOW_EVENTS` ring
+    /// buffer full: not reported (the packet went on as decided). The agent reads the ring buffer
+    /// as soon as it has data; losses mean more new flows or drops than it keeps up with.
+    FlowEventsLost = 38 => "flow_events_lost",
 }
 
 impl Counter {

@@ -11,6 +11,7 @@
 pub mod checksum;
 pub mod conntrack;
 pub mod counters;
+pub mod flow_events;
 pub mod flow_hash;
 pub mod fragments;
 pub mod icmp;

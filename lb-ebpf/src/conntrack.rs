@@ -10,12 +10,13 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     conntrack::{state, ConntrackEntry, FlowKey, FlowKeyV4},
     counters::Counter,
+    flow_events::choice,
     protocol,
     service::{family, mode, Backend, ServiceInfo},
 };
 
 use crate::{
-    maglev,
+    flow_events, maglev,
     maps::{
         add_traffic, count, scratch, BACKENDS, BACKEND_STATS, CONNTRACK_V4, CONNTRACK_V6,
         NAT_REPLY, SERVICE_STATS,
@@ -94,11 +95,14 @@ pub fn backend_for(
     let syn_only = flow.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     let closing = is_tcp && flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0;
 
+    // Why a new choice is made (reported with flow events).
+    let mut why = choice::NEW;
     if let Some(entry) = tracked {
         // SAFETY: LRU value of plain integers; a torn read at worst re-balances one packet.
         let entry = unsafe { &mut *entry };
         // A SYN on a closing entry is a new connection reusing the port pair.
         let reused = syn_only && entry.state == state::CLOSING;
+        why = choice::ENTRY_REPLACED;
         if !reused && !entry.expired(now, is_tcp) {
             if let Some(backend) = BACKENDS.get(entry.backend_id) {
                 if backend.is_active() {
@@ -116,9 +120,11 @@ pub fn backend_for(
                 }
             }
             count(Counter::ConntrackBackendGone);
+            why = choice::BACKEND_GONE;
         }
     } else if is_tcp && !syn_only {
         count(Counter::ConntrackMidflowMiss);
+        why = choice::CONNTRACK_MISS;
     }
 
     let Some((backend_id, backend)) = maglev::pick(flow, service) else {
@@ -179,5 +185,8 @@ pub fn backend_for(
     add_traffic(&SERVICE_STATS, service.id, flow.len, true);
     add_traffic(&BACKEND_STATS, backend_id, flow.len, true);
     count(Counter::ForwardNewFlow);
+    if flow_events::enabled() {
+        flow_events::new_flow(flow, service, backend_id, why);
+    }
     Ok(Chosen { backend, snat_port })
 }

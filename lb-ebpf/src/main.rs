@@ -5,7 +5,8 @@
 //! `maglev` (backend for a new flow) → `nat` (rewrite) → verdict here. Replies from backends take
 //! `reply` instead of `service`. Services in other forwarding modes leave through `snat` or `dsr`
 //! instead of `nat`, with the next hop from `xmit`; `decap` is the separate program for DSR IPIP
-//! backends.
+//! backends. With flow events enabled at load time, `flow_events` reports each new flow's backend
+//! (from `conntrack`) and each drop before one (from here and `tc`).
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: by value would copy them (up to 40 bytes) on the
@@ -16,6 +17,7 @@ mod conntrack;
 mod context;
 mod decap;
 mod dsr;
+mod flow_events;
 mod fragments;
 mod icmp;
 mod maglev;
@@ -97,6 +99,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
             },
             Err(reason) => {
                 count(reason);
+                if flow_events::enabled() {
+                    flow_events::dropped(&flow, &service, reason);
+                }
                 // Rare (a service without backends) and worth a line in the agent's log.
                 warn!(
                     &ctx,

@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_INNER_MAP},
     btf_maps::{Array as BtfArray, ArrayOfMaps},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     conntrack::{BackendReply, ConntrackEntry, FlowKey, FlowKeyV4, NatReply},
@@ -124,6 +124,12 @@ pub fn scratch() -> Option<&'static mut ModeScratch> {
     // SAFETY: per-CPU slot, only this program run on this CPU uses it.
     MODE_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
+
+/// Flow events (`crate::flow_events`): new flows' backend choices and drops, for the agent. Written
+/// only when flow events are enabled at load time.
+#[map(name = "FLOW_EVENTS")]
+pub static FLOW_EVENTS: RingBuf =
+    RingBuf::with_byte_size(lb_common::flow_events::limits::RING_BYTES, 0);
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::SLOTS, 0);

@@ -7,15 +7,16 @@ use std::{
 
 use anyhow::Result;
 use aya::{
-    maps::{HashMap, Map},
+    maps::{Array, HashMap, Map, MapData, RingBuf},
     programs::{xdp::XdpMode, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use lb_agent::datapath::Datapath;
 use lb_common::{
     conntrack::{ConntrackEntry, FlowKey, FlowKeyV4},
     counters::Counter,
+    flow_events::{kind, FlowEvent},
     flow_hash::maglev_slot,
-    service::{family_of, Addr, ServiceKey},
+    service::{family_of, Addr, Backend, ServiceInfo, ServiceKey},
 };
 
 use crate::netns::Netns;
@@ -297,4 +298,62 @@ macro_rules! web_and_dns_services {
       - { address: 2001:db8:203::11, port: 0 }
 "
     };
+}
+
+/// Every flow event waiting in `ring` (the datapath's `FLOW_EVENTS`, from
+/// `Datapath::take_flow_events`), oldest first.
+pub fn drain_flow_events(ring: &mut RingBuf<MapData>) -> Vec<FlowEvent> {
+    let mut events = Vec::new();
+    while let Some(record) = ring.next() {
+        events.push(lb_agent::flow_events::decode(&record).expect("a whole FlowEvent"));
+    }
+    events
+}
+
+/// Checks that `event` reports the new flow `client → vip` (TCP/UDP: `protocol`) sent to
+/// `backend` in `mode` for `choice` (`lb_common::flow_events::choice`), with the ids the
+/// datapath's maps give its service and that backend.
+pub fn assert_new_flow_event(
+    datapath: &mut Datapath,
+    event: &FlowEvent,
+    (client, vip, protocol): (SocketAddr, SocketAddr, u8),
+    backend: SocketAddr,
+    (mode, choice): (u8, u8),
+) {
+    assert_eq!(event.kind, kind::NEW_FLOW, "{event:?}");
+    assert_eq!(event.flow, flow_key(protocol, client, vip), "{event:?}");
+    assert_eq!((event.mode, event.choice, event.reason), (mode, choice, 0));
+    assert_eq!(event.backend, Addr::from_ip(backend.ip()), "{event:?}");
+    assert_eq!(u16::from_be(event.backend_port), backend.port());
+    assert_eq!(event.service_id, service_id(datapath, vip, protocol));
+    let backends: Array<_, Backend> =
+        Array::try_from(datapath.ebpf_mut().map("BACKENDS").expect("BACKENDS")).unwrap();
+    let by_id = backends
+        .get(&event.backend_id, 0)
+        .expect("backend id in BACKENDS");
+    assert_eq!(by_id.ip(), backend.ip(), "backend id {}", event.backend_id);
+}
+
+/// Checks that `event` reports a packet `client → vip` dropped for `reason`.
+pub fn assert_drop_event(
+    datapath: &mut Datapath,
+    event: &FlowEvent,
+    (client, vip, protocol): (SocketAddr, SocketAddr, u8),
+    reason: Counter,
+) {
+    assert_eq!(event.kind, kind::DROP, "{event:?}");
+    assert_eq!(event.flow, flow_key(protocol, client, vip), "{event:?}");
+    assert_eq!(event.reason, reason as u8, "{event:?}");
+    assert_eq!((event.backend_id, event.backend_port), (0, 0));
+    assert_eq!(event.service_id, service_id(datapath, vip, protocol));
+}
+
+/// The id of the service of `vip` (exact port) in the datapath's `SERVICES`.
+fn service_id(datapath: &mut Datapath, vip: SocketAddr, protocol: u8) -> u32 {
+    let services: HashMap<_, ServiceKey, ServiceInfo> =
+        HashMap::try_from(datapath.ebpf_mut().map("SERVICES").expect("SERVICES")).unwrap();
+    services
+        .get(&ServiceKey::new(vip.ip(), vip.port(), protocol), 0)
+        .expect("service of the VIP")
+        .id
 }

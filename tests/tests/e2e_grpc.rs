@@ -17,7 +17,8 @@ use lb_tests::{
     agent::{lbctl_binary, AgentProcess},
     grpc_client::connect_unix,
     netns::TEST_PREFIX,
-    servers::{tcp_requests, tcp_servers_on_backends, TcpCountingServer},
+    procs::run_bounded,
+    servers::{tcp_connect, tcp_requests, tcp_servers_on_backends, TcpCountingServer},
     topology::{Topology, VIP},
 };
 use tokio::runtime::Runtime;
@@ -187,7 +188,7 @@ struct Setup {
     agent: AgentProcess,
 }
 
-fn setup(socket: &str) -> Setup {
+fn setup(socket: &str, extra_args: &[&str]) -> Setup {
     let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
     let servers = tcp_servers_on_backends(&topology, PORT);
     let dir = tempfile::tempdir().unwrap();
@@ -197,7 +198,7 @@ fn setup(socket: &str) -> Setup {
         &topology.balancer,
         &config,
         &topology.balancer_interfaces(),
-        &["--grpc-socket", socket.to_str().unwrap()],
+        &[&["--grpc-socket", socket.to_str().unwrap()], extra_args].concat(),
     )
     .expect("agent starts");
     Setup {
@@ -217,7 +218,7 @@ fn grpc_client_drives_real_traffic_through_the_agent() {
         dir,
         socket,
         mut agent,
-    } = setup("run/api.sock");
+    } = setup("run/api.sock", &[]);
     let meta = std::fs::symlink_metadata(&socket).expect("the agent's socket");
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
@@ -639,7 +640,7 @@ fn lbctl_changes_services_through_the_agent() {
         dir,
         socket,
         mut agent,
-    } = setup("api.sock");
+    } = setup("api.sock", &["--flow-events"]);
     let lbctl = |args: &[&str]| {
         let mut command = std::process::Command::new(lbctl_binary());
         command.arg("--socket").arg(&socket);
@@ -660,6 +661,10 @@ fn lbctl_changes_services_through_the_agent() {
         &mut agent,
         &["--table-size", "1021"],
     );
+
+    // Flow events (the agent runs with --flow-events): each connection's event names the backend
+    // that greeted it, its client address and port, the service and the mode.
+    flow_events_name_the_backends_of_connections(&topology, &socket, 3);
 
     // Drain backend 1: new connections all go to backend 2.
     let drained = ok(&["backend", "weight", &vip, &b(1), "0"]);
@@ -783,6 +788,46 @@ fn lbctl_changes_services_through_the_agent() {
     );
     until_unbalanced(&topology, "lbctl service delete");
     assert!(ok(&["state"]).contains("0 services"));
+}
+
+/// Runs `lbctl events --count n` on the agent's `socket` while connections to the VIP are opened
+/// one at a time (lbctl only sees the events published after it subscribed), then checks that
+/// each event it printed is the new flow of one of those connections and names the backend that
+/// greeted it (by its address) with the client address and port the connection used.
+fn flow_events_name_the_backends_of_connections(topology: &Topology, socket: &Path, n: usize) {
+    let mut command = std::process::Command::new(lbctl_binary());
+    command.arg("--socket").arg(socket);
+    command.args(["events", "--count", &n.to_string()]);
+    let events = std::thread::spawn(move || run_bounded(command, Duration::from_secs(30)));
+    let mut connections = BTreeMap::new();
+    while !events.is_finished() && connections.len() < 200 {
+        let (stream, greeting) = tcp_connect(&topology.client, SocketAddr::from((VIP, 80)))
+            .expect("a connection through the VIP");
+        connections.insert(stream.local_addr().unwrap(), greeting);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let done = events
+        .join()
+        .unwrap()
+        .expect("lbctl events --count finishes");
+    assert!(done.status.success(), "{}", done.stderr);
+    let lines: Vec<&str> = done.stdout.lines().collect();
+    assert_eq!(lines.len(), n, "{}", done.stdout);
+    for line in lines {
+        let (client, greeting) = connections
+            .iter()
+            .find(|(client, _)| line.contains(&format!(" flow new flow tcp {client} -> ")))
+            .unwrap_or_else(|| panic!("not the event of a connection opened here: {line}"));
+        let i: usize = greeting.trim_start_matches("backend-").parse().unwrap();
+        let backend = topology.backends[i - 1].addr;
+        assert!(
+            line.ends_with(&format!(
+                "tcp {client} -> {VIP}:80 service web (id 0) backend {backend}:{PORT} (id {i}) \
+                 dnat choice new"
+            )),
+            "{greeting} greeted {client}: {line}"
+        );
+    }
 }
 
 /// `lbctl` from another machine: in the client namespace, over the wire to the agent's TCP

@@ -3,7 +3,7 @@
 //! before any reconcile, and its first reconcile writes nothing; maps of another size (conntrack,
 //! capacity) are carried over into the new sizes; an incompatible layout is refused with both
 //! sides named, or replaced on request (flushing connection tracking); uninstalling removes every
-//! pin.
+//! pin; a map new in this agent (`FLOW_EVENTS`) is created next to the adopted ones.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -21,7 +21,7 @@ use lb_common::{protocol, service::ServiceKey};
 use lb_tests::{
     agent::TestPins,
     frames::{frame, inspect, ACK, SYN},
-    test_run::{run, XDP_PASS},
+    test_run::{drain_flow_events, run, XDP_PASS},
 };
 
 const CONFIG: &str = "
@@ -357,4 +357,42 @@ fn a_transient_map_of_another_definition_is_recreated() {
             std::mem::size_of::<lb_common::fragments::FragmentEntry>() as u32
         )
     );
+}
+
+/// Pins of an agent without flow events (no `FLOW_EVENTS` map) are adopted by one with them on:
+/// the ring buffer is created next to the adopted maps, the tracked flow stays on its backend (a
+/// conntrack hit, not reported) and a new flow is reported; the next agent, with flow events off,
+/// adopts the pinned ring buffer too.
+#[test]
+fn flow_events_are_added_to_the_pins_of_an_agent_without_them() {
+    let pins = TestPins::new();
+    let client: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+    let mut first = load(&pins);
+    first.apply(&Config::from_yaml(CONFIG).unwrap()).unwrap();
+    let backend = send(&mut first, SYN, client);
+    drop(first);
+    let ring_pin = pins.path().join("maps/FLOW_EVENTS");
+    std::fs::remove_file(&ring_pin).expect("FLOW_EVENTS pinned");
+
+    let mut second = Datapath::load_with(&LoadOptions {
+        flow_events: true,
+        ..options(&pins, 4096, false)
+    })
+    .expect("adopts the pins of an agent without FLOW_EVENTS");
+    assert!(ring_pin.exists(), "FLOW_EVENTS created and pinned");
+    let mut ring = second.take_flow_events().unwrap();
+    assert_eq!(send(&mut second, ACK, client), backend, "the flow stays");
+    assert_eq!(drain_flow_events(&mut ring), []);
+    let other: SocketAddr = "192.0.2.7:40001".parse().unwrap();
+    let other_backend = send(&mut second, SYN, other);
+    let events = drain_flow_events(&mut ring);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        events[0].backend,
+        lb_common::service::Addr::from_ip(other_backend.ip())
+    );
+    drop((ring, second));
+
+    let mut third = load(&pins);
+    assert_eq!(send(&mut third, ACK, other), other_backend);
 }

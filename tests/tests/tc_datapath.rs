@@ -20,13 +20,19 @@ use lb_agent::{
     config::Config,
     datapath::{Datapath, LoadOptions, TC_PROGRAM, TC_REPLY_PROGRAM, TC_REQUEST_PROGRAM},
 };
-use lb_common::{counters::Counter, modes::snat, protocol, service::ServiceKey};
+use lb_common::{
+    counters::Counter,
+    flow_events::choice,
+    modes::snat,
+    protocol,
+    service::{mode, ServiceKey},
+};
 use lb_tests::{
     frames::{fragments, frame, icmp_error, inspect, ip_packet, IcmpError, ACK, L4, SYN},
     netns::{Netns, TEST_PREFIX},
     test_run::{
-        expected_backend, flow_key, run as run_xdp, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT,
-        TC_ACT_UNSPEC, XDP_PASS,
+        assert_drop_event, assert_new_flow_event, drain_flow_events, expected_backend, flow_key,
+        run as run_xdp, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_PASS,
     },
 };
 
@@ -337,6 +343,112 @@ fn snat_without_a_route_no_backend_and_other_traffic_in_namespace() {
         &untracked_reply,
         Counter::PassNotService,
     );
+}
+
+#[test]
+fn flow_events_report_new_flows_and_drops_only_when_enabled() {
+    isolated(&[], flow_events_in_namespace);
+}
+
+/// `lb_tc` and `lb_tc_request` report new flows (DNAT and SNAT) and drops with flow events on, and
+/// nothing for conntrack hits, other traffic, or anything with flow events off.
+fn flow_events_in_namespace() {
+    let client = sa("192.0.2.2:40004");
+    let (web, snat_vip, empty) = (
+        sa("198.51.100.10:80"),
+        sa("198.51.100.40:80"),
+        sa("198.51.100.11:80"),
+    );
+    let tcp = protocol::TCP;
+    for enabled in [true, false] {
+        let mut datapath = Datapath::load_with(&LoadOptions {
+            flow_events: enabled,
+            ..LoadOptions::default()
+        })
+        .expect("load datapath");
+        datapath
+            .apply(&Config::from_yaml(CONFIG).unwrap())
+            .expect("apply config");
+        let mut ring = datapath.take_flow_events().expect("FLOW_EVENTS");
+        let key = ServiceKey::new(web.ip(), web.port(), tcp);
+        let backend = expected_backend(&datapath, &key, tcp, client, web, false);
+
+        let mut sent = |datapath: &mut Datapath, program, input: Vec<u8>, verdict| {
+            assert_eq!(run_program(datapath, program, &input).0, verdict);
+            drain_flow_events(&mut ring)
+        };
+        let dnat = sent(
+            &mut datapath,
+            TC_PROGRAM,
+            frame(SYN, client, web, b""),
+            TC_ACT_OK,
+        );
+        let hit = sent(
+            &mut datapath,
+            TC_PROGRAM,
+            frame(ACK, client, web, b""),
+            TC_ACT_OK,
+        );
+        let snat = sent(
+            &mut datapath,
+            TC_PROGRAM,
+            frame(SYN, client, snat_vip, b""),
+            TC_ACT_OK,
+        );
+        let no_backend = sent(
+            &mut datapath,
+            TC_PROGRAM,
+            frame(SYN, client, empty, b""),
+            TC_ACT_SHOT,
+        );
+        let other = sent(
+            &mut datapath,
+            TC_PROGRAM,
+            frame(SYN, client, sa("198.51.100.99:80"), b""),
+            TC_ACT_OK,
+        );
+        let refused = sent(
+            &mut datapath,
+            TC_REQUEST_PROGRAM,
+            frame(SYN, sa("192.0.2.2:40005"), snat_vip, b""),
+            TC_ACT_SHOT,
+        );
+        assert_eq!(counter(&datapath, Counter::ForwardConntrackHit), 1);
+        assert_eq!((hit, other), (vec![], vec![]));
+        if !enabled {
+            assert_eq!((dnat, snat), (vec![], vec![]));
+            assert_eq!((no_backend, refused), (vec![], vec![]));
+            continue;
+        }
+        assert_eq!((dnat.len(), snat.len()), (1, 1), "{dnat:?} {snat:?}");
+        assert_new_flow_event(
+            &mut datapath,
+            &dnat[0],
+            (client, web, tcp),
+            backend,
+            (mode::DNAT, choice::NEW),
+        );
+        assert_new_flow_event(
+            &mut datapath,
+            &snat[0],
+            (client, snat_vip, tcp),
+            sa("203.0.113.41:8080"),
+            (mode::SNAT, choice::NEW),
+        );
+        assert_eq!((no_backend.len(), refused.len()), (1, 1));
+        assert_drop_event(
+            &mut datapath,
+            &no_backend[0],
+            (client, empty, tcp),
+            Counter::DropNoBackend,
+        );
+        assert_drop_event(
+            &mut datapath,
+            &refused[0],
+            (sa("192.0.2.2:40005"), snat_vip, tcp),
+            Counter::DropTcModeUnsupported,
+        );
+    }
 }
 
 const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];

@@ -17,15 +17,19 @@ use lb_agent::{
 use lb_common::{
     conntrack::BackendReply,
     counters::Counter,
+    flow_events::choice,
     modes::ModeInfo,
     prefilter::{self, role},
     protocol,
-    service::{limits, Addr, Backend, ServiceInfo, ServiceKey},
+    service::{limits, mode, Addr, Backend, ServiceInfo, ServiceKey},
 };
 use lb_tests::{
     agent::TestPins,
     frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
-    test_run::{counter, expected_backend, flow_key, run, sa, Conntrack, XDP_DROP, XDP_PASS},
+    test_run::{
+        assert_drop_event, assert_new_flow_event, counter, drain_flow_events, expected_backend,
+        flow_key, run, sa, Conntrack, XDP_DROP, XDP_PASS,
+    },
 };
 
 const CONFIG: &str = concat!(
@@ -615,6 +619,78 @@ fn midflow_packet_without_entry_is_balanced_by_the_table_and_counted() {
     );
     assert_eq!(send_to_vip(&mut datapath, ACK, client, vip), want);
     assert_eq!(counter(&datapath, Counter::ConntrackMidflowMiss), 1);
+}
+
+#[test]
+fn flow_events_report_new_flows_and_drops_only_when_enabled() {
+    let (vip, empty) = (sa("198.51.100.10:80"), sa("198.51.100.11:80"));
+    let (client, midflow) = (sa("192.0.2.2:45000"), sa("192.0.2.2:45001"));
+    for enabled in [true, false] {
+        let mut datapath = Datapath::load_with(&LoadOptions {
+            flow_events: enabled,
+            ..LoadOptions::default()
+        })
+        .expect("load datapath");
+        datapath
+            .apply(&Config::from_yaml(CONFIG).unwrap())
+            .expect("apply config");
+        let mut ring = datapath.take_flow_events().expect("FLOW_EVENTS");
+
+        let backend = send_to_vip(&mut datapath, SYN, client, vip);
+        let new_flow = drain_flow_events(&mut ring);
+        // The same flow again: a conntrack hit, never reported.
+        assert_eq!(send_to_vip(&mut datapath, ACK, client, vip), backend);
+        assert_eq!(counter(&datapath, Counter::ForwardConntrackHit), 1);
+        assert_eq!(drain_flow_events(&mut ring), []);
+        // Mid-flow without an entry (evicted): balanced by the table, reported as such.
+        let midflow_backend = send_to_vip(&mut datapath, ACK, midflow, vip);
+        let midflow_event = drain_flow_events(&mut ring);
+        let (action, _) = run(
+            datapath.xdp_program(),
+            &frame(SYN, client, empty, b"payload"),
+        );
+        assert_eq!(action, XDP_DROP);
+        let dropped = drain_flow_events(&mut ring);
+        // Traffic to no VIP is never reported.
+        let (action, _) = run(
+            datapath.xdp_program(),
+            &frame(SYN, client, sa("192.0.2.99:80"), b""),
+        );
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(drain_flow_events(&mut ring), []);
+
+        if !enabled {
+            assert_eq!(new_flow, []);
+            assert_eq!(midflow_event, []);
+            assert_eq!(dropped, []);
+            continue;
+        }
+        let tcp = protocol::TCP;
+        assert_eq!(new_flow.len(), 1, "{new_flow:?}");
+        assert_new_flow_event(
+            &mut datapath,
+            &new_flow[0],
+            (client, vip, tcp),
+            backend,
+            (mode::DNAT, choice::NEW),
+        );
+        assert_eq!(midflow_event.len(), 1, "{midflow_event:?}");
+        assert_new_flow_event(
+            &mut datapath,
+            &midflow_event[0],
+            (midflow, vip, tcp),
+            midflow_backend,
+            (mode::DNAT, choice::CONNTRACK_MISS),
+        );
+        assert_eq!(dropped.len(), 1, "{dropped:?}");
+        assert_drop_event(
+            &mut datapath,
+            &dropped[0],
+            (client, empty, tcp),
+            Counter::DropNoBackend,
+        );
+        assert_eq!(counter(&datapath, Counter::FlowEventsLost), 0);
+    }
 }
 
 #[test]

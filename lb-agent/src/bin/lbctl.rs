@@ -116,7 +116,8 @@ enum Command {
     /// The services defined through the API, how many the agent applied from all sources, and
     /// the retired backends it keeps for their tracked flows.
     State,
-    /// The agent's events (changes, reconciles, health, policy verdicts) as they happen.
+    /// The agent's events (changes, reconciles, health, policy verdicts, and flow events of an
+    /// agent run with --flow-events) as they happen.
     Events {
         /// Stop after this many.
         #[arg(long)]

@@ -290,6 +290,7 @@ pub fn event_to_pb(event: &Event) -> pb::Event {
             EventKind::HealthChanged => pb::EventKind::HealthChanged,
             EventKind::ConfigRejected => pb::EventKind::ConfigRejected,
             EventKind::PolicyVerdict => pb::EventKind::PolicyVerdict,
+            EventKind::Flow => pb::EventKind::Flow,
         } as i32,
         text: event.text.clone(),
         service: event.service.clone().unwrap_or_default(),

@@ -1,5 +1,5 @@
 //! [`EventBus`]: what the agent tells `StreamEvents` subscribers — desired state changes, reconcile
-//! results, health transitions, rejected config edits, policy deny and audit verdicts. A `tokio::sync::broadcast` channel: publishing
+//! results, health transitions, rejected config edits, policy deny and audit verdicts, flow events. A `tokio::sync::broadcast` channel: publishing
 //! never blocks and never fails; a subscriber that falls more than the bus's capacity behind misses
 //! the oldest events and is told how many (`EVENT_KIND_EVENTS_LOST`).
 
@@ -29,6 +29,9 @@ pub enum EventKind {
     ConfigRejected,
     /// A policy deny or audit verdict (rate-limited, see `policy::enforcer`).
     PolicyVerdict,
+    /// A load-balancing decision of the datapath: a new flow's backend, or a drop before one was
+    /// found (`crate::flow_events`, with `--flow-events`).
+    Flow,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -184,6 +184,8 @@ impl PolicyDatapath {
             ("NAT_REPLY", 1),
             ("BACKEND_REPLY", 1),
             ("FRAGMENTS", 1),
+            // Unused by the policy programs too: one page.
+            ("FLOW_EVENTS", 1),
         ];
         let mut loader = EbpfLoader::new();
         loader

@@ -69,6 +69,7 @@ use self::nat::Offsets;
 use crate::{
     conntrack,
     context::PacketContext,
+    flow_events,
     fragments::Fragment,
     icmp,
     maps::count,
@@ -324,6 +325,9 @@ fn choose(flow: &Flow, all_modes: bool, flags: u8) -> Result<Option<Chosen>, i32
     };
     if !all_modes && service.mode != mode::DNAT {
         count(Counter::DropTcModeUnsupported);
+        if flow_events::enabled() {
+            flow_events::dropped(flow, &service, Counter::DropTcModeUnsupported);
+        }
         return Err(TC_ACT_SHOT);
     }
     match conntrack::backend_for(flow, &service, tracked, flags) {
@@ -340,6 +344,9 @@ fn choose(flow: &Flow, all_modes: bool, flags: u8) -> Result<Option<Chosen>, i32
         })),
         Err(reason) => {
             count(reason);
+            if flow_events::enabled() {
+                flow_events::dropped(flow, &service, reason);
+            }
             Err(TC_ACT_SHOT)
         }
     }

@@ -323,6 +323,8 @@ pub enum EventKind {
     EventsLost = 6,
     /// a policy deny or audit verdict (rate-limited; text names the rule)
     PolicyVerdict = 7,
+    /// a new flow's backend or a drop before one (agent run with --flow-events)
+    Flow = 8,
 }
 impl EventKind {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -339,6 +341,7 @@ impl EventKind {
             Self::ConfigRejected => "EVENT_KIND_CONFIG_REJECTED",
             Self::EventsLost => "EVENT_KIND_EVENTS_LOST",
             Self::PolicyVerdict => "EVENT_KIND_POLICY_VERDICT",
+            Self::Flow => "EVENT_KIND_FLOW",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -352,6 +355,7 @@ impl EventKind {
             "EVENT_KIND_CONFIG_REJECTED" => Some(Self::ConfigRejected),
             "EVENT_KIND_EVENTS_LOST" => Some(Self::EventsLost),
             "EVENT_KIND_POLICY_VERDICT" => Some(Self::PolicyVerdict),
+            "EVENT_KIND_FLOW" => Some(Self::Flow),
             _ => None,
         }
     }

@@ -1,0 +1,90 @@
+//! Flow events (`lb_common::flow_events`): a new flow's backend choice (from `conntrack`) and a
+//! VIP packet dropped before it had a backend (from `lb_xdp` and `lb_tc`), reported through the
+//! `FLOW_EVENTS` ring buffer.
+//!
+//! Off unless the agent loads the programs with `LB_FLOW_EVENTS` set: a read-only global, so with
+//! it 0 the verifier removes every call below and the paths cost what they did without events.
+//! Only the new-flow and drop paths test it; conntrack hits and non-VIP packets never reach it.
+//! The writers are BPF functions of their own that fill the reserved ring buffer memory in place:
+//! nothing is built on the stack, which `lb_tc`'s deepest chains use whole (see `tc`).
+
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use lb_common::{
+    counters::Counter,
+    flow_events::{kind, FlowEvent},
+    service::{Addr, ServiceInfo},
+};
+
+use crate::{
+    maps::{count, BACKENDS, FLOW_EVENTS},
+    packet::Flow,
+};
+
+/// Set at load time (`EbpfLoader::override_global`): non-zero to report flow events. Read with a
+/// volatile load so the compiler keeps the load the loader patches.
+#[unsafe(no_mangle)]
+static LB_FLOW_EVENTS: u32 = 0;
+
+/// Whether flow events were enabled at load time.
+#[inline(always)]
+pub fn enabled() -> bool {
+    // SAFETY: a global of this program.
+    unsafe { core::ptr::read_volatile(&LB_FLOW_EVENTS) != 0 }
+}
+
+/// Reports a new flow of `service` sent to backend `backend_id`; `choice` says why it was chosen
+/// (`lb_common::flow_events::choice`). The backend is read again from `BACKENDS` (an array read,
+/// only with events on) rather than passed: a pointer to the caller's copy would keep it on the
+/// caller's stack, which `lb_tc`'s deepest chain cannot spare.
+#[inline(never)]
+pub fn new_flow(flow: &Flow, service: &ServiceInfo, backend_id: u32, choice: u8) {
+    let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
+        count(Counter::FlowEventsLost);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    let backend = BACKENDS.get(backend_id);
+    // SAFETY: `event` points at the reserved record, written whole before it is submitted.
+    unsafe {
+        (*event).timestamp_ns = bpf_ktime_get_coarse_ns();
+        (*event).flow = flow.key;
+        (*event).backend = backend.map_or(Addr([0; 4]), |b| b.addr);
+        (*event).service_id = service.id;
+        (*event).backend_id = backend_id;
+        (*event).backend_port = match backend {
+            Some(b) if b.port != 0 => b.port,
+            _ => flow.key.dst_port,
+        };
+        (*event).kind = kind::NEW_FLOW;
+        (*event).mode = service.mode;
+        (*event).choice = choice;
+        (*event).reason = 0;
+        (*event)._pad = [0; 2];
+    }
+    entry.submit(0);
+}
+
+/// Reports a packet of `flow` to `service` dropped for `reason` before it had a backend.
+#[inline(never)]
+pub fn dropped(flow: &Flow, service: &ServiceInfo, reason: Counter) {
+    let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
+        count(Counter::FlowEventsLost);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: as in `new_flow`.
+    unsafe {
+        (*event).timestamp_ns = bpf_ktime_get_coarse_ns();
+        (*event).flow = flow.key;
+        (*event).backend = Addr([0; 4]);
+        (*event).service_id = service.id;
+        (*event).backend_id = 0;
+        (*event).backend_port = 0;
+        (*event).kind = kind::DROP;
+        (*event).mode = service.mode;
+        (*event).choice = 0;
+        (*event).reason = reason as u8;
+        (*event)._pad = [0; 2];
+    }
+    entry.submit(0);
+}
