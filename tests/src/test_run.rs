@@ -300,6 +300,21 @@ macro_rules! web_and_dns_services {
     };
 }
 
+/// A datapath loaded with flow events `enabled` and `config` (YAML) applied, and its
+/// `FLOW_EVENTS` ring buffer.
+pub fn load_with_flow_events(config: &str, enabled: bool) -> (Datapath, RingBuf<MapData>) {
+    let mut datapath = Datapath::load_with(&lb_agent::datapath::LoadOptions {
+        flow_events: enabled,
+        ..Default::default()
+    })
+    .expect("load datapath");
+    datapath
+        .apply(&lb_agent::config::Config::from_yaml(config).expect("config"))
+        .expect("apply config");
+    let ring = datapath.take_flow_events().expect("FLOW_EVENTS");
+    (datapath, ring)
+}
+
 /// Every flow event waiting in `ring` (the datapath's `FLOW_EVENTS`, from
 /// `Datapath::take_flow_events`), oldest first.
 pub fn drain_flow_events(ring: &mut RingBuf<MapData>) -> Vec<FlowEvent> {

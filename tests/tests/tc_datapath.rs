@@ -32,7 +32,8 @@ use lb_tests::{
     netns::{Netns, TEST_PREFIX},
     test_run::{
         assert_drop_event, assert_new_flow_event, drain_flow_events, expected_backend, flow_key,
-        run as run_xdp, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_PASS,
+        load_with_flow_events, run as run_xdp, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        XDP_PASS,
     },
 };
 
@@ -361,15 +362,7 @@ fn flow_events_in_namespace() {
     );
     let tcp = protocol::TCP;
     for enabled in [true, false] {
-        let mut datapath = Datapath::load_with(&LoadOptions {
-            flow_events: enabled,
-            ..LoadOptions::default()
-        })
-        .expect("load datapath");
-        datapath
-            .apply(&Config::from_yaml(CONFIG).unwrap())
-            .expect("apply config");
-        let mut ring = datapath.take_flow_events().expect("FLOW_EVENTS");
+        let (mut datapath, mut ring) = load_with_flow_events(CONFIG, enabled);
         let key = ServiceKey::new(web.ip(), web.port(), tcp);
         let backend = expected_backend(&datapath, &key, tcp, client, web, false);
 

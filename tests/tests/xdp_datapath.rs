@@ -28,7 +28,7 @@ use lb_tests::{
     frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
     test_run::{
         assert_drop_event, assert_new_flow_event, counter, drain_flow_events, expected_backend,
-        flow_key, run, sa, Conntrack, XDP_DROP, XDP_PASS,
+        flow_key, load_with_flow_events, run, sa, Conntrack, XDP_DROP, XDP_PASS,
     },
 };
 
@@ -626,15 +626,7 @@ fn flow_events_report_new_flows_and_drops_only_when_enabled() {
     let (vip, empty) = (sa("198.51.100.10:80"), sa("198.51.100.11:80"));
     let (client, midflow) = (sa("192.0.2.2:45000"), sa("192.0.2.2:45001"));
     for enabled in [true, false] {
-        let mut datapath = Datapath::load_with(&LoadOptions {
-            flow_events: enabled,
-            ..LoadOptions::default()
-        })
-        .expect("load datapath");
-        datapath
-            .apply(&Config::from_yaml(CONFIG).unwrap())
-            .expect("apply config");
-        let mut ring = datapath.take_flow_events().expect("FLOW_EVENTS");
+        let (mut datapath, mut ring) = load_with_flow_events(CONFIG, enabled);
 
         let backend = send_to_vip(&mut datapath, SYN, client, vip);
         let new_flow = drain_flow_events(&mut ring);
