@@ -83,11 +83,7 @@ impl Pinned {
     }
 
     fn map(&self, name: &str) -> Result<Map> {
-        let path = self.pins.map(name);
-        let data = MapData::from_pin(&path).with_context(|| {
-            format!("opening {} (is the datapath pinned there?)", path.display())
-        })?;
-        Ok(Map::from_map_data(data)?)
+        Ok(Map::from_map_data(self.map_data(name)?)?)
     }
 
     /// Every service, sorted by VIP, port and protocol.
@@ -194,7 +190,7 @@ impl Pinned {
                     .filter(|b| b.family != 0)
                     .map(|b| {
                         // Port 0: the client's destination port is kept.
-                        let port = if b.port == 0 { key.dst_port } else { b.port };
+                        let port = b.port_for(key.dst_port);
                         SocketAddr::new(b.addr.to_ip(b.family), u16::from_be(port))
                     });
                 FlowRow {

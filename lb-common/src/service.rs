@@ -191,6 +191,17 @@ impl Backend {
         u16::from_be(self.port)
     }
 
+    /// The port a flow to `vip_port` reaches this backend on (both in network byte order): its
+    /// own, or with port 0 the one the client chose.
+    #[inline(always)]
+    pub fn port_for(&self, vip_port: u16) -> u16 {
+        if self.port == 0 {
+            vip_port
+        } else {
+            self.port
+        }
+    }
+
     pub fn is_active(&self) -> bool {
         self.flags & backend_flags::ACTIVE != 0
     }

@@ -164,11 +164,7 @@ pub fn backend_for(
         let reply_key = &mut scratch.reply_key;
         reply_key.src = backend.addr;
         reply_key.dst = flow.key.src;
-        reply_key.src_port = if backend.port == 0 {
-            flow.key.dst_port
-        } else {
-            backend.port
-        };
+        reply_key.src_port = backend.port_for(flow.key.dst_port);
         reply_key.dst_port = flow.key.src_port;
         reply_key.protocol = flow.key.protocol;
         reply_key.family = flow.key.family;

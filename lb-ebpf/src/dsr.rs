@@ -43,7 +43,7 @@ use lb_common::{
 use crate::{
     context::PacketContext,
     fragments,
-    maps::{count, SERVICE_MODES},
+    maps::count,
     packet::{header::ETH_LEN, Flow},
     too_big,
     xmit::{self, fib_xmit, opts, Unsent, Xmit},
@@ -77,7 +77,7 @@ pub fn send_l2(ctx: &XdpContext, family: u8, protocol: u8, src: &Addr, backend: 
 // A function of its own (a BPF subprogram): its stack does not add to the other paths'.
 #[inline(never)]
 pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Backend) -> u32 {
-    let Some(source) = encap_source(service.id) else {
+    let Some(source) = crate::service::source_address(service.id) else {
         count(Counter::DropModeUnconfigured);
         return xdp_action::XDP_DROP;
     };
@@ -184,14 +184,6 @@ pub fn encapsulate_or_drop(
         TOO_BIG => Unsent::dsr_ipip(Xmit::TooBig).xdp_action(),
         action => action,
     }
-}
-
-/// The outer source address of service `service_id`'s encapsulated packets (`SERVICE_MODES`), or
-/// `None` if it has none (dropped, counted `drop_mode_unconfigured`).
-#[inline(always)]
-pub fn encap_source(service_id: u32) -> Option<&'static Addr> {
-    let info = SERVICE_MODES.get(service_id)?;
-    info.has_source().then_some(&info.source)
 }
 
 /// Copies the Ethernet header from `data + by` (where it was before the head moved) to `data`; the

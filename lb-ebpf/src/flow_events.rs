@@ -8,7 +8,7 @@
 //! The writers are BPF functions of their own that fill the reserved ring buffer memory in place:
 //! nothing is built on the stack, which `lb_tc`'s deepest chains use whole (see `tc`).
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, maps::ring_buf::RingBufEntry};
 use lb_common::{
     counters::Counter,
     flow_events::{kind, FlowEvent},
@@ -38,41 +38,54 @@ pub fn enabled() -> bool {
 /// caller's stack, which `lb_tc`'s deepest chain cannot spare.
 #[inline(never)]
 pub fn new_flow(flow: &Flow, service: &ServiceInfo, backend_id: u32, choice: u8) {
-    let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
-        count(Counter::FlowEventsLost);
+    let backend = BACKENDS.get(backend_id);
+    let Some(mut entry) = reserve(flow, service, kind::NEW_FLOW) else {
         return;
     };
     let event = entry.as_mut_ptr();
-    let backend = BACKENDS.get(backend_id);
-    // SAFETY: `event` points at the reserved record, written whole before it is submitted.
+    // SAFETY: `event` points at the reserved record, which `reserve` began to write.
     unsafe {
-        (*event).timestamp_ns = bpf_ktime_get_coarse_ns();
-        (*event).flow = flow.key;
         (*event).backend = backend.map_or(Addr([0; 4]), |b| b.addr);
-        (*event).service_id = service.id;
         (*event).backend_id = backend_id;
-        (*event).backend_port = match backend {
-            Some(b) if b.port != 0 => b.port,
-            _ => flow.key.dst_port,
-        };
-        (*event).kind = kind::NEW_FLOW;
-        (*event).mode = service.mode;
+        (*event).backend_port =
+            backend.map_or(flow.key.dst_port, |b| b.port_for(flow.key.dst_port));
         (*event).choice = choice;
-        (*event).reason = 0;
-        (*event)._pad = [0; 2];
     }
     entry.submit(0);
 }
 
+/// Counts `reason` for a packet of `flow` to `service` dropped before it had a backend, and
+/// reports it when flow events are on.
+#[inline(always)]
+pub fn count_drop(flow: &Flow, service: &ServiceInfo, reason: Counter) {
+    count(reason);
+    if enabled() {
+        dropped(flow, service, reason);
+    }
+}
+
 /// Reports a packet of `flow` to `service` dropped for `reason` before it had a backend.
 #[inline(never)]
-pub fn dropped(flow: &Flow, service: &ServiceInfo, reason: Counter) {
-    let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
-        count(Counter::FlowEventsLost);
+fn dropped(flow: &Flow, service: &ServiceInfo, reason: Counter) {
+    let Some(mut entry) = reserve(flow, service, kind::DROP) else {
         return;
     };
-    let event = entry.as_mut_ptr();
     // SAFETY: as in `new_flow`.
+    unsafe { (*entry.as_mut_ptr()).reason = reason as u8 };
+    entry.submit(0);
+}
+
+/// A record of `kind` about `flow` to `service` reserved in `FLOW_EVENTS`, every field written
+/// (the backend's and the choice or reason zero, for the caller to fill in); `None`, counted
+/// `flow_events_lost`, when the ring buffer is full.
+#[inline(always)]
+fn reserve(flow: &Flow, service: &ServiceInfo, kind: u8) -> Option<RingBufEntry<FlowEvent>> {
+    let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
+        count(Counter::FlowEventsLost);
+        return None;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at the reserved record, written whole before it is submitted.
     unsafe {
         (*event).timestamp_ns = bpf_ktime_get_coarse_ns();
         (*event).flow = flow.key;
@@ -80,11 +93,11 @@ pub fn dropped(flow: &Flow, service: &ServiceInfo, reason: Counter) {
         (*event).service_id = service.id;
         (*event).backend_id = 0;
         (*event).backend_port = 0;
-        (*event).kind = kind::DROP;
+        (*event).kind = kind;
         (*event).mode = service.mode;
         (*event).choice = 0;
-        (*event).reason = reason as u8;
+        (*event).reason = 0;
         (*event)._pad = [0; 2];
     }
-    entry.submit(0);
+    Some(entry)
 }

@@ -76,7 +76,7 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use crate::{
     conntrack,
     context::PacketContext,
-    maps::{count, scratch, BACKENDS, SERVICE_MODES},
+    maps::{count, scratch, BACKENDS},
     mem,
     packet::{
         header::{
@@ -357,11 +357,7 @@ fn to_backend<C: PacketContext>(
     snat_port: u16,
 ) -> Option<Verdict> {
     let flow = error.flow;
-    let port = if backend.port == 0 {
-        flow.dst_port
-    } else {
-        backend.port
-    };
+    let port = backend.port_for(flow.dst_port);
     match service.mode {
         mode::DNAT => {
             let to_backend = Rewrite {
@@ -373,7 +369,7 @@ fn to_backend<C: PacketContext>(
             Some(Verdict::GoesOn)
         }
         mode::SNAT => {
-            let source = mode_source(service.id)?;
+            let source = crate::service::source_address(service.id)?;
             if !set_departure(mode::SNAT, source, &backend.addr, 0) {
                 return None;
             }
@@ -394,7 +390,7 @@ fn to_backend<C: PacketContext>(
             set_departure(mode::DSR_L2, &flow.src, &backend.addr, 0).then_some(Verdict::Leaves)
         }
         _ => {
-            let source = mode_source(service.id)?;
+            let source = crate::service::source_address(service.id)?;
             let label = if flow.family == family::IPV4 {
                 0
             } else {
@@ -403,13 +399,6 @@ fn to_backend<C: PacketContext>(
             set_departure(mode::DSR_IPIP, source, &backend.addr, label).then_some(Verdict::Leaves)
         }
     }
-}
-
-/// The SNAT or encapsulation source address of service `service_id` (`SERVICE_MODES`), if set.
-#[inline(always)]
-fn mode_source(service_id: u32) -> Option<&'static Addr> {
-    let info = SERVICE_MODES.get(service_id)?;
-    info.has_source().then_some(&info.source)
 }
 
 /// Records how a translated error leaves ([`departure`]); `false` without scratch space.

@@ -98,10 +98,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
                 _ => dsr::ipip(&ctx, &flow, &service, &chosen.backend),
             },
             Err(reason) => {
-                count(reason);
-                if flow_events::enabled() {
-                    flow_events::dropped(&flow, &service, reason);
-                }
+                flow_events::count_drop(&flow, &service, reason);
                 // Rare (a service without backends) and worth a line in the agent's log.
                 warn!(
                     &ctx,

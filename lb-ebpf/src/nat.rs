@@ -21,11 +21,7 @@ use crate::packet::{
 /// DNAT: destination becomes the backend (its port, or the original one when the backend's is 0).
 #[inline(always)]
 pub fn to_backend(ctx: &XdpContext, flow: &Flow, backend: &Backend) {
-    let port = if backend.port == 0 {
-        flow.key.dst_port
-    } else {
-        backend.port
-    };
+    let port = backend.port_for(flow.key.dst_port);
     rewrite(
         ctx,
         flow,

@@ -3,11 +3,11 @@
 
 use lb_common::{
     prefilter::role,
-    service::{ServiceInfo, ServiceKey},
+    service::{Addr, ServiceInfo, ServiceKey},
 };
 
 use crate::{
-    maps::{SERVICES, SERVICE_SLOTS},
+    maps::{SERVICES, SERVICE_MODES, SERVICE_SLOTS},
     packet::Flow,
 };
 
@@ -60,4 +60,13 @@ pub fn lookup_key(mut key: ServiceKey) -> Option<ServiceInfo> {
     }
     key.port = 0;
     unsafe { SERVICES.get(&key) }.copied()
+}
+
+/// The source address service `service_id`'s translated packets leave with (`SERVICE_MODES`): the
+/// SNAT address, or the outer source of DSR IPIP; `None` if it has none (a packet that needs it is
+/// dropped, counted `drop_mode_unconfigured`).
+#[inline(always)]
+pub fn source_address(service_id: u32) -> Option<&'static Addr> {
+    let info = SERVICE_MODES.get(service_id)?;
+    info.has_source().then_some(&info.source)
 }

@@ -67,11 +67,7 @@ pub fn allocate(
     let key = &mut scratch.reply_key;
     key.src = backend.addr;
     mem::copy_addr(&mut key.dst, &info.source);
-    key.src_port = if backend.port == 0 {
-        flow.key.dst_port
-    } else {
-        backend.port
-    };
+    key.src_port = backend.port_for(flow.key.dst_port);
     key.dst_port = 0;
     key.protocol = flow.key.protocol;
     key.family = flow.key.family;

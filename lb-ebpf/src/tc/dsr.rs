@@ -30,7 +30,7 @@ use lb_common::{
 
 use super::{xmit, Chosen};
 use crate::{
-    dsr::{before_encapsulation, encap_source, write_outer_ipv4, write_outer_ipv6},
+    dsr::{before_encapsulation, write_outer_ipv4, write_outer_ipv6},
     fragments,
     maps::count,
     packet::{
@@ -69,7 +69,7 @@ pub fn send_l2(ctx: &TcContext, family: u8, protocol: u8, src: &Addr, backend: &
 // A BPF function of its own, called from `lb_tc`: its stack does not add to `to_backend`'s.
 #[inline(never)]
 pub fn ipip(ctx: &TcContext, flow: &Flow, chosen: &Chosen) -> i32 {
-    let Some(source) = encap_source(chosen.service_id) else {
+    let Some(source) = crate::service::source_address(chosen.service_id) else {
         count(Counter::DropModeUnconfigured);
         return TC_ACT_SHOT;
     };

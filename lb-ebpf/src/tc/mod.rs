@@ -324,29 +324,19 @@ fn choose(flow: &Flow, all_modes: bool, flags: u8) -> Result<Option<Chosen>, i32
         return Ok(None);
     };
     if !all_modes && service.mode != mode::DNAT {
-        count(Counter::DropTcModeUnsupported);
-        if flow_events::enabled() {
-            flow_events::dropped(flow, &service, Counter::DropTcModeUnsupported);
-        }
+        flow_events::count_drop(flow, &service, Counter::DropTcModeUnsupported);
         return Err(TC_ACT_SHOT);
     }
     match conntrack::backend_for(flow, &service, tracked, flags) {
         Ok(chosen) => Ok(Some(Chosen {
             backend: chosen.backend.addr,
-            port: if chosen.backend.port == 0 {
-                flow.key.dst_port
-            } else {
-                chosen.backend.port
-            },
+            port: chosen.backend.port_for(flow.key.dst_port),
             snat_port: chosen.snat_port,
             service_id: service.id,
             mode: service.mode,
         })),
         Err(reason) => {
-            count(reason);
-            if flow_events::enabled() {
-                flow_events::dropped(flow, &service, reason);
-            }
+            flow_events::count_drop(flow, &service, reason);
             Err(TC_ACT_SHOT)
         }
     }
