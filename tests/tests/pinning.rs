@@ -72,6 +72,14 @@ fn send(datapath: &mut Datapath, l4: lb_tests::frames::L4, client: SocketAddr) -
     inspect(&out).dst
 }
 
+/// A first agent pins the datapath with `CONFIG` applied and one tracked flow from `client`, then
+/// goes; returns the flow's backend.
+fn pin_one_flow(pins: &TestPins, client: SocketAddr) -> SocketAddr {
+    let mut first = load(pins);
+    first.apply(&Config::from_yaml(CONFIG).unwrap()).unwrap();
+    send(&mut first, SYN, client)
+}
+
 fn web_key() -> ServiceKey {
     let vip: SocketAddr = VIP.parse().unwrap();
     ServiceKey::new(vip.ip(), vip.port(), protocol::TCP)
@@ -334,10 +342,7 @@ fn maps_of_another_size_are_carried_over() {
 fn a_transient_map_of_another_definition_is_recreated() {
     let pins = TestPins::new();
     let client: SocketAddr = "192.0.2.7:40000".parse().unwrap();
-    let mut first = load(&pins);
-    first.apply(&Config::from_yaml(CONFIG).unwrap()).unwrap();
-    let backend = send(&mut first, SYN, client);
-    drop(first);
+    let backend = pin_one_flow(&pins, client);
     let path = pins.path().join("maps/FRAGMENTS");
     std::fs::remove_file(&path).unwrap();
     Array::<MapData, u64>::create(16, 0)
@@ -367,10 +372,7 @@ fn a_transient_map_of_another_definition_is_recreated() {
 fn flow_events_are_added_to_the_pins_of_an_agent_without_them() {
     let pins = TestPins::new();
     let client: SocketAddr = "192.0.2.7:40000".parse().unwrap();
-    let mut first = load(&pins);
-    first.apply(&Config::from_yaml(CONFIG).unwrap()).unwrap();
-    let backend = send(&mut first, SYN, client);
-    drop(first);
+    let backend = pin_one_flow(&pins, client);
     let ring_pin = pins.path().join("maps/FLOW_EVENTS");
     std::fs::remove_file(&ring_pin).expect("FLOW_EVENTS pinned");
 
