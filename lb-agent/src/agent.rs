@@ -28,10 +28,17 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::Config,
     config_watch::{self, ConfigWatch},
-    datapath::{AttachMode, Capacity, Datapath, LoadOptions, PinOptions, TableFill},
+    datapath::{
+        AttachMode, Capacity, Datapath, LoadOptions, PinOptions, ProgramSettings, TableFill,
+    },
     desired::{Conflict, Desired},
-    ebpf_log, flow_events,
-    grpc::{self, AppliedView, Event, EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig},
+    ebpf_log,
+    endpoints::{self, store::EndpointStore, Endpoint, Placement},
+    flow_events,
+    grpc::{
+        self, AppliedView, Change, EndpointChannel, EndpointReply, EndpointRequest, Event,
+        EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig,
+    },
     health::{self, HealthChecker, Target},
     http::{HttpServer, Readiness},
     k8s::{K8sOptions, K8sSource, NodeOptions},
@@ -81,6 +88,9 @@ pub struct AgentOptions {
     pub watch_interval: Duration,
     /// Serve the gRPC API on this unix socket (mode 0600).
     pub grpc_socket: Option<PathBuf>,
+    /// Where the endpoints the CNI plugin registers are kept across restarts
+    /// (`crate::endpoints::store`).
+    pub state_dir: PathBuf,
     /// Serve the gRPC API on this TCP address with TLS and required client certificates.
     pub grpc_tcp: Option<(SocketAddr, TlsConfig)>,
 }
@@ -111,8 +121,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         None => None,
     };
 
+    // Before the API serves: a registration is answered only once it is written here.
+    let mut endpoint_store = EndpointStore::open(&options.state_dir)?;
+    collect_vanished_endpoints(&mut endpoint_store, None);
+    let (endpoint_channel, mut endpoint_calls, endpoints_published) = EndpointChannel::new();
     let grpc_source = GrpcSource::new();
     grpc_source.set_base_config(&file);
+    grpc_source.set_endpoint_channel(endpoint_channel);
     let events = EventBus::default();
     let (applied_tx, applied_rx) = watch::channel(AppliedView::default());
     let mut grpc_servers: Vec<GrpcServer> = Vec::new();
@@ -161,29 +176,30 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut kube_updates = kubernetes.as_ref().map(|k| k.subscribe());
     let mut kube_policy = kubernetes.as_ref().map(|k| k.subscribe_policy());
 
-    // The XDP CIDR deny check is loaded only if the starting config needs it (see `cidr_deny`).
-    let mut cidr_deny = CidrDenyList::new(!file.policy.cidr_deny.is_empty());
+    // The CIDR deny check and flow events are compiled into the programs only while needed; an
+    // edit that changes either reloads them (`reload_programs`).
+    let settings = ProgramSettings {
+        flow_events: file.flow_events.unwrap_or(options.flow_events),
+        cidr_deny: !file.policy.cidr_deny.is_empty(),
+    };
+    let mut cidr_deny = CidrDenyList::new(settings.cidr_deny);
     let mut datapath = Datapath::load_with_cidr_deny(
         &LoadOptions {
             conntrack_entries: options.conntrack_entries,
             conntrack_entries_v6: options.conntrack_entries_v6,
             pins: options.pins.clone(),
             capacity: options.capacity,
-            flow_events: options.flow_events,
+            flow_events: settings.flow_events,
         },
-        cidr_deny.enabled(),
+        settings.cidr_deny,
     )?;
-    let flow_events = if options.flow_events {
-        let ring = datapath.take_flow_events()?;
-        Some(flow_events::forward(
-            ring,
-            events.clone(),
-            applied_rx.clone(),
-            metrics.clone(),
-        )?)
-    } else {
-        None
-    };
+    // Read whether or not events are on: they may be switched on later.
+    let flow_events = Some(flow_events::forward(
+        datapath.take_flow_events()?,
+        events.clone(),
+        applied_rx.clone(),
+        metrics.clone(),
+    )?);
     // Not fatal: the datapath works without its log lines.
     let ebpf_log = ebpf_log::forward(datapath.ebpf_mut())
         .inspect_err(|err| warn!("eBPF log records not forwarded: {err:#}"))
@@ -192,6 +208,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut health_updates = checker.subscribe();
     let mut health_before = checker.snapshot();
     let mut desired = Desired::new(file);
+    desired.endpoints = endpoint_store.list();
     let mut reported = BTreeSet::new();
     // Services an earlier agent left programmed stay as they are until Kubernetes is listed:
     // without the cluster's services the merged state would remove them from the maps.
@@ -242,6 +259,14 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     for interface in &options.workload_interfaces {
         datapath.attach_with(interface, AttachMode::Workload)?;
     }
+    // Registered endpoints: their pinned links are adopted, not released below.
+    for endpoint in &desired.endpoints {
+        if let Err(err) = datapath.attach_with(&endpoint.host_interface, AttachMode::Workload) {
+            error!(interface = %endpoint.host_interface, pod = %endpoint.pod_name(),
+                   "registered endpoint not attached: {err:#}");
+        }
+    }
+    publish_endpoints(&endpoints_published, &desired);
     if options.attach_mode == AttachMode::Tc {
         warn_policy_endpoints_on_plain_tc(&options.interfaces, &desired.merged_policy());
     }
@@ -250,6 +275,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         .iter()
         .chain(&options.workload_interfaces)
         .cloned()
+        .chain(desired.endpoints.iter().map(|e| e.host_interface.clone()))
         .collect();
     // Every link runs the new programs now: maps of another size than the pinned ones take the
     // flows started meanwhile and the pins (see `crate::resize`).
@@ -268,6 +294,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         fill: None,
         counted: Instant::now() - Duration::from_secs(3600),
     };
+    // An endpoint call's answer, sent once the policy has been reconciled with it.
+    let mut endpoint_answer = None;
     loop {
         let file_changed = tokio::select! {
             _ = sigint.recv() => { info!("SIGINT received"); break; }
@@ -332,6 +360,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 health_before = now;
                 false
             }
+            Some((request, reply)) = endpoint_calls.recv() => {
+                let result = handle_endpoint_request(request, &mut endpoint_store, &mut datapath);
+                desired.endpoints = endpoint_store.list();
+                publish_endpoints(&endpoints_published, &desired);
+                endpoint_answer = Some((reply, result));
+                false
+            }
             _ = policy_tick.tick() => {
                 drain_policy(&mut policy, &cidr_deny, &mut datapath, &metrics, &events);
                 continue;
@@ -340,6 +375,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 if policy.pending() {
                     if let Some(desired) = policy.desired() {
                         reconcile_policy(&mut policy, &desired, &metrics, &events);
+                    }
+                }
+                if collect_vanished_endpoints(&mut endpoint_store, Some(&mut datapath)) {
+                    desired.endpoints = endpoint_store.list();
+                    publish_endpoints(&endpoints_published, &desired);
+                    if !policy_waits_for_kubernetes {
+                        reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
                     }
                 }
                 conntrack.refresh(&datapath);
@@ -381,7 +423,6 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 Ok(config) => {
                     applied = config;
                     publish_applied(&applied_tx, &applied, &datapath);
-                    reconcile_cidr_deny(&mut cidr_deny, &mut datapath, &applied, &metrics, &events);
                     if file_changed {
                         info!(services = applied.services.len(), "config reloaded");
                     }
@@ -392,9 +433,26 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 }
             }
         }
+        // The file's `flow_events` (else the flag) and a CIDR deny list in the applied policy
+        // (kept as it is while the services wait for Kubernetes).
+        let wanted = ProgramSettings {
+            flow_events: desired.file.flow_events.unwrap_or(options.flow_events),
+            cidr_deny: if services_wait_for_kubernetes {
+                datapath.settings().cidr_deny
+            } else {
+                !applied.policy.cidr_deny.is_empty()
+            },
+        };
+        reload_programs(&mut datapath, wanted, &mut cidr_deny, &metrics, &events);
+        if !services_wait_for_kubernetes {
+            reconcile_cidr_deny(&mut cidr_deny, &mut datapath, &applied, &metrics, &events);
+        }
         // After the services: loading the policy programs (first policy) takes a while.
         if !policy_waits_for_kubernetes {
             reconcile_policy(&mut policy, &desired.merged_policy(), &metrics, &events);
+        }
+        if let Some((reply, result)) = endpoint_answer.take() {
+            let _ = reply.send(result);
         }
     }
 
@@ -419,6 +477,118 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Registers or releases an endpoint: attaches or detaches the workload programs and writes the
+/// registrations; the caller then reconciles the policy, which puts the interface on the pod's
+/// workload. A refused registration changes nothing.
+fn handle_endpoint_request(
+    request: EndpointRequest,
+    store: &mut EndpointStore,
+    datapath: &mut Datapath,
+) -> Result<EndpointReply, tonic::Status> {
+    match request {
+        EndpointRequest::Register(endpoint) => {
+            let interface = endpoint.host_interface.clone();
+            if !endpoints::interface_exists(&interface) {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "endpoint.host_interface: no interface {interface} on this node"
+                )));
+            }
+            let key = endpoint.key();
+            if let Some(other) = store.using_interface(&interface, &key) {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "endpoint.host_interface: {interface} is registered for container {} ({})",
+                    other.container_id, other.interface_name
+                )));
+            }
+            let previous = store.get(&key).cloned();
+            if previous.as_ref() == Some(&endpoint) {
+                return Ok(EndpointReply::Registered(Change::Unchanged));
+            }
+            datapath
+                .attach_with(&interface, AttachMode::Workload)
+                .map_err(|err| {
+                    tonic::Status::failed_precondition(format!("attaching to {interface}: {err:#}"))
+                })?;
+            let moved = previous
+                .as_ref()
+                .is_some_and(|p| p.host_interface != interface);
+            if let Err(err) = store.insert(endpoint.clone()) {
+                if previous.is_none() || moved {
+                    let _ = datapath.release_interface(&interface);
+                }
+                return Err(tonic::Status::internal(format!("{err:#}")));
+            }
+            if let Some(old) = previous.as_ref().filter(|_| moved) {
+                if let Err(err) = datapath.release_interface(&old.host_interface) {
+                    warn!(interface = %old.host_interface,
+                          "releasing the endpoint's previous interface: {err:#}");
+                }
+            }
+            info!(pod = %endpoint.pod_name(), %interface, container = %endpoint.container_id,
+                  addresses = ?endpoint.addresses, "endpoint registered");
+            Ok(EndpointReply::Registered(match previous {
+                None => Change::Created,
+                Some(_) => Change::Changed,
+            }))
+        }
+        EndpointRequest::Release(key) => {
+            let Some(endpoint) = store.get(&key).cloned() else {
+                return Ok(EndpointReply::Released(false));
+            };
+            store
+                .remove(&key)
+                .map_err(|err| tonic::Status::internal(format!("{err:#}")))?;
+            if let Err(err) = datapath.release_interface(&endpoint.host_interface) {
+                warn!(interface = %endpoint.host_interface, "releasing the endpoint: {err:#}");
+            }
+            info!(pod = %endpoint.pod_name(), interface = %endpoint.host_interface,
+                  container = %endpoint.container_id, "endpoint released");
+            Ok(EndpointReply::Released(true))
+        }
+    }
+}
+
+/// Releases the registered endpoints whose host interface is gone (the pod's veth was deleted
+/// without a CNI DEL reaching the agent); `true` if any was. Without a datapath (at start, before
+/// it is loaded) only the registrations are forgotten: their pinned links are released with the
+/// other interfaces no longer configured.
+fn collect_vanished_endpoints(
+    store: &mut EndpointStore,
+    mut datapath: Option<&mut Datapath>,
+) -> bool {
+    let mut collected = false;
+    for endpoint in store.list() {
+        if endpoints::interface_exists(&endpoint.host_interface) {
+            continue;
+        }
+        if let Err(err) = store.remove(&endpoint.key()) {
+            warn!("forgetting the endpoint of a vanished interface: {err:#}");
+            continue;
+        }
+        if let Some(datapath) = datapath.as_deref_mut() {
+            if let Err(err) = datapath.release_interface(&endpoint.host_interface) {
+                warn!(interface = %endpoint.host_interface, "releasing the endpoint: {err:#}");
+            }
+        }
+        info!(pod = %endpoint.pod_name(), interface = %endpoint.host_interface,
+              container = %endpoint.container_id, "endpoint collected: its interface is gone");
+        collected = true;
+    }
+    collected
+}
+
+/// Tells `ListState` the registered endpoints and where they went in the policy.
+fn publish_endpoints(tx: &watch::Sender<Vec<(Endpoint, Placement)>>, desired: &Desired) {
+    tx.send_replace(
+        desired
+            .endpoints
+            .iter()
+            .cloned()
+            .zip(desired.endpoint_placements())
+            .collect(),
+    );
 }
 
 /// Tells `ListState` what is applied: `config` and the datapath's retired backends.
@@ -531,6 +701,47 @@ fn reconcile_policy(
                 format!("policy: {err:#}"),
             ));
         }
+    }
+}
+
+/// Reloads the balancer's programs when `wanted` differs from the settings they run with
+/// (`crate::datapath::reload`: hitless, every pinned link updated atomically). A failure is logged,
+/// counted and sent as an event, and the programs keep running as they were; `cidr_deny` learns
+/// whether the check is loaded.
+fn reload_programs(
+    datapath: &mut Datapath,
+    wanted: ProgramSettings,
+    cidr_deny: &mut CidrDenyList,
+    metrics: &Metrics,
+    events: &EventBus,
+) {
+    let started = Instant::now();
+    match datapath.reload(wanted) {
+        Ok(false) => {}
+        Ok(true) => {
+            let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let text = format!(
+                "programs reloaded: flow events {}, CIDR deny check {}, {elapsed_ms:.1} ms",
+                on_off(wanted.flow_events),
+                on_off(wanted.cidr_deny)
+            );
+            info!("{text}");
+            events.publish(Event::new(EventKind::Reconciled, text));
+        }
+        Err(err) => {
+            error!("programs not reloaded, they keep their settings: {err:#}");
+            metrics.observe_reconcile(started.elapsed(), false);
+            events.publish(Event::new(EventKind::ReconcileFailed, format!("{err:#}")));
+        }
+    }
+    cidr_deny.set_enabled(datapath.settings().cidr_deny);
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
     }
 }
 

@@ -60,6 +60,8 @@ impl Globals {
             services: _,
             node,
             policy: _,
+            // A load-time setting of the programs (`Datapath::reload`), not of the maps.
+            flow_events: _,
         } = config;
         Self {
             maglev_seed: *maglev_seed,
@@ -273,15 +275,14 @@ impl Applied {
         self.count_filter_roles(service, CountedFilter::remove);
     }
 
-    /// Adds or removes the filter roles of `service`: its VIP, and its backends where the node
-    /// translates their replies (DNAT and SNAT; DSR replies bypass it).
+    /// Adds or removes the filter roles of `service`: its VIP, and its backends, whose replies the
+    /// node translates in every mode: DNAT and SNAT always, DSR those to clients on workload veths
+    /// (served as DNAT there; DSR replies to other clients bypass the node).
     fn count_filter_roles(&mut self, service: &Service, count: fn(&mut CountedFilter, &Addr, u8)) {
         let key = key_of(service);
         count(&mut self.filter, &key.addr, vip_role(&key));
-        if matches!(service.mode, ForwardingMode::Dnat | ForwardingMode::Snat) {
-            for b in &service.backends {
-                count(&mut self.filter, &Addr::from_ip(b.address), role::BACKEND);
-            }
+        for b in &service.backends {
+            count(&mut self.filter, &Addr::from_ip(b.address), role::BACKEND);
         }
     }
 }

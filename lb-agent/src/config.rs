@@ -32,6 +32,11 @@ pub struct Config {
     /// Identity-based network policy (see `crate::policy`).
     #[serde(default, skip_serializing_if = "is_default")]
     pub policy: PolicyConfig,
+    /// Whether the datapath reports flow events (`crate::flow_events`): `true` or `false`; absent,
+    /// the agent's `--flow-events` decides. An edit switches them without a restart (the agent
+    /// reloads the programs into their links, `Datapath::reload`). Read from the file only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_events: Option<bool>,
 }
 
 fn is_default<T: Default + PartialEq>(value: &T) -> bool {
@@ -483,6 +488,29 @@ services:
       - address: 203.0.113.12
         port: 8080
 ";
+
+    #[test]
+    fn flow_events_is_a_boolean_or_absent() {
+        assert_eq!(Config::from_yaml(GOOD).unwrap().flow_events, None);
+        for (value, want) in [("true", true), ("false", false)] {
+            let config = Config::from_yaml(&format!("flow_events: {value}\n{GOOD}")).unwrap();
+            assert_eq!(config.flow_events, Some(want));
+            config.validate().unwrap();
+        }
+        for bad in ["on", "1", "\"true\"", "[true]"] {
+            let err = Config::from_yaml(&format!("{GOOD}flow_events: {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("flow_events at line 11 column 14: invalid type"),
+                "{bad}: {err}"
+            );
+        }
+        let err = Config::from_yaml(&format!("flow_event: true\n{GOOD}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `flow_event`"), "{err}");
+    }
 
     #[test]
     fn parses_a_good_config() {

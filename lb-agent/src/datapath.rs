@@ -8,7 +8,8 @@
 //! With a pin directory (see [`crate::pins`]) maps, program and XDP/TC links are pinned: the
 //! datapath outlives the `Datapath` (and the agent), and the next load adopts the pinned maps,
 //! rebuilds its bookkeeping from their contents and replaces the program in the pinned links
-//! atomically.
+//! atomically; [`reload`] does the same while the agent runs, to change the programs' load-time
+//! settings ([`ProgramSettings`]).
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, VecDeque},
@@ -51,6 +52,8 @@ use crate::{
     resize::Resize,
     retired::{self, Retired},
 };
+
+mod reload;
 
 /// Maps whose entries live for moments: another agent's definition of them is not an incompatible
 /// layout, they are recreated empty (`FRAGMENTS`: a datagram being forwarded in fragments during
@@ -98,9 +101,9 @@ pub enum AttachMode {
     /// ingress, `lb_tc_request` at its head (translates requests to VIPs before
     /// `policy_from_endpoint`, so the client's egress rules see the chosen backend) and
     /// `lb_tc_reply` at the end of tcx egress (turns the replies' source back into the VIP after
-    /// `policy_to_endpoint` matched them). The request and reply programs translate DNAT only
-    /// (requests of SNAT/DSR services from a workload client are dropped, counted
-    /// `drop_tc_mode_unsupported`); `lb_tc` every mode, as with `Tc`.
+    /// `policy_to_endpoint` matched them). The request and reply programs translate DNAT only: a
+    /// workload client's requests to SNAT/DSR services are served as DNAT (its replies reach the
+    /// node by the pod's route anyway); `lb_tc` every mode, as with `Tc`.
     Workload,
 }
 
@@ -163,6 +166,41 @@ impl Default for LoadOptions {
             flow_events: false,
         }
     }
+}
+
+/// The programs' load-time switches: read-only globals, so with one off the verifier removes its
+/// code and the packets pay nothing for it. Changing them loads the programs again
+/// ([`Datapath::reload`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProgramSettings {
+    /// Report flow events (`lb_common::flow_events`) into `FLOW_EVENTS`.
+    pub flow_events: bool,
+    /// Check the CIDR deny list (`policy::datapath::write_cidr_deny`) in `lb_xdp` and `lb_tc`.
+    pub cidr_deny: bool,
+}
+
+impl ProgramSettings {
+    /// The globals' values, in the order [`new_loader`] sets them.
+    fn globals(self) -> [u32; 2] {
+        [self.cidr_deny as u32, self.flow_events as u32]
+    }
+}
+
+/// A loader of the datapath object with the `globals` of [`ProgramSettings::globals`] and maps of
+/// `max_entries` (the first load's and every reload's).
+fn new_loader<'a>(globals: &'a [u32; 2], max_entries: &[(&'a str, u32)]) -> EbpfLoader<'a> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(
+            crate::policy::datapath::XDP_CIDR_DENY_GLOBAL,
+            &globals[0],
+            true,
+        )
+        .override_global(FLOW_EVENTS_GLOBAL, &globals[1], true);
+    for &(name, entries) in max_entries {
+        loader.map_max_entries(name, entries);
+    }
+    loader
 }
 
 /// How many services and backends the datapath holds, chosen at load time. Every map indexed by
@@ -314,9 +352,6 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: Option<PinDir>,
     attached: Vec<(String, Attachment)>,
-    /// Some workload veth runs `lb_tc_request`, which translates DNAT only: services in other
-    /// modes are warned about.
-    workload_attached: bool,
     services: BTreeMap<ServiceKey, ProgrammedService>,
     backend_ids: StdHashMap<(IpAddr, u16), u32>,
     backends: StdHashMap<u32, Backend>,
@@ -341,6 +376,10 @@ pub struct Datapath {
     resize: Option<Resize>,
     /// Backends no service names any more whose tracked flows still live, by id.
     retired: BTreeMap<u32, Retired>,
+    /// The load-time globals the programs run with (changed by [`Datapath::reload`]).
+    settings: ProgramSettings,
+    /// `max_entries` of every map sized at load time, for a reload to find the same maps.
+    max_entries: Vec<(&'static str, u32)>,
 }
 
 impl Datapath {
@@ -369,24 +408,17 @@ impl Datapath {
             ),
             ("NAT_REPLY", options.conntrack_entries),
         ];
-        let cidr_deny = cidr_deny as u32;
-        let flow_events = options.flow_events as u32;
-        let mut loader = EbpfLoader::new();
-        loader
-            .override_global(
-                crate::policy::datapath::XDP_CIDR_DENY_GLOBAL,
-                &cidr_deny,
-                true,
-            )
-            .override_global(FLOW_EVENTS_GLOBAL, &flow_events, true);
+        let settings = ProgramSettings {
+            flow_events: options.flow_events,
+            cidr_deny,
+        };
+        let globals = settings.globals();
         let capacity = options.capacity.check()?;
-        let max_entries: Vec<(&str, u32)> = max_entries
+        let max_entries: Vec<(&'static str, u32)> = max_entries
             .into_iter()
             .chain(capacity.map_sizes())
             .collect();
-        for &(name, entries) in &max_entries {
-            loader.map_max_entries(name, entries);
-        }
+        let mut loader = new_loader(&globals, &max_entries);
         let pins = options.pins.as_ref().map(|p| PinDir::new(&p.dir));
         let prepared = match (&pins, &options.pins) {
             (Some(pins), Some(pin_options)) => Some(prepare_pins(pins, pin_options, &max_entries)?),
@@ -424,7 +456,6 @@ impl Datapath {
             ebpf,
             pins,
             attached: Vec::new(),
-            workload_attached: false,
             services: BTreeMap::new(),
             backend_ids: StdHashMap::new(),
             reply_routes: StdHashMap::new(),
@@ -439,6 +470,8 @@ impl Datapath {
             applied: None,
             resize,
             retired: BTreeMap::new(),
+            settings,
+            max_entries,
         };
         if adopt {
             datapath.adopt_programmed_state()?;
@@ -608,8 +641,6 @@ impl Datapath {
         if mode == AttachMode::Workload {
             self.attach_balancer(interface, AttachMode::Tc)?;
             self.attach_workload_hooks(interface)?;
-            self.workload_attached = true;
-            self.warn_snat_dsr_services_on_workload_veths();
             return Ok(());
         }
         self.release_workload_hooks(interface)?;
@@ -798,25 +829,6 @@ impl Datapath {
         Ok(id)
     }
 
-    /// Logs every programmed SNAT or DSR service once a workload veth is attached: `lb_xdp` and
-    /// `lb_tc` forward every mode, but the split programs of workload veths (`lb_tc_request`,
-    /// `lb_tc_reply`) translate DNAT only, so such a service's requests from workload clients are
-    /// dropped (`drop_tc_mode_unsupported`).
-    fn warn_snat_dsr_services_on_workload_veths(&self) {
-        if !self.workload_attached {
-            return;
-        }
-        for (key, service) in &self.services {
-            if service.info.mode != mode::DNAT {
-                warn!(vip = %key.vip(), port = key.port_host(), protocol = key.protocol,
-                      mode = service.info.mode,
-                      "SNAT/DSR service: its requests from clients on workload veths \
-                       (--workload-iface) are dropped (drop_tc_mode_unsupported); clients \
-                       behind --iface interfaces (XDP or TC) are served");
-            }
-        }
-    }
-
     /// Removes the pinned links of interfaces other than `keep` (detaching the datapath there).
     pub fn release_links_except(&self, keep: &[String]) -> Result<()> {
         let Some(pins) = &self.pins else {
@@ -824,18 +836,52 @@ impl Datapath {
         };
         for interface in pins.linked_interfaces()? {
             if !keep.contains(&interface) {
-                let workload_links =
-                    WORKLOAD_HOOKS.map(|(name, _, _)| pins.tc_workload_link(&interface, name));
-                for path in [pins.link(&interface), pins.tc_ingress_link(&interface)]
-                    .into_iter()
-                    .chain(workload_links)
-                {
-                    if path.exists() {
-                        std::fs::remove_file(&path)
-                            .with_context(|| format!("removing {}", path.display()))?;
-                    }
-                }
+                Self::remove_link_pins(pins, &interface)?;
                 info!(interface, "detached: interface no longer configured");
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches the datapath from `interface` at runtime (a released workload veth): its pinned
+    /// links are removed, its own links detached. Nothing to do is no error; a vanished interface
+    /// only leaves pins to remove.
+    pub fn release_interface(&mut self, interface: &str) -> Result<()> {
+        if let Some(pins) = &self.pins {
+            Self::remove_link_pins(pins, interface)?;
+        }
+        let (released, kept) = std::mem::take(&mut self.attached)
+            .into_iter()
+            .partition(|(name, _)| name == interface);
+        self.attached = kept;
+        for (_, attachment) in released {
+            let detached = match attachment {
+                Attachment::Owned(link) => self.xdp_program().detach(link).map_err(Into::into),
+                Attachment::OwnedTc(name, link) => self
+                    .tc_program_named(name)
+                    .and_then(|program| program.detach(link).map_err(Into::into)),
+                Attachment::Pinned => Ok(()),
+            };
+            if let Err(err) = detached {
+                // Gone with its interface: the kernel detached it already.
+                debug!(interface, error = %format!("{err:#}"), "detach");
+            }
+        }
+        info!(interface, "detached: interface released");
+        Ok(())
+    }
+
+    /// Removes every pinned link of `interface` (the kernel detaches what no pin holds).
+    fn remove_link_pins(pins: &PinDir, interface: &str) -> Result<()> {
+        let workload_links =
+            WORKLOAD_HOOKS.map(|(name, _, _)| pins.tc_workload_link(interface, name));
+        for path in [pins.link(interface), pins.tc_ingress_link(interface)]
+            .into_iter()
+            .chain(workload_links)
+        {
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
             }
         }
         Ok(())
@@ -1110,9 +1156,6 @@ impl Datapath {
         report.backends_removed += self.release_backends(&removed)?;
         let wanted_filter = self.with_retired_roles(wanted_filter);
         self.write_address_filter(wanted_filter)?;
-        if report.services_written > 0 {
-            self.warn_snat_dsr_services_on_workload_veths();
-        }
         self.applied = Some(applied);
         Ok(report)
     }

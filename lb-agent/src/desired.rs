@@ -11,6 +11,14 @@
 //! - `policy.audit` is on when the file or the API turns it on; host addresses and `cidr_deny`
 //!   are the union.
 //!
+//! The endpoints the CNI plugin registered ([`crate::endpoints`]) come last: they name no workload
+//! of their own but the host interface of a pod. Each goes on the merged workload of its pod's
+//! namespace/name (its addresses too, when that workload has none); a pod no source defines gets a
+//! workload of its own, in its namespace, with no labels (so rules selecting every endpoint of
+//! the namespace, `endpoints: {}`, apply to it, label selectors do not). An endpoint is left out
+//! (a conflict) when that workload already names another interface, or when a workload of its own
+//! would take an address another workload or host already has.
+//!
 //! Every shadowed item is reported as a [`Conflict`] (the agent logs each one once, and sends it
 //! on the gRPC event stream). The top-level settings (`maglev_seed`, `node`) come from the file.
 
@@ -22,6 +30,7 @@ use std::{
 
 use crate::{
     config::{self, Config},
+    endpoints::{Endpoint, Placement},
     policy::{model::Workload, PolicyConfig},
 };
 
@@ -31,6 +40,8 @@ pub enum Source {
     File,
     Grpc,
     Kubernetes,
+    /// Endpoints registered by the CNI plugin.
+    Cni,
 }
 
 impl fmt::Display for Source {
@@ -39,6 +50,7 @@ impl fmt::Display for Source {
             Source::File => "config file",
             Source::Grpc => "gRPC API",
             Source::Kubernetes => "Kubernetes",
+            Source::Cni => "CNI registration",
         })
     }
 }
@@ -70,6 +82,8 @@ pub struct Desired {
     pub grpc_policy: Option<PolicyConfig>,
     pub kubernetes_services: Vec<config::Service>,
     pub kubernetes_policy: PolicyConfig,
+    /// Registered by the CNI plugin, ordered by key.
+    pub endpoints: Vec<Endpoint>,
 }
 
 /// The merge of every source, and what it left out.
@@ -108,7 +122,19 @@ impl Desired {
         self.merge_policy_sources(&mut BTreeSet::new())
     }
 
+    /// Where each of [`Desired::endpoints`] went in the merged policy, in their order.
+    pub fn endpoint_placements(&self) -> Vec<Placement> {
+        self.merge_policy_and_place(&mut BTreeSet::new()).1
+    }
+
     fn merge_policy_sources(&self, conflicts: &mut BTreeSet<Conflict>) -> PolicyConfig {
+        self.merge_policy_and_place(conflicts).0
+    }
+
+    fn merge_policy_and_place(
+        &self,
+        conflicts: &mut BTreeSet<Conflict>,
+    ) -> (PolicyConfig, Vec<Placement>) {
         let empty = PolicyConfig::default();
         merge_policies(
             [
@@ -116,6 +142,7 @@ impl Desired {
                 (Source::Grpc, self.grpc_policy.as_ref().unwrap_or(&empty)),
                 (Source::Kubernetes, &self.kubernetes_policy),
             ],
+            &self.endpoints,
             conflicts,
         )
     }
@@ -187,8 +214,9 @@ fn merge_services(
 
 fn merge_policies(
     sources: [(Source, &PolicyConfig); 3],
+    endpoints: &[Endpoint],
     conflicts: &mut BTreeSet<Conflict>,
-) -> PolicyConfig {
+) -> (PolicyConfig, Vec<Placement>) {
     let mut out = PolicyConfig::default();
     let mut namespaces = FirstWins::new();
     let mut workloads = FirstWins::new();
@@ -254,7 +282,95 @@ fn merge_policies(
             }
         }
     }
-    out
+    let placements = endpoints
+        .iter()
+        .map(|endpoint| place_endpoint(&mut out, endpoint, &workloads, &mut addresses, conflicts))
+        .collect();
+    (out, placements)
+}
+
+/// Puts a registered endpoint's interface on its pod's workload in `policy`, or on a workload of
+/// its own (see the module documentation).
+fn place_endpoint(
+    policy: &mut PolicyConfig,
+    endpoint: &Endpoint,
+    workloads: &FirstWins<(String, String)>,
+    addresses: &mut FirstWins<IpAddr>,
+    conflicts: &mut BTreeSet<Conflict>,
+) -> Placement {
+    let pod = format!("{}/{}", endpoint.namespace, endpoint.pod);
+    let key = (endpoint.namespace.clone(), endpoint.pod.clone());
+    let existing = policy
+        .workloads
+        .iter_mut()
+        .find(|w| w.namespace == endpoint.namespace && w.name == endpoint.pod);
+    if let Some(workload) = existing {
+        let by = workloads.seen.get(&key).copied().unwrap_or(Source::Cni);
+        match &workload.interface {
+            Some(interface) if *interface != endpoint.host_interface => {
+                conflicts.insert(Conflict {
+                    what: format!(
+                        "endpoint {} of pod {pod} (its workload names interface {interface})",
+                        endpoint.host_interface
+                    ),
+                    shadowed: Source::Cni,
+                    by,
+                });
+                return Placement::NotPlaced;
+            }
+            Some(_) => {}
+            None if workload.addresses.is_empty() => {
+                if let Some((address, by)) = taken(endpoint, addresses) {
+                    conflicts.insert(Conflict {
+                        what: format!(
+                            "endpoint {} of pod {pod} (address {address} is taken)",
+                            endpoint.host_interface
+                        ),
+                        shadowed: Source::Cni,
+                        by,
+                    });
+                    return Placement::NotPlaced;
+                }
+                workload.addresses = endpoint.addresses.clone();
+                workload.interface = Some(endpoint.host_interface.clone());
+            }
+            None => workload.interface = Some(endpoint.host_interface.clone()),
+        }
+        return Placement::SourceWorkload;
+    }
+    if let Some((address, by)) = taken(endpoint, addresses) {
+        conflicts.insert(Conflict {
+            what: format!(
+                "endpoint {} of pod {pod} (address {address} is taken)",
+                endpoint.host_interface
+            ),
+            shadowed: Source::Cni,
+            by,
+        });
+        return Placement::NotPlaced;
+    }
+    for address in &endpoint.addresses {
+        addresses.seen.insert(*address, Source::Cni);
+    }
+    policy.workloads.push(Workload {
+        name: endpoint.pod.clone(),
+        namespace: endpoint.namespace.clone(),
+        labels: Default::default(),
+        addresses: endpoint.addresses.clone(),
+        interface: Some(endpoint.host_interface.clone()),
+        enforcement: Default::default(),
+        status: Default::default(),
+        ports: Vec::new(),
+    });
+    Placement::OwnWorkload
+}
+
+/// The first of the endpoint's addresses that a workload or host address already has, and whose.
+fn taken(endpoint: &Endpoint, addresses: &FirstWins<IpAddr>) -> Option<(IpAddr, Source)> {
+    endpoint
+        .addresses
+        .iter()
+        .find_map(|a| addresses.seen.get(a).map(|&by| (*a, by)))
 }
 
 /// A workload whose address a higher (or earlier) source already gave to another workload or host.

@@ -1,5 +1,6 @@
-//! Flow events (`lb_common::flow_events`, `--flow-events`): the datapath's new-flow backend choices
-//! and drops, read from the `FLOW_EVENTS` ring buffer as soon as it has data and published on the
+//! Flow events (`lb_common::flow_events`, `--flow-events` or the config's `flow_events`): the
+//! datapath's new-flow backend choices, drops before a choice and packets not forwarded after one,
+//! read from the `FLOW_EVENTS` ring buffer as soon as it has data and published on the
 //! agent's event stream ([`EventKind::Flow`]: `lbctl events`, gRPC `StreamEvents`), with the
 //! service's name from the applied config and the backend's address and id. Events are not logged
 //! one by one (a busy node makes thousands per second); the datapath counts the ones a full ring
@@ -65,8 +66,9 @@ impl ServiceNames {
 /// `event` as the agent publishes it, about the service it names (by its VIP, port and protocol),
 /// e.g.
 /// `new flow tcp 192.0.2.2:40000 -> 198.51.100.10:80 service web (id 0) backend 203.0.113.11:8080
-/// (id 1) dnat choice new` or `drop tcp 192.0.2.2:40001 -> 198.51.100.11:80 service empty (id 4)
-/// dnat reason drop_no_backend`.
+/// (id 1) dnat choice new`, `drop tcp 192.0.2.2:40001 -> 198.51.100.11:80 service empty (id 4)
+/// dnat reason drop_no_backend` or `not forwarded tcp 192.0.2.2:40002 -> 198.51.100.12:80 service
+/// l2 (id 5) backend 203.0.113.11:80 (id 2) dsr-l2 reason drop_dsr_no_neigh`.
 pub fn describe(event: &FlowEvent, services: &ServiceNames) -> Event {
     let flow = &event.flow;
     let client = SocketAddr::new(flow.src.to_ip(flow.family), u16::from_be(flow.src_port));
@@ -78,43 +80,41 @@ pub fn describe(event: &FlowEvent, services: &ServiceNames) -> Event {
         service.unwrap_or("?"),
         event.service_id
     );
-    let mut out = if event.kind == kind::NEW_FLOW {
-        let backend = SocketAddr::new(
-            event.backend.to_ip(flow.family),
-            u16::from_be(event.backend_port),
-        );
-        Event::new(
+    let backend = SocketAddr::new(
+        event.backend.to_ip(flow.family),
+        u16::from_be(event.backend_port),
+    );
+    let reason = Counter::ALL
+        .get(event.reason as usize)
+        .map_or("unknown", |c| c.name());
+    let mode = mode_name(event.mode);
+    let mut out = match event.kind {
+        kind::NEW_FLOW => Event::new(
             EventKind::Flow,
             format!(
-                "new flow {head}backend {backend} (id {}) {} choice {}",
+                "new flow {head}backend {backend} (id {}) {mode} choice {}",
                 event.backend_id,
-                mode_name(event.mode),
                 choice::name(event.choice)
             ),
         )
-        .with_backend(backend)
-    } else {
-        let reason = Counter::ALL
-            .get(event.reason as usize)
-            .map_or("unknown", |c| c.name());
-        Event::new(
+        .with_backend(backend),
+        kind::NOT_FORWARDED => Event::new(
             EventKind::Flow,
-            format!("drop {head}{} reason {reason}", mode_name(event.mode)),
+            format!(
+                "not forwarded {head}backend {backend} (id {}) {mode} reason {reason}",
+                event.backend_id
+            ),
         )
+        .with_backend(backend),
+        _ => Event::new(
+            EventKind::Flow,
+            format!("drop {head}{mode} reason {reason}"),
+        ),
     };
     if let Some(name) = service {
         out = out.with_service(name);
     }
     out
-}
-
-/// The `kind` label of `lb_flow_events_total`.
-fn kind_name(kind: u8) -> &'static str {
-    if kind == kind::NEW_FLOW {
-        "new_flow"
-    } else {
-        "drop"
-    }
 }
 
 /// Spawns the task that publishes every event of `ring` (the datapath's `FLOW_EVENTS`) on
@@ -146,7 +146,7 @@ pub fn forward(
             let ring = ready.get_inner_mut();
             while let Some(record) = ring.next() {
                 if let Some(event) = decode(&record) {
-                    metrics.flow_event_published(kind_name(event.kind));
+                    metrics.flow_event_published(kind::name(event.kind));
                     events.publish(describe(&event, &services));
                 }
             }
@@ -220,6 +220,15 @@ mod tests {
         );
         assert_eq!(drop.service.as_deref(), Some("any"));
         assert_eq!(drop.backend, None);
+
+        let not_forwarded = describe(&event(kind::NOT_FORWARDED, "198.51.100.10", 80), &applied);
+        assert_eq!(
+            not_forwarded.text,
+            "not forwarded tcp 192.0.2.2:40000 -> 198.51.100.10:80 service web (id 3) backend \
+             203.0.113.11:8080 (id 7) snat reason drop_snat_ports_exhausted"
+        );
+        assert_eq!(not_forwarded.backend.as_deref(), Some("203.0.113.11:8080"));
+        assert_eq!(kind::name(kind::NOT_FORWARDED), "not_forwarded");
 
         let unknown = describe(
             &event(kind::DROP, "198.51.100.30", 80),

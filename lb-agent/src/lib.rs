@@ -3,6 +3,7 @@
 
 pub mod agent;
 mod applied;
+pub mod cni;
 pub mod config;
 pub mod config_watch;
 pub mod ctl;
@@ -10,6 +11,7 @@ pub mod datapath;
 pub mod decap;
 pub mod desired;
 pub mod ebpf_log;
+pub mod endpoints;
 pub mod flow_events;
 pub mod grpc;
 pub mod health;

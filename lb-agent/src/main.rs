@@ -16,6 +16,7 @@ use lb_agent::{
     agent::{self, AgentOptions, KubeApi},
     config::Config,
     datapath::{AttachMode, Capacity, PinOptions},
+    endpoints::store::DEFAULT_STATE_DIR,
     grpc::TlsConfig,
     pins::{PinDir, DEFAULT_BPFFS_DIR},
 };
@@ -51,8 +52,8 @@ enum Command {
         /// repeat for each. Gets TC split around the policy (whatever --attach says): requests to
         /// a VIP are translated before the policy checks the workload's egress, so its rules see
         /// the backend chosen, not the VIP; replies are turned back into the VIP at its veth's
-        /// egress, after the policy. DNAT only there: requests of SNAT/DSR services from such a
-        /// workload are dropped (drop_tc_mode_unsupported).
+        /// egress, after the policy. DNAT only there: such a workload's requests to SNAT/DSR
+        /// services are served as DNAT (its replies reach this node by its route anyway).
         #[arg(long = "workload-iface", value_name = "IFACE")]
         workload_interfaces: Vec<String>,
         /// Serve /metrics, /healthz and /readyz on this address.
@@ -119,6 +120,10 @@ enum Command {
         /// Serve the gRPC API (lb.v1.LoadBalancer) on this unix socket, created with mode 0600.
         #[arg(long, value_name = "PATH")]
         grpc_socket: Option<PathBuf>,
+        /// Keep the endpoints the CNI plugin (lb-cni) registers in this directory
+        /// (`endpoints.json`), so that a restarted agent keeps their programs attached.
+        #[arg(long, default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
+        state_dir: PathBuf,
         /// Also serve the gRPC API on this TCP address, with TLS; needs --grpc-tls-cert,
         /// --grpc-tls-key and --grpc-tls-client-ca (clients must present a certificate).
         #[arg(long, value_name = "ADDR:PORT", requires_all = ["grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"])]
@@ -185,6 +190,7 @@ fn main() -> ExitCode {
             bpffs_dir,
             replace_incompatible_state,
             grpc_socket,
+            state_dir,
             grpc_tcp,
             grpc_tls_cert,
             grpc_tls_key,
@@ -225,6 +231,7 @@ fn main() -> ExitCode {
                 node_addresses,
                 watch_interval: Duration::from_millis(config_poll_ms),
                 grpc_socket,
+                state_dir,
                 grpc_tcp,
             };
             tokio::runtime::Builder::new_multi_thread()

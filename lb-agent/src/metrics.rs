@@ -17,7 +17,7 @@
 //! | `lb_reconcile_duration_seconds` | histogram | |
 //! | `lb_reconcile_errors_total` | counter | |
 //! | `lb_policy_reconcile_errors_total` | counter | |
-//! | `lb_flow_events_total` | counter | `kind` (`new_flow`, `drop`) |
+//! | `lb_flow_events_total` | counter | `kind` (`new_flow`, `drop`, `not_forwarded`) |
 //!
 //! # Kernel counters
 //!
@@ -350,7 +350,8 @@ impl Metrics {
         self.policy_reconcile_errors.inc();
     }
 
-    /// Counts a flow event published on the event stream (`kind`: `new_flow` or `drop`).
+    /// Counts a flow event published on the event stream (`kind`: `new_flow`, `drop` or
+    /// `not_forwarded`).
     pub fn flow_event_published(&self, kind: &str) {
         self.flow_events.with_label_values(&[kind]).inc();
     }

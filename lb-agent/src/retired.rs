@@ -19,8 +19,8 @@ use lb_common::{
 
 use crate::{applied::BackendAddress, inspect, map_batch};
 
-/// A retired backend: its address and the address filter roles it keeps (`role::BACKEND` for
-/// the backends of DNAT and SNAT frontends, whose replies the datapath translates).
+/// A retired backend: its address and the address filter roles it keeps (`role::BACKEND`: its
+/// flows' replies may still need translating).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Retired {
     pub address: BackendAddress,

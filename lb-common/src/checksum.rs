@@ -56,6 +56,22 @@ pub fn replace_u16_udp(check: u16, old: u16, new: u16) -> u16 {
     }
 }
 
+/// The value of a checksum field that finishing the checksum leaves as it is, when the rest of the
+/// data it covers sums to `rest`: `v` such that `!fold(rest + v)` is `v` again (the kernel writes
+/// a computed 0 as 0xffff, so 0xffff stands for both). `lb_tc`'s too-big answers put it in
+/// the quoted transport checksum of a packet whose skb still asks for that checksum to be finished
+/// (`CHECKSUM_PARTIAL`), so that the answer's bytes are the same whether or not it is.
+///
+/// In one's complement arithmetic, `rest + 2v` must be 0 (0xffff): `2v = !rest`, and halving is a
+/// rotation by one bit (2^16 is 1 modulo 0xffff).
+#[inline(always)]
+pub fn completion_fixed_point(rest: u32) -> u16 {
+    match (!fold(rest)).rotate_right(1) {
+        0 => 0xffff,
+        v => v,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +126,22 @@ mod tests {
     fn udp_zero_checksum_stays_zero() {
         assert_eq!(replace_u32_udp(0, 1, 2), 0);
         assert_eq!(replace_u16_udp(0, 1, 2), 0);
+    }
+
+    #[test]
+    fn finishing_the_checksum_leaves_the_fixed_point() {
+        // The kernel's `skb_checksum_help`: the folded complement of everything covered, field
+        // included, a computed 0 written as 0xffff.
+        let finish = |rest: u32, field: u16| match !fold(rest + field as u32) {
+            0 => 0xffff,
+            c => c,
+        };
+        for rest in (0..=0x2_ffffu32)
+            .step_by(7)
+            .chain([0, 0xffff, 0x1_fffe, 0x2_fffd])
+        {
+            let v = completion_fixed_point(rest);
+            assert_eq!(finish(rest, v), v, "rest {rest:#x}, field {v:#x}");
+        }
     }
 }

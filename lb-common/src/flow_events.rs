@@ -1,8 +1,10 @@
 //! Load-balancing flow events: what the datapath decided for a new flow (its backend, and why a
 //! choice was made) and which VIP packets it dropped before a backend was found, written by `lb_xdp`
 //! and `lb_tc` into the `FLOW_EVENTS` ring buffer when the agent loads them with flow events on
-//! (`--flow-events`). Off by default: the switch is a read-only global set at load time, so with it
-//! off the verifier removes the event code and the per-packet path is unchanged. A full ring
+//! (`--flow-events`, or `flow_events:` in the config, switched at runtime by reloading the
+//! programs), and which packets of a flow whose backend was chosen did not reach it. Off by
+//! default: the switch is a read-only global set at load time, so with it off the verifier removes
+//! the event code and the per-packet path is unchanged. A full ring
 //! buffer loses the event, counted in `Counter::FlowEventsLost`; the packet is never held up.
 //!
 //! Conntrack hits and non-VIP traffic never produce an event.
@@ -21,6 +23,22 @@ pub mod kind {
     pub const NEW_FLOW: u8 = 1;
     /// A packet to a service was dropped before it had a backend; `reason` says why.
     pub const DROP: u8 = 2;
+    /// A packet of a flow whose backend was chosen (new or tracked) did not go to it; `reason`
+    /// says why: a drop after the choice (`drop_dsr_no_neigh`, `drop_dsr_no_route`,
+    /// `drop_dsr_not_on_link`, `drop_encap_too_big`, `drop_encap_failed`,
+    /// `drop_mode_unconfigured`) or the "fragmentation needed" / "packet too big" answer sent to
+    /// the client instead (`icmp_too_big_sent`). The backend fields name the flow's backend.
+    pub const NOT_FORWARDED: u8 = 3;
+
+    /// Stable snake_case name, for metrics (`lb_flow_events_total{kind}`) and logs.
+    pub const fn name(kind: u8) -> &'static str {
+        match kind {
+            NEW_FLOW => "new_flow",
+            DROP => "drop",
+            NOT_FORWARDED => "not_forwarded",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Why a new flow's backend was chosen (its `choice`). Every choice is the Maglev table's.
@@ -58,12 +76,13 @@ pub struct FlowEvent {
     pub timestamp_ns: u64,
     /// The packet as it arrived: client address and port → VIP and port, protocol, family.
     pub flow: FlowKey,
-    /// The chosen backend's address (zero for a drop).
+    /// The chosen backend's address (zero for a drop before the choice).
     pub backend: Addr,
     pub service_id: u32,
-    /// The chosen backend's `BACKENDS` id (0 for a drop).
+    /// The chosen backend's `BACKENDS` id (0 for a drop before the choice).
     pub backend_id: u32,
-    /// The port the packet went to on the backend (network byte order; 0 for a drop).
+    /// The port the packet went (or was to go) to on the backend (network byte order; 0 for a
+    /// drop before the choice).
     pub backend_port: u16,
     /// [`kind`].
     pub kind: u8,
@@ -71,7 +90,7 @@ pub struct FlowEvent {
     pub mode: u8,
     /// [`choice`] (new flows).
     pub choice: u8,
-    /// A drop's `Counter` (drops), else 0.
+    /// The `Counter` of a drop or of a packet not forwarded, else 0.
     pub reason: u8,
     pub _pad: [u8; 2],
 }

@@ -84,10 +84,30 @@ pub struct FragmentKey {
     /// need not match the first's (RFC 8200, 4.5).
     pub protocol: u8,
     pub family: u8,
-    pub _pad: [u8; 2],
+    /// Which programs recorded the datagram and translate its later fragments ([`key_scope`]).
+    pub scope: u8,
+    pub _pad: u8,
+}
+
+/// Scopes of a [`FragmentKey`] in `FRAGMENTS`: the same datagram may be recorded in each, and
+/// each program looks up only its own.
+pub mod key_scope {
+    /// `lb_xdp` and `lb_tc`, on the node's interfaces.
+    pub const NODE: u8 = 0;
+    /// `lb_tc_request`, on a client's workload veth: a request's first fragment, recorded before
+    /// `policy_from_endpoint`, and its later fragments translated there too, so that the policy's
+    /// own fragment tracking sees one datagram. `lb_xdp` and `lb_tc` leave those untouched, as
+    /// they leave the flow's other packets.
+    pub const CLIENT_REQUEST: u8 = 1;
+    /// `lb_tc_reply`, on a client's workload veth: a reply's first fragment, recorded after
+    /// `policy_to_endpoint`, and its later fragments. Not `CLIENT_REQUEST`: the backend may be a
+    /// workload of this node too, whose own `lb_tc_request` must leave its reply's fragments
+    /// alone (they get the VIP only after the client's policy).
+    pub const CLIENT_REPLY: u8 = 2;
 }
 
 impl FragmentKey {
+    /// The key of a datagram in [`key_scope::NODE`].
     #[inline(always)]
     pub fn new(family: u8, src: Addr, dst: Addr, id: u32, protocol: u8) -> Self {
         Self {
@@ -96,7 +116,8 @@ impl FragmentKey {
             id,
             protocol: if family == family::IPV6 { 0 } else { protocol },
             family,
-            _pad: [0; 2],
+            scope: key_scope::NODE,
+            _pad: 0,
         }
     }
 }

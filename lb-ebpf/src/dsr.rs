@@ -42,25 +42,33 @@ use lb_common::{
 
 use crate::{
     context::PacketContext,
-    fragments,
+    flow_events, fragments,
     maps::count,
     packet::{header::ETH_LEN, Flow},
     too_big,
     xmit::{self, fib_xmit, opts, Unsent, Xmit},
 };
 
-/// DSR on a shared segment: MAC rewrite towards `backend`, packet otherwise unchanged.
+/// DSR on a shared segment: MAC rewrite towards `backend` (of service `service_id`), packet
+/// otherwise unchanged. A packet the FIB cannot settle is dropped, and reported with flow events.
 // A function of its own (a BPF subprogram): its stack does not add to the other paths'.
 #[inline(never)]
-pub fn l2(ctx: &XdpContext, flow: &Flow, backend: &Backend) -> u32 {
+pub fn l2(ctx: &XdpContext, flow: &Flow, service_id: u32, backend: &Backend) -> u32 {
     fragments::track_first(ctx, &flow.key, mode::DSR_L2, None, Some(&backend.addr));
-    send_l2(
+    let (family, protocol) = (flow.key.family, flow.key.protocol);
+    match fib_xmit(
         ctx,
-        flow.key.family,
-        flow.key.protocol,
+        family,
+        protocol,
         &flow.key.src,
         &backend.addr,
-    )
+        0,
+        opts::ON_LINK_ONLY,
+    ) {
+        Xmit::Sent(action) => action,
+        unsent => flow_events::unsent(Unsent::dsr_l2(unsent), &flow.key, service_id, mode::DSR_L2)
+            .xdp_action(),
+    }
 }
 
 /// The unchanged packet from `src` (`protocol` inside) to the MAC of the on-link `backend`; also
@@ -79,15 +87,28 @@ pub fn send_l2(ctx: &XdpContext, family: u8, protocol: u8, src: &Addr, backend: 
 pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Backend) -> u32 {
     let Some(source) = crate::service::source_address(service.id) else {
         count(Counter::DropModeUnconfigured);
+        flow_events::not_forwarded(
+            &flow.key,
+            service.id,
+            mode::DSR_IPIP,
+            Counter::DropModeUnconfigured,
+        );
         return xdp_action::XDP_DROP;
     };
-    // Everything needed from `flow` is read now: its packet offsets are void once the head moves.
+    // Everything needed from `flow` is read now: its packet offsets are void once the head moves
+    // (its key, a copy in the caller's frame, stays).
     let family = flow.key.family;
     let label = before_encapsulation(ctx, &flow.key, source, &backend.addr);
-    match encapsulate(ctx, family, source, &backend.addr, label) {
-        TOO_BIG => too_big::answer(ctx, family),
-        action => action,
-    }
+    let (action, reason) = match encapsulate(ctx, family, source, &backend.addr, label) {
+        TOO_BIG => match too_big::answer(ctx, family) {
+            xdp_action::XDP_TX => (xdp_action::XDP_TX, Counter::IcmpTooBigSent),
+            action => (action, Counter::DropEncapTooBig),
+        },
+        xdp_action::XDP_DROP => (xdp_action::XDP_DROP, Counter::DropEncapFailed),
+        action => return action,
+    };
+    flow_events::not_forwarded(&flow.key, service.id, mode::DSR_IPIP, reason);
+    action
 }
 
 /// What an IP-in-IP packet of the flow `arrived` needs before its encapsulation moves the header

@@ -1,6 +1,7 @@
-//! Flow events (`lb_common::flow_events`): a new flow's backend choice (from `conntrack`) and a
-//! VIP packet dropped before it had a backend (from `lb_xdp` and `lb_tc`), reported through the
-//! `FLOW_EVENTS` ring buffer.
+//! Flow events (`lb_common::flow_events`): a new flow's backend choice (from `conntrack`), a
+//! VIP packet dropped before it had a backend (from `lb_xdp` and `lb_tc`), and a packet of a flow
+//! whose backend was chosen that did not go to it (from the DSR and SNAT senders: no neighbour or
+//! route, too big once encapsulated), reported through the `FLOW_EVENTS` ring buffer.
 //!
 //! Off unless the agent loads the programs with `LB_FLOW_EVENTS` set: a read-only global, so with
 //! it 0 the verifier removes every call below and the paths cost what they did without events.
@@ -10,14 +11,17 @@
 
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, maps::ring_buf::RingBufEntry};
 use lb_common::{
+    conntrack::FlowKey,
     counters::Counter,
     flow_events::{kind, FlowEvent},
     service::{Addr, ServiceInfo},
 };
 
 use crate::{
-    maps::{count, BACKENDS, FLOW_EVENTS},
+    conntrack,
+    maps::{count, scratch, BACKENDS, FLOW_EVENTS},
     packet::Flow,
+    xmit::Unsent,
 };
 
 /// Set at load time (`EbpfLoader::override_global`): non-zero to report flow events. Read with a
@@ -38,20 +42,62 @@ pub fn enabled() -> bool {
 /// caller's stack, which `lb_tc`'s deepest chain cannot spare.
 #[inline(never)]
 pub fn new_flow(flow: &Flow, service: &ServiceInfo, backend_id: u32, choice: u8) {
-    let backend = BACKENDS.get(backend_id);
-    let Some(mut entry) = reserve(flow, service, kind::NEW_FLOW) else {
+    let Some(mut entry) = reserve(&flow.key, service.id, service.mode, kind::NEW_FLOW) else {
         return;
     };
+    write_backend(&mut entry, &flow.key, backend_id);
+    // SAFETY: `entry` is the reserved record, which `reserve` began to write.
+    unsafe { (*entry.as_mut_ptr()).choice = choice };
+    entry.submit(0);
+}
+
+/// Reports, when flow events are on, a packet of the flow `key` (to service `service_id`, in
+/// `mode`) whose backend was chosen but that did not go to it: `reason` is the counter already
+/// counted, a drop or `icmp_too_big_sent`.
+#[inline(always)]
+pub fn not_forwarded(key: &FlowKey, service_id: u32, mode: u8, reason: Counter) {
+    if enabled() {
+        report_not_forwarded(key, service_id, mode, reason);
+    }
+}
+
+/// [`not_forwarded`] for a packet the fast path did not send (`unsent`), when it is a drop.
+#[inline(always)]
+pub fn unsent(unsent: Unsent, key: &FlowKey, service_id: u32, mode: u8) -> Unsent {
+    if let Unsent::Drop(reason) = unsent {
+        not_forwarded(key, service_id, mode, reason);
+    }
+    unsent
+}
+
+/// The flow's backend is the one its conntrack entry names (written when it was chosen): the
+/// callers, after the choice, need not keep its id on their stack.
+#[inline(never)]
+fn report_not_forwarded(key: &FlowKey, service_id: u32, mode: u8, reason: Counter) {
+    let tracked = scratch().and_then(|s| conntrack::lookup_via(key, &mut s.flow_v4));
+    // SAFETY: LRU value of plain integers.
+    let backend_id = tracked.map_or(0, |entry| unsafe { (*entry).backend_id });
+    let Some(mut entry) = reserve(key, service_id, mode, kind::NOT_FORWARDED) else {
+        return;
+    };
+    write_backend(&mut entry, key, backend_id);
+    // SAFETY: `entry` is the reserved record, which `reserve` began to write.
+    unsafe { (*entry.as_mut_ptr()).reason = reason as u8 };
+    entry.submit(0);
+}
+
+/// Fills in the backend `backend_id` of the flow `key` (its `BACKENDS` entry: address, and the
+/// port the packet goes to).
+#[inline(always)]
+fn write_backend(entry: &mut RingBufEntry<FlowEvent>, key: &FlowKey, backend_id: u32) {
+    let backend = BACKENDS.get(backend_id);
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points at the reserved record, which `reserve` began to write.
     unsafe {
         (*event).backend = backend.map_or(Addr([0; 4]), |b| b.addr);
         (*event).backend_id = backend_id;
-        (*event).backend_port =
-            backend.map_or(flow.key.dst_port, |b| b.port_for(flow.key.dst_port));
-        (*event).choice = choice;
+        (*event).backend_port = backend.map_or(key.dst_port, |b| b.port_for(key.dst_port));
     }
-    entry.submit(0);
 }
 
 /// Counts `reason` for a packet of `flow` to `service` dropped before it had a backend, and
@@ -67,7 +113,7 @@ pub fn count_drop(flow: &Flow, service: &ServiceInfo, reason: Counter) {
 /// Reports a packet of `flow` to `service` dropped for `reason` before it had a backend.
 #[inline(never)]
 fn dropped(flow: &Flow, service: &ServiceInfo, reason: Counter) {
-    let Some(mut entry) = reserve(flow, service, kind::DROP) else {
+    let Some(mut entry) = reserve(&flow.key, service.id, service.mode, kind::DROP) else {
         return;
     };
     // SAFETY: as in `new_flow`.
@@ -75,11 +121,11 @@ fn dropped(flow: &Flow, service: &ServiceInfo, reason: Counter) {
     entry.submit(0);
 }
 
-/// A record of `kind` about `flow` to `service` reserved in `FLOW_EVENTS`, every field written
-/// (the backend's and the choice or reason zero, for the caller to fill in); `None`, counted
-/// `flow_events_lost`, when the ring buffer is full.
+/// A record of `kind` about the flow `key` to service `service_id` (in `mode`) reserved in
+/// `FLOW_EVENTS`, every field written (the backend's and the choice or reason zero, for the caller
+/// to fill in); `None`, counted `flow_events_lost`, when the ring buffer is full.
 #[inline(always)]
-fn reserve(flow: &Flow, service: &ServiceInfo, kind: u8) -> Option<RingBufEntry<FlowEvent>> {
+fn reserve(key: &FlowKey, service_id: u32, mode: u8, kind: u8) -> Option<RingBufEntry<FlowEvent>> {
     let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) else {
         count(Counter::FlowEventsLost);
         return None;
@@ -88,13 +134,13 @@ fn reserve(flow: &Flow, service: &ServiceInfo, kind: u8) -> Option<RingBufEntry<
     // SAFETY: `event` points at the reserved record, written whole before it is submitted.
     unsafe {
         (*event).timestamp_ns = bpf_ktime_get_coarse_ns();
-        (*event).flow = flow.key;
+        (*event).flow = *key;
         (*event).backend = Addr([0; 4]);
-        (*event).service_id = service.id;
+        (*event).service_id = service_id;
         (*event).backend_id = 0;
         (*event).backend_port = 0;
         (*event).kind = kind;
-        (*event).mode = service.mode;
+        (*event).mode = mode;
         (*event).choice = 0;
         (*event).reason = 0;
         (*event)._pad = [0; 2];

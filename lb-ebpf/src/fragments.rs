@@ -29,7 +29,7 @@ use lb_common::{
     checksum,
     conntrack::FlowKey,
     counters::Counter,
-    fragments::{field, limits, FragmentEntry, FragmentKey},
+    fragments::{field, key_scope, limits, FragmentEntry, FragmentKey},
     modes::encap,
     service::{family, mode, Addr},
 };
@@ -55,6 +55,16 @@ pub struct Fragment {
     /// Identification as on the wire, read natively.
     pub id: u32,
 }
+
+/// [`track_first`]'s `mode` recorded in `scope` (a `key_scope`, for the split programs of a
+/// client's workload veth): `record` takes five arguments, the most a BPF function can, so the
+/// scope rides in the mode's top bits.
+#[inline(always)]
+pub const fn in_scope(mode: u8, scope: u8) -> u8 {
+    mode | scope << SCOPE_SHIFT
+}
+
+const SCOPE_SHIFT: u8 = 6;
 
 /// If the packet of the flow `arrived` (as it arrived: before any rewrite) is the first fragment of
 /// a datagram, records how it leaves for the rest of the datagram ([`record`]): by `mode`, to `src`
@@ -143,7 +153,7 @@ fn record<C: PacketContext>(
     } else {
         0
     };
-    entry.mode = mode;
+    entry.mode = mode & ((1 << SCOPE_SHIFT) - 1);
     entry._pad = [0; 3];
     let key = &mut scratch.fragment_key;
     *key = FragmentKey::new(
@@ -153,6 +163,7 @@ fn record<C: PacketContext>(
         id,
         arrived.protocol,
     );
+    key.scope = mode >> SCOPE_SHIFT;
     // An LRU insert evicts the least recently used entry when full; failing only under memory
     // pressure, it then leaves the later fragments to the stack (counted there).
     let _ = FRAGMENTS.insert(&*key, &*entry, 0);
@@ -174,12 +185,17 @@ pub fn header_of<C: PacketContext>(ctx: &C, fragment: &Fragment) -> Option<usize
 }
 
 /// The addresses the later `fragment` (IP header at `l3`) carries, and the entry its datagram's
-/// first fragment recorded; `None` without a live entry (the fragment goes to the stack untouched).
+/// first fragment recorded in the caller's `scope` (`key_scope`); `None`
+/// without a live entry (the fragment goes on untouched).
 ///
 /// # Safety
 /// `l3` must come from [`header_of`] for this packet: its fixed header is inside the packet.
 #[inline(always)]
-pub unsafe fn recorded(l3: usize, fragment: &Fragment) -> Option<((Addr, Addr), FragmentEntry)> {
+pub unsafe fn recorded(
+    l3: usize,
+    fragment: &Fragment,
+    scope: u8,
+) -> Option<((Addr, Addr), FragmentEntry)> {
     let v4 = fragment.family == family::IPV4;
     // SAFETY: the caller's bounds check.
     let (src, dst) = unsafe {
@@ -188,7 +204,8 @@ pub unsafe fn recorded(l3: usize, fragment: &Fragment) -> Option<((Addr, Addr), 
             load_addr(l3 + if v4 { IPV4_DST } else { IPV6_DST }, v4),
         )
     };
-    let key = FragmentKey::new(fragment.family, src, dst, fragment.id, fragment.protocol);
+    let mut key = FragmentKey::new(fragment.family, src, dst, fragment.id, fragment.protocol);
+    key.scope = scope;
     // SAFETY: plain integers, copied out at once.
     let entry = (unsafe { FRAGMENTS.get(&key) }).copied()?;
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -204,7 +221,7 @@ pub fn forward(ctx: &XdpContext, fragment: &Fragment) -> u32 {
         return xdp_action::XDP_DROP;
     };
     // SAFETY: `l3` from `header_of`.
-    let Some(((src, dst), entry)) = (unsafe { recorded(l3, fragment) }) else {
+    let Some(((src, dst), entry)) = (unsafe { recorded(l3, fragment, key_scope::NODE) }) else {
         count(Counter::PassFragment);
         return xdp_action::XDP_PASS;
     };

@@ -39,8 +39,8 @@
 //! (`AT_CLIENT_VETH`), errors are too, so that the policy sees them as it sees the flow: between
 //! client and backend. `lb_tc_request` (before the policy) translates errors a client sends about
 //! a reply for the backend; `lb_tc_reply` (after it) translates errors reaching the client; `lb_xdp`
-//! and `lb_tc` leave errors for such a client untranslated, as they leave its replies. The split
-//! programs translate DNAT only, errors included.
+//! and `lb_tc` leave errors for such a client untranslated, as they leave its replies. Such a
+//! client's flows are DNAT whatever their service's mode (`tc`), and so are their errors.
 //!
 //! The same code runs in `lb_xdp` and `lb_tc` (direct packet access on the skb's linear part, into
 //! which `lb_tc` pulls the headers first). On an skb the direct writes need no checksum helper:
@@ -284,10 +284,7 @@ fn forward<C: PacketContext>(ctx: &C, error: &IcmpError, scope: Scope) -> (Count
         family: flow.family,
     };
     if let Some(service) = service::lookup_key(service_key) {
-        // The split programs of workload veths translate DNAT only.
-        if scope == Scope::ClientReplies
-            || (scope == Scope::ClientRequests && service.mode != mode::DNAT)
-        {
+        if scope == Scope::ClientReplies {
             return untracked;
         }
         let Some(scratch) = scratch() else {
@@ -297,7 +294,18 @@ fn forward<C: PacketContext>(ctx: &C, error: &IcmpError, scope: Scope) -> (Count
             return untracked;
         };
         // SAFETY: plain integers, read at once.
-        let (backend_id, snat_port) = unsafe { ((*entry).backend_id, (*entry).snat_port) };
+        let (backend_id, snat_port, flags) =
+            unsafe { ((*entry).backend_id, (*entry).snat_port, (*entry).flags) };
+        // A workload client's flows are DNAT whatever their service's mode (`tc::choose`), and
+        // only theirs are translated at its veth.
+        let mode = if flags & reply_flags::AT_CLIENT_VETH != 0 {
+            mode::DNAT
+        } else {
+            service.mode
+        };
+        if scope == Scope::ClientRequests && mode != mode::DNAT {
+            return untracked;
+        }
         // Read in place: `lb_tc` → `handle` is one of the program's deepest frame chains.
         let Some(backend) = BACKENDS.get(backend_id) else {
             return untracked;
@@ -305,7 +313,7 @@ fn forward<C: PacketContext>(ctx: &C, error: &IcmpError, scope: Scope) -> (Count
         if !backend.is_active() {
             return untracked;
         }
-        return match to_backend(ctx, error, &service, backend, snat_port) {
+        return match to_backend(ctx, error, (&service, mode), backend, snat_port) {
             Some(verdict) => (Counter::IcmpErrorToBackend, verdict),
             None => untracked,
         };
@@ -346,19 +354,20 @@ fn forward<C: PacketContext>(ctx: &C, error: &IcmpError, scope: Scope) -> (Count
 }
 
 /// Translates `error`, about a reply of the flow `error.flow` (client → VIP) to `backend` of
-/// `service`, for that backend; `None` if it cannot (nothing written). DNAT: to the stack; SNAT
-/// and DSR: leaves as the flow's requests do (`snat_port`: a SNAT flow's port, network order).
+/// `service`, translated in `mode`, for that backend; `None` if it cannot (nothing written). DNAT:
+/// to the stack; SNAT and DSR: leaves as the flow's requests do (`snat_port`: a SNAT flow's port,
+/// network order).
 #[inline(always)]
 fn to_backend<C: PacketContext>(
     ctx: &C,
     error: &IcmpError,
-    service: &ServiceInfo,
+    (service, mode): (&ServiceInfo, u8),
     backend: &Backend,
     snat_port: u16,
 ) -> Option<Verdict> {
     let flow = error.flow;
     let port = backend.port_for(flow.dst_port);
-    match service.mode {
+    match mode {
         mode::DNAT => {
             let to_backend = Rewrite {
                 outer_dst: Some(&backend.addr),

@@ -94,7 +94,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
                 mode::SNAT => {
                     snat::forward(&ctx, &flow, &service, &chosen.backend, chosen.snat_port)
                 }
-                mode::DSR_L2 => dsr::l2(&ctx, &flow, &chosen.backend),
+                mode::DSR_L2 => dsr::l2(&ctx, &flow, service.id, &chosen.backend),
                 _ => dsr::ipip(&ctx, &flow, &service, &chosen.backend),
             },
             Err(reason) => {

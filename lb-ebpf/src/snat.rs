@@ -37,7 +37,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack, fragments,
+    conntrack, flow_events, fragments,
     maps::{count, scratch, NAT_REPLY, SERVICE_MODES},
     mem, nat,
     packet::Flow,
@@ -148,7 +148,9 @@ pub fn forward(
     port: u16,
 ) -> u32 {
     let Some(info) = SERVICE_MODES.get(service.id) else {
-        count(Counter::DropModeUnconfigured);
+        let reason = Counter::DropModeUnconfigured;
+        count(reason);
+        flow_events::not_forwarded(&flow.key, service.id, mode::SNAT, reason);
         return xdp_action::XDP_DROP;
     };
     nat::snat_to_backend(ctx, flow, &info.source, port, backend);

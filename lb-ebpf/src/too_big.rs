@@ -18,11 +18,8 @@
 //!   MTU below 1280 means a link to backends without IPv6's minimum headroom; the client's stack
 //!   then keeps 1280 and its packets stay too big, as they would on any such path.
 //! - No rate limit: every answer is smaller than the packet it answers.
-//! - `lb_xdp` only. `lb_tc` encapsulates GSO packets whole, segmented to fit after the outer header,
-//!   so TCP from local sockets never hits this; a single too-big skb is dropped there
-//!   (`drop_encap_too_big`). Answering there needs the FIB's MTU check before the encapsulation:
-//!   once `bpf_skb_adjust_room` has marked the skb encapsulated, `bpf_skb_change_tail` refuses to
-//!   cut it (tried).
+//! - `lb_tc` answers single skbs the same way (`tc::too_big`, sharing the headers written here),
+//!   with a longer quote; GSO skbs are segmented to fit.
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -47,8 +44,8 @@ use crate::{
 };
 
 /// The ICMP and ICMPv6 header: type, code, checksum, then 4 bytes (unused and MTU / MTU).
-const ICMP_HEADER_LEN: usize = 8;
-/// What follows the quoted IP header in a quote.
+pub const ICMP_HEADER_LEN: usize = 8;
+/// What follows the quoted IP header in `lb_xdp`'s quote (`tc::too_big` quotes more).
 const QUOTED_L4_BYTES: usize = 8;
 /// ICMP destination unreachable, code fragmentation needed; ICMPv6 packet too big.
 const ICMP_UNREACHABLE: u8 = 3;
@@ -68,8 +65,7 @@ pub fn answer(ctx: &XdpContext, family: u8) -> u32 {
         count(Counter::DropEncapTooBig);
         xdp_action::XDP_DROP
     };
-    // SAFETY: a union of two u16, the helper's answer (the egress MTU) after FRAG_NEEDED.
-    let Some(link_mtu) = scratch().map(|s| unsafe { s.fib.__bindgen_anon_1.mtu_result }) else {
+    let Some(link_mtu) = link_mtu() else {
         return refused();
     };
     let (outer_len, ip_len) = if v4 {
@@ -83,12 +79,9 @@ pub fn answer(ctx: &XdpContext, family: u8) -> u32 {
     if inner + quote_len > end {
         return refused();
     }
-    if v4 {
-        // SAFETY: inside the quote, checked just above.
-        let (version_ihl, flags) = unsafe { (*(inner as *const u8), load16(inner + IPV4_FLAGS)) };
-        if version_ihl != 0x45 || flags & u16::to_be(field::IPV4_DONT_FRAGMENT) == 0 {
-            return refused();
-        }
+    // SAFETY: inside the quote, checked just above.
+    if v4 && !unsafe { ipv4_answerable(*(inner as *const u8), load16(inner + IPV4_FLAGS)) } {
+        return refused();
     }
 
     // Cut the packet after the quote, then open the room the ICMP header needs in front (the outer
@@ -102,64 +95,104 @@ pub fn answer(ctx: &XdpContext, family: u8) -> u32 {
     }
     // Bounds proven again per family, with constant lengths (what the verifier can follow).
     let (data, end) = (ctx.data(), ctx.data_end());
-    let icmp_len = ICMP_HEADER_LEN + quote_len;
-    // SAFETY (both branches): every access is inside the answer's bytes, checked first.
-    let (icmp, sum) = if v4 {
-        let (ip, icmp) = (data + ETH_LEN, data + ETH_LEN + IPV4_LEN);
-        if icmp + ICMP_HEADER_LEN + IPV4_LEN + QUOTED_L4_BYTES > end {
+    // SAFETY (both branches): every access is inside the answer's bytes, checked first; the MAC
+    // addresses are those 8 bytes further, where they were before the head moved.
+    if v4 {
+        if data + answer_len(IPV4_LEN, QUOTED_L4_BYTES) > end {
             return refused();
         }
-        unsafe {
-            swap_macs(data);
-            write_ipv4(ip, icmp + ICMP_HEADER_LEN);
-            // The next-hop MTU in the last 16 bits of the ICMP header's second word.
-            let mtu = link_mtu.saturating_sub(IPV4_OUTER_LEN as u16);
-            write_icmp(
-                icmp,
-                ICMP_UNREACHABLE,
-                ICMP_FRAGMENTATION_NEEDED,
-                mtu as u32,
-            );
-            (
-                icmp,
-                sum_words(icmp, ICMP_HEADER_LEN + IPV4_LEN + QUOTED_L4_BYTES),
-            )
-        }
+        unsafe { write_ipv4(data, data + ICMP_HEADER_LEN, QUOTED_L4_BYTES, link_mtu) };
     } else {
-        let (ip, icmp) = (data + ETH_LEN, data + ETH_LEN + IPV6_LEN);
-        if icmp + ICMP_HEADER_LEN + IPV6_LEN + QUOTED_L4_BYTES > end {
+        if data + answer_len(IPV6_LEN, QUOTED_L4_BYTES) > end {
             return refused();
         }
-        unsafe {
-            swap_macs(data);
-            write_ipv6(ip, icmp + ICMP_HEADER_LEN);
-            let mtu = link_mtu.saturating_sub(IPV6_OUTER_LEN as u16);
-            write_icmp(icmp, ICMPV6_PACKET_TOO_BIG, 0, mtu as u32);
-            // The pseudo-header: both addresses, the ICMPv6 length and its next header.
-            let pseudo = sum_words(ip + IPV6_SRC, 32)
-                + u32::from(u16::to_be(icmp_len as u16))
-                + u32::from(u16::to_be(PROTOCOL_ICMPV6 as u16));
-            (
-                icmp,
-                pseudo + sum_words(icmp, ICMP_HEADER_LEN + IPV6_LEN + QUOTED_L4_BYTES),
-            )
-        }
-    };
-    // SAFETY: inside the ICMP header, checked in the branch above.
-    unsafe { store16(icmp + 2, !checksum::fold(sum)) };
+        unsafe { write_ipv6(data, data + ICMP_HEADER_LEN, QUOTED_L4_BYTES, link_mtu) };
+    }
     count(Counter::IcmpTooBigSent);
     xdp_action::XDP_TX
 }
 
-/// Writes the Ethernet header at `data` from the one 8 bytes further (before the ICMP header's room
-/// opened): destination and source swapped, the same EtherType.
+/// The egress MTU `bpf_fib_lookup` reported with FRAG_NEEDED, in the per-CPU scratch space.
+#[inline(always)]
+pub fn link_mtu() -> Option<u16> {
+    // SAFETY: a union of two u16, the helper's answer (the egress MTU) after FRAG_NEEDED.
+    scratch().map(|s| unsafe { s.fib.__bindgen_anon_1.mtu_result })
+}
+
+/// Whether an IPv4 packet whose header begins with `version_ihl` and holds `flags` (the word at
+/// `IPV4_FLAGS`, as loaded) is answered: "don't fragment" set, no options.
+#[inline(always)]
+pub fn ipv4_answerable(version_ihl: u8, flags: u16) -> bool {
+    version_ihl == 0x45 && flags & u16::to_be(field::IPV4_DONT_FRAGMENT) != 0
+}
+
+/// The length of an answer, Ethernet header included, whose quote holds an IP header of `ip_len`
+/// bytes and `quoted_l4` bytes after it.
+#[inline(always)]
+pub const fn answer_len(ip_len: usize, quoted_l4: usize) -> usize {
+    ETH_LEN + ip_len + ICMP_HEADER_LEN + ip_len + quoted_l4
+}
+
+/// Writes an answer's headers in front of its quote (an IPv4 header and `quoted_l4` bytes at
+/// `data + 42`): the Ethernet header from the one at `macs` with the addresses swapped, an IPv4
+/// header from the quoted destination (the VIP) to its source (the client), and "fragmentation
+/// needed" announcing `link_mtu` less the outer header, checksums included.
 ///
 /// # Safety
-/// `data .. data + 22` must be inside the packet.
+/// `data .. data + answer_len(IPV4_LEN, quoted_l4)` and `macs .. macs + 14` must be inside the
+/// packet; `quoted_l4` even and constant.
 #[inline(always)]
-unsafe fn swap_macs(data: usize) {
+pub unsafe fn write_ipv4(data: usize, macs: usize, quoted_l4: usize, link_mtu: u16) {
+    let (ip, icmp) = (data + ETH_LEN, data + ETH_LEN + IPV4_LEN);
     unsafe {
-        let old = data + ICMP_HEADER_LEN;
+        swap_macs(data, macs);
+        write_ipv4_header(ip, icmp + ICMP_HEADER_LEN, quoted_l4);
+        // The next-hop MTU in the last 16 bits of the ICMP header's second word.
+        let mtu = link_mtu.saturating_sub(IPV4_OUTER_LEN as u16);
+        write_icmp(
+            icmp,
+            ICMP_UNREACHABLE,
+            ICMP_FRAGMENTATION_NEEDED,
+            mtu as u32,
+        );
+        let sum = sum_words(icmp, ICMP_HEADER_LEN + IPV4_LEN + quoted_l4);
+        store16(icmp + 2, !checksum::fold(sum));
+    }
+}
+
+/// [`write_ipv4`] for IPv6: an IPv6 header and ICMPv6 "packet too big" in front of the quote (an
+/// IPv6 header and `quoted_l4` bytes at `data + 62`).
+///
+/// # Safety
+/// `data .. data + answer_len(IPV6_LEN, quoted_l4)` and `macs .. macs + 14` must be inside the
+/// packet; `quoted_l4` even and constant.
+#[inline(always)]
+pub unsafe fn write_ipv6(data: usize, macs: usize, quoted_l4: usize, link_mtu: u16) {
+    let (ip, icmp) = (data + ETH_LEN, data + ETH_LEN + IPV6_LEN);
+    let icmp_len = ICMP_HEADER_LEN + IPV6_LEN + quoted_l4;
+    unsafe {
+        swap_macs(data, macs);
+        write_ipv6_header(ip, icmp + ICMP_HEADER_LEN, quoted_l4);
+        let mtu = link_mtu.saturating_sub(IPV6_OUTER_LEN as u16);
+        write_icmp(icmp, ICMPV6_PACKET_TOO_BIG, 0, mtu as u32);
+        // The pseudo-header: both addresses, the ICMPv6 length and its next header.
+        let pseudo = sum_words(ip + IPV6_SRC, 32)
+            + u32::from(u16::to_be(icmp_len as u16))
+            + u32::from(u16::to_be(PROTOCOL_ICMPV6 as u16));
+        let sum = pseudo + sum_words(icmp, icmp_len);
+        store16(icmp + 2, !checksum::fold(sum));
+    }
+}
+
+/// Writes the Ethernet header at `data` from the one at `old` (`lb_xdp`: 8 bytes further, before
+/// the ICMP header's room opened; `lb_tc`: the same): destination and source swapped, the same
+/// EtherType.
+///
+/// # Safety
+/// `data .. data + 14` and `old .. old + 14` must be inside the packet.
+#[inline(always)]
+unsafe fn swap_macs(data: usize, old: usize) {
+    unsafe {
         let (dst_hi, dst_lo) = (load32(old), load16(old + 4));
         let (src_hi, src_lo) = (load32(old + 6), load16(old + 10));
         let ethertype = load16(old + 12);
@@ -172,15 +205,15 @@ unsafe fn swap_macs(data: usize) {
 }
 
 /// An IPv4 header at `ip` from the quoted packet's destination (the VIP) to its source (the
-/// client), carrying the ICMP message.
+/// client), carrying the ICMP message (a quote of `quoted_l4` bytes after its IPv4 header).
 ///
 /// # Safety
 /// `ip .. ip + 20` and the quoted IPv4 header at `quote` must be inside the packet.
 #[inline(always)]
-unsafe fn write_ipv4(ip: usize, quote: usize) {
+unsafe fn write_ipv4_header(ip: usize, quote: usize, quoted_l4: usize) {
     unsafe {
         let (vip, client) = (load32(quote + IPV4_DST), load32(quote + IPV4_SRC));
-        let total = ((IPV4_LEN + ICMP_HEADER_LEN + IPV4_LEN + QUOTED_L4_BYTES) as u16).to_be();
+        let total = ((IPV4_LEN + ICMP_HEADER_LEN + IPV4_LEN + quoted_l4) as u16).to_be();
         let words = [
             u16::from_ne_bytes([0x45, 0]),
             total,
@@ -199,15 +232,15 @@ unsafe fn write_ipv4(ip: usize, quote: usize) {
 }
 
 /// An IPv6 header at `ip` from the quoted packet's destination (the VIP) to its source (the
-/// client), carrying the ICMPv6 message.
+/// client), carrying the ICMPv6 message (a quote of `quoted_l4` bytes after its IPv6 header).
 ///
 /// # Safety
 /// `ip .. ip + 40` and the quoted IPv6 header at `quote` must be inside the packet.
 #[inline(always)]
-unsafe fn write_ipv6(ip: usize, quote: usize) {
+unsafe fn write_ipv6_header(ip: usize, quote: usize, quoted_l4: usize) {
     unsafe {
         store32(ip, u32::to_be(0x6000_0000));
-        let payload = ((ICMP_HEADER_LEN + IPV6_LEN + QUOTED_L4_BYTES) as u16).to_be();
+        let payload = ((ICMP_HEADER_LEN + IPV6_LEN + quoted_l4) as u16).to_be();
         store16(ip + 4, payload);
         store16(ip + 6, u16::from_ne_bytes([PROTOCOL_ICMPV6, ANSWER_TTL]));
         for i in 0..4 {
@@ -240,11 +273,12 @@ unsafe fn write_icmp(icmp: usize, icmp_type: u8, code: u8, mtu: u32) {
 /// # Safety
 /// `at .. at + len` must be inside the packet.
 #[inline(always)]
-unsafe fn sum_words(at: usize, len: usize) -> u32 {
+pub unsafe fn sum_words(at: usize, len: usize) -> u32 {
     let mut sum = 0u32;
     for i in 0..len / 2 {
-        // SAFETY: the caller's bounds.
-        sum += unsafe { load16(at + 2 * i) } as u32;
+        // SAFETY: the caller's bounds. Volatile: LLVM would load every word first, then add
+        // them, spilling most to the stack (lb_tc's chains have no room for that).
+        sum += unsafe { core::ptr::read_volatile((at + 2 * i) as *const u16) } as u32;
     }
     sum
 }

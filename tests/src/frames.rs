@@ -185,6 +185,41 @@ pub enum IcmpError {
     TimeExceeded,
 }
 
+/// What `lb_tc` quotes of a too-big packet: its IP header (`ip_len` bytes) and 20 bytes of the
+/// transport header after it, whose checksum (at `check_at` in that header) holds the one value
+/// that finishing the checksum (as a NIC or the kernel does for a `CHECKSUM_PARTIAL` skb: the
+/// folded complement of the transport bytes, field included, 0 written as 0xffff) leaves as it is.
+/// Found by trying every value, not by `lb_tc`'s arithmetic.
+pub fn quote_unchanged_by_checksum_completion(
+    packet: &[u8],
+    ip_len: usize,
+    check_at: usize,
+) -> Vec<u8> {
+    let mut quote = packet[..ip_len + 20].to_vec();
+    let finish = |l4: &[u8]| {
+        let mut sum: u32 = l4
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        match !(sum as u16) {
+            0 => 0xffff,
+            c => c,
+        }
+    };
+    let at = ip_len + check_at;
+    let field = (0..=u16::MAX)
+        .find(|v| {
+            quote[at..at + 2].copy_from_slice(&v.to_be_bytes());
+            finish(&quote[ip_len..]) == *v
+        })
+        .expect("a value finishing leaves as it is");
+    quote[at..at + 2].copy_from_slice(&field.to_be_bytes());
+    quote
+}
+
 /// An ICMP or ICMPv6 error from `from` to `to` (same family) quoting `quoted` (an IP packet, usually
 /// cut short as the sender of the error does).
 pub fn icmp_error(kind: IcmpError, from: IpAddr, to: IpAddr, quoted: &[u8]) -> Vec<u8> {

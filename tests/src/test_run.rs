@@ -23,6 +23,7 @@ use crate::netns::Netns;
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 /// TC verdicts (`TC_ACT_OK`, `TC_ACT_SHOT`).
 pub const TC_ACT_OK: u32 = 0;
 /// `TC_ACT_UNSPEC` (-1), which tcx reads as `TCX_NEXT`: what the policy programs return for a
@@ -371,4 +372,54 @@ fn service_id(datapath: &mut Datapath, vip: SocketAddr, protocol: u8) -> u32 {
         .get(&ServiceKey::new(vip.ip(), vip.port(), protocol), 0)
         .expect("service of the VIP")
         .id
+}
+
+/// Services whose packets the fast path cannot deliver in a namespace set up by
+/// [`UNDELIVERABLE_BACKENDS`]: DSR L2 to a backend without a neighbour entry (dropped,
+/// `drop_dsr_no_neigh`) and DSR IPIP to one behind a 1280-byte MTU (a full-sized packet no longer
+/// fits once encapsulated).
+pub const UNDELIVERABLE_CONFIG: &str = "\
+node: { ipv4: 203.0.113.1 }
+services:
+  - { name: l2, vip: 198.51.100.41, port: 80, protocol: tcp, mode: dsr-l2,
+      backends: [{ address: 203.0.113.11, port: 80 }] }
+  - { name: ipip, vip: 198.51.100.42, port: 80, protocol: tcp, mode: dsr-ipip,
+      backends: [{ address: 203.0.113.12, port: 80 }] }
+";
+
+/// `ip` commands for [`UNDELIVERABLE_CONFIG`]: the backends on a veth of MTU 1280, no neighbour
+/// entries (forwarding must be on as well).
+pub const UNDELIVERABLE_BACKENDS: [&str; 5] = [
+    "link set lo up",
+    "link add tcv0 mtu 1280 type veth peer name tcv1",
+    "link set tcv0 up",
+    "link set tcv1 up",
+    "addr add 203.0.113.1/24 dev tcv0",
+];
+
+/// Checks that `event` reports a packet `client → vip` of the flow Maglev sent to `backend` (in
+/// `mode`) that did not go to it, for `reason`.
+pub fn assert_not_forwarded_event(
+    datapath: &mut Datapath,
+    event: &FlowEvent,
+    (client, vip, protocol): (SocketAddr, SocketAddr, u8),
+    (backend, mode): (SocketAddr, u8),
+    reason: Counter,
+) {
+    assert_eq!(event.kind, kind::NOT_FORWARDED, "{event:?}");
+    assert_eq!(event.flow, flow_key(protocol, client, vip), "{event:?}");
+    assert_eq!(
+        (event.mode, event.reason),
+        (mode, reason as u8),
+        "{event:?}"
+    );
+    assert_eq!(event.backend, Addr::from_ip(backend.ip()), "{event:?}");
+    assert_eq!(u16::from_be(event.backend_port), backend.port());
+    assert_eq!(event.service_id, service_id(datapath, vip, protocol));
+    let backends: Array<_, Backend> =
+        Array::try_from(datapath.ebpf_mut().map("BACKENDS").expect("BACKENDS")).unwrap();
+    let by_id = backends
+        .get(&event.backend_id, 0)
+        .expect("backend id in BACKENDS");
+    assert_eq!(by_id.ip(), backend.ip(), "backend id {}", event.backend_id);
 }

@@ -3,11 +3,13 @@
 //! other's packets arrive on. A listed source (frontend, IPv4 and IPv6) never reaches db's server
 //! and the drops are counted (`lb_policy_verdicts_total{verdict="deny",reason="cidr_deny"}`); an
 //! unlisted one (other) connects; an invalid edit is rejected with the list kept; an edit that
-//! removes the source lets it through. An agent started without a list refuses to add one (the
-//! check is not loaded) with an error saying so. The listed source is also dropped when the
+//! removes the source lets it through. An agent started without a list loads the check when an
+//! edit adds one, reloading its programs into the pinned links without a restart (a connection
+//! open across the reload goes on), and unloads it when the list is emptied again. The listed source is also dropped when the
 //! balancer is attached as TC (`--attach tc`: `lb_tc` checks the same list).
 
 use std::{
+    io::Write,
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -16,7 +18,7 @@ use lb_tests::{
     agent::{metric_sum, scrape_metrics, AgentProcess, ConfigFile},
     netns::Netns,
     policy_topology::{PolicyTopology, WORKLOADS},
-    servers::{tcp_request, TcpCountingServer},
+    servers::{tcp_connect, tcp_request, TcpCountingServer},
 };
 
 const METRICS: &str = "127.0.0.1:9472";
@@ -136,15 +138,71 @@ fn the_agent_drops_listed_sources_at_xdp_and_follows_edits() {
     assert_eq!(cidr_drops(&topology.node, 0.0), drops, "no new drops");
     drop(agent);
 
-    // Without a list at start the check is not loaded: adding one is refused, traffic flows.
+    // Without a list at start the check is not loaded; an edit adding one reloads the programs
+    // with it (no restart): the listed source is dropped from then on, while other's connection,
+    // open across the reload, goes on. Emptying the list reloads them without the check.
     let file = ConfigFile::new(&config("[]"));
     let mut agent = start_agent(&topology, &file);
-    file.rewrite(&config("[192.0.2.2/32]"));
-    let refused = agent
-        .wait_for_log("XDP CIDR deny list not applied", Duration::from_secs(5))
-        .unwrap();
-    assert!(refused.contains("restart the agent"), "{refused}");
     assert!(reaches(&topology, "frontend", &servers, false));
+    let db = SocketAddr::new(PolicyTopology::addr("db", false), DB_PORT);
+    let (mut open, _) = tcp_connect(topology.ns("other"), db).expect("other connects");
+    let bytes_before = servers[0].bytes();
+    open.write_all(b"before").unwrap();
+    let program = xdp_program(&topology);
+    file.rewrite(&config("[192.0.2.2/32, \"2001:db8:1::/64\"]"));
+    let reloaded = agent
+        .wait_for_log("programs reloaded: ", Duration::from_secs(30))
+        .unwrap();
+    assert!(reloaded.contains("CIDR deny check on"), "{reloaded}");
+    agent
+        .wait_for_log("XDP CIDR deny list applied", Duration::from_secs(5))
+        .unwrap();
+    assert_ne!(
+        xdp_program(&topology),
+        program,
+        "the new program is attached"
+    );
+    only_the_listed_source_is_dropped(&topology, &servers);
+    open.write_all(b"after")
+        .expect("other's open connection goes on");
+    // "before" and "after", and other's IPv4 request ("x"); nothing of frontend's.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while servers[0].bytes() < bytes_before + 12 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(servers[0].bytes(), bytes_before + 12, "bytes db received");
+    file.rewrite(&config("[]"));
+    let reloaded = agent
+        .wait_for_log("programs reloaded: ", Duration::from_secs(30))
+        .unwrap();
+    assert!(reloaded.contains("CIDR deny check off"), "{reloaded}");
+    assert!(reaches(&topology, "frontend", &servers, false));
+    assert!(
+        !agent.history.iter().any(|l| l.contains("not applied")),
+        "{:#?}",
+        agent.history
+    );
+}
+
+/// Id of the XDP program on frontend's node-side veth.
+fn xdp_program(topology: &PolicyTopology) -> u32 {
+    let output = std::process::Command::new("ip")
+        .args([
+            "-n",
+            topology.node.name(),
+            "link",
+            "show",
+            "dev",
+            WORKLOADS[0].4,
+        ])
+        .output()
+        .expect("ip link show");
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split("prog/xdp id ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no XDP program: {text}"))
 }
 
 #[test]

@@ -575,7 +575,29 @@ fn dsr_ipip(attach: Attach) {
 /// answer they are dropped and the connections stall).
 #[test]
 fn dsr_ipip_without_mtu_headroom_lowers_the_clients_path_mtu() {
-    let mut setup = Setup::with_headroom(Mode::DsrIpip, Attach::Xdp, false);
+    lowers_the_clients_path_mtu(Setup::with_headroom(Mode::DsrIpip, Attach::Xdp, false));
+}
+
+/// The same through `lb_tc`, from a client that sends every segment as an skb of its own (TSO and
+/// GSO off: a GSO packet is cut into segments that fit, never answered) with partial checksums,
+/// which the balancer's interfaces finish on the way out: the answer's quote carries the
+/// transport checksum that finishing leaves unchanged, so that the answer arrives intact.
+#[test]
+fn dsr_ipip_without_mtu_headroom_lowers_the_clients_path_mtu_through_tc() {
+    let setup = Setup::with_headroom(Mode::DsrIpip, Attach::Tc, false);
+    let out = setup
+        .topology
+        .client
+        .exec("ethtool", &["-K", "eth0", "tso", "off", "gso", "off"])
+        .expect("ethtool");
+    assert!(
+        out.status.success(),
+        "ethtool -K eth0 tso off gso off: {out:?}"
+    );
+    lowers_the_clients_path_mtu(setup);
+}
+
+fn lowers_the_clients_path_mtu(mut setup: Setup) {
     let client = &setup.topology.client;
     for (vip, mtu) in [(IpAddr::from(VIP), 1480), (IpAddr::from(VIP6), 1460)] {
         assert_eq!(client.learnt_mtu(vip), None, "no PMTU towards {vip} yet");

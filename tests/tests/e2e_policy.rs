@@ -464,6 +464,154 @@ fn a_vip_connection_is_checked_against_the_backend_it_chose() {
     drop(lb);
 }
 
+/// A workload client's requests to SNAT and DSR services are served as DNAT at its veth
+/// (`lb_tc_request`): frontend reaches db through a SNAT, a DSR-L2 and a DSR-IPIP VIP of each
+/// family, db's ingress rule (frontend only) sees frontend's own address (SNAT would have shown
+/// the node's, and been denied), and the replies are turned back into each VIP at frontend's veth.
+/// Until the ninth session `lb_tc_request` dropped these requests (`drop_tc_mode_unsupported`).
+#[test]
+fn a_workload_client_reaches_snat_and_dsr_services_as_dnat() {
+    use lb_agent::{config::Config, datapath::AttachMode};
+    use lb_common::counters::Counter;
+    use lb_tests::test_run::counter;
+
+    let modes = ["snat", "dsr-l2", "dsr-ipip"];
+    let vips: Vec<(IpAddr, &str)> = modes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, mode)| {
+            [
+                (format!("198.51.100.{}", 81 + i).parse().unwrap(), *mode),
+                (format!("2001:db8:100::{}", 81 + i).parse().unwrap(), *mode),
+            ]
+        })
+        .collect();
+    let services: String = vips
+        .iter()
+        .map(|(vip, mode)| {
+            format!(
+                "  - name: \"{mode}-{vip}\"\n    vip: \"{vip}\"\n    port: 6379\n    protocol: tcp\n    \
+                 mode: {mode}\n    backends:\n      - {{ address: \"{}\", port: 6379 }}\n",
+                Cluster::addr("db", vip.is_ipv6())
+            )
+        })
+        .collect();
+    let config =
+        format!("node: {{ipv4: 192.0.2.1, ipv6: \"2001:db8:1::1\"}}\nservices:\n{services}");
+    let (mut c, lb) = Cluster::with(|topology| {
+        let mut lb = Datapath::load_with(&LoadOptions::default()).unwrap();
+        lb.apply(&Config::from_yaml(&config).unwrap()).unwrap();
+        topology.node.run(move || {
+            for w in WORKLOADS {
+                lb.attach_with(w.4, AttachMode::Workload).unwrap();
+            }
+            lb
+        })
+    });
+    let db_servers = [false, true]
+        .map(|v6| TcpCountingServer::start(c.ns("db"), Cluster::addr("db", v6), 6379, "db"));
+
+    for (vip, mode) in vips {
+        let server = &db_servers[usize::from(vip.is_ipv6())];
+        let (bytes, translated) = (server.bytes(), counter(&lb, Counter::ReplyTranslated));
+        let greeting = tcp_request(c.ns("frontend"), SocketAddr::new(vip, 6379), b"hello")
+            .unwrap_or_else(|e| panic!("frontend -> {mode} VIP {vip}: {e}"));
+        assert_eq!(greeting, "db", "{mode} {vip}");
+        // The server counts the payload after its greeting went out.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while server.bytes() < bytes + 5 && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(server.bytes(), bytes + 5, "{mode} {vip}: db's bytes");
+        assert!(
+            counter(&lb, Counter::ReplyTranslated) > translated,
+            "{mode} {vip}: replies turned back into the VIP"
+        );
+    }
+    assert_eq!(counter(&lb, Counter::DropTcModeUnsupported), 0);
+    assert!(
+        c.events(|e| e.verdict == Verdict::Deny).is_empty(),
+        "db's ingress rule saw frontend's address on every connection"
+    );
+    drop(lb);
+}
+
+/// Fragmented datagrams through a VIP from a workload client, with the policy on both veths: a
+/// 4000-byte request reaches db whole (its later fragments got the backend before the policy,
+/// like its first), and db's 3000-byte answer reaches frontend from the VIP (its later fragments
+/// got the VIP after the policy, like its first), over IPv4 and IPv6. Before the ninth session the
+/// later fragments crossed the split programs untranslated and neither datagram arrived.
+#[test]
+fn fragmented_datagrams_cross_a_workload_veth_through_a_vip() {
+    use lb_agent::{config::Config, datapath::AttachMode};
+    use lb_common::counters::Counter;
+    use lb_tests::test_run::counter;
+
+    static REQUEST: [u8; 4000] = [b'q'; 4000];
+    let answer = format!("db{}", "a".repeat(2998));
+    let vips: [IpAddr; 2] = [
+        "198.51.100.90".parse().unwrap(),
+        "2001:db8:100::90".parse().unwrap(),
+    ];
+    let services: String = vips
+        .iter()
+        .map(|vip| {
+            format!(
+                "  - name: \"dns-{vip}\"\n    vip: \"{vip}\"\n    port: 5353\n    protocol: udp\n    \
+                 backends:\n      - {{ address: \"{}\", port: 5353 }}\n",
+                Cluster::addr("db", vip.is_ipv6())
+            )
+        })
+        .collect();
+    let config = format!("services:\n{services}");
+    let (mut c, lb) = Cluster::with(|topology| {
+        let mut lb = Datapath::load_with(&LoadOptions::default()).unwrap();
+        lb.apply(&Config::from_yaml(&config).unwrap()).unwrap();
+        topology.node.run(move || {
+            for w in WORKLOADS {
+                lb.attach_with(w.4, AttachMode::Workload).unwrap();
+            }
+            lb
+        })
+    });
+    for vip in vips {
+        let v6 = vip.is_ipv6();
+        let server = UdpCountingServer::start(c.ns("db"), Cluster::addr("db", v6), 5353, &answer);
+        let forwarded = counter(&lb, Counter::ForwardFragment);
+        let answers = udp_requests(c.ns("frontend"), SocketAddr::new(vip, 5353), 1, &REQUEST);
+        // The client reads the first 256 bytes of the answer: it arrived whole, from the VIP.
+        let got = answers[0].as_ref().unwrap_or_else(|e| {
+            panic!(
+                "v6 {v6}: no answer from the VIP: {e}; db got {} datagrams; counters {:?}; \
+                     policy events {:?}",
+                server.datagrams(),
+                lb.counters()
+                    .unwrap()
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .collect::<Vec<_>>(),
+                c.events(|_| true)
+            )
+        });
+        assert!(got.starts_with("dbaaa"), "v6 {v6}: {got}");
+        assert_eq!(
+            (server.datagrams(), server.bytes()),
+            (1, 4000),
+            "v6 {v6}: db got the request whole"
+        );
+        // Two later fragments each way at least (1500-byte links).
+        assert!(
+            counter(&lb, Counter::ForwardFragment) >= forwarded + 4,
+            "v6 {v6}: later fragments translated on the veths"
+        );
+    }
+    assert!(
+        c.events(|e| e.verdict == Verdict::Deny).is_empty(),
+        "the policy matched every fragment to its datagram"
+    );
+    drop(lb);
+}
+
 /// frontend's egress: db and the service range allowed, other denied (deny wins).
 const FRONTEND_EGRESS_RULES: &str = "
   - {name: frontend-to-db-and-services, endpoints: {match_labels: {app: frontend}},

@@ -3,7 +3,8 @@
 //! before any reconcile, and its first reconcile writes nothing; maps of another size (conntrack,
 //! capacity) are carried over into the new sizes; an incompatible layout is refused with both
 //! sides named, or replaced on request (flushing connection tracking); uninstalling removes every
-//! pin; a map new in this agent (`FLOW_EVENTS`) is created next to the adopted ones.
+//! pin; a map new in this agent (`FLOW_EVENTS`) is created next to the adopted ones; a reload
+//! with other load-time settings keeps flows and the address filter.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -14,7 +15,7 @@ use aya::{
 use aya_obj::programs::XdpAttachType;
 use lb_agent::{
     config::Config,
-    datapath::{ApplyReport, Capacity, Datapath, LoadOptions, PinOptions},
+    datapath::{ApplyReport, Capacity, Datapath, LoadOptions, PinOptions, ProgramSettings},
     pins::{PinDir, MAP_LAYOUT_VERSION},
 };
 use lb_common::{protocol, service::ServiceKey};
@@ -397,4 +398,57 @@ fn flow_events_are_added_to_the_pins_of_an_agent_without_them() {
 
     let mut third = load(&pins);
     assert_eq!(send(&mut third, ACK, other), other_backend);
+}
+
+/// `Datapath::reload` in process: the programs loaded again with flow events on, on the pinned
+/// maps, keep a tracked flow on its backend and the address filter's words (the new load's filter
+/// starts zeroed: without the copy the VIP's packets would pass untranslated), report a new flow,
+/// and the program pin names the new program; reloading with the same settings does nothing.
+#[test]
+fn a_reload_with_other_settings_keeps_flows_and_the_address_filter() {
+    let pins = TestPins::new();
+    let client: SocketAddr = "192.0.2.7:40100".parse().unwrap();
+    let mut datapath = load(&pins);
+    datapath.apply(&Config::from_yaml(CONFIG).unwrap()).unwrap();
+    let backend = send(&mut datapath, SYN, client);
+    let program_pin = PinDir::new(pins.path()).program("lb_xdp");
+    let program_id = || {
+        Xdp::from_pin(&program_pin, XdpAttachType::Interface)
+            .unwrap()
+            .info()
+            .unwrap()
+            .id()
+    };
+    let before = program_id();
+    let settings = datapath.settings();
+    assert!(!settings.flow_events);
+
+    let on = ProgramSettings {
+        flow_events: true,
+        ..settings
+    };
+    assert!(datapath.reload(on).expect("reload"));
+    assert!(
+        !datapath.reload(on).expect("same settings"),
+        "nothing to do"
+    );
+    assert_eq!(datapath.settings(), on);
+    assert_ne!(program_id(), before, "the new program is pinned");
+    assert_ne!(datapath.address_filter_roles(web_key().vip()).unwrap(), 0);
+    let mut ring = datapath.take_flow_events().expect("FLOW_EVENTS");
+    for _ in 0..3 {
+        assert_eq!(
+            send(&mut datapath, ACK, client),
+            backend,
+            "tracked flow kept"
+        );
+    }
+    assert_eq!(drain_flow_events(&mut ring), [], "conntrack hits");
+    send(&mut datapath, SYN, "192.0.2.7:40101".parse().unwrap());
+    assert_eq!(
+        drain_flow_events(&mut ring).len(),
+        1,
+        "the new flow reported"
+    );
+    assert_eq!(datapath.conntrack_entries().unwrap(), 2);
 }

@@ -22,7 +22,7 @@ use lb_agent::{
 };
 use lb_common::{
     counters::Counter,
-    flow_events::choice,
+    flow_events::{choice, kind},
     modes::snat,
     protocol,
     service::{mode, ServiceKey},
@@ -31,9 +31,9 @@ use lb_tests::{
     frames::{fragments, frame, icmp_error, inspect, ip_packet, IcmpError, ACK, L4, SYN},
     netns::{Netns, TEST_PREFIX},
     test_run::{
-        assert_drop_event, assert_new_flow_event, drain_flow_events, expected_backend, flow_key,
-        load_with_flow_events, run as run_xdp, run_tc_frame, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
-        XDP_PASS,
+        assert_drop_event, assert_new_flow_event, assert_not_forwarded_event, drain_flow_events,
+        expected_backend, flow_key, load_with_flow_events, run as run_xdp, run_tc_frame, TC_ACT_OK,
+        TC_ACT_SHOT, TC_ACT_UNSPEC, UNDELIVERABLE_BACKENDS, UNDELIVERABLE_CONFIG, XDP_PASS,
     },
 };
 
@@ -52,6 +52,13 @@ const CONFIG: &str = concat!(
     vip: 198.51.100.11
     port: 80
     protocol: tcp
+  - name: dsr6
+    vip: 2001:db8:100::40
+    port: 53
+    protocol: udp
+    mode: dsr-ipip
+    backends:
+      - { address: 2001:db8:203::41, port: 53 }
 ",
 );
 
@@ -250,6 +257,110 @@ fn fragments_in_namespace() {
     assert_eq!(counter(&datapath, Counter::PassFragment), before + 1);
 }
 
+/// On a client's workload veth, fragmented datagrams are translated on the side of the policy
+/// their first fragment was: `lb_tc_request` gives every fragment of a request the backend (before
+/// `policy_from_endpoint`), `lb_tc_reply` every fragment of a reply the VIP (after
+/// `policy_to_endpoint`). `lb_tc` passes both untouched: the split programs record in scopes of
+/// their own (`key_scope::CLIENT_REQUEST`, `CLIENT_REPLY`), which it does not look up, even once
+/// `lb_tc_reply` has recorded the reply's first fragment. Until the ninth session the later fragments passed the
+/// split programs untranslated: the policy saw them to (or the client got them from) another
+/// address than their first fragment.
+#[test]
+fn fragments_on_a_workload_veth_follow_their_first_fragment() {
+    isolated(&[], fragments_on_a_workload_veth_in_namespace);
+}
+
+fn fragments_on_a_workload_veth_in_namespace() {
+    let mut datapath = load();
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+    let pieces = |from, to, id| fragments(&frame(L4::Udp, from, to, &payload), id, 1480);
+    for (client, vip, id) in [
+        ("192.0.2.2:6100", "198.51.100.10:53", 0x2345),
+        ("[2001:db8:2::2]:6100", "[2001:db8:100::10]:53", 0xabcd_0101),
+    ] {
+        let (client, vip) = (sa(client), sa(vip));
+        let key = ServiceKey::new(vip.ip(), vip.port(), protocol::UDP);
+        let backend = expected_backend(&datapath, &key, protocol::UDP, client, vip, false);
+        let mut step = |program, what: &str, input: &[u8], output: &[u8], counters: &[Counter]| {
+            let what = format!("{client} -> {vip}: {what}");
+            let before: Vec<u64> = counters.iter().map(|c| counter(&datapath, *c)).collect();
+            let verdict = if program == TC_PROGRAM {
+                TC_ACT_OK
+            } else {
+                TC_ACT_UNSPEC
+            };
+            assert_eq!(
+                run_program(&mut datapath, program, input),
+                (verdict, output.to_vec()),
+                "{what}"
+            );
+            for (c, before) in counters.iter().zip(before) {
+                assert_eq!(counter(&datapath, *c), before + 1, "{what}: {}", c.name());
+            }
+        };
+
+        let (sent, translated) = (pieces(client, vip, id), pieces(client, backend, id));
+        assert_eq!(sent.len(), 3);
+        step(
+            TC_REQUEST_PROGRAM,
+            "request's first fragment",
+            &sent[0],
+            &translated[0],
+            &[Counter::ForwardNewFlow, Counter::FragmentTracked],
+        );
+        for i in 1..3 {
+            let what = format!("request fragment {}", i + 1);
+            step(
+                TC_REQUEST_PROGRAM,
+                &what,
+                &sent[i],
+                &translated[i],
+                &[Counter::ForwardFragment],
+            );
+            step(
+                TC_PROGRAM,
+                &format!("{what} at lb_tc"),
+                &translated[i],
+                &translated[i],
+                &[Counter::PassFragment],
+            );
+        }
+
+        let (reply, to_client) = (pieces(backend, client, id + 1), pieces(vip, client, id + 1));
+        step(
+            TC_PROGRAM,
+            "reply's first fragment at lb_tc",
+            &reply[0],
+            &reply[0],
+            &[Counter::PassNotService],
+        );
+        step(
+            TC_REPLY_PROGRAM,
+            "reply's first fragment at lb_tc_reply",
+            &reply[0],
+            &to_client[0],
+            &[Counter::ReplyTranslated, Counter::FragmentTracked],
+        );
+        for i in 1..3 {
+            let what = format!("reply fragment {}", i + 1);
+            step(
+                TC_PROGRAM,
+                &format!("{what} at lb_tc"),
+                &reply[i],
+                &reply[i],
+                &[Counter::PassFragment],
+            );
+            step(
+                TC_REPLY_PROGRAM,
+                &format!("{what} at lb_tc_reply"),
+                &reply[i],
+                &to_client[i],
+                &[Counter::ForwardFragment],
+            );
+        }
+    }
+}
+
 #[test]
 fn udp_without_checksum_keeps_none() {
     isolated(&[], udp_without_checksum_keeps_none_in_namespace);
@@ -400,17 +511,22 @@ fn flow_events_in_namespace() {
             frame(SYN, client, sa("198.51.100.99:80"), b""),
             TC_ACT_OK,
         );
-        let refused = sent(
+        // A workload client's request to a SNAT service is served as DNAT.
+        let workload_client = sa("192.0.2.2:40005");
+        let snat_key = ServiceKey::new(snat_vip.ip(), snat_vip.port(), tcp);
+        let snat_backend =
+            expected_backend(&datapath, &snat_key, tcp, workload_client, snat_vip, false);
+        let workload_snat = sent(
             &mut datapath,
             TC_REQUEST_PROGRAM,
-            frame(SYN, sa("192.0.2.2:40005"), snat_vip, b""),
-            TC_ACT_SHOT,
+            frame(SYN, workload_client, snat_vip, b""),
+            TC_ACT_UNSPEC,
         );
         assert_eq!(counter(&datapath, Counter::ForwardConntrackHit), 1);
         assert_eq!((hit, other), (vec![], vec![]));
         if !enabled {
             assert_eq!((dnat, snat), (vec![], vec![]));
-            assert_eq!((no_backend, refused), (vec![], vec![]));
+            assert_eq!((no_backend, workload_snat), (vec![], vec![]));
             continue;
         }
         assert_eq!((dnat.len(), snat.len()), (1, 1), "{dnat:?} {snat:?}");
@@ -428,18 +544,84 @@ fn flow_events_in_namespace() {
             sa("203.0.113.41:8080"),
             (mode::SNAT, choice::NEW),
         );
-        assert_eq!((no_backend.len(), refused.len()), (1, 1));
+        assert_eq!((no_backend.len(), workload_snat.len()), (1, 1));
         assert_drop_event(
             &mut datapath,
             &no_backend[0],
             (client, empty, tcp),
             Counter::DropNoBackend,
         );
-        assert_drop_event(
+        assert_new_flow_event(
             &mut datapath,
-            &refused[0],
-            (sa("192.0.2.2:40005"), snat_vip, tcp),
-            Counter::DropTcModeUnsupported,
+            &workload_snat[0],
+            (workload_client, snat_vip, tcp),
+            snat_backend,
+            (mode::DNAT, choice::NEW),
+        );
+    }
+}
+
+/// `lb_tc` reports the packets of flows whose backend was chosen but that it did not send to it,
+/// once each with that backend, only with flow events on: DSR L2 without the backend's neighbour
+/// entry (dropped), a DSR IPIP packet too big once encapsulated (answered with "fragmentation
+/// needed"); not a small IPIP packet the stack takes over.
+#[test]
+fn flow_events_report_packets_not_forwarded_after_the_choice() {
+    isolated(&UNDELIVERABLE_BACKENDS, not_forwarded_in_namespace);
+}
+
+fn not_forwarded_in_namespace() {
+    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("forwarding");
+    let (l2, ipip) = (sa("198.51.100.41:80"), sa("198.51.100.42:80"));
+    let (l2_backend, ipip_backend) = (sa("203.0.113.11:80"), sa("203.0.113.12:80"));
+    let (client, big_client) = (sa("192.0.2.2:45100"), sa("192.0.2.2:45101"));
+    let tcp = protocol::TCP;
+    for enabled in [true, false] {
+        let (mut datapath, mut ring) = load_with_flow_events(UNDELIVERABLE_CONFIG, enabled);
+        let mut sent = |datapath: &mut Datapath, input: Vec<u8>, verdict| {
+            assert_eq!(run_program(datapath, TC_PROGRAM, &input).0, verdict);
+            drain_flow_events(&mut ring)
+        };
+        let no_neigh = sent(&mut datapath, frame(SYN, client, l2, b""), TC_ACT_SHOT);
+        let small = sent(&mut datapath, frame(SYN, client, ipip, b""), TC_ACT_OK);
+        let too_big = sent(
+            &mut datapath,
+            frame(ACK, big_client, ipip, &[7; 1400]),
+            TC_ACT_REDIRECT,
+        );
+        assert_eq!(counter(&datapath, Counter::DropDsrNoNeigh), 1);
+        assert_eq!(counter(&datapath, Counter::IcmpTooBigSent), 1);
+        let not_forwarded = |events: &[lb_common::flow_events::FlowEvent]| {
+            events
+                .iter()
+                .filter(|e| e.kind == kind::NOT_FORWARDED)
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        if !enabled {
+            assert_eq!((no_neigh, small, too_big), (vec![], vec![], vec![]));
+            continue;
+        }
+        assert_eq!(small.len(), 1, "{small:?}");
+        assert_eq!(
+            (no_neigh.len(), too_big.len()),
+            (2, 2),
+            "{no_neigh:?} {too_big:?}"
+        );
+        assert_eq!(not_forwarded(&small), []);
+        assert_not_forwarded_event(
+            &mut datapath,
+            &not_forwarded(&no_neigh)[0],
+            (client, l2, tcp),
+            (l2_backend, mode::DSR_L2),
+            Counter::DropDsrNoNeigh,
+        );
+        assert_not_forwarded_event(
+            &mut datapath,
+            &not_forwarded(&too_big)[0],
+            (big_client, ipip, tcp),
+            (ipip_backend, mode::DSR_IPIP),
+            Counter::IcmpTooBigSent,
         );
     }
 }
@@ -526,9 +708,13 @@ fn workload_veth_requests_before_the_policy_replies_after_it() {
 fn workload_veth_in_namespace() {
     std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("forwarding");
     let mut datapath = load();
+    // A SNAT or DSR service's request from a workload client is served as DNAT: the same
+    // translations as a DNAT service's.
     for (l4, client, vip) in [
         (SYN, "192.0.2.2:40020", "198.51.100.10:80"),
         (L4::Udp, "[2001:db8:2::2]:40021", "[2001:db8:100::10]:53"),
+        (SYN, "192.0.2.2:40023", "198.51.100.40:80"),
+        (L4::Udp, "[2001:db8:2::2]:40024", "[2001:db8:100::40]:53"),
     ] {
         let (client, vip) = (sa(client), sa(vip));
         let key = ServiceKey::new(vip.ip(), vip.port(), proto(l4));
@@ -653,19 +839,10 @@ fn workload_veth_in_namespace() {
         Counter::ReplyTranslated,
     );
 
-    // SNAT (and DSR) are refused at the head of the chain (DNAT only on workload veths), and so
-    // is a SNAT reply leaving through one (a flow `lb_tc` translated).
+    // A SNAT reply leaving through a workload veth (a flow `lb_tc` translated for a client
+    // elsewhere) is refused: `lb_tc_reply` translates DNAT only.
     let snat_vip = sa("198.51.100.40:80");
     let snat = frame(SYN, client, snat_vip, b"");
-    expect_of(
-        &mut datapath,
-        TC_REQUEST_PROGRAM,
-        "SNAT service, client on a workload veth",
-        &snat,
-        TC_ACT_SHOT,
-        &snat,
-        Counter::DropTcModeUnsupported,
-    );
     let node = SocketAddr::new("192.0.2.1".parse().unwrap(), snat_port(client, snat_vip));
     let (verdict, _) = run(&mut datapath, &snat);
     assert_eq!(

@@ -25,8 +25,8 @@ use lb_common::{
 };
 use lb_tests::{
     frames::{
-        fragments, frame, frame_via, icmp_error_via, inspect, ip_packet, IcmpError, ACK, FIN_ACK,
-        L4, SYN,
+        fragments, frame, frame_via, icmp_error_via, inspect, ip_packet,
+        quote_unchanged_by_checksum_completion, IcmpError, ACK, FIN_ACK, L4, SYN,
     },
     modes::{
         decapsulated, encapsulated, in_netns, link_of, run_on, run_tc_on, static_neighbour,
@@ -566,9 +566,10 @@ fn balancer_fixtures(program: Program) {
         ),
         counters: vec![Counter::PassFibNoNeigh],
     });
-    // Full-sized packets too big for the backend's link once encapsulated: `lb_xdp` answers the
-    // client with the MTU that fits (the link's 1500 less the outer header), quoting the packet's
-    // IP header and 8 bytes; `lb_tc`, and a packet that may be fragmented, drop them.
+    // Full-sized packets too big for the backend's link once encapsulated: each program answers
+    // the client with the MTU that fits (the link's 1500 less the outer header), quoting the
+    // packet's IP header and 8 bytes (`lb_xdp`), or 20 with the transport checksum that finishing
+    // it leaves unchanged (`lb_tc`: see tc/too_big.rs); a packet that may be fragmented is dropped.
     for (client, vip, payload, mtu) in [
         (
             SocketAddr::new(CLIENT_ADDR.into(), 41001),
@@ -583,30 +584,46 @@ fn balancer_fixtures(program: Program) {
             1460,
         ),
     ] {
-        let input = frame_via(ACK, client, vip, &vec![7u8; payload], from_client, 64);
-        let quote_len = if vip.is_ipv4() { 28 } else { 48 };
-        let answer = icmp_error_via(
-            IcmpError::TooBig { mtu },
-            vip.ip(),
-            client.ip(),
-            &input[14..14 + quote_len],
-            to_client_macs,
-            64,
-        );
-        let (expect, counters) = match program {
-            Program::Xdp => (
-                Expect::Frame(Verdict::Tx, may_fragment(answer)),
-                vec![Counter::ForwardNewFlow, Counter::IcmpTooBigSent],
-            ),
-            Program::Tc => (Expect::Dropped, vec![Counter::DropEncapTooBig]),
-        };
-        fixtures.push(Fixture {
-            what: format!("DSR IPIP, full-sized packet to {vip} exceeds the MTU once encapsulated"),
-            input,
-            ingress: to_client,
-            expect,
-            counters,
-        });
+        for l4 in [ACK, L4::Udp] {
+            // The same IP length for TCP and UDP.
+            let payload = match l4 {
+                L4::Udp => payload + 12,
+                _ => payload,
+            };
+            let vip = match l4 {
+                L4::Udp => SocketAddr::new(vip.ip(), 53),
+                _ => vip,
+            };
+            let input = frame_via(l4, client, vip, &vec![7u8; payload], from_client, 64);
+            let ip_len = if vip.is_ipv4() { 20 } else { 40 };
+            let quote = match (program, l4) {
+                (Program::Xdp, _) => input[14..14 + ip_len + 8].to_vec(),
+                (Program::Tc, L4::Udp) => {
+                    quote_unchanged_by_checksum_completion(&input[14..], ip_len, 6)
+                }
+                (Program::Tc, _) => {
+                    quote_unchanged_by_checksum_completion(&input[14..], ip_len, 16)
+                }
+            };
+            let answer = icmp_error_via(
+                IcmpError::TooBig { mtu },
+                vip.ip(),
+                client.ip(),
+                &quote,
+                to_client_macs,
+                64,
+            );
+            let proto = if l4 == L4::Udp { "UDP" } else { "TCP" };
+            fixtures.push(Fixture {
+                what: format!(
+                    "DSR IPIP, full-sized {proto} packet to {vip} exceeds the MTU once encapsulated"
+                ),
+                input,
+                ingress: to_client,
+                expect: Expect::Frame(Verdict::Tx, may_fragment(answer)),
+                counters: vec![Counter::ForwardNewFlow, Counter::IcmpTooBigSent],
+            });
+        }
     }
     fixtures.push(Fixture {
         what: "DSR IPIP, a too-big IPv4 packet without \"don't fragment\": dropped".into(),

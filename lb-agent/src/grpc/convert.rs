@@ -19,6 +19,7 @@ use crate::{
     config::{
         self, BackendConfig, ForwardingMode, HashFields, HealthCheck, HealthCheckKind, Protocol,
     },
+    endpoints::{Endpoint, Placement},
     maglev,
     policy::PolicyConfig,
 };
@@ -296,6 +297,44 @@ pub fn event_to_pb(event: &Event) -> pb::Event {
         service: event.service.clone().unwrap_or_default(),
         backend: event.backend.clone().unwrap_or_default(),
         unix_time_ms: unix_ms(event.at),
+    }
+}
+
+/// Decodes a `RegisterEndpoint` request's endpoint and checks it ([`Endpoint::validate`]); errors
+/// name `{path}.<field>`.
+pub fn endpoint_from_pb(endpoint: Option<pb::Endpoint>, path: &str) -> Result<Endpoint, ApiError> {
+    let endpoint = endpoint.ok_or_else(|| ApiError::invalid(path, "required"))?;
+    let addresses = endpoint
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, text)| ip(text, &format!("{path}.addresses[{i}]")))
+        .collect::<Result<_, _>>()?;
+    let endpoint = Endpoint {
+        container_id: endpoint.container_id,
+        interface_name: endpoint.interface_name,
+        namespace: endpoint.pod_namespace,
+        pod: endpoint.pod_name,
+        host_interface: endpoint.host_interface,
+        addresses,
+    };
+    endpoint.validate(path)?;
+    Ok(endpoint)
+}
+
+pub fn endpoint_to_pb(endpoint: &Endpoint, placement: Placement) -> pb::Endpoint {
+    pb::Endpoint {
+        container_id: endpoint.container_id.clone(),
+        interface_name: endpoint.interface_name.clone(),
+        pod_namespace: endpoint.namespace.clone(),
+        pod_name: endpoint.pod.clone(),
+        host_interface: endpoint.host_interface.clone(),
+        addresses: endpoint.addresses.iter().map(ToString::to_string).collect(),
+        placement: match placement {
+            Placement::SourceWorkload => pb::EndpointPlacement::SourceWorkload,
+            Placement::OwnWorkload => pb::EndpointPlacement::OwnWorkload,
+            Placement::NotPlaced => pb::EndpointPlacement::NotPlaced,
+        } as i32,
     }
 }
 

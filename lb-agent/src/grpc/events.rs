@@ -29,8 +29,9 @@ pub enum EventKind {
     ConfigRejected,
     /// A policy deny or audit verdict (rate-limited, see `policy::enforcer`).
     PolicyVerdict,
-    /// A load-balancing decision of the datapath: a new flow's backend, or a drop before one was
-    /// found (`crate::flow_events`, with `--flow-events`).
+    /// A load-balancing decision of the datapath: a new flow's backend, a drop before one was
+    /// found, or a packet not forwarded to the chosen one (`crate::flow_events`, with flow events
+    /// on).
     Flow,
 }
 

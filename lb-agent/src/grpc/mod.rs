@@ -4,6 +4,8 @@
 //!
 //! - [`source`]: [`GrpcSource`], the validated desired state, published on `watch` channels as
 //!   [`crate::k8s::K8sSource`] publishes its own;
+//! - [`endpoints`]: [`EndpointChannel`], `RegisterEndpoint`/`ReleaseEndpoint` calls into the
+//!   agent's loop, which attaches or detaches before answering;
 //! - [`events`]: [`EventBus`], the agent's events, relayed to `StreamEvents` callers;
 //! - [`convert`]: protobuf messages ↔ the model, with errors naming the request field;
 //! - [`server`]: the tonic service and its listeners, [`serve_unix`] (mode 0600) and
@@ -22,12 +24,15 @@
 //! | `SetPolicy(yaml)` | sets the policy, YAML of the config file's `policy:` section; empty clears it |
 //! | `ListState()` | this API's services and policy, the config the agent last applied and its retired backends (or, until a restarted agent's sources are listed, the pinned services it keeps, marked adopted) |
 //! | `StreamEvents()` | the agent's events from now on |
+//! | `RegisterEndpoint(endpoint)` | a pod's endpoint (the CNI plugin's ADD): attaches the workload programs to its host interface and enforces its policy there, kept across restarts |
+//! | `ReleaseEndpoint(container_id, interface_name)` | forgets it and detaches (CNI DEL); `released = false` when none was registered |
 //!
 //! An invalid request returns `INVALID_ARGUMENT` with `field: message` (e.g.
 //! `service.maglev_table_size: maglev table size 1000 is not prime`) and changes nothing.
 
 pub mod client;
 pub mod convert;
+pub mod endpoints;
 pub mod events;
 mod pem;
 pub mod server;
@@ -43,6 +48,7 @@ pub mod pb {
 #[cfg(test)]
 mod codegen;
 
+pub use endpoints::{EndpointCall, EndpointChannel, EndpointReply, EndpointRequest};
 pub use events::{health_events, Event, EventBus, EventKind};
 pub use server::{
     serve_tcp_tls, serve_unix, AppliedView, GrpcServer, Listening, LoadBalancerApi, TlsConfig,

@@ -25,10 +25,11 @@ use tracing::{debug, info, warn};
 
 use super::{
     convert,
+    endpoints::{EndpointChannel, EndpointReply, EndpointRequest},
     events::EventBus,
     pb::{self, load_balancer_server::LoadBalancerServer},
     pem,
-    source::{Change, GrpcSource},
+    source::{ApiError, Change, GrpcSource},
 };
 use crate::config::Config;
 
@@ -76,6 +77,14 @@ impl LoadBalancerApi {
             applied,
             stopping,
         }
+    }
+}
+
+impl LoadBalancerApi {
+    fn endpoint_channel(&self) -> Result<EndpointChannel, Status> {
+        self.source.endpoint_channel().ok_or_else(|| {
+            Status::unimplemented("this server takes no endpoint registrations (not an agent)")
+        })
     }
 }
 
@@ -178,7 +187,54 @@ impl pb::load_balancer_server::LoadBalancer for LoadBalancerApi {
                 .map(|p| convert::policy_to_yaml(&p))
                 .unwrap_or_default(),
             applied,
+            endpoints: self
+                .source
+                .endpoint_channel()
+                .map(|channel| channel.registered())
+                .unwrap_or_default()
+                .iter()
+                .map(|(endpoint, placement)| convert::endpoint_to_pb(endpoint, *placement))
+                .collect(),
         }))
+    }
+
+    async fn register_endpoint(
+        &self,
+        request: Request<pb::RegisterEndpointRequest>,
+    ) -> Result<Response<pb::RegisterEndpointResponse>, Status> {
+        let endpoint = convert::endpoint_from_pb(request.into_inner().endpoint, "endpoint")
+            .inspect_err(|err| debug!(error = %err, "gRPC RegisterEndpoint rejected"))?;
+        let channel = self.endpoint_channel()?;
+        let change = match channel.call(EndpointRequest::Register(endpoint)).await? {
+            EndpointReply::Registered(change) => change,
+            EndpointReply::Released(_) => return Err(Status::internal("unexpected answer")),
+        };
+        Ok(Response::new(pb::RegisterEndpointResponse {
+            created: change == Change::Created,
+            changed: change != Change::Unchanged,
+        }))
+    }
+
+    async fn release_endpoint(
+        &self,
+        request: Request<pb::ReleaseEndpointRequest>,
+    ) -> Result<Response<pb::ReleaseEndpointResponse>, Status> {
+        let request = request.into_inner();
+        for (field, value) in [
+            ("container_id", &request.container_id),
+            ("interface_name", &request.interface_name),
+        ] {
+            if value.is_empty() {
+                return Err(ApiError::invalid(field, "required").into());
+            }
+        }
+        let channel = self.endpoint_channel()?;
+        let key = (request.container_id, request.interface_name);
+        let released = match channel.call(EndpointRequest::Release(key)).await? {
+            EndpointReply::Released(released) => released,
+            EndpointReply::Registered(_) => return Err(Status::internal("unexpected answer")),
+        };
+        Ok(Response::new(pb::ReleaseEndpointResponse { released }))
     }
 
     type StreamEventsStream = EventStream;

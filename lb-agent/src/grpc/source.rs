@@ -15,6 +15,7 @@ use std::{
 
 use tokio::sync::watch;
 
+use super::endpoints::EndpointChannel;
 use crate::{
     config::{self, BackendConfig, Config, ConfigError, Protocol},
     policy::PolicyConfig,
@@ -122,6 +123,8 @@ struct Inner {
     state: Mutex<State>,
     services: watch::Sender<Vec<config::Service>>,
     policy: watch::Sender<Option<PolicyConfig>>,
+    /// Set by an agent that takes endpoint registrations (see [`super::endpoints`]).
+    endpoints: Mutex<Option<EndpointChannel>>,
 }
 
 /// The desired state set through the gRPC API. Cloning shares it; every clone publishes on the
@@ -145,6 +148,7 @@ impl GrpcSource {
                 state: Mutex::new(State::default()),
                 services: watch::Sender::new(Vec::new()),
                 policy: watch::Sender::new(None),
+                endpoints: Mutex::new(None),
             }),
         }
     }
@@ -167,6 +171,24 @@ impl GrpcSource {
 
     pub fn policy(&self) -> Option<PolicyConfig> {
         self.inner.policy.borrow().clone()
+    }
+
+    /// Makes `RegisterEndpoint` and `ReleaseEndpoint` calls into the agent's loop through
+    /// `channel` (without one they are refused as unimplemented).
+    pub fn set_endpoint_channel(&self, channel: EndpointChannel) {
+        *self
+            .inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(channel);
+    }
+
+    pub fn endpoint_channel(&self) -> Option<EndpointChannel> {
+        self.inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The settings outside `services` and `policy` (the `node` section, the Maglev seed, ...)

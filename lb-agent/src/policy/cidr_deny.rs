@@ -6,9 +6,11 @@
 //!
 //! The check is compiled into `lb_xdp` only when it is enabled at load time (a read-only global:
 //! without it the verifier removes the lookup, and the fast path pays nothing). The agent enables it
-//! when the config file it starts with lists a prefix; an edit that lists prefixes while the check
-//! is off is refused with an error saying so (the rest of the edit applies), and emptying the list
-//! keeps the check loaded with nothing to match.
+//! when the config file it starts with lists a prefix; an edit from an empty list to a non-empty
+//! one (or back) reloads the programs with the check on (or off) into their pinned links, without a
+//! restart (`Datapath::reload`), before the list is written. If that reload fails the list is
+//! refused with an error saying so (the rest of the edit applies), and retried with the next
+//! change.
 //!
 //! The list is reconciled against what the maps hold: read back once (a previous agent's pinned
 //! entries included), then tracked. A write inserts the new list before removing what is no longer
@@ -48,6 +50,11 @@ impl CidrDenyList {
         self.enabled
     }
 
+    /// The programs now run with the check (`true`) or without it (`Datapath::reload`).
+    pub fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+    }
+
     /// Makes the maps of the balancer's object hold exactly `cidrs`; `Ok(true)` if they changed.
     pub fn apply(&mut self, ebpf: &mut Ebpf, cidrs: &[Cidr]) -> Result<bool> {
         let held = match self.held.take() {
@@ -63,8 +70,8 @@ impl CidrDenyList {
         if !self.enabled && !wanted.is_empty() {
             self.held = Some(held);
             bail!(
-                "policy.cidr_deny: the XDP CIDR deny check was not loaded (the config the agent \
-                 started with listed no prefix); restart the agent to enable it"
+                "policy.cidr_deny: the XDP CIDR deny check is not loaded (reloading the programs \
+                 with it failed, see above); the list is written once they are"
             );
         }
         write_cidr_deny(ebpf, &held, &wanted).context("writing the XDP CIDR deny list")?;

@@ -11,7 +11,9 @@
 //! segment size lowered by the outer header so that each segment is as long as before (TCP; a
 //! UDP GSO packet keeps its segment size, which delimits its datagrams, so its segments need the
 //! MTU headroom single packets need). The outer header is `crate::dsr`'s, written in place; then
-//! the FIB's next hop.
+//! the FIB's next hop, asked before the encapsulation with the MTU check on the encapsulated
+//! length: a single packet (not GSO) that would not fit is answered "fragmentation needed" /
+//! "packet too big" while it is still the client's packet (`tc::too_big`), as `lb_xdp` answers it.
 
 use aya_ebpf::{
     bindings::{
@@ -28,10 +30,10 @@ use lb_common::{
     service::{family, mode, Addr},
 };
 
-use super::{xmit, Chosen};
+use super::{too_big, xmit, Chosen};
 use crate::{
     dsr::{before_encapsulation, write_outer_ipv4, write_outer_ipv6},
-    fragments,
+    flow_events, fragments,
     maps::count,
     packet::{
         header::{ETH_LEN, IPV4_LEN, IPV6_LEN},
@@ -40,18 +42,31 @@ use crate::{
     xmit::{opts, Unsent, Xmit},
 };
 
-/// DSR on a shared segment: MAC rewrite towards `backend`, packet otherwise unchanged.
+/// DSR on a shared segment: MAC rewrite towards the backend in `chosen`, packet otherwise
+/// unchanged. A packet the FIB cannot settle is dropped, and reported with flow events.
 // A BPF function of its own, called from `lb_tc`: its stack does not add to `to_backend`'s.
 #[inline(never)]
-pub fn l2(ctx: &TcContext, flow: &Flow, backend: &Addr) -> i32 {
+pub fn l2(ctx: &TcContext, flow: &Flow, chosen: &Chosen) -> i32 {
+    let backend = &chosen.backend;
     fragments::track_first(ctx, &flow.key, mode::DSR_L2, None, Some(backend));
-    send_l2(
+    let (v4, protocol) = (flow.key.family == family::IPV4, flow.key.protocol);
+    match xmit::fib_redirect(
         ctx,
-        flow.key.family,
-        flow.key.protocol,
+        v4,
+        protocol,
         &flow.key.src,
         backend,
-    )
+        0,
+        opts::ON_LINK_ONLY,
+    ) {
+        Xmit::Sent(action) => action as i32,
+        unsent => xmit::verdict(flow_events::unsent(
+            Unsent::dsr_l2(unsent),
+            &flow.key,
+            chosen.service_id,
+            mode::DSR_L2,
+        )),
+    }
 }
 
 /// The unchanged packet from `src` (`protocol` inside) to the MAC of the on-link `backend`; also
@@ -70,12 +85,39 @@ pub fn send_l2(ctx: &TcContext, family: u8, protocol: u8, src: &Addr, backend: &
 #[inline(never)]
 pub fn ipip(ctx: &TcContext, flow: &Flow, chosen: &Chosen) -> i32 {
     let Some(source) = crate::service::source_address(chosen.service_id) else {
-        count(Counter::DropModeUnconfigured);
+        let reason = Counter::DropModeUnconfigured;
+        count(reason);
+        flow_events::not_forwarded(&flow.key, chosen.service_id, mode::DSR_IPIP, reason);
         return TC_ACT_SHOT;
     };
     let label = before_encapsulation(ctx, &flow.key, source, &chosen.backend);
-    let room_flags = room_flags(flow.key.family, flow.key.protocol);
-    encapsulate(ctx, room_flags, source, &chosen.backend, label)
+    let (family, protocol) = (flow.key.family, flow.key.protocol);
+    let reason = match encapsulate(
+        ctx,
+        room_flags(family, protocol),
+        source,
+        &chosen.backend,
+        label,
+    ) {
+        TOO_BIG => match too_big::answer(ctx, family, protocol) {
+            // Not answerable (counted `drop_encap_too_big` there).
+            TC_ACT_SHOT => Counter::DropEncapTooBig,
+            answered => {
+                flow_events::not_forwarded(
+                    &flow.key,
+                    chosen.service_id,
+                    mode::DSR_IPIP,
+                    Counter::IcmpTooBigSent,
+                );
+                return answered;
+            }
+        },
+        // Counted `drop_encap_failed` (or the FIB's reason) where it happened.
+        TC_ACT_SHOT => Counter::DropEncapFailed,
+        action => return action,
+    };
+    flow_events::not_forwarded(&flow.key, chosen.service_id, mode::DSR_IPIP, reason);
+    TC_ACT_SHOT
 }
 
 /// The `bpf_skb_adjust_room` flags that encapsulate a packet of `family` (`protocol` inside), for
@@ -97,9 +139,15 @@ pub fn room_flags(family: u8, protocol: u8) -> u64 {
     (encap | fixed_gso) as u64
 }
 
+/// What [`encapsulate`] returns, instead of a TC verdict, for a packet that would not fit the egress
+/// MTU once encapsulated (left as it came, nothing counted): [`ipip`] answers the client
+/// (`tc::too_big`).
+pub const TOO_BIG: i32 = i32::MIN;
+
 /// Puts an outer header from `source` to `backend` (IPv6: with flow `label`) in front of the packet
-/// (its family and protocol in `room_flags`, from [`room_flags`]) and sends it; also the later
-/// fragments of a DSR IPIP datagram (`tc::fragments`).
+/// (its family and protocol in `room_flags`, from [`room_flags`]) and sends it: the verdict, or
+/// [`TOO_BIG`], asked of the FIB before the encapsulation (once `bpf_skb_adjust_room` has marked
+/// the skb encapsulated, `bpf_skb_change_tail` refuses to cut it for an answer).
 // A BPF function of its own: the packet pointers the caller derived from `ctx` (LLVM would reuse
 // them after the helper moved the data, which the verifier refuses) do not reach it. Hence also
 // the family folded into the flags: five arguments at most.
@@ -117,13 +165,69 @@ pub fn encapsulate(
     } else {
         (IPV6_OUTER_LEN, IPPROTO_IPV6)
     };
+    let route = xmit::route(ctx, v4, outer_protocol, source, backend, outer_len, 0);
+    if let Err(Xmit::TooBig) = route {
+        return TOO_BIG;
+    }
+    if let Err(verdict) = open_outer(ctx, room_flags, source, backend, label) {
+        return verdict;
+    }
+    // The FIB's answer is read again from the scratch space: kept in a register, it would be
+    // spilled around `bpf_skb_adjust_room`.
+    let sent = route.and_then(|_| xmit::routed().ok_or(Xmit::NoRoute));
+    match sent.map(|params| xmit::redirect(ctx, params)) {
+        Ok(Xmit::Sent(action)) => action as i32,
+        Ok(unsent) | Err(unsent) => xmit::verdict(Unsent::dsr_ipip(unsent)),
+    }
+}
+
+/// [`encapsulate`] for packets nobody is answered about, the later fragments of a DSR IPIP
+/// datagram (`tc::fragments`) and ICMP errors of its flows (`tc::xmit::leave`): the FIB is asked
+/// after the encapsulation, and one too big for the egress MTU is dropped (`drop_encap_too_big`).
+// A BPF function of its own, as `encapsulate`. Asking the FIB afterwards keeps its answer from
+// living across `bpf_skb_adjust_room`: `lb_tc` → `tc::fragments::forward` → here is 512 bytes of
+// stack exactly.
+#[inline(never)]
+pub fn encapsulate_or_drop(
+    ctx: &TcContext,
+    room_flags: u64,
+    source: &Addr,
+    backend: &Addr,
+    label: u32,
+) -> i32 {
+    if let Err(verdict) = open_outer(ctx, room_flags, source, backend, label) {
+        return verdict;
+    }
+    let v4 = room_flags & BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64 != 0;
+    let outer_protocol = if v4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
+    match xmit::fib_redirect(ctx, v4, outer_protocol, source, backend, 0, 0) {
+        Xmit::Sent(action) => action as i32,
+        unsent => xmit::verdict(Unsent::dsr_ipip(unsent)),
+    }
+}
+
+/// Opens room for the outer header (`bpf_skb_adjust_room` with `room_flags`) and writes it; `Err`
+/// holds the verdict of a packet that could not be encapsulated (counted).
+#[inline(always)]
+fn open_outer(
+    ctx: &TcContext,
+    room_flags: u64,
+    source: &Addr,
+    backend: &Addr,
+    label: u32,
+) -> Result<(), i32> {
+    let v4 = room_flags & BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64 != 0;
+    let outer_len = if v4 { IPV4_OUTER_LEN } else { IPV6_OUTER_LEN };
+    let failed = || {
+        count(Counter::DropEncapFailed);
+        Err(TC_ACT_SHOT)
+    };
     // Fails on an skb already encapsulated, or without memory for the headroom.
     if ctx
         .adjust_room(outer_len as i32, BPF_ADJ_ROOM_MAC, room_flags)
         .is_err()
     {
-        count(Counter::DropEncapFailed);
-        return TC_ACT_SHOT;
+        return failed();
     }
     // The headers were in the linear part and still are (the room opens in front of them);
     // pointers are derived again after the helper, and their bounds proven again, with constant
@@ -132,16 +236,14 @@ pub fn encapsulate(
     let outer = data + ETH_LEN;
     if v4 {
         if outer + IPV4_OUTER_LEN + IPV4_LEN > end {
-            count(Counter::DropEncapFailed);
-            return TC_ACT_SHOT;
+            return failed();
         }
         // SAFETY: the outer header and the inner IPv4 header are in bounds (checked just above).
         // Its sum, checksum included, is 0: a `CHECKSUM_COMPLETE` sum of the packet stays right.
         unsafe { write_outer_ipv4(outer, &source.0, &backend.0) };
     } else {
         if outer + IPV6_OUTER_LEN + IPV6_LEN > end {
-            count(Counter::DropEncapFailed);
-            return TC_ACT_SHOT;
+            return failed();
         }
         // SAFETY: the outer header and the inner IPv6 header are in bounds (checked just above).
         unsafe {
@@ -160,8 +262,5 @@ pub fn encapsulate(
             }
         }
     }
-    match xmit::fib_redirect(ctx, v4, outer_protocol, source, backend, 0, 0) {
-        Xmit::Sent(action) => action as i32,
-        unsent => xmit::verdict(Unsent::dsr_ipip(unsent)),
-    }
+    Ok(())
 }

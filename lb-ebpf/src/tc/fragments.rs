@@ -4,11 +4,15 @@
 //! checksum with `bpf_l3_csum_replace`; later fragments carry no L4 header), then go to the stack
 //! (DNAT) or to the FIB's next hop with the TTL decremented (SNAT, `tc::snat::send`); DSR L2 goes
 //! unchanged to the backend's MAC (`tc::dsr::send_l2`); DSR IPIP is encapsulated towards the backend
-//! (`tc::dsr::encapsulate`).
+//! (`tc::dsr::encapsulate_or_drop`).
 //!
-//! Only `lb_tc` records and translates fragments: on a workload veth, `lb_tc_request` and
-//! `lb_tc_reply` leave them alone, since a fragment translated on one side of the policy and its
-//! first fragment on the other would not match the policy's own fragment tracking.
+//! On a client's workload veth, the split programs record and translate the fragments of its
+//! flows themselves ([`at_client_veth`]), each on its side of the policy, so that the policy's own
+//! fragment tracking sees a datagram's later fragments with the addresses of its first:
+//! `lb_tc_request` a request's (before `policy_from_endpoint`: all of them get the backend),
+//! `lb_tc_reply` a reply's (after `policy_to_endpoint`: all of them get the VIP). They record in a
+//! scope of their own each (`key_scope::CLIENT_REQUEST`, `CLIENT_REPLY`), which `lb_tc` and `lb_xdp` do not look up (a
+//! reply's later fragments pass them untouched, as its first fragment did).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -16,7 +20,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     counters::Counter,
-    fragments::FragmentEntry,
+    fragments::{key_scope, FragmentEntry},
     service::{family, mode, Addr},
 };
 
@@ -37,7 +41,7 @@ pub fn forward(ctx: &TcContext, fragment: &Fragment) -> i32 {
     };
     // SAFETY: `l3` from `header_of`. What follows goes by offset: its helpers may move the skb's
     // data.
-    let Some(((src, dst), entry)) = (unsafe { recorded(l3, fragment) }) else {
+    let Some(((src, dst), entry)) = (unsafe { recorded(l3, fragment, key_scope::NODE) }) else {
         count(Counter::PassFragment);
         return TC_ACT_OK;
     };
@@ -49,7 +53,7 @@ pub fn forward(ctx: &TcContext, fragment: &Fragment) -> i32 {
         mode::DSR_L2 => return dsr::send_l2(ctx, family, protocol, &src, &entry.dst),
         mode::DSR_IPIP => {
             let room_flags = dsr::room_flags(family, protocol);
-            return dsr::encapsulate(ctx, room_flags, &entry.src, &entry.dst, entry.label);
+            return dsr::encapsulate_or_drop(ctx, room_flags, &entry.src, &entry.dst, entry.label);
         }
         _ => {}
     }
@@ -62,6 +66,25 @@ pub fn forward(ctx: &TcContext, fragment: &Fragment) -> i32 {
     } else {
         TC_ACT_OK
     }
+}
+
+/// A later fragment on a client's workload veth (`lb_tc_request`, `lb_tc_reply`): given the
+/// addresses of its datagram's first fragment if that was recorded here (DNAT: the only mode of
+/// these programs), then passed on with `TCX_NEXT`, rewritten or not.
+#[inline(never)]
+pub fn at_client_veth(ctx: &TcContext, fragment: &Fragment, scope: u8) -> i32 {
+    let Some(l3) = header_of(ctx, fragment) else {
+        return super::NEXT;
+    };
+    // SAFETY: `l3` from `header_of`.
+    let Some(((src, dst), entry)) = (unsafe { recorded(l3, fragment, scope) }) else {
+        return super::NEXT;
+    };
+    if rewrite(ctx, fragment.family, (&src, &dst), &entry).is_err() {
+        return super::refused();
+    }
+    count(Counter::ForwardFragment);
+    super::NEXT
 }
 
 /// The fragment's addresses (`old`) become the entry's.

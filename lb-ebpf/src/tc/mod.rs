@@ -42,14 +42,16 @@
 //!   reaching its client back into the VIP.
 //!
 //! The split programs translate DNAT only: a workload client's request to a SNAT or DSR service
-//! (`lb_tc_request`), or a SNAT reply leaving through a workload veth (`lb_tc_reply`), is dropped
-//! and counted `drop_tc_mode_unsupported` (the agent warns about such services once a workload
-//! veth is attached). Clients behind `--iface` interfaces get every mode.
+//! is translated as DNAT (see [`choose`]: its replies come back to this node by the pod's route
+//! anyway, and the policy must see the backend), and a SNAT reply leaving through a workload veth
+//! (`lb_tc_reply`: a SNAT flow `lb_tc` translated for a client elsewhere) is dropped and counted
+//! `drop_tc_mode_unsupported`. Clients behind `--iface` interfaces get every mode.
 
 mod dsr;
 mod fragments;
 mod nat;
 mod snat;
+mod too_big;
 mod xmit;
 
 use aya_ebpf::{
@@ -60,9 +62,10 @@ use aya_ebpf::{
 use lb_common::{
     conntrack::{reply_flags, NatReply},
     counters::Counter,
+    fragments::key_scope,
     prefilter::role,
     service::mode,
-    service::Addr,
+    service::{Addr, ServiceInfo},
 };
 
 use self::nat::Offsets;
@@ -125,7 +128,7 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
                     action => action,
                 },
                 mode::SNAT => snat::forward(&ctx, &flow, &at, &chosen),
-                mode::DSR_L2 => dsr::l2(&ctx, &flow, &chosen.backend),
+                mode::DSR_L2 => dsr::l2(&ctx, &flow, &chosen),
                 _ => dsr::ipip(&ctx, &flow, &chosen),
             }
         }
@@ -178,6 +181,9 @@ pub fn lb_tc_request(ctx: TcContext) -> i32 {
             icmp::handle(&ctx, family, offset, icmp::Scope::ClientRequests);
             return NEXT;
         }
+        Err(NotFlow::Fragment(fragment)) => {
+            return fragments::at_client_veth(&ctx, &fragment, key_scope::CLIENT_REQUEST)
+        }
         // Counted by `lb_tc` at the end of the chain.
         Err(_) => return NEXT,
     };
@@ -199,11 +205,22 @@ pub fn lb_tc_reply(ctx: TcContext) -> i32 {
             icmp::handle(&ctx, family, offset, icmp::Scope::ClientReplies);
             return NEXT;
         }
+        Err(NotFlow::Fragment(fragment)) => {
+            return fragments::at_client_veth(&ctx, &fragment, key_scope::CLIENT_REPLY)
+        }
         Err(_) => return NEXT,
     };
     if prefilter::roles_of(&flow.key.src, flow.key.family) & role::BACKEND != 0 {
-        if let Err(action) = reply(&ctx, &flow, &Offsets::of(&ctx, &flow), true) {
-            return action;
+        match reply(&ctx, &flow, &Offsets::of(&ctx, &flow), true) {
+            Ok(Some(_)) => crate::fragments::track_first(
+                &ctx,
+                &flow.key,
+                crate::fragments::in_scope(mode::DNAT, key_scope::CLIENT_REPLY),
+                None,
+                None,
+            ),
+            Ok(None) => {}
+            Err(action) => return action,
         }
     }
     NEXT
@@ -294,21 +311,35 @@ fn to_backend(flow: &Flow) -> Result<Option<Chosen>, i32> {
     choose(flow, true, 0)
 }
 
-/// `lb_tc_request`'s [`to_backend`]: DNAT only (SNAT and DSR are refused, dropped and counted
-/// `drop_tc_mode_unsupported`, before a flow is tracked or a port allocated), its flows marked
-/// `AT_CLIENT_VETH`, and the rewrite done here. Returns the verdict (`TC_ACT_OK` for a packet
-/// that goes on, rewritten or not).
+/// `lb_tc_request`'s [`to_backend`]: every service's request is translated as DNAT (see
+/// [`choose`]), its flows marked `AT_CLIENT_VETH`, and the rewrite done here. Returns the verdict
+/// (`TC_ACT_OK` for a packet that goes on, rewritten or not).
 #[inline(never)]
 fn request(ctx: &TcContext, flow: &Flow, at: &Offsets) -> i32 {
     match choose(flow, false, reply_flags::AT_CLIENT_VETH) {
-        Ok(Some(chosen)) => nat::to_backend(ctx, flow, at, &chosen),
+        Ok(Some(chosen)) => {
+            let verdict = nat::to_backend(ctx, flow, at, &chosen);
+            if verdict == TC_ACT_OK {
+                crate::fragments::track_first(
+                    ctx,
+                    &flow.key,
+                    crate::fragments::in_scope(mode::DNAT, key_scope::CLIENT_REQUEST),
+                    None,
+                    None,
+                );
+            }
+            verdict
+        }
         Ok(None) => TC_ACT_OK,
         Err(action) => action,
     }
 }
 
-/// The backend of a request to a VIP (see [`to_backend`]); with `all_modes` false, services in
-/// other modes than DNAT are refused. A new DNAT flow's reply entry gets `flags`.
+/// The backend of a request to a VIP (see [`to_backend`]). With `all_modes` false (a client on
+/// a workload veth), every service is served as DNAT, whatever its mode, as Cilium serves pods'
+/// requests to services: the replies reach this node anyway (the pod's address routes to it),
+/// so SNAT's return path is not needed, and the policy on both sides sees the backend (a DSR
+/// packet would still name the VIP). A new DNAT flow's reply entry gets `flags`.
 #[inline(always)]
 fn choose(flow: &Flow, all_modes: bool, flags: u8) -> Result<Option<Chosen>, i32> {
     let to = prefilter::roles_of(&flow.key.dst, flow.key.family);
@@ -323,10 +354,14 @@ fn choose(flow: &Flow, all_modes: bool, flags: u8) -> Result<Option<Chosen>, i32
     else {
         return Ok(None);
     };
-    if !all_modes && service.mode != mode::DNAT {
-        flow_events::count_drop(flow, &service, Counter::DropTcModeUnsupported);
-        return Err(TC_ACT_SHOT);
-    }
+    let service = if all_modes {
+        service
+    } else {
+        ServiceInfo {
+            mode: mode::DNAT,
+            ..service
+        }
+    };
     match conntrack::backend_for(flow, &service, tracked, flags) {
         Ok(chosen) => Ok(Some(Chosen {
             backend: chosen.backend.addr,

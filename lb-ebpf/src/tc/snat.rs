@@ -17,7 +17,7 @@ use lb_common::{
 
 use super::{nat, nat::Offsets, xmit, Chosen};
 use crate::{
-    fragments,
+    flow_events, fragments,
     maps::{count, SERVICE_MODES},
     packet::Flow,
     xmit::{opts, Unsent, Xmit},
@@ -29,7 +29,9 @@ use crate::{
 #[inline(never)]
 pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i32 {
     let Some(info) = SERVICE_MODES.get(chosen.service_id) else {
-        count(Counter::DropModeUnconfigured);
+        let reason = Counter::DropModeUnconfigured;
+        count(reason);
+        flow_events::not_forwarded(&flow.key, chosen.service_id, mode::SNAT, reason);
         return TC_ACT_SHOT;
     };
     let (source, backend) = (

@@ -23,7 +23,7 @@ use lb_common::{
 
 use super::{dsr, snat};
 use crate::{
-    maps::count,
+    maps::{count, scratch},
     packet::{
         header::{ETH_LEN, IPV4_CHECK, IPV4_TTL, IPV6_HOP_LIMIT},
         Flow,
@@ -84,16 +84,43 @@ pub fn fib_redirect(
     } else {
         0
     };
+    let params = match route(ctx, v4, l4_protocol, src, dst, 0, options) {
+        Ok(params) => params,
+        Err(unsent) => return unsent,
+    };
+    if options & opts::DECREMENT_TTL != 0 && decrement_ttl(ctx, v4, l3, ttl).is_err() {
+        return Xmit::NoRoute;
+    }
+    redirect(ctx, params)
+}
+
+/// Asks the FIB for the next hop of the packet from `src` to `dst` (as [`fib_redirect`]) once it
+/// is `grows_by` bytes longer (an outer header to come; the MTU check is on that length): `Ok`
+/// with the FIB's answer (in the per-CPU scratch space, also [`routed`]) when it can be sent.
+///
+/// A GSO skb is segmented for the egress device, so only other skbs must fit its MTU (with the
+/// query's length 0 the helper lets GSO skbs through and checks the others as they are).
+#[inline(always)]
+pub fn route(
+    ctx: &TcContext,
+    v4: bool,
+    l4_protocol: u8,
+    src: &Addr,
+    dst: &Addr,
+    grows_by: usize,
+    options: u8,
+) -> Result<&'static FibParams, Xmit> {
     // SAFETY: the program's context.
     let (ifindex, gso_size) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size) };
-    // A GSO packet is segmented for the egress device; anything else must fit its MTU.
+    // Not saturated (it would cost `tc::fragments::forward` 8 bytes of stack it lacks): only an
+    // skb of a 64 KiB MTU could wrap, and its packet would then be dropped by the link.
     let tot_len = if gso_size == 0 {
-        (ctx.len() as usize - ETH_LEN) as u16
+        (ctx.len() as usize - ETH_LEN + grows_by) as u16
     } else {
         0
     };
     let Some(params) = fib_query(v4, l4_protocol, tot_len, ifindex, src, dst) else {
-        return Xmit::NoRoute;
+        return Err(Xmit::NoRoute);
     };
     // SAFETY: params is a valid, fully sized struct.
     let rc = unsafe {
@@ -104,12 +131,23 @@ pub fn fib_redirect(
             0,
         )
     } as u32;
-    if let Some(unsent) = unsendable(rc, params, v4, dst, options) {
-        return unsent;
+    match unsendable(rc, params, v4, dst, options) {
+        Some(unsent) => Err(unsent),
+        None => Ok(params),
     }
-    if options & opts::DECREMENT_TTL != 0 && decrement_ttl(ctx, v4, l3, ttl).is_err() {
-        return Xmit::NoRoute;
-    }
+}
+
+/// The FIB's answer the last [`route`] left in the per-CPU scratch space.
+#[inline(always)]
+pub fn routed() -> Option<&'static FibParams> {
+    scratch().map(|s| &s.fib)
+}
+
+/// Sends the packet to the next hop [`route`] found (`params`): its MACs written,
+/// `TC_ACT_REDIRECT` (`Xmit::Sent`, counted `xmit_redirect`, or `xmit_tx` back out of the
+/// interface it came in on).
+#[inline(always)]
+pub fn redirect(ctx: &TcContext, params: &FibParams) -> Xmit {
     let macs: [u8; 12] = {
         let mut m = [0u8; 12];
         m[..6].copy_from_slice(&params.dmac);
@@ -119,6 +157,8 @@ pub fn fib_redirect(
     if ctx.store(0, &macs, 0).is_err() {
         return Xmit::NoRoute;
     }
+    // SAFETY: the program's context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     count(if params.ifindex == ifindex {
         Counter::XmitTx
     } else {
@@ -160,7 +200,7 @@ pub fn leave(ctx: &TcContext, family: u8, protocol: u8, how: &FragmentEntry) -> 
         mode::DSR_L2 => dsr::send_l2(ctx, family, protocol, &how.src, &how.dst),
         mode::DSR_IPIP => {
             let room_flags = dsr::room_flags(family, protocol);
-            dsr::encapsulate(ctx, room_flags, &how.src, &how.dst, how.label)
+            dsr::encapsulate_or_drop(ctx, room_flags, &how.src, &how.dst, how.label)
         }
         _ => TC_ACT_OK,
     }

@@ -159,6 +159,62 @@ pub struct ListStateResponse {
     /// merged); absent when the server has no view of it.
     #[prost(message, optional, tag = "3")]
     pub applied: ::core::option::Option<AppliedState>,
+    /// The endpoints registered on this node (RegisterEndpoint), ordered by (container_id,
+    /// interface_name).
+    #[prost(message, repeated, tag = "4")]
+    pub endpoints: ::prost::alloc::vec::Vec<Endpoint>,
+}
+/// A pod's network attachment on this node, as the container runtime gave it to the CNI plugin.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Endpoint {
+    /// CNI_CONTAINERID
+    #[prost(string, tag = "1")]
+    pub container_id: ::prost::alloc::string::String,
+    /// CNI_IFNAME, the interface inside the pod (e.g. eth0)
+    #[prost(string, tag = "2")]
+    pub interface_name: ::prost::alloc::string::String,
+    /// K8S_POD_NAMESPACE
+    #[prost(string, tag = "3")]
+    pub pod_namespace: ::prost::alloc::string::String,
+    /// K8S_POD_NAME
+    #[prost(string, tag = "4")]
+    pub pod_name: ::prost::alloc::string::String,
+    /// the host side of the pod's veth, e.g. veth1a2b3c4d
+    #[prost(string, tag = "5")]
+    pub host_interface: ::prost::alloc::string::String,
+    /// the pod's addresses on it, without prefix length
+    #[prost(string, repeated, tag = "6")]
+    pub addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// ListState only
+    #[prost(enumeration = "EndpointPlacement", tag = "7")]
+    pub placement: i32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RegisterEndpointRequest {
+    #[prost(message, optional, tag = "1")]
+    pub endpoint: ::core::option::Option<Endpoint>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RegisterEndpointResponse {
+    /// no endpoint had this (container_id, interface_name) before
+    #[prost(bool, tag = "1")]
+    pub created: bool,
+    /// false when the same registration was already there
+    #[prost(bool, tag = "2")]
+    pub changed: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReleaseEndpointRequest {
+    #[prost(string, tag = "1")]
+    pub container_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub interface_name: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReleaseEndpointResponse {
+    /// false: none was registered
+    #[prost(bool, tag = "1")]
+    pub released: bool,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StreamEventsRequest {}
@@ -301,6 +357,44 @@ impl HealthCheckKind {
             "HEALTH_CHECK_KIND_UNSPECIFIED" => Some(Self::Unspecified),
             "HEALTH_CHECK_KIND_TCP" => Some(Self::Tcp),
             "HEALTH_CHECK_KIND_HTTP" => Some(Self::Http),
+            _ => None,
+        }
+    }
+}
+/// Where a registered endpoint's interface went in the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum EndpointPlacement {
+    /// not known (requests leave it so)
+    Unspecified = 0,
+    /// The policy workload of the same namespace/name (config file, API or Kubernetes) got it.
+    SourceWorkload = 1,
+    /// No source defines that workload: it is one of its own, in its namespace, without labels.
+    OwnWorkload = 2,
+    /// Left out of the policy (an address another workload has, or its workload already names
+    /// another interface; see the agent's log): balanced, not enforced.
+    NotPlaced = 3,
+}
+impl EndpointPlacement {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "ENDPOINT_PLACEMENT_UNSPECIFIED",
+            Self::SourceWorkload => "ENDPOINT_PLACEMENT_SOURCE_WORKLOAD",
+            Self::OwnWorkload => "ENDPOINT_PLACEMENT_OWN_WORKLOAD",
+            Self::NotPlaced => "ENDPOINT_PLACEMENT_NOT_PLACED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ENDPOINT_PLACEMENT_UNSPECIFIED" => Some(Self::Unspecified),
+            "ENDPOINT_PLACEMENT_SOURCE_WORKLOAD" => Some(Self::SourceWorkload),
+            "ENDPOINT_PLACEMENT_OWN_WORKLOAD" => Some(Self::OwnWorkload),
+            "ENDPOINT_PLACEMENT_NOT_PLACED" => Some(Self::NotPlaced),
             _ => None,
         }
     }
@@ -601,6 +695,59 @@ pub mod load_balancer_client {
                 .insert(GrpcMethod::new("lb.v1.LoadBalancer", "StreamEvents"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// Registers a pod's endpoint on this node (the CNI plugin `lb-cni` on ADD): the agent attaches
+        /// the workload programs to its host-side interface, puts the interface on the pod's policy
+        /// workload, and keeps the registration across restarts. Answers once both are in place. The
+        /// same (container_id, interface_name) again replaces the registration.
+        pub async fn register_endpoint(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RegisterEndpointRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RegisterEndpointResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lb.v1.LoadBalancer/RegisterEndpoint",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lb.v1.LoadBalancer", "RegisterEndpoint"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Releases an endpoint (CNI DEL): detaches and forgets it. Succeeds when none is registered.
+        pub async fn release_endpoint(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReleaseEndpointRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReleaseEndpointResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lb.v1.LoadBalancer/ReleaseEndpoint",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lb.v1.LoadBalancer", "ReleaseEndpoint"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -668,6 +815,25 @@ pub mod load_balancer_server {
             request: tonic::Request<super::StreamEventsRequest>,
         ) -> std::result::Result<
             tonic::Response<Self::StreamEventsStream>,
+            tonic::Status,
+        >;
+        /// Registers a pod's endpoint on this node (the CNI plugin `lb-cni` on ADD): the agent attaches
+        /// the workload programs to its host-side interface, puts the interface on the pod's policy
+        /// workload, and keeps the registration across restarts. Answers once both are in place. The
+        /// same (container_id, interface_name) again replaces the registration.
+        async fn register_endpoint(
+            &self,
+            request: tonic::Request<super::RegisterEndpointRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RegisterEndpointResponse>,
+            tonic::Status,
+        >;
+        /// Releases an endpoint (CNI DEL): detaches and forgets it. Succeeds when none is registered.
+        async fn release_endpoint(
+            &self,
+            request: tonic::Request<super::ReleaseEndpointRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReleaseEndpointResponse>,
             tonic::Status,
         >;
     }
@@ -1014,6 +1180,97 @@ pub mod load_balancer_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lb.v1.LoadBalancer/RegisterEndpoint" => {
+                    #[allow(non_camel_case_types)]
+                    struct RegisterEndpointSvc<T: LoadBalancer>(pub Arc<T>);
+                    impl<
+                        T: LoadBalancer,
+                    > tonic::server::UnaryService<super::RegisterEndpointRequest>
+                    for RegisterEndpointSvc<T> {
+                        type Response = super::RegisterEndpointResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RegisterEndpointRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as LoadBalancer>::register_endpoint(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RegisterEndpointSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lb.v1.LoadBalancer/ReleaseEndpoint" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReleaseEndpointSvc<T: LoadBalancer>(pub Arc<T>);
+                    impl<
+                        T: LoadBalancer,
+                    > tonic::server::UnaryService<super::ReleaseEndpointRequest>
+                    for ReleaseEndpointSvc<T> {
+                        type Response = super::ReleaseEndpointResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReleaseEndpointRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as LoadBalancer>::release_endpoint(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReleaseEndpointSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
