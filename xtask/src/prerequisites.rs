@@ -1,6 +1,6 @@
 //! Installs what the build and the tests need, only when it is missing.
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
 
@@ -37,6 +37,9 @@ const BENCH_TOOLS: &[(&str, &str)] = &[
 ];
 
 const BPF_LINKER_SERIES: &str = "0.10.";
+
+/// How many times `apt-get update` and `install` are tried before the run gives up.
+const APT_ATTEMPTS: u32 = 4;
 
 pub fn ensure(need: Need) -> Result<()> {
     if matches!(need, Need::Run | Need::Bench) {
@@ -80,11 +83,27 @@ fn ensure_apt_tools(tools: &[(&str, &str)]) -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing {}", missing.join(" "));
-    run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    // Debian's mirror answers 503 now and then (seen on a fresh machine): a failed attempt is
+    // retried after a pause instead of failing the whole run.
+    let mut attempt = 1;
+    loop {
+        let installed = run(Command::new("apt-get").arg("update").arg("-q")).and_then(|()| {
+            run(Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+        });
+        match installed {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < APT_ATTEMPTS => {
+                let pause = Duration::from_secs(10 * attempt as u64);
+                eprintln!("xtask: {e:#}; trying again in {}s", pause.as_secs());
+                std::thread::sleep(pause);
+                attempt += 1;
+            }
+            Err(e) => return Err(e.context(format!("{APT_ATTEMPTS} attempts"))),
+        }
+    }
 }
 
 fn ensure_bpffs() -> Result<()> {
