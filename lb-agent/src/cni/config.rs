@@ -12,6 +12,9 @@ use super::error::{CniError, ErrorCode};
 /// The agent's gRPC socket when the config names none (the DaemonSet's `--grpc-socket`).
 pub const DEFAULT_AGENT_SOCKET: &str = "/run/lb/api.sock";
 
+/// The policy namespace of a pod whose runtime passes no `K8S_POD_NAMESPACE`.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
 /// The spec versions this plugin reads and writes (the result formats with `interfaces` and
 /// `ips`; CHECK from 0.4.0 on).
 pub const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
@@ -231,23 +234,15 @@ impl CniEnv {
         Ok(())
     }
 
-    /// `K8S_POD_NAMESPACE` and `K8S_POD_NAME` from `CNI_ARGS`: the pod's policy workload.
-    pub fn pod(&self) -> Result<(String, String), CniError> {
-        let get = |key: &str| {
-            self.args
-                .get(key)
-                .filter(|v| !v.is_empty())
-                .cloned()
-                .ok_or_else(|| {
-                    CniError::new(
-                        ErrorCode::InvalidEnvironment,
-                        format!("CNI_ARGS has no {key}"),
-                        "lb-cni needs K8S_POD_NAMESPACE and K8S_POD_NAME (set by the kubelet's \
-                         container runtime) to find the pod's policy",
-                    )
-                })
-        };
-        Ok((get("K8S_POD_NAMESPACE")?, get("K8S_POD_NAME")?))
+    /// The pod's policy workload, (namespace, name): `K8S_POD_NAMESPACE` and `K8S_POD_NAME` from
+    /// `CNI_ARGS` (the kubelet's runtime sets them). Without them (another runtime), the
+    /// container id (lower-cased) in namespace [`DEFAULT_NAMESPACE`]: a workload of its own.
+    pub fn workload(&self) -> (String, String) {
+        let arg = |key: &str| self.args.get(key).filter(|v| !v.is_empty()).cloned();
+        (
+            arg("K8S_POD_NAMESPACE").unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
+            arg("K8S_POD_NAME").unwrap_or_else(|| self.container_id.to_ascii_lowercase()),
+        )
     }
 }
 
@@ -370,7 +365,7 @@ mod tests {
         ]))
         .unwrap();
         env.require(true).unwrap();
-        assert_eq!(env.pod().unwrap(), ("prod".into(), "api-1".into()));
+        assert_eq!(env.workload(), ("prod".into(), "api-1".into()));
         let err = CniEnv::read(vars(&[])).unwrap_err();
         assert_eq!(
             (err.code, err.msg.as_str()),
@@ -381,10 +376,7 @@ mod tests {
             del.require(false).unwrap_err().msg,
             "CNI_CONTAINERID is not set"
         );
-        assert_eq!(
-            del.pod().unwrap_err().msg,
-            "CNI_ARGS has no K8S_POD_NAMESPACE"
-        );
+        assert_eq!(del.workload(), ("default".into(), String::new()));
         let err = CniEnv::read(vars(&[("CNI_COMMAND", "ADD"), ("CNI_ARGS", "oops")])).unwrap_err();
         assert_eq!(err.msg, "CNI_ARGS: \"oops\" is not KEY=VALUE");
     }

@@ -17,6 +17,8 @@ pub enum ErrorCode {
     AgentRefused = 100,
     /// CHECK: the agent has no such registration, or another one.
     NotRegistered = 101,
+    /// CHECK: registered, but left out of the policy (a conflict the agent logs).
+    NotEnforced = 102,
     /// A bug: the plugin panicked (caught, so the runtime still gets a result).
     Internal = 199,
 }

@@ -338,6 +338,17 @@ pub fn endpoint_to_pb(endpoint: &Endpoint, placement: Placement) -> pb::Endpoint
     }
 }
 
+/// A `ListState` endpoint's placement; `None` when the agent did not say (unspecified, or a value
+/// this client does not know).
+pub fn placement_from_pb(placement: i32) -> Option<Placement> {
+    match pb::EndpointPlacement::try_from(placement).ok()? {
+        pb::EndpointPlacement::SourceWorkload => Some(Placement::SourceWorkload),
+        pb::EndpointPlacement::OwnWorkload => Some(Placement::OwnWorkload),
+        pb::EndpointPlacement::NotPlaced => Some(Placement::NotPlaced),
+        pb::EndpointPlacement::Unspecified => None,
+    }
+}
+
 pub fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
