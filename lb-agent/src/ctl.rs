@@ -314,6 +314,36 @@ pub async fn state(client: &mut Client) -> Result<Vec<String>> {
     Ok(lines)
 }
 
+/// The endpoints the CNI plugin registered, one line each: host interface, addresses, pod
+/// (namespace/name), the attachment (container id/interface in the pod) and where the agent put
+/// it in the policy.
+pub async fn endpoints(client: &mut Client) -> Result<Vec<String>> {
+    let state = client
+        .list_state(pb::ListStateRequest {})
+        .await
+        .map_err(|status| refused("listing the state", status))?
+        .into_inner();
+    Ok(state.endpoints.iter().map(describe_endpoint).collect())
+}
+
+fn describe_endpoint(endpoint: &pb::Endpoint) -> String {
+    let policy = match pb::EndpointPlacement::try_from(endpoint.placement) {
+        Ok(pb::EndpointPlacement::SourceWorkload) => "its workload",
+        Ok(pb::EndpointPlacement::OwnWorkload) => "own workload (no labels)",
+        Ok(pb::EndpointPlacement::NotPlaced) => "not enforced (a conflict, see the agent's log)",
+        Ok(pb::EndpointPlacement::Unspecified) | Err(_) => "unknown",
+    };
+    format!(
+        "{} {} pod={}/{} container={}/{} policy: {policy}",
+        endpoint.host_interface,
+        endpoint.addresses.join(","),
+        endpoint.pod_namespace,
+        endpoint.pod_name,
+        endpoint.container_id,
+        endpoint.interface_name,
+    )
+}
+
 /// A backend's `address:port`.
 fn endpoint(backend: &pb::Backend) -> String {
     backend
@@ -428,6 +458,24 @@ mod tests {
         assert_eq!(
             (b6.0.address.to_string(), b6.0.weight),
             ("2001:db8::11".into(), 1)
+        );
+    }
+
+    #[test]
+    fn an_endpoint_line_names_interface_addresses_and_pod() {
+        let endpoint = pb::Endpoint {
+            container_id: "c0ffee".into(),
+            interface_name: "eth0".into(),
+            pod_namespace: "prod".into(),
+            pod_name: "api-1".into(),
+            host_interface: "veth6c1e1a3b".into(),
+            addresses: vec!["198.51.100.7".into(), "2001:db8::7".into()],
+            placement: pb::EndpointPlacement::OwnWorkload as i32,
+        };
+        assert_eq!(
+            describe_endpoint(&endpoint),
+            "veth6c1e1a3b 198.51.100.7,2001:db8::7 pod=prod/api-1 container=c0ffee/eth0 \
+             policy: own workload (no labels)"
         );
     }
 

@@ -22,6 +22,7 @@
 //! lbctl policy show | clear
 //! lbctl state                 # the API's services, what is applied (or adopted), retired backends
 //! lbctl events [--count N]    # the agent's events as they happen
+//! lbctl endpoints             # pods' endpoints the CNI plugin registered: interface, addresses, pod
 //! ```
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -123,6 +124,9 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// The pods' endpoints the CNI plugin (lb-cni) registered with the agent: host interface,
+    /// addresses, pod, container id/interface, and whether the agent enforces a policy there.
+    Endpoints,
 }
 
 #[derive(Subcommand)]
@@ -366,6 +370,7 @@ async fn change(api: &Api, command: Command) -> Result<()> {
             vec![ctl::set_policy(&mut client, String::new()).await?]
         }
         Command::State => ctl::state(&mut client).await?,
+        Command::Endpoints => ctl::endpoints(&mut client).await?,
         Command::Events { count } => {
             ctl::events(&mut client, count).await?;
             Vec::new()
