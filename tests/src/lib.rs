@@ -5,6 +5,7 @@
 //! - [`topology`]: "client — balancer node — N backends" built from namespaces and veth pairs.
 //! - [`servers`]: backend servers that count what they receive (bytes on the wire, not log lines).
 //! - [`agent`]: the `lb-agent` binary as a child process, stopped on drop.
+//! - [`cni`]: the container runtime's side of CNI: runs the reference plugins and `lb-cni`.
 //! - [`grpc_client`]: a client of the agent's gRPC API over its unix socket.
 //! - [`fake_apiserver`], [`k8s_objects`]: a Kubernetes API server that speaks list/watch over HTTP,
 //!   and objects for it.
@@ -21,6 +22,7 @@
 
 pub mod agent;
 pub mod baselines;
+pub mod cni;
 pub mod fake_apiserver;
 pub mod frames;
 pub mod grpc_client;
