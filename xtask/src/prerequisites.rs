@@ -23,6 +23,13 @@ const TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
 ];
 
+/// Files the tests run that are not commands on the PATH, and the Debian package of each: the CNI
+/// reference plugins `e2e_cni_plugin` chains `lb-cni` after.
+const FILES: &[(&str, &str)] = &[
+    ("/usr/lib/cni/ptp", "containernetworking-plugins"),
+    ("/usr/lib/cni/host-local", "containernetworking-plugins"),
+];
+
 /// Commands the end-to-end benchmark (`lb-bench-e2e`) calls, and the Debian package of each.
 const BENCH_TOOLS: &[(&str, &str)] = &[
     ("wrk", "wrk"),
@@ -48,9 +55,9 @@ pub fn ensure(need: Need) -> Result<()> {
                 "the demo and the tests create network namespaces and load eBPF: run them as root"
             );
         }
-        ensure_apt_tools(TOOLS)?;
+        ensure_apt_packages(missing_packages(TOOLS, have).chain(missing_packages(FILES, exists)))?;
         if need == Need::Bench {
-            ensure_apt_tools(BENCH_TOOLS)?;
+            ensure_apt_packages(missing_packages(BENCH_TOOLS, have))?;
         }
         ensure_bpffs()?;
     }
@@ -72,12 +79,24 @@ fn have(program: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn ensure_apt_tools(tools: &[(&str, &str)]) -> Result<()> {
-    let mut missing: Vec<&str> = tools
+fn exists(path: &str) -> bool {
+    Path::new(path).exists()
+}
+
+/// The packages of the `(what, package)` entries that `present` does not find.
+fn missing_packages<'a>(
+    entries: &'a [(&str, &'a str)],
+    present: fn(&str) -> bool,
+) -> impl Iterator<Item = &'a str> {
+    entries
         .iter()
-        .filter(|(cmd, _)| !have(cmd))
-        .map(|(_, pkg)| *pkg)
-        .collect();
+        .filter(move |(what, _)| !present(what))
+        .map(|(_, package)| *package)
+}
+
+fn ensure_apt_packages<'a>(missing: impl Iterator<Item = &'a str>) -> Result<()> {
+    let mut missing: Vec<&str> = missing.collect();
+    missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
