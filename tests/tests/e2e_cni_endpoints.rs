@@ -1,7 +1,7 @@
 //! The agent's side of the CNI plugin, end to end: the real `lb-agent run` in the node namespace of
 //! the three-workload topology (`lb_tests::policy_topology`), with a policy whose workloads name
 //! no interface. Registering db's host veth through gRPC `RegisterEndpoint` (what `lb-cni ADD`
-//! will send) makes the agent enforce db's rules there at runtime; the registration survives an
+//! sends) makes the agent enforce db's rules there at runtime; the registration survives an
 //! agent restart (`--state-dir`); `ReleaseEndpoint` (`lb-cni DEL`) lifts the enforcement. What the
 //! clients get is real TCP connections to db's server.
 
@@ -23,7 +23,7 @@ use lb_tests::{
 const EXTERNAL: &str = "ext0";
 const DB_PORT: u16 = 6379;
 
-/// db accepts TCP 6379 from frontend only; no workload names its interface (the CNI plugin will).
+/// db accepts TCP 6379 from frontend only; no workload names its interface (registering does).
 fn config() -> String {
     let mut workloads = PolicyTopology::workloads_yaml(&[]);
     for iface in ["wl-frontend", "wl-db", "wl-other"] {
