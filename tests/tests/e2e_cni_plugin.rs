@@ -30,6 +30,7 @@ const EXTERNAL: &str = "ext0";
 const DB_PORT: u16 = 6379;
 const NETWORK: &str = "lbt-pods";
 const SUBNET: &str = "198.51.100.0/24";
+const SUBNET6: &str = "2001:db8:cafe::/64";
 
 /// db accepts TCP 6379 from frontend only; the workloads have no addresses and no interface:
 /// `lb-cni` brings both.
@@ -57,8 +58,8 @@ fn conflist(data_dir: &Path, socket: &Path) -> Value {
                 "ipMasq": false,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": SUBNET}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "ranges": [[{"subnet": SUBNET}], [{"subnet": SUBNET6}]],
+                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
                     "dataDir": data_dir,
                 }
             },
@@ -130,10 +131,21 @@ impl Runtime<'_> {
     }
 }
 
-/// The pod's address and the host side of its veth, from a result.
-fn address_and_veth(result: &Value) -> (IpAddr, String) {
-    let address = result["ips"][0]["address"].as_str().expect("ips[0]");
-    let address = address.split('/').next().unwrap().parse().expect("address");
+/// The pod's addresses (IPv4, IPv6) and the host side of its veth, from a result.
+fn addresses_and_veth(result: &Value) -> ([IpAddr; 2], String) {
+    let addresses: Vec<IpAddr> = result["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .map(|ip| {
+            let cidr = ip["address"].as_str().expect("address");
+            cidr.split('/').next().unwrap().parse().expect("an address")
+        })
+        .collect();
+    let [v4, v6] = addresses[..] else {
+        panic!("one address per family: {addresses:?}");
+    };
+    assert!(v4.is_ipv4() && v6.is_ipv6(), "{addresses:?}");
     let veth = result["interfaces"]
         .as_array()
         .expect("interfaces")
@@ -141,7 +153,7 @@ fn address_and_veth(result: &Value) -> (IpAddr, String) {
         .find(|i| i.get("sandbox").is_none_or(|s| s.as_str() == Some("")))
         .and_then(|i| i["name"].as_str())
         .expect("host interface");
-    (address, veth.to_string())
+    ([v4, v6], veth.to_string())
 }
 
 fn connects(ns: &Netns, target: SocketAddr) -> bool {
@@ -238,40 +250,47 @@ fn pods_added_through_ptp_and_lb_cni_get_their_policy_until_deleted() {
     // db: ptp only so far. Nothing enforces db's rules: other reaches it.
     let db = Pod::new("db");
     let db_network = runtime.add_network(&db);
-    let (db_address, db_veth) = address_and_veth(&db_network);
+    let (db_addresses, db_veth) = addresses_and_veth(&db_network);
     assert!(
-        db_address.to_string().starts_with("198.51.100."),
-        "{db_address}"
+        db_addresses[0].to_string().starts_with("198.51.100.")
+            && db_addresses[1].to_string().starts_with("2001:db8:cafe:"),
+        "{db_addresses:?}"
     );
-    let lease = data_dir.join(NETWORK).join(db_address.to_string());
-    assert!(lease.is_file(), "host-local leased {}", lease.display());
-    let target = SocketAddr::new(db_address, DB_PORT);
-    let server = TcpCountingServer::start(&db.ns, db_address, DB_PORT, "db");
-    assert!(
-        reaches_becomes(&other.ns, target, true),
-        "other -> db before lb-cni ADD"
-    );
+    let leases = db_addresses.map(|a| data_dir.join(NETWORK).join(a.to_string()));
+    for lease in &leases {
+        assert!(lease.is_file(), "host-local leased {}", lease.display());
+    }
+    let targets = db_addresses.map(|a| SocketAddr::new(a, DB_PORT));
+    let servers = db_addresses.map(|a| TcpCountingServer::start(&db.ns, a, DB_PORT, "db"));
+    for target in targets {
+        assert!(
+            reaches_becomes(&other.ns, target, true),
+            "other -> db {target} before lb-cni ADD"
+        );
+    }
 
-    // lb-cni ADD for db: db's ingress rule is enforced on the veth ptp made.
+    // lb-cni ADD for db: db's ingress rule is enforced on the veth ptp made, both families.
     let db_result = runtime.add_lb(&db, &db_network);
     assert_eq!(db_result, db_network);
-    assert!(
-        !reaches_becomes(&other.ns, target, false),
-        "other -> db refused once db is registered"
-    );
-    let served = server.connections();
-    assert_eq!(
-        tcp_request(&frontend.ns, target, b"hello").expect("frontend -> db"),
-        "db"
-    );
-    assert!(server.connections() > served, "db served frontend");
+    for (target, server) in targets.iter().zip(&servers) {
+        assert!(
+            !reaches_becomes(&other.ns, *target, false),
+            "other -> db {target} refused once db is registered"
+        );
+        let served = server.connections();
+        assert_eq!(
+            tcp_request(&frontend.ns, *target, b"hello").expect("frontend -> db"),
+            "db"
+        );
+        assert!(server.connections() > served, "db {target} served frontend");
+    }
 
-    // lbctl lists the three endpoints, db's with the veth and address from ptp, on its workload.
+    // lbctl lists the three endpoints, db's with the veth and addresses from ptp, on its workload.
     let listed = lbctl_endpoints(&socket);
     assert_eq!(listed.len(), 3, "{listed:#?}");
     let db_line = format!(
-        "{db_veth} {db_address} pod=default/db container={}/eth0 policy: its workload",
-        db.attachment.container_id
+        "{db_veth} {},{} pod=default/db container={}/eth0 policy: its workload",
+        db_addresses[0], db_addresses[1], db.attachment.container_id
     );
     assert!(listed.contains(&db_line), "{db_line:?} in {listed:#?}");
 
@@ -287,10 +306,12 @@ fn pods_added_through_ptp_and_lb_cni_get_their_policy_until_deleted() {
         let del = runtime.run(1, "DEL", &db, Some(&db_result));
         assert!(del.success, "lb-cni DEL #{round}: {del:?}");
         if round == 0 {
-            assert!(
-                reaches_becomes(&other.ns, target, true),
-                "other -> db once db is released"
-            );
+            for target in targets {
+                assert!(
+                    reaches_becomes(&other.ns, target, true),
+                    "other -> db {target} once db is released"
+                );
+            }
             assert_eq!(lbctl_endpoints(&socket).len(), 2);
         } else {
             assert!(del.stderr.contains("no such endpoint"), "{del:?}");
@@ -299,7 +320,9 @@ fn pods_added_through_ptp_and_lb_cni_get_their_policy_until_deleted() {
         assert!(del.success, "ptp DEL #{round}: {del:?}");
     }
     assert!(!link_exists(&node, &db_veth), "ptp DEL removed {db_veth}");
-    assert!(!lease.exists(), "host-local released {db_address}");
+    for lease in &leases {
+        assert!(!lease.exists(), "host-local released {}", lease.display());
+    }
     let (code, msg) = runtime
         .run(1, "CHECK", &db, Some(&db_result))
         .error("CHECK after DEL");
@@ -317,13 +340,13 @@ fn pods_added_through_ptp_and_lb_cni_get_their_policy_until_deleted() {
     for (pod, result) in [&frontend, &other].into_iter().zip(&results) {
         let del = runtime.run(0, "DEL", pod, Some(result));
         assert!(del.success, "ptp DEL {}: {del:?}", pod.name);
-        assert!(!link_exists(&node, &address_and_veth(result).1));
+        assert!(!link_exists(&node, &addresses_and_veth(result).1));
     }
     let leases: Vec<_> = std::fs::read_dir(data_dir.join(NETWORK))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("198.51.100."))
+        .filter(|name| name.parse::<IpAddr>().is_ok())
         .collect();
     assert!(leases.is_empty(), "leases left: {leases:?}");
 }
