@@ -17,7 +17,7 @@ use lb_agent::{
 use lb_common::{
     conntrack::BackendReply,
     counters::Counter,
-    flow_events::{choice, kind},
+    flow_events::choice,
     modes::ModeInfo,
     prefilter::{self, role},
     protocol,
@@ -28,9 +28,9 @@ use lb_tests::{
     frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
     netns::{Netns, TEST_PREFIX},
     test_run::{
-        assert_drop_event, assert_new_flow_event, assert_not_forwarded_event, counter,
+        assert_drop_event, assert_new_flow_event, check_not_forwarded_after_the_choice, counter,
         drain_flow_events, expected_backend, flow_key, load_with_flow_events, run, sa, Conntrack,
-        UNDELIVERABLE_BACKENDS, UNDELIVERABLE_CONFIG, XDP_DROP, XDP_PASS, XDP_TX,
+        NotForwardedVerdicts, UNDELIVERABLE_BACKENDS, XDP_DROP, XDP_PASS, XDP_TX,
     },
 };
 
@@ -701,62 +701,14 @@ fn flow_events_report_packets_not_forwarded_after_the_choice() {
 }
 
 fn not_forwarded_in_namespace() {
-    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("forwarding");
-    let (l2, ipip) = (sa("198.51.100.41:80"), sa("198.51.100.42:80"));
-    let (l2_backend, ipip_backend) = (sa("203.0.113.11:80"), sa("203.0.113.12:80"));
-    let (client, big_client) = (sa("192.0.2.2:45100"), sa("192.0.2.2:45101"));
-    let tcp = protocol::TCP;
-    for enabled in [true, false] {
-        let (mut datapath, mut ring) = load_with_flow_events(UNDELIVERABLE_CONFIG, enabled);
-        let mut sent = |datapath: &mut Datapath, input: Vec<u8>, action| {
-            assert_eq!(run(datapath.xdp_program(), &input).0, action);
-            drain_flow_events(&mut ring)
-        };
-        let no_neigh = sent(&mut datapath, frame(SYN, client, l2, b""), XDP_DROP);
-        // Small: encapsulated and passed to the stack, which resolves the neighbour.
-        let small = sent(&mut datapath, frame(SYN, client, ipip, b""), XDP_PASS);
-        let too_big = sent(
-            &mut datapath,
-            frame(ACK, big_client, ipip, &[7; 1400]),
-            XDP_TX,
-        );
-        assert_eq!(counter(&datapath, Counter::DropDsrNoNeigh), 1);
-        assert_eq!(counter(&datapath, Counter::IcmpTooBigSent), 1);
-        let not_forwarded = |events: &[lb_common::flow_events::FlowEvent]| {
-            events
-                .iter()
-                .filter(|e| e.kind == kind::NOT_FORWARDED)
-                .copied()
-                .collect::<Vec<_>>()
-        };
-        if !enabled {
-            assert_eq!((no_neigh, small, too_big), (vec![], vec![], vec![]));
-            continue;
-        }
-        // Each: the new flow's choice, then (but for the small one) what became of the packet.
-        assert_eq!(small.len(), 1, "{small:?}");
-        assert_eq!(
-            (no_neigh.len(), too_big.len()),
-            (2, 2),
-            "{no_neigh:?} {too_big:?}"
-        );
-        assert_eq!(not_forwarded(&small), []);
-        assert_not_forwarded_event(
-            &mut datapath,
-            &not_forwarded(&no_neigh)[0],
-            (client, l2, tcp),
-            (l2_backend, mode::DSR_L2),
-            Counter::DropDsrNoNeigh,
-        );
-        assert_not_forwarded_event(
-            &mut datapath,
-            &not_forwarded(&too_big)[0],
-            (big_client, ipip, tcp),
-            (ipip_backend, mode::DSR_IPIP),
-            Counter::IcmpTooBigSent,
-        );
-        assert_eq!(counter(&datapath, Counter::FlowEventsLost), 0);
-    }
+    check_not_forwarded_after_the_choice(
+        |datapath, input| run(datapath.xdp_program(), input).0,
+        NotForwardedVerdicts {
+            no_neighbour: XDP_DROP,
+            small_ipip: XDP_PASS,
+            too_big: XDP_TX,
+        },
+    );
 }
 
 #[test]
