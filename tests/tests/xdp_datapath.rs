@@ -17,7 +17,7 @@ use lb_agent::{
 use lb_common::{
     conntrack::BackendReply,
     counters::Counter,
-    flow_events::choice,
+    flow_events::{choice, kind},
     modes::ModeInfo,
     prefilter::{self, role},
     protocol,
@@ -28,9 +28,10 @@ use lb_tests::{
     frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
     netns::{Netns, TEST_PREFIX},
     test_run::{
-        assert_drop_event, assert_new_flow_event, check_not_forwarded_after_the_choice, counter,
-        drain_flow_events, expected_backend, flow_key, load_with_flow_events, run, sa, Conntrack,
-        NotForwardedVerdicts, UNDELIVERABLE_BACKENDS, XDP_DROP, XDP_PASS, XDP_TX,
+        assert_drop_event, assert_new_flow_event, assert_not_forwarded_event,
+        check_not_forwarded_after_the_choice, counter, drain_flow_events, expected_backend,
+        flow_key, load_with_flow_events, run, sa, Conntrack, NotForwardedVerdicts,
+        UNDELIVERABLE_BACKENDS, XDP_DROP, XDP_PASS, XDP_TX,
     },
 };
 
@@ -709,6 +710,43 @@ fn not_forwarded_in_namespace() {
             too_big: XDP_TX,
         },
     );
+}
+
+/// A new SNAT flow that finds no free source port is dropped after Maglev chose its backend: its
+/// flow event says so with that backend (`not_forwarded`, `drop_snat_ports_exhausted`), and no
+/// new flow is reported (it is not tracked).
+#[test]
+fn flow_events_name_the_backend_of_a_snat_flow_without_a_free_port() {
+    let yaml = "
+node: { ipv4: 192.0.2.1, snat_ports: { first: 5000, last: 5000 } }
+services:
+  - { name: web, vip: 198.51.100.40, port: 80, protocol: tcp, mode: snat,
+      backends: [ { address: 203.0.113.6, port: 8080 } ] }
+";
+    let (mut datapath, mut ring) = load_with_flow_events(yaml, true);
+    let vip = sa("198.51.100.40:80");
+    let (first, second) = (sa("192.0.2.2:10000"), sa("192.0.2.3:20000"));
+    // The range's one port goes to the first flow (outside a namespace with routes the
+    // translated packet goes to the stack).
+    let (action, _) = run(datapath.xdp_program(), &frame(SYN, first, vip, b""));
+    assert_eq!(action, XDP_PASS);
+    let events = drain_flow_events(&mut ring);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].kind, kind::NEW_FLOW);
+
+    let (action, _) = run(datapath.xdp_program(), &frame(SYN, second, vip, b""));
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(counter(&datapath, Counter::DropSnatPortsExhausted), 1);
+    let events = drain_flow_events(&mut ring);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_not_forwarded_event(
+        &mut datapath,
+        &events[0],
+        (second, vip, protocol::TCP),
+        (sa("203.0.113.6:8080"), mode::SNAT),
+        Counter::DropSnatPortsExhausted,
+    );
+    assert_eq!(counter(&datapath, Counter::FlowEventsLost), 0);
 }
 
 #[test]
