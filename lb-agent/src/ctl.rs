@@ -330,7 +330,7 @@ pub async fn set_flow_events(client: &mut Client, enabled: Option<bool>) -> Resu
         .context("the agent's answer has no flow_events")?;
     let mut lines = flow_events_lines(&state);
     if !response.changed {
-        lines[0].push_str(" (unchanged: the programs already ran so)");
+        lines[0].push_str(" (unchanged, no reload)");
     }
     Ok(lines)
 }

@@ -361,6 +361,13 @@ fn flow_events_switched_through_the_api_keep_a_long_lived_connection() {
                 "{client} reported while off: {events:#?}"
             );
         }
+        // Reset: the flag decides again, which also says off (no reload).
+        let reset = lbctl(&socket, &["flow-events", "reset"]);
+        assert!(
+            reset.starts_with("flow events: off (--flow-events) (unchanged, no reload)\n"),
+            "{reset}"
+        );
+        assert_eq!(programs(), off_program, "no reload");
 
         // An edit that changes `flow_events` is the latest instruction: the file decides.
         file.rewrite(&config(&topology, Some(true)));
