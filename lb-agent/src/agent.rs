@@ -34,10 +34,10 @@ use crate::{
     desired::{Conflict, Desired},
     ebpf_log,
     endpoints::{self, store::EndpointStore, Endpoint, Placement},
-    flow_events,
+    flow_events::{self, switch::FlowEventsSwitch},
     grpc::{
         self, AppliedView, Change, EndpointChannel, EndpointReply, EndpointRequest, Event,
-        EventBus, EventKind, GrpcServer, GrpcSource, TlsConfig,
+        EventBus, EventKind, FlowEventsChannel, FlowEventsReply, GrpcServer, GrpcSource, TlsConfig,
     },
     health::{self, HealthChecker, Target},
     http::{HttpServer, Readiness},
@@ -77,7 +77,8 @@ pub struct AgentOptions {
     pub conntrack_entries_v6: Option<u32>,
     /// Services and backends the maps hold.
     pub capacity: Capacity,
-    /// Publish the datapath's flow events (`crate::flow_events`) on the event stream.
+    /// Publish the datapath's flow events (`crate::flow_events`) on the event stream, unless the
+    /// config file or the gRPC API says otherwise (`crate::flow_events::switch`).
     pub flow_events: bool,
     /// Pin the datapath here and adopt what an earlier agent pinned (see `crate::pins`).
     pub pins: Option<PinOptions>,
@@ -128,6 +129,11 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let grpc_source = GrpcSource::new();
     grpc_source.set_base_config(&file);
     grpc_source.set_endpoint_channel(endpoint_channel);
+    // Flow events are on as the file (else the flag) says until the API switches them.
+    let mut flow_events_switch = FlowEventsSwitch::new(options.flow_events, file.flow_events);
+    let (flow_events_channel, mut flow_events_calls, flow_events_published) =
+        FlowEventsChannel::new(flow_events_switch.state(flow_events_switch.wanted()));
+    grpc_source.set_flow_events_channel(flow_events_channel);
     let events = EventBus::default();
     let (applied_tx, applied_rx) = watch::channel(AppliedView::default());
     let mut grpc_servers: Vec<GrpcServer> = Vec::new();
@@ -179,7 +185,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     // The CIDR deny check and flow events are compiled into the programs only while needed; an
     // edit that changes either reloads them (`reload_programs`).
     let settings = ProgramSettings {
-        flow_events: file.flow_events.unwrap_or(options.flow_events),
+        flow_events: flow_events_switch.wanted(),
         cidr_deny: !file.policy.cidr_deny.is_empty(),
     };
     let mut cidr_deny = CidrDenyList::new(settings.cidr_deny);
@@ -360,6 +366,14 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 health_before = now;
                 false
             }
+            Some((enabled, reply)) = flow_events_calls.recv() => {
+                let result = set_flow_events(enabled, &mut flow_events_switch, &mut datapath,
+                                             &mut cidr_deny, &metrics, &events);
+                flow_events_published
+                    .send_replace(flow_events_switch.state(datapath.settings().flow_events));
+                let _ = reply.send(result);
+                continue;
+            }
             Some((request, reply)) = endpoint_calls.recv() => {
                 let result = handle_endpoint_request(request, &mut endpoint_store, &mut datapath);
                 desired.endpoints = endpoint_store.list();
@@ -399,6 +413,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 Ok(file) => {
                     info!(path = %options.config_path.display(), "config file changed");
                     grpc_source.set_base_config(&file);
+                    if flow_events_switch.set_file(file.flow_events) {
+                        let text = "the config file's flow_events changed: it decides flow \
+                                    events again, the gRPC API's setting is dropped";
+                        info!("{text}");
+                        events.publish(Event::new(EventKind::ServiceChanged, text));
+                    }
                     desired.file = file;
                     events.publish(Event::new(EventKind::ServiceChanged, "config file changed"));
                 }
@@ -433,17 +453,20 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 }
             }
         }
-        // The file's `flow_events` (else the flag) and a CIDR deny list in the applied policy
-        // (kept as it is while the services wait for Kubernetes).
+        // Flow events as the switch says (the API, the file or the flag) and a CIDR deny list in
+        // the applied policy (kept as it is while the services wait for Kubernetes).
         let wanted = ProgramSettings {
-            flow_events: desired.file.flow_events.unwrap_or(options.flow_events),
+            flow_events: flow_events_switch.wanted(),
             cidr_deny: if services_wait_for_kubernetes {
                 datapath.settings().cidr_deny
             } else {
                 !applied.policy.cidr_deny.is_empty()
             },
         };
-        reload_programs(&mut datapath, wanted, &mut cidr_deny, &metrics, &events);
+        // A failure is reported by the call and tried again at the next change.
+        let _ = reload_programs(&mut datapath, wanted, &mut cidr_deny, &metrics, &events);
+        flow_events_published
+            .send_replace(flow_events_switch.state(datapath.settings().flow_events));
         if !services_wait_for_kubernetes {
             reconcile_cidr_deny(&mut cidr_deny, &mut datapath, &applied, &metrics, &events);
         }
@@ -704,19 +727,55 @@ fn reconcile_policy(
     }
 }
 
+/// Applies the gRPC API's flow events setting (`None`: reset) to `switch` and reloads the programs
+/// when that changes what they run with. A failed reload puts the switch back as it was and
+/// answers the error (`FAILED_PRECONDITION`).
+fn set_flow_events(
+    enabled: Option<bool>,
+    switch: &mut FlowEventsSwitch,
+    datapath: &mut Datapath,
+    cidr_deny: &mut CidrDenyList,
+    metrics: &Metrics,
+    events: &EventBus,
+) -> Result<FlowEventsReply, tonic::Status> {
+    let before = *switch;
+    switch.set_api(enabled);
+    let wanted = ProgramSettings {
+        flow_events: switch.wanted(),
+        ..datapath.settings()
+    };
+    match reload_programs(datapath, wanted, cidr_deny, metrics, events) {
+        Ok(changed) => {
+            info!(flow_events = on_off(switch.wanted()), source = ?switch.source(),
+                  api = ?enabled, "flow events set through the gRPC API");
+            Ok(FlowEventsReply {
+                state: switch.state(datapath.settings().flow_events),
+                changed,
+            })
+        }
+        Err(err) => {
+            *switch = before;
+            Err(tonic::Status::failed_precondition(format!(
+                "flow events not switched, the programs run as they were: {err:#}"
+            )))
+        }
+    }
+}
+
 /// Reloads the balancer's programs when `wanted` differs from the settings they run with
-/// (`crate::datapath::reload`: hitless, every pinned link updated atomically). A failure is logged,
-/// counted and sent as an event, and the programs keep running as they were; `cidr_deny` learns
-/// whether the check is loaded.
+/// (`crate::datapath::reload`: hitless, every pinned link updated atomically); `Ok(true)` when it
+/// did. A failure is logged, counted and sent as an event, and the programs keep running as they
+/// were; `cidr_deny` learns whether the check is loaded.
 fn reload_programs(
     datapath: &mut Datapath,
     wanted: ProgramSettings,
     cidr_deny: &mut CidrDenyList,
     metrics: &Metrics,
     events: &EventBus,
-) {
+) -> Result<bool> {
     let started = Instant::now();
-    match datapath.reload(wanted) {
+    let result = datapath.reload(wanted);
+    match &result {
         Ok(false) => {}
         Ok(true) => {
             let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -735,6 +794,7 @@ fn reload_programs(
         }
     }
     cidr_deny.set_enabled(datapath.settings().cidr_deny);
+    result
 }
 
 fn on_off(on: bool) -> &'static str {

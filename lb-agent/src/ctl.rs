@@ -311,6 +311,9 @@ pub async fn state(client: &mut Client) -> Result<Vec<String>> {
             ));
         }
     }
+    if let Some(flow_events) = &state.flow_events {
+        lines.push(describe_flow_events(flow_events));
+    }
     Ok(lines)
 }
 
@@ -342,6 +345,78 @@ fn describe_endpoint(endpoint: &pb::Endpoint) -> String {
         endpoint.container_id,
         endpoint.interface_name,
     )
+}
+
+/// Switches flow events on or off through the API (`None`: resets the API's setting). Returns the
+/// switch after the call, for the user.
+pub async fn set_flow_events(client: &mut Client, enabled: Option<bool>) -> Result<Vec<String>> {
+    let response = client
+        .set_flow_events(pb::SetFlowEventsRequest { enabled })
+        .await
+        .map_err(|status| refused("flow events", status))?
+        .into_inner();
+    let state = response
+        .flow_events
+        .context("the agent's answer has no flow_events")?;
+    let mut lines = flow_events_lines(&state);
+    if !response.changed {
+        lines[0].push_str(" (unchanged, no reload)");
+    }
+    Ok(lines)
+}
+
+/// The flow events switch: whether the programs report them, which setting decides, and each
+/// source's setting.
+pub async fn flow_events(client: &mut Client) -> Result<Vec<String>> {
+    let state = client
+        .list_state(pb::ListStateRequest {})
+        .await
+        .map_err(|status| refused("listing the state", status))?
+        .into_inner()
+        .flow_events
+        .context("the server reports no flow events switch (not an agent)")?;
+    Ok(flow_events_lines(&state))
+}
+
+/// `flow events: on (gRPC API)`, and why not when the programs do not run as the deciding setting
+/// asks.
+fn describe_flow_events(state: &pb::FlowEvents) -> String {
+    let source = match pb::FlowEventsSource::try_from(state.source) {
+        Ok(pb::FlowEventsSource::Api) => "gRPC API",
+        Ok(pb::FlowEventsSource::ConfigFile) => "config file",
+        Ok(pb::FlowEventsSource::Flag) => "--flow-events",
+        _ => "unknown source",
+    };
+    let mut line = format!("flow events: {} ({source})", on_off(state.enabled));
+    if state.wanted != state.enabled {
+        line.push_str(&format!(
+            ", {} wanted but reloading the programs failed (see `lbctl events`)",
+            on_off(state.wanted)
+        ));
+    }
+    line
+}
+
+fn flow_events_lines(state: &pb::FlowEvents) -> Vec<String> {
+    let setting = |value: Option<bool>| value.map_or("unset", on_off);
+    vec![
+        describe_flow_events(state),
+        format!(
+            "  gRPC API: {}, config file: {}, --flow-events: {} (the API's setting holds until \
+             reset or until the file's flow_events changes)",
+            setting(state.api),
+            setting(state.config_file),
+            on_off(state.flag)
+        ),
+    ]
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 /// A backend's `address:port`.

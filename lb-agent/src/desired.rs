@@ -320,15 +320,8 @@ fn place_endpoint(
             }
             Some(_) => {}
             None if workload.addresses.is_empty() => {
-                if let Some((address, by)) = taken(endpoint, addresses) {
-                    conflicts.insert(Conflict {
-                        what: format!(
-                            "endpoint {} of pod {pod} (address {address} is taken)",
-                            endpoint.host_interface
-                        ),
-                        shadowed: Source::Cni,
-                        by,
-                    });
+                if let Some(conflict) = address_taken(endpoint, &pod, addresses) {
+                    conflicts.insert(conflict);
                     return Placement::NotPlaced;
                 }
                 workload.addresses = endpoint.addresses.clone();
@@ -338,15 +331,8 @@ fn place_endpoint(
         }
         return Placement::SourceWorkload;
     }
-    if let Some((address, by)) = taken(endpoint, addresses) {
-        conflicts.insert(Conflict {
-            what: format!(
-                "endpoint {} of pod {pod} (address {address} is taken)",
-                endpoint.host_interface
-            ),
-            shadowed: Source::Cni,
-            by,
-        });
+    if let Some(conflict) = address_taken(endpoint, &pod, addresses) {
+        conflicts.insert(conflict);
         return Placement::NotPlaced;
     }
     for address in &endpoint.addresses {
@@ -365,12 +351,23 @@ fn place_endpoint(
     Placement::OwnWorkload
 }
 
-/// The first of the endpoint's addresses that a workload or host address already has, and whose.
-fn taken(endpoint: &Endpoint, addresses: &FirstWins<IpAddr>) -> Option<(IpAddr, Source)> {
-    endpoint
-        .addresses
-        .iter()
-        .find_map(|a| addresses.seen.get(a).map(|&by| (*a, by)))
+/// The conflict of an endpoint of `pod` (`namespace/name`) when a workload or host address
+/// already has one of its addresses (the first such address names it).
+fn address_taken(
+    endpoint: &Endpoint,
+    pod: &str,
+    addresses: &FirstWins<IpAddr>,
+) -> Option<Conflict> {
+    endpoint.addresses.iter().find_map(|address| {
+        addresses.seen.get(address).map(|&by| Conflict {
+            what: format!(
+                "endpoint {} of pod {pod} (address {address} is taken)",
+                endpoint.host_interface
+            ),
+            shadowed: Source::Cni,
+            by,
+        })
+    })
 }
 
 /// A workload whose address a higher (or earlier) source already gave to another workload or host.

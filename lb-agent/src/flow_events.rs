@@ -4,7 +4,10 @@
 //! agent's event stream ([`EventKind::Flow`]: `lbctl events`, gRPC `StreamEvents`), with the
 //! service's name from the applied config and the backend's address and id. Events are not logged
 //! one by one (a busy node makes thousands per second); the datapath counts the ones a full ring
-//! buffer lost (`flow_events_lost`).
+//! buffer lost (`flow_events_lost`). Whether the programs report them at all is [`switch`]'s to
+//! say (the flag, the config file, or the gRPC API's `SetFlowEvents`).
+
+pub mod switch;
 
 use std::{
     collections::HashMap,

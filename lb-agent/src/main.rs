@@ -90,7 +90,8 @@ enum Command {
         /// Report the datapath's load-balancing decisions on the event stream (`lbctl events`,
         /// gRPC StreamEvents): each new flow's backend (and why it was chosen) and each packet to
         /// a service dropped before it had a backend (with the reason). Off: the datapath is
-        /// loaded without the reporting and pays nothing for it.
+        /// loaded without the reporting and pays nothing for it. The config file's `flow_events`
+        /// overrides it, and `lbctl flow-events on|off` both, at runtime.
         #[arg(long)]
         flow_events: bool,
         /// Also take services from Kubernetes (in-cluster account or $KUBECONFIG).

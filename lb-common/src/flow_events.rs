@@ -26,8 +26,10 @@ pub mod kind {
     /// A packet of a flow whose backend was chosen (new or tracked) did not go to it; `reason`
     /// says why: a drop after the choice (`drop_dsr_no_neigh`, `drop_dsr_no_route`,
     /// `drop_dsr_not_on_link`, `drop_encap_too_big`, `drop_encap_failed`,
-    /// `drop_mode_unconfigured`) or the "fragmentation needed" / "packet too big" answer sent to
-    /// the client instead (`icmp_too_big_sent`). The backend fields name the flow's backend.
+    /// `drop_mode_unconfigured`, and `drop_snat_ports_exhausted` for a new SNAT flow that got no
+    /// source port, so was never tracked) or the "fragmentation needed" / "packet too big" answer
+    /// sent to the client instead (`icmp_too_big_sent`). The backend fields name the flow's
+    /// backend.
     pub const NOT_FORWARDED: u8 = 3;
 
     /// Stable snake_case name, for metrics (`lb_flow_events_total{kind}`) and logs.

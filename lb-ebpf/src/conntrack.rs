@@ -81,7 +81,8 @@ pub fn track(key: &FlowKey, entry: &ConntrackEntry, v4: &mut FlowKeyV4) {
 /// The backend for `flow` (`tracked`: its [`entry_of`]): the tracked one while the entry is live,
 /// else a new choice (tracked from now on; a new SNAT flow also gets its source port; a new DNAT
 /// flow gets `reply_flags` in its entries, see `lb_common::conntrack::reply_flags`). `Err` names
-/// the drop reason.
+/// the drop reason, already counted and reported as a flow event (with the chosen backend when
+/// one was: a SNAT flow without a free source port).
 #[inline(always)]
 pub fn backend_for(
     flow: &Flow,
@@ -128,14 +129,22 @@ pub fn backend_for(
     }
 
     let Some((backend_id, backend)) = maglev::pick(flow, service) else {
-        return Err(if service.table_size == 0 {
+        let reason = if service.table_size == 0 {
             Counter::DropNoBackend
         } else {
             Counter::DropTableMiss
-        });
+        };
+        flow_events::count_drop(flow, service, reason);
+        return Err(reason);
     };
     let snat_port = if service.mode == mode::SNAT {
-        snat::allocate(flow, service, &backend, now)?
+        match snat::allocate(flow, service, &backend, now) {
+            Ok(port) => port,
+            Err(reason) => {
+                flow_events::count_drop_after_choice(flow, service, backend_id, reason);
+                return Err(reason);
+            }
+        }
     } else {
         0
     };

@@ -1,7 +1,8 @@
 //! Flow events (`lb_common::flow_events`): a new flow's backend choice (from `conntrack`), a
-//! VIP packet dropped before it had a backend (from `lb_xdp` and `lb_tc`), and a packet of a flow
-//! whose backend was chosen that did not go to it (from the DSR and SNAT senders: no neighbour or
-//! route, too big once encapsulated), reported through the `FLOW_EVENTS` ring buffer.
+//! VIP packet dropped before it had a backend (from `conntrack::backend_for`), and a packet of a
+//! flow whose backend was chosen that did not go to it (from the DSR and SNAT senders: no
+//! neighbour or route, too big once encapsulated; from `backend_for`: no SNAT source port free),
+//! reported through the `FLOW_EVENTS` ring buffer.
 //!
 //! Off unless the agent loads the programs with `LB_FLOW_EVENTS` set: a read-only global, so with
 //! it 0 the verifier removes every call below and the paths cost what they did without events.
@@ -77,6 +78,34 @@ fn report_not_forwarded(key: &FlowKey, service_id: u32, mode: u8, reason: Counte
     let tracked = scratch().and_then(|s| conntrack::lookup_via(key, &mut s.flow_v4));
     // SAFETY: LRU value of plain integers.
     let backend_id = tracked.map_or(0, |entry| unsafe { (*entry).backend_id });
+    write_not_forwarded(key, service_id, mode, backend_id, reason);
+}
+
+/// Counts `reason` for a packet of a new flow of `service` dropped after its backend
+/// `backend_id` was chosen and before the flow was tracked (no SNAT source port was free), and
+/// reports it, with that backend, when flow events are on.
+#[inline(always)]
+pub fn count_drop_after_choice(
+    flow: &Flow,
+    service: &ServiceInfo,
+    backend_id: u32,
+    reason: Counter,
+) {
+    count(reason);
+    if enabled() {
+        dropped_after_choice(flow, service, backend_id, reason);
+    }
+}
+
+/// [`count_drop_after_choice`]'s report: the flow has no conntrack entry to name the backend.
+#[inline(never)]
+fn dropped_after_choice(flow: &Flow, service: &ServiceInfo, backend_id: u32, reason: Counter) {
+    write_not_forwarded(&flow.key, service.id, service.mode, backend_id, reason);
+}
+
+/// Reports a packet of the flow `key` that did not go to its backend `backend_id`, for `reason`.
+#[inline(always)]
+fn write_not_forwarded(key: &FlowKey, service_id: u32, mode: u8, backend_id: u32, reason: Counter) {
     let Some(mut entry) = reserve(key, service_id, mode, kind::NOT_FORWARDED) else {
         return;
     };

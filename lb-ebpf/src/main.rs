@@ -98,11 +98,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
                 _ => dsr::ipip(&ctx, &flow, &service, &chosen.backend),
             },
             Err(reason) => {
-                flow_events::count_drop(&flow, &service, reason);
-                // Rare (a service without backends) and worth a line in the agent's log.
+                // Counted and reported by `backend_for`. Rare (a service without backends, no
+                // SNAT port free) and worth a line in the agent's log.
                 warn!(
                     &ctx,
-                    "lb_xdp: dropped a packet to service {}: counter {} (no backend)",
+                    "lb_xdp: dropped a packet to service {}: counter {} (no backend or no SNAT port)",
                     service.id,
                     reason as u32
                 );

@@ -110,6 +110,22 @@ impl Netns {
         true
     }
 
+    /// Id of the XDP program attached to `iface` in this namespace (`prog/xdp id N` in
+    /// `ip link`); panics when it has none. A reload or a restart that replaces the program
+    /// changes it.
+    pub fn xdp_program_id(&self, iface: &str) -> u32 {
+        let output = Command::new("ip")
+            .args(["-n", &self.name, "link", "show", "dev", iface])
+            .output()
+            .expect("ip link show");
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.split("prog/xdp id ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("no XDP program on {iface} in {}: {text}", self.name))
+    }
+
     /// Runs `f` on a thread that has entered this namespace. Sockets created there belong to the
     /// namespace for their whole life, so they can be handed back and used from any thread.
     pub fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {

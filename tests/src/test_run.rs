@@ -423,3 +423,95 @@ pub fn assert_not_forwarded_event(
         .expect("backend id in BACKENDS");
     assert_eq!(by_id.ip(), backend.ip(), "backend id {}", event.backend_id);
 }
+
+/// What a balancer program returns for the three packets of
+/// [`check_not_forwarded_after_the_choice`].
+pub struct NotForwardedVerdicts {
+    /// A DSR L2 SYN to a backend without a neighbour entry: dropped.
+    pub no_neighbour: u32,
+    /// A small DSR IPIP SYN: encapsulated and passed to the stack, which resolves the neighbour.
+    pub small_ipip: u32,
+    /// A full-sized DSR IPIP packet: answered with "fragmentation needed".
+    pub too_big: u32,
+}
+
+/// The flow events of packets whose backend was chosen but that the fast path did not send to
+/// it, for a program run by `run` (its verdict) in a namespace set up by [`UNDELIVERABLE_BACKENDS`]
+/// (this turns forwarding on): with flow events on, each of the DSR L2 packet without neighbour and
+/// the too-big IPIP one is reported after its new flow's choice, once, with that backend and the
+/// counter that says why; the small IPIP packet only as a new flow; with them off, nothing. Either
+/// way the packets get `verdicts` and the counters move once, and no event is lost.
+pub fn check_not_forwarded_after_the_choice(
+    run: impl Fn(&mut Datapath, &[u8]) -> u32,
+    verdicts: NotForwardedVerdicts,
+) {
+    use crate::frames::{frame, ACK, SYN};
+    use lb_common::{protocol, service::mode};
+
+    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("forwarding");
+    let (l2, ipip) = (sa("198.51.100.41:80"), sa("198.51.100.42:80"));
+    let (l2_backend, ipip_backend) = (sa("203.0.113.11:80"), sa("203.0.113.12:80"));
+    let (client, big_client) = (sa("192.0.2.2:45100"), sa("192.0.2.2:45101"));
+    let tcp = protocol::TCP;
+    for enabled in [true, false] {
+        let (mut datapath, mut ring) = load_with_flow_events(UNDELIVERABLE_CONFIG, enabled);
+        let mut sent = |datapath: &mut Datapath, input: Vec<u8>, verdict, what: &str| {
+            assert_eq!(run(datapath, &input), verdict, "{what}");
+            drain_flow_events(&mut ring)
+        };
+        let no_neigh = sent(
+            &mut datapath,
+            frame(SYN, client, l2, b""),
+            verdicts.no_neighbour,
+            "DSR L2 without neighbour",
+        );
+        let small = sent(
+            &mut datapath,
+            frame(SYN, client, ipip, b""),
+            verdicts.small_ipip,
+            "small DSR IPIP",
+        );
+        let too_big = sent(
+            &mut datapath,
+            frame(ACK, big_client, ipip, &[7; 1400]),
+            verdicts.too_big,
+            "DSR IPIP too big",
+        );
+        assert_eq!(counter(&datapath, Counter::DropDsrNoNeigh), 1);
+        assert_eq!(counter(&datapath, Counter::IcmpTooBigSent), 1);
+        let not_forwarded = |events: &[FlowEvent]| {
+            events
+                .iter()
+                .filter(|e| e.kind == kind::NOT_FORWARDED)
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        if !enabled {
+            assert_eq!((no_neigh, small, too_big), (vec![], vec![], vec![]));
+            continue;
+        }
+        // Each: the new flow's choice, then (but for the small one) what became of the packet.
+        assert_eq!(small.len(), 1, "{small:?}");
+        assert_eq!(
+            (no_neigh.len(), too_big.len()),
+            (2, 2),
+            "{no_neigh:?} {too_big:?}"
+        );
+        assert_eq!(not_forwarded(&small), []);
+        assert_not_forwarded_event(
+            &mut datapath,
+            &not_forwarded(&no_neigh)[0],
+            (client, l2, tcp),
+            (l2_backend, mode::DSR_L2),
+            Counter::DropDsrNoNeigh,
+        );
+        assert_not_forwarded_event(
+            &mut datapath,
+            &not_forwarded(&too_big)[0],
+            (big_client, ipip, tcp),
+            (ipip_backend, mode::DSR_IPIP),
+            Counter::IcmpTooBigSent,
+        );
+        assert_eq!(counter(&datapath, Counter::FlowEventsLost), 0);
+    }
+}

@@ -148,7 +148,7 @@ fn the_agent_drops_listed_sources_at_xdp_and_follows_edits() {
     let (mut open, _) = tcp_connect(topology.ns("other"), db).expect("other connects");
     let bytes_before = servers[0].bytes();
     open.write_all(b"before").unwrap();
-    let program = xdp_program(&topology);
+    let program = topology.node.xdp_program_id(WORKLOADS[0].4);
     file.rewrite(&config("[192.0.2.2/32, \"2001:db8:1::/64\"]"));
     let reloaded = agent
         .wait_for_log("programs reloaded: ", Duration::from_secs(30))
@@ -158,7 +158,7 @@ fn the_agent_drops_listed_sources_at_xdp_and_follows_edits() {
         .wait_for_log("XDP CIDR deny list applied", Duration::from_secs(5))
         .unwrap();
     assert_ne!(
-        xdp_program(&topology),
+        topology.node.xdp_program_id(WORKLOADS[0].4),
         program,
         "the new program is attached"
     );
@@ -182,27 +182,6 @@ fn the_agent_drops_listed_sources_at_xdp_and_follows_edits() {
         "{:#?}",
         agent.history
     );
-}
-
-/// Id of the XDP program on frontend's node-side veth.
-fn xdp_program(topology: &PolicyTopology) -> u32 {
-    let output = std::process::Command::new("ip")
-        .args([
-            "-n",
-            topology.node.name(),
-            "link",
-            "show",
-            "dev",
-            WORKLOADS[0].4,
-        ])
-        .output()
-        .expect("ip link show");
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.split("prog/xdp id ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("no XDP program: {text}"))
 }
 
 #[test]

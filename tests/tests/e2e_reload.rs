@@ -1,5 +1,6 @@
 //! Flow events switched on and off while the agent runs: the real agent in the namespace topology,
-//! a bulk TCP transfer through a DNAT VIP that spans two edits of the config's `flow_events`, each
+//! a bulk TCP transfer through a DNAT VIP that spans two edits of the config's `flow_events` (or,
+//! in the second test, `lbctl flow-events on|off` through the gRPC API and an edit), each
 //! reloading `lb_xdp` into the pinned links (`lb_agent::datapath::reload`). The transfer delivers
 //! every byte to the backend it started on, with no reset, and keeps its conntrack entry's backend;
 //! the program on the interfaces changes at each reload; new connections are reported as flow
@@ -8,19 +9,20 @@
 use std::{
     io::Write,
     net::SocketAddr,
-    process::Command,
+    path::Path,
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use aya::maps::{Map, MapData};
-use lb_agent::pins::PinDir;
+use lb_agent::{grpc::pb, pins::PinDir};
 use lb_common::{conntrack::ConntrackEntry, protocol};
 use lb_tests::{
-    agent::{metric_sum, scrape_metrics, AgentProcess, ConfigFile, TestPins},
+    agent::{lbctl_binary, metric_sum, scrape_metrics, AgentProcess, ConfigFile, TestPins},
+    grpc_client::connect_unix,
     netns::{Netns, TEST_PREFIX},
-    servers::{tcp_connect, tcp_request, tcp_servers_on_backends},
+    servers::{tcp_connect, tcp_request, tcp_servers_on_backends, TcpCountingServer},
     test_run::{flow_key, Conntrack},
     topology::{Topology, BALANCER_CLIENT_IFACE, VIP},
 };
@@ -29,29 +31,19 @@ const PORT: u16 = 8080;
 const METRICS: &str = "127.0.0.1:9481";
 const CHUNK: usize = 64 * 1024;
 
-fn config(topology: &Topology, flow_events: bool) -> String {
-    let mut yaml = format!(
-        "flow_events: {flow_events}\nservices:\n  - name: web\n    vip: {VIP}\n    port: 80\n    \
-         protocol: tcp\n    backends:\n"
+/// The `web` service over every backend, with `flow_events` when given.
+fn config(topology: &Topology, flow_events: Option<bool>) -> String {
+    let mut yaml = flow_events
+        .map(|on| format!("flow_events: {on}\n"))
+        .unwrap_or_default();
+    yaml += &format!(
+        "services:\n  - name: web\n    vip: {VIP}\n    port: 80\n    protocol: tcp\n    \
+         backends:\n"
     );
     for b in &topology.backends {
         yaml += &format!("      - {{ address: {}, port: {PORT} }}\n", b.addr);
     }
     yaml
-}
-
-/// Id of the XDP program attached to `iface` in `ns`, as `ip link` reports it.
-fn xdp_program_id(ns: &Netns, iface: &str) -> u32 {
-    let output = Command::new("ip")
-        .args(["-n", ns.name(), "link", "show", "dev", iface])
-        .output()
-        .expect("ip link show");
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.split("prog/xdp id ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("no XDP program on {iface}: {text}"))
 }
 
 /// The pinned conntrack entry of `flow`.
@@ -87,26 +79,21 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-#[test]
-fn flow_events_switched_at_runtime_keep_a_long_lived_connection() {
-    let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
-    let servers = tcp_servers_on_backends(&topology, PORT);
-    let file = ConfigFile::new(&config(&topology, false));
-    let interfaces = topology.balancer_interfaces();
-    let mut agent = AgentProcess::start_with(
-        &topology.balancer,
-        file.path(),
-        &interfaces,
-        &["--metrics-addr", METRICS],
-    )
-    .expect("agent starts");
-    let pins = agent.pins();
+/// A bulk TCP transfer through the VIP, started before `switches` runs and stopped after it; then
+/// checks that its flow kept its backend and that every byte reached that backend (a reset fails
+/// the transfer's writes). Returns the bytes sent and the backend's name.
+fn transfer_across(
+    topology: &Topology,
+    servers: &[TcpCountingServer],
+    pins: &TestPins,
+    switches: impl FnOnce(),
+) -> (u64, String) {
     let vip = SocketAddr::from((VIP, 80));
     let (mut bulk, bulk_backend) = tcp_connect(&topology.client, vip).expect("bulk connects");
     bulk.set_write_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let bulk_flow = flow_key(protocol::TCP, bulk.local_addr().unwrap(), vip);
-    let bulk_entry = tracked(&pins, &bulk_flow);
+    let bulk_entry = tracked(pins, &bulk_flow);
 
     let stop = AtomicBool::new(false);
     let sent = thread::scope(|scope| {
@@ -123,52 +110,13 @@ fn flow_events_switched_at_runtime_keep_a_long_lived_connection() {
             sent
         });
         let _stop_on_panic = StopOnDrop(&stop);
-
-        let programs = || xdp_program_id(&topology.balancer, BALANCER_CLIENT_IFACE);
-        // Off (the config says so): no event for new connections.
-        thread::sleep(Duration::from_millis(300));
-        connections(&topology, 5);
-        assert_eq!(new_flow_events(&topology.balancer), 0.0, "off at start");
-        let first_program = programs();
-
-        // On by an edit: the programs are reloaded, new connections reported.
-        file.rewrite(&config(&topology, true));
-        let reloaded = agent
-            .wait_for_log("programs reloaded: ", Duration::from_secs(30))
-            .expect("reloaded with flow events");
-        assert!(reloaded.contains("flow events on"), "{reloaded}");
-        println!("{reloaded}");
-        let on_program = programs();
-        assert_ne!(on_program, first_program, "the new program is attached");
-        connections(&topology, 5);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while new_flow_events(&topology.balancer) < 5.0 && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(50));
-        }
-        let while_on = new_flow_events(&topology.balancer);
-        assert!(while_on >= 5.0, "new flows reported while on: {while_on}");
-        thread::sleep(Duration::from_millis(300));
-
-        // Off again: nothing more.
-        file.rewrite(&config(&topology, false));
-        let reloaded = agent
-            .wait_for_log("programs reloaded: ", Duration::from_secs(30))
-            .expect("reloaded without flow events");
-        assert!(reloaded.contains("flow events off"), "{reloaded}");
-        println!("{reloaded}");
-        assert_ne!(programs(), on_program, "the new program is attached");
-        let after_off = new_flow_events(&topology.balancer);
-        connections(&topology, 5);
-        thread::sleep(Duration::from_millis(300));
-        assert_eq!(new_flow_events(&topology.balancer), after_off, "off again");
-        println!("new-flow events: {while_on} while on (of 5 connections), none while off");
-
+        switches();
         stop.store(true, Ordering::Relaxed);
         transfer.join().expect("transfer thread")
     });
 
     assert_eq!(
-        tracked(&pins, &bulk_flow).backend_id,
+        tracked(pins, &bulk_flow).backend_id,
         bulk_entry.backend_id,
         "the transfer's flow keeps its backend"
     );
@@ -187,6 +135,10 @@ fn flow_events_switched_at_runtime_keep_a_long_lived_connection() {
     assert_eq!(received(&bulk_backend), sent, "bytes of the transfer");
     let total: u64 = servers.iter().map(|s| s.bytes()).sum();
     assert_eq!(total, sent, "no bytes elsewhere");
+    (sent, bulk_backend)
+}
+
+fn assert_no_failed_reload(agent: &AgentProcess) {
     assert!(
         !agent
             .history
@@ -195,5 +147,270 @@ fn flow_events_switched_at_runtime_keep_a_long_lived_connection() {
         "{:#?}",
         agent.history
     );
+}
+
+#[test]
+fn flow_events_switched_at_runtime_keep_a_long_lived_connection() {
+    let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
+    let servers = tcp_servers_on_backends(&topology, PORT);
+    let file = ConfigFile::new(&config(&topology, Some(false)));
+    let interfaces = topology.balancer_interfaces();
+    let mut agent = AgentProcess::start_with(
+        &topology.balancer,
+        file.path(),
+        &interfaces,
+        &["--metrics-addr", METRICS],
+    )
+    .expect("agent starts");
+    let pins = agent.pins();
+
+    let (sent, bulk_backend) = transfer_across(&topology, &servers, &pins, || {
+        let programs = || topology.balancer.xdp_program_id(BALANCER_CLIENT_IFACE);
+        // Off (the config says so): no event for new connections.
+        thread::sleep(Duration::from_millis(300));
+        connections(&topology, 5);
+        assert_eq!(new_flow_events(&topology.balancer), 0.0, "off at start");
+        let first_program = programs();
+
+        // On by an edit: the programs are reloaded, new connections reported.
+        file.rewrite(&config(&topology, Some(true)));
+        let reloaded = agent
+            .wait_for_log("programs reloaded: ", Duration::from_secs(30))
+            .expect("reloaded with flow events");
+        assert!(reloaded.contains("flow events on"), "{reloaded}");
+        println!("{reloaded}");
+        let on_program = programs();
+        assert_ne!(on_program, first_program, "the new program is attached");
+        connections(&topology, 5);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while new_flow_events(&topology.balancer) < 5.0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let while_on = new_flow_events(&topology.balancer);
+        assert!(while_on >= 5.0, "new flows reported while on: {while_on}");
+        thread::sleep(Duration::from_millis(300));
+
+        // Off again: nothing more.
+        file.rewrite(&config(&topology, Some(false)));
+        let reloaded = agent
+            .wait_for_log("programs reloaded: ", Duration::from_secs(30))
+            .expect("reloaded without flow events");
+        assert!(reloaded.contains("flow events off"), "{reloaded}");
+        println!("{reloaded}");
+        assert_ne!(programs(), on_program, "the new program is attached");
+        let after_off = new_flow_events(&topology.balancer);
+        connections(&topology, 5);
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(new_flow_events(&topology.balancer), after_off, "off again");
+        println!("new-flow events: {while_on} while on (of 5 connections), none while off");
+    });
+    assert_no_failed_reload(&agent);
     println!("transfer: {sent} bytes delivered to {bulk_backend} across two reloads");
+}
+
+/// Runs `lbctl --socket socket args`, which must succeed; returns its output.
+fn lbctl(socket: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(lbctl_binary())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running lbctl {args:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "lbctl {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Opens `n` connections to the VIP, each closed once greeted; returns their client addresses.
+fn connections_from(topology: &Topology, n: usize) -> Vec<SocketAddr> {
+    (0..n)
+        .map(|i| {
+            let (stream, _) = tcp_connect(&topology.client, SocketAddr::from((VIP, 80)))
+                .unwrap_or_else(|e| panic!("connection {i} to the VIP: {e}"));
+            stream.local_addr().unwrap()
+        })
+        .collect()
+}
+
+/// The texts of the flow events `stream` delivers until `done` holds for them or `wait` has
+/// passed.
+fn flow_events_until(
+    rt: &tokio::runtime::Runtime,
+    stream: &mut tonic::Streaming<pb::Event>,
+    wait: Duration,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut texts = Vec::new();
+    rt.block_on(async {
+        while !done(&texts) {
+            match tokio::time::timeout_at(deadline, stream.message()).await {
+                Err(_) => break,
+                Ok(event) => {
+                    let event = event.expect("event stream").expect("the stream goes on");
+                    if event.kind == pb::EventKind::Flow as i32 {
+                        texts.push(event.text);
+                    }
+                }
+            }
+        }
+    });
+    texts
+}
+
+/// Whether one of `events` is the new flow of the connection from `client`.
+fn reported(events: &[String], client: SocketAddr) -> bool {
+    let needle = format!("new flow tcp {client} -> {VIP}:80 ");
+    events.iter().any(|text| text.contains(&needle))
+}
+
+/// `lbctl flow-events on|off` through the agent's API, with a long-lived transfer through the VIP:
+/// the flow events of new connections arrive on the gRPC event stream only while on; a config
+/// edit that leaves `flow_events` alone keeps the API's setting, one that changes it takes over
+/// (the latest instruction wins).
+#[test]
+fn flow_events_switched_through_the_api_keep_a_long_lived_connection() {
+    let topology = Topology::new(TEST_PREFIX, 3).expect("topology");
+    let servers = tcp_servers_on_backends(&topology, PORT);
+    // No `flow_events`: the flag (absent: off) decides.
+    let file = ConfigFile::new(&config(&topology, None));
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let mut agent = AgentProcess::start_with(
+        &topology.balancer,
+        file.path(),
+        &topology.balancer_interfaces(),
+        &["--grpc-socket", socket.to_str().unwrap()],
+    )
+    .expect("agent starts");
+    let pins = agent.pins();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = rt.block_on(connect_unix(&socket)).expect("client");
+    let mut stream = rt
+        .block_on(client.stream_events(pb::StreamEventsRequest {}))
+        .expect("StreamEvents")
+        .into_inner();
+
+    let (sent, bulk_backend) = transfer_across(&topology, &servers, &pins, || {
+        let programs = || topology.balancer.xdp_program_id(BALANCER_CLIENT_IFACE);
+        let status = lbctl(&socket, &["flow-events", "status"]);
+        assert!(
+            status.starts_with("flow events: off (--flow-events)"),
+            "{status}"
+        );
+        let first_program = programs();
+
+        let on = lbctl(&socket, &["flow-events", "on"]);
+        assert!(on.starts_with("flow events: on (gRPC API)\n"), "{on}");
+        assert_ne!(programs(), first_program, "the new program is attached");
+        let clients = connections_from(&topology, 5);
+        let events = flow_events_until(&rt, &mut stream, Duration::from_secs(5), |events| {
+            clients.iter().all(|&c| reported(events, c))
+        });
+        for client in &clients {
+            assert!(
+                reported(&events, *client),
+                "{client} not reported: {events:#?}"
+            );
+        }
+        let again = lbctl(&socket, &["flow-events", "on"]);
+        assert!(again.contains("(unchanged"), "{again}");
+
+        // A config edit that leaves `flow_events` alone keeps the API's setting: still on.
+        file.rewrite(&format!("# edited\n{}", config(&topology, None)));
+        agent
+            .wait_for_log("config file changed", Duration::from_secs(10))
+            .expect("the edit is read");
+        thread::sleep(Duration::from_millis(500));
+        let status = lbctl(&socket, &["flow-events", "status"]);
+        assert!(status.starts_with("flow events: on (gRPC API)"), "{status}");
+        let clients = connections_from(&topology, 2);
+        let events = flow_events_until(&rt, &mut stream, Duration::from_secs(5), |events| {
+            clients.iter().all(|&c| reported(events, c))
+        });
+        for client in &clients {
+            assert!(
+                reported(&events, *client),
+                "{client} not reported: {events:#?}"
+            );
+        }
+
+        let on_program = programs();
+        let off = lbctl(&socket, &["flow-events", "off"]);
+        assert!(off.starts_with("flow events: off (gRPC API)\n"), "{off}");
+        assert!(
+            off.contains("gRPC API: off, config file: unset, --flow-events: off"),
+            "{off}"
+        );
+        let off_program = programs();
+        assert_ne!(off_program, on_program, "the new program is attached");
+        // Events read from the ring buffer before the switch may still come: only the
+        // connections opened after it must not be reported.
+        let clients = connections_from(&topology, 5);
+        let events = flow_events_until(&rt, &mut stream, Duration::from_secs(1), |_| false);
+        for client in &clients {
+            assert!(
+                !reported(&events, *client),
+                "{client} reported while off: {events:#?}"
+            );
+        }
+        // Reset: the flag decides again, which also says off (no reload).
+        let reset = lbctl(&socket, &["flow-events", "reset"]);
+        assert!(
+            reset.starts_with("flow events: off (--flow-events) (unchanged, no reload)\n"),
+            "{reset}"
+        );
+        assert_eq!(programs(), off_program, "no reload");
+
+        // An edit that changes `flow_events` is the latest instruction: the file decides.
+        file.rewrite(&config(&topology, Some(true)));
+        agent
+            .wait_for_log("programs reloaded: flow events on", Duration::from_secs(30))
+            .expect("the file's flow_events switches them on");
+        // The switch is published right after the reload's log line.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut status = lbctl(&socket, &["flow-events", "status"]);
+        while !status.starts_with("flow events: on (config file)\n") && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(100));
+            status = lbctl(&socket, &["flow-events", "status"]);
+        }
+        assert!(
+            status.starts_with("flow events: on (config file)\n"),
+            "{status}"
+        );
+        assert!(
+            status.contains("gRPC API: unset, config file: on"),
+            "{status}"
+        );
+        assert_ne!(programs(), off_program, "the new program is attached");
+        let clients = connections_from(&topology, 3);
+        let events = flow_events_until(&rt, &mut stream, Duration::from_secs(5), |events| {
+            clients.iter().all(|&c| reported(events, c))
+        });
+        for client in &clients {
+            assert!(
+                reported(&events, *client),
+                "{client} not reported: {events:#?}"
+            );
+        }
+    });
+    let state = rt
+        .block_on(client.list_state(pb::ListStateRequest {}))
+        .expect("ListState")
+        .into_inner();
+    let flow_events = state.flow_events.expect("ListState has the switch");
+    assert!(
+        flow_events.enabled && flow_events.api.is_none(),
+        "{flow_events:?}"
+    );
+    assert_eq!(flow_events.source, pb::FlowEventsSource::ConfigFile as i32);
+    assert_no_failed_reload(&agent);
+    println!("transfer: {sent} bytes delivered to {bulk_backend} across three reloads");
 }

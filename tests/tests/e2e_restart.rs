@@ -50,20 +50,6 @@ fn config(topology: &Topology) -> String {
     yaml
 }
 
-/// Id of the XDP program attached to `iface` in `ns`, as `ip link` reports it.
-fn xdp_program_id(ns: &Netns, iface: &str) -> u32 {
-    let output = Command::new("ip")
-        .args(["-n", ns.name(), "link", "show", "dev", iface])
-        .output()
-        .expect("ip link show");
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.split("prog/xdp id ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("no XDP program on {iface}: {text}"))
-}
-
 /// The entries of the pinned `CONNTRACK_V4` and `CONNTRACK_V6` maps, by flow.
 fn conntrack(pins: &TestPins) -> StdHashMap<FlowKey, ConntrackEntry> {
     let pinned = |name: &str| {
@@ -99,7 +85,7 @@ fn restart_under_traffic(stop: impl FnOnce(AgentProcess), second_args: &[&str]) 
     let first = AgentProcess::start(&topology.balancer, config.path(), &interfaces)
         .expect("first agent starts");
     let pins = first.pins();
-    let first_program = xdp_program_id(&topology.balancer, BALANCER_CLIENT_IFACE);
+    let first_program = topology.balancer.xdp_program_id(BALANCER_CLIENT_IFACE);
     let vip = SocketAddr::from((VIP, 80));
 
     let (mut bulk, bulk_backend) = tcp_connect(&topology.client, vip).expect("bulk connects");
@@ -221,7 +207,7 @@ fn restart_under_traffic(stop: impl FnOnce(AgentProcess), second_args: &[&str]) 
         second.history
     );
     assert_ne!(
-        xdp_program_id(&topology.balancer, BALANCER_CLIENT_IFACE),
+        topology.balancer.xdp_program_id(BALANCER_CLIENT_IFACE),
         first_program,
         "the new agent's program is attached"
     );

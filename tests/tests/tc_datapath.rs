@@ -22,7 +22,7 @@ use lb_agent::{
 };
 use lb_common::{
     counters::Counter,
-    flow_events::{choice, kind},
+    flow_events::choice,
     modes::snat,
     protocol,
     service::{mode, ServiceKey},
@@ -31,9 +31,10 @@ use lb_tests::{
     frames::{fragments, frame, icmp_error, inspect, ip_packet, IcmpError, ACK, L4, SYN},
     netns::{Netns, TEST_PREFIX},
     test_run::{
-        assert_drop_event, assert_new_flow_event, assert_not_forwarded_event, drain_flow_events,
-        expected_backend, flow_key, load_with_flow_events, run as run_xdp, run_tc_frame, TC_ACT_OK,
-        TC_ACT_SHOT, TC_ACT_UNSPEC, UNDELIVERABLE_BACKENDS, UNDELIVERABLE_CONFIG, XDP_PASS,
+        assert_drop_event, assert_new_flow_event, check_not_forwarded_after_the_choice,
+        drain_flow_events, expected_backend, flow_key, load_with_flow_events, run as run_xdp,
+        run_tc_frame, NotForwardedVerdicts, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        UNDELIVERABLE_BACKENDS, XDP_PASS,
     },
 };
 
@@ -571,59 +572,14 @@ fn flow_events_report_packets_not_forwarded_after_the_choice() {
 }
 
 fn not_forwarded_in_namespace() {
-    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("forwarding");
-    let (l2, ipip) = (sa("198.51.100.41:80"), sa("198.51.100.42:80"));
-    let (l2_backend, ipip_backend) = (sa("203.0.113.11:80"), sa("203.0.113.12:80"));
-    let (client, big_client) = (sa("192.0.2.2:45100"), sa("192.0.2.2:45101"));
-    let tcp = protocol::TCP;
-    for enabled in [true, false] {
-        let (mut datapath, mut ring) = load_with_flow_events(UNDELIVERABLE_CONFIG, enabled);
-        let mut sent = |datapath: &mut Datapath, input: Vec<u8>, verdict| {
-            assert_eq!(run_program(datapath, TC_PROGRAM, &input).0, verdict);
-            drain_flow_events(&mut ring)
-        };
-        let no_neigh = sent(&mut datapath, frame(SYN, client, l2, b""), TC_ACT_SHOT);
-        let small = sent(&mut datapath, frame(SYN, client, ipip, b""), TC_ACT_OK);
-        let too_big = sent(
-            &mut datapath,
-            frame(ACK, big_client, ipip, &[7; 1400]),
-            TC_ACT_REDIRECT,
-        );
-        assert_eq!(counter(&datapath, Counter::DropDsrNoNeigh), 1);
-        assert_eq!(counter(&datapath, Counter::IcmpTooBigSent), 1);
-        let not_forwarded = |events: &[lb_common::flow_events::FlowEvent]| {
-            events
-                .iter()
-                .filter(|e| e.kind == kind::NOT_FORWARDED)
-                .copied()
-                .collect::<Vec<_>>()
-        };
-        if !enabled {
-            assert_eq!((no_neigh, small, too_big), (vec![], vec![], vec![]));
-            continue;
-        }
-        assert_eq!(small.len(), 1, "{small:?}");
-        assert_eq!(
-            (no_neigh.len(), too_big.len()),
-            (2, 2),
-            "{no_neigh:?} {too_big:?}"
-        );
-        assert_eq!(not_forwarded(&small), []);
-        assert_not_forwarded_event(
-            &mut datapath,
-            &not_forwarded(&no_neigh)[0],
-            (client, l2, tcp),
-            (l2_backend, mode::DSR_L2),
-            Counter::DropDsrNoNeigh,
-        );
-        assert_not_forwarded_event(
-            &mut datapath,
-            &not_forwarded(&too_big)[0],
-            (big_client, ipip, tcp),
-            (ipip_backend, mode::DSR_IPIP),
-            Counter::IcmpTooBigSent,
-        );
-    }
+    check_not_forwarded_after_the_choice(
+        |datapath, input| run_program(datapath, TC_PROGRAM, input).0,
+        NotForwardedVerdicts {
+            no_neighbour: TC_ACT_SHOT,
+            small_ipip: TC_ACT_OK,
+            too_big: TC_ACT_REDIRECT,
+        },
+    );
 }
 
 const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];

@@ -28,9 +28,10 @@ use lb_tests::{
     frames::{frame, inspect, ACK, FIN_ACK, L4, SYN},
     netns::{Netns, TEST_PREFIX},
     test_run::{
-        assert_drop_event, assert_new_flow_event, assert_not_forwarded_event, counter,
-        drain_flow_events, expected_backend, flow_key, load_with_flow_events, run, sa, Conntrack,
-        UNDELIVERABLE_BACKENDS, UNDELIVERABLE_CONFIG, XDP_DROP, XDP_PASS, XDP_TX,
+        assert_drop_event, assert_new_flow_event, assert_not_forwarded_event,
+        check_not_forwarded_after_the_choice, counter, drain_flow_events, expected_backend,
+        flow_key, load_with_flow_events, run, sa, Conntrack, NotForwardedVerdicts,
+        UNDELIVERABLE_BACKENDS, XDP_DROP, XDP_PASS, XDP_TX,
     },
 };
 
@@ -701,62 +702,51 @@ fn flow_events_report_packets_not_forwarded_after_the_choice() {
 }
 
 fn not_forwarded_in_namespace() {
-    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("forwarding");
-    let (l2, ipip) = (sa("198.51.100.41:80"), sa("198.51.100.42:80"));
-    let (l2_backend, ipip_backend) = (sa("203.0.113.11:80"), sa("203.0.113.12:80"));
-    let (client, big_client) = (sa("192.0.2.2:45100"), sa("192.0.2.2:45101"));
-    let tcp = protocol::TCP;
-    for enabled in [true, false] {
-        let (mut datapath, mut ring) = load_with_flow_events(UNDELIVERABLE_CONFIG, enabled);
-        let mut sent = |datapath: &mut Datapath, input: Vec<u8>, action| {
-            assert_eq!(run(datapath.xdp_program(), &input).0, action);
-            drain_flow_events(&mut ring)
-        };
-        let no_neigh = sent(&mut datapath, frame(SYN, client, l2, b""), XDP_DROP);
-        // Small: encapsulated and passed to the stack, which resolves the neighbour.
-        let small = sent(&mut datapath, frame(SYN, client, ipip, b""), XDP_PASS);
-        let too_big = sent(
-            &mut datapath,
-            frame(ACK, big_client, ipip, &[7; 1400]),
-            XDP_TX,
-        );
-        assert_eq!(counter(&datapath, Counter::DropDsrNoNeigh), 1);
-        assert_eq!(counter(&datapath, Counter::IcmpTooBigSent), 1);
-        let not_forwarded = |events: &[lb_common::flow_events::FlowEvent]| {
-            events
-                .iter()
-                .filter(|e| e.kind == kind::NOT_FORWARDED)
-                .copied()
-                .collect::<Vec<_>>()
-        };
-        if !enabled {
-            assert_eq!((no_neigh, small, too_big), (vec![], vec![], vec![]));
-            continue;
-        }
-        // Each: the new flow's choice, then (but for the small one) what became of the packet.
-        assert_eq!(small.len(), 1, "{small:?}");
-        assert_eq!(
-            (no_neigh.len(), too_big.len()),
-            (2, 2),
-            "{no_neigh:?} {too_big:?}"
-        );
-        assert_eq!(not_forwarded(&small), []);
-        assert_not_forwarded_event(
-            &mut datapath,
-            &not_forwarded(&no_neigh)[0],
-            (client, l2, tcp),
-            (l2_backend, mode::DSR_L2),
-            Counter::DropDsrNoNeigh,
-        );
-        assert_not_forwarded_event(
-            &mut datapath,
-            &not_forwarded(&too_big)[0],
-            (big_client, ipip, tcp),
-            (ipip_backend, mode::DSR_IPIP),
-            Counter::IcmpTooBigSent,
-        );
-        assert_eq!(counter(&datapath, Counter::FlowEventsLost), 0);
-    }
+    check_not_forwarded_after_the_choice(
+        |datapath, input| run(datapath.xdp_program(), input).0,
+        NotForwardedVerdicts {
+            no_neighbour: XDP_DROP,
+            small_ipip: XDP_PASS,
+            too_big: XDP_TX,
+        },
+    );
+}
+
+/// A new SNAT flow that finds no free source port is dropped after Maglev chose its backend: its
+/// flow event says so with that backend (`not_forwarded`, `drop_snat_ports_exhausted`), and no
+/// new flow is reported (it is not tracked).
+#[test]
+fn flow_events_name_the_backend_of_a_snat_flow_without_a_free_port() {
+    let yaml = "
+node: { ipv4: 192.0.2.1, snat_ports: { first: 5000, last: 5000 } }
+services:
+  - { name: web, vip: 198.51.100.40, port: 80, protocol: tcp, mode: snat,
+      backends: [ { address: 203.0.113.6, port: 8080 } ] }
+";
+    let (mut datapath, mut ring) = load_with_flow_events(yaml, true);
+    let vip = sa("198.51.100.40:80");
+    let (first, second) = (sa("192.0.2.2:10000"), sa("192.0.2.3:20000"));
+    // The range's one port goes to the first flow (outside a namespace with routes the
+    // translated packet goes to the stack).
+    let (action, _) = run(datapath.xdp_program(), &frame(SYN, first, vip, b""));
+    assert_eq!(action, XDP_PASS);
+    let events = drain_flow_events(&mut ring);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].kind, kind::NEW_FLOW);
+
+    let (action, _) = run(datapath.xdp_program(), &frame(SYN, second, vip, b""));
+    assert_eq!(action, XDP_DROP);
+    assert_eq!(counter(&datapath, Counter::DropSnatPortsExhausted), 1);
+    let events = drain_flow_events(&mut ring);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_not_forwarded_event(
+        &mut datapath,
+        &events[0],
+        (second, vip, protocol::TCP),
+        (sa("203.0.113.6:8080"), mode::SNAT),
+        Counter::DropSnatPortsExhausted,
+    );
+    assert_eq!(counter(&datapath, Counter::FlowEventsLost), 0);
 }
 
 #[test]

@@ -23,6 +23,7 @@
 //! lbctl state                 # the API's services, what is applied (or adopted), retired backends
 //! lbctl events [--count N]    # the agent's events as they happen
 //! lbctl endpoints             # pods' endpoints the CNI plugin registered: interface, addresses, pod
+//! lbctl flow-events on | off | reset | status   # switch flow events at runtime (hitless reload)
 //! ```
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -117,8 +118,8 @@ enum Command {
     /// The services defined through the API, how many the agent applied from all sources, and
     /// the retired backends it keeps for their tracked flows.
     State,
-    /// The agent's events (changes, reconciles, health, policy verdicts, and flow events of an
-    /// agent run with --flow-events) as they happen.
+    /// The agent's events (changes, reconciles, health, policy verdicts, and flow events while
+    /// they are on) as they happen.
     Events {
         /// Stop after this many.
         #[arg(long)]
@@ -127,6 +128,24 @@ enum Command {
     /// The pods' endpoints the CNI plugin (lb-cni) registered with the agent: host interface,
     /// addresses, pod, container id/interface, and whether the agent enforces a policy there.
     Endpoints,
+    /// Switch the datapath's flow events at runtime (a hitless reload of the programs), or show
+    /// the switch. The API's setting overrides the config file's `flow_events` and the agent's
+    /// --flow-events until `reset`, or until the file's `flow_events` changes.
+    FlowEvents {
+        #[arg(value_enum)]
+        action: FlowEventsAction,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FlowEventsAction {
+    /// Report flow events (`lbctl events` shows them).
+    On,
+    Off,
+    /// Drop the API's setting: the config file's `flow_events`, else --flow-events, decides.
+    Reset,
+    /// Whether they are on, which setting decides, and each source's setting.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -371,6 +390,12 @@ async fn change(api: &Api, command: Command) -> Result<()> {
         }
         Command::State => ctl::state(&mut client).await?,
         Command::Endpoints => ctl::endpoints(&mut client).await?,
+        Command::FlowEvents { action } => match action {
+            FlowEventsAction::On => ctl::set_flow_events(&mut client, Some(true)).await?,
+            FlowEventsAction::Off => ctl::set_flow_events(&mut client, Some(false)).await?,
+            FlowEventsAction::Reset => ctl::set_flow_events(&mut client, None).await?,
+            FlowEventsAction::Status => ctl::flow_events(&mut client).await?,
+        },
         Command::Events { count } => {
             ctl::events(&mut client, count).await?;
             Vec::new()

@@ -6,6 +6,8 @@
 //!   [`crate::k8s::K8sSource`] publishes its own;
 //! - [`endpoints`]: [`EndpointChannel`], `RegisterEndpoint`/`ReleaseEndpoint` calls into the
 //!   agent's loop, which attaches or detaches before answering;
+//! - [`flow_events`]: [`FlowEventsChannel`], `SetFlowEvents` calls into the agent's loop, which
+//!   reloads the programs before answering;
 //! - [`events`]: [`EventBus`], the agent's events, relayed to `StreamEvents` callers;
 //! - [`convert`]: protobuf messages ↔ the model, with errors naming the request field;
 //! - [`server`]: the tonic service and its listeners, [`serve_unix`] (mode 0600) and
@@ -22,7 +24,8 @@
 //! | `DeleteService(key)` | removes it (`NOT_FOUND` if this API does not define it) |
 //! | `SetBackends(key, backends)` | replaces its backends and weights (`NOT_FOUND` likewise) |
 //! | `SetPolicy(yaml)` | sets the policy, YAML of the config file's `policy:` section; empty clears it |
-//! | `ListState()` | this API's services and policy, the config the agent last applied and its retired backends (or, until a restarted agent's sources are listed, the pinned services it keeps, marked adopted) |
+//! | `ListState()` | this API's services and policy, the flow events switch, the config the agent last applied and its retired backends (or, until a restarted agent's sources are listed, the pinned services it keeps, marked adopted) |
+//! | `SetFlowEvents(enabled)` | switches flow events on or off (a hitless reload), or resets the API's setting (`enabled` absent); see [`crate::flow_events::switch`] for the precedence |
 //! | `StreamEvents()` | the agent's events from now on |
 //! | `RegisterEndpoint(endpoint)` | a pod's endpoint (the CNI plugin's ADD): attaches the workload programs to its host interface and enforces its policy there, kept across restarts |
 //! | `ReleaseEndpoint(container_id, interface_name)` | forgets it and detaches (CNI DEL); `released = false` when none was registered |
@@ -34,6 +37,7 @@ pub mod client;
 pub mod convert;
 pub mod endpoints;
 pub mod events;
+pub mod flow_events;
 mod pem;
 pub mod server;
 pub mod source;
@@ -50,6 +54,7 @@ mod codegen;
 
 pub use endpoints::{EndpointCall, EndpointChannel, EndpointReply, EndpointRequest};
 pub use events::{health_events, Event, EventBus, EventKind};
+pub use flow_events::{FlowEventsCall, FlowEventsChannel, FlowEventsReply};
 pub use server::{
     serve_tcp_tls, serve_unix, AppliedView, GrpcServer, Listening, LoadBalancerApi, TlsConfig,
 };

@@ -27,6 +27,7 @@ use super::{
     convert,
     endpoints::{EndpointChannel, EndpointReply, EndpointRequest},
     events::EventBus,
+    flow_events,
     pb::{self, load_balancer_server::LoadBalancerServer},
     pem,
     source::{ApiError, Change, GrpcSource},
@@ -187,6 +188,10 @@ impl pb::load_balancer_server::LoadBalancer for LoadBalancerApi {
                 .map(|p| convert::policy_to_yaml(&p))
                 .unwrap_or_default(),
             applied,
+            flow_events: self
+                .source
+                .flow_events_channel()
+                .map(|channel| flow_events::state_to_pb(&channel.state())),
             endpoints: self
                 .source
                 .endpoint_channel()
@@ -235,6 +240,20 @@ impl pb::load_balancer_server::LoadBalancer for LoadBalancerApi {
             EndpointReply::Registered(_) => return Err(Status::internal("unexpected answer")),
         };
         Ok(Response::new(pb::ReleaseEndpointResponse { released }))
+    }
+
+    async fn set_flow_events(
+        &self,
+        request: Request<pb::SetFlowEventsRequest>,
+    ) -> Result<Response<pb::SetFlowEventsResponse>, Status> {
+        let channel = self.source.flow_events_channel().ok_or_else(|| {
+            Status::unimplemented("this server has no datapath to switch (not an agent)")
+        })?;
+        let reply = channel.call(request.into_inner().enabled).await?;
+        Ok(Response::new(pb::SetFlowEventsResponse {
+            flow_events: Some(flow_events::state_to_pb(&reply.state)),
+            changed: reply.changed,
+        }))
     }
 
     type StreamEventsStream = EventStream;

@@ -15,7 +15,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::endpoints::EndpointChannel;
+use super::{endpoints::EndpointChannel, flow_events::FlowEventsChannel};
 use crate::{
     config::{self, BackendConfig, Config, ConfigError, Protocol},
     policy::PolicyConfig,
@@ -125,6 +125,8 @@ struct Inner {
     policy: watch::Sender<Option<PolicyConfig>>,
     /// Set by an agent that takes endpoint registrations (see [`super::endpoints`]).
     endpoints: Mutex<Option<EndpointChannel>>,
+    /// Set by an agent, which owns the flow events switch (see [`super::flow_events`]).
+    flow_events: Mutex<Option<FlowEventsChannel>>,
 }
 
 /// The desired state set through the gRPC API. Cloning shares it; every clone publishes on the
@@ -149,6 +151,7 @@ impl GrpcSource {
                 services: watch::Sender::new(Vec::new()),
                 policy: watch::Sender::new(None),
                 endpoints: Mutex::new(None),
+                flow_events: Mutex::new(None),
             }),
         }
     }
@@ -186,6 +189,24 @@ impl GrpcSource {
     pub fn endpoint_channel(&self) -> Option<EndpointChannel> {
         self.inner
             .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes `SetFlowEvents` calls into the agent's loop through `channel` (without one they are
+    /// refused as unimplemented, and `ListState` leaves `flow_events` out).
+    pub fn set_flow_events_channel(&self, channel: FlowEventsChannel) {
+        *self
+            .inner
+            .flow_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(channel);
+    }
+
+    pub fn flow_events_channel(&self) -> Option<FlowEventsChannel> {
+        self.inner
+            .flow_events
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()

@@ -72,7 +72,6 @@ use self::nat::Offsets;
 use crate::{
     conntrack,
     context::PacketContext,
-    flow_events,
     fragments::Fragment,
     icmp,
     maps::count,
@@ -370,10 +369,8 @@ fn choose(flow: &Flow, all_modes: bool, flags: u8) -> Result<Option<Chosen>, i32
             service_id: service.id,
             mode: service.mode,
         })),
-        Err(reason) => {
-            flow_events::count_drop(flow, &service, reason);
-            Err(TC_ACT_SHOT)
-        }
+        // Counted and reported by `backend_for`.
+        Err(_) => Err(TC_ACT_SHOT),
     }
 }
 

@@ -163,6 +163,10 @@ pub struct ListStateResponse {
     /// interface_name).
     #[prost(message, repeated, tag = "4")]
     pub endpoints: ::prost::alloc::vec::Vec<Endpoint>,
+    /// Whether the datapath reports flow events, and which setting decides; absent when the server
+    /// is not an agent's.
+    #[prost(message, optional, tag = "5")]
+    pub flow_events: ::core::option::Option<FlowEvents>,
 }
 /// A pod's network attachment on this node, as the container runtime gave it to the CNI plugin.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -215,6 +219,44 @@ pub struct ReleaseEndpointResponse {
     /// false: none was registered
     #[prost(bool, tag = "1")]
     pub released: bool,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetFlowEventsRequest {
+    /// On or off; absent = reset: drop this API's setting, the config file's `flow_events` (else the
+    /// agent's --flow-events) decides again.
+    #[prost(bool, optional, tag = "1")]
+    pub enabled: ::core::option::Option<bool>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetFlowEventsResponse {
+    /// the switch after the call
+    #[prost(message, optional, tag = "1")]
+    pub flow_events: ::core::option::Option<FlowEvents>,
+    /// false when the programs already ran with that setting (no reload)
+    #[prost(bool, tag = "2")]
+    pub changed: bool,
+}
+/// The flow events switch: each source's setting, the deciding one, and what the programs run with.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FlowEvents {
+    /// the programs report flow events now
+    #[prost(bool, tag = "1")]
+    pub enabled: bool,
+    #[prost(enumeration = "FlowEventsSource", tag = "2")]
+    pub source: i32,
+    /// What `source` asks for: differs from `enabled` only while reloading the programs fails (see
+    /// the RECONCILE_FAILED events).
+    #[prost(bool, tag = "3")]
+    pub wanted: bool,
+    /// the agent's --flow-events
+    #[prost(bool, tag = "4")]
+    pub flag: bool,
+    /// absent when the file has no `flow_events`
+    #[prost(bool, optional, tag = "5")]
+    pub config_file: ::core::option::Option<bool>,
+    /// absent when this API set none (or it was reset, or a file edit won)
+    #[prost(bool, optional, tag = "6")]
+    pub api: ::core::option::Option<bool>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StreamEventsRequest {}
@@ -399,6 +441,42 @@ impl EndpointPlacement {
         }
     }
 }
+/// The setting that decides whether flow events are on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum FlowEventsSource {
+    Unspecified = 0,
+    /// the agent's --flow-events
+    Flag = 1,
+    /// the config file's `flow_events`
+    ConfigFile = 2,
+    /// SetFlowEvents
+    Api = 3,
+}
+impl FlowEventsSource {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "FLOW_EVENTS_SOURCE_UNSPECIFIED",
+            Self::Flag => "FLOW_EVENTS_SOURCE_FLAG",
+            Self::ConfigFile => "FLOW_EVENTS_SOURCE_CONFIG_FILE",
+            Self::Api => "FLOW_EVENTS_SOURCE_API",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "FLOW_EVENTS_SOURCE_UNSPECIFIED" => Some(Self::Unspecified),
+            "FLOW_EVENTS_SOURCE_FLAG" => Some(Self::Flag),
+            "FLOW_EVENTS_SOURCE_CONFIG_FILE" => Some(Self::ConfigFile),
+            "FLOW_EVENTS_SOURCE_API" => Some(Self::Api),
+            _ => None,
+        }
+    }
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum EventKind {
@@ -417,7 +495,7 @@ pub enum EventKind {
     EventsLost = 6,
     /// a policy deny or audit verdict (rate-limited; text names the rule)
     PolicyVerdict = 7,
-    /// a new flow's backend or a drop before one (agent run with --flow-events)
+    /// a new flow's backend or a drop before one (while flow events are on)
     Flow = 8,
 }
 impl EventKind {
@@ -748,6 +826,35 @@ pub mod load_balancer_client {
                 .insert(GrpcMethod::new("lb.v1.LoadBalancer", "ReleaseEndpoint"));
             self.inner.unary(req, path, codec).await
         }
+        /// Switches the datapath's flow events on or off (a hitless reload of the programs), or resets
+        /// this API's setting. It overrides the config file's `flow_events` and the agent's
+        /// --flow-events until reset, or until the file's `flow_events` changes: the latest instruction
+        /// wins. Not kept across agent restarts. Answers once the programs run with the setting;
+        /// FAILED_PRECONDITION (and nothing changed) when they cannot be reloaded.
+        pub async fn set_flow_events(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetFlowEventsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetFlowEventsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/lb.v1.LoadBalancer/SetFlowEvents",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("lb.v1.LoadBalancer", "SetFlowEvents"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -834,6 +941,18 @@ pub mod load_balancer_server {
             request: tonic::Request<super::ReleaseEndpointRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ReleaseEndpointResponse>,
+            tonic::Status,
+        >;
+        /// Switches the datapath's flow events on or off (a hitless reload of the programs), or resets
+        /// this API's setting. It overrides the config file's `flow_events` and the agent's
+        /// --flow-events until reset, or until the file's `flow_events` changes: the latest instruction
+        /// wins. Not kept across agent restarts. Answers once the programs run with the setting;
+        /// FAILED_PRECONDITION (and nothing changed) when they cannot be reloaded.
+        async fn set_flow_events(
+            &self,
+            request: tonic::Request<super::SetFlowEventsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetFlowEventsResponse>,
             tonic::Status,
         >;
     }
@@ -1260,6 +1379,51 @@ pub mod load_balancer_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ReleaseEndpointSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/lb.v1.LoadBalancer/SetFlowEvents" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetFlowEventsSvc<T: LoadBalancer>(pub Arc<T>);
+                    impl<
+                        T: LoadBalancer,
+                    > tonic::server::UnaryService<super::SetFlowEventsRequest>
+                    for SetFlowEventsSvc<T> {
+                        type Response = super::SetFlowEventsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetFlowEventsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as LoadBalancer>::set_flow_events(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetFlowEventsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
