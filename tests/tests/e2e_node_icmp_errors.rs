@@ -9,7 +9,8 @@
 //! VIP) ignores it and the transfer stalls; translated at egress of the client-facing interface,
 //! the client lowers its path MTU towards the VIP and every byte arrives.
 //!
-//! First without `lb_tc_egress`: its pinned link is removed, as the pins of an agent from before it
+//! First without `lb_tc_egress`: its pinned link is removed (the test waits until the kernel has
+//! detached it), as the pins of an agent from before it
 //! would lack it, and a transfer stalls. Then a new agent adopts the pins, attaches the missing link
 //! without an error, and transfers over IPv4 and IPv6 complete, counted
 //! `icmp_node_error_to_client`. With the balancer attached as XDP (the default) and as TC.
@@ -21,10 +22,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_agent::pins::PinDir;
+use aya::programs::{SchedClassifier, TcAttachType};
+use lb_agent::{datapath::TC_EGRESS_PROGRAM, pins::PinDir};
 use lb_common::counters::Counter;
 use lb_tests::{
     agent::{logged_counters, AgentProcess, ConfigFile},
+    modes::in_netns,
     netns::{Netns, TEST_PREFIX},
     servers::TcpCountingServer,
     topology::{Topology, BALANCER_CLIENT_IFACE, SERVICE_TCP_PORT, VIP, VIP6},
@@ -72,10 +75,17 @@ fn run(attach: &[&str]) {
     let first = AgentProcess::start_with(&topology.balancer, config.path(), &interfaces, attach)
         .expect("first agent starts");
     let pins = first.pins();
-    let egress_link = PinDir::new(pins.path()).tc_hook_link(BALANCER_CLIENT_IFACE, "lb_tc_egress");
+    let egress_link =
+        PinDir::new(pins.path()).tc_hook_link(BALANCER_CLIENT_IFACE, TC_EGRESS_PROGRAM);
     assert!(egress_link.exists(), "{} pinned", egress_link.display());
-    // Detaches it: the pin is the link's only holder.
+    assert!(egress_attached(&topology), "lb_tc_egress attached");
+    // Detaches it (the pin is the link's only holder), after an RCU grace period and a work item.
     std::fs::remove_file(&egress_link).expect("remove the egress link's pin");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while egress_attached(&topology) {
+        assert!(Instant::now() < deadline, "lb_tc_egress still attached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         !transfer(client, vip, &BULK),
         "without lb_tc_egress the transfer stalls"
@@ -103,6 +113,7 @@ fn run(attach: &[&str]) {
         "{} pinned again",
         egress_link.display()
     );
+    assert!(egress_attached(&topology), "lb_tc_egress attached again");
     assert!(
         second
             .history
@@ -138,6 +149,17 @@ fn run(attach: &[&str]) {
     eprintln!("icmp_node_error_to_client: {translated}");
     // At least one per family: the first too-big segment of each transfer.
     assert!(translated >= 2, "{counters:?}");
+}
+
+/// Whether `lb_tc_egress` is in the tcx egress chain of the balancer's client-facing interface.
+fn egress_attached(topology: &Topology) -> bool {
+    let (_, programs) = in_netns(&topology.balancer, || {
+        SchedClassifier::query_tcx(BALANCER_CLIENT_IFACE, TcAttachType::Egress)
+    })
+    .expect("query the tcx egress chain");
+    programs
+        .iter()
+        .any(|p| p.name_as_str() == Some(TC_EGRESS_PROGRAM))
 }
 
 /// Sends `payload` to `target` over a new connection from `ns`; whether the server read every byte
