@@ -717,6 +717,25 @@ mod tests {
     }
 
     #[test]
+    fn every_balancer_link_names_its_interface() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = PinDir::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("links")).unwrap();
+        for path in [
+            pins.link("eth0"),
+            pins.tc_hook_link("eth0", "lb_tc_egress"),
+            pins.tc_ingress_link("veth1"),
+            pins.tc_hook_link("veth1", "lb_tc_request"),
+            pins.tc_hook_link("veth1", "lb_tc_reply"),
+            // An agent's pins with only the egress link left.
+            pins.tc_hook_link("eth2", "lb_tc_egress"),
+        ] {
+            std::fs::write(path, "").unwrap();
+        }
+        assert_eq!(pins.linked_interfaces().unwrap(), ["eth0", "eth2", "veth1"]);
+    }
+
+    #[test]
     fn refuses_a_directory_off_bpffs() {
         let dir = tempfile::tempdir().unwrap();
         let err = PinDir::new(dir.path().join("lb")).prepare().unwrap_err();
