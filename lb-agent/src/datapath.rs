@@ -2,8 +2,9 @@
 //! desired configuration: backends, weighted Maglev tables (swapped atomically) and services.
 //!
 //! Attached as XDP (`lb_xdp`, the default, best on physical NICs) or TC (`lb_tc` at tcx ingress,
-//! best on veths), both with every forwarding mode, or on a workload's veth where the policy also runs, TC split around
-//! the policy programs (see [`AttachMode`]).
+//! best on veths), both with every forwarding mode and `lb_tc_egress` at tcx egress (the node's
+//! own ICMP errors about translated requests), or on a workload's veth where the policy also
+//! runs, TC split around the policy programs (see [`AttachMode`]).
 //!
 //! With a pin directory (see [`crate::pins`]) maps, program and XDP/TC links are pinned: the
 //! datapath outlives the `Datapath` (and the agent), and the next load adopts the pinned maps,
@@ -80,22 +81,41 @@ pub const TC_REQUEST_PROGRAM: &str = "lb_tc_request";
 /// Translates replies at the end of a workload veth's TC egress, after the policy.
 pub const TC_REPLY_PROGRAM: &str = "lb_tc_reply";
 
-/// The programs a workload's veth gets besides `lb_tc`: hook, and whether it goes to the head of
-/// the tcx chain (else the end).
-const WORKLOAD_HOOKS: [(&str, TcAttachType, bool); 2] = [
+/// Translates, at the end of TC egress of a client-facing interface (`--iface`, both attach
+/// modes), the ICMP errors the node's own stack sends a client about its translated DNAT request.
+pub const TC_EGRESS_PROGRAM: &str = "lb_tc_egress";
+
+/// A TC program an interface gets besides `lb_xdp`/`lb_tc`: its name, its hook, and whether it goes
+/// to the head of the tcx chain (else the end).
+type Hook = (&'static str, TcAttachType, bool);
+
+/// Every such program, each with a pinned link of its own (`PinDir::tc_hook_link`).
+const HOOKS: [Hook; 3] = [
     (TC_REQUEST_PROGRAM, TcAttachType::Ingress, true),
     (TC_REPLY_PROGRAM, TcAttachType::Egress, false),
+    (TC_EGRESS_PROGRAM, TcAttachType::Egress, false),
 ];
+
+/// The programs of [`HOOKS`] an interface attached in `mode` gets: a workload's veth the request
+/// and reply programs (`lb_tc_reply` also translates the node's errors to its client); a
+/// client-facing interface `lb_tc_egress`.
+fn hooks_of(mode: AttachMode) -> &'static [Hook] {
+    match mode {
+        AttachMode::Workload => &HOOKS[..2],
+        AttachMode::Xdp | AttachMode::Tc => &HOOKS[2..],
+    }
+}
 
 /// Which program an interface gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttachMode {
     /// `lb_xdp`, native where the driver supports it: runs before an skb exists, every forwarding
-    /// mode. The choice for physical NICs.
+    /// mode. The choice for physical NICs. Also `lb_tc_egress` at the end of tcx egress.
     #[default]
     Xdp,
     /// `lb_tc` at TC (tcx) ingress: every forwarding mode, as `lb_xdp`. The choice for veths,
-    /// where XDP forces NAPI, copies cloned skbs and disables TSO on the peer.
+    /// where XDP forces NAPI, copies cloned skbs and disables TSO on the peer. Also `lb_tc_egress`
+    /// at the end of tcx egress.
     Tc,
     /// A workload's veth (host side), where the policy programs also run: `lb_tc` at the end of tcx
     /// ingress, `lb_tc_request` at its head (translates requests to VIPs before
@@ -604,8 +624,8 @@ impl Datapath {
         self.tc_program_named(TC_PROGRAM)
     }
 
-    /// A TC program of the object ([`TC_PROGRAM`], [`TC_REQUEST_PROGRAM`], [`TC_REPLY_PROGRAM`]),
-    /// loaded (and pinned) on first use.
+    /// A TC program of the object ([`TC_PROGRAM`], [`TC_REQUEST_PROGRAM`], [`TC_REPLY_PROGRAM`],
+    /// [`TC_EGRESS_PROGRAM`]), loaded (and pinned) on first use.
     pub fn tc_program_named(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         let pin = self.pins.as_ref().map(|pins| pins.program(name));
         let program: &mut SchedClassifier = self
@@ -638,13 +658,14 @@ impl Datapath {
     /// same mode gets this program atomically (no moment without a program), a new link is pinned,
     /// and a pinned link of the other mode is removed (one balancing program per interface).
     pub fn attach_with(&mut self, interface: &str, mode: AttachMode) -> Result<()> {
-        if mode == AttachMode::Workload {
-            self.attach_balancer(interface, AttachMode::Tc)?;
-            self.attach_workload_hooks(interface)?;
-            return Ok(());
-        }
-        self.release_workload_hooks(interface)?;
-        self.attach_balancer(interface, mode)
+        let hooks = hooks_of(mode);
+        self.release_hooks_except(interface, hooks)?;
+        let balancer = match mode {
+            AttachMode::Workload => AttachMode::Tc,
+            other => other,
+        };
+        self.attach_balancer(interface, balancer)?;
+        self.attach_hooks(interface, hooks)
     }
 
     /// [`Self::attach_with`] for `lb_xdp` or `lb_tc` (ingress) alone.
@@ -744,12 +765,15 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches `lb_tc_request` (head of tcx ingress) and `lb_tc_reply` (end of tcx egress) to a
-    /// workload's veth, next to `lb_tc`. The policy's `policy_from_endpoint` goes after
-    /// `lb_tc_request` whichever is attached first (see `crate::policy::datapath`). With pins, as
-    /// [`Self::attach_with`]: a pinned link keeps its place and gets this program atomically.
-    fn attach_workload_hooks(&mut self, interface: &str) -> Result<()> {
-        for (name, attach_type, first) in WORKLOAD_HOOKS {
+    /// Attaches the TC programs `hooks` (see [`hooks_of`]) to `interface`, next to the balancing
+    /// program: on a workload's veth `lb_tc_request` (head of tcx ingress) and `lb_tc_reply` (end
+    /// of tcx egress), where the policy's `policy_from_endpoint` goes after `lb_tc_request`
+    /// whichever is attached first (see `crate::policy::datapath`); on a client-facing interface
+    /// `lb_tc_egress` (end of tcx egress). With pins, as [`Self::attach_with`]: a pinned link keeps
+    /// its place and gets this program atomically; a link an earlier agent did not pin is
+    /// attached and pinned.
+    fn attach_hooks(&mut self, interface: &str, hooks: &[Hook]) -> Result<()> {
+        for &(name, attach_type, first) in hooks {
             let order = if first {
                 LinkOrder::first()
             } else {
@@ -761,7 +785,7 @@ impl Datapath {
                     .push((interface.to_string(), Attachment::OwnedTc(name, id)));
                 continue;
             };
-            let path = pins.tc_workload_link(interface, name);
+            let path = pins.tc_hook_link(interface, name);
             self.adopt_or_attach_pinned(
                 interface,
                 &path,
@@ -786,18 +810,22 @@ impl Datapath {
         Ok(())
     }
 
-    /// Removes the pinned `lb_tc_request`/`lb_tc_reply` links of `interface` (it is no longer
-    /// attached as a workload's veth).
-    fn release_workload_hooks(&self, interface: &str) -> Result<()> {
+    /// Removes the pinned links of `interface` of the [`HOOKS`] programs other than `keep` (the
+    /// interface is now attached in another mode).
+    fn release_hooks_except(&self, interface: &str, keep: &[Hook]) -> Result<()> {
         let Some(pins) = &self.pins else {
             return Ok(());
         };
-        for (name, _, _) in WORKLOAD_HOOKS {
-            let path = pins.tc_workload_link(interface, name);
+        for (name, _, _) in HOOKS {
+            if keep.iter().any(|(kept, _, _)| *kept == name) {
+                continue;
+            }
+            let path = pins.tc_hook_link(interface, name);
             if path.exists() {
                 std::fs::remove_file(&path)
                     .with_context(|| format!("removing {}", path.display()))?;
-                info!(interface, link = %path.display(), "removed the pinned workload tcx link");
+                info!(interface, link = %path.display(),
+                      "removed the pinned tcx link of the other attach mode");
             }
         }
         Ok(())
@@ -873,11 +901,10 @@ impl Datapath {
 
     /// Removes every pinned link of `interface` (the kernel detaches what no pin holds).
     fn remove_link_pins(pins: &PinDir, interface: &str) -> Result<()> {
-        let workload_links =
-            WORKLOAD_HOOKS.map(|(name, _, _)| pins.tc_workload_link(interface, name));
+        let hook_links = HOOKS.map(|(name, _, _)| pins.tc_hook_link(interface, name));
         for path in [pins.link(interface), pins.tc_ingress_link(interface)]
             .into_iter()
-            .chain(workload_links)
+            .chain(hook_links)
         {
             if path.exists() {
                 std::fs::remove_file(&path)

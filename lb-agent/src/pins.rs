@@ -12,7 +12,8 @@
 //!   each interface. The kernel keeps the program attached as long as this pin exists, whatever
 //!   happens to the agent (also `kill -9`); a workload's veth also has
 //!   `links/lb_tc_request_<interface>` (head of tcx ingress) and `links/lb_tc_reply_<interface>`
-//!   (tcx egress);
+//!   (tcx egress), any other `links/lb_tc_egress_<interface>` (tcx egress: the node's ICMP errors
+//!   about translated packets);
 //! - `policy/`: the policy datapath (a separate instance of the object, see
 //!   `crate::policy::datapath`), laid out the same way with its own `LAYOUT`, `maps/`, `programs/`
 //!   and `links/tc_<interface>_<ingress|egress>` (its tcx links).
@@ -229,9 +230,10 @@ impl PinDir {
         self.root.join("links").join(format!("tc_{interface}"))
     }
 
-    /// The tcx link of the balancer's workload-veth program `program` (`lb_tc_request`,
-    /// `lb_tc_reply`) on `interface`.
-    pub fn tc_workload_link(&self, interface: &str, program: &str) -> PathBuf {
+    /// The tcx link of the balancer's TC program `program` next to `lb_xdp`/`lb_tc` on `interface`
+    /// (`lb_tc_request`, `lb_tc_reply` on a workload's veth; `lb_tc_egress` on a client-facing
+    /// interface).
+    pub fn tc_hook_link(&self, interface: &str, program: &str) -> PathBuf {
         self.root
             .join("links")
             .join(format!("{program}_{interface}"))
@@ -455,6 +457,7 @@ impl PinDir {
                     .or_else(|| name.strip_prefix("tc_"))
                     .or_else(|| name.strip_prefix("lb_tc_request_"))
                     .or_else(|| name.strip_prefix("lb_tc_reply_"))
+                    .or_else(|| name.strip_prefix("lb_tc_egress_"))
                     .map(str::to_string)
             })
             .collect();
@@ -711,6 +714,25 @@ mod tests {
                 ("wl_db".into(), "ingress".into())
             ]
         );
+    }
+
+    #[test]
+    fn every_balancer_link_names_its_interface() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = PinDir::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("links")).unwrap();
+        for path in [
+            pins.link("eth0"),
+            pins.tc_hook_link("eth0", "lb_tc_egress"),
+            pins.tc_ingress_link("veth1"),
+            pins.tc_hook_link("veth1", "lb_tc_request"),
+            pins.tc_hook_link("veth1", "lb_tc_reply"),
+            // An agent's pins with only the egress link left.
+            pins.tc_hook_link("eth2", "lb_tc_egress"),
+        ] {
+            std::fs::write(path, "").unwrap();
+        }
+        assert_eq!(pins.linked_interfaces().unwrap(), ["eth0", "eth2", "veth1"]);
     }
 
     #[test]

@@ -135,6 +135,11 @@ counters! {
     /// buffer full: not reported (the packet went on as decided). The agent reads the ring buffer
     /// as soon as it has data; losses mean more new flows or drops than it keeps up with.
     FlowEventsLost = 38 => "flow_events_lost",
+    /// `lb_tc_egress`: an ICMP/ICMPv6 error the node's own stack sent a client about its DNAT
+    /// request, translated (quoting client → backend, e.g. "fragmentation needed" / "packet too
+    /// big" for the link towards the backend): the quote now names the VIP the client's socket
+    /// is connected to, so that its path MTU discovery works.
+    IcmpNodeErrorToClient = 39 => "icmp_node_error_to_client",
 }
 
 impl Counter {

@@ -2,7 +2,8 @@
 //! for IPv4 and IPv6, TCP and UDP, conntrack hits, fragmented datagrams both ways, UDP without a
 //! checksum, SNAT without a route, and traffic it leaves alone; and the workload-veth split
 //! (`lb_tc_request` before the policy, `lb_tc_reply` after it at egress; DNAT only, SNAT refused),
-//! ICMP errors of its flows included. Outputs are compared byte for byte with frames built from
+//! ICMP errors of its flows included; and `lb_tc_egress` (egress of client-facing interfaces),
+//! which translates the node's own errors about translated requests. Outputs are compared byte for byte with frames built from
 //! scratch (so every checksum is verified); each case also checks the counter naming its path.
 //! `lb_tc`'s ICMP error fixtures are `xdp_icmp_fragments`'s, and its SNAT, DSR L2 and DSR IPIP
 //! fixtures `xdp_modes`'s, run through both programs.
@@ -18,7 +19,9 @@ use std::net::SocketAddr;
 
 use lb_agent::{
     config::Config,
-    datapath::{Datapath, LoadOptions, TC_PROGRAM, TC_REPLY_PROGRAM, TC_REQUEST_PROGRAM},
+    datapath::{
+        Datapath, LoadOptions, TC_EGRESS_PROGRAM, TC_PROGRAM, TC_REPLY_PROGRAM, TC_REQUEST_PROGRAM,
+    },
 };
 use lb_common::{
     counters::Counter,
@@ -839,5 +842,83 @@ fn workload_veth_in_namespace() {
         let (verdict, out) = run_program(&mut datapath, program, &input);
         assert_eq!((verdict, out == input), (TC_ACT_UNSPEC, true), "{program}");
         assert_eq!(all_counters(&datapath), before, "{program}: uncounted");
+    }
+}
+
+/// `lb_tc_egress`, at egress of a client-facing interface: an error the node's stack sends a
+/// client about its translated DNAT request (here "fragmentation needed" / "packet too big" for
+/// the link towards the backend, from the node's address, quoting client → backend:port) leaves
+/// quoting what the client sent (client → VIP:port), counted; everything else leaves untouched and
+/// uncounted.
+#[test]
+fn node_errors_about_translated_requests_at_client_egress() {
+    isolated(&[], node_errors_at_client_egress_in_namespace);
+}
+
+fn node_errors_at_client_egress_in_namespace() {
+    let mut datapath = load();
+    let payload = [0x5a; 600];
+    for (client, vip, node) in [
+        ("192.0.2.2:40030", "198.51.100.10:80", "192.0.2.1"),
+        (
+            "[2001:db8:2::2]:40031",
+            "[2001:db8:100::10]:443",
+            "2001:db8:2::1",
+        ),
+    ] {
+        let (client, vip, node) = (sa(client), sa(vip), node.parse().unwrap());
+        let key = ServiceKey::new(vip.ip(), vip.port(), protocol::TCP);
+        let backend = expected_backend(&datapath, &key, protocol::TCP, client, vip, false);
+        let what = format!("{client} -> {vip} (backend {backend})");
+        // The flow, as `lb_xdp` tracks and translates it before passing it to the stack.
+        let (verdict, out) = run_xdp(datapath.xdp_program(), &frame(SYN, client, vip, b""));
+        assert_eq!(
+            (verdict, out),
+            (XDP_PASS, frame(SYN, client, backend, b"")),
+            "{what}: SYN translated"
+        );
+
+        let too_big = IcmpError::TooBig { mtu: 1280 };
+        let quote = |to| ip_packet(&frame(ACK, client, to, &payload));
+        icmp_case(
+            &mut datapath,
+            TC_EGRESS_PROGRAM,
+            &format!("{what}: the node's error about the translated request"),
+            &icmp_error(too_big, node, client.ip(), &quote(backend)),
+            (
+                TC_ACT_UNSPEC,
+                &icmp_error(too_big, node, client.ip(), &quote(vip)),
+            ),
+            Some(Counter::IcmpNodeErrorToClient),
+        );
+        let unknown = SocketAddr::new(client.ip(), 40099);
+        let untracked = icmp_error(
+            too_big,
+            node,
+            client.ip(),
+            &ip_packet(&frame(ACK, unknown, backend, &payload)),
+        );
+        // Already translated at ingress (a backend's error `lb_xdp` turned to the VIP's view).
+        let translated = icmp_error(
+            IcmpError::PortUnreachable,
+            vip.ip(),
+            client.ip(),
+            &quote(vip),
+        );
+        for (case, input) in [
+            ("an error quoting an untracked flow", untracked),
+            ("an error translated at ingress", translated),
+            ("a reply", frame(ACK, vip, client, b"answer")),
+            ("a request", frame(ACK, client, backend, b"more")),
+        ] {
+            icmp_case(
+                &mut datapath,
+                TC_EGRESS_PROGRAM,
+                &format!("{what}: {case}, untouched"),
+                &input,
+                (TC_ACT_UNSPEC, &input),
+                None,
+            );
+        }
     }
 }

@@ -28,8 +28,7 @@ use lb_common::prefilter;
 use tracing::{info, warn};
 
 use super::{
-    new_loader, Attachment, Datapath, ProgramSettings, EBPF_OBJECT, TC_PROGRAM, TC_REPLY_PROGRAM,
-    TC_REQUEST_PROGRAM, WORKLOAD_HOOKS, XDP_PROGRAM,
+    new_loader, Attachment, Datapath, ProgramSettings, EBPF_OBJECT, HOOKS, TC_PROGRAM, XDP_PROGRAM,
 };
 use crate::{pins, prefilter::AddressFilter};
 
@@ -94,7 +93,10 @@ impl Datapath {
         copy_address_filter(&self.ebpf, &mut ebpf)?;
         // The programs the running load has loaded (lb_xdp always; the TC ones once attached).
         let mut programs = vec![XDP_PROGRAM];
-        for name in [TC_PROGRAM, TC_REQUEST_PROGRAM, TC_REPLY_PROGRAM] {
+        for name in [TC_PROGRAM]
+            .into_iter()
+            .chain(HOOKS.map(|(name, _, _)| name))
+        {
             if self.ebpf.program(name).is_some_and(|p| p.fd().is_ok()) {
                 programs.push(name);
             }
@@ -153,9 +155,7 @@ impl Datapath {
                 (pins.tc_ingress_link(interface), TC_PROGRAM),
             ]
             .into_iter()
-            .chain(
-                WORKLOAD_HOOKS.map(|(name, _, _)| (pins.tc_workload_link(interface, name), name)),
-            );
+            .chain(HOOKS.map(|(name, _, _)| (pins.tc_hook_link(interface, name), name)));
             for (path, program) in candidates {
                 if path.exists() {
                     links.push(LinkPin { path, program });

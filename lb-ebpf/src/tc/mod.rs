@@ -48,6 +48,7 @@
 //! `drop_tc_mode_unsupported`. Clients behind `--iface` interfaces get every mode.
 
 mod dsr;
+mod egress;
 mod fragments;
 mod nat;
 mod snat;
