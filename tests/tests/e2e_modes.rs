@@ -575,7 +575,10 @@ fn dsr_ipip(attach: Attach) {
 /// answer they are dropped and the connections stall).
 #[test]
 fn dsr_ipip_without_mtu_headroom_lowers_the_clients_path_mtu() {
-    lowers_the_clients_path_mtu(Setup::with_headroom(Mode::DsrIpip, Attach::Xdp, false));
+    lowers_the_clients_path_mtu(
+        Setup::with_headroom(Mode::DsrIpip, Attach::Xdp, false),
+        [1480, 1460],
+    );
 }
 
 /// The same through `lb_tc`, from a client that sends every segment as an skb of its own (TSO and
@@ -594,12 +597,33 @@ fn dsr_ipip_without_mtu_headroom_lowers_the_clients_path_mtu_through_tc() {
         out.status.success(),
         "ethtool -K eth0 tso off gso off: {out:?}"
     );
-    lowers_the_clients_path_mtu(setup);
+    lowers_the_clients_path_mtu(setup, [1480, 1460]);
 }
 
-fn lowers_the_clients_path_mtu(mut setup: Setup) {
+/// SNAT over balancer–backend links of a smaller MTU (1400) than the client's (the backends' own
+/// interfaces keep 1500: their MSS does not shrink the client's segments). `lb_xdp` asks the FIB
+/// before it translates a request and answers one too big for the link itself, from the VIP,
+/// announcing the link's MTU: the client lowers its path MTU towards the VIP, and every byte
+/// arrives. (The node's stack would answer the translated packet, towards the SNAT address: lost.)
+#[test]
+fn snat_over_a_narrower_backend_link_lowers_the_clients_path_mtu() {
+    let setup = Setup::new(Mode::Snat, Attach::Xdp);
+    for b in &setup.topology.backends {
+        setup
+            .topology
+            .balancer
+            .ip_cmd(&format!("link set dev {} mtu 1400", b.balancer_iface))
+            .unwrap();
+    }
+    lowers_the_clients_path_mtu(setup, [1400, 1400]);
+}
+
+fn lowers_the_clients_path_mtu(mut setup: Setup, mtus: [u32; 2]) {
     let client = &setup.topology.client;
-    for (vip, mtu) in [(IpAddr::from(VIP), 1480), (IpAddr::from(VIP6), 1460)] {
+    for (vip, mtu) in [IpAddr::from(VIP), IpAddr::from(VIP6)]
+        .into_iter()
+        .zip(mtus)
+    {
         assert_eq!(client.learnt_mtu(vip), None, "no PMTU towards {vip} yet");
         for result in tcp_requests(client, SocketAddr::new(vip, 80), REQUESTS, &LARGE) {
             result.unwrap_or_else(|e| panic!("a connection to {vip} failed: {e}"));
