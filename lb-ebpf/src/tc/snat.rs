@@ -4,7 +4,8 @@
 //! (`tc::xmit`, TTL decremented as a router does).
 //!
 //! Client → VIP: the source becomes the service's SNAT address and the flow's port, the
-//! destination the backend. Backend → node:port (the reply): the source becomes the VIP and its
+//! destination the backend. The FIB is asked first, and a request too big for the link is
+//! answered from the VIP (`tc::too_big`), as `lb_xdp` does. Backend → node:port (the reply): the source becomes the VIP and its
 //! port, the destination the client and its port. A first fragment is recorded after the rewrite
 //! (`crate::fragments`); later fragments get the same addresses and next hop (`tc::fragments`).
 
