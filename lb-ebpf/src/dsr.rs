@@ -100,8 +100,13 @@ pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Back
     let family = flow.key.family;
     let label = before_encapsulation(ctx, &flow.key, source, &backend.addr);
     let (action, reason) = match encapsulate(ctx, family, source, &backend.addr, label) {
-        TOO_BIG => match too_big::answer(ctx, family) {
+        TOO_BIG => match too_big::answer(ctx, family, true) {
             xdp_action::XDP_TX => (xdp_action::XDP_TX, Counter::IcmpTooBigSent),
+            too_big::UNANSWERED => (
+                Unsent::dsr_ipip(Xmit::TooBig).xdp_action(),
+                Counter::DropEncapTooBig,
+            ),
+            // Counted `drop_encap_too_big` there.
             action => (action, Counter::DropEncapTooBig),
         },
         xdp_action::XDP_DROP => (xdp_action::XDP_DROP, Counter::DropEncapFailed),

@@ -116,6 +116,9 @@ pub struct ModeScratch {
     /// How an ICMP error translated for a SNAT or DSR flow leaves (icmp.rs), as `FRAGMENTS`
     /// records it for a datagram's later fragments.
     pub departure: lb_common::fragments::FragmentEntry,
+    /// What the FIB said about a SNAT request before its translation (`xmit::keep_route`), read
+    /// after it: in a register, the verifier would follow each answer through the translation.
+    pub route: u32,
 }
 
 /// This CPU's scratch space.

@@ -17,8 +17,12 @@
 //! `ALLOCATION_ATTEMPTS` taken candidates the packet is dropped and counted. Collisions are per
 //! backend address and port, so each backend gets the whole range.
 //!
-//! When the fast path cannot send the finished packet (no neighbour entry yet, no route, MTU, TTL),
-//! it is passed to the kernel, which resolves, routes or answers with ICMP. The kernel treats a
+//! When the fast path cannot send the finished packet (no neighbour entry yet, no route, TTL), it is
+//! passed to the kernel, which resolves, routes or answers with ICMP. A request too big for the
+//! link to its backend is answered by the balancer itself, before its translation (the kernel's
+//! answer would go to the SNAT address): "fragmentation needed" / "packet too big" from the VIP
+//! announcing the link's MTU (`too_big`), unless it is IPv4 that may be fragmented (or has
+//! options): that one is translated and passed, and the kernel fragments it. The kernel treats a
 //! received packet whose source is one of its own addresses as martian unless
 //! `net.ipv4.conf.<iface>.accept_local=1`: set it when the SNAT address is a local address.
 //!
@@ -41,7 +45,8 @@ use crate::{
     maps::{count, scratch, NAT_REPLY, SERVICE_MODES},
     mem, nat,
     packet::Flow,
-    xmit::{self, fib_xmit, opts, Unsent, Xmit},
+    too_big,
+    xmit::{self, fib_route, fib_send, fib_xmit, opts, Unsent, Xmit},
 };
 
 /// Chooses the source port (network byte order) of a new SNAT flow to `backend` and records the
@@ -153,15 +158,41 @@ pub fn forward(
         flow_events::not_forwarded(&flow.key, service.id, mode::SNAT, reason);
         return xdp_action::XDP_DROP;
     };
-    nat::snat_to_backend(ctx, flow, &info.source, port, backend);
-    fragments::track_first(ctx, &flow.key, mode::SNAT, None, None);
-    send(
+    // The FIB is asked before the translation (the same length: only addresses and ports
+    // change), so that a packet too big for the link to the backend can be answered as it came:
+    // the stack would answer the translated one towards the SNAT address. Its port and
+    // `NAT_REPLY` entry stay: the client's smaller retry is the same flow and gets them back.
+    let family = flow.key.family;
+    let route = fib_route(
         ctx,
-        flow.key.family,
+        family,
         flow.key.protocol,
         &info.source,
         &backend.addr,
-    )
+        xmit::ip_len(ctx, family),
+        opts::DECREMENT_TTL,
+    );
+    if let Err(Xmit::TooBig) = route {
+        match too_big::answer(ctx, family, false) {
+            // Not answerable (IPv4 that may be fragmented): translated, to the stack, as before.
+            too_big::UNANSWERED => {}
+            action => {
+                let reason = match action {
+                    xdp_action::XDP_TX => Counter::IcmpTooBigSent,
+                    _ => Counter::DropEncapTooBig,
+                };
+                flow_events::not_forwarded(&flow.key, service.id, mode::SNAT, reason);
+                return action;
+            }
+        }
+    }
+    xmit::keep_route(&route);
+    nat::snat_to_backend(ctx, flow, &info.source, port, backend);
+    fragments::track_first(ctx, &flow.key, mode::SNAT, None, None);
+    match xmit::kept_route().map(|params| fib_send(ctx, family, params, opts::DECREMENT_TTL)) {
+        Ok(Xmit::Sent(action)) => action,
+        Ok(unsent) | Err(unsent) => Unsent::translated(unsent).xdp_action(),
+    }
 }
 
 /// Backend → node:port packet of a SNAT flow (`reply`: its `NAT_REPLY` entry): rewritten and sent

@@ -1,5 +1,6 @@
-//! "Fragmentation needed" / "packet too big" for DSR IPIP packets that no longer fit the link to
-//! their backend once encapsulated (as Katran answers its own too-big packets). Without an answer
+//! "Fragmentation needed" / "packet too big" for packets that do not fit the link to their backend:
+//! DSR IPIP packets once encapsulated (as Katran answers its own too-big packets), and SNAT
+//! requests, which the stack would answer too, but towards the node's SNAT address. Without an answer
 //! the client never learns that its packets are too big for this path: it retransmits full-sized
 //! segments into a black hole, and a TCP connection stalls after its handshake.
 //!
@@ -11,9 +12,14 @@
 //! (`XDP_TX`, counted `icmp_too_big_sent`). The MTU it announces is the link's less the outer
 //! header: what the inner packet may be.
 //!
+//! A SNAT request (`snat::forward`) is answered the same way before its translation, from the
+//! FIB's answer for the translated packet (same length): no outer header to drop or subtract, the
+//! link's MTU announced as it is.
+//!
 //! - IPv4: only for a packet with "don't fragment" set, whose header has no options (a 28-byte
-//!   quote); others are dropped as before (`drop_encap_too_big`): without DF a sender expects the
-//!   path to fragment, and the outer packet is never fragmented here.
+//!   quote); others are left as they are ([`UNANSWERED`]): DSR IPIP drops them as before
+//!   (`drop_encap_too_big`: without DF a sender expects the path to fragment, and the outer
+//!   packet is never fragmented here), SNAT hands them translated to the stack, which fragments.
 //! - IPv6: ICMPv6 "packet too big" (a 48-byte quote, the fixed header and 8 bytes). An announced
 //!   MTU below 1280 means a link to backends without IPv6's minimum headroom; the client's stack
 //!   then keeps 1280 and its packets stay too big, as they would on any such path.
@@ -54,59 +60,85 @@ const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 /// TTL / hop limit of the answer.
 const ANSWER_TTL: u8 = 64;
 
-/// Answers the client of the packet at `ctx`, an inner packet of `family` behind the outer header
-/// `dsr::encapsulate` put in front of it and found too big for the egress MTU (the FIB's answer in
-/// the per-CPU scratch space); returns the XDP action, counted.
-// A BPF function of its own, called from `dsr::ipip`: the packet moves under it.
+/// What [`answer`] (and `tc::too_big::answer`, as an `i32`) returns for a packet it cannot answer
+/// and left as it was (nothing counted): the caller settles it as it did before answers.
+pub const UNANSWERED: u32 = u32::MAX;
+
+/// The outer header in front of the client's packet that [`answer`] finds, and by which the MTU it
+/// announces is lower than the link's.
+#[inline(always)]
+pub const fn outer_len(encapsulated: bool, v4: bool) -> usize {
+    match (encapsulated, v4) {
+        (false, _) => 0,
+        (true, true) => IPV4_OUTER_LEN,
+        (true, false) => IPV6_OUTER_LEN,
+    }
+}
+
+/// Answers the client of the packet at `ctx`, a packet of `family` found too big for the egress
+/// MTU (the FIB's answer in the per-CPU scratch space): `encapsulated`, behind the outer header
+/// `dsr::encapsulate` put in front of it, else as it came (a SNAT request). Returns `XDP_TX`
+/// (counted `icmp_too_big_sent`), [`UNANSWERED`], or `XDP_DROP` when a helper refused halfway
+/// (counted `drop_encap_too_big`).
+// A BPF function of its own, called from `dsr::ipip` and `snat::forward`: the packet moves under it.
 #[inline(never)]
-pub fn answer(ctx: &XdpContext, family: u8) -> u32 {
-    let v4 = family == family::IPV4;
+pub fn answer(ctx: &XdpContext, family: u8, encapsulated: bool) -> u32 {
+    if family == family::IPV4 {
+        answer_family::<true>(ctx, encapsulated)
+    } else {
+        answer_family::<false>(ctx, encapsulated)
+    }
+}
+
+/// [`answer`] for one family (`V4`): every length a constant of the branch it is used in, which
+/// the verifier follows (lengths chosen once and used after another test of the family are not).
+#[inline(always)]
+fn answer_family<const V4: bool>(ctx: &XdpContext, encapsulated: bool) -> u32 {
     let refused = || {
         count(Counter::DropEncapTooBig);
         xdp_action::XDP_DROP
     };
     let Some(link_mtu) = link_mtu() else {
-        return refused();
+        return UNANSWERED;
     };
-    let (outer_len, ip_len) = if v4 {
-        (IPV4_OUTER_LEN, IPV4_LEN)
-    } else {
-        (IPV6_OUTER_LEN, IPV6_LEN)
-    };
+    let ip_len = if V4 { IPV4_LEN } else { IPV6_LEN };
+    let outer_len = outer_len(encapsulated, V4);
+    let mtu = link_mtu.saturating_sub(outer_len as u16);
     let quote_len = ip_len + QUOTED_L4_BYTES;
     let (data, end) = (ctx.data(), ctx.data_end());
     let inner = data + ETH_LEN + outer_len;
     if inner + quote_len > end {
-        return refused();
+        return UNANSWERED;
     }
     // SAFETY: inside the quote, checked just above.
-    if v4 && !unsafe { ipv4_answerable(*(inner as *const u8), load16(inner + IPV4_FLAGS)) } {
-        return refused();
+    if V4 && !unsafe { ipv4_answerable(*(inner as *const u8), load16(inner + IPV4_FLAGS)) } {
+        return UNANSWERED;
     }
 
-    // Cut the packet after the quote, then open the room the ICMP header needs in front (the outer
-    // header is as long as the new IP header); pointers are derived again after each move.
+    // Cut the packet after the quote, then open the room the new IP and ICMP headers need in
+    // front (an outer header, as long as the new IP header, gives all but the ICMP header's);
+    // pointers are derived again after each move.
     let keep = ETH_LEN + outer_len + quote_len;
+    let grow = ip_len + ICMP_HEADER_LEN - outer_len;
     // SAFETY: plain helper calls on this program's context.
     if unsafe { bpf_xdp_adjust_tail(ctx.ctx, keep as i32 - (end - data) as i32) } != 0
-        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ICMP_HEADER_LEN as i32)) } != 0
+        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0
     {
         return refused();
     }
-    // Bounds proven again per family, with constant lengths (what the verifier can follow).
+    // Bounds proven again, with constant lengths (what the verifier can follow).
     let (data, end) = (ctx.data(), ctx.data_end());
-    // SAFETY (both branches): every access is inside the answer's bytes, checked first; the MAC
-    // addresses are those 8 bytes further, where they were before the head moved.
-    if v4 {
-        if data + answer_len(IPV4_LEN, QUOTED_L4_BYTES) > end {
-            return refused();
+    if data + answer_len(ip_len, QUOTED_L4_BYTES) > end {
+        return refused();
+    }
+    // SAFETY: every access is inside the answer's bytes, checked just above; the MAC addresses
+    // are `grow` bytes further (inside them), where they were before the head moved.
+    unsafe {
+        if V4 {
+            write_ipv4(data, data + grow, QUOTED_L4_BYTES, mtu);
+        } else {
+            write_ipv6(data, data + grow, QUOTED_L4_BYTES, mtu);
         }
-        unsafe { write_ipv4(data, data + ICMP_HEADER_LEN, QUOTED_L4_BYTES, link_mtu) };
-    } else {
-        if data + answer_len(IPV6_LEN, QUOTED_L4_BYTES) > end {
-            return refused();
-        }
-        unsafe { write_ipv6(data, data + ICMP_HEADER_LEN, QUOTED_L4_BYTES, link_mtu) };
     }
     count(Counter::IcmpTooBigSent);
     xdp_action::XDP_TX
@@ -136,19 +168,18 @@ pub const fn answer_len(ip_len: usize, quoted_l4: usize) -> usize {
 /// Writes an answer's headers in front of its quote (an IPv4 header and `quoted_l4` bytes at
 /// `data + 42`): the Ethernet header from the one at `macs` with the addresses swapped, an IPv4
 /// header from the quoted destination (the VIP) to its source (the client), and "fragmentation
-/// needed" announcing `link_mtu` less the outer header, checksums included.
+/// needed" announcing `mtu`, checksums included.
 ///
 /// # Safety
 /// `data .. data + answer_len(IPV4_LEN, quoted_l4)` and `macs .. macs + 14` must be inside the
 /// packet; `quoted_l4` even and constant.
 #[inline(always)]
-pub unsafe fn write_ipv4(data: usize, macs: usize, quoted_l4: usize, link_mtu: u16) {
+pub unsafe fn write_ipv4(data: usize, macs: usize, quoted_l4: usize, mtu: u16) {
     let (ip, icmp) = (data + ETH_LEN, data + ETH_LEN + IPV4_LEN);
     unsafe {
         swap_macs(data, macs);
         write_ipv4_header(ip, icmp + ICMP_HEADER_LEN, quoted_l4);
         // The next-hop MTU in the last 16 bits of the ICMP header's second word.
-        let mtu = link_mtu.saturating_sub(IPV4_OUTER_LEN as u16);
         write_icmp(
             icmp,
             ICMP_UNREACHABLE,
@@ -167,13 +198,12 @@ pub unsafe fn write_ipv4(data: usize, macs: usize, quoted_l4: usize, link_mtu: u
 /// `data .. data + answer_len(IPV6_LEN, quoted_l4)` and `macs .. macs + 14` must be inside the
 /// packet; `quoted_l4` even and constant.
 #[inline(always)]
-pub unsafe fn write_ipv6(data: usize, macs: usize, quoted_l4: usize, link_mtu: u16) {
+pub unsafe fn write_ipv6(data: usize, macs: usize, quoted_l4: usize, mtu: u16) {
     let (ip, icmp) = (data + ETH_LEN, data + ETH_LEN + IPV6_LEN);
     let icmp_len = ICMP_HEADER_LEN + IPV6_LEN + quoted_l4;
     unsafe {
         swap_macs(data, macs);
         write_ipv6_header(ip, icmp + ICMP_HEADER_LEN, quoted_l4);
-        let mtu = link_mtu.saturating_sub(IPV6_OUTER_LEN as u16);
         write_icmp(icmp, ICMPV6_PACKET_TOO_BIG, 0, mtu as u32);
         // The pseudo-header: both addresses, the ICMPv6 length and its next header.
         let pseudo = sum_words(ip + IPV6_SRC, 32)
@@ -184,8 +214,8 @@ pub unsafe fn write_ipv6(data: usize, macs: usize, quoted_l4: usize, link_mtu: u
     }
 }
 
-/// Writes the Ethernet header at `data` from the one at `old` (`lb_xdp`: 8 bytes further, before
-/// the ICMP header's room opened; `lb_tc`: the same): destination and source swapped, the same
+/// Writes the Ethernet header at `data` from the one at `old` (`lb_xdp`: further, before the
+/// room for the new headers opened; `lb_tc`: the same): destination and source swapped, the same
 /// EtherType.
 ///
 /// # Safety

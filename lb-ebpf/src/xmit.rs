@@ -116,16 +116,35 @@ pub fn fib_xmit(
     tot_len: u16,
     options: u8,
 ) -> Xmit {
+    match fib_route(ctx, family, l4_protocol, src, dst, tot_len, options) {
+        Ok(params) => fib_send(ctx, family, params, options),
+        Err(unsent) => unsent,
+    }
+}
+
+/// The first half of [`fib_xmit`]: asks the FIB for the next hop of the packet at `ctx` (as it
+/// will be: SNAT asks before it translates, to answer a packet too big as it came); `Ok` with the
+/// FIB's answer (in the per-CPU scratch space) when it can be sent. Nothing is written.
+#[inline(always)]
+pub fn fib_route(
+    ctx: &XdpContext,
+    family: u8,
+    l4_protocol: u8,
+    src: &Addr,
+    dst: &Addr,
+    tot_len: u16,
+    options: u8,
+) -> Result<&'static FibParams, Xmit> {
     let v4 = family == family::IPV4;
     let l3 = ctx.data() + ETH_LEN;
     if options & opts::DECREMENT_TTL != 0 {
         let ttl_at = l3 + if v4 { IPV4_TTL } else { IPV6_HOP_LIMIT };
         if ttl_at + 1 > ctx.data_end() {
-            return Xmit::NoRoute;
+            return Err(Xmit::NoRoute);
         }
         // SAFETY: bounds checked just above.
         if unsafe { *(ttl_at as *const u8) } <= 1 {
-            return Xmit::NoRoute;
+            return Err(Xmit::NoRoute);
         }
     }
 
@@ -137,7 +156,7 @@ pub fn fib_xmit(
         src,
         dst,
     ) else {
-        return Xmit::NoRoute;
+        return Err(Xmit::NoRoute);
     };
     // SAFETY: params is a valid, fully sized struct.
     let rc = unsafe {
@@ -148,10 +167,17 @@ pub fn fib_xmit(
             0,
         )
     } as u32;
-    if let Some(unsent) = unsendable(rc, params, v4, dst, options) {
-        return unsent;
+    match unsendable(rc, params, v4, dst, options) {
+        Some(unsent) => Err(unsent),
+        None => Ok(params),
     }
+}
 
+/// The second half of [`fib_xmit`]: sends the packet at `ctx` to the next hop [`fib_route`] found
+/// (`params`), the TTL decremented if `options` say so, the MACs written.
+#[inline(always)]
+pub fn fib_send(ctx: &XdpContext, family: u8, params: &FibParams, options: u8) -> Xmit {
+    let v4 = family == family::IPV4;
     let data = ctx.data();
     if data + ETH_LEN + if v4 { IPV4_LEN } else { IPV6_LEN } > ctx.data_end() {
         return Xmit::NoRoute;
@@ -164,13 +190,14 @@ pub fn fib_xmit(
                 // TTL and protocol form one 16-bit word of the header checksum.
                 let word = load16(l3 + IPV4_TTL);
                 let mut bytes = word.to_ne_bytes();
-                bytes[0] -= 1;
+                bytes[0] = bytes[0].wrapping_sub(1);
                 let new = u16::from_ne_bytes(bytes);
                 store16(l3 + IPV4_TTL, new);
                 let check = load16(l3 + IPV4_CHECK);
                 store16(l3 + IPV4_CHECK, checksum::replace_u16(check, word, new));
             } else {
-                *((l3 + IPV6_HOP_LIMIT) as *mut u8) -= 1;
+                let hop_limit = (l3 + IPV6_HOP_LIMIT) as *mut u8;
+                *hop_limit = (*hop_limit).wrapping_sub(1);
             }
         }
         write_mac(data, &params.dmac);
@@ -183,6 +210,41 @@ pub fn fib_xmit(
         count(Counter::XmitRedirect);
         // SAFETY: plain helper call; returns XDP_REDIRECT, or XDP_ABORTED on bad flags.
         Xmit::Sent(unsafe { bpf_redirect(params.ifindex, 0) } as u32)
+    }
+}
+
+/// Keeps `route`, what [`fib_route`] (or `tc::xmit::route`) found for a packet about to change,
+/// in the per-CPU scratch space, for [`kept_route`] after the change. Volatile: kept in a register
+/// instead, each outcome would be followed separately through the change by the verifier, which
+/// `lb_xdp` cannot afford (its million instructions).
+#[inline(always)]
+pub fn keep_route(route: &Result<&'static FibParams, Xmit>) {
+    let code = match route {
+        Ok(_) => 0,
+        Err(Xmit::NoNeigh) => 1,
+        Err(Xmit::TooBig) => 2,
+        Err(Xmit::NotOnLink) => 3,
+        Err(_) => 4,
+    };
+    if let Some(s) = scratch() {
+        // SAFETY: a plain integer of this CPU's scratch space.
+        unsafe { core::ptr::write_volatile(&mut s.route, code) };
+    }
+}
+
+/// What [`keep_route`] kept: the FIB's answer (in the scratch space still) or why not.
+#[inline(always)]
+pub fn kept_route() -> Result<&'static FibParams, Xmit> {
+    let Some(s) = scratch() else {
+        return Err(Xmit::NoRoute);
+    };
+    // SAFETY: a plain integer of this CPU's scratch space.
+    match unsafe { core::ptr::read_volatile(&s.route) } {
+        0 => Ok(&s.fib),
+        1 => Err(Xmit::NoNeigh),
+        2 => Err(Xmit::TooBig),
+        3 => Err(Xmit::NotOnLink),
+        _ => Err(Xmit::NoRoute),
     }
 }
 

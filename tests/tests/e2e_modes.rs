@@ -51,6 +51,8 @@ const REQUESTS: usize = 30;
 const SMALL: &[u8] = b"0123456789abcdef";
 /// Two full-sized TCP segments and a bit: needs the MTU headroom once encapsulated.
 static LARGE: [u8; 3000] = [7; 3000];
+/// A transfer of hundreds of full-sized segments on one connection.
+static TRANSFER: [u8; 512 * 1024] = [7; 512 * 1024];
 /// UDP payload of every datagram: three fragments on a 1500-byte link.
 static DATAGRAM: [u8; 3000] = [9; 3000];
 /// TCP payload per connection through TC: bulk, sent as GSO packets of many segments.
@@ -575,7 +577,11 @@ fn dsr_ipip(attach: Attach) {
 /// answer they are dropped and the connections stall).
 #[test]
 fn dsr_ipip_without_mtu_headroom_lowers_the_clients_path_mtu() {
-    lowers_the_clients_path_mtu(Setup::with_headroom(Mode::DsrIpip, Attach::Xdp, false));
+    lowers_the_clients_path_mtu(
+        Setup::with_headroom(Mode::DsrIpip, Attach::Xdp, false),
+        [1480, 1460],
+        (REQUESTS, &LARGE),
+    );
 }
 
 /// The same through `lb_tc`, from a client that sends every segment as an skb of its own (TSO and
@@ -594,14 +600,67 @@ fn dsr_ipip_without_mtu_headroom_lowers_the_clients_path_mtu_through_tc() {
         out.status.success(),
         "ethtool -K eth0 tso off gso off: {out:?}"
     );
-    lowers_the_clients_path_mtu(setup);
+    lowers_the_clients_path_mtu(setup, [1480, 1460], (REQUESTS, &LARGE));
 }
 
-fn lowers_the_clients_path_mtu(mut setup: Setup) {
+/// SNAT over balancer–backend links of a smaller MTU (1400) than the client's (the backends' own
+/// interfaces keep 1500: their MSS does not shrink the client's segments). `lb_xdp` asks the FIB
+/// before it translates a request and answers one too big for the link itself, from the VIP,
+/// announcing the link's MTU: the client lowers its path MTU towards the VIP, and a 512 KiB
+/// transfer to each VIP arrives whole. (The node's stack would answer the translated packet,
+/// towards the SNAT address: lost, the client learns nothing.)
+#[test]
+fn snat_over_a_narrower_backend_link_lowers_the_clients_path_mtu() {
+    lowers_the_clients_path_mtu(
+        narrower_backend_links(Attach::Xdp),
+        [1400, 1400],
+        (1, &TRANSFER),
+    );
+}
+
+/// The same through `lb_tc` (`tc::snat`), from a client whose full-sized segments are single skbs
+/// (TSO and GSO off, as for DSR IPIP above: a GSO skb is segmented for the link, never answered).
+#[test]
+fn snat_over_a_narrower_backend_link_lowers_the_clients_path_mtu_through_tc() {
+    let setup = narrower_backend_links(Attach::Tc);
+    let out = setup
+        .topology
+        .client
+        .exec("ethtool", &["-K", "eth0", "tso", "off", "gso", "off"])
+        .expect("ethtool");
+    assert!(
+        out.status.success(),
+        "ethtool -K eth0 tso off gso off: {out:?}"
+    );
+    lowers_the_clients_path_mtu(setup, [1400, 1400], (1, &TRANSFER));
+}
+
+/// SNAT VIPs whose backends are behind balancer links of MTU 1400.
+fn narrower_backend_links(attach: Attach) -> Setup {
+    let setup = Setup::new(Mode::Snat, attach);
+    for b in &setup.topology.backends {
+        setup
+            .topology
+            .balancer
+            .ip_cmd(&format!("link set dev {} mtu 1400", b.balancer_iface))
+            .unwrap();
+    }
+    setup
+}
+
+/// `requests` connections per VIP, each sending `payload`.
+fn lowers_the_clients_path_mtu(
+    mut setup: Setup,
+    mtus: [u32; 2],
+    (requests, payload): (usize, &'static [u8]),
+) {
     let client = &setup.topology.client;
-    for (vip, mtu) in [(IpAddr::from(VIP), 1480), (IpAddr::from(VIP6), 1460)] {
+    for (vip, mtu) in [IpAddr::from(VIP), IpAddr::from(VIP6)]
+        .into_iter()
+        .zip(mtus)
+    {
         assert_eq!(client.learnt_mtu(vip), None, "no PMTU towards {vip} yet");
-        for result in tcp_requests(client, SocketAddr::new(vip, 80), REQUESTS, &LARGE) {
+        for result in tcp_requests(client, SocketAddr::new(vip, 80), requests, payload) {
             result.unwrap_or_else(|e| panic!("a connection to {vip} failed: {e}"));
         }
         assert_eq!(
@@ -610,7 +669,7 @@ fn lowers_the_clients_path_mtu(mut setup: Setup) {
             "the client's path MTU towards {vip}"
         );
     }
-    let sent = 2 * (REQUESTS * LARGE.len()) as u64;
+    let sent = 2 * (requests * payload.len()) as u64;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while setup.tcp_bytes() < sent && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));

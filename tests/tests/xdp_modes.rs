@@ -51,6 +51,11 @@ const BEHIND_GATEWAY4: &str = "203.0.113.201";
 const UNREACHABLE4: &str = "203.0.113.202";
 /// In to-b1's /64, never resolved.
 const UNRESOLVED6: &str = "2001:db8:203:1::99";
+/// SNAT backends routed through backend 1 on a path whose MTU is 1400 (a route's `mtu lock`),
+/// smaller than the client's 1500.
+const NARROW4: &str = "203.0.113.203";
+const NARROW6: &str = "2001:db8:203:2::1";
+const NARROW_MTU: u16 = 1400;
 const PAYLOAD: &[u8] = b"payload";
 /// Routers on the client's side, which send ICMP errors about replies.
 const CLIENT_ROUTER4: &str = "192.0.2.254";
@@ -96,6 +101,8 @@ fn config(b1: Ipv4Addr, b1_6: Ipv6Addr) -> String {
         ("snat-unresolved", "198.51.100.46", "snat", UNRESOLVED4),
         ("ipip-unresolved", "198.51.100.47", "dsr-ipip", UNRESOLVED4),
         ("l2-unresolved6", "2001:db8:100::43", "dsr-l2", UNRESOLVED6),
+        ("snat-narrow", "198.51.100.48", "snat", NARROW4),
+        ("snat-narrow6", "2001:db8:100::48", "snat", NARROW6),
     ] {
         service(name, vip, 80, "tcp", mode, backend, 80);
     }
@@ -241,6 +248,16 @@ impl Balancer {
             .unwrap();
         lb.ip_cmd(&format!("route add unreachable {UNREACHABLE4}/32"))
             .unwrap();
+        lb.ip_cmd(&format!(
+            "route add {NARROW4}/32 via {} mtu lock {NARROW_MTU}",
+            b1.addr
+        ))
+        .unwrap();
+        lb.ip_cmd(&format!(
+            "-6 route add {NARROW6}/128 via {} mtu lock {NARROW_MTU}",
+            b1.addr6
+        ))
+        .unwrap();
         Self {
             to_client,
             to_b1,
@@ -639,6 +656,92 @@ fn balancer_fixtures(program: Program) {
         expect: Expect::Dropped,
         counters: vec![Counter::DropEncapTooBig],
     });
+    // SNAT requests too big for the path to their backend (MTU 1400): each program answers the
+    // client before the translation, from the VIP, announcing the path's MTU (no outer header),
+    // quoting as for DSR IPIP; the flow keeps its port, and the client's smaller retry goes
+    // through. An IPv4 request that may be fragmented is translated and passed to the stack, which
+    // fragments it.
+    for (client, vip, narrow, payload) in [
+        (
+            SocketAddr::new(CLIENT_ADDR.into(), 41004),
+            sa("198.51.100.48:80"),
+            NARROW4,
+            1460,
+        ),
+        (
+            SocketAddr::new(CLIENT_ADDR6.into(), 41004),
+            sa("[2001:db8:100::48]:80"),
+            NARROW6,
+            1440,
+        ),
+    ] {
+        let input = frame_via(ACK, client, vip, &vec![7u8; payload], from_client, 64);
+        let ip_len = if vip.is_ipv4() { 20 } else { 40 };
+        let quote = match program {
+            Program::Xdp => input[14..14 + ip_len + 8].to_vec(),
+            Program::Tc => quote_unchanged_by_checksum_completion(&input[14..], ip_len, 16),
+        };
+        let answer = icmp_error_via(
+            IcmpError::TooBig { mtu: NARROW_MTU },
+            vip.ip(),
+            client.ip(),
+            &quote,
+            to_client_macs,
+            64,
+        );
+        fixtures.push(Fixture {
+            what: format!("SNAT, full-sized TCP packet to {vip} exceeds the path's MTU"),
+            input,
+            ingress: to_client,
+            expect: Expect::Frame(Verdict::Tx, may_fragment(answer)),
+            counters: vec![Counter::ForwardNewFlow, Counter::IcmpTooBigSent],
+        });
+        let node: IpAddr = if vip.is_ipv4() {
+            NODE4.into()
+        } else {
+            NODE6.into()
+        };
+        let node_end = SocketAddr::new(node, snat_port(protocol::TCP, client, vip));
+        let backend = SocketAddr::new(narrow.parse().unwrap(), 80);
+        fixtures.push(Fixture {
+            what: format!("SNAT, the client's smaller retry to {vip}: same port, forwarded"),
+            input: frame_via(ACK, client, vip, PAYLOAD, from_client, 64),
+            ingress: to_client,
+            expect: Expect::Frame(
+                Verdict::Redirect,
+                frame_via(ACK, node_end, backend, PAYLOAD, to_backend, 63),
+            ),
+            counters: vec![Counter::ForwardConntrackHit, Counter::XmitRedirect],
+        });
+    }
+    let df_less_client = SocketAddr::new(CLIENT_ADDR.into(), 41005);
+    let narrow_vip = sa("198.51.100.48:80");
+    let port = snat_port(protocol::TCP, df_less_client, narrow_vip);
+    fixtures.push(Fixture {
+        what: "SNAT, a too-big IPv4 packet without \"don't fragment\": translated, to the stack"
+            .into(),
+        input: may_fragment(frame_via(
+            ACK,
+            df_less_client,
+            narrow_vip,
+            &[7u8; 1460],
+            from_client,
+            64,
+        )),
+        ingress: to_client,
+        expect: Expect::Frame(
+            Verdict::Pass,
+            may_fragment(frame_via(
+                ACK,
+                SocketAddr::new(NODE4.into(), port),
+                SocketAddr::new(NARROW4.parse().unwrap(), 80),
+                &[7u8; 1460],
+                from_client,
+                64,
+            )),
+        ),
+        counters: vec![Counter::PassFibFailed],
+    });
     let snat_vip = sa("198.51.100.40:80");
     let ttl_client = SocketAddr::new(CLIENT_ADDR.into(), 41002);
     let port = snat_port(protocol::TCP, ttl_client, snat_vip);
@@ -661,9 +764,9 @@ fn balancer_fixtures(program: Program) {
     });
 
     balancer.run(program, &fixtures, |datapath| {
-        // DSR never writes a reply translation: only the 4 SNAT flows (and the 2 failure cases
-        // that were translated) are in NAT_REPLY.
-        assert_eq!(datapath.nat_reply_entries().unwrap(), 6);
+        // DSR never writes a reply translation: only the 4 SNAT flows, the 2 answered too big
+        // (kept for their retries) and the 3 failure cases that were translated are in NAT_REPLY.
+        assert_eq!(datapath.nat_reply_entries().unwrap(), 9);
     });
 }
 

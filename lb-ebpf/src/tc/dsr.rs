@@ -99,8 +99,12 @@ pub fn ipip(ctx: &TcContext, flow: &Flow, chosen: &Chosen) -> i32 {
         &chosen.backend,
         label,
     ) {
-        TOO_BIG => match too_big::answer(ctx, family, protocol) {
-            // Not answerable (counted `drop_encap_too_big` there).
+        TOO_BIG => match too_big::answer(ctx, family, protocol, true) {
+            too_big::UNANSWERED => {
+                count(Counter::DropEncapTooBig);
+                Counter::DropEncapTooBig
+            }
+            // A helper refused halfway (counted `drop_encap_too_big` there).
             TC_ACT_SHOT => Counter::DropEncapTooBig,
             answered => {
                 flow_events::not_forwarded(

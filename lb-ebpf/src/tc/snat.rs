@@ -4,7 +4,8 @@
 //! (`tc::xmit`, TTL decremented as a router does).
 //!
 //! Client → VIP: the source becomes the service's SNAT address and the flow's port, the
-//! destination the backend. Backend → node:port (the reply): the source becomes the VIP and its
+//! destination the backend. The FIB is asked first, and a request too big for the link is
+//! answered from the VIP (`tc::too_big`), as `lb_xdp` does. Backend → node:port (the reply): the source becomes the VIP and its
 //! port, the destination the client and its port. A first fragment is recorded after the rewrite
 //! (`crate::fragments`); later fragments get the same addresses and next hop (`tc::fragments`).
 
@@ -15,7 +16,7 @@ use lb_common::{
     service::{family, mode, Addr},
 };
 
-use super::{nat, nat::Offsets, xmit, Chosen};
+use super::{nat, nat::Offsets, too_big, xmit, Chosen};
 use crate::{
     flow_events, fragments,
     maps::{count, SERVICE_MODES},
@@ -34,6 +35,30 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
         flow_events::not_forwarded(&flow.key, chosen.service_id, mode::SNAT, reason);
         return TC_ACT_SHOT;
     };
+    // The FIB is asked before the translation, as in `lb_xdp` (`crate::snat::forward`): a request
+    // too big for the link to the backend is answered as it came (`tc::too_big`), else translated
+    // and sent with that answer. A GSO skb is never too big here (`xmit::route`).
+    let (family, protocol) = (flow.key.family, flow.key.protocol);
+    let v4 = family == family::IPV4;
+    let l3 = at.l3();
+    let options = opts::DECREMENT_TTL;
+    let routed = xmit::ttl_to_decrement(ctx, v4, l3, options)
+        .and_then(|_| xmit::route(ctx, v4, protocol, &info.source, &chosen.backend, 0, options));
+    if let Err(Xmit::TooBig) = routed {
+        match too_big::answer(ctx, family, protocol, false) {
+            // Not answerable (IPv4 that may be fragmented): translated, to the stack, as before.
+            too_big::UNANSWERED => {}
+            verdict => {
+                let reason = match verdict {
+                    TC_ACT_SHOT => Counter::DropEncapTooBig,
+                    _ => Counter::IcmpTooBigSent,
+                };
+                flow_events::not_forwarded(&flow.key, chosen.service_id, mode::SNAT, reason);
+                return verdict;
+            }
+        }
+    }
+    crate::xmit::keep_route(&routed);
     let (source, backend) = (
         (&info.source, chosen.snat_port),
         (&chosen.backend, chosen.port),
@@ -41,7 +66,16 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
     if rewrite_both_ends(ctx, flow, at, source, backend).is_err() {
         return super::refused();
     }
-    onwards(ctx, flow, at, &info.source, &chosen.backend)
+    fragments::track_first(ctx, &flow.key, mode::SNAT, None, None);
+    // The TTL is read again (the rewrite did not change it).
+    let sent = crate::xmit::kept_route().and_then(|params| {
+        let ttl = xmit::ttl_to_decrement(ctx, v4, l3, options)?;
+        Ok(xmit::redirect_routed(ctx, v4, l3, ttl, params, options))
+    });
+    match sent {
+        Ok(Xmit::Sent(action)) => action as i32,
+        Ok(unsent) | Err(unsent) => xmit::verdict(Unsent::translated(unsent)),
+    }
 }
 
 /// Backend → node:port packet of a SNAT flow (`entry`: its `NAT_REPLY` entry): rewritten and sent

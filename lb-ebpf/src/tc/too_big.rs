@@ -1,7 +1,8 @@
 //! `crate::too_big`'s answers from `lb_tc`: a DSR IPIP skb that would not fit the link to its
-//! backend once encapsulated becomes, in place, "fragmentation needed" (IPv4 with DF, no options)
-//! / "packet too big" (IPv6) from the VIP to the client, announcing the link's MTU less the outer
-//! header, back out of the interface it came in on (counted `icmp_too_big_sent`, as in `lb_xdp`).
+//! backend once encapsulated, or a SNAT request that does not fit it (`tc::snat`, asked before its
+//! translation), becomes, in place, "fragmentation needed" (IPv4 with DF, no options) / "packet
+//! too big" (IPv6) from the VIP to the client, announcing the link's MTU (DSR IPIP: less the outer
+//! header), back out of the interface it came in on (counted `icmp_too_big_sent`, as in `lb_xdp`).
 //!
 //! `tc::dsr::encapsulate` asks the FIB before it encapsulates, with the MTU check on the
 //! encapsulated length, so the skb is still the client's packet here: once `bpf_skb_adjust_room`
@@ -30,7 +31,8 @@
 //!
 //! So the quote is the IP header and the first 20 bytes after it, a transport header that must
 //! follow it directly: IPv4 without options, IPv6 without extension headers. Other packets are
-//! dropped as before (`drop_encap_too_big`).
+//! left as they are ([`UNANSWERED`]): DSR IPIP drops them (`drop_encap_too_big`), SNAT translates
+//! them for the stack as before.
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_SHOT},
@@ -52,20 +54,27 @@ use crate::{
 /// 12 bytes of its payload; either way the transport checksum field (see the module's doc).
 const QUOTED_L4_BYTES: usize = 20;
 
-/// Answers the client of the packet at `ctx`, a `protocol` packet of `family` that would be too big
-/// for the egress MTU once encapsulated (the FIB's answer in the per-CPU scratch space); returns
-/// the verdict, counted.
-// A BPF function of its own, called from `tc::dsr::ipip` beside `tc::dsr::encapsulate`.
+/// What [`answer`] returns for a packet it cannot answer and left as it was (nothing counted).
+pub const UNANSWERED: i32 = i32::MIN;
+
+/// Answers the client of the packet at `ctx`, a `protocol` packet of `family` too big for the
+/// egress MTU (the FIB's answer in the per-CPU scratch space): once `encapsulated` (DSR IPIP: the
+/// MTU announced is the link's less the outer header), or as it is (a SNAT request, asked before
+/// its translation). Returns the verdict (counted `icmp_too_big_sent`), [`UNANSWERED`], or
+/// `TC_ACT_SHOT` when a helper refused halfway (counted `drop_encap_too_big`).
+// A BPF function of its own, called from `tc::dsr::ipip` beside `tc::dsr::encapsulate`, and from
+// `tc::snat::forward`.
 #[inline(never)]
-pub fn answer(ctx: &TcContext, family: u8, protocol: u8) -> i32 {
+pub fn answer(ctx: &TcContext, family: u8, protocol: u8, encapsulated: bool) -> i32 {
     let v4 = family == family::IPV4;
     let Some(link_mtu) = too_big::link_mtu() else {
-        return refused();
+        return UNANSWERED;
     };
+    let mtu = link_mtu.saturating_sub(too_big::outer_len(encapsulated, v4) as u16);
     let ip_len = if v4 { IPV4_LEN } else { IPV6_LEN };
     let keep = ETH_LEN + ip_len + QUOTED_L4_BYTES;
     if (ctx.len() as usize) < keep || ctx.pull_data(keep as u32).is_err() {
-        return refused();
+        return UNANSWERED;
     }
     let (data, end) = (ctx.data(), ctx.data_end());
     let ip = data + ETH_LEN;
@@ -77,7 +86,7 @@ pub fn answer(ctx: &TcContext, family: u8, protocol: u8) -> i32 {
         ip + IPV6_LEN <= end && unsafe { *((ip + IPV6_NEXT_HEADER) as *const u8) } == protocol
     };
     if !answerable {
-        return refused();
+        return UNANSWERED;
     }
 
     // Cut the skb after the quote, then open the room for the new IP and ICMP headers in front
@@ -106,7 +115,7 @@ pub fn answer(ctx: &TcContext, family: u8, protocol: u8) -> i32 {
         unsafe {
             let l4 = data + answer_len(IPV4_LEN, 0);
             let quote_changed = set_quoted_checksum(l4, check_at);
-            too_big::write_ipv4(data, data, QUOTED_L4_BYTES, link_mtu);
+            too_big::write_ipv4(data, data, QUOTED_L4_BYTES, mtu);
             quote_changed + too_big::sum_words(data + ETH_LEN, IPV4_LEN + ICMP_HEADER_LEN)
         }
     } else {
@@ -116,7 +125,7 @@ pub fn answer(ctx: &TcContext, family: u8, protocol: u8) -> i32 {
         unsafe {
             let l4 = data + answer_len(IPV6_LEN, 0);
             let quote_changed = set_quoted_checksum(l4, check_at);
-            too_big::write_ipv6(data, data, QUOTED_L4_BYTES, link_mtu);
+            too_big::write_ipv6(data, data, QUOTED_L4_BYTES, mtu);
             quote_changed + too_big::sum_words(data + ETH_LEN, IPV6_LEN + ICMP_HEADER_LEN)
         }
     };
@@ -146,7 +155,7 @@ unsafe fn set_quoted_checksum(l4: usize, check_at: usize) -> u32 {
     }
 }
 
-/// The verdict of a packet that cannot be answered: dropped, as before answers.
+/// The verdict of a packet a helper refused to turn into an answer halfway: dropped.
 #[inline(always)]
 fn refused() -> i32 {
     count(Counter::DropEncapTooBig);

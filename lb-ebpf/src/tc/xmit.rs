@@ -75,19 +75,42 @@ pub fn fib_redirect(
     l3: usize,
     options: u8,
 ) -> Xmit {
-    let ttl_at = l3 + if v4 { IPV4_TTL } else { IPV6_HOP_LIMIT };
-    let ttl = if options & opts::DECREMENT_TTL != 0 {
-        match ctx.load::<u8>(ttl_at) {
-            Ok(ttl) if ttl > 1 => ttl,
-            _ => return Xmit::NoRoute,
-        }
-    } else {
-        0
+    let ttl = match ttl_to_decrement(ctx, v4, l3, options) {
+        Ok(ttl) => ttl,
+        Err(unsent) => return unsent,
     };
     let params = match route(ctx, v4, l4_protocol, src, dst, 0, options) {
         Ok(params) => params,
         Err(unsent) => return unsent,
     };
+    redirect_routed(ctx, v4, l3, ttl, params, options)
+}
+
+/// The TTL / hop limit of the IP header at `l3` that [`redirect_routed`] decrements (0 without
+/// [`opts::DECREMENT_TTL`]); `Err` for a packet that would expire (the stack answers it).
+#[inline(always)]
+pub fn ttl_to_decrement(ctx: &TcContext, v4: bool, l3: usize, options: u8) -> Result<u8, Xmit> {
+    if options & opts::DECREMENT_TTL == 0 {
+        return Ok(0);
+    }
+    let ttl_at = l3 + if v4 { IPV4_TTL } else { IPV6_HOP_LIMIT };
+    match ctx.load::<u8>(ttl_at) {
+        Ok(ttl) if ttl > 1 => Ok(ttl),
+        _ => Err(Xmit::NoRoute),
+    }
+}
+
+/// The end of [`fib_redirect`] once [`route`] found the next hop (`params`): the TTL decremented
+/// from `ttl` ([`ttl_to_decrement`]) if `options` say so, then [`redirect`].
+#[inline(always)]
+pub fn redirect_routed(
+    ctx: &TcContext,
+    v4: bool,
+    l3: usize,
+    ttl: u8,
+    params: &FibParams,
+    options: u8,
+) -> Xmit {
     if options & opts::DECREMENT_TTL != 0 && decrement_ttl(ctx, v4, l3, ttl).is_err() {
         return Xmit::NoRoute;
     }
