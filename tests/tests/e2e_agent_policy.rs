@@ -485,9 +485,10 @@ fn enforcement_survives_kill_9_and_the_next_agent_adopts_it() {
         .iter()
         .filter(|l| l.contains("adopted the pinned tcx link"))
         .count();
+    // The policy's 3 interfaces x 2 directions, and `lb_tc_egress` on the client-facing one.
     assert_eq!(
-        replaced, 6,
-        "3 interfaces x 2 directions: {:#?}",
+        replaced, 7,
+        "3 interfaces x 2 directions, and lb_tc_egress: {:#?}",
         second.history
     );
     assert!(
@@ -878,7 +879,11 @@ fn workload_interfaces_split_the_balancer_around_the_policy() {
         );
     }
     // The kernel releases a link shortly after its last pin goes, not at once.
-    let plain_tc = split(&["policy_from_endpoint", "lb_tc"], &["policy_to_endpoint"]);
+    // A plain client-facing interface now: `lb_tc_egress` at the end of its egress.
+    let plain_tc = split(
+        &["policy_from_endpoint", "lb_tc"],
+        &["policy_to_endpoint", "lb_tc_egress"],
+    );
     let started = Instant::now();
     while tcx_chain(&topology.node, "wl-other") != plain_tc {
         assert!(
