@@ -3,16 +3,12 @@
 //! detaches before it answers (so a CNI ADD returns with the pod's programs in place); `ListState`
 //! reads the registrations the agent last published.
 
-use std::time::Duration;
-
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
+use super::agent_call::{self, AgentCall};
 use super::source::Change;
 use crate::endpoints::{Endpoint, EndpointKey, Placement};
-
-/// How long a call waits for the agent (a first policy load takes a few hundred milliseconds).
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A request to the agent's loop.
 #[derive(Debug)]
@@ -30,10 +26,7 @@ pub enum EndpointReply {
 }
 
 /// A request and where its answer goes.
-pub type EndpointCall = (
-    EndpointRequest,
-    oneshot::Sender<Result<EndpointReply, Status>>,
-);
+pub type EndpointCall = AgentCall<EndpointRequest, EndpointReply>;
 
 /// The API's end of the channel to the agent's loop. Cloning shares it.
 #[derive(Debug, Clone)]
@@ -58,19 +51,7 @@ impl EndpointChannel {
 
     /// Sends `request` to the agent's loop and waits for its answer.
     pub async fn call(&self, request: EndpointRequest) -> Result<EndpointReply, Status> {
-        let (reply, answer) = oneshot::channel();
-        let stopped = || Status::unavailable("the agent is stopping");
-        self.calls
-            .send((request, reply))
-            .await
-            .map_err(|_| stopped())?;
-        match tokio::time::timeout(CALL_TIMEOUT, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(stopped()),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "the agent did not answer within {CALL_TIMEOUT:?}"
-            ))),
-        }
+        agent_call::call(&self.calls, request).await
     }
 
     /// The registrations the agent last published, ordered by key.

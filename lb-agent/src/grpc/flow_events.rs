@@ -2,16 +2,12 @@
 //! `SetFlowEvents` is a call into the agent's loop, which owns the datapath and reloads the
 //! programs before it answers; `ListState` reads the switch the agent last published.
 
-use std::time::Duration;
-
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
+use super::agent_call::{self, AgentCall};
 use super::pb;
 use crate::flow_events::switch::{FlowEventsState, SwitchSource};
-
-/// How long a call waits for the agent (a reload verifies every program again: a second or so).
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The agent's answer to a `SetFlowEvents`: the switch after it, and whether the programs were
 /// reloaded.
@@ -22,10 +18,7 @@ pub struct FlowEventsReply {
 }
 
 /// The API's setting (`None`: reset) and where the answer goes.
-pub type FlowEventsCall = (
-    Option<bool>,
-    oneshot::Sender<Result<FlowEventsReply, Status>>,
-);
+pub type FlowEventsCall = AgentCall<Option<bool>, FlowEventsReply>;
 
 /// The API's end of the channel to the agent's loop. Cloning shares it.
 #[derive(Debug, Clone)]
@@ -51,19 +44,7 @@ impl FlowEventsChannel {
 
     /// Sends the API's setting to the agent's loop and waits for its answer.
     pub async fn call(&self, enabled: Option<bool>) -> Result<FlowEventsReply, Status> {
-        let (reply, answer) = oneshot::channel();
-        let stopped = || Status::unavailable("the agent is stopping");
-        self.calls
-            .send((enabled, reply))
-            .await
-            .map_err(|_| stopped())?;
-        match tokio::time::timeout(CALL_TIMEOUT, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(stopped()),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "the agent did not answer within {CALL_TIMEOUT:?}"
-            ))),
-        }
+        agent_call::call(&self.calls, enabled).await
     }
 
     /// The switch the agent last published.

@@ -33,6 +33,7 @@
 //! An invalid request returns `INVALID_ARGUMENT` with `field: message` (e.g.
 //! `service.maglev_table_size: maglev table size 1000 is not prime`) and changes nothing.
 
+mod agent_call;
 pub mod client;
 pub mod convert;
 pub mod endpoints;
