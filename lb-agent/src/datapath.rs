@@ -74,6 +74,10 @@ pub const FLOW_EVENTS_MAP: &str = "FLOW_EVENTS";
 pub const XDP_PROGRAM: &str = "lb_xdp";
 /// A program that only returns XDP_PASS, the baseline of per-packet benchmarks.
 pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
+/// Benchmark programs that only insert into / look up in `CONNTRACK_V4`: the kernel's own cost
+/// of tracking a flow, the floor under a new flow and a conntrack hit.
+pub const FLOOR_INSERT_PROGRAM: &str = "floor_conntrack_insert";
+pub const FLOOR_LOOKUP_PROGRAM: &str = "floor_conntrack_lookup";
 /// Name of the balancing TC program (every forwarding mode) in the object.
 pub const TC_PROGRAM: &str = "lb_tc";
 /// Translates requests at the head of a workload veth's TC ingress, before the policy.
@@ -608,10 +612,16 @@ impl Datapath {
 
     /// The XDP_PASS baseline program, loaded on first use.
     pub fn xdp_pass_program(&mut self) -> Result<&mut Xdp> {
+        self.bench_program(XDP_PASS_PROGRAM)
+    }
+
+    /// A benchmark-only XDP program of the object ([`XDP_PASS_PROGRAM`],
+    /// [`FLOOR_INSERT_PROGRAM`], [`FLOOR_LOOKUP_PROGRAM`]), loaded (not pinned) on first use.
+    pub fn bench_program(&mut self, name: &str) -> Result<&mut Xdp> {
         let program: &mut Xdp = self
             .ebpf
-            .program_mut(XDP_PASS_PROGRAM)
-            .context("xdp_pass missing from the object")?
+            .program_mut(name)
+            .with_context(|| format!("{name} missing from the object"))?
             .try_into()?;
         if program.fd().is_err() {
             program.load()?;

@@ -17,6 +17,7 @@ mod conntrack;
 mod context;
 mod decap;
 mod dsr;
+mod floor;
 mod flow_events;
 mod fragments;
 mod icmp;

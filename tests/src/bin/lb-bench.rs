@@ -25,10 +25,11 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
+use aya::programs::xdp::XdpMode;
 use clap::{Parser, ValueEnum};
 use lb_agent::{
     config::{self, Config},
-    datapath::{ApplyReport, Datapath, LoadOptions},
+    datapath::{ApplyReport, Datapath, LoadOptions, FLOOR_INSERT_PROGRAM, FLOOR_LOOKUP_PROGRAM},
     desired::Desired,
     maglev::{self, MaglevBackend},
 };
@@ -38,7 +39,8 @@ use lb_tests::{
     memory,
     netns::{Netns, BENCH_PREFIX},
     test_run::{
-        attach_both_as_in_production, counter, median, sa, xdp_repeated_ns, xdp_single_call_ns,
+        attach_both_as_in_production, attach_on_new_veth, counter, median, run, sa,
+        xdp_repeated_ns, xdp_single_call_ns, XDP_PASS,
     },
 };
 use serde_json::{json, Value};
@@ -167,6 +169,18 @@ fn per_packet(rounds: usize) -> Result<Value> {
     datapath.apply(&Config::from_yaml(CONFIG)?)?;
     let namespace = Netns::new(BENCH_PREFIX, "per-packet")?;
     attach_both_as_in_production(&mut datapath, &namespace)?;
+    // The floor programs too, so that the kernel calls them as it calls the others.
+    for (iface, program) in [
+        ("bench-fins", FLOOR_INSERT_PROGRAM),
+        ("bench-flook", FLOOR_LOOKUP_PROGRAM),
+    ] {
+        attach_on_new_veth(&namespace, iface, |iface| {
+            datapath
+                .bench_program(program)?
+                .attach(iface, XdpMode::Driver)?;
+            Ok(())
+        })?;
+    }
 
     println!("Per-packet cost, BPF_PROG_TEST_RUN ({REPEAT} repeats / {CALLS} single calls), {rounds} rounds:");
     let mut all = Vec::new();
@@ -372,11 +386,73 @@ fn measure_round(datapath: &mut Datapath, round: usize) -> Result<Round> {
         "repeat=1 calls",
     ));
 
+    measure_floors(datapath, &non_vip, overhead, &mut rows)?;
+
     Ok(Round {
         pass_ns: pass_repeat,
         overhead_ns: overhead,
         rows,
     })
+}
+
+/// The floor rows: what the kernel's `CONNTRACK_V4` costs by itself, one insert (under every new
+/// flow) and one lookup hit (under every tracked packet), timed by the methods of the rows they
+/// bound. Their programs do nothing else (`lb-ebpf/src/floor.rs`).
+fn measure_floors(
+    datapath: &mut Datapath,
+    frame: &[u8],
+    overhead: f64,
+    rows: &mut Rows,
+) -> Result<()> {
+    let any = sa("0.0.0.0:0");
+    let floor_key = lb_tests::test_run::flow_key(0, any, any);
+    // Warm, as the warm new-flow row: the key removed between calls (outside the timed region).
+    let mut total = 0.0;
+    let mut inserted = 0;
+    for call in 0..=CALLS {
+        let existed = datapath.forget_flow(&floor_key, &floor_key)?;
+        if call == CALLS {
+            inserted += existed as u32;
+            break;
+        }
+        inserted += (call > 0 && existed) as u32;
+        total += xdp_single_call_ns(
+            datapath.bench_program(FLOOR_INSERT_PROGRAM)?,
+            std::slice::from_ref(&frame.to_vec()),
+            1,
+            0,
+        );
+    }
+    ensure!(
+        inserted == CALLS,
+        "floor insert: {inserted} of {CALLS} calls inserted"
+    );
+    rows.push((
+        "floor: one CONNTRACK_V4 insert alone (warm)",
+        total / CALLS as f64 - overhead,
+        "repeat=1 calls",
+    ));
+
+    // Lookups of the key the insert program leaves in place.
+    let (action, _) = run(datapath.bench_program(FLOOR_INSERT_PROGRAM)?, frame);
+    ensure!(action == XDP_PASS, "floor insert failed");
+    let lookup = datapath.bench_program(FLOOR_LOOKUP_PROGRAM)?;
+    let ns = xdp_single_call_ns(lookup, &[frame.to_vec()], CALLS, 0) - overhead;
+    rows.push((
+        "floor: one CONNTRACK_V4 lookup hit alone",
+        ns,
+        "repeat=1 calls",
+    ));
+    let ns = xdp_repeated_ns(lookup, frame, REPEAT);
+    rows.push((
+        "floor: one CONNTRACK_V4 lookup hit alone, back to back",
+        ns,
+        "repeat",
+    ));
+    // The lookup program aborts on a miss; the key is still there, so every call hit.
+    ensure!(run(lookup, frame).0 == XDP_PASS, "floor lookup missed");
+    datapath.forget_flow(&floor_key, &floor_key)?;
+    Ok(())
 }
 
 /// Maglev table build times (userspace), printed and returned as JSON rows.
