@@ -10,7 +10,9 @@ use std::{
 
 use lb_agent::{
     config::Config,
-    datapath::{ApplyReport, Datapath, LoadOptions, PinOptions},
+    datapath::{
+        ApplyReport, Datapath, LoadOptions, PinOptions, FLOOR_INSERT_PROGRAM, FLOOR_LOOKUP_PROGRAM,
+    },
     inspect::{BackendState, Pinned},
     map_batch::read_array,
 };
@@ -1650,4 +1652,33 @@ services:
     let report = incremental.apply(&config).unwrap();
     assert_eq!(report.services_examined, config.services.len());
     assert!(!report.wrote_anything(), "{report:?}");
+}
+
+/// The benchmark's floor programs (the floor rows of `lb-bench`) load and do what their rows
+/// claim: the insert program tracks the all-zero key in `CONNTRACK_V4`, the lookup program finds
+/// it, and aborts without it.
+#[test]
+fn floor_programs_insert_and_find_their_key() {
+    const XDP_ABORTED: u32 = 0;
+    let mut datapath = load(CONFIG);
+    let any = sa("0.0.0.0:0");
+    let floor_key = flow_key(0, any, any);
+    let input = frame(SYN, sa("192.0.2.2:40000"), sa("198.51.100.99:80"), b"");
+    let run_floor = |datapath: &mut Datapath, program| {
+        run(
+            datapath
+                .bench_program(program)
+                .expect("floor program loads"),
+            &input,
+        )
+        .0
+    };
+    assert_eq!(run_floor(&mut datapath, FLOOR_LOOKUP_PROGRAM), XDP_ABORTED);
+    assert_eq!(run_floor(&mut datapath, FLOOR_INSERT_PROGRAM), XDP_PASS);
+    assert_eq!(run_floor(&mut datapath, FLOOR_LOOKUP_PROGRAM), XDP_PASS);
+    assert!(
+        datapath.forget_flow(&floor_key, &floor_key).unwrap(),
+        "the insert program tracked the all-zero key"
+    );
+    assert_eq!(run_floor(&mut datapath, FLOOR_LOOKUP_PROGRAM), XDP_ABORTED);
 }
