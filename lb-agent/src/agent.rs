@@ -34,7 +34,7 @@ use crate::{
     desired::{Conflict, Desired},
     ebpf_log,
     endpoints::{self, store::EndpointStore, Endpoint, Placement},
-    flow_events::{self, switch::FlowEventsSwitch},
+    flow_events::{self, saved::SavedSwitch, switch::FlowEventsSwitch},
     grpc::{
         self, AppliedView, Change, EndpointChannel, EndpointReply, EndpointRequest, Event,
         EventBus, EventKind, FlowEventsChannel, FlowEventsReply, GrpcServer, GrpcSource, TlsConfig,
@@ -89,8 +89,9 @@ pub struct AgentOptions {
     pub watch_interval: Duration,
     /// Serve the gRPC API on this unix socket (mode 0600).
     pub grpc_socket: Option<PathBuf>,
-    /// Where the endpoints the CNI plugin registers are kept across restarts
-    /// (`crate::endpoints::store`).
+    /// What outlives the agent process (`crate::state_file`): the endpoints the CNI plugin
+    /// registers (`crate::endpoints::store`) and the gRPC API's flow events setting
+    /// (`crate::flow_events::saved`).
     pub state_dir: PathBuf,
     /// Serve the gRPC API on this TCP address with TLS and required client certificates.
     pub grpc_tcp: Option<(SocketAddr, TlsConfig)>,
@@ -129,8 +130,11 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let grpc_source = GrpcSource::new();
     grpc_source.set_base_config(&file);
     grpc_source.set_endpoint_channel(endpoint_channel);
-    // Flow events are on as the file (else the flag) says until the API switches them.
+    // Flow events are on as the file (else the flag) says until the API switches them; an API
+    // setting the previous agent saved holds while the flag and the file are unchanged.
     let mut flow_events_switch = FlowEventsSwitch::new(options.flow_events, file.flow_events);
+    let saved_flow_events = SavedSwitch::new(&options.state_dir);
+    resume_flow_events(&mut flow_events_switch, &saved_flow_events);
     let (flow_events_channel, mut flow_events_calls, flow_events_published) =
         FlowEventsChannel::new(flow_events_switch.state(flow_events_switch.wanted()));
     grpc_source.set_flow_events_channel(flow_events_channel);
@@ -369,6 +373,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             Some((enabled, reply)) = flow_events_calls.recv() => {
                 let result = set_flow_events(enabled, &mut flow_events_switch, &mut datapath,
                                              &mut cidr_deny, &metrics, &events);
+                if result.is_ok() {
+                    save_flow_events(&flow_events_switch, &saved_flow_events);
+                }
                 flow_events_published
                     .send_replace(flow_events_switch.state(datapath.settings().flow_events));
                 let _ = reply.send(result);
@@ -418,6 +425,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                                     events again, the gRPC API's setting is dropped";
                         info!("{text}");
                         events.publish(Event::new(EventKind::ServiceChanged, text));
+                        save_flow_events(&flow_events_switch, &saved_flow_events);
                     }
                     desired.file = file;
                     events.publish(Event::new(EventKind::ServiceChanged, "config file changed"));
@@ -724,6 +732,34 @@ fn reconcile_policy(
                 format!("policy: {err:#}"),
             ));
         }
+    }
+}
+
+/// Takes up the gRPC API's flow events setting the previous agent saved, unless `--flow-events`
+/// or the config file's `flow_events` changed since (a newer instruction: the saved setting is
+/// dropped). An unreadable file is reported and left alone: the file and the flag decide.
+fn resume_flow_events(switch: &mut FlowEventsSwitch, saved: &SavedSwitch) {
+    match saved.load() {
+        Ok(None) => {}
+        Ok(Some(setting)) if switch.resume(setting) => {
+            info!(flow_events = on_off(setting.enabled), path = %saved.path().display(),
+                  "the gRPC API's flow events setting, saved by the previous agent, holds");
+        }
+        Ok(Some(_)) => {
+            info!(path = %saved.path().display(),
+                  "the saved gRPC API flow events setting is dropped: --flow-events or the \
+                   config file's flow_events changed since it was made");
+            save_flow_events(switch, saved);
+        }
+        Err(err) => warn!("{err:#}; flow events as the config file and the flag say"),
+    }
+}
+
+/// Keeps the API's flow events setting for the next agent (`None`: removes it); a failure only
+/// costs that, so it is logged.
+fn save_flow_events(switch: &FlowEventsSwitch, saved: &SavedSwitch) {
+    if let Err(err) = saved.save(switch) {
+        warn!("{err:#}: the gRPC API's flow events setting will not outlive this agent");
     }
 }
 

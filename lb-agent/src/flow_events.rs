@@ -7,6 +7,7 @@
 //! buffer lost (`flow_events_lost`). Whether the programs report them at all is [`switch`]'s to
 //! say (the flag, the config file, or the gRPC API's `SetFlowEvents`).
 
+pub mod saved;
 pub mod switch;
 
 use std::{

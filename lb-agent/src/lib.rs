@@ -27,3 +27,4 @@ pub mod prefilter;
 pub mod reply_routes;
 pub mod resize;
 mod retired;
+pub mod state_file;

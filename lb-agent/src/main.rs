@@ -121,8 +121,9 @@ enum Command {
         /// Serve the gRPC API (lb.v1.LoadBalancer) on this unix socket, created with mode 0600.
         #[arg(long, value_name = "PATH")]
         grpc_socket: Option<PathBuf>,
-        /// Keep the endpoints the CNI plugin (lb-cni) registers in this directory
-        /// (`endpoints.json`), so that a restarted agent keeps their programs attached.
+        /// Keep the endpoints the CNI plugin (lb-cni) registers (`endpoints.json`) and the gRPC
+        /// API's flow events setting (`flow-events.json`) in this directory, so that a restarted
+        /// agent keeps the pods' programs attached and flow events as the API last set them.
         #[arg(long, default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
         state_dir: PathBuf,
         /// Also serve the gRPC API on this TCP address, with TLS; needs --grpc-tls-cert,

@@ -27,10 +27,13 @@ use nix::{
 
 use crate::netns::{Netns, TEST_PREFIX};
 
-/// A pin directory `/sys/fs/bpf/lbt<pid>-<seq>` for one test's datapath. Dropping it removes every
-/// pin in it, which detaches the datapath once no agent holds it.
+/// A pin directory `/sys/fs/bpf/lbt<pid>-<seq>` for one test's datapath, and the agent state
+/// directory (`--state-dir`) that goes with it, as a node keeps both across agent restarts.
+/// Dropping it removes every pin in it, which detaches the datapath once no agent holds it, and
+/// the state directory.
 pub struct TestPins {
     dir: PathBuf,
+    state: tempfile::TempDir,
 }
 
 impl TestPins {
@@ -43,11 +46,20 @@ impl TestPins {
             "/sys/fs/bpf/{TEST_PREFIX}{}-{seq}",
             std::process::id()
         ));
-        Arc::new(Self { dir })
+        let state = tempfile::Builder::new()
+            .prefix("lb-agent-state-")
+            .tempdir()
+            .expect("an agent state directory");
+        Arc::new(Self { dir, state })
     }
 
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// The agents' `--state-dir` (unless a test gives its own).
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
     }
 }
 
@@ -175,6 +187,23 @@ pub fn lbctl_binary() -> PathBuf {
     agent_binary().with_file_name("lbctl")
 }
 
+/// Runs `lbctl --socket <socket> <args>`, which must succeed; returns what it printed.
+pub fn lbctl(socket: &Path, args: &[&str]) -> String {
+    let out = Command::new(lbctl_binary())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running lbctl {args:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "lbctl {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 pub struct AgentProcess {
     child: Child,
     /// Log lines the agent printed (stderr), for assertions and failure messages.
@@ -223,6 +252,10 @@ impl AgentProcess {
         }
         cmd.args(["run", "--config"]).arg(config);
         cmd.arg("--bpffs-dir").arg(pins.path());
+        // Not the node's default directory: tests must not see each other's saved state.
+        if !extra.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(pins.state_dir());
+        }
         for iface in interfaces {
             cmd.args(["--iface", iface]);
         }

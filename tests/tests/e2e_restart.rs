@@ -10,6 +10,7 @@ use std::{
     collections::HashMap as StdHashMap,
     io::Write,
     net::{IpAddr, SocketAddr},
+    path::Path,
     process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -27,7 +28,7 @@ use lb_common::{
     service::Backend,
 };
 use lb_tests::{
-    agent::{AgentProcess, ConfigFile, TestPins},
+    agent::{lbctl, AgentProcess, ConfigFile, TestPins},
     netns::{Netns, TEST_PREFIX},
     servers::{tcp_connect, tcp_request, tcp_servers_on_backends, TcpCountingServer},
     test_run::{flow_key, Conntrack},
@@ -496,4 +497,71 @@ fn connects_quickly(ns: &Netns, target: SocketAddr) -> bool {
     ns.run(move || {
         std::net::TcpStream::connect_timeout(&target, Duration::from_millis(300)).is_ok()
     })
+}
+
+/// The gRPC API's flow events setting outlives the agent (`<state dir>/flow-events.json`): the
+/// next agent, adopting the pins with the same flag and config file, runs with flow events as
+/// `lbctl flow-events` last set them. An agent started with another `--flow-events` follows its
+/// flag instead (the newer instruction) and drops the saved setting for good.
+#[test]
+fn the_api_flow_events_setting_outlives_the_agent_until_the_flag_changes() {
+    let topology = Topology::new(TEST_PREFIX, 1).expect("topology");
+    let file = ConfigFile::new(&config(&topology));
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let socket = socket.to_str().unwrap();
+    let start = |extra: &[&str], pins| {
+        AgentProcess::start_pinned(
+            &topology.balancer,
+            file.path(),
+            &topology.balancer_interfaces(),
+            &[&["--grpc-socket", socket], extra].concat(),
+            pins,
+        )
+        .expect("agent starts")
+    };
+    let status = || lbctl(Path::new(socket), &["flow-events", "status"]);
+
+    let agent = start(&[], TestPins::new());
+    let pins = agent.pins();
+    let saved = pins.state_dir().join("flow-events.json");
+    assert!(status().starts_with("flow events: off (--flow-events)\n"));
+    let on = lbctl(Path::new(socket), &["flow-events", "on"]);
+    assert!(on.starts_with("flow events: on (gRPC API)\n"), "{on}");
+    assert!(saved.exists(), "the API's setting is saved");
+    agent.stop().expect("SIGTERM");
+
+    // Same flag, same file: the API's setting holds, and the programs run with it.
+    let agent = start(&[], pins.clone());
+    assert!(
+        agent
+            .history
+            .iter()
+            .any(|line| line.contains("saved by the previous agent, holds")),
+        "{:#?}",
+        agent.history
+    );
+    let restored = status();
+    assert!(
+        restored.starts_with("flow events: on (gRPC API)\n"),
+        "{restored}"
+    );
+    agent.stop().expect("SIGTERM");
+
+    // Another flag is the newer instruction: it decides, and the saved setting is gone.
+    let agent = start(&["--flow-events"], pins.clone());
+    let flagged = status();
+    assert!(
+        flagged.starts_with("flow events: on (--flow-events)\n"),
+        "{flagged}"
+    );
+    assert!(!saved.exists(), "the dropped setting is removed");
+    agent.stop().expect("SIGTERM");
+    let agent = start(&[], pins);
+    let after = status();
+    assert!(
+        after.starts_with("flow events: off (--flow-events)\n"),
+        "{after}"
+    );
+    agent.stop().expect("SIGTERM");
 }

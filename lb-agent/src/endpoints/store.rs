@@ -1,13 +1,12 @@
 //! The registered endpoints, kept in `<state dir>/endpoints.json` so that they survive the agent:
 //! a restarted agent re-attaches (adopts the pinned links of) the endpoints it finds there. Every
-//! change is written before it is answered, atomically (a temporary file, fsync, rename), so the
-//! file always holds a whole registration set.
+//! change is written before it is answered, atomically (`crate::state_file`), so the file always
+//! holds a whole registration set.
 
 use std::{
     collections::BTreeMap,
     fs,
-    io::{ErrorKind, Write},
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    io::ErrorKind,
     path::{Path, PathBuf},
 };
 
@@ -15,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{Endpoint, EndpointKey};
+use crate::state_file;
 
 /// The default of `lb-agent run --state-dir`.
 pub const DEFAULT_STATE_DIR: &str = "/run/lb-agent";
@@ -41,11 +41,7 @@ impl EndpointStore {
     /// A file that cannot be read or parsed is an error naming it: starting without it would
     /// detach the pods' programs.
     pub fn open(dir: &Path) -> Result<Self> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating the state directory {}", dir.display()))?;
+        state_file::create_dir(dir)?;
         let path = dir.join(FILE_NAME);
         let endpoints = match fs::read(&path) {
             Ok(bytes) => {
@@ -119,29 +115,7 @@ impl EndpointStore {
         };
         let mut bytes = serde_json::to_vec_pretty(&file)?;
         bytes.push(b'\n');
-        let temporary = self
-            .path
-            .with_extension(format!("json.{}", std::process::id()));
-        let written = (|| {
-            let mut out = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&temporary)?;
-            out.write_all(&bytes)?;
-            out.sync_all()?;
-            fs::rename(&temporary, &self.path)?;
-            // The rename itself is durable once the directory is synced.
-            if let Some(dir) = self.path.parent() {
-                fs::File::open(dir)?.sync_all()?;
-            }
-            Ok::<_, std::io::Error>(())
-        })();
-        if written.is_err() {
-            let _ = fs::remove_file(&temporary);
-        }
-        written.with_context(|| format!("writing {}", self.path.display()))
+        state_file::write_atomically(&self.path, &bytes)
     }
 }
 

@@ -5,8 +5,22 @@
 //! `SetFlowEvents` call overrides both at once and holds until it is reset, or until the config
 //! file's `flow_events` changes (an edit that sets, changes or removes the field): that edit is the
 //! newer instruction, and the file decides again. Edits of the file's other settings leave the
-//! API's setting in force. The API's setting lives in the agent's memory only: a restarted agent
-//! starts from the file and the flag.
+//! API's setting in force. A restarted agent takes up the API's setting its predecessor saved
+//! (`super::saved`) when the flag and the file's field are still what that setting overrode; if
+//! either changed while no agent ran, that change is the newer instruction and the setting is
+//! dropped.
+
+use serde::{Deserialize, Serialize};
+
+/// The API's setting with the flag and file field it overrode: what a restarted agent needs to
+/// know whether it still holds ([`FlowEventsSwitch::resume`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSetting {
+    pub enabled: bool,
+    pub flag: bool,
+    pub file: Option<bool>,
+}
 
 /// Which setting decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +90,26 @@ impl FlowEventsSwitch {
     /// The API's setting; `None` resets it (the file, else the flag, decides again).
     pub fn set_api(&mut self, enabled: Option<bool>) {
         self.api = enabled;
+    }
+
+    /// The API's setting, if it made one, with what it overrode.
+    pub fn api_setting(&self) -> Option<ApiSetting> {
+        self.api.map(|enabled| ApiSetting {
+            enabled,
+            flag: self.flag,
+            file: self.file,
+        })
+    }
+
+    /// Takes up `saved`, an earlier agent's API setting, if the flag and the file's field are
+    /// what it overrode (else they changed since: the newer instruction, which stands); returns
+    /// whether it did.
+    pub fn resume(&mut self, saved: ApiSetting) -> bool {
+        let holds = saved.flag == self.flag && saved.file == self.file;
+        if holds {
+            self.api = Some(saved.enabled);
+        }
+        holds
     }
 
     /// The switch, with whether the programs report flow events now.
@@ -189,5 +223,30 @@ mod tests {
                 api: Some(true),
             }
         );
+    }
+
+    #[test]
+    fn a_saved_api_setting_holds_only_while_the_flag_and_the_file_are_unchanged() {
+        let mut before = FlowEventsSwitch::new(false, None);
+        assert_eq!(before.api_setting(), None);
+        before.set_api(Some(true));
+        let saved = before.api_setting().expect("the API set it");
+        assert_eq!(
+            saved,
+            ApiSetting {
+                enabled: true,
+                flag: false,
+                file: None
+            }
+        );
+        let mut after = FlowEventsSwitch::new(false, None);
+        assert!(after.resume(saved));
+        assert_eq!((after.wanted(), after.source()), (true, SwitchSource::Api));
+        for (flag, file) in [(true, None), (false, Some(false)), (false, Some(true))] {
+            let mut after = FlowEventsSwitch::new(flag, file);
+            assert!(!after.resume(saved), "{flag} {file:?}");
+            assert_ne!(after.source(), SwitchSource::Api);
+            assert_eq!(after.api_setting(), None);
+        }
     }
 }
