@@ -336,8 +336,13 @@ fn describe_endpoint(endpoint: &pb::Endpoint) -> String {
         Ok(pb::EndpointPlacement::NotPlaced) => "not enforced (a conflict, see the agent's log)",
         Ok(pb::EndpointPlacement::Unspecified) | Err(_) => "unknown",
     };
+    let network = if endpoint.network.is_empty() {
+        String::new()
+    } else {
+        format!(" network={}", endpoint.network)
+    };
     format!(
-        "{} {} pod={}/{} container={}/{} policy: {policy}",
+        "{} {} pod={}/{} container={}/{}{network} policy: {policy}",
         endpoint.host_interface,
         endpoint.addresses.join(","),
         endpoint.pod_namespace,
@@ -546,11 +551,12 @@ mod tests {
             host_interface: "veth6c1e1a3b".into(),
             addresses: vec!["198.51.100.7".into(), "2001:db8::7".into()],
             placement: pb::EndpointPlacement::OwnWorkload as i32,
+            network: "pods".into(),
         };
         assert_eq!(
             describe_endpoint(&endpoint),
             "veth6c1e1a3b 198.51.100.7,2001:db8::7 pod=prod/api-1 container=c0ffee/eth0 \
-             policy: own workload (no labels)"
+             network=pods policy: own workload (no labels)"
         );
     }
 

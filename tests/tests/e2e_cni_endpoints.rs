@@ -64,6 +64,7 @@ fn db_endpoint() -> pb::Endpoint {
             .map(|v6| PolicyTopology::addr("db", v6).to_string())
             .to_vec(),
         placement: 0,
+        network: "pods".into(),
     }
 }
 

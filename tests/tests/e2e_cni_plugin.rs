@@ -118,6 +118,21 @@ impl Runtime<'_> {
             .unwrap_or_else(|e| panic!("{command} {} for {}: {e:#}", path.display(), pod.name))
     }
 
+    /// `GC` or `STATUS` through lb-cni, which came with cniVersion 1.1.0: Debian's ptp speaks up
+    /// to 1.0.0, so lb-cni gets a 1.1.0 configuration of its own, with `valid` as
+    /// `cni.dev/valid-attachments` (GC). The `CNI_*` variables of `pod` are set but not read.
+    fn run_v1_1(&self, command: &str, pod: &Pod, valid: &[&Pod]) -> lb_tests::cni::PluginOutput {
+        let (path, entry) = self.plugin(1);
+        let mut config = chained_config(&self.list, entry, None);
+        config["cniVersion"] = json!("1.1.0");
+        config["cni.dev/valid-attachments"] = valid
+            .iter()
+            .map(|p| json!({"containerID": p.attachment.container_id, "ifname": p.attachment.ifname}))
+            .collect();
+        exec(self.node, &path, command, &pod.attachment, &config)
+            .unwrap_or_else(|e| panic!("{command} {}: {e:#}", path.display()))
+    }
+
     /// ADD through ptp only: the pod's veth and address, no registration yet.
     fn add_network(&self, pod: &Pod) -> Value {
         self.run(0, "ADD", pod, None)
@@ -289,7 +304,7 @@ fn pods_added_through_ptp_and_lb_cni_get_their_policy_until_deleted() {
     let listed = lbctl_endpoints(&socket);
     assert_eq!(listed.len(), 3, "{listed:#?}");
     let db_line = format!(
-        "{db_veth} {},{} pod=default/db container={}/eth0 policy: its workload",
+        "{db_veth} {},{} pod=default/db container={}/eth0 network={NETWORK} policy: its workload",
         db_addresses[0], db_addresses[1], db.attachment.container_id
     );
     assert!(listed.contains(&db_line), "{db_line:?} in {listed:#?}");
@@ -328,8 +343,33 @@ fn pods_added_through_ptp_and_lb_cni_get_their_policy_until_deleted() {
         .error("CHECK after DEL");
     assert_eq!(code, 101, "{msg}");
 
-    // With the agent gone, DEL still succeeds (and ADD asks to try again later).
+    // CNI 1.1: STATUS says ready; GC releases what the runtime no longer lists (other), once.
+    let status = runtime.run_v1_1("STATUS", &frontend, &[]);
+    assert!(
+        status.success && status.stdout.is_empty(),
+        "STATUS: {status:?}"
+    );
+    for round in 0..2 {
+        let gc = runtime.run_v1_1("GC", &frontend, &[&frontend]);
+        assert!(gc.success, "GC #{round}: {gc:?}");
+        let released = format!("released {}/eth0", other.attachment.container_id);
+        assert_eq!(
+            gc.stderr.contains(&released),
+            round == 0,
+            "GC #{round}: {gc:?}"
+        );
+        let listed = lbctl_endpoints(&socket);
+        assert_eq!(listed.len(), 1, "{listed:#?}");
+        assert!(listed[0].contains("pod=default/frontend"), "{listed:#?}");
+    }
+
+    // With the agent gone, DEL still succeeds (and ADD asks to try again later, STATUS says
+    // not available).
     agent.stop().expect("agent stops");
+    let (code, msg) = runtime
+        .run_v1_1("STATUS", &frontend, &[])
+        .error("STATUS without an agent");
+    assert_eq!(code, 50, "{msg}");
     let del = runtime.run(1, "DEL", &frontend, Some(&results[0]));
     assert!(del.success, "lb-cni DEL without an agent: {del:?}");
     assert!(del.stderr.contains("not reachable"), "{del:?}");

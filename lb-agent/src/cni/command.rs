@@ -8,11 +8,17 @@
 //!   interface vanished), is a success, logged on stderr.
 //! - `CHECK`: the agent holds this registration (same host interface and addresses as
 //!   `prevResult`) and enforces it; an error otherwise.
+//! - `GC` (cniVersion 1.1.0): releases this network's registrations whose attachment is not in
+//!   `cni.dev/valid-attachments` (containers the runtime no longer has). Registrations of other
+//!   networks, and those made without a network name, are left alone; the agent also forgets
+//!   any endpoint whose interface is gone.
+//! - `STATUS` (cniVersion 1.1.0): ready when the agent answers; error 50 when it does not (ADD
+//!   would fail).
 //! - `VERSION`: the supported versions.
 //!
 //! Every failure is a [`CniError`]; [`run`] turns it into the error JSON on stdout.
 
-use std::path::Path;
+use std::{collections::BTreeSet, path::Path};
 
 use super::{
     agent::{Agent, AgentError},
@@ -20,12 +26,12 @@ use super::{
     error::{CniError, ErrorCode},
 };
 use crate::{
-    endpoints::{Endpoint, Placement},
+    endpoints::{Endpoint, EndpointKey, Placement},
     grpc::ApiError,
 };
 
 /// The version of the results when the input names none this plugin reads.
-const LATEST_VERSION: &str = "1.0.0";
+const LATEST_VERSION: &str = "1.1.0";
 
 /// What the plugin prints on stdout and whether it succeeded (exit 0) or not.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,22 +81,36 @@ fn execute<A: Agent>(
             del(&env, &mut connect(&socket), &socket).map(|()| String::new())
         }
         "CHECK" => {
-            if matches!(conf.cni_version.as_str(), "0.3.0" | "0.3.1") {
-                return Err(CniError::new(
-                    ErrorCode::IncompatibleVersion,
-                    format!("CHECK is not part of cniVersion {}", conf.cni_version),
-                    "CHECK exists from cniVersion 0.4.0 on",
-                ));
-            }
+            command_exists_in(&conf, "CHECK", "0.4.0")?;
             env.require(true)?;
             check(&conf, &env, &mut connect(&socket), &socket).map(|()| String::new())
         }
+        "GC" => {
+            command_exists_in(&conf, "GC", "1.1.0")?;
+            gc(&conf, &mut connect(&socket), &socket).map(|()| String::new())
+        }
+        "STATUS" => {
+            command_exists_in(&conf, "STATUS", "1.1.0")?;
+            status(&mut connect(&socket), &socket).map(|()| String::new())
+        }
         other => Err(CniError::new(
             ErrorCode::InvalidEnvironment,
-            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION"),
+            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"),
             "",
         )),
     }
+}
+
+/// `command` came with cniVersion `since`: an older configuration cannot ask for it.
+fn command_exists_in(conf: &NetConf, command: &str, since: &str) -> Result<(), CniError> {
+    if conf.version_at_least(since) {
+        return Ok(());
+    }
+    Err(CniError::new(
+        ErrorCode::IncompatibleVersion,
+        format!("{command} is not part of cniVersion {}", conf.cni_version),
+        format!("{command} exists from cniVersion {since} on"),
+    ))
 }
 
 /// `{"cniVersion", "supportedVersions"}`, in the version stdin asks for when this plugin has it.
@@ -124,7 +144,7 @@ fn add(
     socket: &Path,
 ) -> Result<String, CniError> {
     let (raw, prev) = conf.prev_result()?;
-    let endpoint = endpoint(env, &prev)?;
+    let endpoint = endpoint(conf, env, &prev)?;
     agent
         .register(&endpoint)
         .map_err(|err| err.into_cni(socket, "registering the endpoint"))?;
@@ -159,7 +179,7 @@ fn check(
     socket: &Path,
 ) -> Result<(), CniError> {
     let (_, prev) = conf.prev_result()?;
-    let expected = endpoint(env, &prev)?;
+    let mut expected = endpoint(conf, env, &prev)?;
     let registered = agent
         .endpoints()
         .map_err(|err| err.into_cni(socket, "listing the registered endpoints"))?;
@@ -174,6 +194,10 @@ fn check(
             "ADD did not run, failed, or was undone by DEL",
         ));
     };
+    // Registered by a plugin that did not name the network: the rest must match.
+    if found.network.is_empty() {
+        expected.network.clear();
+    }
     if *found != expected {
         return Err(CniError::new(
             ErrorCode::NotRegistered,
@@ -207,10 +231,69 @@ fn check(
     Ok(())
 }
 
+/// `GC`: releases the registrations of `conf`'s network that `cni.dev/valid-attachments` does
+/// not list. Each is tried; the first failure is the answer (the runtime runs GC again later).
+fn gc(conf: &NetConf, agent: &mut impl Agent, socket: &Path) -> Result<(), CniError> {
+    let valid: BTreeSet<EndpointKey> = conf
+        .valid_attachments
+        .as_ref()
+        .ok_or_else(|| {
+            CniError::new(
+                ErrorCode::InvalidNetworkConfig,
+                "GC without cni.dev/valid-attachments",
+                "the runtime lists the attachments it still has; without them every \
+                 registration would look stale",
+            )
+        })?
+        .iter()
+        .map(|a| (a.container_id.clone(), a.ifname.clone()))
+        .collect();
+    let registered = agent
+        .endpoints()
+        .map_err(|err| err.into_cni(socket, "listing the registered endpoints"))?;
+    let mut first_failure = None;
+    for (endpoint, _) in registered {
+        let key = endpoint.key();
+        if endpoint.network != conf.name || valid.contains(&key) {
+            continue;
+        }
+        match agent.release(&key) {
+            Ok(_) => eprintln!(
+                "lb-cni: GC: released {}/{} (pod {}, {}): the runtime no longer has it",
+                key.0,
+                key.1,
+                endpoint.pod_name(),
+                endpoint.host_interface
+            ),
+            Err(err) => {
+                let what = format!("releasing the stale endpoint {}/{}", key.0, key.1);
+                first_failure.get_or_insert(err.into_cni(socket, &what));
+            }
+        }
+    }
+    first_failure.map_or(Ok(()), Err)
+}
+
+/// `STATUS`: ready when the agent answers, which ADD needs.
+fn status(agent: &mut impl Agent, socket: &Path) -> Result<(), CniError> {
+    match agent.endpoints() {
+        Ok(_) => Ok(()),
+        Err(AgentError::Unreachable(cause)) => Err(CniError::new(
+            ErrorCode::NotAvailable,
+            format!(
+                "the lb agent is not reachable at {} ({cause})",
+                socket.display()
+            ),
+            "ADD fails until it answers (starting, restarting, or not running on this node)",
+        )),
+        Err(err) => Err(err.into_cni(socket, "asking the agent")),
+    }
+}
+
 /// The endpoint ADD registers: the attachment from the environment, the pod's host interface and
-/// addresses from `prevResult`. Checked here as the agent would, so that a bad value is named by
-/// where it came from.
-fn endpoint(env: &CniEnv, prev: &PrevResult) -> Result<Endpoint, CniError> {
+/// addresses from `prevResult`, the network from the configuration. Checked here as the agent
+/// would, so that a bad value is named by where it came from.
+fn endpoint(conf: &NetConf, env: &CniEnv, prev: &PrevResult) -> Result<Endpoint, CniError> {
     let (namespace, pod) = env.workload();
     let endpoint = Endpoint {
         container_id: env.container_id.clone(),
@@ -219,6 +302,7 @@ fn endpoint(env: &CniEnv, prev: &PrevResult) -> Result<Endpoint, CniError> {
         pod,
         host_interface: prev.host_interface(is_bridge)?,
         addresses: prev.addresses(&env.ifname)?,
+        network: conf.name.clone(),
     };
     endpoint.validate("endpoint").map_err(|err| {
         let ApiError::Invalid { field, message } = &err else {
@@ -233,6 +317,7 @@ fn endpoint(env: &CniEnv, prev: &PrevResult) -> Result<Endpoint, CniError> {
                 ErrorCode::InvalidEnvironment,
                 "CNI_ARGS K8S_POD_NAME (or, without it, CNI_CONTAINERID)",
             ),
+            "network" => (ErrorCode::InvalidNetworkConfig, "name"),
             "host_interface" => (
                 ErrorCode::InvalidNetworkConfig,
                 "prevResult's host interface",
@@ -376,6 +461,7 @@ mod tests {
                 pod: "api-1".into(),
                 host_interface: "veth6c1e1a3b".into(),
                 addresses: vec!["198.51.100.7".parse().unwrap()],
+                network: "pods".into(),
             }
         );
     }
@@ -474,13 +560,13 @@ mod tests {
         assert_eq!(json["cniVersion"], "0.4.0");
         assert_eq!(
             json["supportedVersions"],
-            serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+            serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
         );
         // VERSION with empty stdin answers in the latest version.
         let (outcome, _) = run_with("VERSION", "", &agent);
-        assert!(outcome.stdout.starts_with(r#"{"cniVersion":"1.0.0""#));
+        assert!(outcome.stdout.starts_with(r#"{"cniVersion":"1.1.0""#));
 
-        let cases: [(&str, String, u64, &str); 6] = [
+        let cases: [(&str, String, u64, &str); 9] = [
             (
                 "ADD",
                 "{".into(),
@@ -504,10 +590,29 @@ mod tests {
                 "prevResult names no host-side interface",
             ),
             (
-                "GC",
+                "FROB",
                 conf("1.0.0", None),
                 4,
-                "CNI_COMMAND \"GC\" is not one of",
+                "CNI_COMMAND \"FROB\" is not one of",
+            ),
+            // GC and STATUS came with 1.1.0.
+            (
+                "GC",
+                conf("1.0.0", None),
+                1,
+                "GC is not part of cniVersion 1.0.0",
+            ),
+            (
+                "STATUS",
+                conf("0.4.0", None),
+                1,
+                "STATUS is not part of cniVersion 0.4.0",
+            ),
+            (
+                "GC",
+                conf("1.1.0", None),
+                7,
+                "GC without cni.dev/valid-attachments",
             ),
             (
                 "ADD",
@@ -542,5 +647,77 @@ mod tests {
         let registered = agent.registered.borrow();
         let (endpoint, _) = registered.values().next().unwrap();
         assert_eq!(endpoint.pod_name(), "default/c0ffee");
+    }
+
+    /// A registration of `container_id`/eth0 on `network`.
+    fn registration(
+        container_id: &str,
+        network: &str,
+    ) -> (EndpointKey, (Endpoint, Option<Placement>)) {
+        let endpoint = Endpoint {
+            container_id: container_id.into(),
+            interface_name: "eth0".into(),
+            namespace: "prod".into(),
+            pod: container_id.into(),
+            host_interface: format!("veth{container_id}"),
+            addresses: vec!["198.51.100.7".parse().unwrap()],
+            network: network.into(),
+        };
+        (endpoint.key(), (endpoint, Some(Placement::SourceWorkload)))
+    }
+
+    #[test]
+    fn gc_releases_only_this_networks_attachments_the_runtime_no_longer_has() {
+        let agent = FakeAgent::default();
+        agent.registered.borrow_mut().extend([
+            registration("live", "pods"),
+            registration("gone", "pods"),
+            registration("gone2", "pods"),
+            registration("elsewhere", "other"),
+            registration("unnamed", ""),
+        ]);
+        let stdin = r#"{"cniVersion":"1.1.0","name":"pods","type":"lb-cni",
+            "agentSocket":"/run/t/api.sock",
+            "cni.dev/valid-attachments":[{"containerID":"live","ifname":"eth0"},
+                                         {"containerID":"elsewhere","ifname":"eth0"}]}"#;
+        let (outcome, _) = run_with("GC", stdin, &agent);
+        assert_eq!(
+            outcome,
+            Outcome {
+                stdout: String::new(),
+                success: true
+            }
+        );
+        let left: Vec<String> = agent
+            .registered
+            .borrow()
+            .keys()
+            .map(|k| k.0.clone())
+            .collect();
+        assert_eq!(left, ["elsewhere", "live", "unnamed"]);
+        assert_eq!(*agent.calls.borrow(), ["endpoints", "release", "release"]);
+        // Nothing stale: nothing released; no agent: the runtime tries again later.
+        assert!(run_with("GC", stdin, &agent).0.success);
+        assert_eq!(agent.calls.borrow().len(), 4);
+        let gone = FakeAgent {
+            unreachable: true,
+            ..Default::default()
+        };
+        assert_eq!(error(&run_with("GC", stdin, &gone).0).0, 11);
+    }
+
+    #[test]
+    fn status_is_ready_only_while_the_agent_answers() {
+        let stdin = conf("1.1.0", None);
+        let (outcome, socket) = run_with("STATUS", &stdin, &FakeAgent::default());
+        assert!(outcome.success && outcome.stdout.is_empty(), "{outcome:?}");
+        assert_eq!(socket.as_deref(), Some("/run/t/api.sock"));
+        let gone = FakeAgent {
+            unreachable: true,
+            ..Default::default()
+        };
+        let (code, msg) = error(&run_with("STATUS", &stdin, &gone).0);
+        assert_eq!(code, 50);
+        assert!(msg.contains("not reachable at /run/t/api.sock"), "{msg}");
     }
 }

@@ -15,9 +15,9 @@ pub const DEFAULT_AGENT_SOCKET: &str = "/run/lb/api.sock";
 /// The policy namespace of a pod whose runtime passes no `K8S_POD_NAMESPACE`.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// The spec versions this plugin reads and writes (the result formats with `interfaces` and
-/// `ips`; CHECK from 0.4.0 on).
-pub const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+/// The spec versions this plugin reads and writes, oldest first (the result formats with
+/// `interfaces` and `ips`; CHECK from 0.4.0 on, GC and STATUS from 1.1.0 on).
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// The network configuration on stdin. Fields other plugins or the runtime add (`runtimeConfig`,
 /// `args`, `capabilities`, ...) are ignored.
@@ -34,6 +34,17 @@ pub struct NetConf {
     /// The result of the plugins before this one, kept byte for byte: ADD prints it unchanged.
     #[serde(default)]
     pub prev_result: Option<Box<RawValue>>,
+    /// GC: the attachments the runtime still has on this network; any other is released.
+    #[serde(default, rename = "cni.dev/valid-attachments")]
+    pub valid_attachments: Option<Vec<ValidAttachment>>,
+}
+
+/// An entry of `cni.dev/valid-attachments`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ValidAttachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
 }
 
 impl NetConf {
@@ -54,6 +65,12 @@ impl NetConf {
             ));
         }
         Ok(conf)
+    }
+
+    /// Whether the configuration's version is `since` or later (both in [`SUPPORTED_VERSIONS`]).
+    pub fn version_at_least(&self, since: &str) -> bool {
+        let index = |v: &str| SUPPORTED_VERSIONS.iter().position(|s| *s == v);
+        index(&self.cni_version) >= index(since)
     }
 
     pub fn agent_socket(&self) -> PathBuf {

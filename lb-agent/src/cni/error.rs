@@ -13,6 +13,8 @@ pub enum ErrorCode {
     InvalidNetworkConfig = 7,
     /// The runtime may retry: the agent is not reachable yet (starting, restarting).
     TryAgainLater = 11,
+    /// STATUS: the plugin cannot serve ADD (the agent does not answer).
+    NotAvailable = 50,
     /// The agent refused the endpoint (the message says why and names the field).
     AgentRefused = 100,
     /// CHECK: the agent has no such registration, or another one.

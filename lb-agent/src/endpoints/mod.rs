@@ -37,6 +37,11 @@ pub struct Endpoint {
     pub host_interface: String,
     /// The pod's addresses on the attachment.
     pub addresses: Vec<IpAddr>,
+    /// The CNI network (its configuration's `name`) that registered it, so that a CNI `GC` of
+    /// one network leaves other networks' endpoints alone. Empty: not known (a registration made
+    /// without it, e.g. by an older plugin).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
 }
 
 /// Where an endpoint's interface went in the merged policy (see [`crate::desired`]).
@@ -63,8 +68,12 @@ impl Endpoint {
     /// Checks the fields; errors name `{root}.<field>` (the request's field path).
     pub fn validate(&self, root: &str) -> Result<(), ApiError> {
         let field = |name: &str| format!("{root}.{name}");
-        container_id(&self.container_id)
+        cni_name(&self.container_id, "a container id")
             .map_err(|m| ApiError::invalid(field("container_id"), m))?;
+        if !self.network.is_empty() {
+            cni_name(&self.network, "a CNI network name")
+                .map_err(|m| ApiError::invalid(field("network"), m))?;
+        }
         interface(&self.interface_name)
             .map_err(|m| ApiError::invalid(field("interface_name"), m))?;
         interface(&self.host_interface)
@@ -100,18 +109,19 @@ impl Endpoint {
     }
 }
 
-/// The CNI spec's container id: alphanumerics, `_`, `.` and `-`, starting with an alphanumeric.
-fn container_id(id: &str) -> Result<(), String> {
-    let valid = id.len() <= 1024
-        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && id
+/// The CNI spec's container ids and network names (`what`): alphanumerics, `_`, `.` and `-`,
+/// starting with an alphanumeric.
+fn cni_name(text: &str, what: &str) -> Result<(), String> {
+    let valid = text.len() <= 1024
+        && text.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && text
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if valid {
         Ok(())
     } else {
         Err(format!(
-            "{id:?} is not a container id (alphanumerics, '_', '.', '-', starting with an alphanumeric)"
+            "{text:?} is not {what} (alphanumerics, '_', '.', '-', starting with an alphanumeric)"
         ))
     }
 }
@@ -171,6 +181,7 @@ mod tests {
             pod: "api-1".into(),
             host_interface: "veth1a2b3c4d".into(),
             addresses: vec!["198.51.100.7".parse().unwrap()],
+            network: "pods".into(),
         }
     }
 
@@ -178,8 +189,9 @@ mod tests {
     fn validation_names_the_field() {
         endpoint().validate("endpoint").unwrap();
         type Case = (fn(&mut Endpoint), &'static str);
-        let cases: [Case; 7] = [
+        let cases: [Case; 8] = [
             (|e| e.container_id = "a/b".into(), "endpoint.container_id"),
+            (|e| e.network = "-pods".into(), "endpoint.network"),
             (
                 |e| e.interface_name = String::new(),
                 "endpoint.interface_name",

@@ -317,6 +317,7 @@ pub fn endpoint_from_pb(endpoint: Option<pb::Endpoint>, path: &str) -> Result<En
         pod: endpoint.pod_name,
         host_interface: endpoint.host_interface,
         addresses,
+        network: endpoint.network,
     };
     endpoint.validate(path)?;
     Ok(endpoint)
@@ -330,6 +331,7 @@ pub fn endpoint_to_pb(endpoint: &Endpoint, placement: Placement) -> pb::Endpoint
         pod_name: endpoint.pod.clone(),
         host_interface: endpoint.host_interface.clone(),
         addresses: endpoint.addresses.iter().map(ToString::to_string).collect(),
+        network: endpoint.network.clone(),
         placement: match placement {
             Placement::SourceWorkload => pb::EndpointPlacement::SourceWorkload,
             Placement::OwnWorkload => pb::EndpointPlacement::OwnWorkload,

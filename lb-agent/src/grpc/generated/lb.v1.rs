@@ -192,6 +192,10 @@ pub struct Endpoint {
     /// ListState only
     #[prost(enumeration = "EndpointPlacement", tag = "7")]
     pub placement: i32,
+    /// The CNI network (its configuration's name) the plugin registered it for; a CNI GC of one
+    /// network leaves other networks' endpoints alone. Empty: not known (registered without it).
+    #[prost(string, tag = "8")]
+    pub network: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RegisterEndpointRequest {
