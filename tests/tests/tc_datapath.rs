@@ -481,38 +481,24 @@ fn flow_events_in_namespace() {
         let key = ServiceKey::new(web.ip(), web.port(), tcp);
         let backend = expected_backend(&datapath, &key, tcp, client, web, false);
 
-        let mut sent = |datapath: &mut Datapath, program, input: Vec<u8>, verdict| {
+        // Runs `program` on an empty `l4` segment `from` → `to`, expecting `verdict`; returns
+        // the flow events it emitted.
+        let mut sent = |datapath: &mut Datapath, program, l4, from, to, verdict| {
+            let input = frame(l4, from, to, b"");
             assert_eq!(run_program(datapath, program, &input).0, verdict);
             drain_flow_events(&mut ring)
         };
-        let dnat = sent(
-            &mut datapath,
-            TC_PROGRAM,
-            frame(SYN, client, web, b""),
-            TC_ACT_OK,
-        );
-        let hit = sent(
-            &mut datapath,
-            TC_PROGRAM,
-            frame(ACK, client, web, b""),
-            TC_ACT_OK,
-        );
-        let snat = sent(
-            &mut datapath,
-            TC_PROGRAM,
-            frame(SYN, client, snat_vip, b""),
-            TC_ACT_OK,
-        );
-        let no_backend = sent(
-            &mut datapath,
-            TC_PROGRAM,
-            frame(SYN, client, empty, b""),
-            TC_ACT_SHOT,
-        );
+        let dnat = sent(&mut datapath, TC_PROGRAM, SYN, client, web, TC_ACT_OK);
+        let hit = sent(&mut datapath, TC_PROGRAM, ACK, client, web, TC_ACT_OK);
+        let snat = sent(&mut datapath, TC_PROGRAM, SYN, client, snat_vip, TC_ACT_OK);
+        let no_backend = sent(&mut datapath, TC_PROGRAM, SYN, client, empty, TC_ACT_SHOT);
+        let no_service = sa("198.51.100.99:80");
         let other = sent(
             &mut datapath,
             TC_PROGRAM,
-            frame(SYN, client, sa("198.51.100.99:80"), b""),
+            SYN,
+            client,
+            no_service,
             TC_ACT_OK,
         );
         // A workload client's request to a SNAT service is served as DNAT.
@@ -523,7 +509,9 @@ fn flow_events_in_namespace() {
         let workload_snat = sent(
             &mut datapath,
             TC_REQUEST_PROGRAM,
-            frame(SYN, workload_client, snat_vip, b""),
+            SYN,
+            workload_client,
+            snat_vip,
             TC_ACT_UNSPEC,
         );
         assert_eq!(counter(&datapath, Counter::ForwardConntrackHit), 1);
