@@ -28,7 +28,7 @@ use std::{
 
 use lb_common::counters::Counter;
 use lb_tests::{
-    agent::{AgentProcess, ConfigFile},
+    agent::{logged_counters, AgentProcess, ConfigFile},
     frames::inject_too_big_about_an_answer,
     modes::XdpPass,
     netns::{Netns, TEST_PREFIX},
@@ -180,25 +180,6 @@ fn ask(socket: &UdpSocket, target: SocketAddr, payload: &[u8]) -> String {
     String::from_utf8_lossy(&answer[..colon]).into_owned()
 }
 
-/// Stops the agent; returns its final counters (name → value).
-fn stop_agent(agent: AgentProcess) -> BTreeMap<String, u64> {
-    let (code, log) = agent.stop().expect("agent stops");
-    assert_eq!(code, 0, "clean exit");
-    let line = log
-        .iter()
-        .rev()
-        .find(|l| l.contains("datapath counters"))
-        .expect("final counters logged");
-    line.split_whitespace()
-        .filter_map(|word| {
-            let word = word.trim_matches(|c| c == '"' || c == ',');
-            let word = word.strip_prefix("counters=").unwrap_or(word);
-            let (name, value) = word.split_once('=')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 fn count(counters: &BTreeMap<String, u64>, which: Counter) -> u64 {
     counters.get(which.name()).copied().unwrap_or(0)
 }
@@ -238,9 +219,10 @@ impl Balancer {
         }
     }
 
-    /// Stops the agent; returns its final counters (see [`stop_agent`]).
+    /// Stops the agent; returns its final counters (name → value).
     fn stop(self) -> BTreeMap<String, u64> {
-        stop_agent(self.agent)
+        let (log, _) = self.agent.stop_cleanly();
+        logged_counters(&log)
     }
 }
 
