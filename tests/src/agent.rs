@@ -340,6 +340,20 @@ impl AgentProcess {
         Ok((code, rest))
     }
 
+    /// Stops the agent and checks that it exited cleanly on SIGTERM and logged its final datapath
+    /// counters; returns what it logged meanwhile and that counters line.
+    pub fn stop_cleanly(self) -> (Vec<String>, String) {
+        let (code, log) = self.stop().expect("agent stops");
+        assert_eq!(code, 0, "clean exit on SIGTERM");
+        let counters = log
+            .iter()
+            .rev()
+            .find(|l| l.contains("datapath counters"))
+            .expect("final counters logged")
+            .clone();
+        (log, counters)
+    }
+
     fn terminate(&mut self) -> Result<i32> {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -378,7 +392,7 @@ pub fn logged_counters(log: &[String]) -> std::collections::BTreeMap<String, u64
     line.split_whitespace()
         .filter_map(|tok| {
             let (key, value) = tok.rsplit_once('=')?;
-            let key = key.rsplit('=').next()?;
+            let key = key.rsplit('=').next()?.trim_matches('"');
             let value: u64 = value.trim_matches(|c| c == '"' || c == ',').parse().ok()?;
             names.contains(key).then(|| (key.to_string(), value))
         })

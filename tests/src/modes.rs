@@ -4,13 +4,11 @@
 //! servers that record who connected.
 
 use std::{
-    io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    thread,
     time::Duration,
 };
 
@@ -24,6 +22,7 @@ use lb_agent::datapath::EBPF_OBJECT;
 
 use crate::{
     netns::{self, Netns},
+    servers::{greet_and_count_bytes, ServerLoops},
     test_run::xdp_md,
 };
 
@@ -36,7 +35,7 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 /// Runs `f` on a thread that has entered `ns`, borrowing from the caller (unlike [`Netns::run`]).
 pub fn in_netns<R: Send>(ns: &Netns, f: impl FnOnce() -> R + Send) -> R {
     let path = format!("/run/netns/{}", ns.name());
-    thread::scope(|scope| {
+    std::thread::scope(|scope| {
         scope
             .spawn(move || {
                 netns::enter(&path).unwrap_or_else(|e| panic!("entering {path}: {e:#}"));
@@ -276,10 +275,9 @@ pub fn hold_vips_on_loopback(ns: &Netns, vips: &[IpAddr]) -> Result<()> {
 pub struct RecordingServer {
     pub name: String,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
-    bytes: Arc<Mutex<u64>>,
-    udp_bytes: Arc<Mutex<u64>>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<thread::JoinHandle<()>>,
+    bytes: Arc<AtomicU64>,
+    udp_bytes: Arc<AtomicU64>,
+    _loops: ServerLoops,
 }
 
 impl RecordingServer {
@@ -287,7 +285,6 @@ impl RecordingServer {
         let listener = ns
             .run(move || TcpListener::bind(tcp))
             .unwrap_or_else(|e| panic!("bind {tcp}: {e}"));
-        listener.set_nonblocking(true).unwrap();
         let socket = ns
             .run(move || UdpSocket::bind(udp))
             .unwrap_or_else(|e| panic!("bind udp {udp}: {e}"));
@@ -295,55 +292,35 @@ impl RecordingServer {
             .set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
         let peers = Arc::new(Mutex::new(Vec::new()));
-        let bytes = Arc::new(Mutex::new(0u64));
-        let udp_bytes = Arc::new(Mutex::new(0u64));
-        let stop = Arc::new(AtomicBool::new(false));
-        let tcp_thread = {
-            let (peers, bytes, stop, greeting) = (
-                peers.clone(),
-                bytes.clone(),
-                stop.clone(),
-                format!("{name}\n"),
+        let bytes = Arc::new(AtomicU64::new(0));
+        let udp_bytes = Arc::new(AtomicU64::new(0));
+        let mut loops = ServerLoops::default();
+        let (tcp_peers, received, greeting) = (peers.clone(), bytes.clone(), format!("{name}\n"));
+        loops.spawn_accepting(listener, move |stream, peer| {
+            tcp_peers.lock().unwrap().push(peer);
+            greet_and_count_bytes(
+                stream,
+                greeting.clone(),
+                received.clone(),
+                Duration::from_secs(10),
             );
-            thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, peer)) => {
-                            peers.lock().unwrap().push(peer);
-                            let (bytes, greeting) = (bytes.clone(), greeting.clone());
-                            thread::spawn(move || serve(stream, &greeting, &bytes));
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(2)),
-                    }
-                }
-            })
-        };
-        let udp_thread = {
-            let (peers, udp_bytes, stop, answer) = (
-                peers.clone(),
-                udp_bytes.clone(),
-                stop.clone(),
-                name.to_string(),
-            );
-            thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                        peers.lock().unwrap().push(peer);
-                        // Counted before the answer: a client that has its answer finds it here.
-                        *udp_bytes.lock().unwrap() += n as u64;
-                        let _ = socket.send_to(answer.as_bytes(), peer);
-                    }
-                }
-            })
-        };
+        });
+        let (udp_peers, received, answer) = (peers.clone(), udp_bytes.clone(), name.to_string());
+        let mut buf = vec![0u8; 65536];
+        loops.spawn(move || {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                udp_peers.lock().unwrap().push(peer);
+                // Counted before the answer: a client that has its answer finds it here.
+                received.fetch_add(n as u64, Ordering::Relaxed);
+                let _ = socket.send_to(answer.as_bytes(), peer);
+            }
+        });
         Self {
             name: name.to_string(),
             peers,
             bytes,
             udp_bytes,
-            stop,
-            threads: vec![tcp_thread, udp_thread],
+            _loops: loops,
         }
     }
 
@@ -354,35 +331,11 @@ impl RecordingServer {
 
     /// TCP bytes received so far.
     pub fn bytes(&self) -> u64 {
-        *self.bytes.lock().unwrap()
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// UDP payload bytes received so far (whole datagrams, after reassembly).
     pub fn udp_bytes(&self) -> u64 {
-        *self.udp_bytes.lock().unwrap()
-    }
-}
-
-fn serve(mut stream: TcpStream, greeting: &str, bytes: &Mutex<u64>) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    if stream.write_all(greeting.as_bytes()).is_err() {
-        return;
-    }
-    let mut buf = [0u8; 16384];
-    while let Ok(n) = stream.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        *bytes.lock().unwrap() += n as u64;
-    }
-}
-
-impl Drop for RecordingServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.udp_bytes.load(Ordering::Relaxed)
     }
 }

@@ -30,6 +30,18 @@ pub const WORKLOADS: [(&str, &str, &str, &str, &str); 3] = [
     ),
 ];
 
+/// The interface the balancer's XDP program attaches to in the policy tests (the agent requires
+/// one): an unused veth (no dummy devices on the test kernel).
+pub const EXTERNAL: &str = "ext0";
+
+/// Adds [`EXTERNAL`] to `node`, up; its peer stays down and unused.
+pub fn add_external_interface(node: &Netns) -> Result<()> {
+    node.ip_cmd(&format!(
+        "link add {EXTERNAL} type veth peer name {EXTERNAL}p"
+    ))?;
+    node.ip_cmd(&format!("link set {EXTERNAL} up"))
+}
+
 pub struct PolicyTopology {
     pub workloads: Vec<Netns>,
     pub node: Netns,
@@ -58,6 +70,13 @@ impl PolicyTopology {
             workloads.push(ns);
         }
         Ok(Self { workloads, node })
+    }
+
+    /// [`PolicyTopology::new`] with [`EXTERNAL`] on the node, for the agent to attach to.
+    pub fn with_external_interface() -> Result<Self> {
+        let topology = Self::new()?;
+        add_external_interface(&topology.node)?;
+        Ok(topology)
     }
 
     /// The namespace of workload `name`.

@@ -14,14 +14,91 @@ use std::{
 
 use crate::{netns::Netns, topology::Topology};
 
+/// A server's loops (accepting, receiving), each on its own thread, run step after step until the
+/// value is dropped, which stops and joins them.
+pub struct ServerLoops {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Default for ServerLoops {
+    fn default() -> Self {
+        Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        }
+    }
+}
+
+impl ServerLoops {
+    /// Runs `step` on a new thread, again and again until the loops are stopped; a step should
+    /// return within a few milliseconds (a non-blocking accept, a receive with a short timeout).
+    pub fn spawn(&mut self, mut step: impl FnMut() + Send + 'static) {
+        let stop = self.stop.clone();
+        self.threads.push(thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                step();
+            }
+        }));
+    }
+
+    /// Accepts connections on `listener` (made non-blocking here) and hands each, with its peer,
+    /// to `on_accept`.
+    pub fn spawn_accepting(
+        &mut self,
+        listener: TcpListener,
+        mut on_accept: impl FnMut(TcpStream, SocketAddr) + Send + 'static,
+    ) {
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        self.spawn(move || match listener.accept() {
+            Ok((stream, peer)) => on_accept(stream, peer),
+            Err(_) => thread::sleep(Duration::from_millis(2)),
+        });
+    }
+}
+
+impl Drop for ServerLoops {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Serves one accepted connection on its own thread: sends `greeting`, then reads until the client
+/// closes (or nothing comes for `read_timeout`), adding what it read to `bytes`.
+pub fn greet_and_count_bytes(
+    mut stream: TcpStream,
+    greeting: String,
+    bytes: Arc<AtomicU64>,
+    read_timeout: Duration,
+) {
+    thread::spawn(move || {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(read_timeout));
+        if stream.write_all(greeting.as_bytes()).is_err() {
+            return;
+        }
+        let mut buf = [0u8; 16384];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    });
+}
+
 /// A TCP server in a namespace: every connection gets `"<name>\n"` back, then the server reads until
 /// the client closes. Counts accepted connections and received bytes.
 pub struct TcpCountingServer {
     pub name: String,
     connections: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
+    _loops: ServerLoops,
 }
 
 impl TcpCountingServer {
@@ -30,38 +107,25 @@ impl TcpCountingServer {
         let listener = ns
             .run(move || TcpListener::bind(SocketAddr::from((addr, port))))
             .unwrap_or_else(|e| panic!("bind {addr}:{port}: {e}"));
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
         let connections = Arc::new(AtomicU64::new(0));
         let bytes = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (connections, bytes, stop, reply) = (
-                connections.clone(),
-                bytes.clone(),
-                stop.clone(),
-                format!("{name}\n"),
+        let mut loops = ServerLoops::default();
+        let (counted, received, greeting) =
+            (connections.clone(), bytes.clone(), format!("{name}\n"));
+        loops.spawn_accepting(listener, move |stream, _| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            greet_and_count_bytes(
+                stream,
+                greeting.clone(),
+                received.clone(),
+                Duration::from_secs(30),
             );
-            thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            connections.fetch_add(1, Ordering::Relaxed);
-                            let (bytes, reply) = (bytes.clone(), reply.clone());
-                            thread::spawn(move || serve(stream, &reply, &bytes));
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(2)),
-                    }
-                }
-            })
-        };
+        });
         Self {
             name: name.to_string(),
             connections,
             bytes,
-            stop,
-            thread: Some(thread),
+            _loops: loops,
         }
     }
 
@@ -71,30 +135,6 @@ impl TcpCountingServer {
 
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
-    }
-}
-
-fn serve(mut stream: TcpStream, reply: &str, bytes: &AtomicU64) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    if stream.write_all(reply.as_bytes()).is_err() {
-        return;
-    }
-    let mut buf = [0u8; 16384];
-    while let Ok(n) = stream.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        bytes.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
-impl Drop for TcpCountingServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -204,8 +244,7 @@ pub struct UdpCountingServer {
     pub name: String,
     datagrams: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
+    _loops: ServerLoops,
 }
 
 impl UdpCountingServer {
@@ -219,31 +258,21 @@ impl UdpCountingServer {
             .expect("timeout");
         let datagrams = Arc::new(AtomicU64::new(0));
         let bytes = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (datagrams, bytes, stop, reply) = (
-                datagrams.clone(),
-                bytes.clone(),
-                stop.clone(),
-                name.to_string(),
-            );
-            thread::spawn(move || {
-                let mut buf = [0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                        datagrams.fetch_add(1, Ordering::Relaxed);
-                        bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        let _ = socket.send_to(reply.as_bytes(), peer);
-                    }
-                }
-            })
-        };
+        let mut loops = ServerLoops::default();
+        let (counted, received, reply) = (datagrams.clone(), bytes.clone(), name.to_string());
+        let mut buf = vec![0u8; 65536];
+        loops.spawn(move || {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                counted.fetch_add(1, Ordering::Relaxed);
+                received.fetch_add(n as u64, Ordering::Relaxed);
+                let _ = socket.send_to(reply.as_bytes(), peer);
+            }
+        });
         Self {
             name: name.to_string(),
             datagrams,
             bytes,
-            stop,
-            thread: Some(thread),
+            _loops: loops,
         }
     }
 
@@ -253,15 +282,6 @@ impl UdpCountingServer {
 
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for UdpCountingServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
 use anyhow::Result;
 use aya::{
     maps::{Array, HashMap, Map, MapData, RingBuf},
-    programs::{xdp::XdpMode, SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{xdp::XdpMode, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use lb_agent::datapath::Datapath;
 use lb_common::{
@@ -63,6 +63,15 @@ pub fn attach_on_new_veth(
 
 /// Runs `program` once on `frame`; returns the action and the output frame.
 pub fn run(program: &mut Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
+    run_once(program, frame)
+}
+
+/// Runs `program` (XDP or TC) once on `frame`; returns its return value and the output frame
+/// (with room to grow by 256 bytes, as encapsulation does).
+fn run_once<P>(program: &P, frame: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     let mut out = vec![0u8; frame.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
@@ -79,13 +88,7 @@ pub fn run_tc(program: &mut SchedClassifier, frame: &[u8]) -> u32 {
 
 /// Runs the TC `program` once on `frame`; returns the verdict and the output frame.
 pub fn run_tc_frame(program: &mut SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(frame);
-    opts.data_out = Some(&mut out);
-    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    run_once(program, frame)
 }
 
 /// Mean kernel-measured ns per run of `program` over `repeat` runs on `frame` (the kernel reruns
@@ -268,7 +271,8 @@ pub fn counter(datapath: &Datapath, which: Counter) -> u64 {
 #[macro_export]
 macro_rules! web_and_dns_services {
     () => {
-        "  - name: web
+        concat!(
+            "  - name: web
     vip: 198.51.100.10
     port: 80
     protocol: tcp
@@ -277,26 +281,48 @@ macro_rules! web_and_dns_services {
       - { address: 203.0.113.11, port: 8080 }
       - { address: 203.0.113.12, port: 8080 }
       - { address: 203.0.113.13, port: 8080 }
-  - name: dns
+",
+            $crate::dns_service!(),
+            $crate::web6_service!(),
+            "  - name: dns6
+    vip: 2001:db8:100::10
+    port: 53
+    protocol: udp
+    backends:
+      - { address: 2001:db8:203::11, port: 0 }
+"
+        )
+    };
+}
+
+/// Service `dns` of [`web_and_dns_services`] (UDP 53 on 198.51.100.10, two backends), as a YAML
+/// list item, for suites whose other services differ.
+#[macro_export]
+macro_rules! dns_service {
+    () => {
+        "  - name: dns
     vip: 198.51.100.10
     port: 53
     protocol: udp
     backends:
       - { address: 203.0.113.11, port: 5353 }
       - { address: 203.0.113.12, port: 5353 }
-  - name: web6
+"
+    };
+}
+
+/// Service `web6` of [`web_and_dns_services`] (TCP 443 on 2001:db8:100::10, two backends), as a
+/// YAML list item.
+#[macro_export]
+macro_rules! web6_service {
+    () => {
+        "  - name: web6
     vip: 2001:db8:100::10
     port: 443
     protocol: tcp
     backends:
       - { address: 2001:db8:203::11, port: 8443 }
       - { address: 2001:db8:203::12, port: 8443 }
-  - name: dns6
-    vip: 2001:db8:100::10
-    port: 53
-    protocol: udp
-    backends:
-      - { address: 2001:db8:203::11, port: 0 }
 "
     };
 }
@@ -337,17 +363,9 @@ pub fn assert_new_flow_event(
     (mode, choice): (u8, u8),
 ) {
     assert_eq!(event.kind, kind::NEW_FLOW, "{event:?}");
-    assert_eq!(event.flow, flow_key(protocol, client, vip), "{event:?}");
+    assert_names_flow(datapath, event, (client, vip, protocol));
     assert_eq!((event.mode, event.choice, event.reason), (mode, choice, 0));
-    assert_eq!(event.backend, Addr::from_ip(backend.ip()), "{event:?}");
-    assert_eq!(u16::from_be(event.backend_port), backend.port());
-    assert_eq!(event.service_id, service_id(datapath, vip, protocol));
-    let backends: Array<_, Backend> =
-        Array::try_from(datapath.ebpf_mut().map("BACKENDS").expect("BACKENDS")).unwrap();
-    let by_id = backends
-        .get(&event.backend_id, 0)
-        .expect("backend id in BACKENDS");
-    assert_eq!(by_id.ip(), backend.ip(), "backend id {}", event.backend_id);
+    assert_names_backend(datapath, event, backend);
 }
 
 /// Checks that `event` reports a packet `client → vip` dropped for `reason`.
@@ -358,10 +376,31 @@ pub fn assert_drop_event(
     reason: Counter,
 ) {
     assert_eq!(event.kind, kind::DROP, "{event:?}");
-    assert_eq!(event.flow, flow_key(protocol, client, vip), "{event:?}");
+    assert_names_flow(datapath, event, (client, vip, protocol));
     assert_eq!(event.reason, reason as u8, "{event:?}");
     assert_eq!((event.backend_id, event.backend_port), (0, 0));
+}
+
+/// Checks that `event` is about the flow `client → vip` and names the service of `vip`.
+fn assert_names_flow(
+    datapath: &mut Datapath,
+    event: &FlowEvent,
+    (client, vip, protocol): (SocketAddr, SocketAddr, u8),
+) {
+    assert_eq!(event.flow, flow_key(protocol, client, vip), "{event:?}");
     assert_eq!(event.service_id, service_id(datapath, vip, protocol));
+}
+
+/// Checks that `event` names `backend`: its address and port, and the id `BACKENDS` gives it.
+fn assert_names_backend(datapath: &mut Datapath, event: &FlowEvent, backend: SocketAddr) {
+    assert_eq!(event.backend, Addr::from_ip(backend.ip()), "{event:?}");
+    assert_eq!(u16::from_be(event.backend_port), backend.port());
+    let backends: Array<_, Backend> =
+        Array::try_from(datapath.ebpf_mut().map("BACKENDS").expect("BACKENDS")).unwrap();
+    let by_id = backends
+        .get(&event.backend_id, 0)
+        .expect("backend id in BACKENDS");
+    assert_eq!(by_id.ip(), backend.ip(), "backend id {}", event.backend_id);
 }
 
 /// The id of the service of `vip` (exact port) in the datapath's `SERVICES`.
@@ -407,21 +446,13 @@ pub fn assert_not_forwarded_event(
     reason: Counter,
 ) {
     assert_eq!(event.kind, kind::NOT_FORWARDED, "{event:?}");
-    assert_eq!(event.flow, flow_key(protocol, client, vip), "{event:?}");
+    assert_names_flow(datapath, event, (client, vip, protocol));
     assert_eq!(
         (event.mode, event.reason),
         (mode, reason as u8),
         "{event:?}"
     );
-    assert_eq!(event.backend, Addr::from_ip(backend.ip()), "{event:?}");
-    assert_eq!(u16::from_be(event.backend_port), backend.port());
-    assert_eq!(event.service_id, service_id(datapath, vip, protocol));
-    let backends: Array<_, Backend> =
-        Array::try_from(datapath.ebpf_mut().map("BACKENDS").expect("BACKENDS")).unwrap();
-    let by_id = backends
-        .get(&event.backend_id, 0)
-        .expect("backend id in BACKENDS");
-    assert_eq!(by_id.ip(), backend.ip(), "backend id {}", event.backend_id);
+    assert_names_backend(datapath, event, backend);
 }
 
 /// What a balancer program returns for the three packets of

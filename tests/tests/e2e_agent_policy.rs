@@ -30,7 +30,7 @@ use lb_tests::{
     agent::{metric_sum, scrape_metrics, AgentProcess, ConfigFile, TestPins},
     grpc_client::connect_unix,
     netns::Netns,
-    policy_topology::{PolicyTopology, WORKLOADS},
+    policy_topology::{PolicyTopology, EXTERNAL, WORKLOADS},
     servers::{
         greeted_and_refused, parallel_tcp_requests, tcp_connect, tcp_request, TcpCountingServer,
     },
@@ -38,9 +38,6 @@ use lb_tests::{
 };
 
 const METRICS: &str = "127.0.0.1:9471";
-/// The interface the balancer's XDP program attaches to (the agent requires one): an unused veth
-/// (no dummy devices on the test kernel).
-const EXTERNAL: &str = "ext0";
 const DB_PORT: u16 = 6379;
 const OTHER_PORT: u16 = 7000;
 
@@ -97,18 +94,7 @@ fn connects(ns: &Netns, target: SocketAddr, timeout: Duration) -> bool {
 
 /// The topology with the unused interface the agent attaches its XDP program to.
 fn topology() -> PolicyTopology {
-    let topology = PolicyTopology::new().expect("topology");
-    topology
-        .node
-        .ip_cmd(&format!(
-            "link add {EXTERNAL} type veth peer name {EXTERNAL}p"
-        ))
-        .unwrap();
-    topology
-        .node
-        .ip_cmd(&format!("link set {EXTERNAL} up"))
-        .unwrap();
-    topology
+    PolicyTopology::with_external_interface().expect("topology")
 }
 
 #[test]

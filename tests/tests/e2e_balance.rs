@@ -125,12 +125,7 @@ fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_backend() {
         "every datagram reached exactly one backend"
     );
 
-    let (code, log) = agent.stop().expect("agent stops");
-    assert_eq!(code, 0, "clean exit on SIGTERM");
-    let counters = log
-        .iter()
-        .find(|l| l.contains("datapath counters"))
-        .expect("final counters logged");
+    let (_, counters) = agent.stop_cleanly();
     assert!(counters.contains("forward_new_flow="), "{counters}");
     assert!(counters.contains("reply_translated="), "{counters}");
     // Detached: the VIP no longer answers. The kernel releases a link shortly after its last pin

@@ -15,12 +15,10 @@ use lb_agent::grpc::{client::connect_unix, pb};
 use lb_tests::{
     agent::{AgentProcess, ConfigFile},
     netns::Netns,
-    policy_topology::PolicyTopology,
+    policy_topology::{PolicyTopology, EXTERNAL},
     servers::{tcp_request, TcpCountingServer},
 };
 
-/// The unused interface the balancer's XDP program attaches to (the agent requires one).
-const EXTERNAL: &str = "ext0";
 const DB_PORT: u16 = 6379;
 
 /// db accepts TCP 6379 from frontend only; no workload names its interface (registering does).
@@ -70,17 +68,7 @@ fn db_endpoint() -> pb::Endpoint {
 
 #[test]
 fn a_registered_endpoint_is_enforced_kept_across_a_restart_and_released() {
-    let topology = PolicyTopology::new().expect("topology");
-    topology
-        .node
-        .ip_cmd(&format!(
-            "link add {EXTERNAL} type veth peer name {EXTERNAL}p"
-        ))
-        .unwrap();
-    topology
-        .node
-        .ip_cmd(&format!("link set {EXTERNAL} up"))
-        .unwrap();
+    let topology = PolicyTopology::with_external_interface().expect("topology");
     let db: IpAddr = PolicyTopology::addr("db", false);
     let target = SocketAddr::new(db, DB_PORT);
     let _server = TcpCountingServer::start(topology.ns("db"), db, DB_PORT, "db");

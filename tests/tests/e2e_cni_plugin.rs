@@ -21,12 +21,11 @@ use lb_tests::{
     agent::{lbctl_binary, AgentProcess, ConfigFile},
     cni::{chained_config, exec, lb_cni_binary, reference_plugin, Attachment},
     netns::{self, Netns, TEST_PREFIX},
+    policy_topology::{add_external_interface, EXTERNAL},
     servers::{tcp_request, TcpCountingServer},
 };
 use serde_json::{json, Value};
 
-/// The unused interface the balancer's XDP program attaches to (the agent requires one).
-const EXTERNAL: &str = "ext0";
 const DB_PORT: u16 = 6379;
 const NETWORK: &str = "lbt-pods";
 const SUBNET: &str = "198.51.100.0/24";
@@ -214,11 +213,7 @@ fn link_exists(node: &Netns, name: &str) -> bool {
 fn pods_added_through_ptp_and_lb_cni_get_their_policy_until_deleted() {
     netns::remove_stale();
     let node = Netns::new(TEST_PREFIX, "cninode").expect("node namespace");
-    node.ip_cmd(&format!(
-        "link add {EXTERNAL} type veth peer name {EXTERNAL}p"
-    ))
-    .unwrap();
-    node.ip_cmd(&format!("link set {EXTERNAL} up")).unwrap();
+    add_external_interface(&node).expect("the agent's interface");
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("host-local");
     let socket = dir.path().join("api.sock");

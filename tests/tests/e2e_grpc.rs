@@ -80,7 +80,22 @@ fn traffic(topology: &Topology, servers: &[TcpCountingServer], n: usize) -> BTre
     counted
 }
 
-/// Polls single connections until one lands on `name`; returns how long that took.
+/// `traffic` of `n` connections, checked to have reached exactly the backends `names` (sorted).
+fn traffic_reaching(
+    topology: &Topology,
+    servers: &[TcpCountingServer],
+    n: usize,
+    names: &[&str],
+) -> BTreeMap<String, u64> {
+    let counted = traffic(topology, servers, n);
+    assert_eq!(
+        counted.keys().cloned().collect::<Vec<_>>(),
+        names,
+        "{counted:?}"
+    );
+    counted
+}
+
 /// `lbctl service add web` (through `ok`, which runs lbctl and asserts success) over backends 1
 /// and 2 with the `extra` options: created, and the connections that follow reach both.
 fn lbctl_adds_web_over_two_backends(
@@ -99,14 +114,10 @@ fn lbctl_adds_web_over_two_backends(
     let added = ok(&args);
     assert_eq!(added.trim(), format!("service {vip} (web) created"));
     until_lands_on(topology, "backend-1", agent);
-    let both = traffic(topology, servers, 60);
-    assert_eq!(
-        both.keys().cloned().collect::<Vec<_>>(),
-        ["backend-1", "backend-2"],
-        "{both:?}"
-    );
+    traffic_reaching(topology, servers, 60, &["backend-1", "backend-2"]);
 }
 
+/// Polls single connections until one lands on `name`; returns how long that took.
 fn until_lands_on(topology: &Topology, name: &str, agent: &mut AgentProcess) -> Duration {
     let started = Instant::now();
     loop {
@@ -124,6 +135,20 @@ fn until_lands_on(topology: &Topology, name: &str, agent: &mut AgentProcess) -> 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// [`until_lands_on`], then says how long after `since` (when `what` was asked for) that was.
+fn until_lands_on_since(
+    topology: &Topology,
+    name: &str,
+    agent: &mut AgentProcess,
+    (what, since): (&str, Instant),
+) {
+    until_lands_on(topology, name, agent);
+    eprintln!(
+        "{what} balanced after {:.0} ms",
+        since.elapsed().as_secs_f64() * 1000.0
+    );
 }
 
 /// Polls single connections until the VIP no longer answers (`after`: what removed it).
@@ -259,17 +284,13 @@ fn grpc_client_drives_real_traffic_through_the_agent() {
         }),
     );
     assert!(response.created);
-    until_lands_on(&topology, "backend-1", &mut agent);
-    eprintln!(
-        "upserted service balanced after {:.0} ms",
-        upserted.elapsed().as_secs_f64() * 1000.0
+    until_lands_on_since(
+        &topology,
+        "backend-1",
+        &mut agent,
+        ("upserted service", upserted),
     );
-    let both = traffic(&topology, &servers, 60);
-    assert_eq!(
-        both.keys().cloned().collect::<Vec<_>>(),
-        ["backend-1", "backend-2"],
-        "{both:?}"
-    );
+    traffic_reaching(&topology, &servers, 60, &["backend-1", "backend-2"]);
 
     // The agent reports the change and the reconcile on the event stream.
     let mut kinds = Vec::new();
@@ -292,17 +313,8 @@ fn grpc_client_drives_real_traffic_through_the_agent() {
         &mut client,
         vec![backend(&topology, 1, 3), backend(&topology, 3, 1)],
     );
-    until_lands_on(&topology, "backend-3", &mut agent);
-    eprintln!(
-        "new backend set balanced after {:.0} ms",
-        set.elapsed().as_secs_f64() * 1000.0
-    );
-    let weighted = traffic(&topology, &servers, 400);
-    assert_eq!(
-        weighted.keys().cloned().collect::<Vec<_>>(),
-        ["backend-1", "backend-3"],
-        "{weighted:?}"
-    );
+    until_lands_on_since(&topology, "backend-3", &mut agent, ("new backend set", set));
+    let weighted = traffic_reaching(&topology, &servers, 400, &["backend-1", "backend-3"]);
     let share = weighted["backend-1"] as f64 / 400.0;
     assert!(
         (0.65..=0.85).contains(&share),
@@ -320,8 +332,7 @@ fn grpc_client_drives_real_traffic_through_the_agent() {
         assert!(Instant::now() < deadline, "backend-1 was not drained");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let drained = traffic(&topology, &servers, 60);
-    assert_eq!(drained.keys().cloned().collect::<Vec<_>>(), ["backend-3"]);
+    traffic_reaching(&topology, &servers, 60, &["backend-3"]);
 
     // ListState: the API's service as set, and the same in what the agent applied.
     let state = call(&rt, "ListState", client.list_state(pb::ListStateRequest {}));
@@ -355,8 +366,7 @@ fn grpc_client_drives_real_traffic_through_the_agent() {
     agent
         .wait_for_log("shadowed by the config file", Duration::from_secs(5))
         .expect("conflict reported");
-    let file_wins = traffic(&topology, &servers, 30);
-    assert_eq!(file_wins.keys().cloned().collect::<Vec<_>>(), ["backend-2"]);
+    traffic_reaching(&topology, &servers, 30, &["backend-2"]);
     // Without it, the API's service is back.
     write_config(dir.path(), "services: []\n");
     until_lands_on(&topology, "backend-3", &mut agent);
@@ -449,11 +459,7 @@ fn grpc_shadows_kubernetes_and_the_applied_state_holds_kubernetes_policy() {
     )
     .expect("agent starts");
     until_lands_on(&topology, "backend-1", &mut agent);
-    let from_kubernetes = traffic(&topology, &servers, 30);
-    assert_eq!(
-        from_kubernetes.keys().cloned().collect::<Vec<_>>(),
-        ["backend-1"]
-    );
+    traffic_reaching(&topology, &servers, 30, &["backend-1"]);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -500,8 +506,7 @@ fn grpc_shadows_kubernetes_and_the_applied_state_holds_kubernetes_policy() {
     agent
         .wait_for_log("shadowed by the gRPC API", Duration::from_secs(5))
         .expect("conflict reported");
-    let from_grpc = traffic(&topology, &servers, 30);
-    assert_eq!(from_grpc.keys().cloned().collect::<Vec<_>>(), ["backend-2"]);
+    traffic_reaching(&topology, &servers, 30, &["backend-2"]);
 
     // Deleted through the API: Kubernetes' service is balanced again.
     call(
@@ -510,8 +515,7 @@ fn grpc_shadows_kubernetes_and_the_applied_state_holds_kubernetes_policy() {
         client.delete_service(pb::DeleteServiceRequest { key: Some(key()) }),
     );
     until_lands_on(&topology, "backend-1", &mut agent);
-    let back = traffic(&topology, &servers, 30);
-    assert_eq!(back.keys().cloned().collect::<Vec<_>>(), ["backend-1"]);
+    traffic_reaching(&topology, &servers, 30, &["backend-1"]);
 }
 
 /// `--grpc-tcp` with TLS: the agent's API on TCP in the balancer namespace; a client with a
@@ -674,13 +678,7 @@ fn lbctl_changes_services_through_the_agent() {
         assert!(Instant::now() < deadline, "backend-1 was not drained");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(
-        traffic(&topology, &servers, 40)
-            .keys()
-            .cloned()
-            .collect::<Vec<_>>(),
-        ["backend-2"]
-    );
+    traffic_reaching(&topology, &servers, 40, &["backend-2"]);
     let state = ok(&["state"]);
     assert!(
         state.contains(&format!(
@@ -728,13 +726,7 @@ fn lbctl_changes_services_through_the_agent() {
     let upserted = ok(&["service", "upsert", file.to_str().unwrap()]);
     assert_eq!(upserted.trim(), format!("service {vip} (web) replaced"));
     until_lands_on(&topology, "backend-3", &mut agent);
-    assert_eq!(
-        traffic(&topology, &servers, 20)
-            .keys()
-            .cloned()
-            .collect::<Vec<_>>(),
-        ["backend-3"]
-    );
+    traffic_reaching(&topology, &servers, 20, &["backend-3"]);
     // Backend 2 served connections within the last seconds, whose conntrack entries live (10 s
     // after their FIN): no service names it, but it is retired rather than removed, and both the
     // agent's state and the pinned maps say so.

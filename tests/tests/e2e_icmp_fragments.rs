@@ -21,20 +21,18 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr, UdpSocket},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::Arc,
     thread,
     time::Duration,
 };
 
 use lb_common::counters::Counter;
 use lb_tests::{
-    agent::{AgentProcess, ConfigFile},
+    agent::{logged_counters, AgentProcess, ConfigFile},
     frames::inject_too_big_about_an_answer,
     modes::XdpPass,
     netns::{Netns, TEST_PREFIX},
+    servers::ServerLoops,
     topology::{
         Topology, BALANCER_CLIENT_SIDE_ADDR, BALANCER_CLIENT_SIDE_ADDR6, CLIENT_ADDR, CLIENT_ADDR6,
         VIP, VIP6,
@@ -92,8 +90,7 @@ fn config(topology: &Topology, dns_mode: Mode) -> String {
 struct EchoServer {
     name: String,
     received: Arc<std::sync::Mutex<Vec<(SocketAddr, usize)>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
+    _loops: ServerLoops,
 }
 
 impl EchoServer {
@@ -105,26 +102,21 @@ impl EchoServer {
             .set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (received, stop, prefix) = (received.clone(), stop.clone(), format!("{name}:"));
-            thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                        received.lock().unwrap().push((peer, n));
-                        let mut answer = prefix.as_bytes().to_vec();
-                        answer.extend_from_slice(&buf[..n]);
-                        let _ = socket.send_to(&answer, peer);
-                    }
-                }
-            })
-        };
+        let mut loops = ServerLoops::default();
+        let (recorded, prefix) = (received.clone(), format!("{name}:"));
+        let mut buf = vec![0u8; 65536];
+        loops.spawn(move || {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                recorded.lock().unwrap().push((peer, n));
+                let mut answer = prefix.as_bytes().to_vec();
+                answer.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&answer, peer);
+            }
+        });
         Self {
             name: name.to_string(),
             received,
-            stop,
-            thread: Some(thread),
+            _loops: loops,
         }
     }
 
@@ -135,15 +127,6 @@ impl EchoServer {
     /// Sender and size of every datagram received.
     fn received(&self) -> Vec<(SocketAddr, usize)> {
         self.received.lock().unwrap().clone()
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -197,51 +180,98 @@ fn ask(socket: &UdpSocket, target: SocketAddr, payload: &[u8]) -> String {
     String::from_utf8_lossy(&answer[..colon]).into_owned()
 }
 
-/// Stops the agent; returns its final counters (name → value).
-fn stop_agent(agent: AgentProcess) -> BTreeMap<String, u64> {
-    let (code, log) = agent.stop().expect("agent stops");
-    assert_eq!(code, 0, "clean exit");
-    let line = log
-        .iter()
-        .rev()
-        .find(|l| l.contains("datapath counters"))
-        .expect("final counters logged");
-    line.split_whitespace()
-        .filter_map(|word| {
-            let word = word.trim_matches(|c| c == '"' || c == ',');
-            let word = word.strip_prefix("counters=").unwrap_or(word);
-            let (name, value) = word.split_once('=')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 fn count(counters: &BTreeMap<String, u64>, which: Counter) -> u64 {
     counters.get(which.name()).copied().unwrap_or(0)
 }
 
-#[test]
-fn large_udp_datagrams_cross_the_vip_in_fragments_both_ways() {
-    fragments_both_ways(Mode::Dnat, &[]);
+fn assert_count(counters: &BTreeMap<String, u64>, which: Counter, want: u64) {
+    assert_eq!(
+        count(counters, which),
+        want,
+        "{}: {counters:?}",
+        which.name()
+    );
 }
 
-/// The same through `lb_tc` (`--attach tc`): first fragments redirected to the next hop, later ones
-/// rewritten and left to the stack's forwarding.
-#[test]
-fn large_udp_datagrams_cross_the_vip_in_fragments_both_ways_through_tc() {
-    fragments_both_ways(Mode::Dnat, &["--attach", "tc"]);
+/// The agent balancing [`config`]'s services in `mode`, attached by `agent_args`, with what the
+/// topology needs for it ([`prepare`]).
+struct Balancer {
+    agent: AgentProcess,
+    _config: ConfigFile,
+    _xdp_pass: Vec<XdpPass>,
 }
 
-/// Through a SNAT service: every fragment, both ways, is translated on both ends and sent to the
-/// FIB's next hop as its first fragment was.
-#[test]
-fn large_udp_datagrams_cross_a_snat_vip_in_fragments_both_ways() {
-    fragments_both_ways(Mode::Snat, &[]);
+impl Balancer {
+    fn start(topology: &Topology, mode: Mode, agent_args: &[&str]) -> Self {
+        let xdp_pass = prepare(topology, mode, agent_args);
+        let config = ConfigFile::new(&config(topology, mode));
+        let agent = AgentProcess::start_with(
+            &topology.balancer,
+            config.path(),
+            &topology.balancer_interfaces(),
+            agent_args,
+        )
+        .expect("agent starts");
+        Self {
+            agent,
+            _config: config,
+            _xdp_pass: xdp_pass,
+        }
+    }
+
+    /// Stops the agent; returns its final counters (name → value).
+    fn stop(self) -> BTreeMap<String, u64> {
+        let (log, _) = self.agent.stop_cleanly();
+        logged_counters(&log)
+    }
 }
 
-#[test]
-fn large_udp_datagrams_cross_a_snat_vip_in_fragments_both_ways_through_tc() {
-    fragments_both_ways(Mode::Snat, &["--attach", "tc"]);
+/// The four tests of `$scenario`: a DNAT and a SNAT service, each with the balancer attached as
+/// XDP (the default) and as TC (`--attach tc`).
+macro_rules! tests_in_each_mode {
+    (
+        $scenario:ident:
+        $(#[$dnat_doc:meta])* dnat: $dnat:ident,
+        $(#[$dnat_tc_doc:meta])* dnat_tc: $dnat_tc:ident,
+        $(#[$snat_doc:meta])* snat: $snat:ident,
+        $(#[$snat_tc_doc:meta])* snat_tc: $snat_tc:ident,
+    ) => {
+        $(#[$dnat_doc])*
+        #[test]
+        fn $dnat() {
+            $scenario(Mode::Dnat, &[]);
+        }
+
+        $(#[$dnat_tc_doc])*
+        #[test]
+        fn $dnat_tc() {
+            $scenario(Mode::Dnat, &["--attach", "tc"]);
+        }
+
+        $(#[$snat_doc])*
+        #[test]
+        fn $snat() {
+            $scenario(Mode::Snat, &[]);
+        }
+
+        $(#[$snat_tc_doc])*
+        #[test]
+        fn $snat_tc() {
+            $scenario(Mode::Snat, &["--attach", "tc"]);
+        }
+    };
+}
+
+tests_in_each_mode! {
+    fragments_both_ways:
+    dnat: large_udp_datagrams_cross_the_vip_in_fragments_both_ways,
+    /// The same through `lb_tc` (`--attach tc`): first fragments redirected to the next hop, later
+    /// ones rewritten and left to the stack's forwarding.
+    dnat_tc: large_udp_datagrams_cross_the_vip_in_fragments_both_ways_through_tc,
+    /// Through a SNAT service: every fragment, both ways, is translated on both ends and sent to
+    /// the FIB's next hop as its first fragment was.
+    snat: large_udp_datagrams_cross_a_snat_vip_in_fragments_both_ways,
+    snat_tc: large_udp_datagrams_cross_a_snat_vip_in_fragments_both_ways_through_tc,
 }
 
 /// What the topology needs for `mode` with the balancer attached by `agent_args`: for SNAT, whose
@@ -268,15 +298,7 @@ fn prepare(topology: &Topology, mode: Mode, agent_args: &[&str]) -> Vec<XdpPass>
 fn fragments_both_ways(mode: Mode, agent_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
     let servers = echo_servers(&topology);
-    let _xdp_pass = prepare(&topology, mode, agent_args);
-    let config = ConfigFile::new(&config(&topology, mode));
-    let agent = AgentProcess::start_with(
-        &topology.balancer,
-        config.path(),
-        &topology.balancer_interfaces(),
-        agent_args,
-    )
-    .expect("agent starts");
+    let balancer = Balancer::start(&topology, mode, agent_args);
 
     // 3000 bytes: three fragments on a 1500-byte link, both ways, for both families.
     const REQUESTS: usize = 16;
@@ -318,66 +340,38 @@ fn fragments_both_ways(mode: Mode, agent_args: &[&str]) {
         }
     }
 
-    let counters = stop_agent(agent);
+    let counters = balancer.stop();
     // Each request and each answer: a first fragment (tracked) and two later ones.
     let datagrams = (2 * 2 * REQUESTS) as u64;
-    assert_eq!(
-        count(&counters, Counter::FragmentTracked),
-        datagrams,
-        "{counters:?}"
-    );
-    assert_eq!(
-        count(&counters, Counter::ForwardFragment),
-        2 * datagrams,
-        "{counters:?}"
-    );
-    assert_eq!(count(&counters, Counter::PassFragment), 0, "{counters:?}");
+    assert_count(&counters, Counter::FragmentTracked, datagrams);
+    assert_count(&counters, Counter::ForwardFragment, 2 * datagrams);
+    assert_count(&counters, Counter::PassFragment, 0);
     if mode == Mode::Snat {
         // Every answer's first fragment came back through the node's SNAT port.
-        assert_eq!(
-            count(&counters, Counter::SnatReplyTranslated),
+        assert_count(
+            &counters,
+            Counter::SnatReplyTranslated,
             (2 * REQUESTS) as u64,
-            "{counters:?}"
         );
     }
 }
 
-#[test]
-fn fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it() {
-    fragmentation_needed_about_a_reply(Mode::Dnat, &[]);
-}
-
-/// The same through `lb_tc` (`--attach tc`), which translates the error on the skb and leaves it to
-/// the stack's forwarding.
-#[test]
-fn fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it_through_tc() {
-    fragmentation_needed_about_a_reply(Mode::Dnat, &["--attach", "tc"]);
-}
-
-/// Through a SNAT service: the backend answered the node's address and port, and the error reaches
-/// it quoting that answer, from the node, so it lowers its path MTU towards the node.
-#[test]
-fn fragmentation_needed_about_a_snat_reply_reaches_the_backend_that_sent_it() {
-    fragmentation_needed_about_a_reply(Mode::Snat, &[]);
-}
-
-#[test]
-fn fragmentation_needed_about_a_snat_reply_reaches_the_backend_that_sent_it_through_tc() {
-    fragmentation_needed_about_a_reply(Mode::Snat, &["--attach", "tc"]);
+tests_in_each_mode! {
+    fragmentation_needed_about_a_reply:
+    dnat: fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it,
+    /// The same through `lb_tc` (`--attach tc`), which translates the error on the skb and leaves
+    /// it to the stack's forwarding.
+    dnat_tc: fragmentation_needed_about_a_reply_reaches_the_backend_that_sent_it_through_tc,
+    /// Through a SNAT service: the backend answered the node's address and port, and the error
+    /// reaches it quoting that answer, from the node, so it lowers its path MTU towards the node.
+    snat: fragmentation_needed_about_a_snat_reply_reaches_the_backend_that_sent_it,
+    snat_tc: fragmentation_needed_about_a_snat_reply_reaches_the_backend_that_sent_it_through_tc,
 }
 
 fn fragmentation_needed_about_a_reply(mode: Mode, agent_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
     let _servers = echo_servers(&topology);
-    let _xdp_pass = prepare(&topology, mode, agent_args);
-    let config = ConfigFile::new(&config(&topology, mode));
-    let agent = AgentProcess::start_with(
-        &topology.balancer,
-        config.path(),
-        &topology.balancer_interfaces(),
-        agent_args,
-    )
-    .expect("agent starts");
+    let balancer = Balancer::start(&topology, mode, agent_args);
 
     for (vip, client, node, router, mtu) in [
         (
@@ -422,48 +416,24 @@ fn fragmentation_needed_about_a_reply(mode: Mode, agent_args: &[&str]) {
         );
     }
 
-    let counters = stop_agent(agent);
-    assert_eq!(
-        count(&counters, Counter::IcmpErrorToBackend),
-        2,
-        "{counters:?}"
-    );
+    let counters = balancer.stop();
+    assert_count(&counters, Counter::IcmpErrorToBackend, 2);
 }
 
-#[test]
-fn port_unreachable_from_a_backend_reaches_the_client_as_the_vips() {
-    port_unreachable_from_a_backend(Mode::Dnat, &[]);
-}
-
-/// The same through `lb_tc` (`--attach tc`).
-#[test]
-fn port_unreachable_from_a_backend_reaches_the_client_as_the_vips_through_tc() {
-    port_unreachable_from_a_backend(Mode::Dnat, &["--attach", "tc"]);
-}
-
-/// Through a SNAT service: the backend's error goes to the node's SNAT address and port, and
-/// reaches the client as the VIP's.
-#[test]
-fn port_unreachable_from_a_snat_backend_reaches_the_client_as_the_vips() {
-    port_unreachable_from_a_backend(Mode::Snat, &[]);
-}
-
-#[test]
-fn port_unreachable_from_a_snat_backend_reaches_the_client_as_the_vips_through_tc() {
-    port_unreachable_from_a_backend(Mode::Snat, &["--attach", "tc"]);
+tests_in_each_mode! {
+    port_unreachable_from_a_backend:
+    dnat: port_unreachable_from_a_backend_reaches_the_client_as_the_vips,
+    /// The same through `lb_tc` (`--attach tc`).
+    dnat_tc: port_unreachable_from_a_backend_reaches_the_client_as_the_vips_through_tc,
+    /// Through a SNAT service: the backend's error goes to the node's SNAT address and port, and
+    /// reaches the client as the VIP's.
+    snat: port_unreachable_from_a_snat_backend_reaches_the_client_as_the_vips,
+    snat_tc: port_unreachable_from_a_snat_backend_reaches_the_client_as_the_vips_through_tc,
 }
 
 fn port_unreachable_from_a_backend(mode: Mode, agent_args: &[&str]) {
     let topology = Topology::new(TEST_PREFIX, 2).expect("topology");
-    let _xdp_pass = prepare(&topology, mode, agent_args);
-    let config = ConfigFile::new(&config(&topology, mode));
-    let agent = AgentProcess::start_with(
-        &topology.balancer,
-        config.path(),
-        &topology.balancer_interfaces(),
-        agent_args,
-    )
-    .expect("agent starts");
+    let balancer = Balancer::start(&topology, mode, agent_args);
 
     for vip in [SocketAddr::from((VIP, 7)), SocketAddr::from((VIP6, 7))] {
         let result = topology.client.run(move || {
@@ -485,10 +455,6 @@ fn port_unreachable_from_a_backend(mode: Mode, agent_args: &[&str]) {
         );
     }
 
-    let counters = stop_agent(agent);
-    assert_eq!(
-        count(&counters, Counter::IcmpErrorToClient),
-        2,
-        "{counters:?}"
-    );
+    let counters = balancer.stop();
+    assert_count(&counters, Counter::IcmpErrorToClient, 2);
 }

@@ -268,6 +268,44 @@ fn reported(events: &[String], client: SocketAddr) -> bool {
     events.iter().any(|text| text.contains(&needle))
 }
 
+/// Opens `n` connections to the VIP and checks that `stream` reports the new flow of each within
+/// 5 s.
+fn assert_new_flows_reported(
+    topology: &Topology,
+    rt: &tokio::runtime::Runtime,
+    stream: &mut tonic::Streaming<pb::Event>,
+    n: usize,
+) {
+    let clients = connections_from(topology, n);
+    let events = flow_events_until(rt, stream, Duration::from_secs(5), |events| {
+        clients.iter().all(|&c| reported(events, c))
+    });
+    for client in &clients {
+        assert!(
+            reported(&events, *client),
+            "{client} not reported: {events:#?}"
+        );
+    }
+}
+
+/// Opens `n` connections to the VIP and checks that `stream` reports none of their flows within
+/// 1 s.
+fn assert_new_flows_not_reported(
+    topology: &Topology,
+    rt: &tokio::runtime::Runtime,
+    stream: &mut tonic::Streaming<pb::Event>,
+    n: usize,
+) {
+    let clients = connections_from(topology, n);
+    let events = flow_events_until(rt, stream, Duration::from_secs(1), |_| false);
+    for client in &clients {
+        assert!(
+            !reported(&events, *client),
+            "{client} reported while off: {events:#?}"
+        );
+    }
+}
+
 /// `lbctl flow-events on|off` through the agent's API, with a long-lived transfer through the VIP:
 /// the flow events of new connections arrive on the gRPC event stream only while on; a config
 /// edit that leaves `flow_events` alone keeps the API's setting, one that changes it takes over
@@ -310,16 +348,7 @@ fn flow_events_switched_through_the_api_keep_a_long_lived_connection() {
         let on = lbctl(&socket, &["flow-events", "on"]);
         assert!(on.starts_with("flow events: on (gRPC API)\n"), "{on}");
         assert_ne!(programs(), first_program, "the new program is attached");
-        let clients = connections_from(&topology, 5);
-        let events = flow_events_until(&rt, &mut stream, Duration::from_secs(5), |events| {
-            clients.iter().all(|&c| reported(events, c))
-        });
-        for client in &clients {
-            assert!(
-                reported(&events, *client),
-                "{client} not reported: {events:#?}"
-            );
-        }
+        assert_new_flows_reported(&topology, &rt, &mut stream, 5);
         let again = lbctl(&socket, &["flow-events", "on"]);
         assert!(again.contains("(unchanged"), "{again}");
 
@@ -331,16 +360,7 @@ fn flow_events_switched_through_the_api_keep_a_long_lived_connection() {
         thread::sleep(Duration::from_millis(500));
         let status = lbctl(&socket, &["flow-events", "status"]);
         assert!(status.starts_with("flow events: on (gRPC API)"), "{status}");
-        let clients = connections_from(&topology, 2);
-        let events = flow_events_until(&rt, &mut stream, Duration::from_secs(5), |events| {
-            clients.iter().all(|&c| reported(events, c))
-        });
-        for client in &clients {
-            assert!(
-                reported(&events, *client),
-                "{client} not reported: {events:#?}"
-            );
-        }
+        assert_new_flows_reported(&topology, &rt, &mut stream, 2);
 
         let on_program = programs();
         let off = lbctl(&socket, &["flow-events", "off"]);
@@ -353,14 +373,7 @@ fn flow_events_switched_through_the_api_keep_a_long_lived_connection() {
         assert_ne!(off_program, on_program, "the new program is attached");
         // Events read from the ring buffer before the switch may still come: only the
         // connections opened after it must not be reported.
-        let clients = connections_from(&topology, 5);
-        let events = flow_events_until(&rt, &mut stream, Duration::from_secs(1), |_| false);
-        for client in &clients {
-            assert!(
-                !reported(&events, *client),
-                "{client} reported while off: {events:#?}"
-            );
-        }
+        assert_new_flows_not_reported(&topology, &rt, &mut stream, 5);
         // Reset: the flag decides again, which also says off (no reload).
         let reset = lbctl(&socket, &["flow-events", "reset"]);
         assert!(
@@ -390,16 +403,7 @@ fn flow_events_switched_through_the_api_keep_a_long_lived_connection() {
             "{status}"
         );
         assert_ne!(programs(), off_program, "the new program is attached");
-        let clients = connections_from(&topology, 3);
-        let events = flow_events_until(&rt, &mut stream, Duration::from_secs(5), |events| {
-            clients.iter().all(|&c| reported(events, c))
-        });
-        for client in &clients {
-            assert!(
-                reported(&events, *client),
-                "{client} not reported: {events:#?}"
-            );
-        }
+        assert_new_flows_reported(&topology, &rt, &mut stream, 3);
     });
     let state = rt
         .block_on(client.list_state(pb::ListStateRequest {}))

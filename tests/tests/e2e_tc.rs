@@ -119,12 +119,7 @@ fn tcp_bulk_and_udp_through_lb_tc_over_ipv4_and_ipv6() {
     let datagrams: u64 = udp_servers.iter().map(|s| s.datagrams()).sum();
     assert_eq!(datagrams, 40, "every datagram reached exactly one backend");
 
-    let (code, log) = agent.stop().expect("agent stops");
-    assert_eq!(code, 0, "clean exit on SIGTERM");
-    let counters = log
-        .iter()
-        .find(|l| l.contains("datapath counters"))
-        .expect("final counters logged");
+    let (log, counters) = agent.stop_cleanly();
     assert!(counters.contains("reply_translated="), "{counters}");
     assert!(!counters.contains("drop_malformed="), "{counters}");
     // Every packet forwarded went to the FIB's next hop through `bpf_redirect`, except those the

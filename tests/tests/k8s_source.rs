@@ -75,6 +75,26 @@ fn expect(entries: &[(&str, &str, &[&str])]) -> Summary {
         .collect()
 }
 
+/// Service `default/web`'s IPv4 frontend with `backends` (`"address wN"`), for [`expect`].
+fn web<'a>(backends: &'a [&'a str]) -> (&'static str, &'static str, &'a [&'a str]) {
+    ("default/web:http", "198.51.100.10:80", backends)
+}
+
+/// Service `default/web`'s IPv6 frontend (see [`web`]).
+fn web6<'a>(backends: &'a [&'a str]) -> (&'static str, &'static str, &'a [&'a str]) {
+    ("default/web:http", "[2001:db8:100::10]:80", backends)
+}
+
+/// Service `default/api`'s frontend (see [`web`]).
+fn api<'a>(backends: &'a [&'a str]) -> (&'static str, &'static str, &'a [&'a str]) {
+    ("default/api:http", "198.51.100.20:80", backends)
+}
+
+/// An IPv4 EndpointSlice `name` of Service `service`.
+fn v4_slice(name: &str, service: &str, endpoints: &[(&str, State)]) -> EndpointSlice {
+    slice(name, service, "IPv4", endpoints)
+}
+
 /// Waits until the published state summarises to `want`.
 async fn wait_state(rx: &mut watch::Receiver<Vec<config::Service>>, want: &Summary) {
     let reached = tokio::time::timeout(WAIT, rx.wait_for(|s| summary(s) == *want))
@@ -124,60 +144,64 @@ async fn wait_stats(server: &FakeApiServer, what: &str, condition: impl Fn(&Stat
     );
 }
 
+async fn wait_both_watches_open(server: &FakeApiServer) {
+    wait_stats(server, "both watches open", |s| {
+        s.open_watches("services") == 1 && s.open_watches("endpointslices") == 1
+    })
+    .await;
+}
+
+/// Asserts that Services and EndpointSlices were each listed once: nothing needed a re-list.
+fn assert_listed_once(stats: &Stats) {
+    assert_eq!(
+        (stats.lists("services"), stats.lists("endpointslices")),
+        (1, 1),
+        "LISTs of (services, endpointslices)"
+    );
+}
+
+/// Serves Service `web` with one ready backend, .11, starts the source and waits until it
+/// publishes it and both watches are open: where most tests begin.
+async fn start_with_web(
+    server: &FakeApiServer,
+) -> (K8sSource, watch::Receiver<Vec<config::Service>>) {
+    server.apply(&service("web", "198.51.100.10", None));
+    server.apply(&v4_slice("web-1", "web", &[("203.0.113.11", State::Ready)]));
+    let (source, mut rx) = start(server).await;
+    wait_state(&mut rx, &expect(&[web(&["203.0.113.11 w1"])])).await;
+    wait_both_watches_open(server).await;
+    (source, rx)
+}
+
 #[tokio::test]
 async fn follows_services_and_endpoint_slices() {
     let server = FakeApiServer::start().unwrap();
     // Present before the client starts: the initial LIST.
     server.apply(&service("api", "198.51.100.20", None));
-    server.apply(&slice(
-        "api-1",
-        "api",
-        "IPv4",
-        &[("203.0.113.21", State::Ready)],
-    ));
+    server.apply(&v4_slice("api-1", "api", &[("203.0.113.21", State::Ready)]));
 
     let (_source, mut rx) = start(&server).await;
-    let api = (
-        "default/api:http",
-        "198.51.100.20:80",
-        &["203.0.113.21 w1"][..],
-    );
+    let api = api(&["203.0.113.21 w1"]);
     wait_state(&mut rx, &expect(&[api])).await;
-    let stats = server.stats();
-    assert_eq!(
-        (stats.lists("services"), stats.lists("endpointslices")),
-        (1, 1)
-    );
-    wait_stats(&server, "both watches open", |s| {
-        s.open_watches("services") == 1 && s.open_watches("endpointslices") == 1
-    })
-    .await;
+    assert_listed_once(&server.stats());
+    wait_both_watches_open(&server).await;
 
     // A new Service, then its EndpointSlice.
     server.apply(&service("web", "198.51.100.10", None));
-    wait_state(
-        &mut rx,
-        &expect(&[("default/web:http", "198.51.100.10:80", &[]), api]),
-    )
-    .await;
+    wait_state(&mut rx, &expect(&[web(&[]), api])).await;
     let ready3 = [
         ("203.0.113.11", State::Ready),
         ("203.0.113.12", State::Ready),
         ("203.0.113.13", State::Ready),
     ];
-    server.apply(&slice("web-1", "web", "IPv4", &ready3));
+    server.apply(&v4_slice("web-1", "web", &ready3));
     let all3: &[&str] = &["203.0.113.11 w1", "203.0.113.12 w1", "203.0.113.13 w1"];
-    wait_state(
-        &mut rx,
-        &expect(&[("default/web:http", "198.51.100.10:80", all3), api]),
-    )
-    .await;
+    wait_state(&mut rx, &expect(&[web(all3), api])).await;
 
     // .12 terminating but serving: draining, weight 0.
-    server.apply(&slice(
+    server.apply(&v4_slice(
         "web-1",
         "web",
-        "IPv4",
         &[
             ("203.0.113.11", State::Ready),
             ("203.0.113.12", State::Terminating),
@@ -185,44 +209,23 @@ async fn follows_services_and_endpoint_slices() {
         ],
     ));
     let draining: &[&str] = &["203.0.113.11 w1", "203.0.113.12 w0", "203.0.113.13 w1"];
-    wait_state(
-        &mut rx,
-        &expect(&[("default/web:http", "198.51.100.10:80", draining), api]),
-    )
-    .await;
+    wait_state(&mut rx, &expect(&[web(draining), api])).await;
 
     // .12 no longer serving, and .11 removed from the slice: only .13 is left.
-    server.apply(&slice(
+    server.apply(&v4_slice(
         "web-1",
         "web",
-        "IPv4",
         &[
             ("203.0.113.12", State::Gone),
             ("203.0.113.13", State::Ready),
         ],
     ));
-    wait_state(
-        &mut rx,
-        &expect(&[
-            ("default/web:http", "198.51.100.10:80", &["203.0.113.13 w1"]),
-            api,
-        ]),
-    )
-    .await;
+    wait_state(&mut rx, &expect(&[web(&["203.0.113.13 w1"]), api])).await;
 
     // A second slice of the same Service adds to it.
-    server.apply(&slice(
-        "web-2",
-        "web",
-        "IPv4",
-        &[("203.0.113.14", State::Ready)],
-    ));
+    server.apply(&v4_slice("web-2", "web", &[("203.0.113.14", State::Ready)]));
     let two_slices: &[&str] = &["203.0.113.13 w1", "203.0.113.14 w1"];
-    wait_state(
-        &mut rx,
-        &expect(&[("default/web:http", "198.51.100.10:80", two_slices), api]),
-    )
-    .await;
+    wait_state(&mut rx, &expect(&[web(two_slices), api])).await;
 
     // Deleting the Service removes it even while its slices remain (they go later).
     assert!(server.delete::<Service>("default", "web"));
@@ -233,10 +236,7 @@ async fn follows_services_and_endpoint_slices() {
 
     // No re-list was needed for any of this.
     let stats = server.stats();
-    assert_eq!(
-        (stats.lists("services"), stats.lists("endpointslices")),
-        (1, 1)
-    );
+    assert_listed_once(&stats);
     assert_eq!(
         (stats.watches("services"), stats.watches("endpointslices")),
         (1, 1)
@@ -246,20 +246,7 @@ async fn follows_services_and_endpoint_slices() {
 #[tokio::test]
 async fn bookmarks_move_the_resume_point_without_updates() {
     let server = FakeApiServer::start().unwrap();
-    server.apply(&service("web", "198.51.100.10", None));
-    server.apply(&slice(
-        "web-1",
-        "web",
-        "IPv4",
-        &[("203.0.113.11", State::Ready)],
-    ));
-    let (_source, mut rx) = start(&server).await;
-    let web = expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.11 w1"])]);
-    wait_state(&mut rx, &web).await;
-    wait_stats(&server, "both watches open", |s| {
-        s.open_watches("services") == 1 && s.open_watches("endpointslices") == 1
-    })
-    .await;
+    let (_source, mut rx) = start_with_web(&server).await;
     // The watches asked for bookmarks.
     assert!(server
         .stats()
@@ -290,73 +277,44 @@ async fn bookmarks_move_the_resume_point_without_updates() {
     })
     .await;
     let stats = server.stats();
-    assert_eq!(
-        stats.last_watch_version("endpointslices"),
-        Some(bookmarked.as_str())
-    );
-    assert_eq!(
-        stats.last_watch_version("services"),
-        Some(bookmarked.as_str())
-    );
-    assert_eq!(
-        (stats.lists("services"), stats.lists("endpointslices")),
-        (1, 1)
-    );
+    for resource in ["endpointslices", "services"] {
+        assert_eq!(
+            stats.last_watch_version(resource),
+            Some(bookmarked.as_str()),
+            "{resource} watch resumed from"
+        );
+    }
+    assert_listed_once(&stats);
     assert_no_update(&mut rx, "a reconnect").await;
 }
 
 #[tokio::test]
 async fn gone_410_relists_and_catches_up_with_missed_changes() {
     let server = FakeApiServer::start().unwrap();
-    server.apply(&service("web", "198.51.100.10", None));
-    server.apply(&slice(
-        "web-1",
-        "web",
-        "IPv4",
-        &[("203.0.113.11", State::Ready)],
-    ));
-    let (_source, mut rx) = start(&server).await;
-    wait_state(
-        &mut rx,
-        &expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.11 w1"])]),
-    )
-    .await;
-    wait_stats(&server, "both watches open", |s| {
-        s.open_watches("services") == 1 && s.open_watches("endpointslices") == 1
-    })
-    .await;
+    let (_source, mut rx) = start_with_web(&server).await;
 
     // 1. An ERROR 410 Expired on the open watches. The changes before it are never delivered on
     //    a watch (delivery is paused and the history compacted): only a re-list can find them.
     server.pause_watches();
-    server.apply(&slice(
+    server.apply(&v4_slice(
         "web-1",
         "web",
-        "IPv4",
         &[
             ("203.0.113.11", State::Terminating),
             ("203.0.113.12", State::Ready),
         ],
     ));
     server.apply(&service("api", "198.51.100.20", None));
-    server.apply(&slice(
-        "api-1",
-        "api",
-        "IPv4",
-        &[("203.0.113.21", State::Ready)],
-    ));
+    server.apply(&v4_slice("api-1", "api", &[("203.0.113.21", State::Ready)]));
     assert_no_update(&mut rx, "paused watches").await;
     let before = server.stats();
     server.expire();
-    let after_expire = expect(&[
-        (
-            "default/web:http",
-            "198.51.100.10:80",
-            &["203.0.113.11 w0", "203.0.113.12 w1"],
-        ),
-        ("default/api:http", "198.51.100.20:80", &["203.0.113.21 w1"]),
-    ]);
-    wait_state(&mut rx, &after_expire).await;
+    let web_after_expire = web(&["203.0.113.11 w0", "203.0.113.12 w1"]);
+    wait_state(
+        &mut rx,
+        &expect(&[web_after_expire, api(&["203.0.113.21 w1"])]),
+    )
+    .await;
     wait_stats(&server, "both re-listed and watching again", |s| {
         s.lists("services") > before.lists("services")
             && s.lists("endpointslices") > before.lists("endpointslices")
@@ -366,38 +324,23 @@ async fn gone_410_relists_and_catches_up_with_missed_changes() {
     .await;
     assert!(server.stats().gone_sent >= before.gone_sent + 2);
     // Live events flow again after the re-list.
-    server.apply(&slice(
-        "api-1",
-        "api",
-        "IPv4",
-        &[("203.0.113.22", State::Ready)],
-    ));
-    let live = expect(&[
-        (
-            "default/web:http",
-            "198.51.100.10:80",
-            &["203.0.113.11 w0", "203.0.113.12 w1"],
-        ),
-        ("default/api:http", "198.51.100.20:80", &["203.0.113.22 w1"]),
-    ]);
-    wait_state(&mut rx, &live).await;
+    server.apply(&v4_slice("api-1", "api", &[("203.0.113.22", State::Ready)]));
+    wait_state(
+        &mut rx,
+        &expect(&[web_after_expire, api(&["203.0.113.22 w1"])]),
+    )
+    .await;
 
     // 2. A watch resumed from a resourceVersion that was compacted meanwhile: the server answers
     //    the new watch with 410, and the client re-lists.
     server.pause_watches();
     assert!(server.delete::<Service>("default", "api"));
-    server.apply(&slice(
-        "web-1",
-        "web",
-        "IPv4",
-        &[("203.0.113.12", State::Ready)],
-    ));
+    server.apply(&v4_slice("web-1", "web", &[("203.0.113.12", State::Ready)]));
     server.disconnect();
     server.compact();
     let before = server.stats();
     server.resume_watches();
-    let after_compact = expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.12 w1"])]);
-    wait_state(&mut rx, &after_compact).await;
+    wait_state(&mut rx, &expect(&[web(&["203.0.113.12 w1"])])).await;
     wait_stats(&server, "re-listed after a 410 on reconnect", |s| {
         s.lists("services") > before.lists("services")
             && s.lists("endpointslices") > before.lists("endpointslices")
@@ -409,33 +352,16 @@ async fn gone_410_relists_and_catches_up_with_missed_changes() {
 #[tokio::test]
 async fn disconnects_reconnect_and_resume_without_relisting() {
     let server = FakeApiServer::start().unwrap();
-    server.apply(&service("web", "198.51.100.10", None));
-    server.apply(&slice(
-        "web-1",
-        "web",
-        "IPv4",
-        &[("203.0.113.11", State::Ready)],
-    ));
-    let (_source, mut rx) = start(&server).await;
-    wait_state(
-        &mut rx,
-        &expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.11 w1"])]),
-    )
-    .await;
-    wait_stats(&server, "both watches open", |s| {
-        s.open_watches("services") == 1 && s.open_watches("endpointslices") == 1
-    })
-    .await;
+    let (_source, mut rx) = start_with_web(&server).await;
     let seen = server.resource_version().to_string();
 
     // Connections drop; changes happen while the client is between watches (not delivered until
     // it has reconnected and the server resumes).
     server.pause_watches();
     server.disconnect();
-    server.apply(&slice(
+    server.apply(&v4_slice(
         "web-1",
         "web",
-        "IPv4",
         &[
             ("203.0.113.11", State::Ready),
             ("203.0.113.12", State::Ready),
@@ -452,68 +378,25 @@ async fn disconnects_reconnect_and_resume_without_relisting() {
     let stats = server.stats();
     // Resumed from the last resourceVersion the client saw, with no new LIST.
     assert_eq!(stats.last_watch_version("services"), Some(seen.as_str()));
-    assert_eq!(
-        (stats.lists("services"), stats.lists("endpointslices")),
-        (1, 1)
-    );
+    assert_listed_once(&stats);
     server.resume_watches();
-    wait_state(
-        &mut rx,
-        &expect(&[
-            (
-                "default/web:http",
-                "198.51.100.10:80",
-                &["203.0.113.11 w1", "203.0.113.12 w1"],
-            ),
-            ("default/api:http", "198.51.100.20:80", &[]),
-        ]),
-    )
-    .await;
+    let web_both = web(&["203.0.113.11 w1", "203.0.113.12 w1"]);
+    wait_state(&mut rx, &expect(&[web_both, api(&[])])).await;
 
     // Twice more, to show it is not a one-off; live events keep flowing.
     for round in 0..2 {
         server.disconnect();
-        server.apply(&slice(
-            "api-1",
-            "api",
-            "IPv4",
-            &[("203.0.113.21", State::Ready)],
-        ));
-        wait_state(
-            &mut rx,
-            &expect(&[
-                (
-                    "default/web:http",
-                    "198.51.100.10:80",
-                    &["203.0.113.11 w1", "203.0.113.12 w1"],
-                ),
-                ("default/api:http", "198.51.100.20:80", &["203.0.113.21 w1"]),
-            ]),
-        )
-        .await;
+        server.apply(&v4_slice("api-1", "api", &[("203.0.113.21", State::Ready)]));
+        wait_state(&mut rx, &expect(&[web_both, api(&["203.0.113.21 w1"])])).await;
         assert!(server.delete::<EndpointSlice>("default", "api-1"));
-        wait_state(
-            &mut rx,
-            &expect(&[
-                (
-                    "default/web:http",
-                    "198.51.100.10:80",
-                    &["203.0.113.11 w1", "203.0.113.12 w1"],
-                ),
-                ("default/api:http", "198.51.100.20:80", &[]),
-            ]),
-        )
-        .await;
+        wait_state(&mut rx, &expect(&[web_both, api(&[])])).await;
         wait_stats(&server, "reconnected again", |s| {
             s.watches("endpointslices") == 3 + round && s.open_watches("endpointslices") == 1
         })
         .await;
     }
     let stats = server.stats();
-    assert_eq!(
-        (stats.lists("services"), stats.lists("endpointslices")),
-        (1, 1)
-    );
+    assert_listed_once(&stats);
     assert_eq!(stats.gone_sent, 0);
 }
 
@@ -534,38 +417,20 @@ async fn an_unreachable_api_server_is_retried_until_it_answers() {
 
     let server = FakeApiServer::start_at(addr).unwrap();
     server.apply(&service("web", "198.51.100.10", None));
-    server.apply(&slice(
-        "web-1",
-        "web",
-        "IPv4",
-        &[("203.0.113.11", State::Ready)],
-    ));
+    server.apply(&v4_slice("web-1", "web", &[("203.0.113.11", State::Ready)]));
     assert!(source.wait_synced(WAIT).await, "not synced within {WAIT:?}");
-    wait_state(
-        &mut rx,
-        &expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.11 w1"])]),
-    )
-    .await;
+    wait_state(&mut rx, &expect(&[web(&["203.0.113.11 w1"])])).await;
 
     // The server goes down; a change happens meanwhile; it comes back with the same store
     // (an API server restarted on the same etcd): the client reconnects and resumes its watches.
     let mut server = server;
     let before = server.stats();
     server.stop();
-    server.apply(&slice(
-        "web-1",
-        "web",
-        "IPv4",
-        &[("203.0.113.12", State::Ready)],
-    ));
+    server.apply(&v4_slice("web-1", "web", &[("203.0.113.12", State::Ready)]));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!rx.has_changed().unwrap());
     server.restart().unwrap();
-    wait_state(
-        &mut rx,
-        &expect(&[("default/web:http", "198.51.100.10:80", &["203.0.113.12 w1"])]),
-    )
-    .await;
+    wait_state(&mut rx, &expect(&[web(&["203.0.113.12 w1"])])).await;
     let stats = server.stats();
     assert!(stats.watches("endpointslices") > before.watches("endpointslices"));
     assert_eq!(
@@ -709,6 +574,34 @@ fn table(datapath: &Datapath, key: &ServiceKey) -> Option<Vec<(IpAddr, u16)>> {
     })
 }
 
+/// Waits until `want` is published, then programs it into `datapath` as the agent would.
+async fn program_when_published(
+    rx: &mut watch::Receiver<Vec<config::Service>>,
+    want: &Summary,
+    datapath: &mut Datapath,
+) {
+    wait_state(rx, want).await;
+    program(&rx.borrow(), datapath);
+}
+
+/// A Maglev table's backends (see [`table`]): `addresses`, each on port 8080.
+fn on_8080(addresses: &[&str]) -> Option<Vec<(IpAddr, u16)>> {
+    Some(
+        addresses
+            .iter()
+            .map(|a| (a.parse().unwrap(), 8080))
+            .collect(),
+    )
+}
+
+/// Whether `address`:8080 is a backend in the datapath's maps (in a table or draining).
+fn is_backend(datapath: &Datapath, address: &str) -> bool {
+    datapath
+        .backend_stats(address.parse().unwrap(), 8080)
+        .unwrap()
+        .is_some()
+}
+
 /// The published services, programmed into the real datapath: Maglev tables hold exactly the
 /// ready backends; a draining one stays a backend (existing flows) but leaves the table.
 #[tokio::test]
@@ -720,13 +613,9 @@ async fn datapath_maps_follow_kubernetes_events() {
         ("203.0.113.12", State::Ready),
         ("203.0.113.13", State::Ready),
     ];
-    server.apply(&slice("web-v4", "web", "IPv4", &ready3));
-    server.apply(&slice(
-        "web-v6",
-        "web",
-        "IPv6",
-        &[("2001:db8:203::11", State::Ready)],
-    ));
+    server.apply(&v4_slice("web-v4", "web", &ready3));
+    let v6_slice = |address| slice("web-v6", "web", "IPv6", &[(address, State::Ready)]);
+    server.apply(&v6_slice("2001:db8:203::11"));
     let (_source, mut rx) = start(&server).await;
     let mut datapath = Datapath::load().expect("load the datapath (needs root)");
 
@@ -736,145 +625,61 @@ async fn datapath_maps_follow_kubernetes_events() {
         80,
         Protocol::Tcp.number(),
     );
-    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
 
-    wait_state(
-        &mut rx,
-        &expect(&[
-            (
-                "default/web:http",
-                "198.51.100.10:80",
-                &["203.0.113.11 w1", "203.0.113.12 w1", "203.0.113.13 w1"],
-            ),
-            (
-                "default/web:http",
-                "[2001:db8:100::10]:80",
-                &["2001:db8:203::11 w1"],
-            ),
-        ]),
-    )
-    .await;
-    program(&rx.borrow(), &mut datapath);
+    let all3: &[&str] = &["203.0.113.11 w1", "203.0.113.12 w1", "203.0.113.13 w1"];
+    let web6_11 = web6(&["2001:db8:203::11 w1"]);
+    program_when_published(&mut rx, &expect(&[web(all3), web6_11]), &mut datapath).await;
     assert_eq!(
         table(&datapath, &v4),
-        Some(vec![
-            (ip("203.0.113.11"), 8080),
-            (ip("203.0.113.12"), 8080),
-            (ip("203.0.113.13"), 8080)
-        ])
+        on_8080(&["203.0.113.11", "203.0.113.12", "203.0.113.13"])
     );
-    assert_eq!(
-        table(&datapath, &v6),
-        Some(vec![(ip("2001:db8:203::11"), 8080)])
-    );
+    assert_eq!(table(&datapath, &v6), on_8080(&["2001:db8:203::11"]));
 
     // .12 terminating: out of the table, still a backend for its existing flows.
-    server.apply(&slice(
+    server.apply(&v4_slice(
         "web-v4",
         "web",
-        "IPv4",
         &[
             ("203.0.113.11", State::Ready),
             ("203.0.113.12", State::Terminating),
             ("203.0.113.13", State::Ready),
         ],
     ));
-    wait_state(
-        &mut rx,
-        &expect(&[
-            (
-                "default/web:http",
-                "198.51.100.10:80",
-                &["203.0.113.11 w1", "203.0.113.12 w0", "203.0.113.13 w1"],
-            ),
-            (
-                "default/web:http",
-                "[2001:db8:100::10]:80",
-                &["2001:db8:203::11 w1"],
-            ),
-        ]),
-    )
-    .await;
-    program(&rx.borrow(), &mut datapath);
+    let draining: &[&str] = &["203.0.113.11 w1", "203.0.113.12 w0", "203.0.113.13 w1"];
+    program_when_published(&mut rx, &expect(&[web(draining), web6_11]), &mut datapath).await;
     assert_eq!(
         table(&datapath, &v4),
-        Some(vec![(ip("203.0.113.11"), 8080), (ip("203.0.113.13"), 8080)])
+        on_8080(&["203.0.113.11", "203.0.113.13"])
     );
-    assert!(datapath
-        .backend_stats(ip("203.0.113.12"), 8080)
-        .unwrap()
-        .is_some());
+    assert!(is_backend(&datapath, "203.0.113.12"), "draining .12");
 
     // .11 removed and .12 gone: .13 alone; the removed backends are freed.
-    server.apply(&slice(
+    server.apply(&v4_slice(
         "web-v4",
         "web",
-        "IPv4",
         &[("203.0.113.13", State::Ready)],
     ));
-    wait_state(
-        &mut rx,
-        &expect(&[
-            ("default/web:http", "198.51.100.10:80", &["203.0.113.13 w1"]),
-            (
-                "default/web:http",
-                "[2001:db8:100::10]:80",
-                &["2001:db8:203::11 w1"],
-            ),
-        ]),
-    )
-    .await;
-    program(&rx.borrow(), &mut datapath);
-    assert_eq!(
-        table(&datapath, &v4),
-        Some(vec![(ip("203.0.113.13"), 8080)])
-    );
-    assert!(datapath
-        .backend_stats(ip("203.0.113.11"), 8080)
-        .unwrap()
-        .is_none());
-    assert!(datapath
-        .backend_stats(ip("203.0.113.12"), 8080)
-        .unwrap()
-        .is_none());
+    let web_13 = web(&["203.0.113.13 w1"]);
+    program_when_published(&mut rx, &expect(&[web_13, web6_11]), &mut datapath).await;
+    assert_eq!(table(&datapath, &v4), on_8080(&["203.0.113.13"]));
+    for freed in ["203.0.113.11", "203.0.113.12"] {
+        assert!(!is_backend(&datapath, freed), "{freed} freed");
+    }
 
     // After a 410 and re-list the maps still match.
     server.pause_watches();
-    server.apply(&slice(
-        "web-v6",
-        "web",
-        "IPv6",
-        &[("2001:db8:203::12", State::Ready)],
-    ));
+    server.apply(&v6_slice("2001:db8:203::12"));
     server.expire();
-    wait_state(
-        &mut rx,
-        &expect(&[
-            ("default/web:http", "198.51.100.10:80", &["203.0.113.13 w1"]),
-            (
-                "default/web:http",
-                "[2001:db8:100::10]:80",
-                &["2001:db8:203::12 w1"],
-            ),
-        ]),
-    )
-    .await;
-    program(&rx.borrow(), &mut datapath);
-    assert_eq!(
-        table(&datapath, &v6),
-        Some(vec![(ip("2001:db8:203::12"), 8080)])
-    );
+    let web6_12 = web6(&["2001:db8:203::12 w1"]);
+    program_when_published(&mut rx, &expect(&[web_13, web6_12]), &mut datapath).await;
+    assert_eq!(table(&datapath, &v6), on_8080(&["2001:db8:203::12"]));
 
     // The Service deleted: no service left in the maps.
     assert!(server.delete::<Service>("default", "web"));
-    wait_state(&mut rx, &Vec::new()).await;
-    program(&rx.borrow(), &mut datapath);
+    program_when_published(&mut rx, &Vec::new(), &mut datapath).await;
     assert_eq!(table(&datapath, &v4), None);
     assert_eq!(table(&datapath, &v6), None);
-    assert!(datapath
-        .backend_stats(ip("203.0.113.13"), 8080)
-        .unwrap()
-        .is_none());
+    assert!(!is_backend(&datapath, "203.0.113.13"), ".13 freed");
 }
 
 /// Ingress verdicts at a local workload, from each peer address, by the reference evaluator on
@@ -947,6 +752,9 @@ impl PolicyView {
             .find_map(|(id, k)| (*k == key).then_some(*id))
     }
 }
+
+const ALLOWED_BY_RULE: (Verdict, Reason) = (Verdict::Allow, Reason::AllowedByRule);
+const DENIED_BY_DEFAULT: (Verdict, Reason) = (Verdict::Deny, Reason::DefaultDeny);
 
 /// The workload on this node, from the config file (Kubernetes does not say which interface a pod
 /// has); Kubernetes' own pod of the same name is shadowed.
@@ -1054,15 +862,15 @@ async fn policy_follows_namespaces_pods_and_network_policies() {
         .any(|r| r.name == "k8s:shop/web-ingress:ingress[0]"));
     assert_eq!(
         view.ingress("203.0.113.31", LOCAL_WEB, 8080),
-        (Verdict::Allow, Reason::AllowedByRule)
+        ALLOWED_BY_RULE
     );
     assert_eq!(
         view.ingress("203.0.113.31", LOCAL_WEB, 9090),
-        (Verdict::Deny, Reason::DefaultDeny)
+        DENIED_BY_DEFAULT
     );
     assert_eq!(
         view.ingress("203.0.113.41", LOCAL_WEB, 8080),
-        (Verdict::Deny, Reason::DefaultDeny)
+        DENIED_BY_DEFAULT
     );
 
     // A pod's labels change: a new identity for its address, the old one released.
@@ -1075,18 +883,18 @@ async fn policy_follows_namespaces_pods_and_network_policies() {
     assert_eq!(view.identity_of_labels("bank", &[("app", "client")]), None);
     assert_eq!(
         view.ingress("203.0.113.31", LOCAL_WEB, 8080),
-        (Verdict::Allow, Reason::AllowedByRule)
+        ALLOWED_BY_RULE
     );
 
     // The namespace's labels change: bank no longer matches `team: b`.
     server.apply(&namespace("bank", "c"));
     let view = wait("bank relabelled", &|v| {
-        v.ingress("203.0.113.31", LOCAL_WEB, 8080) == (Verdict::Deny, Reason::DefaultDeny)
+        v.ingress("203.0.113.31", LOCAL_WEB, 8080) == DENIED_BY_DEFAULT
     })
     .await;
     assert_eq!(
         view.ingress("203.0.113.41", LOCAL_WEB, 8080),
-        (Verdict::Deny, Reason::DefaultDeny)
+        DENIED_BY_DEFAULT
     );
 
     // The NetworkPolicy deleted: web is selected by nothing, open.
@@ -1106,7 +914,7 @@ async fn policy_follows_namespaces_pods_and_network_policies() {
     server.expire();
     let view = wait("re-listed after 410", &|v| {
         !v.compiled.rules.is_empty()
-            && v.ingress("203.0.113.41", LOCAL_WEB, 8080) == (Verdict::Allow, Reason::AllowedByRule)
+            && v.ingress("203.0.113.41", LOCAL_WEB, 8080) == ALLOWED_BY_RULE
     })
     .await;
     let stats = server.stats();
@@ -1127,6 +935,6 @@ async fn policy_follows_namespaces_pods_and_network_policies() {
     );
     assert_eq!(
         view.ingress("203.0.113.31", LOCAL_WEB, 8080),
-        (Verdict::Deny, Reason::DefaultDeny)
+        DENIED_BY_DEFAULT
     );
 }

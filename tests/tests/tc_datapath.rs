@@ -156,6 +156,44 @@ fn expect_of(
     );
 }
 
+/// The backend Maglev gives a new flow `client → vip`.
+fn maglev_backend(datapath: &Datapath, l4: L4, client: SocketAddr, vip: SocketAddr) -> SocketAddr {
+    let key = ServiceKey::new(vip.ip(), vip.port(), proto(l4));
+    expected_backend(datapath, &key, proto(l4), client, vip, false)
+}
+
+/// A flow's first two packets `client → vip` through `program`: each returns `verdict` and goes to
+/// `backend`, the first counted as a new flow, the second as a conntrack hit. Returns the second
+/// packet's L4 (TCP: an ACK), which the flow's later packets use.
+fn expect_new_then_tracked(
+    datapath: &mut Datapath,
+    (program, verdict): (&str, u32),
+    what: &str,
+    (l4, client, vip): (L4, SocketAddr, SocketAddr),
+    backend: SocketAddr,
+) -> L4 {
+    expect_of(
+        datapath,
+        program,
+        &format!("{what}: new flow"),
+        &frame(l4, client, vip, b"hello"),
+        verdict,
+        &frame(l4, client, backend, b"hello"),
+        Counter::ForwardNewFlow,
+    );
+    let next = if l4 == SYN { ACK } else { l4 };
+    expect_of(
+        datapath,
+        program,
+        &format!("{what}: tracked"),
+        &frame(next, client, vip, b"more"),
+        verdict,
+        &frame(next, client, backend, b"more"),
+        Counter::ForwardConntrackHit,
+    );
+    next
+}
+
 #[test]
 fn forward_reply_and_conntrack_hit_for_each_family_and_protocol() {
     isolated(
@@ -173,25 +211,14 @@ fn forward_reply_and_conntrack_hit_for_each_family_and_protocol_in_namespace() {
         (L4::Udp, "[2001:db8:2::2]:40001", "[2001:db8:100::10]:53"),
     ] {
         let (client, vip) = (sa(client), sa(vip));
-        let key = ServiceKey::new(vip.ip(), vip.port(), proto(l4));
-        let backend = expected_backend(&datapath, &key, proto(l4), client, vip, false);
+        let backend = maglev_backend(&datapath, l4, client, vip);
         let what = format!("{l4:?} {client} -> {vip}");
-        expect(
+        let next = expect_new_then_tracked(
             &mut datapath,
-            &format!("{what}: new flow"),
-            &frame(l4, client, vip, b"hello"),
-            TC_ACT_OK,
-            &frame(l4, client, backend, b"hello"),
-            Counter::ForwardNewFlow,
-        );
-        let next = if l4 == SYN { ACK } else { l4 };
-        expect(
-            &mut datapath,
-            &format!("{what}: tracked"),
-            &frame(next, client, vip, b"more"),
-            TC_ACT_OK,
-            &frame(next, client, backend, b"more"),
-            Counter::ForwardConntrackHit,
+            (TC_PROGRAM, TC_ACT_OK),
+            &what,
+            (l4, client, vip),
+            backend,
         );
         expect(
             &mut datapath,
@@ -481,38 +508,24 @@ fn flow_events_in_namespace() {
         let key = ServiceKey::new(web.ip(), web.port(), tcp);
         let backend = expected_backend(&datapath, &key, tcp, client, web, false);
 
-        let mut sent = |datapath: &mut Datapath, program, input: Vec<u8>, verdict| {
+        // Runs `program` on an empty `l4` segment `from` → `to`, expecting `verdict`; returns
+        // the flow events it emitted.
+        let mut sent = |datapath: &mut Datapath, program, l4, from, to, verdict| {
+            let input = frame(l4, from, to, b"");
             assert_eq!(run_program(datapath, program, &input).0, verdict);
             drain_flow_events(&mut ring)
         };
-        let dnat = sent(
-            &mut datapath,
-            TC_PROGRAM,
-            frame(SYN, client, web, b""),
-            TC_ACT_OK,
-        );
-        let hit = sent(
-            &mut datapath,
-            TC_PROGRAM,
-            frame(ACK, client, web, b""),
-            TC_ACT_OK,
-        );
-        let snat = sent(
-            &mut datapath,
-            TC_PROGRAM,
-            frame(SYN, client, snat_vip, b""),
-            TC_ACT_OK,
-        );
-        let no_backend = sent(
-            &mut datapath,
-            TC_PROGRAM,
-            frame(SYN, client, empty, b""),
-            TC_ACT_SHOT,
-        );
+        let dnat = sent(&mut datapath, TC_PROGRAM, SYN, client, web, TC_ACT_OK);
+        let hit = sent(&mut datapath, TC_PROGRAM, ACK, client, web, TC_ACT_OK);
+        let snat = sent(&mut datapath, TC_PROGRAM, SYN, client, snat_vip, TC_ACT_OK);
+        let no_backend = sent(&mut datapath, TC_PROGRAM, SYN, client, empty, TC_ACT_SHOT);
+        let no_service = sa("198.51.100.99:80");
         let other = sent(
             &mut datapath,
             TC_PROGRAM,
-            frame(SYN, client, sa("198.51.100.99:80"), b""),
+            SYN,
+            client,
+            no_service,
             TC_ACT_OK,
         );
         // A workload client's request to a SNAT service is served as DNAT.
@@ -523,7 +536,9 @@ fn flow_events_in_namespace() {
         let workload_snat = sent(
             &mut datapath,
             TC_REQUEST_PROGRAM,
-            frame(SYN, workload_client, snat_vip, b""),
+            SYN,
+            workload_client,
+            snat_vip,
             TC_ACT_UNSPEC,
         );
         assert_eq!(counter(&datapath, Counter::ForwardConntrackHit), 1);
@@ -676,27 +691,14 @@ fn workload_veth_in_namespace() {
         (L4::Udp, "[2001:db8:2::2]:40024", "[2001:db8:100::40]:53"),
     ] {
         let (client, vip) = (sa(client), sa(vip));
-        let key = ServiceKey::new(vip.ip(), vip.port(), proto(l4));
-        let backend = expected_backend(&datapath, &key, proto(l4), client, vip, false);
+        let backend = maglev_backend(&datapath, l4, client, vip);
         let what = format!("{l4:?} {client} -> {vip}");
-        let next = if l4 == SYN { ACK } else { l4 };
-        expect_of(
+        let next = expect_new_then_tracked(
             &mut datapath,
-            TC_REQUEST_PROGRAM,
-            &format!("{what}: new flow"),
-            &frame(l4, client, vip, b"hello"),
-            TC_ACT_UNSPEC,
-            &frame(l4, client, backend, b"hello"),
-            Counter::ForwardNewFlow,
-        );
-        expect_of(
-            &mut datapath,
-            TC_REQUEST_PROGRAM,
-            &format!("{what}: tracked"),
-            &frame(next, client, vip, b"more"),
-            TC_ACT_UNSPEC,
-            &frame(next, client, backend, b"more"),
-            Counter::ForwardConntrackHit,
+            (TC_REQUEST_PROGRAM, TC_ACT_UNSPEC),
+            &what,
+            (l4, client, vip),
+            backend,
         );
         let reply = frame(next, backend, client, b"answer");
         expect(

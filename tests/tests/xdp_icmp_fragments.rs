@@ -24,7 +24,9 @@ use lb_tests::{
     },
 };
 
-const CONFIG: &str = "
+/// The shared `dns` and `web6` services, with `web` and `dns6` of two backends each.
+const CONFIG: &str = concat!(
+    "
 services:
   - name: web
     vip: 198.51.100.10
@@ -33,28 +35,18 @@ services:
     backends:
       - { address: 203.0.113.11, port: 8080 }
       - { address: 203.0.113.12, port: 8080 }
-  - name: dns
-    vip: 198.51.100.10
-    port: 53
-    protocol: udp
-    backends:
-      - { address: 203.0.113.11, port: 5353 }
-      - { address: 203.0.113.12, port: 5353 }
-  - name: web6
-    vip: 2001:db8:100::10
-    port: 443
-    protocol: tcp
-    backends:
-      - { address: 2001:db8:203::11, port: 8443 }
-      - { address: 2001:db8:203::12, port: 8443 }
-  - name: dns6
+",
+    lb_tests::dns_service!(),
+    lb_tests::web6_service!(),
+    "  - name: dns6
     vip: 2001:db8:100::10
     port: 53
     protocol: udp
     backends:
       - { address: 2001:db8:203::11, port: 0 }
       - { address: 2001:db8:203::12, port: 0 }
-";
+"
+);
 
 const VIP_WEB: &str = "198.51.100.10:80";
 const VIP_DNS: &str = "198.51.100.10:53";

@@ -1046,54 +1046,33 @@ fn decap_fixtures() {
     truncated.truncate(14 + 20 + 10);
     let mut wrong_version = encapsulated(&inner4, balancer4, local4, 0, MACS);
     wrong_version[14 + 9] = 41; // says IPv6 inside, is IPv4
+    let from_stranger = encapsulated(&inner4, stranger4, local4, 0, MACS);
+    let to_stranger = encapsulated(&inner4, balancer4, stranger4, 0, MACS);
+
+    use Counter::{DecapDropUnknownEndpoint, DecapOuterIpv4, DecapOuterIpv6, DropMalformed};
+    let (tunnel4, tunnel6) = ((balancer4, local4), (balancer6, local6));
+    // `inner` encapsulated in `tunnel` (outer source, destination), decapsulated byte-exact.
+    let passes = |what, inner: &[u8], (src, dst), flow_label, counter| -> DecapCase {
+        let input = encapsulated(inner, src, dst, flow_label, MACS);
+        (what, input, Some(decapsulated(inner, MACS)), counter)
+    };
+    let dropped = |what, input, counter| -> DecapCase { (what, input, None, counter) };
     let cases: Vec<DecapCase> = vec![
-        (
-            "IPv4 in IPv4",
-            encapsulated(&inner4, balancer4, local4, 0, MACS),
-            Some(decapsulated(&inner4, MACS)),
-            Counter::DecapOuterIpv4,
-        ),
-        (
-            "IPv6 in IPv6",
-            encapsulated(&inner6, balancer6, local6, 0x12345, MACS),
-            Some(decapsulated(&inner6, MACS)),
-            Counter::DecapOuterIpv6,
-        ),
-        (
-            "IPv6 in IPv4",
-            encapsulated(&inner6, balancer4, local4, 0, MACS),
-            Some(decapsulated(&inner6, MACS)),
-            Counter::DecapOuterIpv4,
-        ),
-        (
-            "IPv4 in IPv6",
-            encapsulated(&inner4, balancer6, local6, 7, MACS),
-            Some(decapsulated(&inner4, MACS)),
-            Counter::DecapOuterIpv6,
-        ),
-        (
+        passes("IPv4 in IPv4", &inner4, tunnel4, 0, DecapOuterIpv4),
+        passes("IPv6 in IPv6", &inner6, tunnel6, 0x12345, DecapOuterIpv6),
+        passes("IPv6 in IPv4", &inner6, tunnel4, 0, DecapOuterIpv4),
+        passes("IPv4 in IPv6", &inner4, tunnel6, 7, DecapOuterIpv6),
+        dropped(
             "from an unknown source",
-            encapsulated(&inner4, stranger4, local4, 0, MACS),
-            None,
-            Counter::DecapDropUnknownEndpoint,
+            from_stranger,
+            DecapDropUnknownEndpoint,
         ),
-        (
-            "to another address",
-            encapsulated(&inner4, balancer4, stranger4, 0, MACS),
-            None,
-            Counter::DecapDropUnknownEndpoint,
-        ),
-        (
-            "inner header truncated",
-            truncated,
-            None,
-            Counter::DropMalformed,
-        ),
-        (
+        dropped("to another address", to_stranger, DecapDropUnknownEndpoint),
+        dropped("inner header truncated", truncated, DropMalformed),
+        dropped(
             "inner version differs from the outer protocol",
             wrong_version,
-            None,
-            Counter::DropMalformed,
+            DropMalformed,
         ),
     ];
     for (what, input, want, which) in cases {

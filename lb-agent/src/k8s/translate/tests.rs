@@ -77,6 +77,24 @@ fn keys(out: &[config::Service]) -> Vec<(String, u16, Protocol, String)> {
         .collect()
 }
 
+/// A row of [`keys`].
+fn key(vip: &str, port: u16, protocol: Protocol, name: &str) -> (String, u16, Protocol, String) {
+    (vip.into(), port, protocol, name.into())
+}
+
+/// The notes of a translation (what it left out, and why), as text.
+fn notes(translation: &Translation) -> Vec<String> {
+    translation.notes.iter().map(ToString::to_string).collect()
+}
+
+#[track_caller]
+fn assert_a_note_contains(notes: &[String], text: &str) {
+    assert!(
+        notes.iter().any(|n| n.contains(text)),
+        "no note contains {text:?}: {notes:?}"
+    );
+}
+
 /// The output must always be a valid agent config.
 fn assert_valid(out: &[config::Service]) {
     let config = Config {
@@ -116,18 +134,8 @@ fn cluster_ip_with_named_ports() {
     assert_eq!(
         keys(&out),
         [
-            (
-                "10.96.0.10".into(),
-                53,
-                Protocol::Udp,
-                "shop/web:dns".into()
-            ),
-            (
-                "10.96.0.10".into(),
-                80,
-                Protocol::Tcp,
-                "shop/web:http".into()
-            ),
+            key("10.96.0.10", 53, Protocol::Udp, "shop/web:dns"),
+            key("10.96.0.10", 80, Protocol::Tcp, "shop/web:http"),
         ]
     );
     let http = find(&out, "10.96.0.10", 80, Protocol::Tcp);
@@ -370,12 +378,7 @@ fn a_service_without_slices_has_no_backends() {
     let out = services_from(&services, NO_SLICES, &NodeOptions::default());
     assert_eq!(
         keys(&out),
-        [(
-            "10.96.0.10".into(),
-            80,
-            Protocol::Tcp,
-            "default/web:80".into()
-        )]
+        [key("10.96.0.10", 80, Protocol::Tcp, "default/web:80")]
     );
     assert!(out[0].backends.is_empty());
     // A slice without the service-name label belongs to no one.
@@ -448,17 +451,9 @@ fn load_balancer_external_ips_and_node_ports() {
             s.name
         );
     }
-    let reasons: Vec<String> = translation.notes.iter().map(ToString::to_string).collect();
-    assert!(
-        reasons.iter().any(|r| r.contains("ipMode Proxy")),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons
-            .iter()
-            .any(|r| r.contains("2001:db8::10 is not of the service's IP families")),
-        "{reasons:?}"
-    );
+    let reasons = notes(&translation);
+    assert_a_note_contains(&reasons, "ipMode Proxy");
+    assert_a_note_contains(&reasons, "2001:db8::10 is not of the service's IP families");
     assert_valid(out);
 }
 
@@ -474,24 +469,9 @@ fn node_ports_only_for_node_port_and_load_balancer_types() {
     assert_eq!(
         keys(&nodeport),
         [
-            (
-                "10.96.0.60".into(),
-                80,
-                Protocol::Tcp,
-                "default/np:80".into()
-            ),
-            (
-                "192.0.2.10".into(),
-                30080,
-                Protocol::Tcp,
-                "default/np:80/nodeport".into()
-            ),
-            (
-                "192.0.2.11".into(),
-                30080,
-                Protocol::Tcp,
-                "default/np:80/nodeport".into()
-            ),
+            key("10.96.0.60", 80, Protocol::Tcp, "default/np:80"),
+            key("192.0.2.10", 30080, Protocol::Tcp, "default/np:80/nodeport"),
+            key("192.0.2.11", 30080, Protocol::Tcp, "default/np:80/nodeport"),
         ]
     );
     let cluster_ip = services_from(&[svc("default", "np", spec("ClusterIP"))], NO_SLICES, &node);
@@ -539,14 +519,9 @@ fn headless_external_name_and_sctp_are_skipped_with_a_reason() {
     let translation = translate(&services, &slices, &NodeOptions::default());
     assert_eq!(
         keys(&translation.services),
-        [(
-            "10.96.0.70".into(),
-            3868,
-            Protocol::Tcp,
-            "default/signal:tcp".into()
-        )]
+        [key("10.96.0.70", 3868, Protocol::Tcp, "default/signal:tcp")]
     );
-    let notes: Vec<String> = translation.notes.iter().map(ToString::to_string).collect();
+    let notes = notes(&translation);
     for want in [
         "default/headless: headless service",
         "default/alias: ExternalName service",
@@ -655,7 +630,7 @@ fn colliding_frontends_keep_one_with_a_reason() {
     );
     assert_eq!(find(out, "10.96.1.1", 80, Protocol::Tcp).name, "a/one:80");
     assert_eq!(out.len(), 4, "{:#?}", keys(out));
-    let notes: Vec<String> = translation.notes.iter().map(ToString::to_string).collect();
+    let notes = notes(&translation);
     assert!(
         notes.contains(
             &"b/two:80/external: 198.51.100.9:80/tcp is already served for a/one:80/external"
@@ -841,7 +816,7 @@ fn services_beyond_the_datapath_capacity_are_left_out() {
         "1 shared + 2 per service: 9 for four"
     );
     for t in [&three, &by_backends] {
-        let notes: Vec<String> = t.notes.iter().map(ToString::to_string).collect();
+        let notes = notes(t);
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(
             notes[0].starts_with("default/web3:80: 10.96.0.13:80/tcp left out: the datapath holds")
@@ -873,17 +848,7 @@ fn invalid_addresses_are_noted_not_fatal() {
         translation.services[0].backends,
         [backend("10.1.0.1", 8080, 1)]
     );
-    let notes: Vec<String> = translation.notes.iter().map(ToString::to_string).collect();
-    assert!(
-        notes
-            .iter()
-            .any(|n| n.contains("invalid IP address \"not-an-ip\"")),
-        "{notes:?}"
-    );
-    assert!(
-        notes
-            .iter()
-            .any(|n| n.contains("invalid endpoint address \"10.1.0.300\"")),
-        "{notes:?}"
-    );
+    let notes = notes(&translation);
+    assert_a_note_contains(&notes, "invalid IP address \"not-an-ip\"");
+    assert_a_note_contains(&notes, "invalid endpoint address \"10.1.0.300\"");
 }
