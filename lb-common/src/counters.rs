@@ -50,7 +50,8 @@ counters! {
     ReplyTranslated = 8 => "reply_translated",
     /// Sent to a VIP whose Maglev table is empty (no backend, or all draining/unhealthy).
     DropNoBackend = 9 => "drop_no_backend",
-    /// Headers shorter than they claim: dropped.
+    /// Headers shorter than they claim: dropped. Also a SNAT request a helper refused to turn
+    /// into its "time exceeded" answer halfway (the packet already cut).
     DropMalformed = 10 => "drop_malformed",
     /// A TCP packet other than SYN without a conntrack entry: the entry was evicted (conntrack
     /// pressure) or the flow predates the datapath. It is balanced by the Maglev table, which picks
@@ -140,6 +141,13 @@ counters! {
     /// big" for the link towards the backend): the quote now names the VIP the client's socket
     /// is connected to, so that its path MTU discovery works.
     IcmpNodeErrorToClient = 39 => "icmp_node_error_to_client",
+    /// A SNAT request whose TTL / hop limit would expire at the node (1 or 0): answered to the
+    /// client from the VIP with "time exceeded" (ICMPv6 "hop limit exceeded"), quoting the
+    /// request as it came, instead of translated for the stack, whose answer would go to the SNAT
+    /// address. Requests that cannot be quoted (IPv4 options; `lb_tc`: IPv6 extension headers, or
+    /// less than 20 bytes after the IP header) are translated for the stack as before
+    /// (`pass_fib_failed`).
+    IcmpTimeExceededSent = 40 => "icmp_time_exceeded_sent",
 }
 
 impl Counter {

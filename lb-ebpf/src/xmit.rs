@@ -50,7 +50,7 @@ pub mod opts {
     /// must be the backend itself.
     pub const ON_LINK_ONLY: u8 = 1 << 0;
     /// Decrement the IPv4 TTL / IPv6 hop limit as a router does (SNAT); a packet that would expire
-    /// is left to the stack.
+    /// is not sent (`Xmit::Expiring`).
     pub const DECREMENT_TTL: u8 = 1 << 1;
 }
 
@@ -65,9 +65,12 @@ pub enum Xmit {
     TooBig,
     /// [`opts::ON_LINK_ONLY`] and the route goes through a gateway. Nothing rewritten.
     NotOnLink,
-    /// No usable route (unreachable, blackhole, prohibited, forwarding disabled), or a TTL that
-    /// would expire. Nothing rewritten.
+    /// No usable route (unreachable, blackhole, prohibited, forwarding disabled). Nothing
+    /// rewritten.
     NoRoute,
+    /// [`opts::DECREMENT_TTL`] and a TTL / hop limit that would expire (1 or 0). Nothing
+    /// rewritten, the FIB not asked.
+    Expiring,
 }
 
 /// The `bpf_fib_lookup` query for a packet from `src` to `dst` received on `ifindex`, in per-CPU
@@ -144,7 +147,7 @@ pub fn fib_route(
         }
         // SAFETY: bounds checked just above.
         if unsafe { *(ttl_at as *const u8) } <= 1 {
-            return Err(Xmit::NoRoute);
+            return Err(Xmit::Expiring);
         }
     }
 
