@@ -19,10 +19,11 @@
 //!
 //! When the fast path cannot send the finished packet (no neighbour entry yet, no route), it is
 //! passed to the kernel, which resolves, routes or answers with ICMP. A request too big for the
-//! link to its backend, or whose TTL / hop limit would expire here, is answered by the balancer
-//! itself, before its translation (the kernel's answer would go to the SNAT address):
-//! "fragmentation needed" / "packet too big" from the VIP announcing the link's MTU, or "time
-//! exceeded" (`too_big`), unless it is IPv4 with options, or too big but may be fragmented:
+//! link to its backend, whose TTL / hop limit would expire here, or whose backend has an
+//! unreachable, blackhole or prohibit route, is answered by the balancer itself, before its
+//! translation (the kernel's answer would go to the SNAT address): "fragmentation needed" /
+//! "packet too big" from the VIP announcing the link's MTU, "time exceeded", or "destination
+//! unreachable" (`too_big`), unless it is IPv4 with options, or too big but may be fragmented:
 //! that one is translated and passed, and the kernel fragments (or answers) it. The kernel treats a
 //! received packet whose source is one of its own addresses as martian unless
 //! `net.ipv4.conf.<iface>.accept_local=1`: set it when the SNAT address is a local address.
@@ -160,8 +161,8 @@ pub fn forward(
         return xdp_action::XDP_DROP;
     };
     // The FIB is asked before the translation (the same length: only addresses and ports
-    // change), so that a packet too big for the link to the backend, or whose TTL would expire,
-    // can be answered as it came: the stack would answer the translated one towards the SNAT
+    // change), so that a packet too big for the link to the backend, whose TTL would expire or
+    // whose backend cannot be reached, can be answered as it came: the stack would answer the translated one towards the SNAT
     // address. Its port and `NAT_REPLY` entry stay: the client's smaller retry (or next probe)
     // is the same flow and gets them back.
     let family = flow.key.family;
@@ -177,6 +178,7 @@ pub fn forward(
     let message = match route {
         Err(Xmit::TooBig) => Some(too_big::message::TOO_BIG),
         Err(Xmit::Expiring) => Some(too_big::message::TIME_EXCEEDED),
+        Err(Xmit::Unreachable) => Some(too_big::message::UNREACHABLE),
         _ => None,
     };
     if let Some(message) = message {

@@ -20,6 +20,11 @@
 //! SNAT address, and a client's traceroute or its socket's error queue would never hear of it. The
 //! same quote and headers, another ICMP type and code, the second word unused (zero); IPv4 needs
 //! no "don't fragment" for it. A traceroute through the node then names the VIP as the hop.
+//! And so is a SNAT request whose backend the FIB says cannot be reached (an unreachable,
+//! blackhole or prohibit route): "destination unreachable", host unreachable / address
+//! unreachable ([`message::UNREACHABLE`], `icmp_unreachable_sent`), where the stack would answer
+//! the SNAT address (or, for a blackhole, nobody): the client's connection fails at once instead
+//! of retrying into silence.
 //!
 //! - IPv4: only for a packet whose header has no options (a 28-byte quote), and for a too-big
 //!   answer with "don't fragment" set; others are left as they are ([`UNANSWERED`]): DSR IPIP
@@ -67,6 +72,11 @@ const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 /// ICMP / ICMPv6 time exceeded, code 0 for both: in transit (TTL / hop limit).
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMPV6_TIME_EXCEEDED: u8 = 3;
+/// ICMP destination unreachable, code host unreachable; ICMPv6 destination unreachable, code
+/// address unreachable.
+const ICMP_HOST_UNREACHABLE: u8 = 1;
+const ICMPV6_UNREACHABLE: u8 = 1;
+const ICMPV6_ADDRESS_UNREACHABLE: u8 = 3;
 /// TTL / hop limit of the answer.
 const ANSWER_TTL: u8 = 64;
 
@@ -84,6 +94,16 @@ pub mod message {
     /// "Time exceeded" / "hop limit exceeded" in transit: a SNAT request whose TTL / hop limit
     /// would expire here.
     pub const TIME_EXCEEDED: u8 = 2;
+    /// "Destination unreachable", host / address unreachable: a SNAT request whose backend the
+    /// FIB says cannot be reached.
+    pub const UNREACHABLE: u8 = 3;
+
+    /// Whether `message` announces an MTU (and, for IPv4, answers only packets with "don't
+    /// fragment").
+    #[inline(always)]
+    pub const fn too_big(message: u8) -> bool {
+        message == TOO_BIG || message == TOO_BIG_ENCAPSULATED
+    }
 }
 
 /// An answer's ICMP header but its checksum: type, code and the second word (the MTU of a
@@ -100,17 +120,23 @@ impl IcmpHeader {
     /// MTU cannot be read.
     #[inline(always)]
     pub fn of(message: u8, v4: bool) -> Option<Self> {
-        if message == message::TIME_EXCEEDED {
-            let icmp_type = if v4 {
-                ICMP_TIME_EXCEEDED
-            } else {
-                ICMPV6_TIME_EXCEEDED
-            };
-            return Some(Self {
+        let without_word = |icmp_type, code| {
+            Some(Self {
                 icmp_type,
-                code: 0,
+                code,
                 word: 0,
-            });
+            })
+        };
+        match (message, v4) {
+            (message::TIME_EXCEEDED, true) => return without_word(ICMP_TIME_EXCEEDED, 0),
+            (message::TIME_EXCEEDED, false) => return without_word(ICMPV6_TIME_EXCEEDED, 0),
+            (message::UNREACHABLE, true) => {
+                return without_word(ICMP_UNREACHABLE, ICMP_HOST_UNREACHABLE)
+            }
+            (message::UNREACHABLE, false) => {
+                return without_word(ICMPV6_UNREACHABLE, ICMPV6_ADDRESS_UNREACHABLE)
+            }
+            _ => {}
         }
         let outer = outer_len(message == message::TOO_BIG_ENCAPSULATED, v4);
         let mtu = link_mtu()?.saturating_sub(outer as u16) as u32;
@@ -133,10 +159,10 @@ impl IcmpHeader {
 /// The counter of an answer that says `message`.
 #[inline(always)]
 pub fn sent(message: u8) -> Counter {
-    if message == message::TIME_EXCEEDED {
-        Counter::IcmpTimeExceededSent
-    } else {
-        Counter::IcmpTooBigSent
+    match message {
+        message::TIME_EXCEEDED => Counter::IcmpTimeExceededSent,
+        message::UNREACHABLE => Counter::IcmpUnreachableSent,
+        _ => Counter::IcmpTooBigSent,
     }
 }
 
@@ -144,10 +170,10 @@ pub fn sent(message: u8) -> Counter {
 /// halfway (the packet already changed).
 #[inline(always)]
 pub fn refused(message: u8) -> Counter {
-    if message == message::TIME_EXCEEDED {
-        Counter::DropMalformed
-    } else {
+    if message::too_big(message) {
         Counter::DropEncapTooBig
+    } else {
+        Counter::DropMalformed
     }
 }
 
@@ -166,7 +192,7 @@ pub const fn outer_len(encapsulated: bool, v4: bool) -> usize {
 /// for the egress MTU (the FIB's answer in the per-CPU scratch space), behind the outer header
 /// `dsr::encapsulate` put in front of it ([`message::TOO_BIG_ENCAPSULATED`]) or as it came (a
 /// SNAT request, [`message::TOO_BIG`]), or a SNAT request whose TTL would expire
-/// ([`message::TIME_EXCEEDED`]). Returns `XDP_TX` (counted [`sent`]), [`UNANSWERED`], or
+/// ([`message::TIME_EXCEEDED`]) or whose backend cannot be reached ([`message::UNREACHABLE`]). Returns `XDP_TX` (counted [`sent`]), [`UNANSWERED`], or
 /// `XDP_DROP` when a helper refused halfway (counted [`refused`]).
 // A BPF function of its own, called from `dsr::ipip` and `snat::forward`: the packet moves under it.
 #[inline(never)]
@@ -245,7 +271,7 @@ pub fn link_mtu() -> Option<u16> {
 #[inline(always)]
 pub fn ipv4_answerable(version_ihl: u8, flags: u16, message: u8) -> bool {
     version_ihl == 0x45
-        && (message == message::TIME_EXCEEDED || flags & u16::to_be(field::IPV4_DONT_FRAGMENT) != 0)
+        && (!message::too_big(message) || flags & u16::to_be(field::IPV4_DONT_FRAGMENT) != 0)
 }
 
 /// The length of an answer, Ethernet header included, whose quote holds an IP header of `ip_len`

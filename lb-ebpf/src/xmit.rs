@@ -13,8 +13,9 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_BLACKHOLE,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
     },
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
@@ -65,9 +66,12 @@ pub enum Xmit {
     TooBig,
     /// [`opts::ON_LINK_ONLY`] and the route goes through a gateway. Nothing rewritten.
     NotOnLink,
-    /// No usable route (unreachable, blackhole, prohibited, forwarding disabled). Nothing
+    /// No usable route (no route at all, forwarding disabled, not a unicast route). Nothing
     /// rewritten.
     NoRoute,
+    /// The route says the destination cannot be reached: an unreachable, blackhole or prohibit
+    /// route. Nothing rewritten.
+    Unreachable,
     /// [`opts::DECREMENT_TTL`] and a TTL / hop limit that would expire (1 or 0). Nothing
     /// rewritten, the FIB not asked.
     Expiring,
@@ -258,6 +262,12 @@ pub fn kept_route() -> Result<&'static FibParams, Xmit> {
 pub fn unsendable(rc: u32, params: &FibParams, v4: bool, dst: &Addr, options: u8) -> Option<Xmit> {
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
         return Some(Xmit::TooBig);
+    }
+    if rc == BPF_FIB_LKUP_RET_UNREACHABLE
+        || rc == BPF_FIB_LKUP_RET_BLACKHOLE
+        || rc == BPF_FIB_LKUP_RET_PROHIBIT
+    {
+        return Some(Xmit::Unreachable);
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return Some(Xmit::NoRoute);

@@ -688,22 +688,24 @@ fn lowers_the_clients_path_mtu(
 /// `IPV6_RECVERR`. The datapath answers "time exceeded" from the VIP, quoting the probe as the
 /// client sent it: the socket's next `recv` fails with `EHOSTUNREACH`, and its error queue holds
 /// an ICMP "time exceeded" from the VIP. (The node's stack would answer the translated probe,
-/// towards the SNAT address: the client would hear nothing.)
+/// towards the SNAT address: the client would hear nothing.) Then, with unreachable routes to
+/// both backends on the balancer, a datagram with the default TTL gets "destination
+/// unreachable" (host / address unreachable) from the VIP the same way.
 #[test]
-fn snat_probe_with_ttl_1_gets_time_exceeded_at_the_client_socket() {
-    time_exceeded_at_the_client_socket(Attach::Xdp);
+fn snat_time_exceeded_and_unreachable_reach_the_client_socket() {
+    errors_at_the_client_socket(Attach::Xdp);
 }
 
 #[test]
-fn snat_probe_with_ttl_1_gets_time_exceeded_at_the_client_socket_through_tc() {
-    time_exceeded_at_the_client_socket(Attach::Tc);
+fn snat_time_exceeded_and_unreachable_reach_the_client_socket_through_tc() {
+    errors_at_the_client_socket(Attach::Tc);
 }
 
-fn time_exceeded_at_the_client_socket(attach: Attach) {
+fn errors_at_the_client_socket(attach: Attach) {
     let mut setup = Setup::new(Mode::Snat, attach);
     for (vip, icmp_type) in [(IpAddr::from(VIP), 11u8), (IpAddr::from(VIP6), 3)] {
         let (errno, error) = in_netns(&setup.topology.client, move || {
-            probe_with_ttl_1(SocketAddr::new(vip, 53))
+            probe(SocketAddr::new(vip, 53), 1)
         });
         assert_eq!(
             errno,
@@ -720,9 +722,42 @@ fn time_exceeded_at_the_client_socket(attach: Attach) {
             "{attach:?}: the client's error queue names time exceeded from {vip}"
         );
     }
+    for b in &setup.topology.backends {
+        let balancer = &setup.topology.balancer;
+        balancer
+            .ip_cmd(&format!("route add unreachable {}/32", b.addr))
+            .unwrap();
+        balancer
+            .ip_cmd(&format!("-6 route add unreachable {}/128", b.addr6))
+            .unwrap();
+    }
+    for (vip, icmp_type, code) in [(IpAddr::from(VIP), 3u8, 1u8), (IpAddr::from(VIP6), 1, 3)] {
+        let (errno, error) = in_netns(&setup.topology.client, move || {
+            probe(SocketAddr::new(vip, 53), 64)
+        });
+        assert_eq!(
+            errno,
+            libc::EHOSTUNREACH,
+            "{attach:?}: a datagram to {vip}, its backends unreachable, fails at the socket"
+        );
+        assert_eq!(
+            error,
+            Some(QueuedError {
+                icmp_type,
+                code,
+                offender: vip
+            }),
+            "{attach:?}: the client's error queue names destination unreachable from {vip}"
+        );
+    }
     let counters = setup.stop_agent();
     assert_eq!(
         count(&counters, Counter::IcmpTimeExceededSent),
+        2,
+        "{counters:?}"
+    );
+    assert_eq!(
+        count(&counters, Counter::IcmpUnreachableSent),
         2,
         "{counters:?}"
     );
@@ -737,36 +772,35 @@ struct QueuedError {
     offender: IpAddr,
 }
 
-/// Sends one UDP datagram with TTL / hop limit 1 from a socket (of the calling thread's namespace)
-/// connected to `vip`, with ICMP errors reported; returns the errno of the next `recv` and the
-/// ICMP error queued on the socket.
-fn probe_with_ttl_1(vip: SocketAddr) -> (i32, Option<QueuedError>) {
+/// Sends one UDP datagram with TTL / hop limit `ttl` from a socket (of the calling thread's
+/// namespace) connected to `vip`, with ICMP errors reported; returns the errno of the next `recv`
+/// and the ICMP error queued on the socket.
+fn probe(vip: SocketAddr, ttl: libc::c_int) -> (i32, Option<QueuedError>) {
     use std::os::fd::AsRawFd;
     let any: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
         .parse()
         .unwrap();
     let socket = UdpSocket::bind(any).expect("bind");
     let fd = socket.as_raw_fd();
-    let set_one = |level: libc::c_int, name: libc::c_int| {
-        let one: libc::c_int = 1;
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
         // SAFETY: an int option of a socket this function owns.
         let rc = unsafe {
             libc::setsockopt(
                 fd,
                 level,
                 name,
-                &one as *const libc::c_int as *const libc::c_void,
+                &value as *const libc::c_int as *const libc::c_void,
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
         assert_eq!(rc, 0, "setsockopt({level}, {name})");
     };
     if vip.is_ipv4() {
-        set_one(libc::IPPROTO_IP, libc::IP_RECVERR);
-        set_one(libc::IPPROTO_IP, libc::IP_TTL);
+        set(libc::IPPROTO_IP, libc::IP_RECVERR, 1);
+        set(libc::IPPROTO_IP, libc::IP_TTL, ttl);
     } else {
-        set_one(libc::IPPROTO_IPV6, libc::IPV6_RECVERR);
-        set_one(libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS);
+        set(libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1);
+        set(libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, ttl);
     }
     socket.connect(vip).expect("connect");
     socket

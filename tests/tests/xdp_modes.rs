@@ -48,8 +48,9 @@ const NODE6: Ipv6Addr = BALANCER_CLIENT_SIDE_ADDR6;
 const UNRESOLVED4: &str = "203.0.113.200";
 /// Routed through backend 1 as a gateway: not on-link.
 const BEHIND_GATEWAY4: &str = "203.0.113.201";
-/// An unreachable route.
+/// Unreachable routes.
 const UNREACHABLE4: &str = "203.0.113.202";
+const UNREACHABLE6: &str = "2001:db8:203:3::1";
 /// In to-b1's /64, never resolved.
 const UNRESOLVED6: &str = "2001:db8:203:1::99";
 /// SNAT backends routed through backend 1 on a path whose MTU is 1400 (a route's `mtu lock`),
@@ -104,6 +105,13 @@ fn config(b1: Ipv4Addr, b1_6: Ipv6Addr) -> String {
         ("l2-unresolved6", "2001:db8:100::43", "dsr-l2", UNRESOLVED6),
         ("snat-narrow", "198.51.100.48", "snat", NARROW4),
         ("snat-narrow6", "2001:db8:100::48", "snat", NARROW6),
+        ("snat-unreachable", "198.51.100.49", "snat", UNREACHABLE4),
+        (
+            "snat-unreachable6",
+            "2001:db8:100::49",
+            "snat",
+            UNREACHABLE6,
+        ),
     ] {
         service(name, vip, 80, "tcp", mode, backend, 80);
     }
@@ -248,6 +256,8 @@ impl Balancer {
         lb.ip_cmd(&format!("route add {BEHIND_GATEWAY4}/32 via {}", b1.addr))
             .unwrap();
         lb.ip_cmd(&format!("route add unreachable {UNREACHABLE4}/32"))
+            .unwrap();
+        lb.ip_cmd(&format!("-6 route add unreachable {UNREACHABLE6}/128"))
             .unwrap();
         lb.ip_cmd(&format!(
             "route add {NARROW4}/32 via {} mtu lock {NARROW_MTU}",
@@ -814,6 +824,37 @@ fn balancer_fixtures(program: Program) {
             counters: vec![Counter::ForwardConntrackHit, Counter::XmitRedirect],
         });
     }
+    // SNAT requests whose backend has an unreachable route: answered "destination unreachable"
+    // (host / address unreachable) from the VIP, quoting the request as it came.
+    for (client, vip) in [
+        (client, sa("198.51.100.49:80")),
+        (
+            SocketAddr::new(CLIENT_ADDR6.into(), 41000),
+            sa("[2001:db8:100::49]:80"),
+        ),
+    ] {
+        let input = frame_via(SYN, client, vip, PAYLOAD, from_client, 64);
+        let ip_len = if vip.is_ipv4() { 20 } else { 40 };
+        let quote = match program {
+            Program::Xdp => input[14..14 + ip_len + 8].to_vec(),
+            Program::Tc => quote_unchanged_by_checksum_completion(&input[14..], ip_len, 16),
+        };
+        let answer = icmp_error_via(
+            IcmpError::HostUnreachable,
+            vip.ip(),
+            client.ip(),
+            &quote,
+            to_client_macs,
+            64,
+        );
+        fixtures.push(Fixture {
+            what: format!("SNAT, TCP request to {vip}, backend unreachable: answered so"),
+            input,
+            ingress: to_client,
+            expect: Expect::Frame(Verdict::Tx, may_fragment(answer)),
+            counters: vec![Counter::ForwardNewFlow, Counter::IcmpUnreachableSent],
+        });
+    }
     // One that cannot be quoted (IPv4 options): translated, to the stack, as before (which
     // answers towards the node's SNAT address).
     let snat_vip = sa("198.51.100.40:80");
@@ -845,10 +886,10 @@ fn balancer_fixtures(program: Program) {
     });
 
     balancer.run(program, &fixtures, |datapath| {
-        // DSR never writes a reply translation: only the 4 SNAT flows, the 2 answered too big
-        // and the 3 answered time exceeded (kept for their retries), and the 3 failure cases
-        // that were translated are in NAT_REPLY.
-        assert_eq!(datapath.nat_reply_entries().unwrap(), 12);
+        // DSR never writes a reply translation: only the 4 SNAT flows, the 2 answered too big,
+        // the 3 answered time exceeded and the 2 answered unreachable (kept for their retries),
+        // and the 3 failure cases that were translated are in NAT_REPLY.
+        assert_eq!(datapath.nat_reply_entries().unwrap(), 14);
     });
 }
 

@@ -4,8 +4,9 @@
 //! (`tc::xmit`, TTL decremented as a router does).
 //!
 //! Client → VIP: the source becomes the service's SNAT address and the flow's port, the
-//! destination the backend. The FIB is asked first, and a request too big for the link, or whose
-//! TTL / hop limit would expire here, is answered from the VIP (`tc::too_big`), as `lb_xdp` does. Backend → node:port (the reply): the source becomes the VIP and its
+//! destination the backend. The FIB is asked first, and a request too big for the link, whose
+//! TTL / hop limit would expire here, or whose backend cannot be reached, is answered from the VIP
+//! (`tc::too_big`), as `lb_xdp` does. Backend → node:port (the reply): the source becomes the VIP and its
 //! port, the destination the client and its port. A first fragment is recorded after the rewrite
 //! (`crate::fragments`); later fragments get the same addresses and next hop (`tc::fragments`).
 
@@ -36,7 +37,8 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
         return TC_ACT_SHOT;
     };
     // The FIB is asked before the translation, as in `lb_xdp` (`crate::snat::forward`): a request
-    // too big for the link to the backend, or whose TTL would expire, is answered as it came
+    // too big for the link to the backend, whose TTL would expire or whose backend cannot be
+    // reached, is answered as it came
     // (`tc::too_big`), else translated and sent with that answer. A GSO skb is never too big
     // here (`xmit::route`).
     let (family, protocol) = (flow.key.family, flow.key.protocol);
@@ -48,6 +50,7 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
     let message = match routed {
         Err(Xmit::TooBig) => Some(crate::too_big::message::TOO_BIG),
         Err(Xmit::Expiring) => Some(crate::too_big::message::TIME_EXCEEDED),
+        Err(Xmit::Unreachable) => Some(crate::too_big::message::UNREACHABLE),
         _ => None,
     };
     if let Some(message) = message {

@@ -4,7 +4,8 @@
 //! too big" (IPv6) from the VIP to the client, announcing the link's MTU (DSR IPIP: less the outer
 //! header), back out of the interface it came in on (counted `icmp_too_big_sent`, as in `lb_xdp`).
 //! A SNAT request whose TTL / hop limit would expire here becomes "time exceeded" the same way
-//! (`icmp_time_exceeded_sent`; `crate::too_big::message`).
+//! (`icmp_time_exceeded_sent`), one whose backend cannot be reached "destination unreachable"
+//! (`icmp_unreachable_sent`; `crate::too_big::message`).
 //!
 //! `tc::dsr::encapsulate` asks the FIB before it encapsulates, with the MTU check on the
 //! encapsulated length, so the skb is still the client's packet here: once `bpf_skb_adjust_room`
@@ -36,7 +37,7 @@
 //! left as they are ([`UNANSWERED`]): DSR IPIP drops them (`drop_encap_too_big`), SNAT translates
 //! them for the stack as before. So are packets shorter than the quote (a TCP header always
 //! fills it; a UDP datagram needs 12 bytes of payload): only a packet too big for its link is sure
-//! to be long enough, a request whose TTL would expire may not be.
+//! to be long enough, a request whose TTL would expire or backend cannot be reached may not be.
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_SHOT},
@@ -65,7 +66,7 @@ pub const UNANSWERED: i32 = i32::MIN;
 /// (`crate::too_big::message`): too big for the egress MTU (the FIB's answer in the per-CPU
 /// scratch space) once encapsulated (DSR IPIP: the MTU announced is the link's less the outer
 /// header) or as it is (a SNAT request, asked before its translation), or a SNAT request whose
-/// TTL would expire. Returns the verdict (counted `crate::too_big::sent`), [`UNANSWERED`], or
+/// TTL would expire or whose backend cannot be reached. Returns the verdict (counted `crate::too_big::sent`), [`UNANSWERED`], or
 /// `TC_ACT_SHOT` when a helper refused halfway (counted `crate::too_big::refused`).
 // A BPF function of its own, called from `tc::dsr::ipip` beside `tc::dsr::encapsulate`, and from
 // `tc::snat::forward`.
