@@ -162,9 +162,9 @@ pub fn forward(
     };
     // The FIB is asked before the translation (the same length: only addresses and ports
     // change), so that a packet too big for the link to the backend, whose TTL would expire or
-    // whose backend cannot be reached, can be answered as it came: the stack would answer the translated one towards the SNAT
-    // address. Its port and `NAT_REPLY` entry stay: the client's smaller retry (or next probe)
-    // is the same flow and gets them back.
+    // whose backend cannot be reached, can be answered as it came: the stack would answer the
+    // translated one towards the SNAT address. Its port and `NAT_REPLY` entry stay: the
+    // client's smaller retry (or next probe) is the same flow and gets them back.
     let family = flow.key.family;
     let route = fib_route(
         ctx,
@@ -175,13 +175,7 @@ pub fn forward(
         xmit::ip_len(ctx, family),
         opts::DECREMENT_TTL,
     );
-    let message = match route {
-        Err(Xmit::TooBig) => Some(too_big::message::TOO_BIG),
-        Err(Xmit::Expiring) => Some(too_big::message::TIME_EXCEEDED),
-        Err(Xmit::Unreachable) => Some(too_big::message::UNREACHABLE),
-        _ => None,
-    };
-    if let Some(message) = message {
+    if let Some(message) = too_big::for_request(&route) {
         match too_big::answer(ctx, family, message) {
             // Not answerable (IPv4 options, or too big but may be fragmented): translated, to
             // the stack, as before.

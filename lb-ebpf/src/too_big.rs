@@ -35,7 +35,11 @@
 //! - IPv6: ICMPv6 "packet too big" (a 48-byte quote, the fixed header and 8 bytes). An announced
 //!   MTU below 1280 means a link to backends without IPv6's minimum headroom; the client's stack
 //!   then keeps 1280 and its packets stay too big, as they would on any such path.
-//! - No rate limit: every answer is smaller than the packet it answers.
+//! - No rate limit (the stack limits its own ICMP errors per destination): a too-big answer is
+//!   smaller than the packet it answers; a time-exceeded or unreachable one is at most 28 (IPv4)
+//!   / 48 (IPv6) bytes longer than a short request (in `lb_tc` too), and goes only to the
+//!   request's source, which a request with a forged source could point elsewhere, as a SYN's
+//!   answer can.
 //! - `lb_tc` answers single skbs the same way (`tc::too_big`, sharing the headers written here),
 //!   with a longer quote; GSO skbs are segmented to fit.
 
@@ -59,6 +63,7 @@ use crate::{
         header::{ETH_LEN, IPV4_DST, IPV4_FLAGS, IPV4_LEN, IPV4_SRC, IPV6_DST, IPV6_LEN, IPV6_SRC},
         load16, load32, store16, store32,
     },
+    xmit::Xmit,
 };
 
 /// The ICMP and ICMPv6 header: type, code, checksum, then 4 bytes (unused and MTU / MTU).
@@ -107,7 +112,7 @@ pub mod message {
 }
 
 /// An answer's ICMP header but its checksum: type, code and the second word (the MTU of a
-/// too-big answer; unused, zero, in a time-exceeded one).
+/// too-big answer; unused, zero, in the others).
 #[derive(Clone, Copy)]
 pub struct IcmpHeader {
     pub icmp_type: u8,
@@ -156,6 +161,19 @@ impl IcmpHeader {
     }
 }
 
+/// The answer a SNAT request gets when `route`, the FIB's answer asked before its translation
+/// (`xmit::fib_route`, `tc::xmit::route`), does not let it through: too big, a TTL that would
+/// expire, an unreachable backend. `None` for the rest (translated, to the stack).
+#[inline(always)]
+pub fn for_request<T>(route: &Result<T, Xmit>) -> Option<u8> {
+    match route {
+        Err(Xmit::TooBig) => Some(message::TOO_BIG),
+        Err(Xmit::Expiring) => Some(message::TIME_EXCEEDED),
+        Err(Xmit::Unreachable) => Some(message::UNREACHABLE),
+        _ => None,
+    }
+}
+
 /// The counter of an answer that says `message`.
 #[inline(always)]
 pub fn sent(message: u8) -> Counter {
@@ -192,8 +210,9 @@ pub const fn outer_len(encapsulated: bool, v4: bool) -> usize {
 /// for the egress MTU (the FIB's answer in the per-CPU scratch space), behind the outer header
 /// `dsr::encapsulate` put in front of it ([`message::TOO_BIG_ENCAPSULATED`]) or as it came (a
 /// SNAT request, [`message::TOO_BIG`]), or a SNAT request whose TTL would expire
-/// ([`message::TIME_EXCEEDED`]) or whose backend cannot be reached ([`message::UNREACHABLE`]). Returns `XDP_TX` (counted [`sent`]), [`UNANSWERED`], or
-/// `XDP_DROP` when a helper refused halfway (counted [`refused`]).
+/// ([`message::TIME_EXCEEDED`]) or whose backend cannot be reached ([`message::UNREACHABLE`]).
+/// Returns `XDP_TX` (counted [`sent`]), [`UNANSWERED`], or `XDP_DROP` when a helper refused
+/// halfway (counted [`refused`]).
 // A BPF function of its own, called from `dsr::ipip` and `snat::forward`: the packet moves under it.
 #[inline(never)]
 pub fn answer(ctx: &XdpContext, family: u8, message: u8) -> u32 {

@@ -38,22 +38,15 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
     };
     // The FIB is asked before the translation, as in `lb_xdp` (`crate::snat::forward`): a request
     // too big for the link to the backend, whose TTL would expire or whose backend cannot be
-    // reached, is answered as it came
-    // (`tc::too_big`), else translated and sent with that answer. A GSO skb is never too big
-    // here (`xmit::route`).
+    // reached, is answered as it came (`tc::too_big`), else translated and sent with that
+    // answer. A GSO skb is never too big here (`xmit::route`).
     let (family, protocol) = (flow.key.family, flow.key.protocol);
     let v4 = family == family::IPV4;
     let l3 = at.l3();
     let options = opts::DECREMENT_TTL;
     let routed = xmit::ttl_to_decrement(ctx, v4, l3, options)
         .and_then(|_| xmit::route(ctx, v4, protocol, &info.source, &chosen.backend, 0, options));
-    let message = match routed {
-        Err(Xmit::TooBig) => Some(crate::too_big::message::TOO_BIG),
-        Err(Xmit::Expiring) => Some(crate::too_big::message::TIME_EXCEEDED),
-        Err(Xmit::Unreachable) => Some(crate::too_big::message::UNREACHABLE),
-        _ => None,
-    };
-    if let Some(message) = message {
+    if let Some(message) = crate::too_big::for_request(&routed) {
         match too_big::answer(ctx, family, protocol, message) {
             // Not answerable (IPv4 options, too big but may be fragmented, shorter than the
             // quote): translated, to the stack, as before.
