@@ -50,7 +50,9 @@ counters! {
     ReplyTranslated = 8 => "reply_translated",
     /// Sent to a VIP whose Maglev table is empty (no backend, or all draining/unhealthy).
     DropNoBackend = 9 => "drop_no_backend",
-    /// Headers shorter than they claim: dropped.
+    /// Headers shorter than they claim: dropped. Also a SNAT request a helper refused to turn
+    /// into its "time exceeded" or "destination unreachable" answer halfway (the packet already
+    /// cut).
     DropMalformed = 10 => "drop_malformed",
     /// A TCP packet other than SYN without a conntrack entry: the entry was evicted (conntrack
     /// pressure) or the flow predates the datapath. It is balanced by the Maglev table, which picks
@@ -81,7 +83,9 @@ counters! {
     PassFibNoNeigh = 20 => "pass_fib_no_neigh",
     /// SNAT, IPIP or `lb_tc` packet the fast path cannot send (no route, forwarding disabled, needs
     /// fragmenting, TTL expiring): the finished packet goes to the kernel, which routes it or
-    /// answers with ICMP.
+    /// answers with ICMP. A SNAT request the datapath can quote is answered by it instead when too
+    /// big, expiring or unreachable (`icmp_too_big_sent`, `icmp_time_exceeded_sent`,
+    /// `icmp_unreachable_sent`).
     PassFibFailed = 21 => "pass_fib_failed",
     /// DSR L2: the backend has no neighbour entry on the node. Dropped (the unchanged packet to the
     /// VIP must not reach the node's stack); the agent resolves backends' neighbours.
@@ -140,6 +144,19 @@ counters! {
     /// big" for the link towards the backend): the quote now names the VIP the client's socket
     /// is connected to, so that its path MTU discovery works.
     IcmpNodeErrorToClient = 39 => "icmp_node_error_to_client",
+    /// A SNAT request whose TTL / hop limit would expire at the node (1 or 0): answered to the
+    /// client from the VIP with "time exceeded" (ICMPv6 "hop limit exceeded"), quoting the
+    /// request as it came, instead of translated for the stack, whose answer would go to the SNAT
+    /// address. Requests that cannot be quoted (IPv4 options; `lb_tc`: IPv6 extension headers, or
+    /// less than 20 bytes after the IP header) are translated for the stack as before
+    /// (`pass_fib_failed`).
+    IcmpTimeExceededSent = 40 => "icmp_time_exceeded_sent",
+    /// A SNAT request whose backend the FIB says cannot be reached (an unreachable, blackhole or
+    /// prohibit route): answered to the client from the VIP with "destination unreachable", host
+    /// unreachable (ICMPv6: address unreachable), quoting the request as it came, instead of
+    /// translated for the stack, whose answer would go to the SNAT address (a blackhole's: none).
+    /// Requests that cannot be quoted as for `icmp_time_exceeded_sent` go to the stack as before.
+    IcmpUnreachableSent = 41 => "icmp_unreachable_sent",
 }
 
 impl Counter {

@@ -28,8 +28,8 @@ pub mod kind {
     /// `drop_dsr_not_on_link`, `drop_encap_too_big`, `drop_encap_failed`,
     /// `drop_mode_unconfigured`, and `drop_snat_ports_exhausted` for a new SNAT flow that got no
     /// source port, so was never tracked) or the "fragmentation needed" / "packet too big" answer
-    /// sent to the client instead (`icmp_too_big_sent`). The backend fields name the flow's
-    /// backend.
+    /// sent to the client instead (`icmp_too_big_sent`), or the "time exceeded" or "destination
+    /// unreachable" one (`icmp_time_exceeded_sent`, `icmp_unreachable_sent`: a SNAT request). The backend fields name the flow's backend.
     pub const NOT_FORWARDED: u8 = 3;
 
     /// Stable snake_case name, for metrics (`lb_flow_events_total{kind}`) and logs.

@@ -100,7 +100,7 @@ pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Back
     let family = flow.key.family;
     let label = before_encapsulation(ctx, &flow.key, source, &backend.addr);
     let (action, reason) = match encapsulate(ctx, family, source, &backend.addr, label) {
-        TOO_BIG => match too_big::answer(ctx, family, true) {
+        TOO_BIG => match too_big::answer(ctx, family, too_big::message::TOO_BIG_ENCAPSULATED) {
             xdp_action::XDP_TX => (xdp_action::XDP_TX, Counter::IcmpTooBigSent),
             too_big::UNANSWERED => (
                 Unsent::dsr_ipip(Xmit::TooBig).xdp_action(),

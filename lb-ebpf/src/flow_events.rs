@@ -54,7 +54,8 @@ pub fn new_flow(flow: &Flow, service: &ServiceInfo, backend_id: u32, choice: u8)
 
 /// Reports, when flow events are on, a packet of the flow `key` (to service `service_id`, in
 /// `mode`) whose backend was chosen but that did not go to it: `reason` is the counter already
-/// counted, a drop or `icmp_too_big_sent`.
+/// counted, a drop, `icmp_too_big_sent`, `icmp_time_exceeded_sent` or
+/// `icmp_unreachable_sent`.
 #[inline(always)]
 pub fn not_forwarded(key: &FlowKey, service_id: u32, mode: u8, reason: Counter) {
     if enabled() {

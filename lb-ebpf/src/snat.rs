@@ -17,12 +17,14 @@
 //! `ALLOCATION_ATTEMPTS` taken candidates the packet is dropped and counted. Collisions are per
 //! backend address and port, so each backend gets the whole range.
 //!
-//! When the fast path cannot send the finished packet (no neighbour entry yet, no route, TTL), it is
+//! When the fast path cannot send the finished packet (no neighbour entry yet, no route), it is
 //! passed to the kernel, which resolves, routes or answers with ICMP. A request too big for the
-//! link to its backend is answered by the balancer itself, before its translation (the kernel's
-//! answer would go to the SNAT address): "fragmentation needed" / "packet too big" from the VIP
-//! announcing the link's MTU (`too_big`), unless it is IPv4 that may be fragmented (or has
-//! options): that one is translated and passed, and the kernel fragments it. The kernel treats a
+//! link to its backend, whose TTL / hop limit would expire here, or whose backend has an
+//! unreachable, blackhole or prohibit route, is answered by the balancer itself, before its
+//! translation (the kernel's answer would go to the SNAT address): "fragmentation needed" /
+//! "packet too big" from the VIP announcing the link's MTU, "time exceeded", or "destination
+//! unreachable" (`too_big`), unless it is IPv4 with options, or too big but may be fragmented:
+//! that one is translated and passed, and the kernel fragments (or answers) it. The kernel treats a
 //! received packet whose source is one of its own addresses as martian unless
 //! `net.ipv4.conf.<iface>.accept_local=1`: set it when the SNAT address is a local address.
 //!
@@ -159,9 +161,10 @@ pub fn forward(
         return xdp_action::XDP_DROP;
     };
     // The FIB is asked before the translation (the same length: only addresses and ports
-    // change), so that a packet too big for the link to the backend can be answered as it came:
-    // the stack would answer the translated one towards the SNAT address. Its port and
-    // `NAT_REPLY` entry stay: the client's smaller retry is the same flow and gets them back.
+    // change), so that a packet too big for the link to the backend, whose TTL would expire or
+    // whose backend cannot be reached, can be answered as it came: the stack would answer the
+    // translated one towards the SNAT address. Its port and `NAT_REPLY` entry stay: the
+    // client's smaller retry (or next probe) is the same flow and gets them back.
     let family = flow.key.family;
     let route = fib_route(
         ctx,
@@ -172,14 +175,15 @@ pub fn forward(
         xmit::ip_len(ctx, family),
         opts::DECREMENT_TTL,
     );
-    if let Err(Xmit::TooBig) = route {
-        match too_big::answer(ctx, family, false) {
-            // Not answerable (IPv4 that may be fragmented): translated, to the stack, as before.
+    if let Some(message) = too_big::for_request(&route) {
+        match too_big::answer(ctx, family, message) {
+            // Not answerable (IPv4 options, or too big but may be fragmented): translated, to
+            // the stack, as before.
             too_big::UNANSWERED => {}
             action => {
                 let reason = match action {
-                    xdp_action::XDP_TX => Counter::IcmpTooBigSent,
-                    _ => Counter::DropEncapTooBig,
+                    xdp_action::XDP_TX => too_big::sent(message),
+                    _ => too_big::refused(message),
                 };
                 flow_events::not_forwarded(&flow.key, service.id, mode::SNAT, reason);
                 return action;

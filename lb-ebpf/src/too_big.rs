@@ -14,16 +14,32 @@
 //!
 //! A SNAT request (`snat::forward`) is answered the same way before its translation, from the
 //! FIB's answer for the translated packet (same length): no outer header to drop or subtract, the
-//! link's MTU announced as it is.
+//! link's MTU announced as it is. So is a SNAT request whose TTL / hop limit would expire here
+//! (1 or 0), with "time exceeded" / "hop limit exceeded in transit" ([`message::TIME_EXCEEDED`],
+//! counted `icmp_time_exceeded_sent`): the stack would answer the translated packet, towards the
+//! SNAT address, and a client's traceroute or its socket's error queue would never hear of it. The
+//! same quote and headers, another ICMP type and code, the second word unused (zero); IPv4 needs
+//! no "don't fragment" for it. A traceroute through the node then names the VIP as the hop.
+//! And so is a SNAT request whose backend the FIB says cannot be reached (an unreachable,
+//! blackhole or prohibit route): "destination unreachable", host unreachable / address
+//! unreachable ([`message::UNREACHABLE`], `icmp_unreachable_sent`), where the stack would answer
+//! the SNAT address (or, for a blackhole, nobody): the client's connection fails at once instead
+//! of retrying into silence.
 //!
-//! - IPv4: only for a packet with "don't fragment" set, whose header has no options (a 28-byte
-//!   quote); others are left as they are ([`UNANSWERED`]): DSR IPIP drops them as before
+//! - IPv4: only for a packet whose header has no options (a 28-byte quote), and for a too-big
+//!   answer with "don't fragment" set; others are left as they are ([`UNANSWERED`]): DSR IPIP
+//!   drops them as before
 //!   (`drop_encap_too_big`: without DF a sender expects the path to fragment, and the outer
-//!   packet is never fragmented here), SNAT hands them translated to the stack, which fragments.
+//!   packet is never fragmented here), SNAT hands them translated to the stack, which fragments
+//!   (or answers towards the SNAT address, for a TTL).
 //! - IPv6: ICMPv6 "packet too big" (a 48-byte quote, the fixed header and 8 bytes). An announced
 //!   MTU below 1280 means a link to backends without IPv6's minimum headroom; the client's stack
 //!   then keeps 1280 and its packets stay too big, as they would on any such path.
-//! - No rate limit: every answer is smaller than the packet it answers.
+//! - No rate limit (the stack limits its own ICMP errors per destination): a too-big answer is
+//!   smaller than the packet it answers; a time-exceeded or unreachable one is at most 28 (IPv4)
+//!   / 48 (IPv6) bytes longer than a short request (in `lb_tc` too), and goes only to the
+//!   request's source, which a request with a forged source could point elsewhere, as a SYN's
+//!   answer can.
 //! - `lb_tc` answers single skbs the same way (`tc::too_big`, sharing the headers written here),
 //!   with a longer quote; GSO skbs are segmented to fit.
 
@@ -47,6 +63,7 @@ use crate::{
         header::{ETH_LEN, IPV4_DST, IPV4_FLAGS, IPV4_LEN, IPV4_SRC, IPV6_DST, IPV6_LEN, IPV6_SRC},
         load16, load32, store16, store32,
     },
+    xmit::Xmit,
 };
 
 /// The ICMP and ICMPv6 header: type, code, checksum, then 4 bytes (unused and MTU / MTU).
@@ -57,12 +74,126 @@ const QUOTED_L4_BYTES: usize = 8;
 const ICMP_UNREACHABLE: u8 = 3;
 const ICMP_FRAGMENTATION_NEEDED: u8 = 4;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// ICMP / ICMPv6 time exceeded, code 0 for both: in transit (TTL / hop limit).
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+/// ICMP destination unreachable, code host unreachable; ICMPv6 destination unreachable, code
+/// address unreachable.
+const ICMP_HOST_UNREACHABLE: u8 = 1;
+const ICMPV6_UNREACHABLE: u8 = 1;
+const ICMPV6_ADDRESS_UNREACHABLE: u8 = 3;
 /// TTL / hop limit of the answer.
 const ANSWER_TTL: u8 = 64;
 
 /// What [`answer`] (and `tc::too_big::answer`, as an `i32`) returns for a packet it cannot answer
 /// and left as it was (nothing counted): the caller settles it as it did before answers.
 pub const UNANSWERED: u32 = u32::MAX;
+
+/// What an answer tells the client: [`answer`]'s (and `tc::too_big::answer`'s) `message`.
+pub mod message {
+    /// "Fragmentation needed" / "packet too big", announcing the link's MTU (a SNAT request).
+    pub const TOO_BIG: u8 = 0;
+    /// The same about a packet behind the outer header `dsr::encapsulate` put in front of it
+    /// (DSR IPIP): the MTU announced is the link's less that header.
+    pub const TOO_BIG_ENCAPSULATED: u8 = 1;
+    /// "Time exceeded" / "hop limit exceeded" in transit: a SNAT request whose TTL / hop limit
+    /// would expire here.
+    pub const TIME_EXCEEDED: u8 = 2;
+    /// "Destination unreachable", host / address unreachable: a SNAT request whose backend the
+    /// FIB says cannot be reached.
+    pub const UNREACHABLE: u8 = 3;
+
+    /// Whether `message` announces an MTU (and, for IPv4, answers only packets with "don't
+    /// fragment").
+    #[inline(always)]
+    pub const fn too_big(message: u8) -> bool {
+        message == TOO_BIG || message == TOO_BIG_ENCAPSULATED
+    }
+}
+
+/// An answer's ICMP header but its checksum: type, code and the second word (the MTU of a
+/// too-big answer; unused, zero, in the others).
+#[derive(Clone, Copy)]
+pub struct IcmpHeader {
+    pub icmp_type: u8,
+    pub code: u8,
+    pub word: u32,
+}
+
+impl IcmpHeader {
+    /// The header of `message` for the family `v4`; `None` for a too-big answer when the FIB's
+    /// MTU cannot be read.
+    #[inline(always)]
+    pub fn of(message: u8, v4: bool) -> Option<Self> {
+        let without_word = |icmp_type, code| {
+            Some(Self {
+                icmp_type,
+                code,
+                word: 0,
+            })
+        };
+        match (message, v4) {
+            (message::TIME_EXCEEDED, true) => return without_word(ICMP_TIME_EXCEEDED, 0),
+            (message::TIME_EXCEEDED, false) => return without_word(ICMPV6_TIME_EXCEEDED, 0),
+            (message::UNREACHABLE, true) => {
+                return without_word(ICMP_UNREACHABLE, ICMP_HOST_UNREACHABLE)
+            }
+            (message::UNREACHABLE, false) => {
+                return without_word(ICMPV6_UNREACHABLE, ICMPV6_ADDRESS_UNREACHABLE)
+            }
+            _ => {}
+        }
+        let outer = outer_len(message == message::TOO_BIG_ENCAPSULATED, v4);
+        let mtu = link_mtu()?.saturating_sub(outer as u16) as u32;
+        Some(if v4 {
+            Self {
+                icmp_type: ICMP_UNREACHABLE,
+                code: ICMP_FRAGMENTATION_NEEDED,
+                word: mtu,
+            }
+        } else {
+            Self {
+                icmp_type: ICMPV6_PACKET_TOO_BIG,
+                code: 0,
+                word: mtu,
+            }
+        })
+    }
+}
+
+/// The answer a SNAT request gets when `route`, the FIB's answer asked before its translation
+/// (`xmit::fib_route`, `tc::xmit::route`), does not let it through: too big, a TTL that would
+/// expire, an unreachable backend. `None` for the rest (translated, to the stack).
+#[inline(always)]
+pub fn for_request<T>(route: &Result<T, Xmit>) -> Option<u8> {
+    match route {
+        Err(Xmit::TooBig) => Some(message::TOO_BIG),
+        Err(Xmit::Expiring) => Some(message::TIME_EXCEEDED),
+        Err(Xmit::Unreachable) => Some(message::UNREACHABLE),
+        _ => None,
+    }
+}
+
+/// The counter of an answer that says `message`.
+#[inline(always)]
+pub fn sent(message: u8) -> Counter {
+    match message {
+        message::TIME_EXCEEDED => Counter::IcmpTimeExceededSent,
+        message::UNREACHABLE => Counter::IcmpUnreachableSent,
+        _ => Counter::IcmpTooBigSent,
+    }
+}
+
+/// The drop reason of a packet a helper refused to turn into an answer that says `message`,
+/// halfway (the packet already changed).
+#[inline(always)]
+pub fn refused(message: u8) -> Counter {
+    if message::too_big(message) {
+        Counter::DropEncapTooBig
+    } else {
+        Counter::DropMalformed
+    }
+}
 
 /// The outer header in front of the client's packet that [`answer`] finds, and by which the MTU it
 /// announces is lower than the link's.
@@ -75,35 +206,36 @@ pub const fn outer_len(encapsulated: bool, v4: bool) -> usize {
     }
 }
 
-/// Answers the client of the packet at `ctx`, a packet of `family` found too big for the egress
-/// MTU (the FIB's answer in the per-CPU scratch space): `encapsulated`, behind the outer header
-/// `dsr::encapsulate` put in front of it, else as it came (a SNAT request). Returns `XDP_TX`
-/// (counted `icmp_too_big_sent`), [`UNANSWERED`], or `XDP_DROP` when a helper refused halfway
-/// (counted `drop_encap_too_big`).
+/// Answers the client of the packet at `ctx`, a packet of `family`, with `message`: found too big
+/// for the egress MTU (the FIB's answer in the per-CPU scratch space), behind the outer header
+/// `dsr::encapsulate` put in front of it ([`message::TOO_BIG_ENCAPSULATED`]) or as it came (a
+/// SNAT request, [`message::TOO_BIG`]), or a SNAT request whose TTL would expire
+/// ([`message::TIME_EXCEEDED`]) or whose backend cannot be reached ([`message::UNREACHABLE`]).
+/// Returns `XDP_TX` (counted [`sent`]), [`UNANSWERED`], or `XDP_DROP` when a helper refused
+/// halfway (counted [`refused`]).
 // A BPF function of its own, called from `dsr::ipip` and `snat::forward`: the packet moves under it.
 #[inline(never)]
-pub fn answer(ctx: &XdpContext, family: u8, encapsulated: bool) -> u32 {
+pub fn answer(ctx: &XdpContext, family: u8, message: u8) -> u32 {
     if family == family::IPV4 {
-        answer_family::<true>(ctx, encapsulated)
+        answer_family::<true>(ctx, message)
     } else {
-        answer_family::<false>(ctx, encapsulated)
+        answer_family::<false>(ctx, message)
     }
 }
 
 /// [`answer`] for one family (`V4`): every length a constant of the branch it is used in, which
 /// the verifier follows (lengths chosen once and used after another test of the family are not).
 #[inline(always)]
-fn answer_family<const V4: bool>(ctx: &XdpContext, encapsulated: bool) -> u32 {
+fn answer_family<const V4: bool>(ctx: &XdpContext, message: u8) -> u32 {
     let refused = || {
-        count(Counter::DropEncapTooBig);
+        count(refused(message));
         xdp_action::XDP_DROP
     };
-    let Some(link_mtu) = link_mtu() else {
+    let Some(header) = IcmpHeader::of(message, V4) else {
         return UNANSWERED;
     };
     let ip_len = if V4 { IPV4_LEN } else { IPV6_LEN };
-    let outer_len = outer_len(encapsulated, V4);
-    let mtu = link_mtu.saturating_sub(outer_len as u16);
+    let outer_len = outer_len(message == message::TOO_BIG_ENCAPSULATED, V4);
     let quote_len = ip_len + QUOTED_L4_BYTES;
     let (data, end) = (ctx.data(), ctx.data_end());
     let inner = data + ETH_LEN + outer_len;
@@ -111,7 +243,8 @@ fn answer_family<const V4: bool>(ctx: &XdpContext, encapsulated: bool) -> u32 {
         return UNANSWERED;
     }
     // SAFETY: inside the quote, checked just above.
-    if V4 && !unsafe { ipv4_answerable(*(inner as *const u8), load16(inner + IPV4_FLAGS)) } {
+    if V4 && !unsafe { ipv4_answerable(*(inner as *const u8), load16(inner + IPV4_FLAGS), message) }
+    {
         return UNANSWERED;
     }
 
@@ -135,12 +268,12 @@ fn answer_family<const V4: bool>(ctx: &XdpContext, encapsulated: bool) -> u32 {
     // are `grow` bytes further (inside them), where they were before the head moved.
     unsafe {
         if V4 {
-            write_ipv4(data, data + grow, QUOTED_L4_BYTES, mtu);
+            write_ipv4(data, data + grow, QUOTED_L4_BYTES, header);
         } else {
-            write_ipv6(data, data + grow, QUOTED_L4_BYTES, mtu);
+            write_ipv6(data, data + grow, QUOTED_L4_BYTES, header);
         }
     }
-    count(Counter::IcmpTooBigSent);
+    count(sent(message));
     xdp_action::XDP_TX
 }
 
@@ -152,10 +285,12 @@ pub fn link_mtu() -> Option<u16> {
 }
 
 /// Whether an IPv4 packet whose header begins with `version_ihl` and holds `flags` (the word at
-/// `IPV4_FLAGS`, as loaded) is answered: "don't fragment" set, no options.
+/// `IPV4_FLAGS`, as loaded) is answered with `message`: no options, and for a too-big answer
+/// "don't fragment" set (without it the sender lets the path fragment).
 #[inline(always)]
-pub fn ipv4_answerable(version_ihl: u8, flags: u16) -> bool {
-    version_ihl == 0x45 && flags & u16::to_be(field::IPV4_DONT_FRAGMENT) != 0
+pub fn ipv4_answerable(version_ihl: u8, flags: u16, message: u8) -> bool {
+    version_ihl == 0x45
+        && (!message::too_big(message) || flags & u16::to_be(field::IPV4_DONT_FRAGMENT) != 0)
 }
 
 /// The length of an answer, Ethernet header included, whose quote holds an IP header of `ip_len`
@@ -167,44 +302,39 @@ pub const fn answer_len(ip_len: usize, quoted_l4: usize) -> usize {
 
 /// Writes an answer's headers in front of its quote (an IPv4 header and `quoted_l4` bytes at
 /// `data + 42`): the Ethernet header from the one at `macs` with the addresses swapped, an IPv4
-/// header from the quoted destination (the VIP) to its source (the client), and "fragmentation
-/// needed" announcing `mtu`, checksums included.
+/// header from the quoted destination (the VIP) to its source (the client), and the ICMP
+/// `header` ("fragmentation needed" announcing the MTU, "time exceeded"), checksums included.
 ///
 /// # Safety
 /// `data .. data + answer_len(IPV4_LEN, quoted_l4)` and `macs .. macs + 14` must be inside the
 /// packet; `quoted_l4` even and constant.
 #[inline(always)]
-pub unsafe fn write_ipv4(data: usize, macs: usize, quoted_l4: usize, mtu: u16) {
+pub unsafe fn write_ipv4(data: usize, macs: usize, quoted_l4: usize, header: IcmpHeader) {
     let (ip, icmp) = (data + ETH_LEN, data + ETH_LEN + IPV4_LEN);
     unsafe {
         swap_macs(data, macs);
         write_ipv4_header(ip, icmp + ICMP_HEADER_LEN, quoted_l4);
-        // The next-hop MTU in the last 16 bits of the ICMP header's second word.
-        write_icmp(
-            icmp,
-            ICMP_UNREACHABLE,
-            ICMP_FRAGMENTATION_NEEDED,
-            mtu as u32,
-        );
+        // A next-hop MTU is in the last 16 bits of the ICMP header's second word.
+        write_icmp(icmp, header);
         let sum = sum_words(icmp, ICMP_HEADER_LEN + IPV4_LEN + quoted_l4);
         store16(icmp + 2, !checksum::fold(sum));
     }
 }
 
-/// [`write_ipv4`] for IPv6: an IPv6 header and ICMPv6 "packet too big" in front of the quote (an
-/// IPv6 header and `quoted_l4` bytes at `data + 62`).
+/// [`write_ipv4`] for IPv6: an IPv6 header and the ICMPv6 `header` ("packet too big", "time
+/// exceeded") in front of the quote (an IPv6 header and `quoted_l4` bytes at `data + 62`).
 ///
 /// # Safety
 /// `data .. data + answer_len(IPV6_LEN, quoted_l4)` and `macs .. macs + 14` must be inside the
 /// packet; `quoted_l4` even and constant.
 #[inline(always)]
-pub unsafe fn write_ipv6(data: usize, macs: usize, quoted_l4: usize, mtu: u16) {
+pub unsafe fn write_ipv6(data: usize, macs: usize, quoted_l4: usize, header: IcmpHeader) {
     let (ip, icmp) = (data + ETH_LEN, data + ETH_LEN + IPV6_LEN);
     let icmp_len = ICMP_HEADER_LEN + IPV6_LEN + quoted_l4;
     unsafe {
         swap_macs(data, macs);
         write_ipv6_header(ip, icmp + ICMP_HEADER_LEN, quoted_l4);
-        write_icmp(icmp, ICMPV6_PACKET_TOO_BIG, 0, mtu as u32);
+        write_icmp(icmp, header);
         // The pseudo-header: both addresses, the ICMPv6 length and its next header.
         let pseudo = sum_words(ip + IPV6_SRC, 32)
             + u32::from(u16::to_be(icmp_len as u16))
@@ -284,17 +414,17 @@ unsafe fn write_ipv6_header(ip: usize, quote: usize, quoted_l4: usize) {
     }
 }
 
-/// The ICMP header at `icmp`: `icmp_type`, `code`, a zero checksum (summed, then written by the
-/// caller) and `mtu` in the second word (IPv4: its low 16 bits, the high ones unused).
+/// The ICMP header at `icmp`: `header`'s type, code and second word, a zero checksum (summed,
+/// then written by the caller).
 ///
 /// # Safety
 /// `icmp .. icmp + 8` must be inside the packet.
 #[inline(always)]
-unsafe fn write_icmp(icmp: usize, icmp_type: u8, code: u8, mtu: u32) {
+unsafe fn write_icmp(icmp: usize, header: IcmpHeader) {
     unsafe {
-        store16(icmp, u16::from_ne_bytes([icmp_type, code]));
+        store16(icmp, u16::from_ne_bytes([header.icmp_type, header.code]));
         store16(icmp + 2, 0);
-        store32(icmp + 4, mtu.to_be());
+        store32(icmp + 4, header.word.to_be());
     }
 }
 

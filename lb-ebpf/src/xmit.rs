@@ -13,8 +13,9 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_BLACKHOLE,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
     },
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
@@ -50,7 +51,7 @@ pub mod opts {
     /// must be the backend itself.
     pub const ON_LINK_ONLY: u8 = 1 << 0;
     /// Decrement the IPv4 TTL / IPv6 hop limit as a router does (SNAT); a packet that would expire
-    /// is left to the stack.
+    /// is not sent (`Xmit::Expiring`).
     pub const DECREMENT_TTL: u8 = 1 << 1;
 }
 
@@ -65,9 +66,15 @@ pub enum Xmit {
     TooBig,
     /// [`opts::ON_LINK_ONLY`] and the route goes through a gateway. Nothing rewritten.
     NotOnLink,
-    /// No usable route (unreachable, blackhole, prohibited, forwarding disabled), or a TTL that
-    /// would expire. Nothing rewritten.
+    /// No usable route (no route at all, forwarding disabled, not a unicast route). Nothing
+    /// rewritten.
     NoRoute,
+    /// The route says the destination cannot be reached: an unreachable, blackhole or prohibit
+    /// route. Nothing rewritten.
+    Unreachable,
+    /// [`opts::DECREMENT_TTL`] and a TTL / hop limit that would expire (1 or 0). Nothing
+    /// rewritten, the FIB not asked.
+    Expiring,
 }
 
 /// The `bpf_fib_lookup` query for a packet from `src` to `dst` received on `ifindex`, in per-CPU
@@ -144,7 +151,7 @@ pub fn fib_route(
         }
         // SAFETY: bounds checked just above.
         if unsafe { *(ttl_at as *const u8) } <= 1 {
-            return Err(Xmit::NoRoute);
+            return Err(Xmit::Expiring);
         }
     }
 
@@ -255,6 +262,12 @@ pub fn kept_route() -> Result<&'static FibParams, Xmit> {
 pub fn unsendable(rc: u32, params: &FibParams, v4: bool, dst: &Addr, options: u8) -> Option<Xmit> {
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
         return Some(Xmit::TooBig);
+    }
+    if rc == BPF_FIB_LKUP_RET_UNREACHABLE
+        || rc == BPF_FIB_LKUP_RET_BLACKHOLE
+        || rc == BPF_FIB_LKUP_RET_PROHIBIT
+    {
+        return Some(Xmit::Unreachable);
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return Some(Xmit::NoRoute);

@@ -183,6 +183,8 @@ pub enum IcmpError {
     PortUnreachable,
     /// Time exceeded in transit (IPv4 11/0, IPv6 3/0).
     TimeExceeded,
+    /// Destination unreachable, host unreachable (IPv4 3/1) / address unreachable (IPv6 1/3).
+    HostUnreachable,
 }
 
 /// What `lb_tc` quotes of a too-big packet: its IP header (`ip_len` bytes) and 20 bytes of the
@@ -250,6 +252,9 @@ pub fn icmp_error_via(
                 IcmpError::TimeExceeded => {
                     Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit)
                 }
+                IcmpError::HostUnreachable => {
+                    Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Host)
+                }
             };
             eth.ipv4(s.octets(), d.octets(), ttl)
                 .icmpv4(icmp_type)
@@ -263,6 +268,9 @@ pub fn icmp_error_via(
                 }
                 IcmpError::TimeExceeded => {
                     Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded)
+                }
+                IcmpError::HostUnreachable => {
+                    Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Address)
                 }
             };
             eth.ipv6(s.octets(), d.octets(), ttl)

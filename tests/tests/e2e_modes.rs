@@ -682,3 +682,184 @@ fn lowers_the_clients_path_mtu(
         "{counters:?}"
     );
 }
+
+/// A SNAT request whose TTL expires at the balancer, as the first probe of a UDP traceroute: one
+/// datagram with TTL / hop limit 1 from a socket connected to each VIP, with `IP_RECVERR` /
+/// `IPV6_RECVERR`. The datapath answers "time exceeded" from the VIP, quoting the probe as the
+/// client sent it: the socket's next `recv` fails with `EHOSTUNREACH`, and its error queue holds
+/// an ICMP "time exceeded" from the VIP. (The node's stack would answer the translated probe,
+/// towards the SNAT address: the client would hear nothing.) Then, with unreachable routes to
+/// both backends on the balancer, a datagram with the default TTL gets "destination
+/// unreachable" (host / address unreachable) from the VIP the same way.
+#[test]
+fn snat_time_exceeded_and_unreachable_reach_the_client_socket() {
+    errors_at_the_client_socket(Attach::Xdp);
+}
+
+#[test]
+fn snat_time_exceeded_and_unreachable_reach_the_client_socket_through_tc() {
+    errors_at_the_client_socket(Attach::Tc);
+}
+
+fn errors_at_the_client_socket(attach: Attach) {
+    let mut setup = Setup::new(Mode::Snat, attach);
+    for (vip, icmp_type) in [(IpAddr::from(VIP), 11u8), (IpAddr::from(VIP6), 3)] {
+        let (errno, error) = in_netns(&setup.topology.client, move || {
+            probe(SocketAddr::new(vip, 53), 1)
+        });
+        assert_eq!(
+            errno,
+            libc::EHOSTUNREACH,
+            "{attach:?}: a probe to {vip} with TTL 1 fails at the client's socket"
+        );
+        assert_eq!(
+            error,
+            Some(QueuedError {
+                icmp_type,
+                code: 0,
+                offender: vip
+            }),
+            "{attach:?}: the client's error queue names time exceeded from {vip}"
+        );
+    }
+    for b in &setup.topology.backends {
+        let balancer = &setup.topology.balancer;
+        balancer
+            .ip_cmd(&format!("route add unreachable {}/32", b.addr))
+            .unwrap();
+        balancer
+            .ip_cmd(&format!("-6 route add unreachable {}/128", b.addr6))
+            .unwrap();
+    }
+    for (vip, icmp_type, code) in [(IpAddr::from(VIP), 3u8, 1u8), (IpAddr::from(VIP6), 1, 3)] {
+        let (errno, error) = in_netns(&setup.topology.client, move || {
+            probe(SocketAddr::new(vip, 53), 64)
+        });
+        assert_eq!(
+            errno,
+            libc::EHOSTUNREACH,
+            "{attach:?}: a datagram to {vip}, its backends unreachable, fails at the socket"
+        );
+        assert_eq!(
+            error,
+            Some(QueuedError {
+                icmp_type,
+                code,
+                offender: vip
+            }),
+            "{attach:?}: the client's error queue names destination unreachable from {vip}"
+        );
+    }
+    let counters = setup.stop_agent();
+    assert_eq!(
+        count(&counters, Counter::IcmpTimeExceededSent),
+        2,
+        "{counters:?}"
+    );
+    assert_eq!(
+        count(&counters, Counter::IcmpUnreachableSent),
+        2,
+        "{counters:?}"
+    );
+    assert_eq!(count(&counters, Counter::PassFibFailed), 0, "{counters:?}");
+}
+
+/// An ICMP error from a socket's error queue (`struct sock_extended_err` and its offender).
+#[derive(Debug, PartialEq, Eq)]
+struct QueuedError {
+    icmp_type: u8,
+    code: u8,
+    offender: IpAddr,
+}
+
+/// Sends one UDP datagram with TTL / hop limit `ttl` from a socket (of the calling thread's
+/// namespace) connected to `vip`, with ICMP errors reported; returns the errno of the next `recv`
+/// and the ICMP error queued on the socket.
+fn probe(vip: SocketAddr, ttl: libc::c_int) -> (i32, Option<QueuedError>) {
+    use std::os::fd::AsRawFd;
+    let any: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .unwrap();
+    let socket = UdpSocket::bind(any).expect("bind");
+    let fd = socket.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: an int option of a socket this function owns.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "setsockopt({level}, {name})");
+    };
+    if vip.is_ipv4() {
+        set(libc::IPPROTO_IP, libc::IP_RECVERR, 1);
+        set(libc::IPPROTO_IP, libc::IP_TTL, ttl);
+    } else {
+        set(libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1);
+        set(libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, ttl);
+    }
+    socket.connect(vip).expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    socket.send(b"traceroute probe").expect("send");
+    let mut buf = [0u8; 64];
+    let errno = match socket.recv(&mut buf) {
+        Ok(n) => panic!("an answer of {n} bytes from {vip}"),
+        Err(e) => e.raw_os_error().unwrap_or(0),
+    };
+    (errno, queued_error(fd, vip.is_ipv4()))
+}
+
+/// The ICMP error at the head of the error queue of the socket `fd`, if any.
+fn queued_error(fd: std::os::fd::RawFd, v4: bool) -> Option<QueuedError> {
+    let mut data = [0u8; 128];
+    let mut control = [0u64; 64];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; its buffers are set just below and outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: the buffers of `msg` are valid for their lengths.
+    if unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) } < 0 {
+        return None;
+    }
+    let (level, kind) = if v4 {
+        (libc::IPPROTO_IP, libc::IP_RECVERR)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+    };
+    // SAFETY: walking the control messages the kernel wrote into `msg`.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` points into `control`, as the kernel laid it out.
+        let header = unsafe { &*cmsg };
+        if header.cmsg_level == level && header.cmsg_type == kind {
+            // struct sock_extended_err (16 bytes), then the offender's sockaddr.
+            // SAFETY: the kernel's error message: the struct and a sockaddr after it.
+            let bytes = unsafe { std::slice::from_raw_parts(libc::CMSG_DATA(cmsg), 16 + 28) };
+            let offender: IpAddr = if v4 {
+                <[u8; 4]>::try_from(&bytes[20..24]).unwrap().into()
+            } else {
+                <[u8; 16]>::try_from(&bytes[24..40]).unwrap().into()
+            };
+            return Some(QueuedError {
+                icmp_type: bytes[5],
+                code: bytes[6],
+                offender,
+            });
+        }
+        // SAFETY: as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    None
+}

@@ -26,7 +26,8 @@ use lb_common::{
 use lb_tests::{
     frames::{
         fragments, frame, frame_via, icmp_error_via, inspect, ip_packet,
-        quote_unchanged_by_checksum_completion, IcmpError, ACK, FIN_ACK, L4, SYN,
+        quote_unchanged_by_checksum_completion, with_ipv4_options, IcmpError, ACK, FIN_ACK, L4,
+        SYN,
     },
     modes::{
         decapsulated, encapsulated, in_netns, link_of, run_on, run_tc_on, static_neighbour,
@@ -47,8 +48,9 @@ const NODE6: Ipv6Addr = BALANCER_CLIENT_SIDE_ADDR6;
 const UNRESOLVED4: &str = "203.0.113.200";
 /// Routed through backend 1 as a gateway: not on-link.
 const BEHIND_GATEWAY4: &str = "203.0.113.201";
-/// An unreachable route.
+/// Unreachable routes.
 const UNREACHABLE4: &str = "203.0.113.202";
+const UNREACHABLE6: &str = "2001:db8:203:3::1";
 /// In to-b1's /64, never resolved.
 const UNRESOLVED6: &str = "2001:db8:203:1::99";
 /// SNAT backends routed through backend 1 on a path whose MTU is 1400 (a route's `mtu lock`),
@@ -103,6 +105,13 @@ fn config(b1: Ipv4Addr, b1_6: Ipv6Addr) -> String {
         ("l2-unresolved6", "2001:db8:100::43", "dsr-l2", UNRESOLVED6),
         ("snat-narrow", "198.51.100.48", "snat", NARROW4),
         ("snat-narrow6", "2001:db8:100::48", "snat", NARROW6),
+        ("snat-unreachable", "198.51.100.49", "snat", UNREACHABLE4),
+        (
+            "snat-unreachable6",
+            "2001:db8:100::49",
+            "snat",
+            UNREACHABLE6,
+        ),
     ] {
         service(name, vip, 80, "tcp", mode, backend, 80);
     }
@@ -247,6 +256,8 @@ impl Balancer {
         lb.ip_cmd(&format!("route add {BEHIND_GATEWAY4}/32 via {}", b1.addr))
             .unwrap();
         lb.ip_cmd(&format!("route add unreachable {UNREACHABLE4}/32"))
+            .unwrap();
+        lb.ip_cmd(&format!("-6 route add unreachable {UNREACHABLE6}/128"))
             .unwrap();
         lb.ip_cmd(&format!(
             "route add {NARROW4}/32 via {} mtu lock {NARROW_MTU}",
@@ -742,31 +753,143 @@ fn balancer_fixtures(program: Program) {
         ),
         counters: vec![Counter::PassFibFailed],
     });
+    // SNAT requests whose TTL / hop limit would expire at the node: each program answers the
+    // client "time exceeded" before the translation, from the VIP, quoting the request as it came
+    // (as too-big answers do); the flow keeps its port, and the next request (TTL 2) goes through
+    // with TTL 1. A UDP probe (traceroute's) the same, with enough payload for `lb_tc`'s quote.
+    for (l4, client, vip, backend_port, payload) in [
+        (SYN, client, sa("198.51.100.40:80"), 8080, PAYLOAD),
+        (
+            SYN,
+            SocketAddr::new(CLIENT_ADDR6.into(), 41002),
+            sa("[2001:db8:100::40]:80"),
+            8080,
+            PAYLOAD,
+        ),
+        (
+            L4::Udp,
+            SocketAddr::new(CLIENT_ADDR.into(), 41002),
+            sa("198.51.100.40:53"),
+            5353,
+            &b"traceroute probe"[..],
+        ),
+    ] {
+        let v4 = vip.is_ipv4();
+        let (node, b1_ip): (IpAddr, IpAddr) = if v4 {
+            (NODE4.into(), b1.addr.into())
+        } else {
+            (NODE6.into(), b1.addr6.into())
+        };
+        let (proto, name, check_at) = match l4 {
+            L4::Udp => (protocol::UDP, "UDP", 6),
+            _ => (protocol::TCP, "TCP", 16),
+        };
+        let input = frame_via(l4, client, vip, payload, from_client, 1);
+        let ip_len = if v4 { 20 } else { 40 };
+        let quote = match program {
+            Program::Xdp => input[14..14 + ip_len + 8].to_vec(),
+            Program::Tc => quote_unchanged_by_checksum_completion(&input[14..], ip_len, check_at),
+        };
+        let answer = icmp_error_via(
+            IcmpError::TimeExceeded,
+            vip.ip(),
+            client.ip(),
+            &quote,
+            to_client_macs,
+            64,
+        );
+        fixtures.push(Fixture {
+            what: format!("SNAT, {name} request to {vip} with TTL 1: answered time exceeded"),
+            input,
+            ingress: to_client,
+            expect: Expect::Frame(Verdict::Tx, may_fragment(answer)),
+            counters: vec![Counter::ForwardNewFlow, Counter::IcmpTimeExceededSent],
+        });
+        let node_end = SocketAddr::new(node, snat_port(proto, client, vip));
+        fixtures.push(Fixture {
+            what: format!("SNAT, {name} request to {vip} with TTL 2: forwarded with TTL 1"),
+            input: frame_via(l4, client, vip, payload, from_client, 2),
+            ingress: to_client,
+            expect: Expect::Frame(
+                Verdict::Redirect,
+                frame_via(
+                    l4,
+                    node_end,
+                    SocketAddr::new(b1_ip, backend_port),
+                    payload,
+                    to_backend,
+                    1,
+                ),
+            ),
+            counters: vec![Counter::ForwardConntrackHit, Counter::XmitRedirect],
+        });
+    }
+    // SNAT requests whose backend has an unreachable route: answered "destination unreachable"
+    // (host / address unreachable) from the VIP, quoting the request as it came.
+    for (client, vip) in [
+        (client, sa("198.51.100.49:80")),
+        (
+            SocketAddr::new(CLIENT_ADDR6.into(), 41000),
+            sa("[2001:db8:100::49]:80"),
+        ),
+    ] {
+        let input = frame_via(SYN, client, vip, PAYLOAD, from_client, 64);
+        let ip_len = if vip.is_ipv4() { 20 } else { 40 };
+        let quote = match program {
+            Program::Xdp => input[14..14 + ip_len + 8].to_vec(),
+            Program::Tc => quote_unchanged_by_checksum_completion(&input[14..], ip_len, 16),
+        };
+        let answer = icmp_error_via(
+            IcmpError::HostUnreachable,
+            vip.ip(),
+            client.ip(),
+            &quote,
+            to_client_macs,
+            64,
+        );
+        fixtures.push(Fixture {
+            what: format!("SNAT, TCP request to {vip}, backend unreachable: answered so"),
+            input,
+            ingress: to_client,
+            expect: Expect::Frame(Verdict::Tx, may_fragment(answer)),
+            counters: vec![Counter::ForwardNewFlow, Counter::IcmpUnreachableSent],
+        });
+    }
+    // One that cannot be quoted (IPv4 options): translated, to the stack, as before (which
+    // answers towards the node's SNAT address).
     let snat_vip = sa("198.51.100.40:80");
-    let ttl_client = SocketAddr::new(CLIENT_ADDR.into(), 41002);
+    let ttl_client = SocketAddr::new(CLIENT_ADDR.into(), 41003);
     let port = snat_port(protocol::TCP, ttl_client, snat_vip);
+    let nops = [1u8; 4];
     fixtures.push(Fixture {
-        what: "SNAT, TTL 1: translated, to the stack (which answers time exceeded)".into(),
-        input: frame_via(SYN, ttl_client, snat_vip, PAYLOAD, from_client, 1),
+        what: "SNAT, TTL 1 with IPv4 options: translated, to the stack".into(),
+        input: with_ipv4_options(
+            &frame_via(SYN, ttl_client, snat_vip, PAYLOAD, from_client, 1),
+            &nops,
+        ),
         ingress: to_client,
         expect: Expect::Frame(
             Verdict::Pass,
-            frame_via(
-                SYN,
-                SocketAddr::new(NODE4.into(), port),
-                SocketAddr::new(b1.addr.into(), 8080),
-                PAYLOAD,
-                from_client,
-                1,
+            with_ipv4_options(
+                &frame_via(
+                    SYN,
+                    SocketAddr::new(NODE4.into(), port),
+                    SocketAddr::new(b1.addr.into(), 8080),
+                    PAYLOAD,
+                    from_client,
+                    1,
+                ),
+                &nops,
             ),
         ),
         counters: vec![Counter::PassFibFailed],
     });
 
     balancer.run(program, &fixtures, |datapath| {
-        // DSR never writes a reply translation: only the 4 SNAT flows, the 2 answered too big
-        // (kept for their retries) and the 3 failure cases that were translated are in NAT_REPLY.
-        assert_eq!(datapath.nat_reply_entries().unwrap(), 9);
+        // DSR never writes a reply translation: only the 4 SNAT flows, the 2 answered too big,
+        // the 3 answered time exceeded and the 2 answered unreachable (kept for their retries),
+        // and the 3 failure cases that were translated are in NAT_REPLY.
+        assert_eq!(datapath.nat_reply_entries().unwrap(), 14);
     });
 }
 

@@ -99,7 +99,12 @@ pub fn ipip(ctx: &TcContext, flow: &Flow, chosen: &Chosen) -> i32 {
         &chosen.backend,
         label,
     ) {
-        TOO_BIG => match too_big::answer(ctx, family, protocol, true) {
+        TOO_BIG => match too_big::answer(
+            ctx,
+            family,
+            protocol,
+            crate::too_big::message::TOO_BIG_ENCAPSULATED,
+        ) {
             too_big::UNANSWERED => {
                 count(Counter::DropEncapTooBig);
                 Counter::DropEncapTooBig

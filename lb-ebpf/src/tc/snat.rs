@@ -4,8 +4,9 @@
 //! (`tc::xmit`, TTL decremented as a router does).
 //!
 //! Client → VIP: the source becomes the service's SNAT address and the flow's port, the
-//! destination the backend. The FIB is asked first, and a request too big for the link is
-//! answered from the VIP (`tc::too_big`), as `lb_xdp` does. Backend → node:port (the reply): the source becomes the VIP and its
+//! destination the backend. The FIB is asked first, and a request too big for the link, whose
+//! TTL / hop limit would expire here, or whose backend cannot be reached, is answered from the VIP
+//! (`tc::too_big`), as `lb_xdp` does. Backend → node:port (the reply): the source becomes the VIP and its
 //! port, the destination the client and its port. A first fragment is recorded after the rewrite
 //! (`crate::fragments`); later fragments get the same addresses and next hop (`tc::fragments`).
 
@@ -36,22 +37,24 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
         return TC_ACT_SHOT;
     };
     // The FIB is asked before the translation, as in `lb_xdp` (`crate::snat::forward`): a request
-    // too big for the link to the backend is answered as it came (`tc::too_big`), else translated
-    // and sent with that answer. A GSO skb is never too big here (`xmit::route`).
+    // too big for the link to the backend, whose TTL would expire or whose backend cannot be
+    // reached, is answered as it came (`tc::too_big`), else translated and sent with that
+    // answer. A GSO skb is never too big here (`xmit::route`).
     let (family, protocol) = (flow.key.family, flow.key.protocol);
     let v4 = family == family::IPV4;
     let l3 = at.l3();
     let options = opts::DECREMENT_TTL;
     let routed = xmit::ttl_to_decrement(ctx, v4, l3, options)
         .and_then(|_| xmit::route(ctx, v4, protocol, &info.source, &chosen.backend, 0, options));
-    if let Err(Xmit::TooBig) = routed {
-        match too_big::answer(ctx, family, protocol, false) {
-            // Not answerable (IPv4 that may be fragmented): translated, to the stack, as before.
+    if let Some(message) = crate::too_big::for_request(&routed) {
+        match too_big::answer(ctx, family, protocol, message) {
+            // Not answerable (IPv4 options, too big but may be fragmented, shorter than the
+            // quote): translated, to the stack, as before.
             too_big::UNANSWERED => {}
             verdict => {
                 let reason = match verdict {
-                    TC_ACT_SHOT => Counter::DropEncapTooBig,
-                    _ => Counter::IcmpTooBigSent,
+                    TC_ACT_SHOT => crate::too_big::refused(message),
+                    _ => crate::too_big::sent(message),
                 };
                 flow_events::not_forwarded(&flow.key, chosen.service_id, mode::SNAT, reason);
                 return verdict;

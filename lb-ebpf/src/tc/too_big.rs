@@ -3,6 +3,9 @@
 //! translation), becomes, in place, "fragmentation needed" (IPv4 with DF, no options) / "packet
 //! too big" (IPv6) from the VIP to the client, announcing the link's MTU (DSR IPIP: less the outer
 //! header), back out of the interface it came in on (counted `icmp_too_big_sent`, as in `lb_xdp`).
+//! A SNAT request whose TTL / hop limit would expire here becomes "time exceeded" the same way
+//! (`icmp_time_exceeded_sent`), one whose backend cannot be reached "destination unreachable"
+//! (`icmp_unreachable_sent`; `crate::too_big::message`).
 //!
 //! `tc::dsr::encapsulate` asks the FIB before it encapsulates, with the MTU check on the
 //! encapsulated length, so the skb is still the client's packet here: once `bpf_skb_adjust_room`
@@ -32,14 +35,16 @@
 //! So the quote is the IP header and the first 20 bytes after it, a transport header that must
 //! follow it directly: IPv4 without options, IPv6 without extension headers. Other packets are
 //! left as they are ([`UNANSWERED`]): DSR IPIP drops them (`drop_encap_too_big`), SNAT translates
-//! them for the stack as before.
+//! them for the stack as before. So are packets shorter than the quote (a TCP header always
+//! fills it; a UDP datagram needs 12 bytes of payload): only a packet too big for its link is sure
+//! to be long enough, a request whose TTL would expire or backend cannot be reached may not be.
 
 use aya_ebpf::{
     bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_SHOT},
     helpers::{bpf_csum_update, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{checksum, counters::Counter, protocol, service::family};
+use lb_common::{checksum, protocol, service::family};
 
 use crate::{
     maps::count,
@@ -47,7 +52,7 @@ use crate::{
         header::{ETH_LEN, IPV4_FLAGS, IPV4_LEN, IPV6_LEN, IPV6_NEXT_HEADER, TCP_CHECK, UDP_CHECK},
         load16, store16,
     },
-    too_big::{self, answer_len, ICMP_HEADER_LEN},
+    too_big::{self, answer_len, IcmpHeader, ICMP_HEADER_LEN},
 };
 
 /// What the quote holds after its IP header: a TCP header without options, or a UDP header and
@@ -57,20 +62,20 @@ const QUOTED_L4_BYTES: usize = 20;
 /// What [`answer`] returns for a packet it cannot answer and left as it was (nothing counted).
 pub const UNANSWERED: i32 = i32::MIN;
 
-/// Answers the client of the packet at `ctx`, a `protocol` packet of `family` too big for the
-/// egress MTU (the FIB's answer in the per-CPU scratch space): once `encapsulated` (DSR IPIP: the
-/// MTU announced is the link's less the outer header), or as it is (a SNAT request, asked before
-/// its translation). Returns the verdict (counted `icmp_too_big_sent`), [`UNANSWERED`], or
-/// `TC_ACT_SHOT` when a helper refused halfway (counted `drop_encap_too_big`).
+/// Answers the client of the packet at `ctx`, a `protocol` packet of `family`, with `message`
+/// (`crate::too_big::message`): too big for the egress MTU (the FIB's answer in the per-CPU
+/// scratch space) once encapsulated (DSR IPIP: the MTU announced is the link's less the outer
+/// header) or as it is (a SNAT request, asked before its translation), or a SNAT request whose
+/// TTL would expire or whose backend cannot be reached. Returns the verdict (counted `crate::too_big::sent`), [`UNANSWERED`], or
+/// `TC_ACT_SHOT` when a helper refused halfway (counted `crate::too_big::refused`).
 // A BPF function of its own, called from `tc::dsr::ipip` beside `tc::dsr::encapsulate`, and from
 // `tc::snat::forward`.
 #[inline(never)]
-pub fn answer(ctx: &TcContext, family: u8, protocol: u8, encapsulated: bool) -> i32 {
+pub fn answer(ctx: &TcContext, family: u8, protocol: u8, message: u8) -> i32 {
     let v4 = family == family::IPV4;
-    let Some(link_mtu) = too_big::link_mtu() else {
+    let Some(header) = IcmpHeader::of(message, v4) else {
         return UNANSWERED;
     };
-    let mtu = link_mtu.saturating_sub(too_big::outer_len(encapsulated, v4) as u16);
     let ip_len = if v4 { IPV4_LEN } else { IPV6_LEN };
     let keep = ETH_LEN + ip_len + QUOTED_L4_BYTES;
     if (ctx.len() as usize) < keep || ctx.pull_data(keep as u32).is_err() {
@@ -81,7 +86,9 @@ pub fn answer(ctx: &TcContext, family: u8, protocol: u8, encapsulated: bool) -> 
     // SAFETY (both branches): reads inside the IP header, checked first.
     let answerable = if v4 {
         ip + IPV4_LEN <= end
-            && unsafe { too_big::ipv4_answerable(*(ip as *const u8), load16(ip + IPV4_FLAGS)) }
+            && unsafe {
+                too_big::ipv4_answerable(*(ip as *const u8), load16(ip + IPV4_FLAGS), message)
+            }
     } else {
         ip + IPV6_LEN <= end && unsafe { *((ip + IPV6_NEXT_HEADER) as *const u8) } == protocol
     };
@@ -97,7 +104,7 @@ pub fn answer(ctx: &TcContext, family: u8, protocol: u8, encapsulated: bool) -> 
             .adjust_room((ip_len + ICMP_HEADER_LEN) as i32, BPF_ADJ_ROOM_MAC, 0)
             .is_err()
     {
-        return refused();
+        return refused(message);
     }
     let check_at = if protocol == protocol::TCP {
         TCP_CHECK
@@ -110,22 +117,22 @@ pub fn answer(ctx: &TcContext, family: u8, protocol: u8, encapsulated: bool) -> 
     // Ethernet header is where it was (the room opened behind it).
     let added = if v4 {
         if data + answer_len(IPV4_LEN, QUOTED_L4_BYTES) > end {
-            return refused();
+            return refused(message);
         }
         unsafe {
             let l4 = data + answer_len(IPV4_LEN, 0);
             let quote_changed = set_quoted_checksum(l4, check_at);
-            too_big::write_ipv4(data, data, QUOTED_L4_BYTES, mtu);
+            too_big::write_ipv4(data, data, QUOTED_L4_BYTES, header);
             quote_changed + too_big::sum_words(data + ETH_LEN, IPV4_LEN + ICMP_HEADER_LEN)
         }
     } else {
         if data + answer_len(IPV6_LEN, QUOTED_L4_BYTES) > end {
-            return refused();
+            return refused(message);
         }
         unsafe {
             let l4 = data + answer_len(IPV6_LEN, 0);
             let quote_changed = set_quoted_checksum(l4, check_at);
-            too_big::write_ipv6(data, data, QUOTED_L4_BYTES, mtu);
+            too_big::write_ipv6(data, data, QUOTED_L4_BYTES, header);
             quote_changed + too_big::sum_words(data + ETH_LEN, IPV6_LEN + ICMP_HEADER_LEN)
         }
     };
@@ -133,7 +140,7 @@ pub fn answer(ctx: &TcContext, family: u8, protocol: u8, encapsulated: bool) -> 
     // packet's sum grows by theirs and by the quote's change (`CHECKSUM_COMPLETE`; else a no-op).
     unsafe {
         bpf_csum_update(ctx.skb.skb, checksum::fold(added) as u32);
-        count(Counter::IcmpTooBigSent);
+        count(too_big::sent(message));
         bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32
     }
 }
@@ -155,9 +162,10 @@ unsafe fn set_quoted_checksum(l4: usize, check_at: usize) -> u32 {
     }
 }
 
-/// The verdict of a packet a helper refused to turn into an answer halfway: dropped.
+/// The verdict of a packet a helper refused to turn into an answer that says `message` halfway:
+/// dropped.
 #[inline(always)]
-fn refused() -> i32 {
-    count(Counter::DropEncapTooBig);
+fn refused(message: u8) -> i32 {
+    count(too_big::refused(message));
     TC_ACT_SHOT
 }

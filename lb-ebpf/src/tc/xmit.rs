@@ -87,7 +87,7 @@ pub fn fib_redirect(
 }
 
 /// The TTL / hop limit of the IP header at `l3` that [`redirect_routed`] decrements (0 without
-/// [`opts::DECREMENT_TTL`]); `Err` for a packet that would expire (the stack answers it).
+/// [`opts::DECREMENT_TTL`]); `Err(Xmit::Expiring)` for a packet that would expire.
 #[inline(always)]
 pub fn ttl_to_decrement(ctx: &TcContext, v4: bool, l3: usize, options: u8) -> Result<u8, Xmit> {
     if options & opts::DECREMENT_TTL == 0 {
@@ -96,7 +96,8 @@ pub fn ttl_to_decrement(ctx: &TcContext, v4: bool, l3: usize, options: u8) -> Re
     let ttl_at = l3 + if v4 { IPV4_TTL } else { IPV6_HOP_LIMIT };
     match ctx.load::<u8>(ttl_at) {
         Ok(ttl) if ttl > 1 => Ok(ttl),
-        _ => Err(Xmit::NoRoute),
+        Ok(_) => Err(Xmit::Expiring),
+        Err(_) => Err(Xmit::NoRoute),
     }
 }
 
