@@ -9,7 +9,6 @@
 use std::{
     io::Write,
     net::SocketAddr,
-    path::Path,
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
@@ -19,7 +18,7 @@ use aya::maps::{Map, MapData};
 use lb_agent::{grpc::pb, pins::PinDir};
 use lb_common::{conntrack::ConntrackEntry, protocol};
 use lb_tests::{
-    agent::{lbctl_binary, metric_sum, scrape_metrics, AgentProcess, ConfigFile, TestPins},
+    agent::{lbctl, metric_sum, scrape_metrics, AgentProcess, ConfigFile, TestPins},
     grpc_client::connect_unix,
     netns::{Netns, TEST_PREFIX},
     servers::{tcp_connect, tcp_request, tcp_servers_on_backends, TcpCountingServer},
@@ -206,23 +205,6 @@ fn flow_events_switched_at_runtime_keep_a_long_lived_connection() {
     });
     assert_no_failed_reload(&agent);
     println!("transfer: {sent} bytes delivered to {bulk_backend} across two reloads");
-}
-
-/// Runs `lbctl --socket socket args`, which must succeed; returns its output.
-fn lbctl(socket: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(lbctl_binary())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running lbctl {args:?}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "lbctl {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 /// Opens `n` connections to the VIP, each closed once greeted; returns their client addresses.
