@@ -21,13 +21,13 @@
 //! `bpf_fib_lookup` on the backend (which may be routed) and `XDP_TX` or redirect; when the fast path
 //! cannot send it, the encapsulated packet goes to the kernel (see `snat.rs` about `accept_local`),
 //! except when it exceeds the egress MTU: the client is answered "fragmentation needed" / "packet
-//! too big" (`too_big`), or the packet dropped (`drop_encap_too_big`) when it cannot be.
+//! too big" (`icmp_answer`), or the packet dropped (`drop_encap_too_big`) when it cannot be.
 //! The backend runs `lb_decap` (decap.rs), since the kernel has no tunnel devices to rely on.
 //!
 //! **MTU**: encapsulation adds 20 (IPv4) or 40 (IPv6) bytes. Production links between balancers and
 //! backends need that much MTU headroom over the client-facing MTU, or TCP MSS clamping on the
 //! path (and UDP payloads that fit). Otherwise a full-sized packet is answered with "fragmentation
-//! needed" / "packet too big" (`too_big`), so that its sender's path MTU discovery lowers what it
+//! needed" / "packet too big" (`icmp_answer`), so that its sender's path MTU discovery lowers what it
 //! sends by the outer header; one that cannot be answered is dropped and counted.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
@@ -42,10 +42,9 @@ use lb_common::{
 
 use crate::{
     context::PacketContext,
-    flow_events, fragments,
+    flow_events, fragments, icmp_answer,
     maps::count,
     packet::{header::ETH_LEN, Flow},
-    too_big,
     xmit::{self, fib_xmit, opts, Unsent, Xmit},
 };
 
@@ -100,15 +99,17 @@ pub fn ipip(ctx: &XdpContext, flow: &Flow, service: &ServiceInfo, backend: &Back
     let family = flow.key.family;
     let label = before_encapsulation(ctx, &flow.key, source, &backend.addr);
     let (action, reason) = match encapsulate(ctx, family, source, &backend.addr, label) {
-        TOO_BIG => match too_big::answer(ctx, family, too_big::message::TOO_BIG_ENCAPSULATED) {
-            xdp_action::XDP_TX => (xdp_action::XDP_TX, Counter::IcmpTooBigSent),
-            too_big::UNANSWERED => (
-                Unsent::dsr_ipip(Xmit::TooBig).xdp_action(),
-                Counter::DropEncapTooBig,
-            ),
-            // Counted `drop_encap_too_big` there.
-            action => (action, Counter::DropEncapTooBig),
-        },
+        TOO_BIG => {
+            match icmp_answer::answer(ctx, family, icmp_answer::message::TOO_BIG_ENCAPSULATED) {
+                xdp_action::XDP_TX => (xdp_action::XDP_TX, Counter::IcmpTooBigSent),
+                icmp_answer::UNANSWERED => (
+                    Unsent::dsr_ipip(Xmit::TooBig).xdp_action(),
+                    Counter::DropEncapTooBig,
+                ),
+                // Counted `drop_encap_too_big` there.
+                action => (action, Counter::DropEncapTooBig),
+            }
+        }
         xdp_action::XDP_DROP => (xdp_action::XDP_DROP, Counter::DropEncapFailed),
         action => return action,
     };
@@ -138,7 +139,7 @@ pub fn before_encapsulation<C: PacketContext>(
 
 /// What [`encapsulate`] returns, instead of an XDP action, for a packet that no longer fits the
 /// egress MTU once encapsulated (nothing sent, nothing counted): [`ipip`] answers the client
-/// (`too_big`), [`encapsulate_or_drop`] drops it.
+/// (`icmp_answer`), [`encapsulate_or_drop`] drops it.
 pub const TOO_BIG: u32 = u32::MAX;
 
 /// Puts an outer header from `source` to `backend` (IPv6: with flow `label`) in front of the packet

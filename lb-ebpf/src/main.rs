@@ -21,6 +21,7 @@ mod floor;
 mod flow_events;
 mod fragments;
 mod icmp;
+mod icmp_answer;
 mod maglev;
 mod maps;
 mod mem;
@@ -32,7 +33,6 @@ mod reply;
 mod service;
 mod snat;
 mod tc;
-mod too_big;
 mod xmit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

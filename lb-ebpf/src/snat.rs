@@ -23,7 +23,7 @@
 //! unreachable, blackhole or prohibit route, is answered by the balancer itself, before its
 //! translation (the kernel's answer would go to the SNAT address): "fragmentation needed" /
 //! "packet too big" from the VIP announcing the link's MTU, "time exceeded", or "destination
-//! unreachable" (`too_big`), unless it is IPv4 with options, or too big but may be fragmented:
+//! unreachable" (`icmp_answer`), unless it is IPv4 with options, or too big but may be fragmented:
 //! that one is translated and passed, and the kernel fragments (or answers) it. The kernel treats a
 //! received packet whose source is one of its own addresses as martian unless
 //! `net.ipv4.conf.<iface>.accept_local=1`: set it when the SNAT address is a local address.
@@ -43,11 +43,10 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack, flow_events, fragments,
+    conntrack, flow_events, fragments, icmp_answer,
     maps::{count, scratch, NAT_REPLY, SERVICE_MODES},
     mem, nat,
     packet::Flow,
-    too_big,
     xmit::{self, fib_route, fib_send, fib_xmit, opts, Unsent, Xmit},
 };
 
@@ -175,15 +174,15 @@ pub fn forward(
         xmit::ip_len(ctx, family),
         opts::DECREMENT_TTL,
     );
-    if let Some(message) = too_big::for_request(&route) {
-        match too_big::answer(ctx, family, message) {
+    if let Some(message) = icmp_answer::for_request(&route) {
+        match icmp_answer::answer(ctx, family, message) {
             // Not answerable (IPv4 options, or too big but may be fragmented): translated, to
             // the stack, as before.
-            too_big::UNANSWERED => {}
+            icmp_answer::UNANSWERED => {}
             action => {
                 let reason = match action {
-                    xdp_action::XDP_TX => too_big::sent(message),
-                    _ => too_big::refused(message),
+                    xdp_action::XDP_TX => icmp_answer::sent(message),
+                    _ => icmp_answer::refused(message),
                 };
                 flow_events::not_forwarded(&flow.key, service.id, mode::SNAT, reason);
                 return action;

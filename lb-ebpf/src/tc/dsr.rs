@@ -13,7 +13,7 @@
 //! MTU headroom single packets need). The outer header is `crate::dsr`'s, written in place; then
 //! the FIB's next hop, asked before the encapsulation with the MTU check on the encapsulated
 //! length: a single packet (not GSO) that would not fit is answered "fragmentation needed" /
-//! "packet too big" while it is still the client's packet (`tc::too_big`), as `lb_xdp` answers it.
+//! "packet too big" while it is still the client's packet (`tc::icmp_answer`), as `lb_xdp` answers it.
 
 use aya_ebpf::{
     bindings::{
@@ -30,7 +30,7 @@ use lb_common::{
     service::{family, mode, Addr},
 };
 
-use super::{too_big, xmit, Chosen};
+use super::{icmp_answer, xmit, Chosen};
 use crate::{
     dsr::{before_encapsulation, write_outer_ipv4, write_outer_ipv6},
     flow_events, fragments,
@@ -99,13 +99,13 @@ pub fn ipip(ctx: &TcContext, flow: &Flow, chosen: &Chosen) -> i32 {
         &chosen.backend,
         label,
     ) {
-        TOO_BIG => match too_big::answer(
+        TOO_BIG => match icmp_answer::answer(
             ctx,
             family,
             protocol,
-            crate::too_big::message::TOO_BIG_ENCAPSULATED,
+            crate::icmp_answer::message::TOO_BIG_ENCAPSULATED,
         ) {
-            too_big::UNANSWERED => {
+            icmp_answer::UNANSWERED => {
                 count(Counter::DropEncapTooBig);
                 Counter::DropEncapTooBig
             }
@@ -150,7 +150,7 @@ pub fn room_flags(family: u8, protocol: u8) -> u64 {
 
 /// What [`encapsulate`] returns, instead of a TC verdict, for a packet that would not fit the egress
 /// MTU once encapsulated (left as it came, nothing counted): [`ipip`] answers the client
-/// (`tc::too_big`).
+/// (`tc::icmp_answer`).
 pub const TOO_BIG: i32 = i32::MIN;
 
 /// Puts an outer header from `source` to `backend` (IPv6: with flow `label`) in front of the packet

@@ -50,9 +50,9 @@
 mod dsr;
 mod egress;
 mod fragments;
+mod icmp_answer;
 mod nat;
 mod snat;
-mod too_big;
 mod xmit;
 
 use aya_ebpf::{

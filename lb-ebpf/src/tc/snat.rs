@@ -6,7 +6,7 @@
 //! Client → VIP: the source becomes the service's SNAT address and the flow's port, the
 //! destination the backend. The FIB is asked first, and a request too big for the link, whose
 //! TTL / hop limit would expire here, or whose backend cannot be reached, is answered from the VIP
-//! (`tc::too_big`), as `lb_xdp` does. Backend → node:port (the reply): the source becomes the VIP and its
+//! (`tc::icmp_answer`), as `lb_xdp` does. Backend → node:port (the reply): the source becomes the VIP and its
 //! port, the destination the client and its port. A first fragment is recorded after the rewrite
 //! (`crate::fragments`); later fragments get the same addresses and next hop (`tc::fragments`).
 
@@ -17,7 +17,7 @@ use lb_common::{
     service::{family, mode, Addr},
 };
 
-use super::{nat, nat::Offsets, too_big, xmit, Chosen};
+use super::{icmp_answer, nat, nat::Offsets, xmit, Chosen};
 use crate::{
     flow_events, fragments,
     maps::{count, SERVICE_MODES},
@@ -38,7 +38,7 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
     };
     // The FIB is asked before the translation, as in `lb_xdp` (`crate::snat::forward`): a request
     // too big for the link to the backend, whose TTL would expire or whose backend cannot be
-    // reached, is answered as it came (`tc::too_big`), else translated and sent with that
+    // reached, is answered as it came (`tc::icmp_answer`), else translated and sent with that
     // answer. A GSO skb is never too big here (`xmit::route`).
     let (family, protocol) = (flow.key.family, flow.key.protocol);
     let v4 = family == family::IPV4;
@@ -46,15 +46,15 @@ pub fn forward(ctx: &TcContext, flow: &Flow, at: &Offsets, chosen: &Chosen) -> i
     let options = opts::DECREMENT_TTL;
     let routed = xmit::ttl_to_decrement(ctx, v4, l3, options)
         .and_then(|_| xmit::route(ctx, v4, protocol, &info.source, &chosen.backend, 0, options));
-    if let Some(message) = crate::too_big::for_request(&routed) {
-        match too_big::answer(ctx, family, protocol, message) {
+    if let Some(message) = crate::icmp_answer::for_request(&routed) {
+        match icmp_answer::answer(ctx, family, protocol, message) {
             // Not answerable (IPv4 options, too big but may be fragmented, shorter than the
             // quote): translated, to the stack, as before.
-            too_big::UNANSWERED => {}
+            icmp_answer::UNANSWERED => {}
             verdict => {
                 let reason = match verdict {
-                    TC_ACT_SHOT => crate::too_big::refused(message),
-                    _ => crate::too_big::sent(message),
+                    TC_ACT_SHOT => crate::icmp_answer::refused(message),
+                    _ => crate::icmp_answer::sent(message),
                 };
                 flow_events::not_forwarded(&flow.key, chosen.service_id, mode::SNAT, reason);
                 return verdict;

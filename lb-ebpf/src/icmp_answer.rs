@@ -1,5 +1,7 @@
-//! "Fragmentation needed" / "packet too big" for packets that do not fit the link to their backend:
-//! DSR IPIP packets once encapsulated (as Katran answers its own too-big packets), and SNAT
+//! ICMP errors the datapath answers itself, in place of a packet it cannot forward: "fragmentation
+//! needed" / "packet too big", and for SNAT requests also "time exceeded" and "destination
+//! unreachable" ([`message`]). First, too big, for packets that do not fit the link to their
+//! backend: DSR IPIP packets once encapsulated (as Katran answers its own too-big packets), and SNAT
 //! requests, which the stack would answer too, but towards the node's SNAT address. Without an answer
 //! the client never learns that its packets are too big for this path: it retransmits full-sized
 //! segments into a black hole, and a TCP connection stalls after its handshake.
@@ -40,7 +42,7 @@
 //!   / 48 (IPv6) bytes longer than a short request (in `lb_tc` too), and goes only to the
 //!   request's source, which a request with a forged source could point elsewhere, as a SYN's
 //!   answer can.
-//! - `lb_tc` answers single skbs the same way (`tc::too_big`, sharing the headers written here),
+//! - `lb_tc` answers single skbs the same way (`tc::icmp_answer`, sharing the headers written here),
 //!   with a longer quote; GSO skbs are segmented to fit.
 
 use aya_ebpf::{
@@ -68,7 +70,7 @@ use crate::{
 
 /// The ICMP and ICMPv6 header: type, code, checksum, then 4 bytes (unused and MTU / MTU).
 pub const ICMP_HEADER_LEN: usize = 8;
-/// What follows the quoted IP header in `lb_xdp`'s quote (`tc::too_big` quotes more).
+/// What follows the quoted IP header in `lb_xdp`'s quote (`tc::icmp_answer` quotes more).
 const QUOTED_L4_BYTES: usize = 8;
 /// ICMP destination unreachable, code fragmentation needed; ICMPv6 packet too big.
 const ICMP_UNREACHABLE: u8 = 3;
@@ -85,11 +87,11 @@ const ICMPV6_ADDRESS_UNREACHABLE: u8 = 3;
 /// TTL / hop limit of the answer.
 const ANSWER_TTL: u8 = 64;
 
-/// What [`answer`] (and `tc::too_big::answer`, as an `i32`) returns for a packet it cannot answer
+/// What [`answer`] (and `tc::icmp_answer::answer`, as an `i32`) returns for a packet it cannot answer
 /// and left as it was (nothing counted): the caller settles it as it did before answers.
 pub const UNANSWERED: u32 = u32::MAX;
 
-/// What an answer tells the client: [`answer`]'s (and `tc::too_big::answer`'s) `message`.
+/// What an answer tells the client: [`answer`]'s (and `tc::icmp_answer::answer`'s) `message`.
 pub mod message {
     /// "Fragmentation needed" / "packet too big", announcing the link's MTU (a SNAT request).
     pub const TOO_BIG: u8 = 0;

@@ -1,17 +1,17 @@
-//! `crate::too_big`'s answers from `lb_tc`: a DSR IPIP skb that would not fit the link to its
+//! `crate::icmp_answer`'s answers from `lb_tc`: a DSR IPIP skb that would not fit the link to its
 //! backend once encapsulated, or a SNAT request that does not fit it (`tc::snat`, asked before its
 //! translation), becomes, in place, "fragmentation needed" (IPv4 with DF, no options) / "packet
 //! too big" (IPv6) from the VIP to the client, announcing the link's MTU (DSR IPIP: less the outer
 //! header), back out of the interface it came in on (counted `icmp_too_big_sent`, as in `lb_xdp`).
 //! A SNAT request whose TTL / hop limit would expire here becomes "time exceeded" the same way
 //! (`icmp_time_exceeded_sent`), one whose backend cannot be reached "destination unreachable"
-//! (`icmp_unreachable_sent`; `crate::too_big::message`).
+//! (`icmp_unreachable_sent`; `crate::icmp_answer::message`).
 //!
 //! `tc::dsr::encapsulate` asks the FIB before it encapsulates, with the MTU check on the
 //! encapsulated length, so the skb is still the client's packet here: once `bpf_skb_adjust_room`
 //! has marked an skb encapsulated, `bpf_skb_change_tail` refuses to cut it. The skb is cut after the
 //! quote (`bpf_skb_change_tail`), room for the new IP and ICMP headers is opened between the
-//! Ethernet header and the quote (`bpf_skb_adjust_room`, no encapsulation flags), `crate::too_big`
+//! Ethernet header and the quote (`bpf_skb_adjust_room`, no encapsulation flags), `crate::icmp_answer`
 //! writes them, and `bpf_redirect` sends the answer out of the ingress interface.
 //!
 //! GSO skbs (a local sender's burst, GRO's merge) are never answered: segmented on the way out,
@@ -47,12 +47,12 @@ use aya_ebpf::{
 use lb_common::{checksum, protocol, service::family};
 
 use crate::{
+    icmp_answer::{self, answer_len, IcmpHeader, ICMP_HEADER_LEN},
     maps::count,
     packet::{
         header::{ETH_LEN, IPV4_FLAGS, IPV4_LEN, IPV6_LEN, IPV6_NEXT_HEADER, TCP_CHECK, UDP_CHECK},
         load16, store16,
     },
-    too_big::{self, answer_len, IcmpHeader, ICMP_HEADER_LEN},
 };
 
 /// What the quote holds after its IP header: a TCP header without options, or a UDP header and
@@ -63,11 +63,11 @@ const QUOTED_L4_BYTES: usize = 20;
 pub const UNANSWERED: i32 = i32::MIN;
 
 /// Answers the client of the packet at `ctx`, a `protocol` packet of `family`, with `message`
-/// (`crate::too_big::message`): too big for the egress MTU (the FIB's answer in the per-CPU
+/// (`crate::icmp_answer::message`): too big for the egress MTU (the FIB's answer in the per-CPU
 /// scratch space) once encapsulated (DSR IPIP: the MTU announced is the link's less the outer
 /// header) or as it is (a SNAT request, asked before its translation), or a SNAT request whose
-/// TTL would expire or whose backend cannot be reached. Returns the verdict (counted `crate::too_big::sent`), [`UNANSWERED`], or
-/// `TC_ACT_SHOT` when a helper refused halfway (counted `crate::too_big::refused`).
+/// TTL would expire or whose backend cannot be reached. Returns the verdict (counted `crate::icmp_answer::sent`), [`UNANSWERED`], or
+/// `TC_ACT_SHOT` when a helper refused halfway (counted `crate::icmp_answer::refused`).
 // A BPF function of its own, called from `tc::dsr::ipip` beside `tc::dsr::encapsulate`, and from
 // `tc::snat::forward`.
 #[inline(never)]
@@ -87,7 +87,7 @@ pub fn answer(ctx: &TcContext, family: u8, protocol: u8, message: u8) -> i32 {
     let answerable = if v4 {
         ip + IPV4_LEN <= end
             && unsafe {
-                too_big::ipv4_answerable(*(ip as *const u8), load16(ip + IPV4_FLAGS), message)
+                icmp_answer::ipv4_answerable(*(ip as *const u8), load16(ip + IPV4_FLAGS), message)
             }
     } else {
         ip + IPV6_LEN <= end && unsafe { *((ip + IPV6_NEXT_HEADER) as *const u8) } == protocol
@@ -122,8 +122,8 @@ pub fn answer(ctx: &TcContext, family: u8, protocol: u8, message: u8) -> i32 {
         unsafe {
             let l4 = data + answer_len(IPV4_LEN, 0);
             let quote_changed = set_quoted_checksum(l4, check_at);
-            too_big::write_ipv4(data, data, QUOTED_L4_BYTES, header);
-            quote_changed + too_big::sum_words(data + ETH_LEN, IPV4_LEN + ICMP_HEADER_LEN)
+            icmp_answer::write_ipv4(data, data, QUOTED_L4_BYTES, header);
+            quote_changed + icmp_answer::sum_words(data + ETH_LEN, IPV4_LEN + ICMP_HEADER_LEN)
         }
     } else {
         if data + answer_len(IPV6_LEN, QUOTED_L4_BYTES) > end {
@@ -132,15 +132,15 @@ pub fn answer(ctx: &TcContext, family: u8, protocol: u8, message: u8) -> i32 {
         unsafe {
             let l4 = data + answer_len(IPV6_LEN, 0);
             let quote_changed = set_quoted_checksum(l4, check_at);
-            too_big::write_ipv6(data, data, QUOTED_L4_BYTES, header);
-            quote_changed + too_big::sum_words(data + ETH_LEN, IPV6_LEN + ICMP_HEADER_LEN)
+            icmp_answer::write_ipv6(data, data, QUOTED_L4_BYTES, header);
+            quote_changed + icmp_answer::sum_words(data + ETH_LEN, IPV6_LEN + ICMP_HEADER_LEN)
         }
     };
     // SAFETY: plain helper calls on this program's context. The new headers replaced zeros: the
     // packet's sum grows by theirs and by the quote's change (`CHECKSUM_COMPLETE`; else a no-op).
     unsafe {
         bpf_csum_update(ctx.skb.skb, checksum::fold(added) as u32);
-        count(too_big::sent(message));
+        count(icmp_answer::sent(message));
         bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32
     }
 }
@@ -155,7 +155,7 @@ unsafe fn set_quoted_checksum(l4: usize, check_at: usize) -> u32 {
     unsafe {
         let old = load16(l4 + check_at);
         // The sum of the rest: the whole less the field (plus its complement).
-        let rest = too_big::sum_words(l4, QUOTED_L4_BYTES) + u32::from(!old);
+        let rest = icmp_answer::sum_words(l4, QUOTED_L4_BYTES) + u32::from(!old);
         let new = checksum::completion_fixed_point(rest);
         store16(l4 + check_at, new);
         u32::from(new) + u32::from(!old)
@@ -166,6 +166,6 @@ unsafe fn set_quoted_checksum(l4: usize, check_at: usize) -> u32 {
 /// dropped.
 #[inline(always)]
 fn refused(message: u8) -> i32 {
-    count(too_big::refused(message));
+    count(icmp_answer::refused(message));
     TC_ACT_SHOT
 }
