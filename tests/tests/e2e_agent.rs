@@ -42,6 +42,25 @@ fn tally(ns: &Netns, n: usize) -> BTreeMap<String, usize> {
     by
 }
 
+/// Tallies of `n` requests, each by the backend that answered (a failed request as `failed: ..`),
+/// until one is served by exactly the backends `wanted` or `within` has passed (the agent
+/// reprograms after it logs a health change; until then a stopped backend still gets flows, and
+/// a loaded machine takes longer); returns the last tally.
+fn tally_until(ns: &Netns, n: usize, wanted: &[&str], within: Duration) -> BTreeMap<String, usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut by = BTreeMap::new();
+        for r in tcp_requests(ns, SocketAddr::from((VIP, 80)), n, b"x") {
+            let key = r.unwrap_or_else(|err| format!("failed: {err}"));
+            *by.entry(key).or_default() += 1;
+        }
+        if by.keys().map(String::as_str).eq(wanted.iter().copied()) || Instant::now() > deadline {
+            return by;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// GET `path` from the agent's HTTP endpoint inside the balancer namespace.
 fn http_get(balancer: &Netns, path: &'static str) -> (u16, String) {
     balancer.run(move || {
@@ -255,8 +274,12 @@ fn a_backend_whose_server_stops_is_taken_out_by_health_checks() {
     agent
         .wait_for_log("healthy -> unhealthy", Duration::from_secs(10))
         .expect("health check fails");
-    std::thread::sleep(Duration::from_millis(200));
-    let without = tally(&topology.client, 45);
+    let without = tally_until(
+        &topology.client,
+        45,
+        &["backend-1", "backend-3"],
+        Duration::from_secs(5),
+    );
     assert_eq!(
         without.keys().cloned().collect::<Vec<_>>(),
         ["backend-1", "backend-3"],
@@ -273,8 +296,9 @@ fn a_backend_whose_server_stops_is_taken_out_by_health_checks() {
     agent
         .wait_for_log("unhealthy -> healthy", Duration::from_secs(10))
         .expect("health check recovers");
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(tally(&topology.client, 45).len(), 3);
+    let all = ["backend-1", "backend-2", "backend-3"];
+    let with = tally_until(&topology.client, 45, &all, Duration::from_secs(5));
+    assert_eq!(with.len(), 3, "{with:?}");
 }
 
 /// The datapath's own log records (aya-log, through its `AYA_LOGS` ring buffer) reach the agent's
