@@ -45,22 +45,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     written.with_context(|| format!("writing {}", path.display()))
 }
 
-/// Removes `path`; one that is not there is fine.
-pub fn remove(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            Err(err).with_context(|| format!("removing {}", path.display()))
-        }
-        _ => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_file_is_replaced_whole_and_removed() {
+    fn a_file_is_replaced_whole() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("a/state");
         create_dir(&state).unwrap();
@@ -70,8 +60,5 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"two");
         // No temporary file left behind.
         assert_eq!(fs::read_dir(&state).unwrap().count(), 1);
-        remove(&path).unwrap();
-        remove(&path).unwrap();
-        assert_eq!(fs::read_dir(&state).unwrap().count(), 0);
     }
 }

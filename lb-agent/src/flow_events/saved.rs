@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::switch::{ApiSetting, FlowEventsSwitch};
-use crate::state_file;
+use crate::{pins, state_file};
 
 const FILE_NAME: &str = "flow-events.json";
 /// Bumped when the file's meaning changes; a file of another version is ignored (with a warning).
@@ -80,7 +80,7 @@ impl SavedSwitch {
                 bytes.push(b'\n');
                 state_file::write_atomically(&self.path, &bytes)
             }
-            None => state_file::remove(&self.path),
+            None => pins::remove_if_present(&self.path),
         }
     }
 }
