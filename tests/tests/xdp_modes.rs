@@ -173,6 +173,27 @@ impl Program {
         }
     }
 
+    /// The ICMP `error` from `vip` this program answers the client's frame `input` with, back
+    /// out of the interface it came in on (`macs`): the quote is the IP header and 8 bytes
+    /// (`lb_xdp`), or 20 bytes whose transport checksum, `check_at` bytes into the transport
+    /// header (16 TCP, 6 UDP), is the value finishing it leaves as it is (`lb_tc`).
+    fn answer(
+        self,
+        input: &[u8],
+        check_at: usize,
+        error: IcmpError,
+        vip: IpAddr,
+        client: IpAddr,
+        macs: ([u8; 6], [u8; 6]),
+    ) -> Vec<u8> {
+        let ip_len = if vip.is_ipv4() { 20 } else { 40 };
+        let quote = match self {
+            Program::Xdp => input[14..14 + ip_len + 8].to_vec(),
+            Program::Tc => quote_unchanged_by_checksum_completion(&input[14..], ip_len, check_at),
+        };
+        may_fragment(icmp_error_via(error, vip, client, &quote, macs, 64))
+    }
+
     fn attach_mode(self) -> AttachMode {
         match self {
             Program::Xdp => AttachMode::Xdp,
@@ -623,23 +644,14 @@ fn balancer_fixtures(program: Program) {
                 _ => vip,
             };
             let input = frame_via(l4, client, vip, &vec![7u8; payload], from_client, 64);
-            let ip_len = if vip.is_ipv4() { 20 } else { 40 };
-            let quote = match (program, l4) {
-                (Program::Xdp, _) => input[14..14 + ip_len + 8].to_vec(),
-                (Program::Tc, L4::Udp) => {
-                    quote_unchanged_by_checksum_completion(&input[14..], ip_len, 6)
-                }
-                (Program::Tc, _) => {
-                    quote_unchanged_by_checksum_completion(&input[14..], ip_len, 16)
-                }
-            };
-            let answer = icmp_error_via(
+            let check_at = if l4 == L4::Udp { 6 } else { 16 };
+            let answer = program.answer(
+                &input,
+                check_at,
                 IcmpError::TooBig { mtu },
                 vip.ip(),
                 client.ip(),
-                &quote,
                 to_client_macs,
-                64,
             );
             let proto = if l4 == L4::Udp { "UDP" } else { "TCP" };
             fixtures.push(Fixture {
@@ -648,7 +660,7 @@ fn balancer_fixtures(program: Program) {
                 ),
                 input,
                 ingress: to_client,
-                expect: Expect::Frame(Verdict::Tx, may_fragment(answer)),
+                expect: Expect::Frame(Verdict::Tx, answer),
                 counters: vec![Counter::ForwardNewFlow, Counter::IcmpTooBigSent],
             });
         }
@@ -687,24 +699,19 @@ fn balancer_fixtures(program: Program) {
         ),
     ] {
         let input = frame_via(ACK, client, vip, &vec![7u8; payload], from_client, 64);
-        let ip_len = if vip.is_ipv4() { 20 } else { 40 };
-        let quote = match program {
-            Program::Xdp => input[14..14 + ip_len + 8].to_vec(),
-            Program::Tc => quote_unchanged_by_checksum_completion(&input[14..], ip_len, 16),
-        };
-        let answer = icmp_error_via(
+        let answer = program.answer(
+            &input,
+            16,
             IcmpError::TooBig { mtu: NARROW_MTU },
             vip.ip(),
             client.ip(),
-            &quote,
             to_client_macs,
-            64,
         );
         fixtures.push(Fixture {
             what: format!("SNAT, full-sized TCP packet to {vip} exceeds the path's MTU"),
             input,
             ingress: to_client,
-            expect: Expect::Frame(Verdict::Tx, may_fragment(answer)),
+            expect: Expect::Frame(Verdict::Tx, answer),
             counters: vec![Counter::ForwardNewFlow, Counter::IcmpTooBigSent],
         });
         let node: IpAddr = if vip.is_ipv4() {
@@ -785,24 +792,19 @@ fn balancer_fixtures(program: Program) {
             _ => (protocol::TCP, "TCP", 16),
         };
         let input = frame_via(l4, client, vip, payload, from_client, 1);
-        let ip_len = if v4 { 20 } else { 40 };
-        let quote = match program {
-            Program::Xdp => input[14..14 + ip_len + 8].to_vec(),
-            Program::Tc => quote_unchanged_by_checksum_completion(&input[14..], ip_len, check_at),
-        };
-        let answer = icmp_error_via(
+        let answer = program.answer(
+            &input,
+            check_at,
             IcmpError::TimeExceeded,
             vip.ip(),
             client.ip(),
-            &quote,
             to_client_macs,
-            64,
         );
         fixtures.push(Fixture {
             what: format!("SNAT, {name} request to {vip} with TTL 1: answered time exceeded"),
             input,
             ingress: to_client,
-            expect: Expect::Frame(Verdict::Tx, may_fragment(answer)),
+            expect: Expect::Frame(Verdict::Tx, answer),
             counters: vec![Counter::ForwardNewFlow, Counter::IcmpTimeExceededSent],
         });
         let node_end = SocketAddr::new(node, snat_port(proto, client, vip));
@@ -834,24 +836,19 @@ fn balancer_fixtures(program: Program) {
         ),
     ] {
         let input = frame_via(SYN, client, vip, PAYLOAD, from_client, 64);
-        let ip_len = if vip.is_ipv4() { 20 } else { 40 };
-        let quote = match program {
-            Program::Xdp => input[14..14 + ip_len + 8].to_vec(),
-            Program::Tc => quote_unchanged_by_checksum_completion(&input[14..], ip_len, 16),
-        };
-        let answer = icmp_error_via(
+        let answer = program.answer(
+            &input,
+            16,
             IcmpError::HostUnreachable,
             vip.ip(),
             client.ip(),
-            &quote,
             to_client_macs,
-            64,
         );
         fixtures.push(Fixture {
             what: format!("SNAT, TCP request to {vip}, backend unreachable: answered so"),
             input,
             ingress: to_client,
-            expect: Expect::Frame(Verdict::Tx, may_fragment(answer)),
+            expect: Expect::Frame(Verdict::Tx, answer),
             counters: vec![Counter::ForwardNewFlow, Counter::IcmpUnreachableSent],
         });
     }
